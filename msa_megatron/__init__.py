@@ -1,0 +1,11 @@
+"""msa_megatron: MiniMax Sparse Attention (arXiv 2606.13392) for Megatron-Core pretraining.
+
+``import msa_megatron`` is light: it loads the config and the reference. The Megatron-Core
+backend registers itself through :func:`register` (imported lazily, so the reference and
+the kernels stay usable without megatron-core)."""
+
+from .config import ATTENTION_MODES, MSAConfig, MSAConfigError
+
+__version__ = "0.1.0"
+
+__all__ = ["ATTENTION_MODES", "MSAConfig", "MSAConfigError", "__version__"]

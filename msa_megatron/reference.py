@@ -1,0 +1,545 @@
+"""Pure-PyTorch reference of MiniMax Sparse Attention (arXiv 2606.13392).
+
+This module is the ground truth: every Triton kernel and every parallel layout
+(TP, SP, CP) is tested against it. It favours clarity over speed, but stays
+memory-bounded: work is done in chunks of queries, and chunks are recomputed in the
+backward (activation checkpointing), so a 32K-token sequence runs on a CPU without
+materialising an [s, s] matrix for all heads.
+
+Layout and notation (used by every function here and by the kernels):
+    b  batch, sq queries, sk keys, hq query heads, g KV groups (= KV heads = index
+    heads), G = hq // g query heads per group, d head dim, di index dim, B block size,
+    K top-k blocks, nb = ceil(sk / B) key blocks.
+    q       [b, sq, hq, d]     main-branch queries (RoPE applied)
+    k, v    [b, sk, g, d]      main-branch keys / values
+    iq      [b, sq, g, di]     index queries, one head per KV group (normed + RoPE)
+    ik      [b, sk, di]        shared index key head (normed + RoPE)
+    q_pos   [sq] int64         global position of each query; keys sit at 0..sk-1.
+                               Default: the last sq positions (sq == sk: 0..sq-1).
+                               Context parallelism passes its load-balanced positions.
+    block_idx [b, g, sq, K] int32  selected key blocks, ascending, unused slots -1.
+
+Selection rule (deterministic): the query's own block and the ``local_blocks - 1``
+blocks before it and the first ``init_blocks`` blocks are always kept; the other
+slots go to the visible blocks with the largest block score (max of the raw index
+scores q_idx . k_idx over the block's keys at positions <= the query), ties broken
+towards the lower block index. Future blocks are never selected; with K or fewer
+visible blocks all of them are kept. Ranking uses raw scores: softmax is monotone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .config import MSAConfig
+
+#: Elements (fp32) one chunk may hold in its largest intermediate; bounds memory.
+CHUNK_ELEMENTS = 1 << 24
+
+
+# ----------------------------------------------------------------------------- helpers
+def default_q_pos(sq: int, sk: int, device: torch.device) -> Tensor:
+    """Positions of sq queries that are the last sq tokens of an sk-token sequence."""
+    return torch.arange(sk - sq, sk, device=device, dtype=torch.long)
+
+
+def _check_shapes(q: Tensor, k: Tensor, v: Optional[Tensor] = None) -> Tuple[int, int]:
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be [b, s, heads, d]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    hq, g = q.shape[2], k.shape[2]
+    if hq % g != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({g})")
+    if v is not None and v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)} in [b, s, heads]")
+    return hq, g
+
+
+def _positions(q_pos: Optional[Tensor], sq: int, sk: int, device) -> Tensor:
+    if q_pos is None:
+        return default_q_pos(sq, sk, device)
+    q_pos = q_pos.to(device=device, dtype=torch.long)
+    if q_pos.shape != (sq,):
+        raise ValueError(f"q_pos must have shape [{sq}], got {tuple(q_pos.shape)}")
+    if sq and (int(q_pos.min()) < 0 or int(q_pos.max()) >= sk):
+        raise ValueError(f"q_pos must lie in [0, {sk - 1}] (keys cover positions 0..sk-1)")
+    return q_pos
+
+
+def _chunk_size(per_query_elements: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, per_query_elements))
+
+
+def _map_query_chunks(fn: Callable, sq: int, chunk: int, *tensors_and_slicers) -> list:
+    """Run ``fn`` over query chunks, checkpointed when autograd records, so the backward
+    holds one chunk's intermediates at a time."""
+    outs = []
+    for start in range(0, sq, chunk):
+        stop = min(sq, start + chunk)
+        args = [slicer(t, start, stop) if slicer is not None else t for t, slicer in tensors_and_slicers]
+        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            outs.append(checkpoint(fn, *args, use_reentrant=False))
+        else:
+            outs.append(fn(*args))
+    return outs
+
+
+def _seq_slice(t: Tensor, a: int, b: int) -> Tensor:  # [b, s, ...] -> rows a:b
+    return t[:, a:b]
+
+
+def _pos_slice(t: Tensor, a: int, b: int) -> Tensor:  # [s] or [b, g, s, ...] along s
+    return t[a:b] if t.dim() == 1 else t[:, :, a:b]
+
+
+def _split_heads(q: Tensor, g: int) -> Tensor:
+    """[b, s, hq, d] -> [b, g, G, s, d] (fp32): query heads grouped by their KV head."""
+    b, s, hq, d = q.shape
+    return q.float().view(b, s, g, hq // g, d).permute(0, 2, 3, 1, 4)
+
+
+def _merge_heads(o: Tensor) -> Tensor:
+    """[b, g, G, s, d] -> [b, s, g*G, d]."""
+    b, g, G, s, d = o.shape
+    return o.permute(0, 3, 1, 2, 4).reshape(b, s, g * G, d)
+
+
+def _xlogx(p: Tensor) -> Tensor:
+    return torch.xlogy(p, p)
+
+
+# ----------------------------------------------------------------------------- index branch (projections)
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6) -> Tensor:
+    """RMSNorm over the last dim, computed in fp32, returned in x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_partial_rope(x: Tensor, freqs: Optional[Tensor]) -> Tensor:
+    """Non-interleaved RoPE on the first ``freqs.shape[-1]`` dims of x [b, s, h, d].
+
+    ``freqs`` [s, rot_dim] holds the angles (Megatron's layout: the half-size frequency
+    vector repeated twice); the remaining dims pass through (partial RoPE).
+    """
+    if freqs is None:
+        return x
+    rot = freqs.shape[-1]
+    f = freqs.float().view(1, freqs.shape[0], 1, rot)
+    xr, xp = x[..., :rot].float(), x[..., rot:]
+    xr = xr * f.cos() + rotate_half(xr) * f.sin()
+    return torch.cat((xr.to(x.dtype), xp), dim=-1)
+
+
+def rope_angles(positions: Tensor, rot_dim: int, base: float = 10000.0) -> Tensor:
+    """Angles [s, rot_dim] for the given positions (Megatron's RotaryEmbedding layout)."""
+    inv = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=positions.device) / rot_dim))
+    ang = positions.float()[:, None] * inv[None, :]
+    return torch.cat((ang, ang), dim=-1)
+
+
+def index_projections(
+    hidden: Tensor,
+    w_index_q: Tensor,
+    w_index_k: Tensor,
+    q_norm_weight: Optional[Tensor],
+    k_norm_weight: Optional[Tensor],
+    num_index_heads: int,
+    rope_freqs: Optional[Tensor] = None,
+    eps: float = 1e-6,
+) -> Tuple[Tensor, Tensor]:
+    """Index branch inputs from hidden states [b, s, hidden] (already detached by the caller).
+
+    index_q: hidden -> num_index_heads x di, index_k: hidden -> di (one shared head),
+    no bias, each followed by a per-head RMSNorm and the model's partial RoPE.
+    Returns iq [b, s, g, di], ik [b, s, di].
+    """
+    b, s, _ = hidden.shape
+    di = w_index_k.shape[0]
+    iq = F.linear(hidden, w_index_q).view(b, s, num_index_heads, di)
+    ik = F.linear(hidden, w_index_k).view(b, s, 1, di)
+    iq = apply_partial_rope(rms_norm(iq, q_norm_weight, eps), rope_freqs)
+    ik = apply_partial_rope(rms_norm(ik, k_norm_weight, eps), rope_freqs)
+    return iq, ik.squeeze(2)
+
+
+# ----------------------------------------------------------------------------- selection
+def index_block_scores(iq: Tensor, ik: Tensor, block_size: int, q_pos: Optional[Tensor] = None) -> Tensor:
+    """Block scores [b, g, sq, nb] (fp32): the max raw index score q_idx . k_idx over the
+    keys of each block visible to the query (key position <= query position); -inf for
+    blocks with no visible key. Never holds more than a chunk of the [sq, sk] scores."""
+    b, sq, g, di = iq.shape
+    sk = ik.shape[1]
+    nb = math.ceil(sk / block_size)
+    pad = nb * block_size - sk
+    q_pos = _positions(q_pos, sq, sk, iq.device)
+    key_pos = torch.arange(sk, device=iq.device)
+    ikf = ik.float()
+
+    def chunk_fn(iq_c: Tensor, qp: Tensor) -> Tensor:
+        s = torch.einsum("bqgd,bkd->bgqk", iq_c.float(), ikf)
+        s = s.masked_fill(key_pos[None, None, None, :] > qp[None, None, :, None], float("-inf"))
+        if pad:
+            s = F.pad(s, (0, pad), value=float("-inf"))
+        return s.view(b, g, -1, nb, block_size).amax(-1)
+
+    with torch.no_grad():
+        parts = _map_query_chunks(
+            chunk_fn, sq, _chunk_size(b * g * sk), (iq, _seq_slice), (q_pos, _pos_slice)
+        )
+    return torch.cat(parts, dim=2) if parts else iq.new_zeros(b, g, 0, nb, dtype=torch.float32)
+
+
+def forced_block_mask(q_pos: Tensor, nb: int, cfg: MSAConfig) -> Tensor:
+    """[sq, nb] bool: blocks kept whatever their score (own + local, and init blocks)."""
+    own = (q_pos // cfg.block_size)[:, None]
+    blk = torch.arange(nb, device=q_pos.device)[None, :]
+    local = (blk <= own) & (blk > own - cfg.local_blocks)
+    init = (blk < cfg.init_blocks) & (blk <= own)
+    return local | init
+
+
+def select_blocks(block_scores: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None, sk: Optional[int] = None) -> Tensor:
+    """Top-k block selection [b, g, sq, K] int32, ascending, -1 for unused slots.
+
+    ``block_scores`` [b, g, sq, nb] from :func:`index_block_scores`."""
+    b, g, sq, nb = block_scores.shape
+    if sk is None:
+        sk = nb * cfg.block_size
+    q_pos = _positions(q_pos, sq, sk, block_scores.device)
+    K = cfg.topk
+    blk = torch.arange(nb, device=block_scores.device)
+    visible = blk[None, :] <= (q_pos // cfg.block_size)[:, None]  # [sq, nb]
+    forced = forced_block_mask(q_pos, nb, cfg)
+    key = block_scores.float().masked_fill(~visible, float("-inf")).masked_fill(forced, float("inf"))
+    # Stable descending sort: equal scores keep ascending block order -> lower index wins.
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., : min(K, nb)]
+    chosen_visible = torch.gather(visible.expand(b, g, sq, nb), -1, order)
+    sel = torch.where(chosen_visible, order, torch.full_like(order, nb))  # nb marks unused
+    sel = torch.sort(sel, dim=-1).values
+    sel = torch.where(sel == nb, torch.full_like(sel, -1), sel)
+    if sel.shape[-1] < K:
+        sel = F.pad(sel, (0, K - sel.shape[-1]), value=-1)
+    return sel.to(torch.int32)
+
+
+def select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None) -> Tensor:
+    """Index branch end to end: raw scores -> block max -> top-k (int32 [b, g, sq, K])."""
+    scores = index_block_scores(iq, ik, cfg.block_size, q_pos)
+    return select_blocks(scores, cfg, q_pos, sk=ik.shape[1])
+
+
+# ----------------------------------------------------------------------------- gathering the selected tokens
+def selected_token_index(block_idx: Tensor, block_size: int, q_pos: Tensor, sk: int) -> Tuple[Tensor, Tensor]:
+    """Token positions [b, g, sq, K*B] of the selected blocks and their validity
+    (a real block, key <= query, key < sk). Invalid slots point at token 0."""
+    b, g, sq, K = block_idx.shape
+    blk = block_idx.long()
+    tok = (blk[..., None] * block_size + torch.arange(block_size, device=blk.device)).view(b, g, sq, K * block_size)
+    valid = (blk >= 0).repeat_interleave(block_size, dim=-1) & (tok <= q_pos.view(1, 1, sq, 1)) & (tok < sk)
+    return torch.where(valid, tok, torch.zeros_like(tok)), valid
+
+
+def _gather_tokens(x: Tensor, tok: Tensor) -> Tensor:
+    """x [b, sk, g, d] (per group) or [b, sk, d] (shared) gathered at tok [b, g, q, T] ->
+    [b, g, q, T, d] (fp32)."""
+    b, g, q, T = tok.shape
+    if x.dim() == 3:
+        x = x.unsqueeze(2).expand(-1, -1, g, -1)
+    xg = x.float().permute(0, 2, 1, 3)  # [b, g, sk, d]
+    idx = tok.reshape(b, g, q * T, 1).expand(-1, -1, -1, xg.shape[-1])
+    return torch.gather(xg, 2, idx).view(b, g, q, T, xg.shape[-1])
+
+
+# ----------------------------------------------------------------------------- main branch
+def _softmax_stats(logits: Tensor) -> Tuple[Tensor, Tensor]:
+    """Probabilities and log-sum-exp of masked (-inf) logits along the last dim."""
+    lse = torch.logsumexp(logits, dim=-1)
+    return torch.exp(logits - lse[..., None]), lse
+
+
+def sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_idx: Tensor,
+    block_size: int,
+    q_pos: Optional[Tensor] = None,
+    softmax_scale: Optional[float] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Exact softmax attention of every query head over its group's selected tokens
+    (intersected with causality). Returns out [b, sq, hq, d] in q's dtype and
+    lse [b, hq, sq] fp32. Differentiable w.r.t. q, k, v."""
+    hq, g = _check_shapes(q, k, v)
+    b, sq, _, d = q.shape
+    sk = k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    q_pos = _positions(q_pos, sq, sk, q.device)
+    T = block_idx.shape[-1] * block_size
+
+    def chunk_fn(q_c: Tensor, k_: Tensor, v_: Tensor, blk_c: Tensor, qp: Tensor) -> Tuple[Tensor, Tensor]:
+        tok, valid = selected_token_index(blk_c, block_size, qp, sk)
+        kg, vg = _gather_tokens(k_, tok), _gather_tokens(v_, tok)  # [b, g, c, T, d]
+        logits = torch.einsum("bgzcd,bgctd->bgzct", _split_heads(q_c, g), kg) * scale
+        logits = logits.masked_fill(~valid[:, :, None], float("-inf"))
+        p, lse = _softmax_stats(logits)
+        o = torch.einsum("bgzct,bgctd->bgzcd", p, vg)
+        return _merge_heads(o).to(q.dtype), lse.reshape(b, hq, -1)
+
+    parts = _map_query_chunks(
+        chunk_fn,
+        sq,
+        _chunk_size(b * g * T * (d + hq // g)),
+        (q, _seq_slice),
+        (k, None),
+        (v, None),
+        (block_idx, _pos_slice),
+        (q_pos, _pos_slice),
+    )
+    return torch.cat([o for o, _ in parts], 1), torch.cat([l for _, l in parts], 2)
+
+
+def dense_attention(
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None
+) -> Tuple[Tensor, Tensor]:
+    """Causal GQA softmax attention over every key <= the query's position.
+    Returns out [b, sq, hq, d] (q's dtype) and lse [b, hq, sq] fp32."""
+    hq, g = _check_shapes(q, k, v)
+    b, sq, _, d = q.shape
+    sk = k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    q_pos = _positions(q_pos, sq, sk, q.device)
+    key_pos = torch.arange(sk, device=q.device)
+
+    def chunk_fn(q_c: Tensor, k_: Tensor, v_: Tensor, qp: Tensor) -> Tuple[Tensor, Tensor]:
+        kf, vf = k_.float().permute(0, 2, 1, 3), v_.float().permute(0, 2, 1, 3)  # [b, g, sk, d]
+        logits = torch.einsum("bgzcd,bgkd->bgzck", _split_heads(q_c, g), kf) * scale
+        logits = logits.masked_fill(key_pos > qp[:, None], float("-inf"))
+        p, lse = _softmax_stats(logits)
+        o = torch.einsum("bgzck,bgkd->bgzcd", p, vf)
+        return _merge_heads(o).to(q.dtype), lse.reshape(b, hq, -1)
+
+    parts = _map_query_chunks(
+        chunk_fn, sq, _chunk_size(b * hq * sk), (q, _seq_slice), (k, None), (v, None), (q_pos, _pos_slice)
+    )
+    return torch.cat([o for o, _ in parts], 1), torch.cat([l for _, l in parts], 2)
+
+
+# ----------------------------------------------------------------------------- KL distillation and statistics
+@dataclass
+class KLTerms:
+    """Sums over (batch, group, query) rows; divide by ``rows`` for means."""
+
+    kl: Tensor  # differentiable w.r.t. iq / ik only
+    index_entropy: Tensor
+    main_entropy: Tensor  # summed over heads too: divide by rows * G
+    rows: int
+
+
+def _kl_chunk(
+    q_c: Tensor, k_: Tensor, iq_c: Tensor, ik_: Tensor, tok: Tensor, valid: Tensor, scale: float, iscale: float, g: int
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """KL(teacher || student) summed over a chunk's rows, plus entropy sums.
+
+    teacher: mean over the group's heads of the main-branch softmax (computed from
+    detached q, k); student: softmax(index scores * iscale) over the same tokens."""
+    with torch.no_grad():
+        kg = _gather_tokens(k_.detach(), tok)
+        logits = torch.einsum("bgzcd,bgctd->bgzct", _split_heads(q_c.detach(), g), kg) * scale
+        p_heads, _ = _softmax_stats(logits.masked_fill(~valid[:, :, None], float("-inf")))
+        teacher = p_heads.mean(2)  # [b, g, c, T]
+        main_entropy = -_xlogx(p_heads).sum()
+    ikg = _gather_tokens(ik_, tok)  # [b, g, c, T, di]
+    s = torch.einsum("bcgd,bgctd->bgct", iq_c.float(), ikg) * iscale
+    log_q = torch.log_softmax(s.masked_fill(~valid, float("-inf")), dim=-1)
+    log_q = log_q.masked_fill(~valid, 0.0)
+    kl = (_xlogx(teacher) - teacher * log_q).sum()
+    index_entropy = -(log_q.exp() * log_q).masked_fill(~valid, 0.0).sum().detach()
+    return kl, index_entropy, main_entropy
+
+
+def _kl_terms(
+    q: Tensor, k: Tensor, iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor,
+    token_fn: Callable[[int, int, Tensor], Tuple[Tensor, Tensor]], T: int, softmax_scale: Optional[float],
+) -> KLTerms:
+    hq, g = _check_shapes(q, k)
+    b, sq, _, d = q.shape
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    iscale = cfg.index_softmax_scale
+
+    def chunk_fn(q_c, k_, iq_c, ik_, start: int, stop: int, qp):
+        tok, valid = token_fn(start, stop, qp)
+        return _kl_chunk(q_c, k_, iq_c, ik_, tok, valid, scale, iscale, g)
+
+    chunk = _chunk_size(b * g * T * (d + cfg.index_dim + hq // g))
+    kl = iq.new_zeros((), dtype=torch.float32)
+    ent_i = torch.zeros((), dtype=torch.float32, device=q.device)
+    ent_m = torch.zeros((), dtype=torch.float32, device=q.device)
+    for start in range(0, sq, chunk):
+        stop = min(sq, start + chunk)
+        args = (q[:, start:stop], k, iq[:, start:stop], ik, start, stop, q_pos[start:stop])
+        if torch.is_grad_enabled() and (iq.requires_grad or ik.requires_grad):
+            c_kl, c_ei, c_em = checkpoint(chunk_fn, *args, use_reentrant=False)
+        else:
+            c_kl, c_ei, c_em = chunk_fn(*args)
+        kl, ent_i, ent_m = kl + c_kl, ent_i + c_ei, ent_m + c_em
+    return KLTerms(kl=kl, index_entropy=ent_i, main_entropy=ent_m, rows=b * g * sq)
+
+
+def sparse_kl_terms(q, k, iq, ik, block_idx, cfg: MSAConfig, q_pos=None, softmax_scale=None) -> KLTerms:
+    """Token-level KL over each query's selected tokens (the ``msa`` phase)."""
+    sk = k.shape[1]
+    q_pos = _positions(q_pos, q.shape[1], sk, q.device)
+
+    def token_fn(a: int, b_: int, qp: Tensor):
+        return selected_token_index(block_idx[:, :, a:b_], cfg.block_size, qp, sk)
+
+    return _kl_terms(q, k, iq, ik, cfg, q_pos, token_fn, block_idx.shape[-1] * cfg.block_size, softmax_scale)
+
+
+def dense_kl_terms(q, k, iq, ik, cfg: MSAConfig, q_pos=None, softmax_scale=None) -> KLTerms:
+    """Token-level KL over all causal tokens (the ``msa_warmup`` phase, dense teacher)."""
+    b, sq = q.shape[:2]
+    g, sk = k.shape[2], k.shape[1]
+    q_pos = _positions(q_pos, sq, sk, q.device)
+    key_pos = torch.arange(sk, device=q.device)
+
+    def token_fn(a: int, b_: int, qp: Tensor):
+        tok = key_pos.view(1, 1, 1, sk).expand(b, g, qp.shape[0], sk)
+        return tok, tok <= qp.view(1, 1, -1, 1)
+
+    return _kl_terms(q, k, iq, ik, cfg, q_pos, token_fn, sk, softmax_scale)
+
+
+def sparse_kl_loss(q, k, iq, ik, block_idx, cfg: MSAConfig, q_pos=None, softmax_scale=None) -> Tensor:
+    """Mean KL(teacher || student) per (batch, index head, query); gradient reaches iq, ik only."""
+    t = sparse_kl_terms(q, k, iq, ik, block_idx, cfg, q_pos, softmax_scale)
+    return t.kl / t.rows
+
+
+def dense_kl_loss(q, k, iq, ik, cfg: MSAConfig, q_pos=None, softmax_scale=None) -> Tensor:
+    """Mean KL over all causal tokens (warmup); gradient reaches iq, ik only."""
+    t = dense_kl_terms(q, k, iq, ik, cfg, q_pos, softmax_scale)
+    return t.kl / t.rows
+
+
+def selected_index_lse(iq: Tensor, ik: Tensor, block_idx: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None) -> Tensor:
+    """Log-sum-exp [b, g, sq] (fp32) of the scaled index scores over the selected tokens:
+    the normaliser of the student distribution, which the fused indexer returns."""
+    b, sq, g, _ = iq.shape
+    sk = ik.shape[1]
+    q_pos = _positions(q_pos, sq, sk, iq.device)
+    with torch.no_grad():
+        tok, valid = selected_token_index(block_idx, cfg.block_size, q_pos, sk)
+        s = torch.einsum("bcgd,bgctd->bgct", iq.float(), _gather_tokens(ik, tok)) * cfg.index_softmax_scale
+        return torch.logsumexp(s.masked_fill(~valid, float("-inf")), dim=-1)
+
+
+def selection_recall(q: Tensor, k: Tensor, block_idx: Tensor, block_size: int, q_pos: Optional[Tensor] = None,
+                     softmax_scale: Optional[float] = None) -> Tensor:
+    """Mean fraction of the dense attention mass (head-mean over each group) that falls in
+    the selected blocks. 1.0 at full budget. Needs a dense pass: call on sampled steps."""
+    hq, g = _check_shapes(q, k)
+    b, sq, _, d = q.shape
+    sk = k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    q_pos = _positions(q_pos, sq, sk, q.device)
+    key_pos = torch.arange(sk, device=q.device)
+    nb = math.ceil(sk / block_size)
+
+    def chunk_fn(q_c, k_, blk_c, qp):
+        kf = k_.float().permute(0, 2, 1, 3)
+        logits = torch.einsum("bgzcd,bgkd->bgzck", _split_heads(q_c, g), kf) * scale
+        p, _ = _softmax_stats(logits.masked_fill(key_pos > qp[:, None], float("-inf")))
+        mass = F.pad(p.mean(2), (0, nb * block_size - sk)).view(b, g, -1, nb, block_size).sum(-1)
+        blk = blk_c.long()
+        kept = torch.gather(mass, -1, blk.clamp_min(0)).masked_fill(blk < 0, 0.0)
+        return kept.sum(-1).sum()
+
+    with torch.no_grad():
+        parts = _map_query_chunks(
+            chunk_fn, sq, _chunk_size(b * hq * sk), (q, _seq_slice), (k, None), (block_idx, _pos_slice), (q_pos, _pos_slice)
+        )
+    return torch.stack(parts).sum() / (b * g * sq)
+
+
+# ----------------------------------------------------------------------------- public entry point
+@dataclass
+class MSAAux:
+    """What the MSA op returns beside the attention output.
+
+    ``kl`` is the mean token-level KL (times nothing: the caller applies kl_coeff); it is
+    differentiable w.r.t. iq and ik only. Statistics are detached scalars (means)."""
+
+    kl: Optional[Tensor] = None
+    block_idx: Optional[Tensor] = None
+    lse: Optional[Tensor] = None
+    stats: Dict[str, Tensor] = field(default_factory=dict)
+
+
+def msa_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    iq: Optional[Tensor],
+    ik: Optional[Tensor],
+    cfg: MSAConfig,
+    q_pos: Optional[Tensor] = None,
+    mode: Optional[str] = None,
+    softmax_scale: Optional[float] = None,
+    compute_recall: bool = False,
+) -> Tuple[Tensor, MSAAux]:
+    """The MSA op (the signature the kernels implement): (q, k, v, iq, ik, cfg) -> (out, aux).
+
+    mode ``dense``: causal attention, no index branch. ``msa_warmup``: dense main branch,
+    KL over all causal tokens. ``msa``: attention over the selected blocks, KL over the
+    selected tokens. ``compute_recall`` adds ``stats['recall']`` (a dense pass)."""
+    mode = mode or cfg.mode
+    if mode not in ("dense", "msa_warmup", "msa"):
+        raise ValueError(f"mode={mode!r} is invalid: allowed values are dense, msa_warmup, msa")
+    _check_shapes(q, k, v)
+    sq, sk = q.shape[1], k.shape[1]
+    q_pos = _positions(q_pos, sq, sk, q.device)
+    aux = MSAAux()
+    if mode == "dense" or iq is None:
+        if mode != "dense":
+            raise ValueError(f"mode {mode!r} needs the index branch inputs iq and ik")
+        out, aux.lse = dense_attention(q, k, v, q_pos, softmax_scale)
+        return out, aux
+    if iq.shape[2] != k.shape[2]:
+        raise ValueError(f"index heads ({iq.shape[2]}) must equal KV heads ({k.shape[2]}): one per GQA group")
+    aux.block_idx = select(iq.detach(), ik.detach(), cfg, q_pos)
+    if mode == "msa":
+        out, aux.lse = sparse_attention(q, k, v, aux.block_idx, cfg.block_size, q_pos, softmax_scale)
+        terms = sparse_kl_terms(q, k, iq, ik, aux.block_idx, cfg, q_pos, softmax_scale)
+    else:
+        out, aux.lse = dense_attention(q, k, v, q_pos, softmax_scale)
+        terms = dense_kl_terms(q, k, iq, ik, cfg, q_pos, softmax_scale)
+    G = q.shape[2] // k.shape[2]
+    aux.kl = terms.kl / terms.rows
+    aux.stats["index_entropy"] = terms.index_entropy / terms.rows
+    aux.stats["main_entropy"] = terms.main_entropy / (terms.rows * G)
+    if compute_recall:
+        aux.stats["recall"] = selection_recall(q.detach(), k.detach(), aux.block_idx, cfg.block_size, q_pos, softmax_scale)
+    return out, aux
+
+
+__all__: Sequence[str] = (
+    "MSAAux", "KLTerms", "apply_partial_rope", "dense_attention", "dense_kl_loss", "dense_kl_terms",
+    "forced_block_mask", "index_block_scores", "index_projections", "msa_attention", "rms_norm", "rope_angles",
+    "select", "select_blocks", "selected_index_lse", "selected_token_index", "selection_recall",
+    "sparse_attention", "sparse_kl_loss", "sparse_kl_terms",
+)
