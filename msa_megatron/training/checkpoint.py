@@ -1,0 +1,325 @@
+"""Atomic, resumable, reshardable checkpoints with megatron.core.dist_checkpointing.
+
+Layout of ``<run_dir>/checkpoints``::
+
+    step_00000100/     a complete dist_checkpointing directory (+ train_state.json)
+    step_00000200/
+    latest             "step_00000200": written last, atomically
+
+A save goes to ``.tmp-step_N`` (every rank writes its shards), then rank 0 renames it to
+``step_N`` and only then replaces ``latest``. A crash at any point leaves either the old
+``latest`` (pointing at a complete checkpoint) or the new one; leftover ``.tmp-*``
+directories are never read and are swept at the next start. Old checkpoints beyond
+``keep_last`` are renamed to ``.trash-*`` before deletion, so a half-deleted one never
+carries a checkpoint name. A shared filesystem across nodes is assumed (as Megatron-LM).
+
+Contents: model (sharded tensors), distributed-optimizer state in Megatron's
+'fully_reshardable' format (resharding across TP/PP/DP; see OPTIM_FORMAT), the LR scheduler, the train state (step,
+consumed samples, tokens, skipped steps, wandb run id) and every rank's RNG states
+(python, numpy, torch, CUDA and Megatron's tensor-parallel tracker). RNG states are
+restored only when the parallel layout is unchanged; otherwise they are re-seeded (logged).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import msa_adapter
+from .config import Config, ConfigError
+from .model import unwrap
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+STEP_PREFIX = "step_"
+#: Distributed-optimizer checkpoint format. 'fully_sharded_model_space' raises in
+#: megatron-core 0.19 ("ShardedTensor.flattened_range is not supported"): 'fully_reshardable'
+#: is its replacement (per-parameter canonical state, reshards across TP/PP/DP).
+OPTIM_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A step directory, or a checkpoints directory whose `latest` names one."""
+    p = Path(path)
+    if (p / LATEST).is_file():
+        p = p / (p / LATEST).read_text().strip()
+    elif (p / "checkpoints" / LATEST).is_file():
+        p = p / "checkpoints" / (p / "checkpoints" / LATEST).read_text().strip()
+    if not (p / "metadata.json").is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no metadata.json in {p})")
+    return p
+
+
+def layout_signature() -> Dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(with_context_parallel=True), "ep": ps.get_expert_model_parallel_world_size(),
+        "world": dist.get_world_size() if dist.is_initialized() else 1,
+    }
+
+
+def prepare_cpu_writer_queue() -> bool:
+    """CPU runs only, before the process group starts: give megatron's checkpoint writer a
+    fork-started results-queue manager. Its default spawn-started manager imports torch at
+    the first save (5-15 s per process on a small CPU machine); a forked one already has it.
+    Forking here is safe: no process-group or writer threads exist yet."""
+    if torch.cuda.is_available():
+        return False
+    import multiprocessing as mp
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+    return True
+
+
+# --------------------------------------------------------------------------- RNG
+def _rng_state() -> Dict[str, Any]:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(state: Optional[Dict[str, Any]]):
+    """Every rank's RNG state, one shard per (pp, tp, dp) coordinate."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size(with_context_parallel=True))
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_data_parallel_rank(with_context_parallel=True))
+    return ShardedObject("rng_state", state, shape, offset, replica_id=0)
+
+
+# --------------------------------------------------------------------------- state dicts
+def _model_sd(model_chunks) -> Dict[str, Any]:
+    from megatron.core import parallel_state as ps
+
+    meta = {"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+    if len(model_chunks) == 1:
+        return {"model": unwrap(model_chunks[0]).sharded_state_dict(metadata=meta)}
+    return {f"model{i}": unwrap(c).sharded_state_dict(metadata=meta) for i, c in enumerate(model_chunks)}
+
+
+def _merged_model_sd(sd: Dict[str, Any]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in sd.items():
+        if k.startswith("model"):
+            out.update(v)
+    return out
+
+
+class CheckpointManager:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.root = Path(cfg.run_dir) / "checkpoints"
+        if _rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in list(self.root.glob(".tmp-*")) + list(self.root.glob(".trash-*")):
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
+
+    # ------------------------------------------------------------------ queries
+    def latest(self) -> Optional[Path]:
+        marker = self.root / LATEST
+        if not marker.is_file():
+            return None
+        path = self.root / marker.read_text().strip()
+        if not (path / "metadata.json").is_file():
+            raise RuntimeError(f"{marker} names {path.name}, which is not a complete checkpoint")
+        return path
+
+    def completed(self) -> List[Tuple[int, Path]]:
+        out = []
+        for p in self.root.glob(f"{STEP_PREFIX}*"):
+            try:
+                out.append((int(p.name[len(STEP_PREFIX):]), p))
+            except ValueError:
+                continue
+        return sorted(out)
+
+    def resume_source(self) -> Tuple[str, Optional[Path]]:
+        """('resume', path) | ('load', path) | ('init', path) | ('fresh', None)."""
+        ck = self.cfg.checkpoint
+        own = self.latest()
+        if own is not None:
+            if ck.resume == "never":
+                raise ConfigError("checkpoint.resume", "never",
+                                  f"auto: {self.cfg.run_dir} already holds checkpoints (latest {own.name}); "
+                                  "use a new run_dir to start fresh")
+            return "resume", own
+        if ck.load:
+            return "load", resolve_checkpoint(ck.load)
+        if ck.init_from:
+            return "init", resolve_checkpoint(ck.init_from)
+        return "fresh", None
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, model_chunks, optimizer, scheduler, train_state: Dict[str, Any]) -> Path:
+        from megatron.core import dist_checkpointing
+
+        final = self.root / step_dir_name(step)
+        latest = self.latest()
+        if latest is not None and latest.name == final.name:
+            return final  # already saved at this step (e.g. interval save, then SIGTERM)
+        t0 = time.time()
+        tmp = self.root / f".tmp-{final.name}"
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        state = dict(train_state, step=step, layout=layout_signature())
+        sd = _model_sd(model_chunks)
+        sd["optimizer"] = optimizer.sharded_state_dict(_merged_model_sd(sd), is_loading=False, metadata=OPTIM_FORMAT)
+        sd["opt_param_scheduler"] = scheduler.state_dict()
+        sd["train_state"] = state
+        sd["rng_state"] = _rng_sharded_object(_rng_state())
+        dist_checkpointing.save(sd, str(tmp))
+        _barrier()
+        if _rank() == 0:
+            _write_atomic(tmp / "train_state.json", json.dumps(dict(state, saved_at=time.time()), indent=1, default=str))
+            if final.exists():  # a stale, unreferenced directory of the same step
+                trash = self.root / f".trash-{final.name}"
+                os.rename(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            _write_atomic(self.root / LATEST, final.name + "\n")
+            self._prune(keep=final)
+        _barrier()
+        log.info("saved checkpoint %s in %.1fs", final, time.time() - t0)
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        done = self.completed()
+        excess = [p for _, p in done if p != keep][: max(0, len(done) - self.cfg.checkpoint.keep_last)]
+        for p in excess:
+            trash = self.root / f".trash-{p.name}"
+            os.rename(p, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+    def load(self, path: Path, model_chunks, optimizer, scheduler, load_optimizer: bool = True) -> Dict[str, Any]:
+        """Full training state; returns the saved train state (step, consumed samples...)."""
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+        common = load_common_state_dict(str(path))
+        saved_layout = common["train_state"].get("layout", {})
+        same_layout = saved_layout == layout_signature()
+        sd = _model_sd(model_chunks)
+        if load_optimizer:
+            sd["optimizer"] = optimizer.sharded_state_dict(_merged_model_sd(sd), is_loading=True, metadata=OPTIM_FORMAT)
+        if same_layout:
+            sd["rng_state"] = _rng_sharded_object(None)
+        state = dist_checkpointing.load(sd, str(path))
+        self._load_model(state, model_chunks)
+        if load_optimizer:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["opt_param_scheduler"])
+        if same_layout:
+            _set_rng_state(state["rng_state"])
+        else:
+            log.warning("parallel layout changed since the checkpoint (%s -> %s): model and optimizer resharded, "
+                        "RNG states re-seeded", saved_layout, layout_signature())
+        return dict(state["train_state"])
+
+    def load_weights(self, path: Path, model_chunks) -> None:
+        """Model weights only (checkpoint.init_from). Parameters absent from the checkpoint
+        are allowed only for the MSA index branch (dense -> MSA conversion)."""
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.validation import StrictHandling
+
+        sd = _model_sd(model_chunks)
+        state, _missing, unexpected = dist_checkpointing.load(sd, str(path), strict=StrictHandling.RETURN_ALL)
+        not_index = sorted(k for k in unexpected if not msa_adapter.is_index_param(k))
+        if not_index:
+            raise ConfigError("checkpoint.init_from", str(path),
+                              f"checkpoints holding every non-index parameter of this model (missing: {not_index[:5]})")
+        self._load_model(state, model_chunks, allow_missing=bool(unexpected))
+        if unexpected:
+            log.warning("init_from %s: %d index-branch tensors not in the checkpoint keep their initialisation",
+                        path, len(unexpected))
+
+    @staticmethod
+    def _load_model(state: Dict[str, Any], model_chunks, allow_missing: bool = False) -> None:
+        for i, chunk in enumerate(model_chunks):
+            key = "model" if len(model_chunks) == 1 else f"model{i}"
+            result = unwrap(chunk).load_state_dict(state[key], strict=not allow_missing)
+            if allow_missing:
+                bad = [k for k in result.missing_keys if not msa_adapter.is_index_param(k)]
+                if bad or result.unexpected_keys:
+                    raise RuntimeError(f"checkpoint/model mismatch: missing {bad[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
+__all__ = ["CheckpointManager", "LATEST", "layout_signature", "resolve_checkpoint", "step_dir_name"]

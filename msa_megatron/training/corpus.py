@@ -1,0 +1,140 @@
+"""The embedded default corpus: this interpreter's standard-library sources as byte-level
+tokens, built once into a Megatron indexed dataset (.bin/.idx) in a cache directory.
+
+It exists on every machine with no download, its documents (whole source files) are long
+enough to exceed a tiny MSA budget, and code has the long-range structure (definitions
+used far below) that makes block selection meaningful. Tokens: one per byte (0..255) and
+EOD = 256 after each document, vocabulary 257. File order is the sorted relative POSIX
+path, so two machines with the same Python build get the same token stream; the cache
+key hashes that file list with sizes, so a different Python gets its own cache entry.
+
+Writes are atomic (temporary directory + rename), so concurrent ranks or an interrupted
+build never leave a half-written dataset behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: Bump when the token layout changes: old cache entries are then ignored.
+CORPUS_FORMAT = 1
+BYTE_VOCAB = 257
+BYTE_EOD = 256
+_EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+_TEST_DIRS = {"test", "tests", "idle_test"}
+
+
+@dataclass(frozen=True)
+class CorpusInfo:
+    prefix: str
+    documents: int
+    tokens: int
+    vocab_size: int = BYTE_VOCAB
+    eod_id: int = BYTE_EOD
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MSA_CACHE_DIR") or Path.home() / ".cache" / "msa_megatron")
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def corpus_files(include_tests: bool = False, min_doc_bytes: int = 0, root: Optional[Path] = None) -> List[Path]:
+    """The standard library's .py files in deterministic (sorted relative path) order."""
+    root = root or stdlib_root()
+    if not root.is_dir():
+        raise FileNotFoundError(f"the standard library directory {root} (sysconfig stdlib) does not exist")
+    out = []
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).parts
+        if _EXCLUDED_DIRS.intersection(parts):
+            continue
+        if not include_tests and _TEST_DIRS.intersection(parts[:-1]):
+            continue
+        if path.is_file() and path.stat().st_size >= max(min_doc_bytes, 1):
+            out.append(path)
+    out.sort(key=lambda p: p.relative_to(root).as_posix())
+    if not out:
+        raise FileNotFoundError(f"no standard-library source files of >= {min_doc_bytes} bytes under {root}")
+    return out
+
+
+def _cache_key(files: List[Path], root: Path, include_tests: bool, min_doc_bytes: int) -> str:
+    h = hashlib.sha256()
+    h.update(f"{CORPUS_FORMAT}|{sys.version}|{include_tests}|{min_doc_bytes}".encode())
+    for f in files:
+        h.update(f"{f.relative_to(root).as_posix()}:{f.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def corpus_prefix(cache_dir: Optional[str] = None, include_tests: bool = False, min_doc_bytes: int = 2048) -> Tuple[str, List[Path]]:
+    root = stdlib_root()
+    files = corpus_files(include_tests, min_doc_bytes, root)
+    key = _cache_key(files, root, include_tests, min_doc_bytes)
+    base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    name = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-{key}"
+    return str(base / "corpus" / name / "stdlib"), files
+
+
+def read_meta(prefix: str) -> Optional[dict]:
+    path = Path(prefix + ".meta.json")
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def build_corpus(cache_dir: Optional[str] = None, include_tests: bool = False, min_doc_bytes: int = 2048) -> CorpusInfo:
+    """Return the cached corpus, building it first if needed (safe to call from every rank)."""
+    prefix, files = corpus_prefix(cache_dir, include_tests, min_doc_bytes)
+    meta = read_meta(prefix)
+    if meta is not None and Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file():
+        return CorpusInfo(prefix, meta["documents"], meta["tokens"])
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    final_dir = Path(prefix).parent
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".building-", dir=final_dir.parent))
+    try:
+        tmp_prefix = str(tmp_dir / "stdlib")
+        builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=np.uint16)
+        tokens = 0
+        eod = np.array([BYTE_EOD], dtype=np.uint16)
+        for f in files:
+            doc = np.concatenate([np.frombuffer(f.read_bytes(), dtype=np.uint8).astype(np.uint16), eod])
+            builder.add_document(doc, [doc.size])
+            tokens += doc.size
+        builder.finalize(tmp_prefix + ".idx")
+        meta = {
+            "format": CORPUS_FORMAT, "tokenizer": "byte", "vocab_size": BYTE_VOCAB, "eod_id": BYTE_EOD,
+            "documents": len(files), "tokens": tokens, "python": sys.version, "stdlib": str(stdlib_root()),
+        }
+        Path(tmp_prefix + ".meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp_dir, final_dir)  # atomic; fails if another process won the race
+        except OSError:
+            if read_meta(prefix) is None:
+                raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    log.info("built the embedded corpus: %d stdlib files, %.1fM byte tokens -> %s", len(files), tokens / 1e6, prefix)
+    return CorpusInfo(prefix, len(files), tokens)
+
+
+__all__ = ["BYTE_EOD", "BYTE_VOCAB", "CorpusInfo", "build_corpus", "corpus_files", "corpus_prefix", "default_cache_dir",
+           "read_meta"]

@@ -1,0 +1,176 @@
+"""Training and held-out data through megatron.core.datasets.
+
+Both sources, the embedded corpus and user datasets, are Megatron indexed datasets
+(.bin/.idx), blended by BlendedMegatronDatasetBuilder into GPTDataset samples of
+``seq_length + 1`` tokens; the split string carves a held-out range of documents from
+each dataset. Token ids (vocabulary size, EOD) come from the ``<prefix>.meta.json`` that
+the corpus builder and ``scripts/prepare_data.py`` write, or from data.vocab_size/eod_id.
+
+The sampler is the trainer's data position: sample ``consumed_samples`` onwards, each
+global batch split across data-parallel ranks the way Megatron-LM's pretraining sampler
+does, so a resumed run reads exactly the batches the uninterrupted run would have read.
+megatron-core ships no sampler, hence the few lines here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+
+from . import corpus
+from .config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataSources:
+    prefixes: List[str]
+    weights: List[float]
+    vocab_size: int
+    eod_id: int
+    description: str
+
+
+# --------------------------------------------------------------------------- C++ helpers
+def ensure_dataset_helpers() -> str:
+    """megatron.core.datasets needs its compiled helpers (helpers_cpp) to build sample
+    indices. Wheels ship them prebuilt; source installs may lack them. Returns how they
+    were obtained; if neither the prebuilt module nor a compile works, one clear error."""
+    try:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+
+        return "prebuilt"
+    except ImportError as prebuilt_error:
+        reason = str(prebuilt_error)
+    import sys
+
+    import megatron.core.datasets as mds
+
+    src = Path(mds.__file__).parent / "helpers.cpp"
+    build_dir = corpus.default_cache_dir() / "helpers_cpp" / f"py{sys.version_info.major}{sys.version_info.minor}"
+    log.warning("megatron.core.datasets.helpers_cpp is not importable (%s); compiling %s with the system C++ "
+                "compiler into %s (once)", reason, src, build_dir)
+    try:
+        from torch.utils.cpp_extension import load
+
+        build_dir.mkdir(parents=True, exist_ok=True)
+        module = load(name="helpers_cpp", sources=[str(src)], build_directory=str(build_dir),
+                      extra_cflags=["-O3"], verbose=False)
+    except Exception as e:  # noqa: BLE001 - report the compiler's failure as one error
+        raise RuntimeError(
+            "megatron.core.datasets needs its C++ helpers: the prebuilt helpers_cpp module is missing "
+            f"({reason}) and compiling {src} failed ({type(e).__name__}: {e}). Install a C++ compiler "
+            "(g++) and ninja, or a megatron-core wheel that ships helpers_cpp."
+        ) from None
+    sys.modules["megatron.core.datasets.helpers_cpp"] = module
+    mds.helpers_cpp = module
+    return f"compiled into {build_dir}"
+
+
+# --------------------------------------------------------------------------- sources
+def resolve_sources(cfg: Config) -> DataSources:
+    """Dataset prefixes, weights and token ids; builds the corpus cache when needed
+    (call on one rank per node first; see :func:`prepare`)."""
+    d = cfg.data
+    if d.source == "corpus":
+        c = d.corpus
+        info = corpus.build_corpus(c.cache_dir, c.include_tests, c.min_doc_bytes)
+        return DataSources([info.prefix], [1.0], info.vocab_size, info.eod_id,
+                           f"embedded corpus: {info.documents} stdlib files, {info.tokens / 1e6:.1f}M byte tokens")
+    prefixes = [e.path for e in d.blend]
+    weights = [e.weight for e in d.blend]
+    if d.vocab_size is not None:
+        vocab, eod = d.vocab_size, d.eod_id
+    else:
+        ids = []
+        for i, p in enumerate(prefixes):
+            meta = corpus.read_meta(p)
+            if meta is None:
+                raise ConfigError(f"data.blend[{i}].path", p, "datasets with a <prefix>.meta.json (written by "
+                                  "scripts/prepare_data.py), or set data.vocab_size and data.eod_id")
+            ids.append((meta["vocab_size"], meta["eod_id"], meta.get("tokenizer")))
+        if len(set(ids)) != 1:
+            raise ConfigError("data.blend", prefixes, f"datasets sharing one tokenizer (found {sorted(set(ids), key=str)})")
+        vocab, eod = ids[0][0], ids[0][1]
+    return DataSources(prefixes, weights, vocab, eod,
+                       "blend: " + ", ".join(f"{w:g} x {p}" for p, w in zip(prefixes, weights)))
+
+
+def _tokenizer(vocab_size: int, eod_id: int):
+    """GPTDataset reads eod/pad/vocab_size from a tokenizer object; a null tokenizer with
+    our ids (pad -1: never collides with a real token) is all it needs."""
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    return MegatronTokenizer.from_pretrained(metadata_path={"library": "null-text"}, vocab_size=vocab_size,
+                                             eod_id=eod_id, pad_id=-1)
+
+
+def build_datasets(cfg: Config, sources: DataSources, train_samples: int, valid_samples: int):
+    """(train, valid) GPTDatasets via BlendedMegatronDatasetBuilder (a collective)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    cache = cfg.data.index_cache_dir or os.path.join(cfg.run_dir, "data_cache")
+    ds_config = GPTDatasetConfig(
+        random_seed=cfg.train.seed,
+        sequence_length=cfg.train.seq_length,
+        blend=(sources.prefixes, sources.weights),
+        split=cfg.data.split,
+        path_to_cache=cache,
+        tokenizer=_tokenizer(sources.vocab_size, sources.eod_id),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=cfg.data.mask_eod_loss,
+        create_attention_mask=False,
+        mid_level_dataset_surplus=0.005,
+    )
+    has_valid = float(cfg.data.split.split(",")[1]) > 0
+    sizes = [train_samples, valid_samples if has_valid else 0, 0]
+    train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, ds_config).build()
+    return train, (valid if has_valid else None)
+
+
+# --------------------------------------------------------------------------- loading
+class PretrainingSampler:
+    """Yields this data-parallel rank's micro-batch indices from ``consumed_samples`` on."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        if consumed_samples > total_samples:
+            raise ValueError(f"consumed_samples={consumed_samples} exceeds the dataset's {total_samples} samples")
+        self.total, self.consumed = total_samples, consumed_samples
+        self.mbs, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+
+    def __len__(self) -> int:
+        return (self.total - self.consumed) // (self.mbs * self.dp_size)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        chunk = self.mbs * self.dp_size
+        for base in range(self.consumed, self.total - chunk + 1, chunk):
+            yield list(range(base + self.dp_rank * self.mbs, base + (self.dp_rank + 1) * self.mbs))
+
+
+def make_loader(dataset, consumed_samples: int, cfg: Config, dp_rank: int, dp_size: int):
+    sampler = PretrainingSampler(len(dataset), consumed_samples, cfg.train.micro_batch_size, dp_rank, dp_size)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+        pin_memory=torch.cuda.is_available(), persistent_workers=cfg.data.num_workers > 0,
+    )
+
+
+def samples_needed(cfg: Config) -> Tuple[int, int]:
+    """(train, valid) sample counts for the whole run; validation reuses the same
+    ``eval_iters`` held-out global batches at every evaluation, so curves are comparable."""
+    gbs = cfg.train.global_batch_size
+    train = cfg.total_steps() * gbs
+    valid = cfg.train.eval_iters * gbs if cfg.train.eval_interval > 0 else gbs
+    return train, valid
+
+
+__all__ = ["DataSources", "PretrainingSampler", "build_datasets", "ensure_dataset_helpers", "make_loader",
+           "resolve_sources", "samples_needed"]

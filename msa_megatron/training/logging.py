@@ -1,0 +1,252 @@
+"""Where a run's numbers go: a progress bar with ETA and one line per log interval on the
+console (rank 0), one JSON object per logged step in ``<run_dir>/metrics.jsonl``, and the
+same scalars in Weights & Biases (offline by default; ``logging.wandb.mode=online`` to
+stream). Without wandb installed the run says so once and keeps the JSONL.
+
+On resume, records past the resumed step (logged after the checkpoint by the interrupted
+run) are dropped from metrics.jsonl, so the file is one clean series.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as _logging
+import math
+import os
+import secrets
+import sys
+import warnings
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from .config import Config
+
+log = _logging.getLogger("msa_megatron.training")
+
+#: Console fields, in order: (key, label, format).
+_CONSOLE = (
+    ("lm_loss", "loss", "{:.4f}"),
+    ("val_lm_loss", "val", "{:.4f}"),
+    ("indexer_kl", "kl", "{:.4f}"),
+    ("recall", "recall", "{:.3f}"),
+    ("moe_aux_loss", "aux", "{:.3f}"),
+    ("attention_mode", "mode", "{}"),
+    ("lr", "lr", "{:.2e}"),
+    ("grad_norm", "gnorm", "{:.3f}"),
+    ("tokens_per_s", "tok/s", "{:,.0f}"),
+    ("mfu", "mfu", "{:.1%}"),
+    ("mem_gb", "mem", "{:.2f}GB"),
+)
+
+
+def setup_python_logging(rank: int, level: str) -> None:
+    """Rank 0 logs at ``level``; other ranks only warnings. Megatron's INFO chatter is muted."""
+    root = _logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = _logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_logging.Formatter(f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(level if rank == 0 else "WARNING")
+    for noisy in ("megatron.core", "megatron"):
+        _logging.getLogger(noisy).setLevel("WARNING")
+    handler.addFilter(lambda record: not any(m in record.getMessage() for m in _KNOWN_NOISE))
+
+
+#: Megatron-Core start-up messages that are expected here and say nothing actionable.
+_KNOWN_NOISE = (
+    "GPTModel IS DEPRECATED",
+    "full_param_layout not provided",
+    "Building a BlendedDataset for a single MegatronDataset",
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed",
+    "absl.logging is not installed",
+    "full scope is deprecated",
+    "MimoModelConfig is experimental",
+    "is deprecated. Please use `torch.distributed",
+    "Tensor that is not a leaf Tensor is being accessed",
+    "async save is deprecated",
+    "CUDA_DEVICE_MAX_CONNECTIONS",
+)
+
+
+def quiet_known_warnings() -> None:
+    """Python warnings of the same kind (import-time notices of optional fused kernels)."""
+    for text in _KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=f".*{text}.*")
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: non-finite values become null (the event record says why)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class RunLogger:
+    """All sinks of one run. Only rank 0 creates one with ``active=True``."""
+
+    def __init__(self, cfg: Config, active: bool, start_step: int, total_steps: int, wandb_id: Optional[str]):
+        self.cfg, self.active = cfg, active
+        self.total, self.start_step = total_steps, start_step
+        self.run_dir = Path(cfg.run_dir)
+        self.jsonl_path = self.run_dir / "metrics.jsonl"
+        self.wandb_run = None
+        self.wandb_id = wandb_id
+        self.wandb_dir: Optional[str] = None
+        self._bar = None
+        self._t0 = time.time()
+        if not active:
+            return
+        if cfg.logging.jsonl:
+            self._truncate_jsonl(start_step)
+            self._jsonl = open(self.jsonl_path, "a", buffering=1)
+        else:
+            self._jsonl = None
+        self._start_wandb()
+        if cfg.logging.progress_bar:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                log.warning("tqdm is not installed: no progress bar (step lines still print)")
+            else:
+                self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                                 disable=None, file=sys.stderr)
+
+    # ------------------------------------------------------------------ sinks
+    def _truncate_jsonl(self, start_step: int) -> None:
+        if not self.jsonl_path.exists():
+            return
+        lines = self.jsonl_path.read_text().splitlines()
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+        if len(kept) != len([ln for ln in lines if ln.strip()]):
+            tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, self.jsonl_path)
+
+    def _start_wandb(self) -> None:
+        w = self.cfg.logging.wandb
+        if not w.enabled or w.mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            log.warning("wandb is not installed: logging to %s only (pip install wandb to get W&B runs)", self.jsonl_path)
+            return
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.wandb_id = self.wandb_id or secrets.token_hex(4)  # not `random`: its state is checkpointed
+        self.wandb_run = wandb.init(
+            project=w.project, entity=w.entity, name=w.name or self.run_dir.name, group=w.group, tags=list(w.tags),
+            dir=str(self.run_dir), mode=w.mode, id=self.wandb_id, resume="allow", config=self.cfg.to_dict(),
+        )
+        self.wandb_dir = getattr(self.wandb_run, "dir", None)
+        if self.wandb_dir:
+            self.wandb_dir = str(Path(self.wandb_dir).parent)
+
+    # ------------------------------------------------------------------ events
+    def info(self, message: str) -> None:
+        if self.active:
+            self._write(message)
+
+    def _write(self, message: str) -> None:
+        if self._bar is not None and not self._bar.disable:
+            self._bar.write(message, file=sys.stdout)
+        else:
+            print(message, flush=True)
+
+    def advance(self, step: int, loss: Optional[float] = None) -> None:
+        if self.active and self._bar is not None:
+            self._bar.n = step
+            if loss is not None and math.isfinite(loss):
+                self._bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            self._bar.refresh()
+
+    def log_step(self, step: int, scalars: Dict[str, Any]) -> None:
+        if not self.active:
+            return
+        record = {"step": step, **{k: _clean(v) for k, v in scalars.items()}}
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in scalars.items() if v is not None}, step=step)
+        self._write(self._console_line(step, scalars))
+
+    def event(self, step: int, kind: str, message: str) -> None:
+        """A non-scalar event (non-finite step, SIGTERM, ...): console + JSONL + wandb summary."""
+        if not self.active:
+            return
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": step, "event": kind, "message": message}) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.summary[f"event/{kind}"] = f"step {step}: {message}"
+        self._write(f"[{kind}] step {step}: {message}")
+
+    def _console_line(self, step: int, s: Dict[str, Any]) -> str:
+        parts = [f"step {step}/{self.total}"]
+        for key, label, fmt in _CONSOLE:
+            v = s.get(key)
+            if v is None or (isinstance(v, float) and math.isnan(v) and key == "mfu"):
+                continue
+            parts.append(f"{label} {fmt.format(v)}")
+        done = step - self.start_step
+        if done > 0:
+            eta = (time.time() - self._t0) / done * (self.total - step)
+            parts.append(f"eta {format_duration(eta)}")
+        return " | ".join(parts)
+
+    def close(self, summary: Optional[Dict[str, Any]] = None) -> None:
+        if not self.active:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self.wandb_run is not None:
+            if summary:
+                for k, v in summary.items():
+                    self.wandb_run.summary[k] = v
+            self.wandb_run.finish()
+
+
+def read_jsonl(path: Path) -> list:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def summarize(path: Path) -> Dict[str, Any]:
+    """Start/end values of the headline metrics, from metrics.jsonl."""
+    records = [r for r in read_jsonl(path) if "event" not in r]
+    out: Dict[str, Any] = {}
+    for key in ("lm_loss", "indexer_kl", "recall", "val_lm_loss", "index_entropy", "main_entropy"):
+        series = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if series:
+            out[key] = {"first_step": series[0][0], "first": series[0][1], "last_step": series[-1][0], "last": series[-1][1]}
+    modes = [(r["step"], r.get("attention_mode")) for r in records if r.get("attention_mode")]
+    switches = [s for (s, m), (_, prev) in zip(modes[1:], modes[:-1]) if m != prev]
+    if modes:
+        out["attention_mode"] = {"first": modes[0][1], "last": modes[-1][1], "switched_at_steps": switches}
+    return out
+
+
+def format_summary(summary: Dict[str, Any]) -> str:
+    rows = ["summary (first logged -> last logged):"]
+    names = {"lm_loss": "LM loss", "val_lm_loss": "held-out LM loss", "indexer_kl": "indexer KL",
+             "recall": "selection recall", "index_entropy": "index entropy", "main_entropy": "main entropy"}
+    for key, label in names.items():
+        if key in summary:
+            s = summary[key]
+            rows.append(f"  {label:<18} {s['first']:.4f} (step {s['first_step']}) -> {s['last']:.4f} (step {s['last_step']})")
+    if "attention_mode" in summary:
+        m = summary["attention_mode"]
+        rows.append(f"  attention mode     {m['first']} -> {m['last']} (switched at steps {m['switched_at_steps'] or 'never'})")
+    return "\n".join(rows)
+
+
+__all__ = ["RunLogger", "format_duration", "format_summary", "read_jsonl", "setup_python_logging", "summarize"]

@@ -1,0 +1,408 @@
+"""The training run: set-up, the step, evaluation, logging, checkpointing, shutdown.
+
+Every moving part is Megatron-Core's: parallel_state (through init_distributed), the
+forward-backward schedules (1F1B with PP), DDP + distributed optimizer, the LR scheduler,
+dist_checkpointing, megatron.core.datasets, the microbatch calculator, MoE metrics. This
+module only sequences them and decides what a step logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from functools import partial
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import msa_adapter
+from .checkpoint import CheckpointManager, prepare_cpu_writer_queue
+from .config import Config, validate
+from .data import build_datasets, ensure_dataset_helpers, make_loader, resolve_sources, samples_needed
+from .hooks import MSASchedule
+from .logging import RunLogger, format_summary, setup_python_logging, summarize
+from .metrics import Throughput, memory_gb, peak_flops_per_device
+from .model import build_model, count_parameters, make_transformer_config, padded_vocab_size
+from .numerics import NonFiniteError, bad_msa_layers, check_step, inject_nan_grad
+from .optim import build_optimizer, build_scheduler, current_lr
+from .preemption import PreemptionFlag
+
+log = logging.getLogger("msa_megatron.training")
+
+#: Exit codes of :func:`run`.
+EXIT_OK, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 1, 0
+
+
+def _moe_track_names(cfg: Config) -> List[str]:
+    kind = cfg.model.moe_router_load_balancing_type
+    return {"aux_loss": ["load_balancing_loss"], "seq_aux_loss": ["seq_load_balancing_loss"],
+            "global_aux_loss": ["global_load_balancing_loss"]}.get(kind, [])
+
+
+class Trainer:
+    """One training run. ``run()`` returns the process exit code."""
+
+    def __init__(self, cfg: Config, config_yaml: str = ""):
+        self.cfg = cfg
+        self.config_yaml = config_yaml
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.num_microbatches_calculator import get_num_microbatches, init_num_microbatches_calculator
+
+        from ..megatron.parallel import ParallelLayout, init_distributed
+
+        cfg = self.cfg
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        validate(cfg, world)
+        msa_adapter.require_backend(cfg.attention.type)
+        prepare_cpu_writer_queue()
+        p = cfg.parallel
+        self.device = init_distributed(ParallelLayout(p.tp, p.pp, p.cp, p.ep, p.sp), seed=cfg.train.seed)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        setup_python_logging(self.rank, cfg.logging.level)
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        if self.rank == 0 and self.config_yaml:
+            with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+                f.write(self.config_yaml)
+
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        init_num_microbatches_calculator(self.rank, None, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                         self.dp_size, decrease_batch_size_if_needed=False)
+        self.num_microbatches = get_num_microbatches()
+        self.total_steps = cfg.total_steps()
+
+        # ---- data sources first: the corpus is built on one rank per node, the others wait
+        self.helpers = ensure_dataset_helpers() if int(os.environ.get("LOCAL_RANK", "0")) == 0 else None
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            self.sources = resolve_sources(cfg)
+        dist.barrier()
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            self.helpers = ensure_dataset_helpers()
+            self.sources = resolve_sources(cfg)
+
+        # ---- model, optimizer, scheduler
+        self.tf_config = make_transformer_config(cfg)
+        self.model = build_model(cfg, self.tf_config, self.sources.vocab_size)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.tf_config.grad_scale_func = self.optimizer.scale_loss
+        self.tf_config.finalize_model_grads_func = finalize_model_grads
+        self.tf_config.no_sync_func = self.model[0].no_sync
+        if cfg.parallel.overlap_param_gather:
+            self.tf_config.param_sync_func = self.model[0].start_param_sync
+        self.params = count_parameters(cfg, self.model)
+
+        # ---- state: resume / load / init / fresh
+        self.ckpt = CheckpointManager(cfg)
+        kind, path = self.ckpt.resume_source()
+        self.state: Dict[str, Any] = {"consumed_train_samples": 0, "tokens": 0, "skipped_steps": 0, "wandb_id": None}
+        self.start_step = 0
+        if kind in ("resume", "load"):
+            load_opt = kind == "resume" or cfg.checkpoint.load_optimizer
+            saved = self.ckpt.load(path, self.model, self.optimizer, self.scheduler, load_optimizer=load_opt)
+            if load_opt:
+                self.start_step = int(saved["step"])
+                for key in self.state:
+                    self.state[key] = saved.get(key, self.state[key])
+            self.resumed_from = f"{kind} {path} (step {saved['step']})"
+        elif kind == "init":
+            self.ckpt.load_weights(path, self.model)
+            self.resumed_from = f"weights from {path} (step 0, fresh optimizer)"
+        else:
+            self.resumed_from = "fresh start"
+        if kind != "resume":
+            self.state["wandb_id"] = None
+
+        # ---- data
+        train_samples, valid_samples = samples_needed(cfg)
+        self.train_ds, self.valid_ds = build_datasets(cfg, self.sources, train_samples, valid_samples)
+        self.train_iter = iter(make_loader(self.train_ds, self.state["consumed_train_samples"], cfg, self.dp_rank, self.dp_size))
+
+        # ---- schedules, metrics, sinks
+        self.schedule = MSASchedule(cfg)
+        self.peak, self.peak_source = peak_flops_per_device(cfg)
+        self.throughput = Throughput(cfg, self.params.active_matmul, self.world, self.peak)
+        self.preempt = PreemptionFlag()
+        self.logger = RunLogger(cfg, self.rank == 0, self.start_step, self.total_steps, self.state["wandb_id"])
+        self.state["wandb_id"] = self._broadcast_obj(self.logger.wandb_id)
+        self._announce()
+
+    def _broadcast_obj(self, obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _announce(self) -> None:
+        cfg, lg = self.cfg, self.logger
+        p = cfg.parallel
+        lg.info(f"run dir      {os.path.abspath(cfg.run_dir)}")
+        lg.info(f"metrics      {os.path.abspath(lg.jsonl_path)}" if cfg.logging.jsonl else "metrics      (jsonl off)")
+        if lg.wandb_run is not None:
+            where = lg.wandb_dir or "?"
+            hint = f" (sync later: wandb sync {where})" if cfg.logging.wandb.mode == "offline" else ""
+            url = getattr(lg.wandb_run, "url", None)
+            lg.info(f"wandb        {cfg.logging.wandb.mode}: {url or where}{hint}")
+        lg.info(f"checkpoints  {os.path.abspath(self.ckpt.root)} (every {cfg.checkpoint.interval or '-'} steps, keep "
+                f"{cfg.checkpoint.keep_last}); {self.resumed_from}")
+        lg.info(f"model        {cfg.model.name}: {self.params.total / 1e6:.2f}M params, {self.params.active_matmul / 1e6:.2f}M "
+                f"active (matmul); vocab {self.sources.vocab_size} (padded {padded_vocab_size(self.sources.vocab_size, cfg)}); "
+                f"attention {cfg.attention.type} via {msa_adapter.backend_name()}")
+        if self.schedule.msa is not None:
+            s = self.schedule
+            lg.info(f"msa          block {s.msa.block_size} x top-{s.msa.topk} = {s.msa.budget_tokens} of {cfg.train.seq_length} "
+                    f"tokens; warmup (msa_warmup) steps 1-{s.warmup_steps}, then {s.final_mode}"
+                    + (f"; indexer-only steps 1-{s.indexer_only_steps}" if s.indexer_only_steps else ""))
+        lg.info(f"parallel     world {self.world}: tp {p.tp} pp {p.pp} cp {p.cp} ep {p.ep} sp {p.sp} dp {self.dp_size}; "
+                f"{self.num_microbatches} micro-batches of {cfg.train.micro_batch_size} per step")
+        lg.info(f"data         {self.sources.description}; {cfg.tokens_per_step()} tokens/step; helpers {self.helpers or 'ok'}")
+        lg.info(f"mfu peak     {self.peak / 1e12:.3f} TFLOP/s per device ({self.peak_source})")
+
+    # ------------------------------------------------------------------ step pieces
+    def _forward_step(self, data_iterator: Iterator, model):
+        from megatron.core import parallel_state as ps
+
+        batch = next(data_iterator)
+        if ps.get_context_parallel_world_size() > 1:
+            from megatron.core.utils import get_batch_on_this_cp_rank
+
+            batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False)
+        dev = self.device
+        tokens = batch["tokens"].to(dev, non_blocking=True)
+        labels = batch["labels"].to(dev, non_blocking=True)
+        loss_mask = batch["loss_mask"].to(dev, non_blocking=True)
+        position_ids = batch["position_ids"].to(dev, non_blocking=True)
+        output = model(tokens, position_ids, None, labels=labels)
+        return output, partial(self._loss_func, loss_mask)
+
+    @staticmethod
+    def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+        losses = output_tensor.float().view(-1)
+        mask = loss_mask.view(-1).float()
+        loss = torch.sum(losses * mask)
+        num_tokens = mask.sum().to(torch.int)
+        return loss, num_tokens, {"lm_loss": torch.stack([loss.detach(), mask.sum().detach()])}
+
+    def _reduce_loss(self, losses: List[Dict[str, torch.Tensor]]) -> float:
+        """Mean LM loss over the global batch, known on every rank (DP+CP, then PP)."""
+        from megatron.core import parallel_state as ps
+
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for item in losses or []:
+            total += item["lm_loss"].to(torch.float64)
+        dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            if not ps.is_pipeline_last_stage():
+                total.zero_()
+            dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+        return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+    def _forward_backward(self, data_iterator, forward_only: bool, num_microbatches: int):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        return get_forward_backward_func()(
+            forward_step_func=self._forward_step, data_iterator=data_iterator, model=self.model,
+            num_microbatches=num_microbatches, seq_length=self.cfg.train.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size, decoder_seq_length=self.cfg.train.seq_length,
+            forward_only=forward_only)
+
+    def train_step(self, step: int) -> Dict[str, Any]:
+        plan = self.schedule.apply(step, self.model, self.optimizer, self.scheduler)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._forward_backward(self.train_iter, False, self.num_microbatches)
+        loss = self._reduce_loss(losses)
+        dbg = self.cfg.train.debug
+        if dbg.nan_grad_step == step:
+            inject_nan_grad(self.model, dbg.nan_grad_param)
+        report = check_step(step, loss, self.model, self.device)
+        out: Dict[str, Any] = {"lm_loss": loss, "attention_mode": plan.attention_mode}
+        if plan.kl_coeff is not None:
+            out["kl_coeff"] = plan.kl_coeff
+        if plan.indexer_only:
+            out["indexer_only"] = 1.0
+        if not report.ok:
+            report.bad_layers = bad_msa_layers(msa_adapter.collect_metrics(reset=False))
+            out["_nonfinite"] = report
+            return out
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if update_ok:
+            self.scheduler.step(1)
+        else:
+            self.state["skipped_steps"] += 1  # fp16 loss-scale overflow: Megatron skips the update
+        out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        return out
+
+    def evaluate(self) -> Dict[str, float]:
+        """Held-out LM loss (and MSA statistics, recall sampled) on the same batches each time."""
+        if self.valid_ds is None:
+            return {}
+        for chunk in self.model:
+            chunk.eval()
+        msa_adapter.set_recall_sampling(self.model, True)
+        it = iter(make_loader(self.valid_ds, 0, self.cfg, self.dp_rank, self.dp_size))
+        total = 0.0
+        with torch.no_grad():
+            for _ in range(self.cfg.train.eval_iters):
+                total += self._reduce_loss(self._forward_backward(it, True, self.num_microbatches))
+        msa_adapter.set_recall_sampling(self.model, self.schedule._applied.recall if self.schedule._applied else False)
+        for chunk in self.model:
+            chunk.train()
+        out = {"val_lm_loss": total / self.cfg.train.eval_iters}
+        out["val_ppl"] = math.exp(min(out["val_lm_loss"], 50.0))
+        out.update({f"val/{k}": v for k, v in msa_adapter.collect_metrics(reset=True).items()})
+        return out
+
+    def _moe_scalars(self, steps: int) -> Dict[str, float]:
+        cfg = self.cfg
+        if cfg.model.num_moe_experts is None or not _moe_track_names(cfg):
+            return {}
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+        names = _moe_track_names(cfg)
+        m = cfg.model
+        totals: Dict[str, torch.Tensor] = {}
+        get_moe_metrics_tracker().report(
+            loss_scale=1.0 / (self.num_microbatches * max(steps, 1)), iteration=0, total_loss_dict=totals,
+            force_initialize=True, track_names=names, num_layers=m.num_layers,
+            moe_layer_freq=[0] * m.moe_first_dense_layers + [1] * (m.num_layers - m.moe_first_dense_layers),
+        )
+        return {"moe_aux_loss": float(totals[names[0]])} if names[0] in totals else {}
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> int:
+        cfg = self.cfg
+        log_every, eval_every = cfg.logging.log_interval, cfg.train.eval_interval
+        ckpt_every = cfg.checkpoint.interval
+        tps = cfg.tokens_per_step()
+        interval_losses: List[float] = []
+        interval_norms: List[float] = []
+        steps_since_log = 0
+        consecutive_skips = 0
+        exit_code = EXIT_OK
+        step = self.start_step
+        if step >= self.total_steps:
+            self.logger.info(f"nothing to do: the run is already at step {step} >= {self.total_steps}")
+        for step in range(self.start_step + 1, self.total_steps + 1):
+            t0 = time.perf_counter()
+            out = self.train_step(step)
+            self.state["consumed_train_samples"] += cfg.train.global_batch_size
+            self.state["tokens"] += tps
+            steps_since_log += 1
+            report = out.pop("_nonfinite", None)
+            if report is not None:
+                self.state["skipped_steps"] += 1
+                consecutive_skips += 1
+                stop = cfg.train.nan_policy == "stop" or consecutive_skips > cfg.train.max_consecutive_skips
+                action = "stopping" if stop else f"skipping the update ({consecutive_skips} in a row)"
+                self.logger.event(step, "non_finite", f"{report.message()}; {action}")
+                if stop:
+                    log.error("%s; stopping (train.nan_policy=%s); last good checkpoint: %s",
+                              report.message(), cfg.train.nan_policy, self.ckpt.latest())
+                    exit_code = EXIT_NONFINITE
+                    break
+            else:
+                consecutive_skips = 0
+                interval_losses.append(out["lm_loss"])
+                interval_norms.append(out["grad_norm"])
+            self.throughput.add(time.perf_counter() - t0, out["attention_mode"])
+            if cfg.train.debug.step_sleep_s:
+                time.sleep(cfg.train.debug.step_sleep_s)
+
+            is_eval = eval_every > 0 and (step % eval_every == 0 or step == self.total_steps)
+            if step % log_every == 0 or is_eval or step == self.total_steps:
+                scalars = self._interval_scalars(out, interval_losses, interval_norms, steps_since_log)
+                if is_eval:
+                    scalars.update(self.evaluate())
+                self.logger.log_step(step, scalars)
+                interval_losses, interval_norms, steps_since_log = [], [], 0
+            self.logger.advance(step, out.get("lm_loss"))
+
+            preempted = cfg.checkpoint.save_on_sigterm and self.preempt.any_rank(self.device)
+            if (ckpt_every and step % ckpt_every == 0) or preempted:
+                self.save(step)
+            if preempted:
+                self.logger.event(step, "preempted", f"SIGTERM received: checkpoint saved at step {step}, exiting")
+                exit_code = EXIT_PREEMPTED
+                break
+        else:
+            if cfg.checkpoint.save_at_end and self.total_steps > self.start_step:
+                self.save(self.total_steps)
+        return self.finish(exit_code, step)
+
+    def _interval_scalars(self, out: Dict[str, Any], losses: List[float], norms: List[float], steps: int) -> Dict[str, Any]:
+        s: Dict[str, Any] = {
+            "lm_loss": sum(losses) / len(losses) if losses else float("nan"),
+            "attention_mode": out["attention_mode"],
+            "lr": current_lr(self.optimizer),
+            "grad_norm": sum(norms) / len(norms) if norms else float("nan"),
+            "consumed_samples": self.state["consumed_train_samples"],
+            "tokens": self.state["tokens"],
+            "skipped_steps": self.state["skipped_steps"],
+        }
+        for key in ("kl_coeff", "indexer_only"):
+            if key in out:
+                s[key] = out[key]
+        msa = msa_adapter.collect_metrics(reset=True)
+        if not self.cfg.logging.per_layer:
+            msa = {k: v for k, v in msa.items() if "/layer_" not in k}
+        s.update(msa)
+        s.update(self._moe_scalars(steps))
+        s.update(self.throughput.scalars())
+        self.throughput.reset()
+        mem, what = memory_gb()
+        mem_t = torch.tensor([mem], device=self.device)
+        dist.all_reduce(mem_t, op=dist.ReduceOp.MAX)
+        s["mem_gb"] = mem_t.item()
+        s["mem_kind"] = what
+        return s
+
+    def save(self, step: int) -> None:
+        self.ckpt.save(step, self.model, self.optimizer, self.scheduler, dict(self.state))
+
+    def finish(self, exit_code: int, step: int) -> int:
+        summary = {}
+        if self.rank == 0 and self.cfg.logging.jsonl and self.logger.jsonl_path.exists():
+            self.logger._jsonl.flush()
+            summary = summarize(self.logger.jsonl_path)
+            import json
+
+            with open(os.path.join(self.cfg.run_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+        self.logger.close({f"summary/{k}": v for k, v in summary.items()} if summary else None)
+        if self.rank == 0 and summary:
+            print(format_summary(summary), flush=True)
+            print(f"logs: {os.path.abspath(self.logger.jsonl_path)}"
+                  + (f" | wandb: {self.logger.wandb_dir}" if self.logger.wandb_dir else ""), flush=True)
+        self.preempt.restore()
+        if exit_code == EXIT_NONFINITE:
+            raise NonFiniteError(f"training stopped on a non-finite value at step {step} (see {self.logger.jsonl_path})")
+        return exit_code
+
+
+def run(cfg: Config, config_yaml: str = "") -> int:
+    """Set up, train, shut down. Returns the exit code; NonFiniteError propagates."""
+    from ..megatron.parallel import shutdown_distributed
+
+    trainer = Trainer(cfg, config_yaml)
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        try:
+            from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+
+            destroy_num_microbatches_calculator()
+        except Exception:  # noqa: BLE001
+            pass
+        shutdown_distributed()
+
+
+__all__ = ["Trainer", "run"]

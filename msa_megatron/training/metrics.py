@@ -1,0 +1,138 @@
+"""Throughput accounting: model FLOPs per step, MFU, memory.
+
+FLOPs per training step (documented in docs/training.md)::
+
+    tokens_per_step x (6 x N_active + 3 x sum over layers of F_attn(layer, mode))
+
+* ``6 N_active``: forward + backward matmuls of every parameter a token passes through
+  (MoE: routed experts weighted by top-k / experts; the embedding lookup excluded, the
+  output layer included).
+* ``F_attn``: attention score/value FLOPs per token of one layer's forward, from
+  :mod:`msa_megatron.flops` (the paper's Eq. 12): dense ``2 n_h d_h N``; MSA in ``msa``
+  mode ``n_I d_I N + 4 n_h d_h k B``; in ``msa_warmup`` the dense main branch plus the index
+  scores over every causal key. Training counts 3x the forward (forward + 2x backward).
+
+MFU = achieved FLOP/s per device / peak. Peak: logging.peak_tflops, else a table of known
+GPUs (dense BF16/FP16 tensor-core peak; TF32 for fp32), else (CPU) a GEMM measured on this
+process at start-up, so CPU "MFU" is relative to an achievable rate, not a datasheet.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..flops import AttentionShape, dense_flops_per_token, index_flops_per_token, msa_flops_per_token
+from .config import Config
+
+#: Dense tensor-core peak TFLOP/s by device-name fragment: (bf16/fp16, tf32).
+GPU_PEAK_TFLOPS = (
+    ("H200", (989.4, 494.7)),
+    ("H100 PCIe", (756.0, 378.0)),
+    ("H100", (989.4, 494.7)),
+    ("H800", (989.4, 494.7)),
+    ("GH200", (989.4, 494.7)),
+    ("B200", (2250.0, 1100.0)),
+    ("A100", (312.0, 156.0)),
+    ("L40S", (362.0, 183.0)),
+)
+
+
+def attention_flops_per_token(cfg: Config, mode: str) -> float:
+    """Forward attention FLOPs per token, summed over the layers, in attention ``mode``."""
+    m, n = cfg.model, cfg.train.seq_length
+    msa = cfg.msa
+    shape = AttentionShape(m.num_attention_heads, m.kv_channels, m.num_query_groups,
+                           msa.index_dim if msa else 0, msa.block_size if msa else 1, msa.topk if msa else 1)
+    total = 0.0
+    for layer in range(m.num_layers):
+        if msa is None or not msa.is_msa_layer(layer) or mode == "dense":
+            total += dense_flops_per_token(shape, n)
+        elif mode == "msa_warmup":
+            total += dense_flops_per_token(shape, n) + index_flops_per_token(shape, n)
+        else:
+            total += msa_flops_per_token(shape, n)
+    return total
+
+
+def step_flops(cfg: Config, active_params: int, mode: str) -> float:
+    return cfg.tokens_per_step() * (6.0 * active_params + 3.0 * attention_flops_per_token(cfg, mode))
+
+
+def peak_flops_per_device(cfg: Config) -> Tuple[float, str]:
+    """(peak FLOP/s of one device, where the number comes from)."""
+    if cfg.logging.peak_tflops:
+        return cfg.logging.peak_tflops * 1e12, "logging.peak_tflops"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for frag, (half, tf32) in GPU_PEAK_TFLOPS:
+            if frag in name:
+                peak = tf32 if cfg.train.precision == "fp32" else half
+                return peak * 1e12, f"{name} datasheet ({'tf32' if cfg.train.precision == 'fp32' else 'bf16/fp16'})"
+        return float("nan"), f"unknown GPU {name!r}: set logging.peak_tflops"
+    return measure_cpu_gemm_flops(), "measured CPU fp32 GEMM"
+
+
+def measure_cpu_gemm_flops(sizes=(256, 512), seconds: float = 0.4) -> float:
+    """Best fp32 GEMM rate of this process (its thread budget) over ~``seconds``; the best
+    of several sizes and repeats, since a shared CPU's single measurements are noisy."""
+    gen = torch.Generator().manual_seed(0)
+    best = 0.0
+    for size in sizes:
+        a = torch.randn(size, size, generator=gen)
+        b = torch.randn(size, size, generator=gen)
+        torch.mm(a, b)
+        deadline = time.perf_counter() + seconds / len(sizes)
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2.0 * size ** 3 / max(time.perf_counter() - t0, 1e-9))
+    return best
+
+
+def memory_gb() -> Tuple[float, str]:
+    """(GB, what): GPU max allocated since the last call, else this process's RSS."""
+    if torch.cuda.is_available():
+        value = torch.cuda.max_memory_allocated() / 1e9
+        torch.cuda.reset_peak_memory_stats()
+        return value, "gpu_max_allocated"
+    import psutil
+
+    return psutil.Process().memory_info().rss / 1e9, "cpu_rss"
+
+
+class Throughput:
+    """Tokens/s and MFU over a logging interval."""
+
+    def __init__(self, cfg: Config, active_params: int, world_size: int, peak: float):
+        self.cfg, self.active, self.world, self.peak = cfg, active_params, world_size, peak
+        self._flops: Dict[str, float] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.seconds = 0.0
+        self.flops = 0.0
+
+    def add(self, seconds: float, mode: str) -> None:
+        if mode not in self._flops:
+            self._flops[mode] = step_flops(self.cfg, self.active, mode)
+        self.steps += 1
+        self.seconds += seconds
+        self.flops += self._flops[mode]
+
+    def scalars(self) -> Dict[str, float]:
+        if self.steps == 0 or self.seconds <= 0:
+            return {}
+        tokens = self.steps * self.cfg.tokens_per_step()
+        achieved = self.flops / self.seconds
+        out = {"tokens_per_s": tokens / self.seconds, "step_time_s": self.seconds / self.steps,
+               "tflops_per_device": achieved / self.world / 1e12}
+        out["mfu"] = achieved / (self.peak * self.world) if self.peak == self.peak and self.peak > 0 else float("nan")
+        return out
+
+
+__all__ = ["Throughput", "attention_flops_per_token", "measure_cpu_gemm_flops", "memory_gb",
+           "peak_flops_per_device", "step_flops"]
