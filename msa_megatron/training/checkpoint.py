@@ -179,6 +179,56 @@ def _merged_model_sd(sd: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def materialize_optimizer_state(optimizer) -> None:
+    """Megatron's distributed optimizer can only describe its state for loading once that
+    state exists; torch's Adam creates it lazily at the first step (megatron-core 0.19
+    asserts in DistributedOptimizer.state_dict() otherwise). Create it as zeros with step
+    0 through the optimizer's own init_state_fn, without stepping (parameters untouched);
+    the load then overwrites every value."""
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    for part in parts:
+        inner = getattr(part, "optimizer", None)
+        init = getattr(part, "init_state_fn", None)
+        if inner is None or init is None or len(inner.state) > 0:
+            continue
+        init(inner, part.config)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if len(inner.state[p]) > 0 and "step" not in inner.state[p]:
+                    inner.state[p]["step"] = torch.zeros((), dtype=torch.float32)
+
+
+def load_optimizer_state(optimizer, state: Dict[str, Any]) -> None:
+    """optimizer.load_state_dict for the 'fully_reshardable' format, working around a
+    megatron-core 0.19 bug with torch's AdamW (no TE/Apex, e.g. on CPU): its per-parameter
+    state holds a 'step' tensor that load_parameter_state_from_fully_reshardable tries to
+    copy from the checkpoint, where 'step' lives in the param groups instead (KeyError).
+    So: load the param groups (which set 'step'), set the step tensors aside while the
+    parameter state is copied in, then put them back -- one tensor per parameter: megatron
+    assigns one shared tensor to all, and AdamW's in-place ``step += 1`` would then advance
+    it once per parameter per step (wrong bias correction after a resume)."""
+    parts = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    states = [state] if len(parts) == 1 else [v for _, v in sorted(state.items())]
+    if len(states) != len(parts):
+        raise RuntimeError(f"checkpoint holds {len(states)} optimizer states, the model has {len(parts)} optimizers")
+    for part, st in zip(parts, states):
+        st = dict(st)
+        param_state = st.pop("param_state")
+        kind = st.pop("param_state_sharding_type")
+        if kind != OPTIM_FORMAT["distrib_optim_sharding_type"]:
+            raise RuntimeError(f"checkpoint optimizer format {kind!r}, expected {OPTIM_FORMAT['distrib_optim_sharding_type']!r}")
+        part.load_state_dict(st)
+        inner_state = part.optimizer.state
+        steps = {p: s.pop("step") for p, s in inner_state.items() if "step" in s}
+        try:
+            part.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            for p, step in steps.items():
+                inner_state[p]["step"] = step.clone()
+    if len(parts) > 1:
+        optimizer._synchronize_steps()
+
+
 class CheckpointManager:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -279,13 +329,14 @@ class CheckpointManager:
         same_layout = saved_layout == layout_signature()
         sd = _model_sd(model_chunks)
         if load_optimizer:
+            materialize_optimizer_state(optimizer)
             sd["optimizer"] = optimizer.sharded_state_dict(_merged_model_sd(sd), is_loading=True, metadata=OPTIM_FORMAT)
         if same_layout:
             sd["rng_state"] = _rng_sharded_object(None)
         state = dist_checkpointing.load(sd, str(path))
         self._load_model(state, model_chunks)
         if load_optimizer:
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(optimizer, state["optimizer"])
             scheduler.load_state_dict(state["opt_param_scheduler"])
         if same_layout:
             _set_rng_state(state["rng_state"])

@@ -450,6 +450,9 @@ def validate(cfg: Config, world_size: int) -> Config:
                         ("ffn_hidden_size", m.ffn_hidden_size)):
         if value % p.tp != 0:
             raise ConfigError(f"model.{name}", value, f"multiples of parallel.tp={p.tp}")
+    if m.make_vocab_size_divisible_by % p.tp != 0:
+        raise ConfigError("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by,
+                          f"multiples of parallel.tp={p.tp} (the padded vocabulary is split over TP)")
     if m.num_attention_heads % m.num_query_groups != 0:
         raise ConfigError("model.num_query_groups", m.num_query_groups,
                           f"divisors of model.num_attention_heads={m.num_attention_heads}")

@@ -18,8 +18,11 @@ log = logging.getLogger(__name__)
 
 
 def padded_vocab_size(vocab_size: int, cfg: Config) -> int:
-    """Megatron pads the embedding so every TP shard is a multiple of the divisor."""
-    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tp
+    """Embedding rows: the vocabulary padded to a multiple of make_vocab_size_divisible_by.
+    Unlike Megatron-LM (divisor x TP) the padding does not depend on TP, so a checkpoint
+    resumed at another TP size has the same logits (padded rows take softmax mass too);
+    the config check requires the divisor to be a multiple of TP."""
+    multiple = cfg.model.make_vocab_size_divisible_by
     return -(-vocab_size // multiple) * multiple
 
 
