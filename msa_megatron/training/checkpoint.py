@@ -118,9 +118,25 @@ def prepare_cpu_writer_queue() -> bool:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    global _writer_manager
     if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+        _writer_manager = mp.get_context("fork").Manager()
+        filesystem_async._results_queue = _writer_manager.Queue()
     return True
+
+
+_writer_manager = None
+
+
+def shutdown_cpu_writer_queue() -> None:
+    """Stop the manager process of :func:`prepare_cpu_writer_queue` (end of a run)."""
+    global _writer_manager
+    if _writer_manager is not None:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        filesystem_async._results_queue = None
+        _writer_manager.shutdown()
+        _writer_manager = None
 
 
 # --------------------------------------------------------------------------- RNG

@@ -456,8 +456,10 @@ def validate(cfg: Config, world_size: int) -> Config:
     if m.num_attention_heads % m.num_query_groups != 0:
         raise ConfigError("model.num_query_groups", m.num_query_groups,
                           f"divisors of model.num_attention_heads={m.num_attention_heads}")
-    if m.num_layers % p.pp != 0:
-        raise ConfigError("model.num_layers", m.num_layers, f"multiples of parallel.pp={p.pp}")
+    uneven = {"num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage", "pipeline_model_parallel_layout"}
+    if m.num_layers % p.pp != 0 and not uneven.intersection(m.extra):
+        raise ConfigError("model.num_layers", m.num_layers, f"multiples of parallel.pp={p.pp} (or set an uneven split "
+                          "in model.extra: num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage)")
     if m.rotary_percent * m.kv_channels % 2 != 0:
         raise ConfigError("model.rotary_percent", m.rotary_percent,
                           f"values making rotary_percent*kv_channels an even number (kv_channels={m.kv_channels})")

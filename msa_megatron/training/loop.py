@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from . import msa_adapter
-from .checkpoint import CheckpointManager, prepare_cpu_writer_queue
+from .checkpoint import CheckpointManager, prepare_cpu_writer_queue, shutdown_cpu_writer_queue
 from .config import Config, validate
 from .data import build_datasets, ensure_dataset_helpers, make_loader, resolve_sources, samples_needed
 from .hooks import MSASchedule
@@ -402,6 +402,7 @@ def run(cfg: Config, config_yaml: str = "") -> int:
             destroy_num_microbatches_calculator()
         except Exception:  # noqa: BLE001
             pass
+        shutdown_cpu_writer_queue()
         shutdown_distributed()
 
 

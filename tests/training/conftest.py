@@ -1,0 +1,37 @@
+"""Shared fixtures of the trainer tests: a session-wide corpus cache and the warm run
+launcher (see launcher.py). Without the MSA backend merged, MSA runs use the stand-in
+tests/training/fake_msa_backend.py; ``USING_FAKE_BACKEND`` says which one ran."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from .launcher import FAKE_BACKEND, RunServer, real_backend_available
+
+USING_FAKE_BACKEND = not real_backend_available()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("msa_cache")
+    os.environ["MSA_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def backend_env():
+    return {"MSA_MEGATRON_BACKEND": FAKE_BACKEND} if USING_FAKE_BACKEND else {}
+
+
+@pytest.fixture(scope="session")
+def server(cache_dir, backend_env):
+    srv = RunServer(env={"MSA_CACHE_DIR": str(cache_dir), **backend_env})
+    yield srv
+    srv.close()
+
+
+#: Overrides every test run uses: small, quiet, no progress bar, fixed MFU peak.
+QUIET = ["logging.progress_bar=false", "logging.log_interval=1", "logging.peak_tflops=0.05", "train.eval_interval=0",
+         "logging.wandb.enabled=false"]
