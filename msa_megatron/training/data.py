@@ -63,9 +63,12 @@ def ensure_dataset_helpers() -> str:
         module = load(name="helpers_cpp", sources=[str(src)], build_directory=str(build_dir),
                       extra_cflags=["-O3"], verbose=False)
     except Exception as e:  # noqa: BLE001 - report the compiler's failure as one error
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        cause = next((ln for ln in lines if "error" in ln.lower() or "not found" in ln.lower()), lines[-1] if lines else "")
+        log.debug("compiler output:\n%s", e)
         raise RuntimeError(
             "megatron.core.datasets needs its C++ helpers: the prebuilt helpers_cpp module is missing "
-            f"({reason}) and compiling {src} failed ({type(e).__name__}: {e}). Install a C++ compiler "
+            f"({reason}) and compiling {src} failed ({type(e).__name__}: {cause}). Install a C++ compiler "
             "(g++) and ninja, or a megatron-core wheel that ships helpers_cpp."
         ) from None
     sys.modules["megatron.core.datasets.helpers_cpp"] = module

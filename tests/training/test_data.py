@@ -1,0 +1,171 @@
+"""The data pipeline: the embedded corpus, scripts/prepare_data.py (byte-level and a
+tokenizer file), a weighted blend of several indexed datasets through
+megatron.core.datasets, the held-out split, the resumable sampler, and the C++ helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from msa_megatron.training import corpus
+from msa_megatron.training.data import PretrainingSampler, build_datasets, resolve_sources, samples_needed
+
+from .test_config import cfg_of
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+import prepare_data  # noqa: E402
+
+
+def test_corpus_is_the_stdlib_in_order_and_cached(cache_dir):
+    files = corpus.corpus_files(min_doc_bytes=2048)
+    root = corpus.stdlib_root()
+    rel = [f.relative_to(root).as_posix() for f in files]
+    assert rel == sorted(rel) and len(rel) > 100
+    assert not any(part in ("test", "tests", "site-packages") for r in rel for part in r.split("/")[:-1])
+    info = corpus.build_corpus(str(cache_dir), min_doc_bytes=2048)
+    assert info.documents == len(files)
+    assert info.tokens == sum(f.stat().st_size for f in files) + len(files)  # bytes + one EOD each
+    mtime = Path(info.prefix + ".bin").stat().st_mtime_ns
+    assert corpus.build_corpus(str(cache_dir), min_doc_bytes=2048) == info  # cached: no rebuild
+    assert Path(info.prefix + ".bin").stat().st_mtime_ns == mtime
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(info.prefix)
+    first = ds[0]
+    assert bytes(first[:-1].astype(np.uint8)) == files[0].read_bytes() and first[-1] == corpus.BYTE_EOD
+    assert len(ds) == len(files)
+    # Documents exceed the tiny MSA budget (block 32 x top-4 = 128 tokens) by far.
+    assert np.median(ds.sequence_lengths) > 16 * 128
+
+
+def test_prepare_data_byte_level(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "héllo world"}) + "\n\n" + json.dumps({"text": "second"}) + "\n")
+    (tmp_path / "b.txt").write_text("para one\n\npara two\n")
+    meta = prepare_data.build([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")], str(tmp_path / "out" / "ds"),
+                              text_docs="paragraph")
+    assert (meta["vocab_size"], meta["eod_id"], meta["documents"], meta["tokenizer"]) == (257, 256, 4, "byte")
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(tmp_path / "out" / "ds"))
+    docs = [bytes(ds[i][:-1].astype(np.uint8)).decode() for i in range(len(ds))]
+    assert docs == ["héllo world", "second", "para one", "para two\n"]
+    assert all(ds[i][-1] == 256 for i in range(len(ds)))
+    assert not list((tmp_path / "out").glob(".ds-*"))  # no temporary left behind
+
+
+def test_prepare_data_with_a_tokenizer_file(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "<|endoftext|>": 1, "hello": 2, "world": 3}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "in.jsonl").write_text(json.dumps({"body": "hello world hello"}) + "\n")
+    meta = prepare_data.build([str(tmp_path / "in.jsonl")], str(tmp_path / "tok"), tokenizer=str(tmp_path / "tokenizer.json"),
+                              json_key="body")
+    assert (meta["vocab_size"], meta["eod_id"]) == (4, 1)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    assert IndexedDataset(str(tmp_path / "tok"))[0].tolist() == [2, 3, 2, 1]
+    with pytest.raises(prepare_data.PrepareError, match="--eod-token"):
+        prepare_data.build([str(tmp_path / "in.jsonl")], str(tmp_path / "t2"), tokenizer=str(tmp_path / "tokenizer.json"),
+                           eod_token="</s>", json_key="body")
+
+
+def test_prepare_data_cli_errors(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"txt": "x"}\n')
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_data.py"), "--input", str(tmp_path / "bad.jsonl"),
+                        "--output-prefix", str(tmp_path / "o")], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == f"prepare_data: error: {tmp_path / 'bad.jsonl'}:1: no string field 'text' (set --json-key)"
+
+
+def _prepared(tmp_path, name: str, char: str, docs: int) -> str:
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps({"text": char * 700}) + "\n" for _ in range(docs)))
+    prepare_data.build([str(path)], str(tmp_path / name))
+    return str(tmp_path / name)
+
+
+def test_blend_of_indexed_datasets_follows_weights(tmp_path):
+    a, b = _prepared(tmp_path, "aaa", "a", 60), _prepared(tmp_path, "bbb", "b", 60)
+    cfg = cfg_of("data=indexed", f"data.blend=[{{path:{a},weight:3}},{{path:{b},weight:1}}]", "data.split='90,10,0'",
+                 f"run_dir={tmp_path / 'run'}", "train.steps=20", "train.seq_length=128", "train.eval_interval=5")
+    sources = resolve_sources(cfg)
+    assert (sources.vocab_size, sources.eod_id) == (257, 256)
+    train, valid = build_datasets(cfg, sources, *samples_needed(cfg))
+    counts = Counter()
+    for i in range(len(train)):
+        tokens = train[i]["tokens"].numpy()
+        counts["a"] += int((tokens == ord("a")).sum())
+        counts["b"] += int((tokens == ord("b")).sum())
+    assert counts["a"] / (counts["a"] + counts["b"]) == pytest.approx(0.75, abs=0.05)
+    sample = train[0]
+    assert sample["tokens"].shape == (128,) and sample["labels"].shape == (128,)
+    assert (sample["labels"][:-1] == sample["tokens"][1:]).all()
+    assert valid is not None and len(valid) >= cfg.train.eval_iters * cfg.train.global_batch_size
+
+
+def test_blend_refuses_mixed_tokenizers(tmp_path):
+    a = _prepared(tmp_path, "aaa", "a", 5)
+    meta = json.loads(Path(a + ".meta.json").read_text())
+    b = _prepared(tmp_path, "bbb", "b", 5)
+    Path(b + ".meta.json").write_text(json.dumps(dict(meta, vocab_size=50000, eod_id=0)))
+    from msa_megatron.training.config import ConfigError
+
+    cfg = cfg_of("data=indexed", f"data.blend=[{{path:{a},weight:1}},{{path:{b},weight:1}}]")
+    with pytest.raises(ConfigError, match=r"^data\.blend=.*datasets sharing one tokenizer"):
+        resolve_sources(cfg)
+
+
+def test_sampler_resumes_at_the_data_position():
+    full = [list(PretrainingSampler(64, 0, 2, r, 2)) for r in range(2)]
+    resumed = [list(PretrainingSampler(64, 24, 2, r, 2)) for r in range(2)]
+    for r in range(2):
+        assert resumed[r] == full[r][6:]  # 24 samples = 6 micro-batches of 2 per rank x 2 ranks
+    assert sorted(i for r in range(2) for batch in full[r] for i in batch) == list(range(64))
+
+
+def test_helpers_prebuilt_and_clear_error_when_they_cannot_be_built(tmp_path):
+    from msa_megatron.training.data import ensure_dataset_helpers
+
+    assert ensure_dataset_helpers() == "prebuilt"
+    code = ("import sys; sys.modules['megatron.core.datasets.helpers_cpp'] = None\n"
+            "from msa_megatron.training.data import ensure_dataset_helpers\n"
+            "try:\n    ensure_dataset_helpers()\nexcept RuntimeError as e:\n    print('ERR', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(REPO), MSA_CACHE_DIR=str(tmp_path), CXX="/nonexistent/c++"))
+    err = [ln for ln in r.stdout.splitlines() if ln.startswith("ERR")]
+    assert err and "needs its C++ helpers" in err[0] and "Install a C++ compiler" in err[0], r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("MSA_TEST_COMPILE_HELPERS"), reason="compiles helpers.cpp (~40 s); "
+                    "set MSA_TEST_COMPILE_HELPERS=1 to run")
+def test_helpers_compile_when_missing(tmp_path):
+    code = ("import sys; sys.modules['megatron.core.datasets.helpers_cpp'] = None\n"
+            "from msa_megatron.training.data import ensure_dataset_helpers\n"
+            "print(ensure_dataset_helpers())\nfrom megatron.core.datasets import helpers\nprint('OK', helpers.build_sample_idx)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=str(REPO), MSA_CACHE_DIR=str(tmp_path)))
+    assert "compiled into" in r.stdout and "OK" in r.stdout, r.stdout + r.stderr
+
+
+def test_prepare_data_tokenizer_file_without_the_library(tmp_path, monkeypatch):
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if not installed
+    with pytest.raises(prepare_data.PrepareError, match=r"needs the `tokenizers` library \(pip install tokenizers\)"):
+        prepare_data.build([str(tmp_path / "in.jsonl")], str(tmp_path / "o"), tokenizer=str(tmp_path / "tokenizer.json"))
+    with pytest.raises(prepare_data.PrepareError, match="no such file"):
+        prepare_data.build([str(tmp_path / "in.jsonl")], str(tmp_path / "o"), tokenizer=str(tmp_path / "missing.json"))
