@@ -90,9 +90,12 @@ def file_tokenizer(path: str, eod_token: Optional[str]) -> Tuple[Callable[[str],
 def build(inputs: List[str], output_prefix: str, tokenizer: str = "byte", eod_token: Optional[str] = None,
           json_key: str = "text", text_docs: str = "file") -> dict:
     """Tokenize every document and write the dataset atomically. Returns the metadata."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
+    missing = [p for p in inputs if not Path(p).is_file()]
+    if missing:
+        raise PrepareError(f"--input {missing[0]}: no such file")
     encode, vocab, eod, name = byte_tokenizer() if tokenizer == "byte" else file_tokenizer(tokenizer, eod_token)
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # heavy: after the cheap checks
+
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.int32
     out = Path(output_prefix)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -42,9 +42,10 @@ def ensure_dataset_helpers() -> str:
     """megatron.core.datasets needs its compiled helpers (helpers_cpp) to build sample
     indices. Wheels ship them prebuilt; source installs may lack them. Returns how they
     were obtained; if neither the prebuilt module nor a compile works, one clear error."""
-    try:
-        from megatron.core.datasets import helpers_cpp  # noqa: F401
+    import importlib
 
+    try:
+        importlib.import_module("megatron.core.datasets.helpers_cpp")
         return "prebuilt"
     except ImportError as prebuilt_error:
         reason = str(prebuilt_error)

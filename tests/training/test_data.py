@@ -82,13 +82,15 @@ def test_prepare_data_with_a_tokenizer_file(tmp_path):
                            eod_token="</s>", json_key="body")
 
 
-def test_prepare_data_cli_errors(tmp_path):
-    (tmp_path / "bad.jsonl").write_text('{"txt": "x"}\n')
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_data.py"), "--input", str(tmp_path / "bad.jsonl"),
+def test_prepare_data_errors(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_data.py"), "--input", str(tmp_path / "nope.jsonl"),
                         "--output-prefix", str(tmp_path / "o")], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == f"prepare_data: error: {tmp_path / 'bad.jsonl'}:1: no string field 'text' (set --json-key)"
+    assert (r.returncode, r.stderr.strip()) == (2, f"prepare_data: error: --input {tmp_path / 'nope.jsonl'}: no such file")
+    (tmp_path / "bad.jsonl").write_text('{"txt": "x"}\n')
+    with pytest.raises(prepare_data.PrepareError, match=r"bad\.jsonl:1: no string field 'text' \(set --json-key\)"):
+        prepare_data.build([str(tmp_path / "bad.jsonl")], str(tmp_path / "o"))
+    assert not (tmp_path / "o.bin").exists()
 
 
 def _prepared(tmp_path, name: str, char: str, docs: int) -> str:
@@ -137,17 +139,17 @@ def test_sampler_resumes_at_the_data_position():
     assert sorted(i for r in range(2) for batch in full[r] for i in batch) == list(range(64))
 
 
-def test_helpers_prebuilt_and_clear_error_when_they_cannot_be_built(tmp_path):
+def test_helpers_prebuilt_and_clear_error_when_they_cannot_be_built(tmp_path, monkeypatch):
     from msa_megatron.training.data import ensure_dataset_helpers
 
     assert ensure_dataset_helpers() == "prebuilt"
-    code = ("import sys; sys.modules['megatron.core.datasets.helpers_cpp'] = None\n"
-            "from msa_megatron.training.data import ensure_dataset_helpers\n"
-            "try:\n    ensure_dataset_helpers()\nexcept RuntimeError as e:\n    print('ERR', e)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=str(REPO), MSA_CACHE_DIR=str(tmp_path), CXX="/nonexistent/c++"))
-    err = [ln for ln in r.stdout.splitlines() if ln.startswith("ERR")]
-    assert err and "needs its C++ helpers" in err[0] and "Install a C++ compiler" in err[0], r.stdout + r.stderr
+    monkeypatch.setitem(sys.modules, "megatron.core.datasets.helpers_cpp", None)  # a wheel without it
+    monkeypatch.setenv("CXX", "/nonexistent/c++")  # and no working compiler
+    monkeypatch.setenv("MSA_CACHE_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError) as info:
+        ensure_dataset_helpers()
+    message = str(info.value)
+    assert "needs its C++ helpers" in message and "Install a C++ compiler" in message and "\n" not in message
 
 
 @pytest.mark.skipif(not os.environ.get("MSA_TEST_COMPILE_HELPERS"), reason="compiles helpers.cpp (~40 s); "
