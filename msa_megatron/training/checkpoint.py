@@ -107,29 +107,48 @@ def layout_signature() -> Dict[str, int]:
     }
 
 
-def prepare_cpu_writer_queue() -> bool:
-    """CPU runs only, before the process group starts: give megatron's checkpoint writer a
-    fork-started results-queue manager. Its default spawn-started manager imports torch at
-    the first save (5-15 s per process on a small CPU machine); a forked one already has it.
-    Forking here is safe: no process-group or writer threads exist yet."""
-    if torch.cuda.is_available():
-        return False
+def prepare_writer_queue() -> None:
+    """Before the process group starts: give megatron's checkpoint writer a results-queue
+    manager process that survives SIGTERM. Megatron starts one lazily at the first save, in
+    the trainer's process group, so the SIGTERM that a launcher (torchrun, Slurm) sends to
+    the whole group kills it and the preemption save then fails (ConnectionRefused). Ours
+    ignores SIGTERM/SIGINT and exits when the trainer does. On CPU it is forked (the spawned
+    default imports torch at the first save: 5-15 s per process on a small machine); with
+    CUDA it is spawned (no fork of a process that may touch CUDA)."""
     import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     global _writer_manager
-    if filesystem_async._results_queue is None:
-        _writer_manager = mp.get_context("fork").Manager()
-        filesystem_async._results_queue = _writer_manager.Queue()
-    return True
+    if filesystem_async._results_queue is not None:
+        return
+    ctx = mp.get_context("spawn" if torch.cuda.is_available() else "fork")
+    _writer_manager = SyncManager(ctx=ctx)
+    _writer_manager.start(initializer=_writer_manager_init, initargs=(os.getpid(),))
+    filesystem_async._results_queue = _writer_manager.Queue()
+
+
+def _writer_manager_init(parent_pid: int) -> None:
+    import signal
+    import threading
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 _writer_manager = None
 
 
-def shutdown_cpu_writer_queue() -> None:
-    """Stop the manager process of :func:`prepare_cpu_writer_queue` (end of a run)."""
+def shutdown_writer_queue() -> None:
+    """Stop the manager process of :func:`prepare_writer_queue` (end of a run)."""
     global _writer_manager
     if _writer_manager is not None:
         from megatron.core.dist_checkpointing.strategies import filesystem_async

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from . import msa_adapter
-from .checkpoint import CheckpointManager, prepare_cpu_writer_queue, shutdown_cpu_writer_queue
+from .checkpoint import CheckpointManager, prepare_writer_queue, shutdown_writer_queue
 from .config import Config, validate
 from .data import build_datasets, ensure_dataset_helpers, make_loader, resolve_sources, samples_needed
 from .hooks import MSASchedule
@@ -61,7 +61,7 @@ class Trainer:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         validate(cfg, world)
         msa_adapter.require_backend(cfg.attention.type)
-        prepare_cpu_writer_queue()
+        prepare_writer_queue()
         p = cfg.parallel
         self.device = init_distributed(ParallelLayout(p.tp, p.pp, p.cp, p.ep, p.sp), seed=cfg.train.seed)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -402,7 +402,7 @@ def run(cfg: Config, config_yaml: str = "") -> int:
             destroy_num_microbatches_calculator()
         except Exception:  # noqa: BLE001
             pass
-        shutdown_cpu_writer_queue()
+        shutdown_writer_queue()
         shutdown_distributed()
 
 

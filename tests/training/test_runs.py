@@ -1,0 +1,234 @@
+"""Multi-process training runs (gloo, CPU) through the warm launcher (launcher.py).
+
+MSA runs go through the trainer's adapter (msa_adapter.py): with the backend merged they
+exercise the real MSA layers; before that, the stand-in tests/training/fake_msa_backend.py
+(USING_FAKE_BACKEND). Each test combines several checks per run to keep the suite short.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+
+from .conftest import QUIET, USING_FAKE_BACKEND
+
+pytestmark = pytest.mark.slow
+MSA_LAYERS = (1, 2, 3)  # tiny: 4 layers, the first dense (model.msa_dense_layers=1)
+
+
+def _check(result) -> None:
+    assert result.ok(), f"codes {result.codes}, timed out {result.timed_out}\n{result.logs[-6000:]}"
+
+
+def _ckpt_tensors(path: Path) -> Dict[str, torch.Tensor]:
+    """Model tensors of a dist checkpoint, read with plain torch.distributed.checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(str(path))
+    meta = reader.read_metadata()
+    sd = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in meta.state_dict_metadata.items()
+          if isinstance(v, TensorStorageMetadata) and not k.startswith("optimizer.")}
+    load(sd, storage_reader=reader, no_dist=True)
+    return sd
+
+
+def read_wandb_history(run_dir: Path) -> List[dict]:
+    """History rows of an offline wandb run (the .wandb file: LevelDB-log-framed protobuf records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, records, pending = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pos += 7
+        if kind == 0 and length == 0:
+            pos += left - 7
+            continue
+        chunk, pos = data[pos:pos + length], pos + length
+        if kind == 1:
+            records.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            records.append(pending + chunk)
+    rows = []
+    for raw in records:
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        if rec.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item})
+    return rows
+
+
+# --------------------------------------------------------------------------- TP=2 + MSA
+def test_tp2_msa_run_switches_at_the_configured_step_and_logs_everything(server, tmp_path):
+    run = tmp_path / "tp2"
+    r = server.run(run, QUIET + ["parallel=tp2", "train.steps=6", "attention.warmup.steps=3",
+                                 "attention.msa.recall_interval=2", "train.eval_interval=6",
+                                 "logging.wandb.enabled=true", "checkpoint.interval=0"])
+    _check(r)
+    steps = r.steps()
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    # warmup -> sparse switch exactly after warmup.steps, seen by the trainer and by the backend
+    assert [steps[s]["attention_mode"] for s in range(1, 7)] == ["msa_warmup"] * 3 + ["msa"] * 3
+    if USING_FAKE_BACKEND:
+        assert [steps[s]["fake/mode_code"] for s in range(1, 7)] == [1.0] * 3 + [2.0] * 3
+    for s, rec in steps.items():
+        for key in ("lm_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb", "indexer_kl", "index_entropy",
+                    "main_entropy"):
+            assert isinstance(rec.get(key), float) and math.isfinite(rec[key]), (s, key, rec.get(key))
+        for layer in MSA_LAYERS:
+            for key in ("indexer_kl", "index_entropy", "main_entropy"):
+                assert math.isfinite(rec[f"{key}/layer_{layer}"])
+        assert "indexer_kl/layer_0" not in rec  # the dense first layer
+        # recall only on sampled steps (every 2nd)
+        assert ("recall" in rec) == (s % 2 == 0) and all((f"recall/layer_{i}" in rec) == (s % 2 == 0) for i in MSA_LAYERS)
+        assert rec["mem_kind"] == "cpu_rss" and 0 < rec["mfu"] < 10
+    assert "val_lm_loss" in steps[6] and "val/indexer_kl" in steps[6] and "val/recall" in steps[6]
+    # the same scalars reached wandb (offline run files)
+    history = {row["_step"]: row for row in read_wandb_history(run)}
+    for s in range(1, 7):
+        assert history[s]["lm_loss"] == steps[s]["lm_loss"]
+        assert history[s]["attention_mode"] == steps[s]["attention_mode"]
+        assert history[s]["index_entropy/layer_3"] == steps[s]["index_entropy/layer_3"]
+    # run directory: resolved config, summary, final checkpoint
+    assert "tp: 2" in (run / "config.yaml").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["attention_mode"]["switched_at_steps"] == [4]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+# --------------------------------------------------------------------------- EP=2 MoE
+def test_ep2_moe_msa_run(server, tmp_path):
+    r = server.run(tmp_path / "ep2", QUIET + ["model=tiny_moe", "parallel=ep2", "train.steps=3",
+                                              "attention.warmup.steps=1", "checkpoint.interval=0"])
+    _check(r)
+    steps = r.steps()
+    assert sorted(steps) == [1, 2, 3]
+    for rec in steps.values():
+        # Switch aux loss: ~1 for balanced routing (4 experts, top-2)
+        assert 0.5 < rec["moe_aux_loss"] < 4.0 and math.isfinite(rec["lm_loss"]) and math.isfinite(rec["indexer_kl"])
+    assert steps[3]["lm_loss"] < steps[1]["lm_loss"]
+    tensors = _ckpt_tensors(tmp_path / "ep2" / "checkpoints" / "step_00000003")
+    assert any("experts" in k for k in tensors) and any("shared_experts" in k for k in tensors)
+
+
+# --------------------------------------------------------------------------- PP=2
+def test_pp2_msa_run_collects_layers_of_both_stages(server, tmp_path):
+    r = server.run(tmp_path / "pp2", QUIET + ["parallel=pp2", "train.steps=2", "attention.warmup.steps=1",
+                                              "checkpoint.interval=0", "checkpoint.save_at_end=false"])
+    _check(r)
+    steps = r.steps()
+    assert sorted(steps) == [1, 2] and steps[2]["attention_mode"] == "msa"
+    for layer in MSA_LAYERS:  # layer 1 lives on stage 0, layers 2-3 on stage 1
+        assert math.isfinite(steps[2][f"indexer_kl/layer_{layer}"])
+
+
+# --------------------------------------------------------------------------- resume
+def test_resume_is_bit_exact_and_reshards_to_another_tp(server, tmp_path):
+    common = QUIET + ["train.steps=6", "attention.warmup.steps=4", "checkpoint.interval=3", "checkpoint.keep_last=5"]
+    a = server.run(tmp_path / "a", common)  # dp=2: distributed-optimizer state sharded over 2 ranks
+    _check(a)
+    ref = a.steps()
+    # (1) auto-resume of an interrupted run: its directory as it was at step 3 (+ stale log lines)
+    b_dir = tmp_path / "b"
+    (b_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step_00000003", b_dir / "checkpoints" / "step_00000003")
+    (b_dir / "checkpoints" / "latest").write_text("step_00000003\n")
+    (b_dir / "checkpoints" / ".tmp-step_00000006").mkdir()  # a save that crashed: never read
+    shutil.copy(tmp_path / "a" / "metrics.jsonl", b_dir / "metrics.jsonl")
+    b = server.run(b_dir, common)
+    _check(b)
+    got = b.steps()
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]  # 4-6 of the copied log were replaced, not duplicated
+    assert len(b.records()) == 6
+    for s in (4, 5, 6):
+        for key in ("lm_loss", "grad_norm", "indexer_kl", "lr"):
+            assert got[s][key] == ref[s][key], (s, key, got[s][key], ref[s][key])  # bit-exact
+    assert not (b_dir / "checkpoints" / ".tmp-step_00000006").exists()
+    # (2) another run resumes A's step-3 checkpoint at TP=2 (dist_checkpointing reshards)
+    c = server.run(tmp_path / "c", common + ["parallel=tp2", f"checkpoint.load={tmp_path / 'a' / 'checkpoints'}/step_00000003"])
+    _check(c)
+    got = c.steps()
+    assert sorted(got) == [4, 5, 6]
+    for s in (4, 5, 6):
+        assert got[s]["lm_loss"] == pytest.approx(ref[s]["lm_loss"], rel=1e-5)
+        assert got[s]["grad_norm"] == pytest.approx(ref[s]["grad_norm"], rel=1e-4)
+    assert "RNG states re-seeded" in c.logs
+
+
+# --------------------------------------------------------------------------- failures
+def test_nan_gradient_is_located_then_skipped_or_stops(server, tmp_path):
+    skip = server.run(tmp_path / "skip", QUIET + ["attention=dense", "train.steps=3", "train.nan_policy=skip",
+                                                  "train.debug.nan_grad_step=2", "checkpoint.save_at_end=false"])
+    _check(skip)
+    (event,) = [rec for rec in skip.records() if rec.get("event") == "non_finite"]
+    assert event["step"] == 2
+    assert "non-finite gradient at step 2" in event["message"]
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in event["message"]
+    assert "skipping the update" in event["message"]
+    steps = skip.steps()
+    assert steps[3]["skipped_steps"] == 1 and math.isfinite(steps[3]["lm_loss"])
+
+    stop = server.run(tmp_path / "stop", QUIET + ["attention=dense", "train.steps=3", "train.debug.nan_grad_step=2",
+                                                  "checkpoint.interval=1"], world=1)
+    assert stop.codes == [1], stop.logs[-3000:]
+    assert "non-finite gradient at step 2" in stop.logs and "stopping" in stop.logs
+    assert "training stopped on a non-finite value at step 2" in stop.logs
+    assert (tmp_path / "stop" / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+
+
+def test_bad_layout_for_the_process_count_is_one_error(server, tmp_path):
+    r = server.run(tmp_path / "bad", QUIET + ["parallel.tp=4"], world=2)
+    assert r.codes == [2, 2]
+    assert "msa-train: error: parallel='tp=4 pp=1 cp=1' is invalid" in r.logs
+
+
+# --------------------------------------------------------------------------- MSA training
+def test_indexer_kl_falls_on_the_embedded_corpus(server, tmp_path):
+    r = server.run(tmp_path / "kl", QUIET + ["train.steps=16", "attention.warmup.steps=8", "checkpoint.save_at_end=false",
+                                             "train.lr_warmup_fraction=0.1"], world=1)
+    _check(r)
+    steps = r.steps()
+    kl = [steps[s]["indexer_kl"] for s in range(1, 17)]
+    assert sum(kl[-3:]) / 3 < 0.7 * sum(kl[:3]) / 3, kl
+    assert steps[16]["lm_loss"] < steps[1]["lm_loss"]
+
+
+def test_dense_to_msa_conversion_with_a_frozen_backbone_phase(server, tmp_path):
+    dense = server.run(tmp_path / "dense", QUIET + ["attention=dense", "train.steps=1"], world=1)
+    _check(dense)
+    conv = tmp_path / "conv"
+    r = server.run(conv, QUIET + ["train.steps=3", "attention.warmup.steps=3", "attention.indexer_only.steps=2",
+                                  "attention.indexer_only.backbone_lr_scale=0.0", "checkpoint.interval=1",
+                                  "checkpoint.keep_last=5", f"checkpoint.init_from={tmp_path / 'dense' / 'checkpoints'}"],
+                   world=1)
+    _check(r)
+    assert "index-branch tensors not in the checkpoint keep their initialisation" in r.logs
+    assert [r.steps()[s].get("indexer_only") for s in (1, 2, 3)] == [1.0, 1.0, None]
+    d0 = _ckpt_tensors(tmp_path / "dense" / "checkpoints" / "step_00000001")
+    c1, c2, c3 = (_ckpt_tensors(conv / "checkpoints" / f"step_0000000{i}") for i in (1, 2, 3))
+    index_keys = [k for k in c1 if "index_" in k]
+    backbone = [k for k in c1 if "index_" not in k]
+    assert index_keys and set(backbone) == set(d0)
+    for k in backbone:  # frozen through the phase: bit-identical to the dense checkpoint
+        assert torch.equal(c2[k], d0[k]), k
+    assert any(not torch.equal(c1[k], c2[k]) for k in index_keys)  # the indexer trains
+    assert any(not torch.equal(c3[k], c2[k]) for k in backbone)  # step 3: the backbone trains again
