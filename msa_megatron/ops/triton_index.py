@@ -92,13 +92,14 @@ class IndexConfig:
     items_chunk: int = 256
     kl_warps: int = 8
     kl_stages: int = 2
+    kl_block_n: int = 64  # key sub-tile of the KL kernel: [64 keys, di] fp32 d_ik accumulator
     lse_warps: int = 4
 
 
 def _launch_config(device: torch.device) -> IndexConfig:
     if device.type != "cuda":  # interpreter: cost is per op, not per element -> fewer, larger tiles
         return IndexConfig(sel_block_m=64, sel_warps=4, sel_stages=1, items_block_q=64, items_chunk=128,
-                           kl_warps=4, kl_stages=1, lse_warps=4)
+                           kl_warps=4, kl_stages=1, kl_block_n=128, lse_warps=4)
     cfg = IndexConfig()
     tiles = os.environ.get("MSA_INDEX_TILES")
     if tiles:
@@ -713,6 +714,8 @@ def _kl_common(q, k, iq, ik, main_lse, index_lse, cfg, softmax_scale, normalizer
     d_iq32 = torch.zeros(b, sq, g, di, device=iq.device, dtype=torch.float32)
     d_ik32 = torch.zeros(b, sk, di, device=iq.device, dtype=torch.float32)
     consts = dict(G=hq // g, D=d, DP=_pow2_at_least(d), **_index_constants(cfg, di, iq.dtype))
+    consts["BLOCK_N"] = min(consts["BLOCK_N"], _launch_config(iq.device).kl_block_n)
+    consts["NSUB"] = cfg.block_size // consts["BLOCK_N"]
     if torch.float32 in (q.dtype, iq.dtype):
         consts["DOT_PREC"] = "ieee"
     scalars = (scale * LOG2E, cfg.index_softmax_scale, cfg.index_softmax_scale * gs / norm)

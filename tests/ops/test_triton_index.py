@@ -32,7 +32,7 @@ from msa_megatron.ops import triton_index as TI  # noqa: E402
 
 SCORE_GAP_TOL = 1e-3
 LSE_TOL = 2e-5
-KL_RTOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+KL_RTOL = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2}
 
 
 @pytest.fixture(autouse=True)
