@@ -77,40 +77,53 @@ def _interpreting() -> bool:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """Tile sizes. Defaults target H100 (sm_90); the interpreter uses small tiles.
+    """Tile sizes. Defaults target H100 (sm_90); the interpreter uses larger, fewer tiles.
 
-    ``MSA_INDEX_TILES`` overrides the CUDA selection tile as ``BLOCK_M,num_warps,num_stages``
-    (for benchmark sweeps); ``MSA_INDEX_LAZY_TOPK=0`` switches the top-k update to the
-    branch-free form (always update; default: update only when some row of the tile has a
-    block score above its current K-th best)."""
+    Environment overrides on CUDA, for benchmark sweeps (read at every call):
+    ``MSA_INDEX_TILES=BLOCK_M,num_warps,num_stages`` (selection and dense-LSE kernels),
+    ``MSA_KL_TILES=BLOCK_Q,BLOCK_N,num_warps,num_stages`` (KL kernels; BLOCK_N divides the
+    block size), ``MSA_INDEX_LAZY_TOPK=0`` (update the top-K on every key block instead of
+    only when some row of the tile has a block score above its current K-th best)."""
 
     sel_block_m: int = 128
     sel_warps: int = 8
     sel_stages: int = 3
     lazy_topk: bool = True
-    items_block_q: int = 64
-    items_chunk: int = 256
+    items_block_q: int = 64  # rows per tile in the reverse-index kernels (LSE and KL)
+    items_chunk: int = 256  # rows per reverse-index work item
     kl_warps: int = 8
     kl_stages: int = 2
-    kl_block_n: int = 64  # key sub-tile of the KL kernel: [64 keys, di] fp32 d_ik accumulator
+    kl_block_n: int = 128  # key sub-tile of the KL kernels ([BLOCK_N, di] fp32 d_ik accumulator)
     lse_warps: int = 4
+
+
+def _env_ints(name: str, n: int, fmt: str):
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        vals = tuple(int(x) for x in raw.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != n or min(vals) <= 0:
+        raise UnsupportedInputError(f"{name}={raw!r}: expected {n} positive integers '{fmt}'")
+    return vals
 
 
 def _launch_config(device: torch.device) -> IndexConfig:
     if device.type != "cuda":  # interpreter: cost is per op, not per element -> fewer, larger tiles
         return IndexConfig(sel_block_m=64, sel_warps=4, sel_stages=1, items_block_q=64, items_chunk=128,
                            kl_warps=4, kl_stages=1, kl_block_n=128, lse_warps=4)
-    cfg = IndexConfig()
-    tiles = os.environ.get("MSA_INDEX_TILES")
-    if tiles:
-        try:
-            bm, nw, ns = (int(x) for x in tiles.split(","))
-        except ValueError as exc:
-            raise UnsupportedInputError(f"MSA_INDEX_TILES={tiles!r}: expected 'BLOCK_M,num_warps,num_stages'") from exc
-        cfg = IndexConfig(sel_block_m=bm, sel_warps=nw, sel_stages=ns)
+    changes = {}
+    sel = _env_ints("MSA_INDEX_TILES", 3, "BLOCK_M,num_warps,num_stages")
+    if sel:
+        changes.update(sel_block_m=sel[0], sel_warps=sel[1], sel_stages=sel[2])
+    kl = _env_ints("MSA_KL_TILES", 4, "BLOCK_Q,BLOCK_N,num_warps,num_stages")
+    if kl:
+        changes.update(items_block_q=kl[0], kl_block_n=kl[1], kl_warps=kl[2], kl_stages=kl[3])
     if os.environ.get("MSA_INDEX_LAZY_TOPK", "1") == "0":
-        cfg = IndexConfig(**{**cfg.__dict__, "lazy_topk": False})
-    return cfg
+        changes["lazy_topk"] = False
+    return IndexConfig(**changes)
 
 
 def _pow2_at_least(x: int, lo: int = 16) -> int:
@@ -250,8 +263,14 @@ def _select_kernel(
             score = tl.full([BLOCK_M], float("-inf"), tl.float32)
             for sub in tl.static_range(NSUB):
                 kk = n * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
-                ikb = tl.load(ik_base + kk[:, None].to(tl.int64) * s_ik_s + offs_d[None, :],
-                              mask=(kk[:, None] < sk) & (offs_d[None, :] < DI), other=0.0)
+                k_ptrs = ik_base + kk[:, None].to(tl.int64) * s_ik_s + offs_d[None, :]
+                if phase == 0:  # whole block inside [0, sk): no key mask (keeps loads vectorised)
+                    if DI == DIP:
+                        ikb = tl.load(k_ptrs)
+                    else:
+                        ikb = tl.load(k_ptrs, mask=offs_d[None, :] < DI, other=0.0)
+                else:
+                    ikb = tl.load(k_ptrs, mask=(kk[:, None] < sk) & (offs_d[None, :] < DI), other=0.0)
                 if UPCAST:
                     ikb = ikb.to(tl.float32)
                 s = tl.dot(iq_t, tl.trans(ikb), input_precision=DOT_PREC)
@@ -429,8 +448,14 @@ def _dense_lse_kernel(
         for n in range(lo, hi):
             for sub in tl.static_range(NSUB):
                 kk = n * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
-                ikb = tl.load(ik_base + kk[:, None].to(tl.int64) * s_ik_s + offs_d[None, :],
-                              mask=(kk[:, None] < sk) & (offs_d[None, :] < DI), other=0.0)
+                k_ptrs = ik_base + kk[:, None].to(tl.int64) * s_ik_s + offs_d[None, :]
+                if phase == 0:  # whole block inside [0, sk): no key mask (keeps loads vectorised)
+                    if DI == DIP:
+                        ikb = tl.load(k_ptrs)
+                    else:
+                        ikb = tl.load(k_ptrs, mask=offs_d[None, :] < DI, other=0.0)
+                else:
+                    ikb = tl.load(k_ptrs, mask=(kk[:, None] < sk) & (offs_d[None, :] < DI), other=0.0)
                 if UPCAST:
                     ikb = ikb.to(tl.float32)
                 s = tl.dot(iq_t, tl.trans(ikb), input_precision=DOT_PREC) * iscale_log2
@@ -714,7 +739,10 @@ def _kl_common(q, k, iq, ik, main_lse, index_lse, cfg, softmax_scale, normalizer
     d_iq32 = torch.zeros(b, sq, g, di, device=iq.device, dtype=torch.float32)
     d_ik32 = torch.zeros(b, sk, di, device=iq.device, dtype=torch.float32)
     consts = dict(G=hq // g, D=d, DP=_pow2_at_least(d), **_index_constants(cfg, di, iq.dtype))
-    consts["BLOCK_N"] = min(consts["BLOCK_N"], _launch_config(iq.device).kl_block_n)
+    kl_bn = _launch_config(iq.device).kl_block_n
+    if kl_bn & (kl_bn - 1) or kl_bn < 16:
+        raise UnsupportedInputError(f"KL key tile {kl_bn} must be a power of two >= 16")
+    consts["BLOCK_N"] = min(consts["BLOCK_N"], kl_bn)
     consts["NSUB"] = cfg.block_size // consts["BLOCK_N"]
     if torch.float32 in (q.dtype, iq.dtype):
         consts["DOT_PREC"] = "ieee"

@@ -240,3 +240,15 @@ def test_unsupported_inputs_raise_clear_errors(request):
     q, k = _randn(gen, 1, 20, 2, 16), _randn(gen, 1, 20, 1, 16)
     with pytest.raises(TI.UnsupportedInputError, match="main_lse"):
         TI.dense_kl_backward(q, k, iq, ik, torch.zeros(1, 2, 20, dtype=torch.float64), cfg)
+
+
+def test_branch_free_topk_update_matches(request, monkeypatch):
+    """MSA_INDEX_LAZY_TOPK=0 path (top-K updated on every block) selects the same blocks."""
+    gen = _gen(request)
+    cfg = MSAConfig(block_size=16, topk=3, index_dim=16, init_blocks=1)
+    iq = torch.randint(-1, 2, (1, 150, 2, 16), generator=gen).float()
+    ik = torch.randint(-1, 2, (1, 150, 16), generator=gen).float()
+    lazy = TI._launch_config(iq.device)
+    monkeypatch.setattr(TI, "_launch_config", lambda dev: TI.IndexConfig(**{**lazy.__dict__, "lazy_topk": False}))
+    sel, _ = TI.index_select(iq, ik, cfg)
+    assert torch.equal(sel, R.select(iq, ik, cfg))
