@@ -94,7 +94,7 @@ class IndexConfig:
     kl_warps: int = 8
     kl_stages: int = 2
     kl_block_n: int = 128  # key sub-tile of the KL kernels ([BLOCK_N, di] fp32 d_ik accumulator)
-    lse_warps: int = 4
+    lse_warps: int = 8
 
 
 def _env_ints(name: str, n: int, fmt: str):
