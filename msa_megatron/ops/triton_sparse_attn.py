@@ -44,6 +44,11 @@ from torch import Tensor
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
+#: Fill outputs and partial buffers with NaN before the kernels run, so an element a kernel
+#: fails to write (or a partial the combine wrongly reads) shows up. Tests and
+#: scripts/gpu_check_main.py turn it on (or MSA_POISON_OUTPUTS=1).
+POISON_OUTPUTS = os.environ.get("MSA_POISON_OUTPUTS", "0") == "1"
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -62,16 +67,17 @@ class KernelConfig:
     bwd_stages: int = 2
     q_warps: int = 4  # query-outer forward
     q_stages: int = 2
-    max_block_n: int = 128  # keys per program: the largest power of 2 dividing block_size, capped here
+    fwd_block_n: int = 128  # keys per program: largest power of 2 dividing block_size, capped here
+    bwd_block_n: int = 128  # same for the backward (64 halves the dK/dV registers, doubles dQ partials)
     items_per_sm: int = 8  # target work items per SM when splitting hot blocks
     item_pairs: int = 0  # (query, slot) pairs per work item; 0 = automatic
-    partial_bytes: int = 4 << 30  # memory budget of the per-chunk partial buffers
+    partial_bytes: int = 0  # memory budget of the per-chunk partial buffers; 0 = auto (see _partial_budget)
     lpt_order: bool = True  # launch the largest work items first
 
     def __post_init__(self) -> None:
         if self.fwd_impl not in ("kv", "q"):
             raise ValueError(f"KernelConfig.fwd_impl={self.fwd_impl!r}: allowed values are 'kv', 'q'")
-        for name in ("fwd_rows", "bwd_rows", "max_block_n"):
+        for name in ("fwd_rows", "bwd_rows", "fwd_block_n", "bwd_block_n"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"KernelConfig.{name}={v}: must be a power of 2 >= 16")
@@ -93,7 +99,7 @@ class KernelConfig:
                 raise ValueError(f"MSA_MAIN_KERNEL: unknown field {name!r}; fields: {', '.join(types)}")
             if name == "fwd_impl":
                 kw[name] = value.strip()
-            elif name == "lpt_order":
+            elif name in ("lpt_order",):
                 kw[name] = value.strip().lower() in ("1", "true", "yes")
             else:
                 kw[name] = int(value)
@@ -279,19 +285,23 @@ def _fwd_combine_kernel(
 def _delta_kernel(
     OUT, DO, DELTA,
     stride_ob, stride_ot, stride_oh, stride_db, stride_dt, stride_dh,
-    sq, hq, D, HP: tl.constexpr, DP: tl.constexpr,
+    sq, hq, D, HP: tl.constexpr, TD: tl.constexpr, DP: tl.constexpr,
 ):
-    """delta[b, h, t] = sum_d out * dout (fp32): the softmax-backward row correction."""
-    t = tl.program_id(0)
+    """delta[b, h, t] = sum_d out * dout (fp32), the softmax-backward row correction; one
+    program = TD positions x all heads."""
+    tile = tl.program_id(0)
     bi = tl.program_id(1)
-    h = tl.arange(0, HP)
+    r = tl.arange(0, TD * HP)
+    h = r % HP
+    t = (tile * TD + r // HP).to(tl.int64)
+    rmask = (h < hq) & (t < sq)
     offs_d = tl.arange(0, DP)
-    mask = (h < hq)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(OUT + bi.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot + h[:, None].to(tl.int64) * stride_oh
+    mask = rmask[:, None] & (offs_d < D)[None, :]
+    o = tl.load(OUT + (bi.to(tl.int64) * stride_ob + t * stride_ot + h.to(tl.int64) * stride_oh)[:, None]
                 + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + bi.to(tl.int64) * stride_db + t.to(tl.int64) * stride_dt + h[:, None].to(tl.int64) * stride_dh
+    do = tl.load(DO + (bi.to(tl.int64) * stride_db + t * stride_dt + h.to(tl.int64) * stride_dh)[:, None]
                  + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + (bi.to(tl.int64) * hq + h) * sq + t, tl.sum(o * do, 1), mask=h < hq)
+    tl.store(DELTA + (bi.to(tl.int64) * hq + h) * sq + t, tl.sum(o * do, 1), mask=rmask)
 
 
 @triton.jit
@@ -476,24 +486,43 @@ class Plan:
 
     chunks: List[_Chunk]
     nb: int
-    bn: int
-    nsub: int
     key: tuple  # (shape, block_size, device) it was built for
+
+
+def _alloc(shape, dtype, device) -> Tensor:
+    """torch.empty, NaN-filled when POISON_OUTPUTS (floating dtypes)."""
+    x = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS and x.is_floating_point():
+        x.fill_(float("nan"))
+    return x
 
 
 def _next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (x - 1).bit_length()
 
 
-def _block_n(block_size: int, cfg: KernelConfig) -> int:
+def _block_n(block_size: int, cap: int) -> int:
     bn = block_size & (-block_size)  # largest power of 2 dividing block_size
-    return min(bn, cfg.max_block_n)
+    return min(bn, cap)
+
+
+def _partial_budget(device: torch.device, cfg: KernelConfig) -> int:
+    """Bytes the partial buffers of one chunk may take: the configured value, else a quarter
+    of the memory free for tensors (CUDA driver free + the caching allocator's unused
+    reserve), between 256 MiB and 8 GiB; 64 MiB off CUDA."""
+    if cfg.partial_bytes > 0:
+        return cfg.partial_bytes
+    if device.type != "cuda":
+        return 64 << 20
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(min(8 << 30, max(256 << 20, free // 4)))
 
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    return 1  # interpreter: fewer, larger work items
 
 
 def build_plan(block_idx: Tensor, sk: int, block_size: int, bytes_per_pos: int,
@@ -507,10 +536,8 @@ def build_plan(block_idx: Tensor, sk: int, block_size: int, bytes_per_pos: int,
     b, g, sq, K = block_idx.shape
     dev = block_idx.device
     nb = math.ceil(sk / block_size)
-    bn = _block_n(block_size, cfg)
-    nsub = block_size // bn
     nseg = b * g * nb
-    cq = max(1, min(sq, cfg.partial_bytes // max(1, bytes_per_pos)))
+    cq = max(1, min(sq, _partial_budget(dev, cfg) // max(1, bytes_per_pos)))
     chunks = []
     for t0 in range(0, sq, cq):
         t1 = min(sq, t0 + cq)
@@ -552,7 +579,7 @@ def build_plan(block_idx: Tensor, sk: int, block_size: int, bytes_per_pos: int,
             t0, t1, bidx, perm, i32(it_bg), i32(it_blk), i32(start), i32(end), i32(pslot),
             i32(sg // nb), i32(sg % nb), i32(sg_p0), i32(sg_p1), n_items, n_split_items, n_split_segs,
         ))
-    return Plan(chunks, nb, bn, nsub, _plan_key(block_idx, sk, block_size))
+    return Plan(chunks, nb, _plan_key(block_idx, sk, block_size))
 
 
 def _plan_key(block_idx: Tensor, sk: int, block_size: int) -> tuple:
@@ -620,13 +647,13 @@ def partial_bytes_per_pos(q: Tensor, K: int, block_size: int, fwd: bool = True, 
                           config: Optional[KernelConfig] = None) -> int:
     """Bytes of partial buffers per query position: forward (out partial + LSE per (slot,
     sub-tile, head)), backward (dQ partials, or the fp32 dQ accumulator with atomics)."""
+    cfg = config or default_config()
     b, _, hq, d = q.shape
-    nsub = block_size // _block_n(block_size, config or default_config())
-    rows = b * hq * K * nsub
     need = 0
     if fwd:
-        need = rows * (d * q.element_size() + 4)
+        need = b * hq * K * (block_size // _block_n(block_size, cfg.fwd_block_n)) * (d * q.element_size() + 4)
     if bwd:
+        rows = b * hq * K * (block_size // _block_n(block_size, cfg.bwd_block_n))
         dq_bytes = rows * d * torch.empty((), dtype=dq_partial_dtype).element_size() if deterministic else b * hq * d * 4
         need = max(need, dq_bytes)
     return need
@@ -646,10 +673,10 @@ def sparse_attention_fwd(
     G = hq // g
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     pos = _positions(q_pos, sq, sk, q.device)
-    out = torch.empty((b, sq, hq, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    out = _alloc((b, sq, hq, d), q.dtype, q.device)
+    lse = _alloc((b, hq, sq), torch.float32, q.device)
     DP = _next_pow2(d)
-    bn = _block_n(block_size, cfg)
+    bn = _block_n(block_size, cfg.fwd_block_n)
     nsub = block_size // bn
     prec, up = _dot_prec(q.dtype), _upcast(q)
     if sq == 0:
@@ -676,8 +703,8 @@ def sparse_attention_fwd(
     for ch in plan.chunks:
         cq = ch.t1 - ch.t0
         npairs = ch.bidx.numel()
-        opart = torch.empty((npairs * nsub * G, d), dtype=part_dtype, device=q.device)
-        lpart = torch.empty((npairs * nsub * G,), dtype=torch.float32, device=q.device)
+        opart = _alloc((npairs * nsub * G, d), part_dtype, q.device)
+        lpart = _alloc((npairs * nsub * G,), torch.float32, q.device)
         if ch.n_items:
             _fwd_kv_kernel[(ch.n_items, nsub)](
                 q, k, v, pos, ch.perm, ch.it_bg, ch.it_blk, ch.it_start, ch.it_end, opart, lpart,
@@ -698,11 +725,13 @@ def sparse_attention_fwd(
 
 def _delta(out: Tensor, do: Tensor) -> Tensor:
     b, sq, hq, d = out.shape
-    delta = torch.empty((b, hq, sq), dtype=torch.float32, device=out.device)
+    delta = _alloc((b, hq, sq), torch.float32, out.device)
     if sq:
-        _delta_kernel[(sq, b)](
+        HP, DP = _next_pow2(hq), _next_pow2(d)
+        TD = max(1, 8192 // (HP * DP))
+        _delta_kernel[(triton.cdiv(sq, TD), b)](
             out, do, delta, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            sq, hq, d, HP=_next_pow2(hq), DP=_next_pow2(d), num_warps=4,
+            sq, hq, d, HP=HP, TD=TD, DP=DP, num_warps=4,
         )
     return delta
 
@@ -741,13 +770,14 @@ def sparse_attention_bwd(
         need = partial_bytes_per_pos(q, K, block_size, fwd=False, bwd=True, deterministic=deterministic,
                                      dq_partial_dtype=dq_partial_dtype, config=cfg)
         plan = build_plan(block_idx, sk, block_size, need, cfg)
-    bn, nsub = plan.bn, plan.nsub
+    bn = _block_n(block_size, cfg.bwd_block_n)
+    nsub = block_size // bn
     GP = _next_pow2(G)
     QP = max(1, cfg.bwd_rows // GP)
     if QP * GP < 16:
         QP = 16 // GP
     prec, up = _dot_prec(q.dtype), _upcast(q)
-    dq = torch.empty((b, sq, hq, d), dtype=q.dtype, device=q.device)
+    dq = _alloc((b, sq, hq, d), q.dtype, q.device)
     dk_acc = torch.zeros((b, sk, g, d), dtype=torch.float32, device=q.device)
     dv_acc = torch.zeros((b, sk, g, d), dtype=torch.float32, device=q.device)
     if sq == 0:
@@ -759,12 +789,12 @@ def sparse_attention_bwd(
         cq = ch.t1 - ch.t0
         npairs = ch.bidx.numel()
         if deterministic:
-            dqbuf = torch.empty((npairs * nsub * G, d), dtype=dq_partial_dtype, device=q.device)
+            dqbuf = _alloc((npairs * nsub * G, d), dq_partial_dtype, q.device)
         else:
             dqbuf = torch.zeros((b, cq, hq, d), dtype=torch.float32, device=q.device)
         if ch.n_split_items:
-            dkpart = torch.empty((ch.n_split_items, block_size, d), dtype=torch.float32, device=q.device)
-            dvpart = torch.empty_like(dkpart)
+            dkpart = _alloc((ch.n_split_items, block_size, d), torch.float32, q.device)
+            dvpart = _alloc((ch.n_split_items, block_size, d), torch.float32, q.device)
         else:
             dkpart = dvpart = dummy
         if ch.n_items:
