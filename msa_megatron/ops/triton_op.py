@@ -217,6 +217,7 @@ def msa_attention_triton(
     kernel_config: Optional[KernelConfig] = None,
     deterministic: bool = True,
     index_backend: Optional[str] = None,
+    compute_kl: bool = True,
 ) -> Tuple[Tensor, MSAAux]:
     """(q, k, v, iq, ik, cfg) -> (out, MSAAux), as :func:`msa_megatron.reference.msa_attention`.
 
@@ -224,7 +225,9 @@ def msa_attention_triton(
     selection (msa and msa_warmup); ``aux.lse`` the main branch's LSE; ``aux.stats`` holds
     index_entropy / main_entropy (detached means) and, with ``compute_recall``, recall (a
     dense reference pass: call on sampled steps). ``deterministic=False`` lets the sparse
-    backward accumulate dQ with atomics (faster, not bitwise reproducible)."""
+    backward accumulate dQ with atomics (faster, not bitwise reproducible).
+    ``compute_kl=False`` (inference / prefill, not in the reference) skips the KL and the
+    entropy statistics: ``aux.kl`` is None."""
     mode = mode or cfg.mode
     if mode not in ATTENTION_MODES:
         raise ValueError(f"mode={mode!r} is invalid: allowed values are dense, msa_warmup, msa")
@@ -257,6 +260,10 @@ def msa_attention_triton(
     else:
         out, lse = dense_attention_triton(q, k, v, pos, default_pos, scale, **dense_kw)
     aux.lse = lse
+    if not compute_kl:
+        if compute_recall:
+            aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale)
+        return out, aux
     need_grad = torch.is_grad_enabled() and (iq.requires_grad or ik.requires_grad)
     qd, kd = q.detach(), k.detach()
     if backend == "reference":
