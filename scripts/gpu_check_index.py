@@ -19,6 +19,10 @@ the subset only (it is slow at 128K). Outputs are poisoned before each launch. C
   dense ...      the same for the warmup (dense-teacher) KL, up to --dense-max-L, plus the
                  flash-attention main LSE vs the reference dense LSE
 Exits 1 if any check fails (or raises), 2 without CUDA.
+
+``--aot`` compiles every kernel variant for sm_90a without a GPU (triton's bundled
+ptxas) and prints registers / spills; ``--cpu-smoke`` runs this script's logic on CPU
+under the interpreter with a tiny layout.
 """
 
 from __future__ import annotations
@@ -155,6 +159,74 @@ def check_length(L: int, n_rows: int, dense_max_L: int, seed: int, dev: str = "c
     return res
 
 
+def aot_compile(arch: int = 90) -> int:
+    """Compile every kernel variant ahead of time for sm_<arch> (no GPU needed: triton's
+    bundled ptxas) and print registers / spills. Uses triton internals (ASTSource,
+    GPUTarget); pointer and stride arguments get the divisibility-16 hint the JIT gives
+    aligned tensors with contiguous layouts."""
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from msa_megatron.ops import triton_index as TI
+
+    ptr_types = {"qpos_ptr": "*i64", "out_ptr": "*i32", "order_ptr": "*i64", "ikey_ptr": "*i64",
+                 "istart_ptr": "*i64", "iend_ptr": "*i64"}
+    floats = {"iscale_log2", "scale_log2", "iscale", "coef"}
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    base = dict(DI=128, DIP=128, BLOCK=128, BLOCK_N=128, NSUB=1, DOT_PREC="tf32", UPCAST=False)
+    sel = dict(base, K=16, KP=16, INIT_BLOCKS=0, LOCAL_BLOCKS=1, BLOCK_M=128, LAZY=True, SCORE_ONLY=False)
+    kl = dict(base, K=16, G=16, D=128, DP=128, BLOCK_Q=64, CHUNK=256, DENSE=False)
+    variants = [
+        ("select", TI._select_kernel, sel, 8, 3, "bf16"),
+        ("select-eager", TI._select_kernel, dict(sel, LAZY=False), 8, 3, "bf16"),
+        ("select-scoreonly", TI._select_kernel, dict(sel, SCORE_ONLY=True), 8, 3, "bf16"),
+        ("select-B96-K6", TI._select_kernel, dict(sel, K=6, KP=8, INIT_BLOCKS=1, LOCAL_BLOCKS=2, DI=96, BLOCK=96,
+                                                   BLOCK_N=32, NSUB=3), 8, 3, "bf16"),
+        ("select-fp32", TI._select_kernel, dict(sel, DOT_PREC="ieee"), 8, 2, "fp32"),
+        ("selected-lse", TI._selected_lse_kernel, dict(base, K=16, BLOCK_Q=64), 8, 1, "bf16"),
+        ("dense-lse", TI._dense_lse_kernel, dict(base, BLOCK_M=128), 8, 3, "bf16"),
+        ("kl-sparse", TI._kl_kernel, kl, 8, 2, "bf16"),
+        ("kl-sparse-bn64", TI._kl_kernel, dict(kl, BLOCK_N=64, NSUB=2), 8, 2, "bf16"),
+        ("kl-dense", TI._kl_kernel, dict(kl, DENSE=True, K=1, CHUNK=1024), 8, 2, "bf16"),
+        ("kl-sparse-fp32", TI._kl_kernel, dict(kl, DOT_PREC="ieee"), 8, 2, "fp32"),
+    ]
+    failed = False
+    for name, fn, consts, warps, stages, dt in variants:
+        sig, attrs = {}, {}
+        for i, a in enumerate(fn.arg_names):
+            if a in consts:
+                sig[a] = "constexpr"
+                continue
+            if a.endswith("_ptr"):
+                sig[a] = ptr_types.get(a, "*fp32" if a in ("best_ptr", "part_ptr", "lse_ptr", "mlse_ptr", "ilse_ptr",
+                                                          "diq_ptr", "dik_ptr", "kl_ptr") else f"*{dt}")
+            else:
+                sig[a] = "fp32" if a in floats else "i32"
+            if a.endswith("_ptr") or a.startswith("s_") or a in ("sq", "sk"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        t0 = time.time()
+        try:
+            k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 64),
+                               options=dict(num_warps=warps, num_stages=stages))
+            info = "ptxas -v unavailable"
+            if ptxas.exists():
+                tmp = Path(f"/tmp/msa_aot_{name}.ptx")
+                tmp.write_text(k.asm["ptx"])
+                out = subprocess.run([str(ptxas), "-v", "--gpu-name", f"sm_{arch}a", str(tmp), "-o", str(tmp) + ".cubin"],
+                                     capture_output=True, text=True)
+                info = " | ".join(x.split(":", 1)[-1].strip() for x in out.stderr.splitlines()
+                                  if "registers" in x or "spill" in x)
+            print(f"{name:18s} OK   {time.time() - t0:5.1f} s  smem {k.metadata.shared:6d} B  {info}", flush=True)
+        except Exception as exc:
+            failed = True
+            print(f"{name:18s} FAIL {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
+    print("RESULT:", "FAIL" if failed else "PASS")
+    return 1 if failed else 0
+
+
 COLS = ["L", "rows", "sel exact %", "near-tie", "max gap", "sub=full %", "recall k/ref", "lse err", "kl err",
         "diq err", "dik err", "flash lse err", "dense kl err", "dense diq", "dense dik", "time s", "result"]
 
@@ -175,10 +247,14 @@ def main() -> int:
     p.add_argument("--dense-max-L", type=parse_length, default=parse_length("32K"),
                    help="check the dense-teacher KL up to this length (default 32K)")
     p.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(2), "little"))
+    p.add_argument("--aot", action="store_true",
+                   help="only compile every kernel for sm_90a ahead of time (no GPU needed) and print regs / spills")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="run this script's logic on CPU under TRITON_INTERPRET=1 with a tiny layout (no GPU check)")
     args = p.parse_args()
     dev, layout = "cuda", PAPER
+    if args.aot:
+        return aot_compile()
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"
         dev, layout = "cpu", TINY

@@ -8,6 +8,7 @@
   LSE); fwd+bwd adds :func:`sparse_kl_backward` (KL value and d_iq, d_ik).
 * ``index-fused-select`` / ``index-fused-scoreonly``: the selection kernel alone, with and
   without its running top-K: their ratio is the top-K overhead.
+* ``kl-sparse-fused``: :func:`sparse_kl_backward` alone (its inputs precomputed).
 * ``kl-dense-fused``: warmup KL. fwd = dense index LSE pass; fwd+bwd = the whole
   :func:`dense_kl_backward` (index LSE pass + gradient pass).
 
@@ -154,6 +155,21 @@ def index_fused(case: Case) -> Bench:
     return Bench(fwd=lambda: TI.index_select(iq, ik, cfg), fwdbwd=fwdbwd, fwd_flops=case.indexer_flops(),
                  fwdbwd_flops=case.indexer_flops() + case.kl_bwd_flops(),
                  note="fwd = selection + reverse index + index LSE")
+
+
+@register("kl-sparse-fused", "Triton sparse_kl_backward alone (selection, index LSE and reverse index precomputed)")
+def kl_sparse_fused(case: Case) -> Bench:
+    _need_cuda(case)
+    if case.fwd_only:
+        raise Skip("backward-only impl: not timed above the fwd+bwd length limit")
+    from ..ops import triton_index as TI
+
+    iq, ik = _index_inputs(case)
+    cfg = case.cfg
+    q, k, main_lse = _kl_operands(case, dense=False)
+    sel, lse, plan = TI.index_select(iq, ik, cfg, return_plan=True)
+    return Bench(fwd=None, fwdbwd=lambda: TI.sparse_kl_backward(q, k, iq, ik, sel, main_lse, lse, cfg, plan=plan),
+                 fwdbwd_flops=case.kl_bwd_flops(), note="KL value + d_iq + d_ik only")
 
 
 @register("index-fused-select", "Triton selection kernel alone (running top-K, no LSE)")

@@ -580,6 +580,11 @@ def _index_constants(cfg: MSAConfig, di: int, dtype: torch.dtype) -> dict:
                 DOT_PREC=_dot_precision(dtype), UPCAST=_upcast())
 
 
+def _stages(stages: int, x: Tensor) -> int:
+    """fp32 tiles are twice as large: cap the pipeline depth so shared memory fits."""
+    return min(stages, 2) if x.element_size() == 4 else stages
+
+
 def _launch_select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, score_only: bool) -> Tensor:
     b, sq, g, di = iq.shape
     sk = ik.shape[1]
@@ -599,7 +604,7 @@ def _launch_select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, score_
         out.stride(2) if not score_only else 0,
         K=K, KP=max(2, triton.next_power_of_2(K)), INIT_BLOCKS=cfg.init_blocks, LOCAL_BLOCKS=cfg.local_blocks,
         BLOCK_M=lc.sel_block_m, LAZY=lc.lazy_topk, SCORE_ONLY=score_only,
-        num_warps=lc.sel_warps, num_stages=lc.sel_stages, **_index_constants(cfg, di, iq.dtype),
+        num_warps=lc.sel_warps, num_stages=_stages(lc.sel_stages, iq), **_index_constants(cfg, di, iq.dtype),
     )
     return best if score_only else out
 
@@ -688,7 +693,7 @@ def dense_index_lse(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tens
         _dense_lse_kernel[(triton.cdiv(sq * g, lc.sel_block_m), b)](
             iq, ik, q_pos, lse, sq, sk, g, cfg.index_softmax_scale * LOG2E,
             iq.stride(0), iq.stride(1), iq.stride(2), ik.stride(0), ik.stride(1), lse.stride(0), lse.stride(1),
-            BLOCK_M=lc.sel_block_m, num_warps=lc.sel_warps, num_stages=lc.sel_stages,
+            BLOCK_M=lc.sel_block_m, num_warps=lc.sel_warps, num_stages=_stages(lc.sel_stages, iq),
             **_index_constants(cfg, di, iq.dtype),
         )
     return lse
@@ -731,7 +736,7 @@ def _kl_common(q, k, iq, ik, main_lse, index_lse, cfg, softmax_scale, normalizer
     if index_lse.shape != (b, g, sq) or index_lse.dtype != torch.float32:
         raise UnsupportedInputError(f"index_lse must be fp32 [b={b}, g={g}, sq={sq}]; got {index_lse.dtype} {tuple(index_lse.shape)}")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    norm = float(normalizer if normalizer is not None else b * g * sq)
+    norm = float(normalizer if normalizer is not None else max(1, b * g * sq))
     if norm <= 0:
         raise UnsupportedInputError(f"normalizer must be > 0, got {norm}")
     gs = float(grad_scale) if not isinstance(grad_scale, Tensor) else 1.0
@@ -748,6 +753,11 @@ def _kl_common(q, k, iq, ik, main_lse, index_lse, cfg, softmax_scale, normalizer
         consts["DOT_PREC"] = "ieee"
     scalars = (scale * LOG2E, cfg.index_softmax_scale, cfg.index_softmax_scale * gs / norm)
     return tens, d_iq32, d_ik32, consts, scalars, norm, (b, sq, g, di, sk, hq, d)
+
+
+def _lse_rows_contiguous(x: Tensor) -> Tensor:
+    """The KL kernels index LSE rows with unit stride along the query axis."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _strides(q, k, iq, ik, main_lse, index_lse, d_iq32, d_ik32):
@@ -797,6 +807,7 @@ def sparse_kl_backward(
     tens, d_iq32, d_ik32, consts, scalars, norm, dims = _kl_common(
         q, k, iq, ik, main_lse, index_lse, cfg, softmax_scale, normalizer, grad_scale)
     b, sq, g, di, sk, hq, d = dims
+    main_lse, index_lse = _lse_rows_contiguous(main_lse), _lse_rows_contiguous(index_lse)
     _check_block_idx(block_idx, b, g, sq, iq.device)
     q_pos = _positions(q_pos, sq, sk, iq.device)
     lc = _launch_config(iq.device)
@@ -839,6 +850,7 @@ def dense_kl_backward(
     q_pos = _positions(q_pos, sq, sk, iq.device)
     if index_lse is None:
         index_lse = dense_index_lse(iq, ik, cfg, q_pos)
+    main_lse, index_lse = _lse_rows_contiguous(main_lse), _lse_rows_contiguous(index_lse)
     lc = _launch_config(iq.device)
     nb = triton.cdiv(sk, cfg.block_size)
     chunk = lc.items_chunk * 4

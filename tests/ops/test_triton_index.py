@@ -207,7 +207,8 @@ def test_dense_kl_backward_matches_reference(dtype, G, qk, request):
 
 
 def test_sparse_kl_grad_scale_and_plan_rebuild(request):
-    """A float grad_scale scales the gradients; without a plan the reverse index is rebuilt."""
+    """A float grad_scale scales the gradients; without a plan the reverse index is rebuilt;
+    int64 selections and a non-contiguous main LSE are accepted."""
     gen = _gen(request)
     cfg = MSAConfig(block_size=16, topk=3, index_dim=16)
     b, sq, g, G, d = 1, 100, 2, 2, 16
@@ -216,7 +217,8 @@ def test_sparse_kl_grad_scale_and_plan_rebuild(request):
     sel, lse = TI.index_select(iq, ik, cfg)
     _, main_lse = R.sparse_attention(q, k, k, sel, 16)
     kl1, a1, b1 = TI.sparse_kl_backward(q, k, iq, ik, sel, main_lse, lse, cfg)
-    kl2, a2, b2 = TI.sparse_kl_backward(q, k, iq, ik, sel.long(), main_lse, lse, cfg, grad_scale=-2.5)
+    strided_lse = main_lse.transpose(1, 2).contiguous().transpose(1, 2)  # stride(-1) != 1
+    kl2, a2, b2 = TI.sparse_kl_backward(q, k, iq, ik, sel.long(), strided_lse, lse, cfg, grad_scale=-2.5)
     assert abs(kl1.item() - kl2.item()) <= 1e-6 * max(1.0, abs(kl1.item()))
     assert _rel(a2, -2.5 * a1) <= 1e-5 and _rel(b2, -2.5 * b1) <= 1e-5
     assert kl1.item() >= -1e-6  # a KL divergence
