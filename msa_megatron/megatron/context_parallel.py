@@ -169,6 +169,25 @@ def _reduce_scatter(out: Tensor, inp: Tensor, group) -> None:
         out.copy_(full[dist.get_rank(group)])
 
 
+def _unzigzag(halves: Tensor) -> Tensor:
+    """[cp, b, 2, c, ...] (rank, batch, which of the rank's two chunks, token) -> [b, 2cp, c, ...]
+    in global chunk order: global chunk j is rank j's first chunk for j < cp, else rank
+    (2cp-1-j)'s second chunk. One copy."""
+    cp = halves.shape[0]
+    return torch.stack([halves[j, :, 0] if j < cp else halves[2 * cp - 1 - j, :, 1] for j in range(2 * cp)], dim=1)
+
+
+def merge_from_cp(pieces: Sequence[Tensor]) -> Tensor:
+    """Inverse of :func:`split_for_cp` along dim 1: every rank's [b, s_local, ...] piece, in
+    CP-rank order -> the [b, S, ...] sequence (what the all-gather reassembles; the GPU check
+    simulates CP with it on one device). Differentiable."""
+    cp, (b, s_local) = len(pieces), pieces[0].shape[:2]
+    if s_local % 2:
+        raise CPLayoutError(f"local sequence length {s_local} must be even (two chunks per CP rank)")
+    halves = torch.stack(list(pieces)).view(cp, b, 2, s_local // 2, *pieces[0].shape[2:])
+    return _unzigzag(halves).reshape(b, cp * s_local, *pieces[0].shape[2:])
+
+
 class _ZigzagAllGather(torch.autograd.Function):
     """All-gather of same-dtype tensors [b, s_local, ...] over the CP group, returned in
     global token order [b, S, ...]; backward reduce-scatters the gradients to their owners.
@@ -189,10 +208,7 @@ class _ZigzagAllGather(torch.autograd.Function):
         halves = gathered.view(cp_size, b, 2, c, -1)
         outs, off = [], 0
         for x, w in zip(xs, widths):
-            comp = halves[..., off:off + w]
-            # global chunk j sits on rank j (first half) for j < cp, else on rank 2cp-1-j (second half)
-            chunks = [comp[j, :, 0] if j < cp_size else comp[2 * cp_size - 1 - j, :, 1] for j in range(2 * cp_size)]
-            outs.append(torch.stack(chunks, dim=1).view(b, 2 * cp_size * c, *x.shape[2:]))
+            outs.append(_unzigzag(halves[..., off:off + w]).view(b, 2 * cp_size * c, *x.shape[2:]))
             off += w
         return tuple(outs)
 
@@ -544,5 +560,6 @@ def format_comm_table(seq_lens: Sequence[int] = (131072, 1048576), cps: Sequence
 __all__ = [
     "COMM_COUNTER", "CPLayoutError", "CommModel", "KV_EXCHANGES", "check_cp_sequence", "cp_group_and_rank",
     "format_comm_table", "gather_kv_for_cp", "gather_sequence", "kl_weight_for_cp", "measured_selected_volume",
+    "merge_from_cp",
     "msa_attention_cp", "reduce_aux_over_cp", "split_for_cp", "zigzag_chunks", "zigzag_positions",
 ]

@@ -148,3 +148,12 @@ def test_zigzag_matches_megatron_split():
         expect = torch.cat([chunks[:, r], chunks[:, 2 * cp - 1 - r]], dim=1)
         assert torch.equal(cpl.split_for_cp(x, cp, r), expect)
         assert torch.equal(cpl.zigzag_positions(s // cp, cp, r), expect[0])
+
+
+def test_merge_inverts_split():
+    """merge_from_cp (the all-gather's reordering, used by the GPU check) inverts the split."""
+    for cp in (1, 2, 3, 4):
+        x = torch.randn(2, 4 * cp * 2, 3)
+        assert torch.equal(cpl.merge_from_cp([cpl.split_for_cp(x, cp, r) for r in range(cp)]), x)
+    with pytest.raises(cpl.CPLayoutError, match="must be even"):
+        cpl.merge_from_cp([torch.zeros(1, 3), torch.zeros(1, 3)])
