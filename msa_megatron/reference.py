@@ -344,6 +344,34 @@ def dense_attention(
     return torch.cat([o for o, _ in parts], 1), torch.cat([l for _, l in parts], 2)
 
 
+def sliding_window_attention(
+    q: Tensor, k: Tensor, v: Tensor, window: int, q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None
+) -> Tuple[Tensor, Tensor]:
+    """Causal GQA attention over the last ``window`` keys (positions p-window+1 .. p): the
+    FLOP-matched baseline the paper compares MSA against. Same returns as dense_attention."""
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window={window!r} is invalid: allowed values are integers >= 1")
+    hq, g = _check_shapes(q, k, v)
+    b, sq, _, d = q.shape
+    sk = k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    q_pos = _positions(q_pos, sq, sk, q.device)
+    key_pos = torch.arange(sk, device=q.device)
+
+    def chunk_fn(q_c: Tensor, k_: Tensor, v_: Tensor, qp: Tensor) -> Tuple[Tensor, Tensor]:
+        kf, vf = _acc(k_).permute(0, 2, 1, 3), _acc(v_).permute(0, 2, 1, 3)
+        logits = torch.einsum("bgzcd,bgkd->bgzck", _split_heads(q_c, g), kf) * scale
+        outside = (key_pos > qp[:, None]) | (key_pos <= qp[:, None] - window)
+        p, lse = _softmax_stats(logits.masked_fill(outside, float("-inf")))
+        o = torch.einsum("bgzck,bgkd->bgzcd", p, vf)
+        return _merge_heads(o).to(q.dtype), lse.reshape(b, hq, -1)
+
+    parts = _map_query_chunks(
+        chunk_fn, sq, _chunk_size(b * hq * sk), (q, _seq_slice), (k, None), (v, None), (q_pos, _pos_slice)
+    )
+    return torch.cat([o for o, _ in parts], 1), torch.cat([l for _, l in parts], 2)
+
+
 # ----------------------------------------------------------------------------- KL distillation and statistics
 @dataclass
 class KLTerms:
@@ -550,5 +578,5 @@ __all__: Sequence[str] = (
     "MSAAux", "KLTerms", "apply_partial_rope", "dense_attention", "dense_kl_loss", "dense_kl_terms",
     "forced_block_mask", "index_block_scores", "index_projections", "msa_attention", "rms_norm", "rope_angles",
     "select", "select_blocks", "selected_index_lse", "selected_token_index", "selection_recall",
-    "sparse_attention", "sparse_kl_loss", "sparse_kl_terms",
+    "sliding_window_attention", "sparse_attention", "sparse_kl_loss", "sparse_kl_terms",
 )

@@ -250,3 +250,18 @@ def test_bad_inputs_raise_clear_errors():
         R.msa_attention(q, k, v, iq[..., :8], ik[..., :8], cfg)
     with pytest.raises(ValueError, match="q_pos"):
         R.msa_attention(q, k, v, iq, ik, cfg, q_pos=torch.arange(1, 33))
+
+
+@pytest.mark.parametrize("window", [1, 7, 16, 300])
+def test_sliding_window_matches_masked_softmax(window):
+    b, s, hq, g, d = 2, 53, 4, 2, 8
+    q, k, v, _, _ = rand_inputs(b, s, hq, g, d, 16, dtype=torch.float64)
+    out, _ = R.sliding_window_attention(q, k, v, window)
+    t = torch.arange(s)
+    allowed = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(hq // g, 2)) / math.sqrt(d)
+    p = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1)
+    ref = torch.einsum("bhqk,bkhd->bqhd", p, v.repeat_interleave(hq // g, 2))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    if window >= s:
+        torch.testing.assert_close(out, R.dense_attention(q, k, v)[0], rtol=1e-10, atol=1e-10)
