@@ -157,9 +157,14 @@ def main() -> int:
     t_all = time.time()
     for case in cases:
         t0 = time.time()
-        r = check(case, a, cache)
-        if a.device == "cuda":
-            torch.cuda.synchronize()
+        try:
+            r = check(case, a, cache)
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+        except Exception as exc:  # report and go on: one broken case must not hide the others
+            failed += 1
+            print(f"{case.seq:>6} {case.cp:>3} {case.mode:<10} ERROR {type(exc).__name__}: {str(exc)[:200]}")
+            continue
         dt = time.time() - t0
         status = "ok" if not r["fails"] else "FAIL " + ",".join(r["fails"])
         failed += bool(r["fails"])

@@ -220,14 +220,13 @@ class _ZigzagAllGather(torch.autograd.Function):
         c = S // (2 * cp)
         packed = ref.new_zeros(cp, b, 2, c, sum(widths)) if any(g is None for g in grads) else \
             ref.new_empty(cp, b, 2, c, sum(widths))
+        # rank-major chunk order (0, 2cp-1, 1, 2cp-2, ...): rank r's two chunks side by side
+        order = torch.tensor([j for r in range(cp) for j in zigzag_chunks(cp, r)], device=ref.device)
         off = 0
         for g, w in zip(grads, widths):
             if g is not None:
-                g5 = g.reshape(b, 2 * cp, c, w)
-                for r in range(cp):
-                    first, second = zigzag_chunks(cp, r)
-                    packed[r, :, 0, :, off:off + w].copy_(g5[:, first])
-                    packed[r, :, 1, :, off:off + w].copy_(g5[:, second])
+                per_rank = g.reshape(b, 2 * cp, c, w).index_select(1, order).view(b, cp, 2, c, w)
+                packed[..., off:off + w].copy_(per_rank.transpose(0, 1))
             off += w
         local = ref.new_empty(b, 2 * c, sum(widths))
         _reduce_scatter(local, packed.view(cp, b, 2 * c, -1), ctx.group)

@@ -128,9 +128,12 @@ def run_case(case: Dict, group, cp: int, rank: int, data_seed: int) -> Dict:
 def op_worker(rank: int, plan: List[Dict]) -> List[Dict]:
     """``plan``: cases, each with ``groups`` (list of rank lists forming CP groups; every
     rank must be in exactly one) and an optional ``expect_error`` substring."""
+    import time
+
     init_gloo()
     results = []
     for i, case in enumerate(plan):
+        t0 = time.perf_counter()
         groups = [dist.new_group(ranks) for ranks in case["groups"]]  # collective: same order everywhere
         gi = next(j for j, ranks in enumerate(case["groups"]) if rank in ranks)
         group, cp, cp_rank = cpl.cp_group_and_rank(groups[gi])
@@ -143,6 +146,6 @@ def op_worker(rank: int, plan: List[Dict]) -> List[Dict]:
                 results.append({"name": case["name"], "rank": rank, "error": None})
             continue
         res = run_case(case, group, cp, cp_rank, data_seed=1000 * i + gi)
-        res["cp"], res["group"] = cp, gi
+        res["cp"], res["group"], res["seconds"] = cp, gi, time.perf_counter() - t0
         results.append(res)
     return results
