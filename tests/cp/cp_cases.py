@@ -145,7 +145,21 @@ def op_worker(rank: int, plan: List[Dict]) -> List[Dict]:
             else:
                 results.append({"name": case["name"], "rank": rank, "error": None})
             continue
-        res = run_case(case, group, cp, cp_rank, data_seed=1000 * i + gi)
+        if case.get("gloo_without_reduce_scatter"):  # what torch < 2.6 gloo does
+            def unsupported(*args, **kwargs):
+                raise RuntimeError("ProcessGroupGloo does not support reduce_scatter")
+
+            saved = {n: getattr(dist, n) for n in ("reduce_scatter_single", "reduce_scatter_tensor") if hasattr(dist, n)}
+            for n in saved:
+                setattr(dist, n, unsupported)
+            try:
+                res = run_case(case, group, cp, cp_rank, data_seed=1000 * i + gi)
+            finally:
+                for n, f in saved.items():
+                    setattr(dist, n, f)
+            res["fallback_logged"] = cpl._rs_fallback_logged
+        else:
+            res = run_case(case, group, cp, cp_rank, data_seed=1000 * i + gi)
         res["cp"], res["group"], res["seconds"] = cp, gi, time.perf_counter() - t0
         results.append(res)
     return results

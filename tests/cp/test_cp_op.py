@@ -33,6 +33,9 @@ CASES = [
          **SMALL),
     dict(name="cp4_selected_hot", groups=CP4, s=256, kv_exchange="selected", hot_blocks=[1, 6],
          cfg=dict(block_size=16, topk=3, index_dim=16), **SMALL),
+    # gloo builds without reduce_scatter: the all-reduce + slice fallback gives the same gradients
+    dict(name="cp2_gloo_fallback", groups=CP2, s=128, gloo_without_reduce_scatter=True,
+         cfg=dict(block_size=16, topk=3, index_dim=16), **SMALL),
     # bad combinations: raised on every rank before any collective
     dict(name="err_odd", groups=CP2, s=202, cfg=dict(block_size=16, topk=4, index_dim=16), expect_error="2*cp=4",
          **SMALL),
@@ -80,6 +83,11 @@ def test_cp_equals_cp1(results, name):
         for k in checked:
             tol = BF16_TOL.get(k, 1e-5) if bf16 else FP64_TOL
             assert r[k] <= tol, f"{name} rank {r['rank']} (cp={r['cp']}, group {r['group']}): {k} differs by {r[k]:.3g}"
+
+
+@pytest.mark.slow
+def test_reduce_scatter_fallback_was_used(results):
+    assert all(r["fallback_logged"] for r in results["cp2_gloo_fallback"])
 
 
 @pytest.mark.slow
