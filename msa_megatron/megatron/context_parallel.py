@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
