@@ -391,11 +391,15 @@ class CheckpointManager:
         not_index = sorted(k for k in unexpected if not msa_adapter.is_index_param(k))
         if not_index:
             raise ConfigError("checkpoint.init_from", str(path),
-                              f"checkpoints holding every non-index parameter of this model (missing: {not_index[:5]})")
+                              f"checkpoints holding every non-index parameter of this model (missing: {not_index[:5]}; "
+                              "a dense checkpoint with stacked layer keys or TE extra state: convert it with msa-convert)")
         self._load_model(state, model_chunks, allow_missing=bool(unexpected))
         if unexpected:
-            log.warning("init_from %s: %d index-branch tensors not in the checkpoint keep their initialisation",
-                        path, len(unexpected))
+            added = msa_adapter.init_index_from_dense(
+                [unwrap(c) for c in model_chunks], self.cfg.checkpoint.index_init)
+            how = sorted({a["init"] for a in added}) or ["the model's own initialisation"]
+            log.warning("init_from %s: %d index-branch tensors were not in the checkpoint; initialised with %s",
+                        path, len(unexpected), "; ".join(how))
 
     @staticmethod
     def _load_model(state: Dict[str, Any], model_chunks, allow_missing: bool = False) -> None:

@@ -278,8 +278,11 @@ class CheckpointConfig:
     load: Optional[str] = None
     load_optimizer: bool = True
     #: Model weights only, fresh optimizer and step 0 (dense->MSA conversion: index_*
-    #: parameters missing from the checkpoint keep their initialisation).
+    #: parameters missing from the checkpoint are initialised per index_init).
     init_from: Optional[str] = None
+    #: Index branch of a dense checkpoint loaded into an MSA model: mean (from the dense
+    #: q/k projections, the backend's init_index_from_dense) | megatron (fresh init_method).
+    index_init: str = _f("mean", *_one_of("mean", "megatron"))
 
 
 # --------------------------------------------------------------------------- root

@@ -111,9 +111,12 @@ class Trainer:
                 self.start_step = int(saved["step"])
                 for key in self.state:
                     self.state[key] = saved.get(key, self.state[key])
-            self.resumed_from = f"{kind} {path} (step {saved['step']})"
+            else:
+                self.optimizer.reload_model_params()  # main (fp32) params <- the loaded weights
+            self.resumed_from = f"{kind} {path} (step {saved['step']}{'' if load_opt else ', weights only'})"
         elif kind == "init":
             self.ckpt.load_weights(path, self.model)
+            self.optimizer.reload_model_params()  # main (fp32) params <- the loaded weights
             self.resumed_from = f"weights from {path} (step 0, fresh optimizer)"
         else:
             self.resumed_from = "fresh start"

@@ -51,6 +51,8 @@ def _load() -> Dict[str, Any]:
             raise  # the backend exists but one of its own imports is broken: surface it
         model_mod = None
     switches = importlib.import_module(SWITCHES_MODULE) if model_mod is not None else None
+    if switches is not None and hasattr(switches, "register"):
+        switches.register()  # Megatron-Core accepts experimental_attention_variant='msa' from now on
     _backend = {"model": model_mod, "switches": switches, "name": MODEL_MODULE if model_mod else None}
     return _backend
 
@@ -114,17 +116,49 @@ def set_recall_sampling(model_chunks: List[Any], enabled: bool) -> None:
         sw.set_recall_sampling(model_chunks, enabled)
 
 
+def _core_attentions(model_chunks: List[Any]):
+    """The backend's MSA core attentions (each reads ``self.msa.kl_coeff`` per forward)."""
+    modes = importlib.import_module(SWITCHES_MODULE + ".modes")
+    return list(modes.msa_core_attentions(model_chunks))
+
+
 def supports_kl_schedule() -> bool:
     sw = _load()["switches"]
-    return sw is not None and hasattr(sw, "set_kl_coeff")
+    if sw is None:
+        return False
+    if hasattr(sw, "set_kl_coeff"):
+        return True
+    try:
+        importlib.import_module(SWITCHES_MODULE + ".modes").msa_core_attentions  # noqa: B018
+        return True
+    except (ImportError, AttributeError):
+        return False
 
 
 def set_kl_coeff(model_chunks: List[Any], coeff: float) -> None:
-    """Run-time KL coefficient (attention.kl_schedule). Needs backend.set_kl_coeff."""
+    """Run-time KL coefficient (attention.kl_schedule): the backend's set_kl_coeff if it has
+    one, else a new MSAConfig (kl_coeff replaced) on each MSA core attention."""
+    sw = _load()["switches"]
+    if sw is not None and hasattr(sw, "set_kl_coeff"):
+        sw.set_kl_coeff(model_chunks, coeff)
+        return
     if not supports_kl_schedule():
         raise ConfigError("attention.kl_schedule", "set",
-                          f"null: the MSA backend ({backend_name()}) has no set_kl_coeff(model_chunks, coeff)")
-    _load()["switches"].set_kl_coeff(model_chunks, coeff)
+                          f"null: the MSA backend ({backend_name()}) has no run-time KL coefficient switch")
+    for core in _core_attentions(model_chunks):
+        core.msa = core.msa.replace(kl_coeff=float(coeff))
+
+
+def init_index_from_dense(model_chunks: List[Any], init: str) -> List[Dict[str, Any]]:
+    """After loading a dense checkpoint into an MSA model: initialise the index branch with
+    the backend's method (``mean``: from the dense q/k projections; ``megatron``: fresh).
+    Returns what was set; empty if the backend has no such function (logged)."""
+    sw = _load()["switches"]
+    if sw is None or not hasattr(sw, "init_index_from_dense"):
+        log.warning("MSA backend %s has no init_index_from_dense: the index branch keeps its initialisation",
+                    backend_name())
+        return []
+    return list(sw.init_index_from_dense(model_chunks, init))
 
 
 def collect_metrics(reset: bool = True) -> Dict[str, float]:

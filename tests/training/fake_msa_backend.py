@@ -55,13 +55,14 @@ class FakeIndexer(torch.nn.Module):
 
     def kl(self, x: torch.Tensor):
         """x: [s, b, h] detached layer input -> (scalar KL, stats)."""
-        x = x.detach().float().transpose(0, 1)  # [b, s, h]
+        x_in = x.detach().transpose(0, 1).to(self.index_q.weight.dtype)  # [b, s, h]
+        x = x_in.float()
         b, s, h = x.shape
         causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
         teacher = (x @ x.transpose(1, 2)) / math.sqrt(h)
         p = torch.softmax(teacher.masked_fill(~causal, float("-inf")), -1)  # [b, s, s]
-        q_idx = self.index_q(x).view(b, s, self.groups, self.dim).transpose(1, 2)  # [b, g, s, d]
-        k_idx = self.index_k(x)  # [b, s, d]
+        q_idx = self.index_q(x_in).float().view(b, s, self.groups, self.dim).transpose(1, 2)  # [b, g, s, d]
+        k_idx = self.index_k(x_in).float()  # [b, s, d]
         scores = (q_idx @ k_idx.unsqueeze(1).transpose(2, 3)) / math.sqrt(self.dim)
         logq = torch.log_softmax(scores.masked_fill(~causal, float("-inf")), -1)  # [b, g, s, s]
         pg = p.unsqueeze(1)
