@@ -123,7 +123,7 @@ def test_msa_schedule_warmup_switch_kl_and_indexer_only():
 
 
 def test_warmup_in_tokens_rounds_up_to_steps():
-    cfg = cfg_of("attention.warmup.steps=null", "attention.warmup.tokens=10000")  # 4096 tokens/step
+    cfg = cfg_of("attention.warmup.steps=null", "attention.warmup.tokens=5000")  # 2048 tokens/step
     s = MSASchedule(cfg)
     assert s.warmup_steps == 3
     assert s.plan(3).attention_mode == "msa_warmup" and s.plan(4).attention_mode == "msa"
