@@ -221,31 +221,40 @@ def read_jsonl(path: Path) -> list:
 
 
 def summarize(path: Path) -> Dict[str, Any]:
-    """Start/end values of the headline metrics, from metrics.jsonl."""
+    """Headline metrics from metrics.jsonl: first logged, last logged, and (MSA runs) the
+    last value logged before the warmup -> sparse switch, since the KL is measured over
+    all causal tokens before it and over the selected tokens after it."""
     records = [r for r in read_jsonl(path) if "event" not in r]
     out: Dict[str, Any] = {}
-    for key in ("lm_loss", "indexer_kl", "recall", "val_lm_loss", "index_entropy", "main_entropy"):
-        series = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-        if series:
-            out[key] = {"first_step": series[0][0], "first": series[0][1], "last_step": series[-1][0], "last": series[-1][1]}
     modes = [(r["step"], r.get("attention_mode")) for r in records if r.get("attention_mode")]
     switches = [s for (s, m), (_, prev) in zip(modes[1:], modes[:-1]) if m != prev]
+    for key in ("lm_loss", "val_lm_loss", "indexer_kl", "recall", "index_entropy", "main_entropy"):
+        series = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if not series:
+            continue
+        entry = {"first_step": series[0][0], "first": series[0][1], "last_step": series[-1][0], "last": series[-1][1]}
+        before = [(s, v) for s, v in series if switches and s < switches[0]]
+        if before and before[-1][0] != series[0][0]:
+            entry["before_switch_step"], entry["before_switch"] = before[-1]
+        out[key] = entry
     if modes:
         out["attention_mode"] = {"first": modes[0][1], "last": modes[-1][1], "switched_at_steps": switches}
     return out
 
 
 def format_summary(summary: Dict[str, Any]) -> str:
-    rows = ["summary (first logged -> last logged):"]
+    rows = ["summary (first logged -> [before the switch to sparse ->] last logged):"]
     names = {"lm_loss": "LM loss", "val_lm_loss": "held-out LM loss", "indexer_kl": "indexer KL",
              "recall": "selection recall", "index_entropy": "index entropy", "main_entropy": "main entropy"}
     for key, label in names.items():
         if key in summary:
             s = summary[key]
-            rows.append(f"  {label:<18} {s['first']:.4f} (step {s['first_step']}) -> {s['last']:.4f} (step {s['last_step']})")
+            mid = f" -> {s['before_switch']:.4f} (step {s['before_switch_step']})" if "before_switch" in s else ""
+            rows.append(f"  {label:<18} {s['first']:.4f} (step {s['first_step']}){mid} -> {s['last']:.4f} (step {s['last_step']})")
     if "attention_mode" in summary:
         m = summary["attention_mode"]
-        rows.append(f"  attention mode     {m['first']} -> {m['last']} (switched at steps {m['switched_at_steps'] or 'never'})")
+        where = f"first logged at step {m['switched_at_steps'][0]}" if m["switched_at_steps"] else "no switch"
+        rows.append(f"  attention mode     {m['first']} -> {m['last']} ({where})")
     return "\n".join(rows)
 
 

@@ -320,7 +320,7 @@ class Trainer:
                 time.sleep(cfg.train.debug.step_sleep_s)
 
             is_eval = eval_every > 0 and (step % eval_every == 0 or step == self.total_steps)
-            if step % log_every == 0 or is_eval or step == self.total_steps:
+            if step % log_every == 0 or is_eval or step in (self.start_step + 1, self.total_steps):
                 scalars = self._interval_scalars(out, interval_losses, interval_norms, steps_since_log)
                 if is_eval:
                     scalars.update(self.evaluate())
