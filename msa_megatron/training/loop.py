@@ -27,7 +27,7 @@ from .logging import RunLogger, format_summary, setup_python_logging, summarize
 from .metrics import Throughput, memory_gb, peak_flops_per_device
 from .model import build_model, count_parameters, make_transformer_config, padded_vocab_size
 from .numerics import NonFiniteError, bad_msa_layers, check_step, inject_nan_grad
-from .optim import build_optimizer, build_scheduler, current_lr
+from .optim import BACKBONE_KEY, build_optimizer, build_scheduler, current_lr, param_groups
 from .preemption import PreemptionFlag
 
 log = logging.getLogger("msa_megatron.training")
@@ -163,7 +163,7 @@ class Trainer:
                     f"tokens; warmup (msa_warmup) steps 1-{s.warmup_steps}, then {s.final_mode}"
                     + (f"; indexer-only steps 1-{s.indexer_only_steps}" if s.indexer_only_steps else ""))
         lg.info(f"parallel     world {self.world}: tp {p.tp} pp {p.pp} cp {p.cp} ep {p.ep} sp {p.sp} dp {self.dp_size}; "
-                f"{self.num_microbatches} micro-batches of {cfg.train.micro_batch_size} per step")
+                f"{self.num_microbatches} x {cfg.train.micro_batch_size} sequences per step and rank")
         lg.info(f"data         {self.sources.description}; {cfg.tokens_per_step()} tokens/step; helpers {self.helpers or 'ok'}")
         lg.info(f"mfu peak     {self.peak / 1e12:.3f} TFLOP/s per device ({self.peak_source})")
 
@@ -353,6 +353,9 @@ class Trainer:
         for key in ("kl_coeff", "indexer_only"):
             if key in out:
                 s[key] = out[key]
+        backbone_lrs = [g["lr"] for g in param_groups(self.optimizer) if g.get(BACKBONE_KEY)]
+        if backbone_lrs:
+            s["lr_backbone"] = float(backbone_lrs[0])
         msa = msa_adapter.collect_metrics(reset=True)
         if not self.cfg.logging.per_layer:
             msa = {k: v for k, v in msa.items() if "/layer_" not in k}

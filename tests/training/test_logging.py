@@ -1,0 +1,89 @@
+"""Logging sinks and throughput accounting, in-process (no processes, no Megatron)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+
+import pytest
+
+from msa_megatron.flops import AttentionShape, dense_flops_per_token, index_flops_per_token, msa_flops_per_token
+from msa_megatron.training.logging import RunLogger, format_summary, read_jsonl, summarize
+from msa_megatron.training.metrics import Throughput, attention_flops_per_token, step_flops
+
+from .test_config import cfg_of
+
+
+def _logger(tmp_path, start_step=0, **overrides):
+    cfg = cfg_of(f"run_dir={tmp_path}", "logging.progress_bar=false", *[f"{k}={v}" for k, v in overrides.items()])
+    return RunLogger(cfg, active=True, start_step=start_step, total_steps=cfg.total_steps(), wandb_id=None)
+
+
+def test_without_wandb_it_says_so_once_and_keeps_the_jsonl(tmp_path, monkeypatch, caplog, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with caplog.at_level(logging.WARNING):
+        lg = _logger(tmp_path)
+    assert [r.getMessage() for r in caplog.records if "wandb" in r.getMessage()] == [
+        f"wandb is not installed: logging to {tmp_path / 'metrics.jsonl'} only (pip install wandb to get W&B runs)"]
+    lg.log_step(1, {"lm_loss": 2.5, "attention_mode": "msa_warmup", "grad_norm": float("nan"), "mfu": 0.25})
+    lg.event(2, "non_finite", "non-finite loss at step 2")
+    lg.close()
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [
+        {"step": 1, "lm_loss": 2.5, "attention_mode": "msa_warmup", "grad_norm": None, "mfu": 0.25},
+        {"step": 2, "event": "non_finite", "message": "non-finite loss at step 2"}]
+    out = capsys.readouterr().out
+    assert "step 1/100 | loss 2.5000 | mode msa_warmup | gnorm nan | mfu 25.0% | eta" in out
+
+
+def test_resume_drops_records_logged_after_the_checkpoint(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "lm_loss": 1.0}) + "\n" for s in range(1, 8)))
+    lg = _logger(tmp_path, start_step=4, **{"logging.wandb.enabled": "false"})
+    lg.log_step(5, {"lm_loss": 0.5})
+    lg.close()
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
+def test_summary_reports_start_switch_and_end(tmp_path):
+    rows = [{"step": 1, "lm_loss": 5.0, "indexer_kl": 1.0, "attention_mode": "msa_warmup"},
+            {"step": 2, "lm_loss": 4.0, "indexer_kl": 0.2, "recall": 0.5, "attention_mode": "msa_warmup"},
+            {"step": 3, "event": "preempted", "message": "x"},
+            {"step": 3, "lm_loss": 3.0, "indexer_kl": 0.3, "recall": 0.7, "attention_mode": "msa"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = summarize(tmp_path / "m.jsonl")
+    assert s["attention_mode"] == {"first": "msa_warmup", "last": "msa", "switched_at_steps": [3]}
+    assert (s["indexer_kl"]["first"], s["indexer_kl"]["before_switch"], s["indexer_kl"]["last"]) == (1.0, 0.2, 0.3)
+    assert "before_switch" not in s["recall"]  # its first value is already the last before the switch
+    text = format_summary(s)
+    assert "indexer KL         1.0000 (step 1) -> 0.2000 (step 2) -> 0.3000 (step 3)" in text
+    assert "msa_warmup -> msa (first logged at step 3)" in text
+
+
+def test_attention_flops_follow_eq12_per_mode():
+    cfg = cfg_of("train.seq_length=4096")  # tiny: 4 layers, layer 0 dense, 4 q heads of 32, 2 KV groups
+    m, msa, n = cfg.model, cfg.msa, 4096
+    shape = AttentionShape(m.num_attention_heads, m.kv_channels, m.num_query_groups, msa.index_dim, msa.block_size, msa.topk)
+    dense = dense_flops_per_token(shape, n)
+    assert attention_flops_per_token(cfg, "dense") == pytest.approx(4 * dense)
+    assert attention_flops_per_token(cfg, "msa_warmup") == pytest.approx(4 * dense + 3 * index_flops_per_token(shape, n))
+    assert attention_flops_per_token(cfg, "msa") == pytest.approx(dense + 3 * msa_flops_per_token(shape, n))
+    assert attention_flops_per_token(cfg, "msa") < attention_flops_per_token(cfg, "dense")
+    assert step_flops(cfg, 1000, "dense") == pytest.approx(cfg.tokens_per_step() * (6000 + 3 * 4 * dense))
+
+
+def test_throughput_and_mfu_arithmetic():
+    cfg = cfg_of("attention=dense")
+    tp = Throughput(cfg, active_params=10**6, world_size=2, peak=1e12)
+    tp.add(2.0, "dense")
+    tp.add(4.0, "dense")
+    s = tp.scalars()
+    flops = 2 * step_flops(cfg, 10**6, "dense")
+    assert s["tokens_per_s"] == pytest.approx(2 * cfg.tokens_per_step() / 6.0)
+    assert s["mfu"] == pytest.approx(flops / 6.0 / (2 * 1e12))
+    assert s["step_time_s"] == 3.0
+    tp.reset()
+    assert tp.scalars() == {}
+    unknown_peak = Throughput(cfg, 10**6, 1, float("nan"))  # e.g. an unlisted GPU without logging.peak_tflops
+    unknown_peak.add(1.0, "dense")
+    assert math.isnan(unknown_peak.scalars()["mfu"])
