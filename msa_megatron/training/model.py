@@ -56,10 +56,11 @@ def transformer_config_kwargs(cfg: Config) -> Dict[str, Any]:
         params_dtype=dtype,
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
-        # fused kernels: only where their CUDA/TE implementations exist
+        # fused kernels: only where their CUDA/TE implementations exist (the masked-softmax
+        # kernel needs Megatron's separately built CUDA extension: opt in via model.extra)
         bias_activation_fusion=cuda and m.swiglu,
         bias_dropout_fusion=cuda,
-        masked_softmax_fusion=cuda,
+        masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
