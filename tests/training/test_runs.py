@@ -40,6 +40,12 @@ def _ckpt_tensors(path: Path) -> Dict[str, torch.Tensor]:
     return sd
 
 
+def _optimizer_keys(path: Path) -> List[str]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return [k for k in FileSystemReader(str(path)).read_metadata().state_dict_metadata if k.startswith("optimizer.")]
+
+
 def read_wandb_history(run_dir: Path) -> List[dict]:
     """History rows of an offline wandb run (the .wandb file: LevelDB-log-framed protobuf records)."""
     from wandb.proto import wandb_internal_pb2 as pb
@@ -118,10 +124,15 @@ def test_tp2_msa_run_switches_at_the_configured_step_and_logs_everything(server,
 # --------------------------------------------------------------------------- EP=2 MoE
 def test_ep2_moe_msa_run(server, tmp_path):
     r = server.run(tmp_path / "ep2", QUIET + ["model=tiny_moe", "parallel=ep2", "train.steps=3",
-                                              "attention.warmup.steps=1", "checkpoint.interval=0"])
+                                              "attention.warmup.steps=1", "checkpoint.interval=0",
+                                              "attention.kl_schedule=[[0,1.0],[3,0.0]]"])
     _check(r)
     steps = r.steps()
     assert sorted(steps) == [1, 2, 3]
+    # the KL coefficient schedule (piecewise linear in steps) reached the model
+    assert [steps[s]["kl_coeff"] for s in (1, 2, 3)] == pytest.approx([2 / 3, 1 / 3, 0.0])
+    if USING_FAKE_BACKEND:
+        assert [steps[s]["fake/kl_coeff"] for s in (1, 2, 3)] == pytest.approx([2 / 3, 1 / 3, 0.0])
     for rec in steps.values():
         # Switch aux loss: ~1 for balanced routing (4 experts, top-2)
         assert 0.5 < rec["moe_aux_loss"] < 4.0 and math.isfinite(rec["lm_loss"]) and math.isfinite(rec["indexer_kl"])
@@ -133,10 +144,12 @@ def test_ep2_moe_msa_run(server, tmp_path):
 # --------------------------------------------------------------------------- PP=2
 def test_pp2_msa_run_collects_layers_of_both_stages(server, tmp_path):
     r = server.run(tmp_path / "pp2", QUIET + ["parallel=pp2", "train.steps=2", "attention.warmup.steps=1",
-                                              "checkpoint.interval=0", "checkpoint.save_at_end=false"])
+                                              "checkpoint.interval=1", "checkpoint.keep_last=1"])
     _check(r)
     steps = r.steps()
     assert sorted(steps) == [1, 2] and steps[2]["attention_mode"] == "msa"
+    ckpts = sorted(p.name for p in (tmp_path / "pp2" / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step_00000002"]  # keep_last=1 pruned step 1
     for layer in MSA_LAYERS:  # layer 1 lives on stage 0, layers 2-3 on stage 1
         assert math.isfinite(steps[2][f"indexer_kl/layer_{layer}"])
 
@@ -236,3 +249,15 @@ def test_dense_to_msa_conversion_with_a_frozen_backbone_phase(server, tmp_path):
         assert torch.equal(c2[k], d0[k]), k
     assert any(not torch.equal(c1[k], c2[k]) for k in index_keys)  # the indexer trains
     assert any(not torch.equal(c3[k], c2[k]) for k in backbone)  # step 3: the backbone trains again
+
+    # a conversion stage with the backbone out of the optimizer altogether (requires_grad=False)
+    frozen = tmp_path / "frozen"
+    r = server.run(frozen, small + ["train.steps=2", "attention.warmup.steps=2", "attention.indexer_only.steps=2",
+                                    "attention.indexer_only.freeze_backbone=true", "checkpoint.interval=1",
+                                    f"checkpoint.init_from={tmp_path / 'dense' / 'checkpoints'}"], world=1)
+    _check(r)
+    f1, f2 = (_ckpt_tensors(frozen / "checkpoints" / f"step_0000000{i}") for i in (1, 2))
+    assert all(torch.equal(f2[k], d0[k]) for k in backbone)
+    assert any(not torch.equal(f2[k], f1[k]) for k in index_keys)
+    optim = [k for k in _optimizer_keys(frozen / "checkpoints" / "step_00000002") if "exp_avg" in k]
+    assert optim and all("index_" in k for k in optim)  # only the index branch has optimizer state
