@@ -129,6 +129,11 @@ def test_warmup_in_tokens_rounds_up_to_steps():
     assert s.plan(3).attention_mode == "msa_warmup" and s.plan(4).attention_mode == "msa"
 
 
+def test_length_in_tokens():
+    cfg = validate(cfg_of("train.steps=null", "train.tokens=5000"), 1)  # 2048 tokens per step
+    assert cfg.total_steps() == 3 and cfg.lr_decay_steps() == 3
+
+
 def test_dense_schedule_is_inert():
     s = MSASchedule(cfg_of("attention=dense"))
     assert s.plan(1).attention_mode == "dense" and s.plan(1).kl_coeff is None
