@@ -389,6 +389,10 @@ class CheckpointManager:
         sd = _model_sd(model_chunks)
         state, _missing, unexpected = dist_checkpointing.load(sd, str(path), strict=StrictHandling.RETURN_ALL)
         not_index = sorted(k for k in unexpected if not msa_adapter.is_index_param(k))
+        if dist.is_initialized():  # every rank decides alike (pipeline stages see different keys)
+            parts: List[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, not_index)
+            not_index = sorted({k for part in parts for k in part})
         if not_index:
             raise ConfigError("checkpoint.init_from", str(path),
                               f"checkpoints holding every non-index parameter of this model (missing: {not_index[:5]}; "

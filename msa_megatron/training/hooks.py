@@ -5,7 +5,7 @@
   ``attention.msa.mode`` (normally ``msa``: sparse). W comes from warmup.steps or
   warmup.tokens (rounded up to whole steps).
 * KL coefficient: msa.kl_coeff, or the piecewise-linear attention.kl_schedule.
-* Selection recall: sampled every msa.recall_interval steps (it needs a dense pass).
+* Selection recall: sampled at step 1 and every msa.recall_interval steps (a dense pass).
 * Indexer-only phase (dense->MSA conversion): steps 1..I scale the backbone param groups'
   LR by indexer_only.backbone_lr_scale (0: frozen); freeze_backbone instead removes the
   backbone from the optimizer for the whole run (model.freeze_backbone).
@@ -49,7 +49,7 @@ class MSASchedule:
             return StepPlan("dense", False, None, False, 1.0)
         mode = "msa_warmup" if step <= self.warmup_steps else self.final_mode
         interval = self.msa.recall_interval
-        recall = interval > 0 and step % interval == 0 and mode != "dense"
+        recall = interval > 0 and (step % interval == 0 or step == 1) and mode != "dense"  # step 1: the start value
         a = self.cfg.attention
         kl = kl_coeff_at(a.kl_schedule, step) if a.kl_schedule else self.msa.kl_coeff
         io = step <= self.indexer_only_steps

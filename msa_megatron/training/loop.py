@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from . import msa_adapter
 from .checkpoint import CheckpointManager, prepare_writer_queue, shutdown_writer_queue
-from .config import Config, validate
+from .config import Config, ConfigError, validate
 from .data import build_datasets, ensure_dataset_helpers, make_loader, resolve_sources, samples_needed
 from .hooks import MSASchedule
 from .logging import RunLogger, format_summary, setup_python_logging, summarize
@@ -78,14 +78,11 @@ class Trainer:
         self.num_microbatches = get_num_microbatches()
         self.total_steps = cfg.total_steps()
 
-        # ---- data sources first: the corpus is built on one rank per node, the others wait
-        self.helpers = ensure_dataset_helpers() if int(os.environ.get("LOCAL_RANK", "0")) == 0 else None
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            self.sources = resolve_sources(cfg)
-        dist.barrier()
-        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
-            self.helpers = ensure_dataset_helpers()
-            self.sources = resolve_sources(cfg)
+        # ---- data sources first: the corpus is built (and the C++ helpers compiled, if
+        # needed) by one rank per node while the others wait; a failure stops every rank
+        first_on_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        self._agree(lambda: self._prepare_data(cfg) if first_on_node else None)
+        self._agree(lambda: None if first_on_node else self._prepare_data(cfg))
 
         # ---- model, optimizer, scheduler
         self.tf_config = make_transformer_config(cfg)
@@ -136,6 +133,33 @@ class Trainer:
         self.logger = RunLogger(cfg, self.rank == 0, self.start_step, self.total_steps, self.state["wandb_id"])
         self.state["wandb_id"] = self._broadcast_obj(self.logger.wandb_id)
         self._announce()
+
+    def _prepare_data(self, cfg: Config) -> None:
+        self.helpers = ensure_dataset_helpers()
+        self.sources = resolve_sources(cfg)
+
+    def _agree(self, fn) -> None:
+        """Run ``fn`` here, then make every rank share the outcome: if it failed on any rank,
+        raise on all of them (a ConfigError with its message) instead of leaving the others
+        waiting in the next collective."""
+        error = None
+        try:
+            fn()
+        except ConfigError as e:
+            error = ("config", e.path, e.value, e.allowed)
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = ("other", f"{type(e).__name__}: {e}")
+            local = e
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        first = next((e for e in errors if e is not None), None)
+        if first is None:
+            return
+        if error is not None and error[0] == "other":
+            raise local
+        if first[0] == "config":
+            raise ConfigError(*first[1:])
+        raise RuntimeError(f"another rank failed during set-up: {first[1]}")
 
     def _broadcast_obj(self, obj):
         box = [obj]

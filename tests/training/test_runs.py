@@ -103,8 +103,9 @@ def test_tp2_msa_run_switches_at_the_configured_step_and_logs_everything(server,
             for key in ("indexer_kl", "index_entropy", "main_entropy"):
                 assert math.isfinite(rec[f"{key}/layer_{layer}"])
         assert "indexer_kl/layer_0" not in rec  # the dense first layer
-        # recall only on sampled steps (every 2nd)
-        assert ("recall" in rec) == (s % 2 == 0) and all((f"recall/layer_{i}" in rec) == (s % 2 == 0) for i in MSA_LAYERS)
+        # recall only on sampled steps: the first, then every 2nd
+        sampled = s == 1 or s % 2 == 0
+        assert ("recall" in rec) == sampled and all((f"recall/layer_{i}" in rec) == sampled for i in MSA_LAYERS)
         assert rec["mem_kind"] == "cpu_rss" and 0 < rec["mfu"] < 10
     assert "val_lm_loss" in steps[6] and "val/indexer_kl" in steps[6] and "val/recall" in steps[6]
     # the same scalars reached wandb (offline run files)
