@@ -72,9 +72,11 @@ _KNOWN_NOISE = (
 
 
 def quiet_known_warnings() -> None:
-    """Python warnings of the same kind (import-time notices of optional fused kernels)."""
+    """Python warnings of the same kind (import-time notices of optional fused kernels), and
+    torch's "No CUDA runtime is found" notice of torch.utils.cpp_extension on CPU machines."""
     for text in _KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=f".*{text}.*")
+    _logging.getLogger("torch.utils.cpp_extension").setLevel("ERROR")
 
 
 def _clean(value: Any) -> Any:

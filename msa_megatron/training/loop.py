@@ -183,8 +183,10 @@ class Trainer:
                 f"attention {cfg.attention.type} via {msa_adapter.backend_name()}")
         if self.schedule.msa is not None:
             s = self.schedule
+            warm = (f"warmup (msa_warmup) steps 1-{s.warmup_steps}, then {s.final_mode}" if s.warmup_steps < self.total_steps
+                    else f"warmup (msa_warmup) for the whole run ({s.warmup_steps} >= {self.total_steps} steps)")
             lg.info(f"msa          block {s.msa.block_size} x top-{s.msa.topk} = {s.msa.budget_tokens} of {cfg.train.seq_length} "
-                    f"tokens; warmup (msa_warmup) steps 1-{s.warmup_steps}, then {s.final_mode}"
+                    f"tokens; {warm}"
                     + (f"; indexer-only steps 1-{s.indexer_only_steps}" if s.indexer_only_steps else ""))
         lg.info(f"parallel     world {self.world}: tp {p.tp} pp {p.pp} cp {p.cp} ep {p.ep} sp {p.sp} dp {self.dp_size}; "
                 f"{self.num_microbatches} x {cfg.train.micro_batch_size} sequences per step and rank")
