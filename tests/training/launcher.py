@@ -55,6 +55,14 @@ class RunResult:
         return {r["step"]: r for r in self.records() if "event" not in r}
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class RunServer:
     """Client side (in pytest): starts the helper, sends runs, reads replies."""
 
@@ -66,13 +74,11 @@ class RunServer:
         ready = self.proc.stdout.readline()
         if not ready.startswith("ready"):
             raise RuntimeError(f"test launcher failed to start: {ready!r}")
-        self._port = 29700 + (os.getpid() % 200) * 10
 
     def run(self, run_dir: Path, overrides: List[str], world: int = 2, timeout: float = 240,
             sigterm_after_records: Optional[int] = None, env: Optional[Dict[str, str]] = None) -> RunResult:
-        self._port += 1
         request = {"run_dir": str(run_dir), "overrides": [f"run_dir={run_dir}"] + list(overrides), "world": world,
-                   "timeout": timeout, "sigterm_after_records": sigterm_after_records, "port": self._port,
+                   "timeout": timeout, "sigterm_after_records": sigterm_after_records, "port": _free_port(),
                    "env": env or {}}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()

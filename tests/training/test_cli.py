@@ -27,7 +27,7 @@ def test_torchrun_tp2_sigterm_saves_then_resumes(server, tmp_path, cache_dir, ba
                     f"run_dir={run}"]
     env = dict(os.environ, PYTHONPATH=str(REPO), MSA_CACHE_DIR=str(cache_dir), WANDB_MODE="offline", **backend_env)
     log = open(tmp_path / "torchrun.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              "-m", "msa_megatron.train", *args], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     jsonl = run / "metrics.jsonl"
     deadline = time.time() + 240
