@@ -45,6 +45,11 @@ CHUNK_ELEMENTS = 1 << 24
 
 
 # ----------------------------------------------------------------------------- helpers
+def _acc(x: Tensor) -> Tensor:
+    """Accumulation precision: fp32 for 16-bit inputs, the input's own for fp32/fp64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def default_q_pos(sq: int, sk: int, device: torch.device) -> Tensor:
     """Positions of sq queries that are the last sq tokens of an sk-token sequence."""
     return torch.arange(sk - sq, sk, device=device, dtype=torch.long)
@@ -101,7 +106,7 @@ def _pos_slice(t: Tensor, a: int, b: int) -> Tensor:  # [s] or [b, g, s, ...] al
 def _split_heads(q: Tensor, g: int) -> Tensor:
     """[b, s, hq, d] -> [b, g, G, s, d] (fp32): query heads grouped by their KV head."""
     b, s, hq, d = q.shape
-    return q.float().view(b, s, g, hq // g, d).permute(0, 2, 3, 1, 4)
+    return _acc(q).view(b, s, g, hq // g, d).permute(0, 2, 3, 1, 4)
 
 
 def _merge_heads(o: Tensor) -> Tensor:
@@ -117,10 +122,10 @@ def _xlogx(p: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- index branch (projections)
 def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6) -> Tensor:
     """RMSNorm over the last dim, computed in fp32, returned in x's dtype."""
-    xf = x.float()
+    xf = _acc(x)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * _acc(weight)
     return y.to(x.dtype)
 
 
@@ -138,8 +143,8 @@ def apply_partial_rope(x: Tensor, freqs: Optional[Tensor]) -> Tensor:
     if freqs is None:
         return x
     rot = freqs.shape[-1]
-    f = freqs.float().view(1, freqs.shape[0], 1, rot)
-    xr, xp = x[..., :rot].float(), x[..., rot:]
+    f = _acc(freqs).view(1, freqs.shape[0], 1, rot)
+    xr, xp = _acc(x[..., :rot]), x[..., rot:]
     xr = xr * f.cos() + rotate_half(xr) * f.sin()
     return torch.cat((xr.to(x.dtype), xp), dim=-1)
 
@@ -187,10 +192,10 @@ def index_block_scores(iq: Tensor, ik: Tensor, block_size: int, q_pos: Optional[
     pad = nb * block_size - sk
     q_pos = _positions(q_pos, sq, sk, iq.device)
     key_pos = torch.arange(sk, device=iq.device)
-    ikf = ik.float()
+    ikf = _acc(ik)
 
     def chunk_fn(iq_c: Tensor, qp: Tensor) -> Tensor:
-        s = torch.einsum("bqgd,bkd->bgqk", iq_c.float(), ikf)
+        s = torch.einsum("bqgd,bkd->bgqk", _acc(iq_c), ikf)
         s = s.masked_fill(key_pos[None, None, None, :] > qp[None, None, :, None], float("-inf"))
         if pad:
             s = F.pad(s, (0, pad), value=float("-inf"))
@@ -224,7 +229,7 @@ def select_blocks(block_scores: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] 
     blk = torch.arange(nb, device=block_scores.device)
     visible = blk[None, :] <= (q_pos // cfg.block_size)[:, None]  # [sq, nb]
     forced = forced_block_mask(q_pos, nb, cfg)
-    key = block_scores.float().masked_fill(~visible, float("-inf")).masked_fill(forced, float("inf"))
+    key = _acc(block_scores).masked_fill(~visible, float("-inf")).masked_fill(forced, float("inf"))
     # Stable descending sort: equal scores keep ascending block order -> lower index wins.
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., : min(K, nb)]
     chosen_visible = torch.gather(visible.expand(b, g, sq, nb), -1, order)
@@ -259,7 +264,7 @@ def _gather_tokens(x: Tensor, tok: Tensor) -> Tensor:
     b, g, q, T = tok.shape
     if x.dim() == 3:
         x = x.unsqueeze(2).expand(-1, -1, g, -1)
-    xg = x.float().permute(0, 2, 1, 3)  # [b, g, sk, d]
+    xg = _acc(x).permute(0, 2, 1, 3)  # [b, g, sk, d]
     idx = tok.reshape(b, g, q * T, 1).expand(-1, -1, -1, xg.shape[-1])
     return torch.gather(xg, 2, idx).view(b, g, q, T, xg.shape[-1])
 
@@ -282,7 +287,8 @@ def sparse_attention(
 ) -> Tuple[Tensor, Tensor]:
     """Exact softmax attention of every query head over its group's selected tokens
     (intersected with causality). Returns out [b, sq, hq, d] in q's dtype and
-    lse [b, hq, sq] fp32. Differentiable w.r.t. q, k, v."""
+    lse [b, hq, sq] in the accumulation dtype (fp32; fp64 for fp64 inputs).
+    Differentiable w.r.t. q, k, v."""
     hq, g = _check_shapes(q, k, v)
     b, sq, _, d = q.shape
     sk = k.shape[1]
@@ -325,10 +331,38 @@ def dense_attention(
     key_pos = torch.arange(sk, device=q.device)
 
     def chunk_fn(q_c: Tensor, k_: Tensor, v_: Tensor, qp: Tensor) -> Tuple[Tensor, Tensor]:
-        kf, vf = k_.float().permute(0, 2, 1, 3), v_.float().permute(0, 2, 1, 3)  # [b, g, sk, d]
+        kf, vf = _acc(k_).permute(0, 2, 1, 3), _acc(v_).permute(0, 2, 1, 3)  # [b, g, sk, d]
         logits = torch.einsum("bgzcd,bgkd->bgzck", _split_heads(q_c, g), kf) * scale
         logits = logits.masked_fill(key_pos > qp[:, None], float("-inf"))
         p, lse = _softmax_stats(logits)
+        o = torch.einsum("bgzck,bgkd->bgzcd", p, vf)
+        return _merge_heads(o).to(q.dtype), lse.reshape(b, hq, -1)
+
+    parts = _map_query_chunks(
+        chunk_fn, sq, _chunk_size(b * hq * sk), (q, _seq_slice), (k, None), (v, None), (q_pos, _pos_slice)
+    )
+    return torch.cat([o for o, _ in parts], 1), torch.cat([l for _, l in parts], 2)
+
+
+def sliding_window_attention(
+    q: Tensor, k: Tensor, v: Tensor, window: int, q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None
+) -> Tuple[Tensor, Tensor]:
+    """Causal GQA attention over the last ``window`` keys (positions p-window+1 .. p): the
+    FLOP-matched baseline the paper compares MSA against. Same returns as dense_attention."""
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window={window!r} is invalid: allowed values are integers >= 1")
+    hq, g = _check_shapes(q, k, v)
+    b, sq, _, d = q.shape
+    sk = k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    q_pos = _positions(q_pos, sq, sk, q.device)
+    key_pos = torch.arange(sk, device=q.device)
+
+    def chunk_fn(q_c: Tensor, k_: Tensor, v_: Tensor, qp: Tensor) -> Tuple[Tensor, Tensor]:
+        kf, vf = _acc(k_).permute(0, 2, 1, 3), _acc(v_).permute(0, 2, 1, 3)
+        logits = torch.einsum("bgzcd,bgkd->bgzck", _split_heads(q_c, g), kf) * scale
+        outside = (key_pos > qp[:, None]) | (key_pos <= qp[:, None] - window)
+        p, lse = _softmax_stats(logits.masked_fill(outside, float("-inf")))
         o = torch.einsum("bgzck,bgkd->bgzcd", p, vf)
         return _merge_heads(o).to(q.dtype), lse.reshape(b, hq, -1)
 
@@ -363,7 +397,7 @@ def _kl_chunk(
         teacher = p_heads.mean(2)  # [b, g, c, T]
         main_entropy = -_xlogx(p_heads).sum()
     ikg = _gather_tokens(ik_, tok)  # [b, g, c, T, di]
-    s = torch.einsum("bcgd,bgctd->bgct", iq_c.float(), ikg) * iscale
+    s = torch.einsum("bcgd,bgctd->bgct", _acc(iq_c), ikg) * iscale
     log_q = torch.log_softmax(s.masked_fill(~valid, float("-inf")), dim=-1)
     log_q = log_q.masked_fill(~valid, 0.0)
     kl = (_xlogx(teacher) - teacher * log_q).sum()
@@ -385,9 +419,10 @@ def _kl_terms(
         return _kl_chunk(q_c, k_, iq_c, ik_, tok, valid, scale, iscale, g)
 
     chunk = _chunk_size(b * g * T * (d + cfg.index_dim + hq // g))
-    kl = iq.new_zeros((), dtype=torch.float32)
-    ent_i = torch.zeros((), dtype=torch.float32, device=q.device)
-    ent_m = torch.zeros((), dtype=torch.float32, device=q.device)
+    acc_dtype = torch.promote_types(_acc(iq[:0]).dtype, _acc(q[:0]).dtype)
+    kl = torch.zeros((), dtype=acc_dtype, device=q.device)
+    ent_i = torch.zeros((), dtype=acc_dtype, device=q.device)
+    ent_m = torch.zeros((), dtype=acc_dtype, device=q.device)
     for start in range(0, sq, chunk):
         stop = min(sq, start + chunk)
         args = (q[:, start:stop], k, iq[:, start:stop], ik, start, stop, q_pos[start:stop])
@@ -444,7 +479,7 @@ def selected_index_lse(iq: Tensor, ik: Tensor, block_idx: Tensor, cfg: MSAConfig
     q_pos = _positions(q_pos, sq, sk, iq.device)
     with torch.no_grad():
         tok, valid = selected_token_index(block_idx, cfg.block_size, q_pos, sk)
-        s = torch.einsum("bcgd,bgctd->bgct", iq.float(), _gather_tokens(ik, tok)) * cfg.index_softmax_scale
+        s = torch.einsum("bcgd,bgctd->bgct", _acc(iq), _gather_tokens(ik, tok)) * cfg.index_softmax_scale
         return torch.logsumexp(s.masked_fill(~valid, float("-inf")), dim=-1)
 
 
@@ -461,7 +496,7 @@ def selection_recall(q: Tensor, k: Tensor, block_idx: Tensor, block_size: int, q
     nb = math.ceil(sk / block_size)
 
     def chunk_fn(q_c, k_, blk_c, qp):
-        kf = k_.float().permute(0, 2, 1, 3)
+        kf = _acc(k_).permute(0, 2, 1, 3)
         logits = torch.einsum("bgzcd,bgkd->bgzck", _split_heads(q_c, g), kf) * scale
         p, _ = _softmax_stats(logits.masked_fill(key_pos > qp[:, None], float("-inf")))
         mass = F.pad(p.mean(2), (0, nb * block_size - sk)).view(b, g, -1, nb, block_size).sum(-1)
@@ -521,6 +556,8 @@ def msa_attention(
         return out, aux
     if iq.shape[2] != k.shape[2]:
         raise ValueError(f"index heads ({iq.shape[2]}) must equal KV heads ({k.shape[2]}): one per GQA group")
+    if iq.shape[-1] != cfg.index_dim or ik.shape[-1] != cfg.index_dim:
+        raise ValueError(f"index dim of iq/ik ({iq.shape[-1]}/{ik.shape[-1]}) must equal msa.index_dim={cfg.index_dim}")
     aux.block_idx = select(iq.detach(), ik.detach(), cfg, q_pos)
     if mode == "msa":
         out, aux.lse = sparse_attention(q, k, v, aux.block_idx, cfg.block_size, q_pos, softmax_scale)
@@ -541,5 +578,5 @@ __all__: Sequence[str] = (
     "MSAAux", "KLTerms", "apply_partial_rope", "dense_attention", "dense_kl_loss", "dense_kl_terms",
     "forced_block_mask", "index_block_scores", "index_projections", "msa_attention", "rms_norm", "rope_angles",
     "select", "select_blocks", "selected_index_lse", "selected_token_index", "selection_recall",
-    "sparse_attention", "sparse_kl_loss", "sparse_kl_terms",
+    "sliding_window_attention", "sparse_attention", "sparse_kl_loss", "sparse_kl_terms",
 )

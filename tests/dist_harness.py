@@ -17,6 +17,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+
+
 def _child(fn: Callable, rank: int, world: int, port: int, env: Dict[str, str], queue, args, kwargs) -> None:
     os.environ.update(env)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
@@ -42,10 +46,14 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 600, 
                     **kwargs) -> List[Any]:
     """fn(rank, *args, **kwargs) in ``world_size`` spawned processes; returns results by rank.
     ``fn`` must be importable (a module-level function)."""
+    env = dict(env or {})
+    # Children unpickle ``fn`` by module name: make this checkout and tests/ importable.
+    paths = [REPO_ROOT, TESTS_DIR] + [p for p in env.get("PYTHONPATH", os.environ.get("PYTHONPATH", "")).split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, dict(env or {}), queue, args, kwargs))
+    procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, env, queue, args, kwargs))
              for r in range(world_size)]
     for p in procs:
         p.start()

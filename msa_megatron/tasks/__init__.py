@@ -1,0 +1,1 @@
+"""Synthetic tasks that probe long-range retrieval (used by the fidelity experiments)."""
