@@ -271,8 +271,10 @@ class MSACoreAttention(MegatronModule):
         # recomputation (training mode with grad disabled); the recompute records instead.
         grad_on = torch.is_grad_enabled()
         if grad_on or not self.training:
-            TRACKER.record(self.layer_index, self.config.num_layers, aux.kl, aux.stats["index_entropy"],
-                           aux.stats["main_entropy"], aux.stats.get("recall"))
+            entropy = self.msa.track_entropy
+            TRACKER.record(self.layer_index, self.config.num_layers, aux.kl,
+                           aux.stats["index_entropy"] if entropy else None,
+                           aux.stats["main_entropy"] if entropy else None, aux.stats.get("recall"))
         if self.training and grad_on and aux.kl is not None and aux.kl.requires_grad:
             out = attach_kl_loss(out, aux.kl * self.kl_weight(b, sq))
         return out

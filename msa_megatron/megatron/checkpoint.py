@@ -10,7 +10,7 @@ saved once (replica 0), so they load at any TP size.
 from __future__ import annotations
 
 import os
-from typing import Iterable, List, Union
+from typing import Iterable, Union
 
 import torch
 
@@ -18,13 +18,9 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.utils import unwrap_model
 
+from .modes import as_chunks
+
 ModelOrChunks = Union[torch.nn.Module, Iterable[torch.nn.Module]]
-
-
-def _chunks(model_or_chunks: ModelOrChunks) -> List[torch.nn.Module]:
-    if isinstance(model_or_chunks, torch.nn.Module):
-        return [model_or_chunks]
-    return list(model_or_chunks)
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -33,7 +29,7 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 def model_sharded_state_dict(model_or_chunks: ModelOrChunks) -> dict:
     """{'model': ...} or {'model0': ..., ...}: the sharded state of every chunk."""
-    chunks = [_unwrap(c) for c in _chunks(model_or_chunks)]
+    chunks = [_unwrap(c) for c in as_chunks(model_or_chunks)]
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
@@ -52,7 +48,7 @@ def load_model_checkpoint(model_or_chunks: ModelOrChunks, checkpoint_dir: str,
     """Load weights saved at any parallel layout into this rank's chunks. By default every
     tensor the model needs must be in the checkpoint (extra checkpoint entries, e.g. optimizer
     state, are ignored). Collective."""
-    chunks = [_unwrap(c) for c in _chunks(model_or_chunks)]
+    chunks = [_unwrap(c) for c in as_chunks(model_or_chunks)]
     state = dist_checkpointing.load(model_sharded_state_dict(chunks), checkpoint_dir, strict=strict)
     if len(chunks) == 1:
         chunks[0].load_state_dict(state["model"])

@@ -82,12 +82,12 @@ def init_index_from_dense(model_or_chunks, init: str = "mean") -> List[Dict[str,
     """Initialise the index branch of every MSA layer (see module doc); returns what was set.
     Collective over TP when ``init='mean'``."""
     from .attention import MSASelfAttention
-    from .modes import _chunks
+    from .modes import as_chunks
 
     if init not in INIT_METHODS:
         raise ValueError(f"init={init!r} is invalid: allowed values are {', '.join(INIT_METHODS)}")
     added: List[Dict[str, Any]] = []
-    for chunk in _chunks(model_or_chunks):
+    for chunk in as_chunks(model_or_chunks):
         for name, module in chunk.named_modules():
             if not isinstance(module, MSASelfAttention):
                 continue

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 
 #: Columns of one tracker row (per layer).
-_FIELDS = ("kl", "index_entropy", "main_entropy", "count", "recall", "recall_count")
-_KL, _IE, _ME, _N, _R, _RN = range(len(_FIELDS))
+_FIELDS = ("kl", "count", "index_entropy", "main_entropy", "entropy_count", "recall", "recall_count")
+_KL, _N, _IE, _ME, _EN, _R, _RN = range(len(_FIELDS))
 
 
 class MSAMetricsTracker:
@@ -37,15 +37,21 @@ class MSAMetricsTracker:
         self._num_layers = 0
         self._lock = threading.Lock()
 
-    def record(self, layer_index: int, num_layers: int, kl: torch.Tensor, index_entropy: torch.Tensor,
-               main_entropy: torch.Tensor, recall: Optional[torch.Tensor] = None) -> None:
-        """Add one micro-batch's statistics of 0-based global layer ``layer_index``."""
+    def record(self, layer_index: int, num_layers: int, kl: torch.Tensor, index_entropy: Optional[torch.Tensor] = None,
+               main_entropy: Optional[torch.Tensor] = None, recall: Optional[torch.Tensor] = None) -> None:
+        """Add one micro-batch's statistics of 0-based global layer ``layer_index``
+        (entropies: both or neither; recall: only on sampled steps)."""
         device = kl.device
         zero = torch.zeros((), device=device, dtype=torch.float32)
         one = torch.ones((), device=device, dtype=torch.float32)
+        has_entropy = index_entropy is not None and main_entropy is not None
+
+        def val(t):
+            return t.detach().float().reshape(()) if t is not None else zero
+
         row = torch.stack([
-            kl.detach().float(), index_entropy.detach().float(), main_entropy.detach().float(), one,
-            recall.detach().float() if recall is not None else zero, one if recall is not None else zero,
+            val(kl), one, val(index_entropy if has_entropy else None), val(main_entropy if has_entropy else None),
+            one if has_entropy else zero, val(recall), one if recall is not None else zero,
         ])
         with self._lock:
             self._num_layers = max(self._num_layers, int(num_layers), layer_index + 1)
@@ -70,6 +76,11 @@ class MSAMetricsTracker:
     def num_layers(self) -> int:
         return self._num_layers
 
+    def agree_num_layers(self, num_layers: int) -> None:
+        """Adopt the job-wide layer count, so every rank's table has the same shape."""
+        with self._lock:
+            self._num_layers = max(self._num_layers, int(num_layers))
+
 
 TRACKER = MSAMetricsTracker()
 
@@ -84,14 +95,14 @@ def collect_msa_metrics(reset: bool = True, group: Optional[dist.ProcessGroup] =
     """Reduce the tracked statistics over all ranks (``group``: default the whole job) and
     return ``indexer_kl``, ``index_entropy``, ``main_entropy`` (means over the MSA layers that
     ran), their ``.../layer_{i}`` values, and ``recall`` / ``recall/layer_{i}`` for layers whose
-    recall was sampled. Empty when no MSA layer ran in an msa mode since the last reset.
+    recall was sampled (entropies only while ``msa.track_entropy``). Empty when no MSA layer ran in an msa mode since the last reset.
     Collective: every rank of ``group`` must call it."""
     device = _reduction_device()
     table = None
     if dist.is_initialized():
         n = torch.tensor([TRACKER.num_layers], dtype=torch.int64, device=device)
         dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
-        TRACKER._num_layers = int(n.item())  # every rank now agrees on the table shape
+        TRACKER.agree_num_layers(int(n.item()))
         table = TRACKER.local_table(device)
         dist.all_reduce(table, group=group)
     else:
@@ -103,9 +114,9 @@ def collect_msa_metrics(reset: bool = True, group: Optional[dist.ProcessGroup] =
     means = {"indexer_kl": [], "index_entropy": [], "main_entropy": [], "recall": []}
     for i in range(table.shape[0]):
         row = table[i]
-        if row[_N] > 0:
-            for key, col in (("indexer_kl", _KL), ("index_entropy", _IE), ("main_entropy", _ME)):
-                value = float(row[col] / row[_N])
+        for key, col, count in (("indexer_kl", _KL, _N), ("index_entropy", _IE, _EN), ("main_entropy", _ME, _EN)):
+            if row[count] > 0:
+                value = float(row[col] / row[count])
                 out[f"{key}/layer_{i}"] = value
                 means[key].append(value)
         if row[_RN] > 0:

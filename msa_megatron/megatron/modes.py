@@ -21,7 +21,8 @@ from .attention import MSACoreAttention, check_mode
 ModelOrChunks = Union[torch.nn.Module, Iterable[torch.nn.Module]]
 
 
-def _chunks(model_or_chunks: ModelOrChunks) -> List[torch.nn.Module]:
+def as_chunks(model_or_chunks: ModelOrChunks) -> List[torch.nn.Module]:
+    """A model or a list of model chunks (Megatron's PP/VPP convention) as a list."""
     if isinstance(model_or_chunks, torch.nn.Module):
         return [model_or_chunks]
     return list(model_or_chunks)
@@ -29,7 +30,7 @@ def _chunks(model_or_chunks: ModelOrChunks) -> List[torch.nn.Module]:
 
 def msa_core_attentions(model_or_chunks: ModelOrChunks) -> Iterator[MSACoreAttention]:
     """Every MSA core attention of the model (chunks), in module order."""
-    for chunk in _chunks(model_or_chunks):
+    for chunk in as_chunks(model_or_chunks):
         for module in chunk.modules():
             if isinstance(module, MSACoreAttention):
                 yield module
@@ -63,4 +64,4 @@ def set_recall_sampling(model_or_chunks: ModelOrChunks, enabled: bool) -> int:
     return n
 
 
-__all__ = ["get_attention_modes", "msa_core_attentions", "set_attention_mode", "set_recall_sampling"]
+__all__ = ["as_chunks", "get_attention_modes", "msa_core_attentions", "set_attention_mode", "set_recall_sampling"]

@@ -168,14 +168,46 @@ def _check_checkpoints(tmp: str):
     return "ok"
 
 
+CLI_CONFIG = """
+model: {num_layers: 3, hidden_size: 64, num_attention_heads: 4, num_query_groups: 2, ffn_hidden_size: 128,
+        kv_channels: 16, normalization: RMSNorm, add_bias_linear: false, hidden_dropout: 0.0,
+        params_dtype: float32}
+msa: {block_size: 16, topk: 2, index_dim: 16, first_dense_layers: 1}
+vocab_size: 128
+max_sequence_length: 256
+gpt: {rotary_percent: 0.5, share_embeddings_and_output_weights: false}
+"""
+
+
+def _check_cli(tmp: str, rank: int):
+    """msa-convert on the dense TP=2 checkpoint, at TP=2 (last: the CLI shuts the process group down)."""
+    import json
+
+    from msa_megatron.megatron.convert import main
+
+    path = os.path.join(tmp, "model.yaml")
+    if rank == 0:
+        with open(path, "w") as f:
+            f.write(CLI_CONFIG)
+    torch.distributed.barrier()
+    out = os.path.join(tmp, "cli")
+    assert main(["--load", os.path.join(tmp, "dense"), "--save", out, "--config", path, "--tp", "2"]) == 0
+    if rank == 0:
+        with open(os.path.join(out, "msa_conversion_report.json")) as f:
+            report = json.load(f)
+        assert report["msa_layers"] == [1, 2] and len(report["added"]) == 8
+        assert os.path.exists(os.path.join(out, "metadata.json"))
+    return "ok"
+
+
 def _run_c(rank, tmp):
     from mcore_helpers import quiet
 
     quiet()
-    return {"pp_kl": _check_pipeline(), "ckpt": _check_checkpoints(tmp)}
+    return {"pp_kl": _check_pipeline(), "ckpt": _check_checkpoints(tmp), "cli": _check_cli(tmp, rank)}
 
 
 def test_pipeline_checkpoint_and_conversion(tmp_path):
     results = run_distributed(_run_c, 2, str(tmp_path), env=ENV, timeout=600)
     assert results[0] == results[1]
-    assert results[0]["ckpt"] == "ok" and results[0]["pp_kl"] > 0
+    assert results[0]["ckpt"] == "ok" and results[0]["cli"] == "ok" and results[0]["pp_kl"] > 0
