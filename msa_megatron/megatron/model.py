@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional, Union
 from megatron.core.models.gpt import GPTModel
 
 from ..config import MSAConfig
+from .kl_loss import MSAKLAutoScaler
 from .specs import get_decoder_block_spec, te_available
 from .transformer_config import MSA_VARIANT, MSATransformerConfig
 
@@ -37,7 +38,7 @@ def make_transformer_config(msa: Optional[Union[MSAConfig, Mapping[str, Any]]], 
 def dense_config_of(config: MSATransformerConfig, **overrides) -> MSATransformerConfig:
     """The dense twin of an MSA config (same model, ``msa=None``)."""
     changes = dict(msa=None, experimental_attention_variant=None, hetereogenous_dist_checkpoint=False)
-    if getattr(config, "msa", None) is not None:
+    if config.experimental_attention_variant_loss_scale_func is MSAKLAutoScaler.set_loss_scale:
         changes["experimental_attention_variant_loss_scale_func"] = None
     changes.update(overrides)
     return dataclasses.replace(config, **changes)
