@@ -191,6 +191,7 @@ def convert_dense_checkpoint(
         if dist.get_rank() == 0:
             with open(os.path.join(save_dir, "msa_conversion_report.json"), "w") as f:
                 json.dump(report.to_dict(), f, indent=1)
+        dist.barrier()  # the directory is complete on return, on every rank
     return model, report
 
 
