@@ -188,9 +188,16 @@ def convert_dense_checkpoint(
     report.added = init_index_from_dense(model, init)
     if save_dir is not None:
         save_model_checkpoint(model, save_dir)
+        # One report for the job: index tensors of every pipeline stage (TP/DP copies merged).
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (report.added, report.reused_tensors))
+        added = {a["name"]: a for added_part, _ in parts for a in added_part}
+        job = report.to_dict()
+        job.pop("reused_tensors")
+        job.update(added=[added[k] for k in sorted(added)], reused_tensors_per_rank=[n for _, n in parts])
         if dist.get_rank() == 0:
             with open(os.path.join(save_dir, "msa_conversion_report.json"), "w") as f:
-                json.dump(report.to_dict(), f, indent=1)
+                json.dump(job, f, indent=1)
         dist.barrier()  # the directory is complete on return, on every rank
     return model, report
 
