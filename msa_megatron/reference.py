@@ -536,12 +536,15 @@ def msa_attention(
     mode: Optional[str] = None,
     softmax_scale: Optional[float] = None,
     compute_recall: bool = False,
+    block_idx: Optional[Tensor] = None,
 ) -> Tuple[Tensor, MSAAux]:
     """The MSA op (the signature the kernels implement): (q, k, v, iq, ik, cfg) -> (out, aux).
 
     mode ``dense``: causal attention, no index branch. ``msa_warmup``: dense main branch,
     KL over all causal tokens. ``msa``: attention over the selected blocks, KL over the
-    selected tokens. ``compute_recall`` adds ``stats['recall']`` (a dense pass)."""
+    selected tokens. ``compute_recall`` adds ``stats['recall']`` (a dense pass).
+    ``block_idx``: a selection already computed by :func:`select` for these queries (lets
+    context parallelism overlap the K/V gather with the index pass); None selects here."""
     mode = mode or cfg.mode
     if mode not in ("dense", "msa_warmup", "msa"):
         raise ValueError(f"mode={mode!r} is invalid: allowed values are dense, msa_warmup, msa")
@@ -558,7 +561,13 @@ def msa_attention(
         raise ValueError(f"index heads ({iq.shape[2]}) must equal KV heads ({k.shape[2]}): one per GQA group")
     if iq.shape[-1] != cfg.index_dim or ik.shape[-1] != cfg.index_dim:
         raise ValueError(f"index dim of iq/ik ({iq.shape[-1]}/{ik.shape[-1]}) must equal msa.index_dim={cfg.index_dim}")
-    aux.block_idx = select(iq.detach(), ik.detach(), cfg, q_pos)
+    if block_idx is not None:
+        expected = (q.shape[0], k.shape[2], sq, cfg.topk)
+        if tuple(block_idx.shape) != expected or block_idx.dtype != torch.int32:
+            raise ValueError(f"block_idx must be int32 {expected}; got {block_idx.dtype} {tuple(block_idx.shape)}")
+        aux.block_idx = block_idx
+    else:
+        aux.block_idx = select(iq.detach(), ik.detach(), cfg, q_pos)
     if mode == "msa":
         out, aux.lse = sparse_attention(q, k, v, aux.block_idx, cfg.block_size, q_pos, softmax_scale)
         terms = sparse_kl_terms(q, k, iq, ik, aux.block_idx, cfg, q_pos, softmax_scale)

@@ -8,7 +8,7 @@ from msa_megatron.recall import recall_table, selection_recall_from_logits, synt
 
 
 def test_recall_rises_with_k_and_concentration_wins():
-    table = recall_table(topks=(8, 16, 32), seq_len=8192, block_size=128, n_queries=64, seed=torch.seed() % 1000)
+    table = recall_table(topks=(8, 16, 32), seq_len=16384, block_size=128, n_queries=64, seed=torch.seed() % 1000)
     for row in table.values():
         assert row[8] < row[16] < row[32] <= 1.0 + 1e-6
     for k in (8, 16, 32):

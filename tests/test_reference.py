@@ -265,3 +265,17 @@ def test_sliding_window_matches_masked_softmax(window):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     if window >= s:
         torch.testing.assert_close(out, R.dense_attention(q, k, v)[0], rtol=1e-10, atol=1e-10)
+
+
+def test_precomputed_selection_is_used_and_checked():
+    q, k, v, iq, ik = rand_inputs(1, 80, 4, 2, 8, 16)
+    cfg = MSAConfig(block_size=16, topk=2, index_dim=16)
+    out, aux = R.msa_attention(q, k, v, iq, ik, cfg)
+    out2, aux2 = R.msa_attention(q, k, v, iq, ik, cfg, block_idx=aux.block_idx)
+    assert torch.equal(out, out2) and torch.equal(aux.kl, aux2.kl)
+    other = aux.block_idx.clone()
+    other[..., 0] = -1  # drop a block: the op must follow the given selection
+    out3, _ = R.msa_attention(q, k, v, iq, ik, cfg, block_idx=other)
+    assert not torch.equal(out, out3)
+    with pytest.raises(ValueError, match="block_idx must be int32"):
+        R.msa_attention(q, k, v, iq, ik, cfg, block_idx=aux.block_idx.long())

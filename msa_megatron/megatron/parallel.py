@@ -84,10 +84,14 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_s: int = 
 
 
 def shutdown_distributed() -> None:
-    from megatron.core import parallel_state
+    import sys
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    # Only touch Megatron's state if it was used: importing megatron costs seconds.
+    if "megatron.core.parallel_state" in sys.modules:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -65,15 +65,27 @@ def msa_attention(
     mode: Optional[str] = None,
     softmax_scale: Optional[float] = None,
     compute_recall: bool = False,
+    block_idx: Optional[Tensor] = None,
 ):
-    """(q, k, v, iq, ik, cfg) -> (out, MSAAux); see :func:`msa_megatron.reference.msa_attention`."""
+    """(q, k, v, iq, ik, cfg) -> (out, MSAAux); see :func:`msa_megatron.reference.msa_attention`.
+    ``block_idx`` (from :func:`msa_select`) skips the op's own selection."""
+    kwargs = dict(q_pos=q_pos, mode=mode, softmax_scale=softmax_scale, compute_recall=compute_recall,
+                  block_idx=block_idx)
     if resolve_backend(cfg, q.device) == "triton":
         from .triton_op import msa_attention_triton
 
-        return msa_attention_triton(q, k, v, iq, ik, cfg, q_pos=q_pos, mode=mode,
-                                    softmax_scale=softmax_scale, compute_recall=compute_recall)
-    return reference.msa_attention(q, k, v, iq, ik, cfg, q_pos=q_pos, mode=mode,
-                                   softmax_scale=softmax_scale, compute_recall=compute_recall)
+        return msa_attention_triton(q, k, v, iq, ik, cfg, **kwargs)
+    return reference.msa_attention(q, k, v, iq, ik, cfg, **kwargs)
 
 
-__all__ = ["msa_attention", "resolve_backend", "triton_kernels_available"]
+def msa_select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None) -> Tensor:
+    """The index branch alone: int32 block indices [b, g, sq, K] (no gradient)."""
+    with torch.no_grad():
+        if resolve_backend(cfg, iq.device) == "triton":
+            from .triton_index import index_select
+
+            return index_select(iq, ik, cfg, q_pos)[0]
+        return reference.select(iq, ik, cfg, q_pos)
+
+
+__all__ = ["msa_attention", "msa_select", "resolve_backend", "triton_kernels_available"]

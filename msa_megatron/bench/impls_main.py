@@ -1,0 +1,277 @@
+"""Benchmark impls of MSA's main branch and of the whole MSA op (for ``msa-bench``).
+
+* ``flex-blocksparse``: torch FlexAttention with a block mask at MSA's budget but a coarser
+  pattern: one set of top-k blocks (the diagonal one + k-1 random earlier ones) per
+  128-query tile, shared by all heads. The anchor the sparse kernel is compared with.
+* ``msa-main``: :func:`msa_megatron.ops.triton_sparse_attn.sparse_attention` (KV-outer
+  forward + combine, KV-outer backward, deterministic dQ) on a per-token selection: each
+  query's own block + k-1 distinct random earlier blocks, independently per (query, group):
+  the worst case for locality (no two neighbouring queries share their blocks).
+  fwd = ``sparse_attention_fwd`` (reverse index included); fwd+bwd = autograd fwd + bwd.
+* ``msa-main-qouter``: the same selection through the query-outer forward (one query x G
+  heads per program): the simple design, fwd only.
+* ``msa-main-atomic``: ``msa-main`` with dQ accumulated by fp32 atomics (non-deterministic).
+* ``msa-op``: the whole op :func:`msa_megatron.ops.triton_op.msa_attention_triton` in mode
+  ``msa`` on random iq/ik: fwd = prefill (no grad, no KL: index selection + index LSE + main
+  forward); fwd+bwd = training step (selection, main forward, KL value + d_iq/d_ik in one
+  kernel, main backward). Entropy statistics off (``track_entropy=False``).
+
+``MSA_MAIN_KERNEL="fwd_rows=64,bwd_block_n=64,..."`` changes the kernel config of every
+impl here (see :class:`~msa_megatron.ops.triton_sparse_attn.KernelConfig`) for sweeps.
+
+``python -m msa_megatron.bench.impls_main speedup OUT/bench.json`` prints each impl's
+speedup over ``cudnn-dense`` at the same length (measured in the same run; where it was
+skipped, the anchor numbers of the project brief, marked as such).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import replace
+from typing import Dict, List, Optional
+
+import torch
+
+from .registry import Bench, Case, Skip, register
+
+#: cuDNN dense anchors measured on one H100 (project brief; 64 q / 4 KV heads, d 128, bf16,
+#: causal): (fwd ms, fwd+bwd ms). Used by ``speedup`` only where no dense run was recorded.
+CUDNN_ANCHORS_MS = {1 << 17: (515.0, 1858.0), 1 << 20: (35600.0, None)}
+
+
+def _need_cuda(case: Case) -> None:
+    if not torch.cuda.is_available() or not str(case.device).startswith("cuda"):
+        raise Skip("needs a CUDA device")
+
+
+def _gen(case: Case, salt: int) -> torch.Generator:
+    return torch.Generator(device=case.device).manual_seed(case.seed * 1000 + salt)
+
+
+def _randn(case: Case, shape, salt: int, requires_grad: bool = False) -> torch.Tensor:
+    x = torch.randn(*shape, device=case.device, dtype=case.dtype, generator=_gen(case, salt))
+    return x.requires_grad_(requires_grad)
+
+
+def _qkv(case: Case, grad: bool):
+    q = _randn(case, (case.batch, case.L, case.hq, case.d), 1, grad)
+    k = _randn(case, (case.batch, case.L, case.hkv, case.d), 2, grad)
+    v = _randn(case, (case.batch, case.L, case.hkv, case.d), 3, grad)
+    return q, k, v
+
+
+def random_token_selection(case: Case, chunk_elems: int = 1 << 28) -> torch.Tensor:
+    """block_idx [b, g, L, K] int32: own block + K-1 distinct random earlier blocks per
+    (query, group), ascending, -1 where fewer than K blocks are visible."""
+    b, g, L, B, K = case.batch, case.hkv, case.L, case.block, case.topk
+    nb = math.ceil(L / B)
+    out = torch.full((b, g, L, K), -1, dtype=torch.int32, device=case.device)
+    blk = torch.arange(nb, device=case.device)
+    gen = _gen(case, 7)
+    chunk = max(1, chunk_elems // (b * g * nb))
+    for s0 in range(0, L, chunk):
+        s1 = min(L, s0 + chunk)
+        own = torch.arange(s0, s1, device=case.device) // B
+        score = torch.rand(b, g, s1 - s0, nb, device=case.device, generator=gen)
+        score.masked_fill_(blk[None, :] > own[:, None], -1.0)
+        score.masked_fill_(blk[None, :] == own[:, None], 2.0)
+        val, idx = torch.topk(score, min(K, nb), dim=-1)
+        idx = torch.where(val >= 0, idx, torch.full_like(idx, nb))
+        idx = torch.sort(idx, dim=-1).values
+        out[:, :, s0:s1, : idx.shape[-1]] = torch.where(idx == nb, -1, idx).to(torch.int32)
+    return out
+
+
+# ----------------------------------------------------------------------------- FlexAttention anchor
+_flex = None
+
+
+def _compiled_flex():
+    global _flex
+    if _flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex = torch.compile(flex_attention, dynamic=False)
+    return _flex
+
+
+def tile_block_mask(case: Case):
+    """FlexAttention BlockMask: per 128-query tile, the diagonal block (causal mask_mod) + up to
+    k-1 random earlier blocks (full), the same for all heads."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, K = case.block, case.topk
+    n = math.ceil(case.L / B)
+    dev = case.device
+    i = torch.arange(n, device=dev)
+    score = torch.rand(n, n, device=dev, generator=_gen(case, 11))
+    score.masked_fill_(i[None, :] >= i[:, None], -1.0)
+    kf = min(K - 1, max(n - 1, 0))
+    full_idx = torch.zeros(1, 1, n, n, dtype=torch.int32, device=dev)
+    full_num = torch.clamp(i, max=K - 1).to(torch.int32).view(1, 1, n)
+    if kf > 0:
+        val, idx = torch.topk(score, kf, dim=-1)
+        idx = torch.where(val >= 0, idx, torch.full_like(idx, n))
+        idx = torch.sort(idx, dim=-1).values
+        full_idx[0, 0, :, :kf] = torch.where(idx == n, 0, idx).to(torch.int32)
+    part_idx = torch.zeros(1, 1, n, n, dtype=torch.int32, device=dev)
+    part_idx[0, 0, :, 0] = i.to(torch.int32)
+    part_num = torch.ones(1, 1, n, dtype=torch.int32, device=dev)
+    # The element mask also encodes the block table, so that every flex path (compiled kernel:
+    # evaluated on the diagonal blocks only; eager reference: everywhere) gives one answer.
+    table = torch.zeros(n, n, dtype=torch.bool, device=dev)
+    table[i, i] = True
+    rows = i.view(-1, 1).expand(-1, n)
+    keep = torch.arange(n, device=dev)[None, :] < full_num[0, 0][:, None]
+    table[rows[keep], full_idx[0, 0][keep].long()] = True
+
+    def selected_causal(b, h, qi, ki):
+        return (qi >= ki) & table[qi // B, ki // B]
+
+    return BlockMask.from_kv_blocks(part_num, part_idx, full_num, full_idx, BLOCK_SIZE=B, mask_mod=selected_causal,
+                                    seq_lengths=(case.L, case.L))
+
+
+@register("flex-blocksparse", "FlexAttention, one top-k block set per 128-query tile (the anchor)")
+def flex_blocksparse(case: Case) -> Bench:
+    _need_cuda(case)
+    grad = not case.fwd_only
+    q, k, v = (x.transpose(1, 2) for x in _qkv(case, False))  # [b, h, L, d] views
+    q, k, v = (x.contiguous().requires_grad_(grad) for x in (q, k, v))
+    mask = tile_block_mask(case)
+    flex = _compiled_flex()
+
+    def fwd():
+        with torch.no_grad():
+            return flex(q, k, v, block_mask=mask, enable_gqa=True)
+
+    do = torch.randn_like(q) if grad else None
+
+    def fwdbwd():
+        flex(q, k, v, block_mask=mask, enable_gqa=True).backward(do)
+
+    return Bench(fwd=fwd, fwdbwd=fwdbwd if grad else None, fwd_flops=case.sparse_fwd_flops(),
+                 fwdbwd_flops=case.sparse_fwd_flops() + case.sparse_bwd_flops(), grad_to_none=[q, k, v],
+                 note="same budget, blocks shared by a 128-query tile and all heads")
+
+
+# ----------------------------------------------------------------------------- the sparse main branch
+def _main_bench(case: Case, config=None, deterministic: bool = True, fwd_only: bool = False, note: str = "") -> Bench:
+    _need_cuda(case)
+    from ..ops import triton_sparse_attn as T
+
+    cfg = config or T.default_config()
+    grad = not (case.fwd_only or fwd_only)
+    q, k, v = _qkv(case, grad)
+    bidx = random_token_selection(case)
+    B = case.block
+
+    def fwd():
+        return T.sparse_attention_fwd(q.detach(), k.detach(), v.detach(), bidx, B, config=cfg)
+
+    fwdbwd = None
+    if grad:
+        do = _randn(case, tuple(q.shape), 5)
+
+        def fwdbwd():
+            out, _ = T.sparse_attention(q, k, v, bidx, B, config=cfg, deterministic=deterministic)
+            out.backward(do)
+
+    return Bench(fwd=fwd, fwdbwd=fwdbwd, fwd_flops=case.sparse_fwd_flops(),
+                 fwdbwd_flops=case.sparse_fwd_flops() + case.sparse_bwd_flops(), grad_to_none=[q, k, v],
+                 note=note or f"per-token random selection; {cfg.fwd_impl}-outer fwd")
+
+
+@register("msa-main", "MSA main branch: Triton KV-outer sparse attention (fwd, fwd+bwd)")
+def msa_main(case: Case) -> Bench:
+    return _main_bench(case)
+
+
+@register("msa-main-qouter", "MSA main branch, query-outer forward (one query x G heads per program)")
+def msa_main_qouter(case: Case) -> Bench:
+    from ..ops import triton_sparse_attn as T
+
+    return _main_bench(case, replace(T.default_config(), fwd_impl="q"), fwd_only=True,
+                       note="query-outer fwd; per-token random selection")
+
+
+@register("msa-main-atomic", "MSA main branch with fp32-atomic dQ (non-deterministic backward)")
+def msa_main_atomic(case: Case) -> Bench:
+    if case.fwd_only:
+        raise Skip("backward variant: fwd is msa-main's")
+    return _main_bench(case, deterministic=False, note="dQ by fp32 atomics")
+
+
+# ----------------------------------------------------------------------------- the whole op
+@register("msa-op", "whole MSA op: fwd = prefill (index + main), fwd+bwd = training step incl. KL")
+def msa_op(case: Case) -> Bench:
+    _need_cuda(case)
+    from ..ops.triton_op import msa_attention_triton
+
+    grad = not case.fwd_only
+    q, k, v = _qkv(case, grad)
+    iq = _randn(case, (case.batch, case.L, case.hkv, case.di), 8, grad)
+    ik = _randn(case, (case.batch, case.L, case.di), 9, grad)
+    cfg = replace(case.cfg, track_entropy=False)
+
+    def fwd():
+        with torch.no_grad():
+            return msa_attention_triton(q, k, v, iq, ik, cfg, mode="msa", compute_kl=False)
+
+    fwdbwd = None
+    if grad:
+        do = _randn(case, tuple(q.shape), 5)
+        one = torch.ones((), device=case.device)
+
+        def fwdbwd():
+            out, aux = msa_attention_triton(q, k, v, iq, ik, cfg, mode="msa")
+            torch.autograd.backward([out, aux.kl], [do, one])
+
+    main = case.sparse_fwd_flops()
+    return Bench(fwd=fwd, fwdbwd=fwdbwd, fwd_flops=case.indexer_flops() + main,
+                 fwdbwd_flops=case.indexer_flops() + main + case.sparse_bwd_flops() + case.kl_bwd_flops(),
+                 grad_to_none=[q, k, v, iq, ik], note="random iq/ik; stats off")
+
+
+# ----------------------------------------------------------------------------- speedup table
+def speedup_table(records: List[Dict], baseline: str = "cudnn-dense") -> str:
+    """Markdown: each impl's fwd / fwd+bwd time and its speedup over ``baseline`` at equal L."""
+    base: Dict[int, Dict[str, Optional[float]]] = {}
+    for r in records:
+        if r["impl"] == baseline and r.get("status") == "ok":
+            base[r["L"]] = {"fwd": r.get("fwd_ms"), "fwdbwd": r.get("fwdbwd_ms"), "src": "measured"}
+    for L, (f, fb) in CUDNN_ANCHORS_MS.items():
+        base.setdefault(L, {"fwd": f, "fwdbwd": fb, "src": "brief anchor"})
+    lines = [f"| impl | L | fwd ms | x vs {baseline} | fwd+bwd ms | x vs {baseline} | baseline |",
+             "|---|---|---|---|---|---|---|"]
+
+    def ratio(b, x):
+        return f"{b / x:.1f}" if b and x else "-"
+
+    for r in records:
+        if r["impl"] == baseline or r.get("status") != "ok":
+            continue
+        bl = base.get(r["L"], {})
+        fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        lines.append(f"| {r['impl']} | {r['L']} | {fmt(r.get('fwd_ms'))} | {ratio(bl.get('fwd'), r.get('fwd_ms'))} | "
+                     f"{fmt(r.get('fwdbwd_ms'))} | {ratio(bl.get('fwdbwd'), r.get('fwdbwd_ms'))} | {bl.get('src', 'none')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m msa_megatron.bench.impls_main")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("speedup", help="speedups over cudnn-dense from a bench.json")
+    s.add_argument("bench_json")
+    s.add_argument("--baseline", default="cudnn-dense")
+    args = p.parse_args(argv)
+    with open(args.bench_json) as f:
+        print(speedup_table(json.load(f), args.baseline))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""The end-to-end MSA op on the Triton kernels, with the semantics of
+:func:`msa_megatron.reference.msa_attention` (modes dense / msa_warmup / msa, same
+:class:`~msa_megatron.reference.MSAAux` fields).
+
+Composition (forward):
+    1. index branch on detached iq, ik: block selection (+ the student's LSE);
+    2. main branch: sparse attention over the selection (``msa``) or dense causal attention
+       (``dense`` / ``msa_warmup``), one autograd node w.r.t. q, k, v;
+    3. KL distillation: one kernel call gives the KL value *and* its gradient w.r.t. iq, ik
+       (teacher rebuilt from the main branch's LSE; no second attention pass); an autograd
+       node w.r.t. iq, ik only returns the saved gradient times the incoming one.
+So the KL never sends gradient to q/k/v and the attention output never to iq/ik.
+
+The index branch sits behind a small seam (:data:`INDEX_BACKEND`): ``"triton"`` uses
+``msa_megatron.ops.triton_index`` (the fused selection and KL-backward kernels),
+``"reference"`` the pure-PyTorch reference (selection, KL terms + autograd). Switching is the
+one constant (or ``MSA_INDEX_BACKEND``); a missing module is an error, never a fallback.
+
+Dense main branch: FlexAttention (compiled; GQA, arbitrary q_pos, returns the LSE) on CUDA.
+Off CUDA (the CPU tests run the kernels through ``TRITON_INTERPRET=1``) it is the sparse
+kernel with every visible block selected, which is exactly dense causal attention.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..config import ATTENTION_MODES, MSAConfig
+from ..reference import MSAAux
+from .triton_sparse_attn import KernelConfig, sparse_attention
+
+log = logging.getLogger("msa_megatron.ops")
+
+#: Index branch implementation: "triton" (ops/triton_index.py) or "reference".
+INDEX_BACKEND = os.environ.get("MSA_INDEX_BACKEND", "triton")
+
+_announced: set = set()
+
+
+def _announce(key: str, message: str) -> None:
+    if key not in _announced:
+        _announced.add(key)
+        log.warning(message)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------- index seam
+def _index_module():
+    try:
+        from . import triton_index
+    except ImportError as exc:
+        raise ImportError(
+            f"MSA index backend 'triton' needs msa_megatron.ops.triton_index ({exc}); merge the kernel-index "
+            "branch or set MSA_INDEX_BACKEND=reference (msa_megatron.ops.triton_op.INDEX_BACKEND)"
+        ) from exc
+    return triton_index
+
+
+def _backend(index_backend: Optional[str]) -> str:
+    name = index_backend or INDEX_BACKEND
+    if name not in ("triton", "reference"):
+        raise ValueError(f"index backend {name!r} is invalid: allowed values are triton, reference")
+    return name
+
+
+def _select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, backend: str) -> Tuple[Tensor, Optional[Tensor]]:
+    """(block_idx [b, g, sq, K] int32, index LSE over the selection [b, g, sq] or None)."""
+    if backend == "reference":
+        return reference.select(iq, ik, cfg, q_pos), None
+    return _index_module().index_select(iq, ik, cfg, q_pos)
+
+
+@dataclass
+class _KLResult:
+    kl: Tensor  # 0-dim fp32, the mean KL (detached)
+    d_iq: Optional[Tensor]  # d kl / d iq (times nothing), or None when not needed
+    d_ik: Optional[Tensor]
+    stats: Dict[str, Tensor]  # index_entropy, main_entropy (means), when available
+
+
+def _kl_reference(mode: str, q, k, iq, ik, block_idx, cfg, q_pos, scale, need_grad: bool) -> _KLResult:
+    with torch.enable_grad():
+        iq_ = iq.detach().requires_grad_(need_grad)
+        ik_ = ik.detach().requires_grad_(need_grad)
+        if mode == "msa":
+            terms = reference.sparse_kl_terms(q, k, iq_, ik_, block_idx, cfg, q_pos, scale)
+        else:
+            terms = reference.dense_kl_terms(q, k, iq_, ik_, cfg, q_pos, scale)
+        kl = terms.kl / terms.rows
+        d_iq = d_ik = None
+        if need_grad:
+            d_iq, d_ik = torch.autograd.grad(kl, [iq_, ik_])
+    G = q.shape[2] // k.shape[2]
+    stats = {"index_entropy": terms.index_entropy / terms.rows, "main_entropy": terms.main_entropy / (terms.rows * G)}
+    return _KLResult(kl.detach(), d_iq, d_ik, stats)
+
+
+def _kl_triton(mode: str, q, k, iq, ik, block_idx, main_lse, index_lse, cfg, q_pos, scale) -> _KLResult:
+    ti = _index_module()
+    if mode == "msa":
+        fn = ti.sparse_kl_backward
+        args = (q, k, iq, ik, block_idx, main_lse, index_lse, cfg, q_pos)
+    else:
+        fn = ti.dense_kl_backward
+        args = (q, k, iq, ik, main_lse, cfg, q_pos)
+    wants_stats = cfg.track_entropy and "return_stats" in inspect.signature(fn).parameters
+    res = fn(*args, grad_scale=1.0, softmax_scale=scale, **({"return_stats": True} if wants_stats else {}))
+    stats: Dict[str, Tensor] = {}
+    if wants_stats:
+        kl, d_iq, d_ik, stats = res
+    else:
+        kl, d_iq, d_ik = res
+        if cfg.track_entropy:
+            # The index kernels do not return entropies yet: one reference KL pass (no grad) gives
+            # them. Correct but slow at long context; set msa.track_entropy=false to skip.
+            _announce("entropy-ref", "MSA: entropy statistics come from a reference KL pass (slow); "
+                                     "set msa.track_entropy=false to skip them")
+            with torch.no_grad():
+                stats = _kl_reference(mode, q, k, iq, ik, block_idx, cfg, q_pos, scale, False).stats
+    return _KLResult(kl.detach().float().reshape(()), d_iq, d_ik, stats)
+
+
+class _KLFromGrads(torch.autograd.Function):
+    """kl as a function of (iq, ik) whose gradient was computed together with its value."""
+
+    @staticmethod
+    def forward(ctx, iq, ik, kl, d_iq, d_ik):
+        ctx.save_for_backward(d_iq, d_ik)
+        return kl.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        d_iq, d_ik = ctx.saved_tensors
+        giq = (d_iq.float() * g).to(d_iq.dtype) if ctx.needs_input_grad[0] else None
+        gik = (d_ik.float() * g).to(d_ik.dtype) if ctx.needs_input_grad[1] else None
+        return giq, gik, None, None, None
+
+
+# ----------------------------------------------------------------------------- dense main branch
+_compiled_flex = None
+
+
+def _flex_dense(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, default_pos: bool, scale: float) -> Tuple[Tensor, Tensor]:
+    """Causal GQA attention with keys <= q_pos through compiled FlexAttention (CUDA)."""
+    global _compiled_flex
+    from torch.nn.attention import flex_attention as fa
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(fa.flex_attention, dynamic=False)
+    b, sq, hq, d = q.shape
+    sk = k.shape[1]
+    if default_pos:
+        offset = sk - sq
+
+        def mask_mod(b_, h_, qi, ki):
+            return ki <= qi + offset
+    else:
+        pos = q_pos.to(torch.int64)
+
+        def mask_mod(b_, h_, qi, ki):
+            return ki <= pos[qi]
+
+    block_mask = fa.create_block_mask(mask_mod, None, None, sq, sk, device=q.device, _compile=True)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if hasattr(fa, "AuxRequest"):
+        out, aux = _compiled_flex(qt, kt, vt, block_mask=block_mask, scale=scale, enable_gqa=True,
+                                  return_aux=fa.AuxRequest(lse=True))
+        lse = aux.lse
+    else:  # torch < 2.9
+        out, lse = _compiled_flex(qt, kt, vt, block_mask=block_mask, scale=scale, enable_gqa=True, return_lse=True)
+    return out.transpose(1, 2).contiguous(), lse.detach().float()
+
+
+def full_selection(b: int, g: int, q_pos: Tensor, sk: int, block_size: int) -> Tensor:
+    """block_idx selecting every causally visible block: [b, g, sq, nb] int32 (-1 = future)."""
+    nb = math.ceil(sk / block_size)
+    blk = torch.arange(nb, device=q_pos.device, dtype=torch.int64)
+    sel = torch.where(blk[None, :] <= (q_pos.long() // block_size)[:, None], blk[None, :], -1)
+    return sel.to(torch.int32).expand(b, g, -1, -1).contiguous()
+
+
+def dense_attention_triton(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, default_pos: bool, scale: float,
+                           block_size: int, kernel_config: Optional[KernelConfig] = None,
+                           deterministic: bool = True) -> Tuple[Tensor, Tensor]:
+    """Dense causal main branch: (out, lse); differentiable w.r.t. q, k, v."""
+    if q.device.type == "cuda":
+        return _flex_dense(q, k, v, q_pos, default_pos, scale)
+    sel = full_selection(q.shape[0], k.shape[2], q_pos, k.shape[1], block_size)
+    return sparse_attention(q, k, v, sel, block_size, q_pos, scale, config=kernel_config, deterministic=deterministic)
+
+
+# ----------------------------------------------------------------------------- the op
+def msa_attention_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    iq: Optional[Tensor],
+    ik: Optional[Tensor],
+    cfg: MSAConfig,
+    q_pos: Optional[Tensor] = None,
+    mode: Optional[str] = None,
+    softmax_scale: Optional[float] = None,
+    compute_recall: bool = False,
+    *,
+    kernel_config: Optional[KernelConfig] = None,
+    deterministic: bool = True,
+    index_backend: Optional[str] = None,
+    compute_kl: bool = True,
+) -> Tuple[Tensor, MSAAux]:
+    """(q, k, v, iq, ik, cfg) -> (out, MSAAux), as :func:`msa_megatron.reference.msa_attention`.
+
+    ``aux.kl`` is the mean KL, differentiable w.r.t. iq and ik only; ``aux.block_idx`` the
+    selection (msa and msa_warmup); ``aux.lse`` the main branch's LSE; ``aux.stats`` holds
+    index_entropy / main_entropy (detached means) and, with ``compute_recall``, recall (a
+    dense reference pass: call on sampled steps). ``deterministic=False`` lets the sparse
+    backward accumulate dQ with atomics (faster, not bitwise reproducible).
+    ``compute_kl=False`` (inference / prefill, not in the reference) skips the KL and the
+    entropy statistics: ``aux.kl`` is None."""
+    mode = mode or cfg.mode
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"mode={mode!r} is invalid: allowed values are dense, msa_warmup, msa")
+    reference._check_shapes(q, k, v)
+    if q.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(f"msa_attention_triton needs CUDA tensors (got {q.device}); CPU runs only under TRITON_INTERPRET=1")
+    backend = _backend(index_backend)
+    b, sq, hq, d = q.shape
+    sk, g = k.shape[1], k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    default_pos = q_pos is None
+    pos = reference._positions(q_pos, sq, sk, q.device)
+    aux = MSAAux()
+    dense_kw = dict(block_size=cfg.block_size, kernel_config=kernel_config, deterministic=deterministic)
+    if mode == "dense" or iq is None:
+        if mode != "dense":
+            raise ValueError(f"mode {mode!r} needs the index branch inputs iq and ik")
+        out, aux.lse = dense_attention_triton(q, k, v, pos, default_pos, scale, **dense_kw)
+        return out, aux
+    if ik is None:
+        raise ValueError(f"mode {mode!r} needs the index branch inputs iq and ik")
+    if iq.shape[2] != g:
+        raise ValueError(f"index heads ({iq.shape[2]}) must equal KV heads ({g}): one per GQA group")
+    iq_d, ik_d = iq.detach(), ik.detach()
+    block_idx, index_lse = _select(iq_d, ik_d, cfg, pos, backend)
+    aux.block_idx = block_idx
+    if mode == "msa":
+        out, lse = sparse_attention(q, k, v, block_idx, cfg.block_size, pos, scale,
+                                    config=kernel_config, deterministic=deterministic)
+    else:
+        out, lse = dense_attention_triton(q, k, v, pos, default_pos, scale, **dense_kw)
+    aux.lse = lse
+    if not compute_kl:
+        if compute_recall:
+            aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale)
+        return out, aux
+    need_grad = torch.is_grad_enabled() and (iq.requires_grad or ik.requires_grad)
+    qd, kd = q.detach(), k.detach()
+    if backend == "reference":
+        res = _kl_reference(mode, qd, kd, iq_d, ik_d, block_idx, cfg, pos, scale, need_grad)
+    else:
+        res = _kl_triton(mode, qd, kd, iq_d, ik_d, block_idx, lse, index_lse, cfg, pos, scale)
+    aux.kl = _KLFromGrads.apply(iq, ik, res.kl, res.d_iq, res.d_ik) if need_grad else res.kl
+    aux.stats.update(res.stats)
+    if compute_recall:
+        aux.stats["recall"] = reference.selection_recall(qd, kd, block_idx, cfg.block_size, pos, scale)
+    return out, aux
+
+
+__all__ = ["INDEX_BACKEND", "dense_attention_triton", "full_selection", "msa_attention_triton"]

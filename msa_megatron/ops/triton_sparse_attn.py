@@ -1,0 +1,874 @@
+"""Triton kernels for MSA's main branch: exact attention over per-token selected key blocks.
+
+Semantics are those of :func:`msa_megatron.reference.sparse_attention` (layouts in the
+reference's module docstring): every query head attends, with an exact softmax, to the
+keys of its group's selected blocks that are causally visible (key <= q_pos, key < sk).
+
+Why KV-outer (see docs/kernels_main.md for the design and numbers): each query selects its
+own K blocks, so a query-outer program only has the G heads of one position as MMA rows
+(16 rows against 128-key tiles) and reloads 2 x K key/value tiles per position. Here a
+program owns one KV block (``BN`` keys of it) and streams the queries that chose it, taken
+from a reverse index (block -> (query, slot) pairs, built per call by a stable sort), packed
+``QP`` positions x ``G`` heads per MMA tile (128 rows at G = 16). The price is that a query's
+softmax is split over K programs:
+
+* forward: every program writes a partial (normalised output, log-sum-exp) per
+  (query, slot, head); a combine kernel merges a query's K partials by LSE, in slot order
+  (no atomics, deterministic).
+* backward: dK/dV accumulate in registers of the block's program (blocks chosen by more
+  than ``item_pairs`` queries are split over several programs and reduced in order by a
+  second kernel); dQ is written as per-(query, slot) partials summed in slot order by a
+  combine kernel (``deterministic=True``, the default) or accumulated with fp32 atomics.
+
+Partial buffers scale with sq x hq x K x d, so the queries are processed in chunks that keep
+them under ``KernelConfig.partial_bytes``. A simple query-outer forward (``fwd_impl='q'``)
+is kept as a baseline and for comparison.
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) bf16 cannot be computed by the interpreter, so
+bf16 operands are upcast to fp32 right after loading (``UPCAST``); loads, stores and the
+partial buffers keep their real dtypes. On CUDA ``UPCAST`` is always off.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields, replace
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+#: Fill outputs and partial buffers with NaN before the kernels run, so an element a kernel
+#: fails to write (or a partial the combine wrongly reads) shows up. Tests and
+#: scripts/gpu_check_main.py turn it on (or MSA_POISON_OUTPUTS=1).
+POISON_OUTPUTS = os.environ.get("MSA_POISON_OUTPUTS", "0") == "1"
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch knobs. Override per call (``config=``) or for a process with
+    ``MSA_MAIN_KERNEL="fwd_rows=64,bwd_warps=4"`` (used by the benchmark sweeps)."""
+
+    fwd_impl: str = "kv"  # "kv": KV-outer + combine; "q": query-outer (one position x G heads)
+    fwd_rows: int = 128  # MMA rows per tile in the KV-outer forward (positions x padded G)
+    fwd_warps: int = 8
+    fwd_stages: int = 2
+    bwd_rows: int = 64  # MMA rows per tile in the KV-outer backward
+    bwd_warps: int = 8
+    bwd_stages: int = 2
+    q_warps: int = 4  # query-outer forward
+    q_stages: int = 2
+    fwd_block_n: int = 128  # keys per program: largest power of 2 dividing block_size, capped here
+    bwd_block_n: int = 128  # same for the backward (64 halves the dK/dV registers, doubles dQ partials)
+    items_per_sm: int = 8  # target work items per SM when splitting hot blocks
+    item_pairs: int = 0  # (query, slot) pairs per work item; 0 = automatic
+    partial_bytes: int = 0  # memory budget of the per-chunk partial buffers; 0 = auto (see _partial_budget)
+    lpt_order: bool = True  # launch the largest work items first
+
+    def __post_init__(self) -> None:
+        if self.fwd_impl not in ("kv", "q"):
+            raise ValueError(f"KernelConfig.fwd_impl={self.fwd_impl!r}: allowed values are 'kv', 'q'")
+        for name in ("fwd_rows", "bwd_rows", "fwd_block_n", "bwd_block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"KernelConfig.{name}={v}: must be a power of 2 >= 16")
+        for name in ("fwd_warps", "bwd_warps", "q_warps"):
+            if getattr(self, name) not in (1, 2, 4, 8, 16):
+                raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be 1, 2, 4, 8 or 16")
+
+    @classmethod
+    def from_env(cls) -> "KernelConfig":
+        spec = os.environ.get("MSA_MAIN_KERNEL", "").strip()
+        if not spec:
+            return cls()
+        types = {f.name: f.type for f in fields(cls)}
+        kw = {}
+        for item in spec.split(","):
+            name, _, value = item.partition("=")
+            name = name.strip()
+            if name not in types:
+                raise ValueError(f"MSA_MAIN_KERNEL: unknown field {name!r}; fields: {', '.join(types)}")
+            if name == "fwd_impl":
+                kw[name] = value.strip()
+            elif name in ("lpt_order",):
+                kw[name] = value.strip().lower() in ("1", "true", "yes")
+            else:
+                kw[name] = int(value)
+        return cls(**kw)
+
+
+def default_config() -> KernelConfig:
+    return KernelConfig.from_env()
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _fwd_q_kernel(
+    Q, K, V, QPOS, BIDX, OUT, LSE,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_ob, stride_ot, stride_oh,
+    sq, sk, n_groups, G, D, qk_scale,
+    KSEL: tl.constexpr, NSUB: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
+    RP: tl.constexpr, DP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Query-outer forward: one program = one query position x the G heads of one group,
+    online softmax over its selected blocks."""
+    t = tl.program_id(0)
+    bg = tl.program_id(1)
+    bi = bg // n_groups
+    gi = bg % n_groups
+    h = tl.arange(0, RP)
+    hmask = h < G
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    qpos = tl.load(QPOS + t)
+    q_rows = bi.to(tl.int64) * stride_qb + t.to(tl.int64) * stride_qt + (gi * G + h).to(tl.int64) * stride_qh
+    qt = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=hmask[:, None] & dmask[None, :], other=0.0)
+    if UPCAST:
+        qt = qt.to(tl.float32)
+    m = tl.full([RP], float("-inf"), tl.float32)
+    l = tl.zeros([RP], tl.float32)
+    acc = tl.zeros([RP, DP], tl.float32)
+    sel_base = (bg.to(tl.int64) * sq + t) * KSEL
+    for s in range(KSEL):
+        blk = tl.load(BIDX + sel_base + s)
+        if blk >= 0:
+            for n in range(NSUB):
+                kstart = blk * BLOCK + n * BN
+                if kstart <= qpos:
+                    kpos = kstart + tl.arange(0, BN)
+                    kvalid = (kpos <= qpos) & (kpos < sk)
+                    kv_off = bi.to(tl.int64) * stride_kb + kpos.to(tl.int64)[:, None] * stride_kt + gi * stride_kh
+                    kmask = kvalid[:, None] & dmask[None, :]
+                    kt = tl.load(K + kv_off + offs_d[None, :], mask=kmask, other=0.0)
+                    if UPCAST:
+                        kt = kt.to(tl.float32)
+                    vt = tl.load(V + kv_off + offs_d[None, :], mask=kmask, other=0.0)
+                    if UPCAST:
+                        vt = vt.to(tl.float32)
+                    sc = tl.dot(qt, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
+                    sc = tl.where(kvalid[None, :], sc, float("-inf"))
+                    m_new = tl.maximum(m, tl.max(sc, 1))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp2(m - m_safe)
+                    p = tl.exp2(sc - m_safe[:, None])
+                    l = l * alpha + tl.sum(p, 1)
+                    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+                    m = m_new
+    l_safe = tl.where(l > 0, l, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l > 0, (m + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    o_rows = bi.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot + (gi * G + h).to(tl.int64) * stride_oh
+    tl.store(OUT + o_rows[:, None] + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=hmask[:, None] & dmask[None, :])
+    hq = n_groups * G
+    tl.store(LSE + (bi.to(tl.int64) * hq + gi * G + h) * sq + t, lse, mask=hmask)
+
+
+@triton.jit
+def _fwd_kv_kernel(
+    Q, K, V, QPOS, PERM, IT_BG, IT_BLK, IT_START, IT_END, OPART, LPART,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    t0, cq, sk, n_groups, G, D, qk_scale,
+    KSEL: tl.constexpr, NSUB: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
+    GP: tl.constexpr, QP: tl.constexpr, DP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """KV-outer forward: one program = one work item (a run of the (query, slot) pairs that
+    chose one block) x one BN-key sub-tile of the block. Writes, per pair and head, the
+    sub-tile's normalised output and log2-sum-exp (-inf when no key is visible)."""
+    item = tl.program_id(0)
+    sub = tl.program_id(1)
+    bg = tl.load(IT_BG + item)
+    blk = tl.load(IT_BLK + item)
+    start = tl.load(IT_START + item)
+    end = tl.load(IT_END + item)
+    bi = bg // n_groups
+    gi = bg % n_groups
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    kpos = blk * BLOCK + sub * BN + tl.arange(0, BN)
+    kin = kpos < sk
+    kv_off = bi.to(tl.int64) * stride_kb + kpos.to(tl.int64)[:, None] * stride_kt + gi * stride_kh + offs_d[None, :]
+    kmask = kin[:, None] & dmask[None, :]
+    kt = tl.load(K + kv_off, mask=kmask, other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+    vt = tl.load(V + kv_off, mask=kmask, other=0.0)
+    if UPCAST:
+        vt = vt.to(tl.float32)
+    r = tl.arange(0, QP * GP)
+    pr = r // GP
+    h = r % GP
+    for e0 in range(start, end, QP):
+        e = e0 + pr
+        rvalid = (e < end) & (h < G)
+        pair = tl.load(PERM + e, mask=rvalid, other=0).to(tl.int64)
+        t = t0 + (pair // KSEL) % cq
+        qpos = tl.load(QPOS + t, mask=rvalid, other=-1)
+        q_rows = bi.to(tl.int64) * stride_qb + t * stride_qt + (gi * G + h).to(tl.int64) * stride_qh
+        qt = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=rvalid[:, None] & dmask[None, :], other=0.0)
+        if UPCAST:
+            qt = qt.to(tl.float32)
+        sc = tl.dot(qt, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
+        valid = rvalid[:, None] & kin[None, :] & (kpos[None, :] <= qpos[:, None])
+        sc = tl.where(valid, sc, float("-inf"))
+        m = tl.max(sc, 1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.exp2(sc - m_safe[:, None])
+        l = tl.sum(p, 1)
+        o = tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+        l_safe = tl.where(l > 0, l, 1.0)
+        o = o / l_safe[:, None]
+        lse2 = tl.where(l > 0, m_safe + tl.log2(l_safe), float("-inf"))
+        prow = (pair * NSUB + sub) * G + h
+        tl.store(OPART + prow[:, None] * D + offs_d[None, :], o.to(OPART.dtype.element_ty),
+                 mask=rvalid[:, None] & dmask[None, :])
+        tl.store(LPART + prow, lse2, mask=rvalid)
+
+
+@triton.jit
+def _fwd_combine_kernel(
+    OPART, LPART, BIDX, OUT, LSE,
+    stride_ob, stride_ot, stride_oh,
+    t0, cq, sq, n_groups, G, D,
+    KSEL: tl.constexpr, NSUB: tl.constexpr, GP: tl.constexpr, TQ: tl.constexpr, DP: tl.constexpr,
+):
+    """Merges each query's per-(slot, sub-tile) partials by LSE, in slot order; one program =
+    TQ query positions x the G heads of one group."""
+    tile = tl.program_id(0)
+    bg = tl.program_id(1)
+    bi = bg // n_groups
+    gi = bg % n_groups
+    r = tl.arange(0, TQ * GP)
+    h = r % GP
+    tloc = tile * TQ + r // GP
+    rmask = (h < G) & (tloc < cq)
+    offs_d = tl.arange(0, DP)
+    mask = rmask[:, None] & (offs_d < D)[None, :]
+    M = tl.full([TQ * GP], float("-inf"), tl.float32)
+    L = tl.zeros([TQ * GP], tl.float32)
+    acc = tl.zeros([TQ * GP, DP], tl.float32)
+    pair0 = (bg.to(tl.int64) * cq + tloc) * KSEL
+    for s in range(KSEL):
+        blk = tl.load(BIDX + pair0 + s, mask=rmask, other=-1)
+        use = rmask & (blk >= 0)
+        for n in range(NSUB):
+            prow = ((pair0 + s) * NSUB + n) * G + h
+            lu = tl.load(LPART + prow, mask=use, other=float("-inf"))
+            ou = tl.load(OPART + prow[:, None] * D + offs_d[None, :], mask=use[:, None] & mask, other=0.0)
+            m_new = tl.maximum(M, lu)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            a = tl.exp2(M - m_safe)
+            w = tl.exp2(lu - m_safe)
+            acc = acc * a[:, None] + w[:, None] * ou.to(tl.float32)
+            L = L * a + w
+            M = m_new
+    L_safe = tl.where(L > 0, L, 1.0)
+    o = acc / L_safe[:, None]
+    lse = tl.where(L > 0, (M + tl.log2(L_safe)) * 0.6931471805599453, float("-inf"))
+    t = (t0 + tloc).to(tl.int64)
+    o_rows = bi.to(tl.int64) * stride_ob + t * stride_ot + (gi * G + h).to(tl.int64) * stride_oh
+    tl.store(OUT + o_rows[:, None] + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=mask)
+    hq = n_groups * G
+    tl.store(LSE + (bi.to(tl.int64) * hq + gi * G + h) * sq + t, lse, mask=rmask)
+
+
+@triton.jit
+def _delta_kernel(
+    OUT, DO, DELTA,
+    stride_ob, stride_ot, stride_oh, stride_db, stride_dt, stride_dh,
+    sq, hq, D, HP: tl.constexpr, TD: tl.constexpr, DP: tl.constexpr,
+):
+    """delta[b, h, t] = sum_d out * dout (fp32), the softmax-backward row correction; one
+    program = TD positions x all heads."""
+    tile = tl.program_id(0)
+    bi = tl.program_id(1)
+    r = tl.arange(0, TD * HP)
+    h = r % HP
+    t = (tile * TD + r // HP).to(tl.int64)
+    rmask = (h < hq) & (t < sq)
+    offs_d = tl.arange(0, DP)
+    mask = rmask[:, None] & (offs_d < D)[None, :]
+    o = tl.load(OUT + (bi.to(tl.int64) * stride_ob + t * stride_ot + h.to(tl.int64) * stride_oh)[:, None]
+                + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + (bi.to(tl.int64) * stride_db + t * stride_dt + h.to(tl.int64) * stride_dh)[:, None]
+                 + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + (bi.to(tl.int64) * hq + h) * sq + t, tl.sum(o * do, 1), mask=rmask)
+
+
+@triton.jit
+def _bwd_kv_kernel(
+    Q, K, V, DO, LSE, DELTA, QPOS, PERM, IT_BG, IT_BLK, IT_START, IT_END, IT_PSLOT,
+    DQ, DKACC, DVACC, DKPART, DVPART,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_db, stride_dt, stride_dh,
+    t0, cq, sq, sk, n_groups, G, D, sm_scale, qk_scale,
+    KSEL: tl.constexpr, NSUB: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
+    GP: tl.constexpr, QP: tl.constexpr, DP: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """KV-outer backward for one work item x one BN-key sub-tile: dK/dV in registers over the
+    item's queries; dQ per (pair, sub-tile, head) into a partial buffer (or fp32 atomics into
+    the chunk's dQ accumulator [b, cq, hq, d])."""
+    item = tl.program_id(0)
+    sub = tl.program_id(1)
+    bg = tl.load(IT_BG + item)
+    blk = tl.load(IT_BLK + item)
+    start = tl.load(IT_START + item)
+    end = tl.load(IT_END + item)
+    bi = bg // n_groups
+    gi = bg % n_groups
+    hq = n_groups * G
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    kpos = blk * BLOCK + sub * BN + tl.arange(0, BN)
+    kin = kpos < sk
+    kv_off = bi.to(tl.int64) * stride_kb + kpos.to(tl.int64)[:, None] * stride_kt + gi * stride_kh + offs_d[None, :]
+    kmask = kin[:, None] & dmask[None, :]
+    kt = tl.load(K + kv_off, mask=kmask, other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+    vt = tl.load(V + kv_off, mask=kmask, other=0.0)
+    if UPCAST:
+        vt = vt.to(tl.float32)
+    dk = tl.zeros([BN, DP], tl.float32)
+    dv = tl.zeros([BN, DP], tl.float32)
+    r = tl.arange(0, QP * GP)
+    pr = r // GP
+    h = r % GP
+    head = (gi * G + h).to(tl.int64)
+    for e0 in range(start, end, QP):
+        e = e0 + pr
+        rvalid = (e < end) & (h < G)
+        pair = tl.load(PERM + e, mask=rvalid, other=0).to(tl.int64)
+        tloc = (pair // KSEL) % cq
+        t = t0 + tloc
+        qpos = tl.load(QPOS + t, mask=rvalid, other=-1)
+        rmask = rvalid[:, None] & dmask[None, :]
+        q_rows = bi.to(tl.int64) * stride_qb + t * stride_qt + head * stride_qh
+        qt = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=rmask, other=0.0)
+        if UPCAST:
+            qt = qt.to(tl.float32)
+        do_rows = bi.to(tl.int64) * stride_db + t * stride_dt + head * stride_dh
+        dot_ = tl.load(DO + do_rows[:, None] + offs_d[None, :], mask=rmask, other=0.0)
+        if UPCAST:
+            dot_ = dot_.to(tl.float32)
+        stat = (bi.to(tl.int64) * hq + head) * sq + t
+        lse2 = tl.load(LSE + stat, mask=rvalid, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + stat, mask=rvalid, other=0.0)
+        sc = tl.dot(qt, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
+        valid = rvalid[:, None] & kin[None, :] & (kpos[None, :] <= qpos[:, None])
+        p = tl.where(valid, tl.exp2(sc - lse2[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(dot_.dtype)), dot_, input_precision=DOT_PREC)
+        dp = tl.dot(dot_, tl.trans(vt), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=DOT_PREC)
+        dq = tl.dot(ds.to(kt.dtype), kt, input_precision=DOT_PREC) * sm_scale
+        if DQ_ATOMIC:
+            dq_rows = ((bi.to(tl.int64) * cq + tloc) * hq + head) * D
+            tl.atomic_add(DQ + dq_rows[:, None] + offs_d[None, :], dq, mask=rmask, sem="relaxed")
+        else:
+            prow = (pair * NSUB + sub) * G + h
+            tl.store(DQ + prow[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask)
+    dk = dk * sm_scale
+    pslot = tl.load(IT_PSLOT + item)
+    if pslot < 0:
+        # sole program of this (block, sub-tile) in this launch: accumulate in place
+        acc_off = ((bi.to(tl.int64) * sk + kpos.to(tl.int64)[:, None]) * n_groups + gi) * D + offs_d[None, :]
+        tl.store(DKACC + acc_off, tl.load(DKACC + acc_off, mask=kmask, other=0.0) + dk, mask=kmask)
+        tl.store(DVACC + acc_off, tl.load(DVACC + acc_off, mask=kmask, other=0.0) + dv, mask=kmask)
+    else:
+        part_off = (pslot.to(tl.int64) * BLOCK + sub * BN + tl.arange(0, BN))[:, None] * D + offs_d[None, :]
+        pmask = (tl.arange(0, BN) < BN)[:, None] & dmask[None, :]
+        tl.store(DKPART + part_off, dk, mask=pmask)
+        tl.store(DVPART + part_off, dv, mask=pmask)
+
+
+@triton.jit
+def _bwd_reduce_kernel(
+    DKPART, DVPART, DKACC, DVACC, SG_BG, SG_BLK, SG_P0, SG_P1,
+    sk, n_groups, D, BLOCK: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
+):
+    """Adds the partial dK/dV of a split block's work items, in item order (deterministic)."""
+    seg = tl.program_id(0)
+    sub = tl.program_id(1)
+    bg = tl.load(SG_BG + seg)
+    blk = tl.load(SG_BLK + seg)
+    p0 = tl.load(SG_P0 + seg)
+    p1 = tl.load(SG_P1 + seg)
+    bi = bg // n_groups
+    gi = bg % n_groups
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    rows = sub * BN + tl.arange(0, BN)
+    sdk = tl.zeros([BN, DP], tl.float32)
+    sdv = tl.zeros([BN, DP], tl.float32)
+    pmask = (rows < BLOCK)[:, None] & dmask[None, :]
+    base = p0.to(tl.int64)
+    for i in range(0, p1 - p0):
+        off = ((base + i) * BLOCK + rows)[:, None] * D + offs_d[None, :]
+        sdk += tl.load(DKPART + off, mask=pmask, other=0.0)
+        sdv += tl.load(DVPART + off, mask=pmask, other=0.0)
+    kpos = blk * BLOCK + rows
+    kmask = (kpos < sk)[:, None] & dmask[None, :]
+    acc_off = ((bi.to(tl.int64) * sk + kpos.to(tl.int64)[:, None]) * n_groups + gi) * D + offs_d[None, :]
+    tl.store(DKACC + acc_off, tl.load(DKACC + acc_off, mask=kmask, other=0.0) + sdk, mask=kmask)
+    tl.store(DVACC + acc_off, tl.load(DVACC + acc_off, mask=kmask, other=0.0) + sdv, mask=kmask)
+
+
+@triton.jit
+def _dq_combine_kernel(
+    DQPART, BIDX, DQ,
+    stride_qb, stride_qt, stride_qh,
+    t0, cq, n_groups, G, D,
+    KSEL: tl.constexpr, NSUB: tl.constexpr, GP: tl.constexpr, TQ: tl.constexpr, DP: tl.constexpr,
+):
+    """dQ of TQ query positions x one group's heads: the sum of each query's per-(slot,
+    sub-tile) partials, in slot order."""
+    tile = tl.program_id(0)
+    bg = tl.program_id(1)
+    bi = bg // n_groups
+    gi = bg % n_groups
+    r = tl.arange(0, TQ * GP)
+    h = r % GP
+    tloc = tile * TQ + r // GP
+    rmask = (h < G) & (tloc < cq)
+    offs_d = tl.arange(0, DP)
+    mask = rmask[:, None] & (offs_d < D)[None, :]
+    acc = tl.zeros([TQ * GP, DP], tl.float32)
+    pair0 = (bg.to(tl.int64) * cq + tloc) * KSEL
+    for s in range(KSEL):
+        blk = tl.load(BIDX + pair0 + s, mask=rmask, other=-1)
+        use = (blk >= 0)[:, None] & mask
+        for n in range(NSUB):
+            prow = ((pair0 + s) * NSUB + n) * G + h
+            acc += tl.load(DQPART + prow[:, None] * D + offs_d[None, :], mask=use, other=0.0).to(tl.float32)
+    t = (t0 + tloc).to(tl.int64)
+    rows = bi.to(tl.int64) * stride_qb + t * stride_qt + (gi * G + h).to(tl.int64) * stride_qh
+    tl.store(DQ + rows[:, None] + offs_d[None, :], acc.to(DQ.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- planning (reverse index)
+@dataclass
+class _Chunk:
+    """The reverse index of the queries [t0, t1): work items over (block -> pairs) runs."""
+
+    t0: int
+    t1: int
+    bidx: Tensor  # [b, g, cq, K] int32, contiguous (pair p = flat index)
+    perm: Tensor  # [n_valid] int32: pairs sorted by (b, g, block), queries ascending
+    it_bg: Tensor
+    it_blk: Tensor
+    it_start: Tensor
+    it_end: Tensor
+    it_pslot: Tensor  # partial dK/dV slot, -1 if the item is its block's only one
+    sg_bg: Tensor  # split blocks: the items' partial slot range [p0, p1)
+    sg_blk: Tensor
+    sg_p0: Tensor
+    sg_p1: Tensor
+    n_items: int
+    n_split_items: int
+    n_split_segs: int
+
+
+@dataclass
+class Plan:
+    """Everything the kernels need about a block selection; built once in the forward and
+    reused by the backward."""
+
+    chunks: List[_Chunk]
+    nb: int
+    key: tuple  # (shape, block_size, device) it was built for
+
+
+def _alloc(shape, dtype, device) -> Tensor:
+    """torch.empty, NaN-filled when POISON_OUTPUTS (floating dtypes)."""
+    x = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS and x.is_floating_point():
+        x.fill_(float("nan"))
+    return x
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def _block_n(block_size: int, cap: int) -> int:
+    bn = block_size & (-block_size)  # largest power of 2 dividing block_size
+    return min(bn, cap)
+
+
+def _partial_budget(device: torch.device, cfg: KernelConfig) -> int:
+    """Bytes the partial buffers of one chunk may take: the configured value, else a quarter
+    of the memory free for tensors (CUDA driver free + the caching allocator's unused
+    reserve), between 256 MiB and 8 GiB; 64 MiB off CUDA."""
+    if cfg.partial_bytes > 0:
+        return cfg.partial_bytes
+    if device.type != "cuda":
+        return 64 << 20
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(min(8 << 30, max(256 << 20, free // 4)))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # interpreter: fewer, larger work items
+
+
+def build_plan(block_idx: Tensor, sk: int, block_size: int, bytes_per_pos: int,
+               config: Optional[KernelConfig] = None) -> Plan:
+    """Reverse index of ``block_idx`` [b, g, sq, K]: for each (b, g, block) the (query, slot)
+    pairs that chose it, split into work items of at most ``item_pairs`` pairs, the queries cut
+    into chunks whose partial buffers (``bytes_per_pos`` per query position, see
+    :func:`partial_bytes_per_pos`) fit the memory budget. Costs a stable sort and one host
+    sync per chunk."""
+    cfg = config or default_config()
+    b, g, sq, K = block_idx.shape
+    dev = block_idx.device
+    nb = math.ceil(sk / block_size)
+    nseg = b * g * nb
+    cq = max(1, min(sq, _partial_budget(dev, cfg) // max(1, bytes_per_pos)))
+    chunks = []
+    for t0 in range(0, sq, cq):
+        t1 = min(sq, t0 + cq)
+        bidx = block_idx[:, :, t0:t1].contiguous()
+        n = bidx.numel()
+        flat = bidx.view(-1).long()
+        bg_of = torch.arange(n, device=dev, dtype=torch.long) // ((t1 - t0) * K)
+        key = torch.where(flat >= 0, bg_of * nb + flat, torch.full_like(flat, nseg))
+        del bg_of
+        _, perm = torch.sort(key, stable=True)
+        counts = torch.bincount(key, minlength=nseg + 1)[:nseg]
+        del key
+        if cfg.item_pairs > 0:
+            per_item = cfg.item_pairs
+        else:  # about items_per_sm items per SM, never tiny
+            per_item = max(64, -(-n // (cfg.items_per_sm * _num_sms(dev))))
+        n_it = (counts + per_item - 1) // per_item
+        totals = torch.stack([counts.sum(), n_it.sum(), (n_it > 1).sum(), (n_it * (n_it > 1)).sum()]).tolist()
+        n_valid, n_items, n_split_segs, n_split_items = (int(x) for x in totals)
+        perm = perm[:n_valid].to(torch.int32)
+        seg_off = torch.cumsum(counts, 0) - counts
+        first_item = torch.cumsum(n_it, 0) - n_it
+        seg_ids = torch.arange(nseg, device=dev)
+        item_seg = torch.repeat_interleave(seg_ids, n_it, output_size=n_items)
+        sub = torch.arange(n_items, device=dev) - first_item[item_seg]
+        start = seg_off[item_seg] + sub * per_item
+        end = torch.minimum(start + per_item, seg_off[item_seg] + counts[item_seg])
+        split = (n_it > 1)[item_seg]
+        pslot = torch.where(split, torch.cumsum(split.long(), 0) - 1, torch.full_like(start, -1))
+        sg = seg_ids[n_it > 1]
+        sg_p0 = pslot[first_item[sg]] if n_split_segs else torch.zeros(0, dtype=torch.long, device=dev)
+        sg_p1 = sg_p0 + n_it[sg]
+        it_bg, it_blk = item_seg // nb, item_seg % nb
+        if cfg.lpt_order and n_items > 1:
+            order = torch.argsort(end - start, descending=True, stable=True)
+            it_bg, it_blk, start, end, pslot = (x[order] for x in (it_bg, it_blk, start, end, pslot))
+        i32 = lambda x: x.to(torch.int32).contiguous()  # noqa: E731
+        chunks.append(_Chunk(
+            t0, t1, bidx, perm, i32(it_bg), i32(it_blk), i32(start), i32(end), i32(pslot),
+            i32(sg // nb), i32(sg % nb), i32(sg_p0), i32(sg_p1), n_items, n_split_items, n_split_segs,
+        ))
+    return Plan(chunks, nb, _plan_key(block_idx, sk, block_size))
+
+
+def _plan_key(block_idx: Tensor, sk: int, block_size: int) -> tuple:
+    return (tuple(block_idx.shape), sk, block_size, str(block_idx.device), block_idx.data_ptr())
+
+
+# ----------------------------------------------------------------------------- host wrappers
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int) -> Tuple[int, int, int, int, int, int, int]:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [b, s, heads, d]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    b, sq, hq, d = q.shape
+    sk, g = k.shape[1], k.shape[2]
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [b={b}, sk, g, d={d}]")
+    if hq % g:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({g})")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype among float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if d % 16 or d > 256:
+        raise ValueError(f"head dim {d} is not supported by the Triton kernels: a multiple of 16 up to 256")
+    if block_size % 16 or block_size <= 0:
+        raise ValueError(f"block_size {block_size} is not supported: a positive multiple of 16")
+    if block_idx.dim() != 4 or tuple(block_idx.shape[:3]) != (b, g, sq):
+        raise ValueError(f"block_idx must be [b={b}, g={g}, sq={sq}, K]; got {tuple(block_idx.shape)}")
+    if block_idx.dtype != torch.int32:
+        raise TypeError(f"block_idx must be int32, got {block_idx.dtype}")
+    if q.device != k.device or k.device != v.device or block_idx.device != q.device:
+        raise ValueError("q, k, v and block_idx must be on one device")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit stride in its last dim (got strides {x.stride()})")
+    K = block_idx.shape[3]
+    nb = math.ceil(sk / block_size)
+    if block_idx.numel():
+        lo, hi = torch.stack([block_idx.min(), block_idx.max()]).tolist()
+        if lo < -1 or hi >= nb:
+            raise ValueError(f"block_idx entries must lie in [-1, {nb - 1}] (nb = ceil({sk} / {block_size})); got [{lo}, {hi}]")
+    return b, sq, hq, d, sk, g, K
+
+
+def _positions(q_pos: Optional[Tensor], sq: int, sk: int, device) -> Tensor:
+    if q_pos is None:
+        return torch.arange(sk - sq, sk, device=device, dtype=torch.int32)
+    if q_pos.shape != (sq,):
+        raise ValueError(f"q_pos must have shape [{sq}], got {tuple(q_pos.shape)}")
+    return q_pos.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _combine_tq(GP: int, DP: int) -> int:
+    """Query positions per combine program: about 8K partial elements per step."""
+    return max(1, min(64, 8192 // (GP * DP)))
+
+
+def _dot_prec(dtype: torch.dtype):
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _upcast(x: Tensor) -> bool:
+    # The interpreter (CPU tensors) cannot compute in bf16; compiled kernels never upcast.
+    return x.device.type != "cuda" and x.dtype == torch.bfloat16
+
+
+def partial_bytes_per_pos(q: Tensor, K: int, block_size: int, fwd: bool = True, bwd: bool = False,
+                          deterministic: bool = True, dq_partial_dtype: torch.dtype = torch.float32,
+                          config: Optional[KernelConfig] = None) -> int:
+    """Bytes of partial buffers per query position: forward (out partial + LSE per (slot,
+    sub-tile, head)), backward (dQ partials, or the fp32 dQ accumulator with atomics)."""
+    cfg = config or default_config()
+    b, _, hq, d = q.shape
+    need = 0
+    if fwd:
+        need = b * hq * K * (block_size // _block_n(block_size, cfg.fwd_block_n)) * (d * q.element_size() + 4)
+    if bwd:
+        rows = b * hq * K * (block_size // _block_n(block_size, cfg.bwd_block_n))
+        dq_bytes = rows * d * torch.empty((), dtype=dq_partial_dtype).element_size() if deterministic else b * hq * d * 4
+        need = max(need, dq_bytes)
+    return need
+
+
+def sparse_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
+    q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
+    *, config: Optional[KernelConfig] = None, plan: Optional[Plan] = None, return_plan: bool = False,
+):
+    """Sparse main-branch forward. Returns (out [b, sq, hq, d] in q's dtype, lse [b, hq, sq]
+    fp32), plus the reverse-index plan when ``return_plan`` (reused by the backward).
+
+    Rows with no visible selected key get out 0 and lse -inf (the reference gives NaN)."""
+    cfg = config or default_config()
+    b, sq, hq, d, sk, g, K = _check_inputs(q, k, v, block_idx, block_size)
+    G = hq // g
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    pos = _positions(q_pos, sq, sk, q.device)
+    out = _alloc((b, sq, hq, d), q.dtype, q.device)
+    lse = _alloc((b, hq, sq), torch.float32, q.device)
+    DP = _next_pow2(d)
+    bn = _block_n(block_size, cfg.fwd_block_n)
+    nsub = block_size // bn
+    prec, up = _dot_prec(q.dtype), _upcast(q)
+    if sq == 0:
+        return (out, lse, plan) if return_plan else (out, lse)
+    block_idx = block_idx.contiguous()
+    if cfg.fwd_impl == "q":
+        _fwd_q_kernel[(sq, b * g)](
+            q, k, v, pos, block_idx, out, lse,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            sq, sk, g, G, d, scale * LOG2E,
+            KSEL=K, NSUB=nsub, BLOCK=block_size, BN=bn, RP=max(16, _next_pow2(G)), DP=DP,
+            DOT_PREC=prec, UPCAST=up, num_warps=cfg.q_warps, num_stages=cfg.q_stages,
+        )
+        return (out, lse, plan) if return_plan else (out, lse)
+    if plan is None or plan.key != _plan_key(block_idx, sk, block_size):
+        plan = build_plan(block_idx, sk, block_size, partial_bytes_per_pos(q, K, block_size, config=cfg), cfg)
+    GP = _next_pow2(G)
+    QP = max(1, cfg.fwd_rows // GP)
+    if QP * GP < 16:
+        QP = 16 // GP
+    TQ = _combine_tq(GP, DP)
+    part_dtype = q.dtype
+    for ch in plan.chunks:
+        cq = ch.t1 - ch.t0
+        npairs = ch.bidx.numel()
+        opart = _alloc((npairs * nsub * G, d), part_dtype, q.device)
+        lpart = _alloc((npairs * nsub * G,), torch.float32, q.device)
+        if ch.n_items:
+            _fwd_kv_kernel[(ch.n_items, nsub)](
+                q, k, v, pos, ch.perm, ch.it_bg, ch.it_blk, ch.it_start, ch.it_end, opart, lpart,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                ch.t0, cq, sk, g, G, d, scale * LOG2E,
+                KSEL=K, NSUB=nsub, BLOCK=block_size, BN=bn, GP=GP, QP=QP, DP=DP,
+                DOT_PREC=prec, UPCAST=up, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+            )
+        _fwd_combine_kernel[(triton.cdiv(cq, TQ), b * g)](
+            opart, lpart, ch.bidx, out, lse,
+            out.stride(0), out.stride(1), out.stride(2),
+            ch.t0, cq, sq, g, G, d,
+            KSEL=K, NSUB=nsub, GP=GP, TQ=TQ, DP=DP, num_warps=4,
+        )
+        del opart, lpart
+    return (out, lse, plan) if return_plan else (out, lse)
+
+
+def _delta(out: Tensor, do: Tensor) -> Tensor:
+    b, sq, hq, d = out.shape
+    delta = _alloc((b, hq, sq), torch.float32, out.device)
+    if sq:
+        HP, DP = _next_pow2(hq), _next_pow2(d)
+        TD = max(1, 8192 // (HP * DP))
+        _delta_kernel[(triton.cdiv(sq, TD), b)](
+            out, do, delta, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            sq, hq, d, HP=HP, TD=TD, DP=DP, num_warps=4,
+        )
+    return delta
+
+
+def sparse_attention_bwd(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, block_idx: Tensor, block_size: int,
+    q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
+    *, deterministic: bool = True, dq_partial_dtype: torch.dtype = torch.float32,
+    config: Optional[KernelConfig] = None, plan: Optional[Plan] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Sparse main-branch backward: (dq, dk, dv) in the inputs' dtypes; dK/dV of a KV head sum
+    over its group's query heads.
+
+    ``deterministic=True`` (default): dQ partials per (query, slot) in ``dq_partial_dtype``
+    (fp32 default; bf16 halves their memory traffic at one extra rounding) summed in slot
+    order; bitwise reproducible. ``False``: fp32 atomics into a dQ accumulator (faster, order
+    of additions varies run to run)."""
+    cfg = config or default_config()
+    b, sq, hq, d, sk, g, K = _check_inputs(q, k, v, block_idx, block_size)
+    if do.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"do {tuple(do.shape)} and out {tuple(out.shape)} must match q {tuple(q.shape)}")
+    if lse.shape != (b, hq, sq) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be fp32 [b={b}, hq={hq}, sq={sq}], got {lse.dtype} {tuple(lse.shape)}")
+    if dq_partial_dtype not in _DTYPES:
+        raise TypeError(f"dq_partial_dtype must be one of {_DTYPES}, got {dq_partial_dtype}")
+    G = hq // g
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    pos = _positions(q_pos, sq, sk, q.device)
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    if do.dtype != q.dtype:
+        do = do.to(q.dtype)
+    lse = lse.contiguous()
+    block_idx = block_idx.contiguous()
+    DP = _next_pow2(d)
+    if plan is None or plan.key != _plan_key(block_idx, sk, block_size):
+        need = partial_bytes_per_pos(q, K, block_size, fwd=False, bwd=True, deterministic=deterministic,
+                                     dq_partial_dtype=dq_partial_dtype, config=cfg)
+        plan = build_plan(block_idx, sk, block_size, need, cfg)
+    bn = _block_n(block_size, cfg.bwd_block_n)
+    nsub = block_size // bn
+    GP = _next_pow2(G)
+    QP = max(1, cfg.bwd_rows // GP)
+    if QP * GP < 16:
+        QP = 16 // GP
+    prec, up = _dot_prec(q.dtype), _upcast(q)
+    dq = _alloc((b, sq, hq, d), q.dtype, q.device)
+    dk_acc = torch.zeros((b, sk, g, d), dtype=torch.float32, device=q.device)
+    dv_acc = torch.zeros((b, sk, g, d), dtype=torch.float32, device=q.device)
+    if sq == 0:
+        return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+    delta = _delta(out, do)
+    dummy = torch.empty(1, dtype=torch.float32, device=q.device)
+    TQ = _combine_tq(GP, DP)
+    for ch in plan.chunks:
+        cq = ch.t1 - ch.t0
+        npairs = ch.bidx.numel()
+        if deterministic:
+            dqbuf = _alloc((npairs * nsub * G, d), dq_partial_dtype, q.device)
+        else:
+            dqbuf = torch.zeros((b, cq, hq, d), dtype=torch.float32, device=q.device)
+        if ch.n_split_items:
+            dkpart = _alloc((ch.n_split_items, block_size, d), torch.float32, q.device)
+            dvpart = _alloc((ch.n_split_items, block_size, d), torch.float32, q.device)
+        else:
+            dkpart = dvpart = dummy
+        if ch.n_items:
+            _bwd_kv_kernel[(ch.n_items, nsub)](
+                q, k, v, do, lse, delta, pos, ch.perm, ch.it_bg, ch.it_blk, ch.it_start, ch.it_end, ch.it_pslot,
+                dqbuf, dk_acc, dv_acc, dkpart, dvpart,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                do.stride(0), do.stride(1), do.stride(2),
+                ch.t0, cq, sq, sk, g, G, d, scale, scale * LOG2E,
+                KSEL=K, NSUB=nsub, BLOCK=block_size, BN=bn, GP=GP, QP=QP, DP=DP,
+                DQ_ATOMIC=not deterministic, DOT_PREC=prec, UPCAST=up,
+                num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
+            )
+        if ch.n_split_segs:
+            _bwd_reduce_kernel[(ch.n_split_segs, nsub)](
+                dkpart, dvpart, dk_acc, dv_acc, ch.sg_bg, ch.sg_blk, ch.sg_p0, ch.sg_p1,
+                sk, g, d, BLOCK=block_size, BN=bn, DP=DP, num_warps=4,
+            )
+        if deterministic:
+            _dq_combine_kernel[(triton.cdiv(cq, TQ), b * g)](
+                dqbuf, ch.bidx, dq, dq.stride(0), dq.stride(1), dq.stride(2),
+                ch.t0, cq, g, G, d, KSEL=K, NSUB=nsub, GP=GP, TQ=TQ, DP=DP, num_warps=4,
+            )
+        else:
+            dq[:, ch.t0:ch.t1] = dqbuf.to(q.dtype)
+        del dqbuf, dkpart, dvpart
+    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------- autograd
+class SparseAttentionFn(torch.autograd.Function):
+    """out, lse = sparse attention; differentiable w.r.t. q, k, v (lse is not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, block_size, q_pos, softmax_scale, config, deterministic):
+        cfg = config or default_config()
+        b, sq, hq, d = q.shape
+        block_idx = block_idx.contiguous()
+        grad = any(ctx.needs_input_grad[:3])
+        plan = None
+        if grad and sq:  # one reverse index for the forward and the backward
+            _check_inputs(q, k, v, block_idx, block_size)
+            need = partial_bytes_per_pos(q, block_idx.shape[-1], block_size, fwd=cfg.fwd_impl == "kv", bwd=True,
+                                         deterministic=deterministic, config=cfg)
+            plan = build_plan(block_idx, k.shape[1], block_size, need, cfg)
+        out, lse = sparse_attention_fwd(q, k, v, block_idx, block_size, q_pos, softmax_scale, config=cfg, plan=plan)
+        ctx.save_for_backward(q, k, v, out, lse, block_idx, q_pos if q_pos is not None else torch.empty(0))
+        ctx.has_pos = q_pos is not None
+        ctx.block_size, ctx.scale, ctx.cfg, ctx.plan, ctx.det = block_size, softmax_scale, cfg, plan, deterministic
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, block_idx, q_pos = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = sparse_attention_bwd(
+            dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos if ctx.has_pos else None, ctx.scale,
+            deterministic=ctx.det, config=ctx.cfg, plan=ctx.plan,
+        )
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
+    q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
+    *, config: Optional[KernelConfig] = None, deterministic: bool = True,
+) -> Tuple[Tensor, Tensor]:
+    """Autograd-aware sparse main branch: (out, lse), same contract as the reference."""
+    return SparseAttentionFn.apply(q, k, v, block_idx, block_size, q_pos, softmax_scale, config, deterministic)
+
+
+__all__ = [
+    "KernelConfig", "Plan", "SparseAttentionFn", "build_plan", "default_config",
+    "partial_bytes_per_pos", "sparse_attention", "sparse_attention_bwd", "sparse_attention_fwd",
+]

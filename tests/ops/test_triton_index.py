@@ -1,0 +1,272 @@
+"""Triton index-branch kernels (msa_megatron/ops/triton_index.py) vs the reference.
+
+Runs under TRITON_INTERPRET=1 on CPU tensors (set in tests/ops/conftest.py and again
+here, before triton is imported), at tiny sizes: block 16, index/head dim 16-32, a few
+hundred tokens. Every test draws fresh random inputs from its own seeded generator.
+
+Tolerances (stated once, used below):
+  * Selection: identical to ``reference.select`` for every row whose reference block
+    scores separate the chosen from the unchosen blocks by more than SCORE_GAP_TOL; rows
+    inside that gap (fp32 near-ties: the kernel accumulates the dot products in another
+    order) may differ only by swapping blocks whose scores lie within SCORE_GAP_TOL.
+    Exact ties (integer-valued inputs) must match exactly: lower block index wins.
+  * Index LSE: |kernel - reference| <= LSE_TOL (fp32 accumulation-order noise).
+  * KL value and gradients: relative (norm-wise) error <= KL_RTOL[dtype]; bf16 inputs
+    cast dS to bf16 before the gradient dots (as flash-attention backward does).
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import math
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not importable: the Triton kernel tests need it")
+
+from msa_megatron import reference as R  # noqa: E402
+from msa_megatron.config import MSAConfig  # noqa: E402
+from msa_megatron.ops import triton_index as TI  # noqa: E402
+
+SCORE_GAP_TOL = 1e-3
+LSE_TOL = 2e-5
+KL_RTOL = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Outputs start as NaN / -7 so any entry a kernel fails to write shows up."""
+    monkeypatch.setattr(TI, "POISON_OUTPUTS", True)
+
+
+def _gen(request) -> torch.Generator:
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"[{request.node.name}] seed={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(gen, *shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=gen).to(dtype)
+
+
+def _make_q_pos(kind: str, sq: int, sk: int, gen) -> torch.Tensor:
+    if kind == "default":
+        return None
+    if kind == "subset":  # sorted random subset of positions (sq < sk)
+        return torch.sort(torch.randperm(sk, generator=gen)[:sq]).values
+    if kind == "zigzag":  # context-parallel style: first and last chunks
+        half = sq // 2
+        return torch.cat([torch.arange(0, half), torch.arange(sk - (sq - half), sk)])
+    raise ValueError(kind)
+
+
+def assert_selection_ok(sel, iq, ik, cfg, q_pos, tol=SCORE_GAP_TOL):
+    """Exact agreement except near-ties within ``tol``; returns the number of near-tie rows."""
+    b, sq, g, _ = iq.shape
+    sk = ik.shape[1]
+    ref = R.select(iq, ik, cfg, q_pos)
+    assert sel.dtype == torch.int32 and sel.shape == ref.shape
+    qp = R._positions(q_pos, sq, sk, iq.device)
+    nb = math.ceil(sk / cfg.block_size)
+    own = (qp // cfg.block_size).view(1, 1, sq, 1)
+    # Structure: valid entries ascending, then -1 padding, all visible, count min(K, visible).
+    valid = sel >= 0
+    assert bool((sel >= -1).all()) and bool((sel <= own).all()), "future or garbage block selected"
+    assert bool((valid[..., :-1] | ~valid[..., 1:]).all()), "-1 padding must come last"
+    v = torch.where(valid, sel, torch.full_like(sel, nb + 1))
+    assert bool(((v[..., 1:] > v[..., :-1]) | ~valid[..., 1:]).all()), "selection must be strictly ascending"
+    n_expect = torch.clamp(own + 1, max=cfg.topk).squeeze(-1)
+    assert torch.equal(valid.sum(-1), n_expect.expand_as(valid.sum(-1)).to(valid.sum(-1).dtype))
+    forced = R.forced_block_mask(qp, nb, cfg)  # [sq, nb]
+    onehot = torch.zeros(b, g, sq, nb + 1, dtype=torch.bool)
+    onehot.scatter_(-1, torch.where(valid, sel, torch.full_like(sel, nb)).long(), True)
+    onehot = onehot[..., :nb]
+    assert bool((onehot | ~forced).all()), "a forced (own / local / init) block is missing"
+    # Agreement with the reference.
+    diff_rows = (sel != ref).any(-1)
+    if bool(diff_rows.any()):
+        scores = R.index_block_scores(iq, ik, cfg.block_size, q_pos)
+        ref_hot = torch.zeros(b, g, sq, nb + 1, dtype=torch.bool)
+        ref_hot.scatter_(-1, torch.where(ref >= 0, ref, torch.full_like(ref, nb)).long(), True)
+        ref_hot = ref_hot[..., :nb]
+        kern_only = onehot & ~ref_hot
+        ref_only = ref_hot & ~onehot
+        hi = scores.masked_fill(~ref_only, float("-inf")).amax(-1)
+        lo = scores.masked_fill(~kern_only, float("inf")).amin(-1)
+        gap = (hi - lo)[diff_rows]
+        assert bool((gap <= tol).all()), f"selection differs beyond near-ties: max score gap {gap.max().item():.3g}"
+    return int(diff_rows.sum())
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+# (dtype, b, sq, sk, g, G, di, d, block, K, init, local, q_pos kind)
+CASES = [
+    (torch.float32, 1, 200, 200, 1, 1, 16, 16, 16, 4, 0, 1, "default"),
+    (torch.float32, 2, 150, 150, 2, 2, 32, 16, 16, 5, 1, 2, "default"),
+    (torch.bfloat16, 2, 131, 131, 2, 4, 16, 16, 16, 4, 0, 1, "default"),
+    (torch.float32, 1, 60, 237, 4, 1, 16, 16, 16, 6, 2, 2, "subset"),
+    (torch.bfloat16, 1, 64, 250, 1, 2, 32, 32, 32, 3, 0, 1, "zigzag"),
+    (torch.float32, 1, 120, 120, 2, 1, 16, 16, 48, 2, 0, 1, "default"),  # block 48: 3 sub-tiles of 16
+]
+
+
+def _case_id(c):
+    return f"{str(c[0])[6:]}-b{c[1]}-sq{c[2]}-sk{c[3]}-g{c[4]}-G{c[5]}-di{c[6]}-B{c[8]}-K{c[9]}-i{c[10]}l{c[11]}-{c[12]}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_select_lse_and_sparse_kl_match_reference(case, request):
+    dtype, b, sq, sk, g, G, di, d, block, K, init, local, qk = case
+    gen = _gen(request)
+    cfg = MSAConfig(block_size=block, topk=K, index_dim=di, init_blocks=init, local_blocks=local)
+    iq, ik = _randn(gen, b, sq, g, di, dtype=dtype), _randn(gen, b, sk, di, dtype=dtype)
+    q, k, v = _randn(gen, b, sq, g * G, d, dtype=dtype), _randn(gen, b, sk, g, d, dtype=dtype), _randn(gen, b, sk, g, d, dtype=dtype)
+    q_pos = _make_q_pos(qk, sq, sk, gen)
+
+    sel, lse, plan = TI.index_select(iq, ik, cfg, q_pos, return_plan=True)
+    assert_selection_ok(sel, iq, ik, cfg, q_pos)
+
+    ref_lse = R.selected_index_lse(iq, ik, sel, cfg, q_pos)
+    assert torch.isfinite(lse).all()
+    assert (lse - ref_lse).abs().max().item() <= LSE_TOL * max(1.0, ref_lse.abs().max().item())
+
+    _, main_lse = R.sparse_attention(q, k, v, sel, block, q_pos)
+    kl, d_iq, d_ik = TI.sparse_kl_backward(q, k, iq, ik, sel, main_lse, lse, cfg, q_pos, plan=plan)
+    assert d_iq.dtype == dtype and d_ik.dtype == dtype and d_iq.shape == iq.shape and d_ik.shape == ik.shape
+    iq_r, ik_r = iq.detach().clone().requires_grad_(), ik.detach().clone().requires_grad_()
+    ref_kl = R.sparse_kl_loss(q, k, iq_r, ik_r, sel, cfg, q_pos)
+    ref_kl.backward()
+    tol = KL_RTOL[dtype]
+    assert abs(kl.item() - ref_kl.item()) <= 1e-4 * max(1.0, abs(ref_kl.item())), (kl.item(), ref_kl.item())
+    assert _rel(d_iq, iq_r.grad) <= tol, _rel(d_iq, iq_r.grad)
+    assert _rel(d_ik, ik_r.grad) <= tol, _rel(d_ik, ik_r.grad)
+
+
+def test_tie_rule_exact_ties_lower_block_wins(request):
+    """Integer-valued inputs: block scores tie exactly and often; the kernel must match the
+    reference bit for bit (ties -> lower block index)."""
+    gen = _gen(request)
+    cfg = MSAConfig(block_size=16, topk=5, index_dim=16, init_blocks=0, local_blocks=1)
+    b, sq, g = 2, 190, 2
+    iq = torch.randint(-1, 2, (b, sq, g, 16), generator=gen).float()
+    ik = torch.randint(-1, 2, (b, sq, 16), generator=gen).float()
+    sel, _ = TI.index_select(iq, ik, cfg)
+    ref = R.select(iq, ik, cfg)
+    scores = R.index_block_scores(iq, ik, 16)
+    assert int((scores[..., :-1] == scores[..., 1:]).sum()) > 100, "the inputs should produce many exact ties"
+    assert torch.equal(sel, ref)
+    # All-equal scores: the lowest blocks win, plus the own block.
+    sel0, _ = TI.index_select(iq, torch.zeros_like(ik), cfg)
+    assert torch.equal(sel0, R.select(iq, torch.zeros_like(ik), cfg))
+    assert torch.equal(sel0[0, 0, -1], torch.tensor([0, 1, 2, 3, (sq - 1) // 16], dtype=torch.int32))
+
+
+def test_few_visible_blocks_keep_all_and_pad(request):
+    gen = _gen(request)
+    cfg = MSAConfig(block_size=16, topk=8, index_dim=16, init_blocks=1, local_blocks=1)
+    iq, ik = _randn(gen, 1, 70, 2, 16), _randn(gen, 1, 70, 16)
+    sel, lse = TI.index_select(iq, ik, cfg)
+    assert torch.equal(sel, R.select(iq, ik, cfg))
+    # 70 tokens = 5 blocks < K: query t keeps blocks 0..t//16 and pads the rest with -1.
+    t = torch.arange(70)
+    expect = torch.where(torch.arange(8)[None, :] <= (t // 16)[:, None], torch.arange(8)[None, :], -1).int()
+    assert torch.equal(sel[0, 1], expect)
+    # Every visible token is selected: the LSE is the dense causal one.
+    assert (lse - TI.dense_index_lse(iq, ik, cfg)).abs().max().item() <= LSE_TOL * 10
+
+
+@pytest.mark.parametrize("dtype,G,qk", [(torch.float32, 2, "default"), (torch.bfloat16, 1, "subset")])
+def test_dense_kl_backward_matches_reference(dtype, G, qk, request):
+    gen = _gen(request)
+    b, sq, sk, g, di, d = 2, 90, 90 if qk == "default" else 150, 2, 16, 16
+    sq = sq if qk == "default" else 50
+    cfg = MSAConfig(block_size=16, topk=2, index_dim=di)
+    iq, ik = _randn(gen, b, sq, g, di, dtype=dtype), _randn(gen, b, sk, di, dtype=dtype)
+    q, k = _randn(gen, b, sq, g * G, d, dtype=dtype), _randn(gen, b, sk, g, d, dtype=dtype)
+    q_pos = _make_q_pos(qk, sq, sk, gen)
+    _, main_lse = R.dense_attention(q, k, k, q_pos)
+    ilse = TI.dense_index_lse(iq, ik, cfg, q_pos)
+    qp = R._positions(q_pos, sq, sk, "cpu")
+    s = torch.einsum("bqgd,bkd->bgqk", iq.float(), ik.float()) * cfg.index_softmax_scale
+    ref_ilse = torch.logsumexp(s.masked_fill(torch.arange(sk) > qp[:, None], float("-inf")), -1)
+    assert (ilse - ref_ilse).abs().max().item() <= LSE_TOL * max(1.0, ref_ilse.abs().max().item())
+
+    grad_scale = torch.tensor(0.7)
+    kl, d_iq, d_ik = TI.dense_kl_backward(q, k, iq, ik, main_lse, cfg, q_pos, grad_scale=grad_scale)
+    iq_r, ik_r = iq.detach().clone().requires_grad_(), ik.detach().clone().requires_grad_()
+    ref_kl = R.dense_kl_loss(q, k, iq_r, ik_r, cfg, q_pos)
+    (ref_kl * 0.7).backward()
+    assert abs(kl.item() - ref_kl.item()) <= 1e-4 * max(1.0, abs(ref_kl.item()))
+    assert _rel(d_iq, iq_r.grad) <= KL_RTOL[dtype], _rel(d_iq, iq_r.grad)
+    assert _rel(d_ik, ik_r.grad) <= KL_RTOL[dtype], _rel(d_ik, ik_r.grad)
+
+
+def test_sparse_kl_grad_scale_and_plan_rebuild(request):
+    """A float grad_scale scales the gradients; without a plan the reverse index is rebuilt;
+    int64 selections and a non-contiguous main LSE are accepted."""
+    gen = _gen(request)
+    cfg = MSAConfig(block_size=16, topk=3, index_dim=16)
+    b, sq, g, G, d = 1, 100, 2, 2, 16
+    iq, ik = _randn(gen, b, sq, g, 16), _randn(gen, b, sq, 16)
+    q, k = _randn(gen, b, sq, g * G, d), _randn(gen, b, sq, g, d)
+    sel, lse = TI.index_select(iq, ik, cfg)
+    _, main_lse = R.sparse_attention(q, k, k, sel, 16)
+    kl1, a1, b1 = TI.sparse_kl_backward(q, k, iq, ik, sel, main_lse, lse, cfg)
+    strided_lse = main_lse.transpose(1, 2).contiguous().transpose(1, 2)  # stride(-1) != 1
+    kl2, a2, b2 = TI.sparse_kl_backward(q, k, iq, ik, sel.long(), strided_lse, lse, cfg, grad_scale=-2.5)
+    assert abs(kl1.item() - kl2.item()) <= 1e-6 * max(1.0, abs(kl1.item()))
+    assert _rel(a2, -2.5 * a1) <= 1e-5 and _rel(b2, -2.5 * b1) <= 1e-5
+    assert kl1.item() >= -1e-6  # a KL divergence
+
+
+def test_unsupported_inputs_raise_clear_errors(request):
+    gen = _gen(request)
+    cfg = MSAConfig(block_size=16, topk=2, index_dim=16)
+    iq, ik = _randn(gen, 1, 20, 1, 16), _randn(gen, 1, 20, 16)
+    with pytest.raises(TI.UnsupportedInputError, match="float64"):
+        TI.index_select(iq.double(), ik.double(), cfg)
+    with pytest.raises(TI.UnsupportedInputError, match="index_dim"):
+        TI.index_select(iq, ik, cfg.replace(index_dim=32))
+    with pytest.raises(TI.UnsupportedInputError, match="must share a dtype"):
+        TI.index_select(iq, ik.bfloat16(), cfg)
+    with pytest.raises(TI.UnsupportedInputError, match="q_pos"):
+        TI.index_select(iq, ik, cfg, q_pos=torch.tensor([25] * 20))
+    with pytest.raises(TI.UnsupportedInputError, match="iq must be"):
+        TI.index_select(iq[0], ik, cfg)
+    q, k = _randn(gen, 1, 20, 2, 16), _randn(gen, 1, 20, 1, 16)
+    with pytest.raises(TI.UnsupportedInputError, match="main_lse"):
+        TI.dense_kl_backward(q, k, iq, ik, torch.zeros(1, 2, 20, dtype=torch.float64), cfg)
+
+
+def test_branch_free_topk_update_matches(request, monkeypatch):
+    """MSA_INDEX_LAZY_TOPK=0 path (top-K updated on every block) selects the same blocks."""
+    gen = _gen(request)
+    cfg = MSAConfig(block_size=16, topk=3, index_dim=16, init_blocks=1)
+    iq = torch.randint(-1, 2, (1, 150, 2, 16), generator=gen).float()
+    ik = torch.randint(-1, 2, (1, 150, 16), generator=gen).float()
+    lazy = TI._launch_config(iq.device)
+    monkeypatch.setattr(TI, "_launch_config", lambda dev: TI.IndexConfig(**{**lazy.__dict__, "lazy_topk": False}))
+    sel, _ = TI.index_select(iq, ik, cfg)
+    assert torch.equal(sel, R.select(iq, ik, cfg))
+
+
+def test_bench_baseline_and_pair_counts(request):
+    """The benchmark's plain-torch baseline selects like the reference, and the FLOP
+    helpers count selected pairs exactly (checked against the reference's token mask)."""
+    from msa_megatron.bench.impls_index import torch_index_select
+    from msa_megatron.bench.registry import Case
+
+    gen = _gen(request)
+    cfg = MSAConfig(block_size=16, topk=4, index_dim=16, init_blocks=1, local_blocks=2)
+    iq, ik = _randn(gen, 2, 150, 2, 16), _randn(gen, 2, 150, 16)
+    assert torch.equal(torch_index_select(iq, ik, 16, 4, 2, 1, chunk_bytes=40_000), R.select(iq, ik, cfg))
+    case = Case(L=150, block=16, topk=4, device="cpu")
+    sel = R.select(iq[:1, :, :1], ik[:1], cfg.replace(init_blocks=0, local_blocks=1))
+    _, valid = R.selected_token_index(sel, 16, torch.arange(150), 150)
+    assert case.selected_pairs() == float(valid.sum())
+    assert case.causal_pairs() == 150 * 151 / 2

@@ -1,0 +1,194 @@
+"""Sparse main-branch Triton kernels vs the pure-PyTorch reference, on CPU through Triton's
+interpreter (tiny sizes: block 16, d 16-32, a few hundred tokens).
+
+Tolerances: inputs in fp32 -> the kernels run IEEE fp32 dots, so out/lse/dq/dk/dv must match
+the fp32 reference to 2e-5 relative (Frobenius norm); bf16 inputs (upcast for the dots under
+the interpreter, bf16 partial outputs and bf16 P / dS as on the GPU... except the dots) must
+match the fp32 reference run on the same bf16 values to 2e-2. Every output buffer is
+NaN-poisoned before the kernels run, so an unwritten element fails the test.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from msa_megatron import reference as R  # noqa: E402
+from msa_megatron.config import MSAConfig  # noqa: E402
+from msa_megatron.ops import triton_sparse_attn as T  # noqa: E402
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(T, "POISON_OUTPUTS", True)
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(b, sq, sk, hq, g, d, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, sq, hq, d, generator=gen).to(dtype).requires_grad_()
+    k = torch.randn(b, sk, g, d, generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(b, sk, g, d, generator=gen).to(dtype).requires_grad_()
+    do = torch.randn(b, sq, hq, d, generator=gen).to(dtype)
+    return q, k, v, do
+
+
+def selection(b, sq, sk, g, block, topk, q_pos, seed, di=16):
+    gen = torch.Generator().manual_seed(seed + 1)
+    iq, ik = torch.randn(b, sq, g, di, generator=gen), torch.randn(b, sk, di, generator=gen)
+    return R.select(iq, ik, MSAConfig(block_size=block, topk=topk, index_dim=di), q_pos)
+
+
+def reference_grads(q, k, v, do, block_idx, block, q_pos, dense=False):
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    if dense:
+        out, lse = R.dense_attention(qf, kf, vf, q_pos)
+    else:
+        out, lse = R.sparse_attention(qf, kf, vf, block_idx, block, q_pos)
+    grads = torch.autograd.grad(out, [qf, kf, vf], do.float())
+    return out.detach(), lse, grads
+
+
+def check(q, k, v, do, block_idx, block, q_pos=None, config=None, deterministic=True, dense_too=False):
+    tol = TOL[q.dtype]
+    out, lse = T.sparse_attention(q, k, v, block_idx, block, q_pos, config=config, deterministic=deterministic)
+    dq, dk, dv = torch.autograd.grad(out, [q, k, v], do)
+    for t in (out, lse, dq, dk, dv):
+        assert not torch.isnan(t).any(), "a kernel left an output element unwritten (NaN poison) or produced NaN"
+    assert out.dtype == q.dtype and lse.dtype == torch.float32 and dq.dtype == q.dtype and dk.dtype == k.dtype
+    refs = [reference_grads(q, k, v, do, block_idx, block, q_pos)]
+    if dense_too:
+        refs.append(reference_grads(q, k, v, do, block_idx, block, q_pos, dense=True))
+    for r_out, r_lse, (r_dq, r_dk, r_dv) in refs:
+        errs = dict(out=rel(out, r_out), lse=rel(lse, r_lse), dq=rel(dq, r_dq), dk=rel(dk, r_dk), dv=rel(dv, r_dv))
+        bad = {n: e for n, e in errs.items() if not e <= tol}
+        assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
+    return out, lse, dq, dk, dv
+
+
+@pytest.mark.parametrize(
+    "b,sq,hq,g,d,K,dtype",
+    [
+        (2, 173, 4, 2, 32, 4, torch.float32),  # G=2, batch 2, odd length (partial last block)
+        (1, 211, 4, 4, 16, 3, torch.float32),  # G=1
+        (1, 150, 8, 2, 32, 5, torch.float32),  # G=4
+        (2, 131, 4, 1, 32, 4, torch.bfloat16),  # G=4 bf16
+    ],
+)
+def test_matches_reference(b, sq, hq, g, d, K, dtype):
+    q, k, v, do = make(b, sq, sq, hq, g, d, dtype, seed=sq)
+    bidx = selection(b, sq, sq, g, 16, K, None, seed=sq)
+    assert (bidx >= 0).sum(-1).max() == K  # the selection really is sparse here
+    check(q, k, v, do, bidx, 16)
+
+
+def test_full_budget_equals_dense():
+    # K >= number of blocks: every visible block is selected -> dense causal attention.
+    b, s, hq, g, d = 1, 120, 4, 2, 16
+    q, k, v, do = make(b, s, s, hq, g, d, torch.float32, seed=3)
+    bidx = selection(b, s, s, g, 16, 12, None, seed=3)
+    assert math.ceil(s / 16) <= 12
+    check(q, k, v, do, bidx, 16, dense_too=True)
+
+
+@pytest.mark.parametrize("sorted_pos", [True, False])
+def test_query_subset_positions(sorted_pos):
+    # sq < sk with explicit positions (context parallelism passes non-monotonic ones).
+    b, sq, sk, hq, g, d = 2, 60, 190, 4, 2, 16
+    gen = torch.Generator().manual_seed(11)
+    pos = torch.randperm(sk, generator=gen)[:sq]
+    pos = torch.sort(pos).values if sorted_pos else pos
+    q, k, v, do = make(b, sq, sk, hq, g, d, torch.float32, seed=12)
+    bidx = selection(b, sq, sk, g, 16, 4, pos, seed=12)
+    check(q, k, v, do, bidx, 16, q_pos=pos)
+
+
+def test_default_positions_with_fewer_queries():
+    b, sq, sk, hq, g, d = 1, 40, 100, 4, 2, 16
+    q, k, v, do = make(b, sq, sk, hq, g, d, torch.float32, seed=5)
+    check(q, k, v, do, selection(b, sq, sk, g, 16, 3, None, seed=5), 16)
+
+
+def test_arbitrary_block_lists():
+    # Unsorted slots, -1 anywhere, repeated blocks (counted twice, as the reference does).
+    b, s, hq, g, d, K, B = 1, 100, 4, 2, 16, 5, 16
+    gen = torch.Generator().manual_seed(21)
+    own = (torch.arange(s) // B).view(1, 1, s, 1).expand(b, g, s, 1)
+    rnd = (torch.rand(b, g, s, K - 1, generator=gen) * (own + 1)).long()
+    rnd = torch.where(torch.rand(b, g, s, K - 1, generator=gen) < 0.3, torch.full_like(rnd, -1), rnd)
+    bidx = torch.cat([rnd[..., :2], own, rnd[..., 2:]], -1).to(torch.int32)
+    assert (bidx == -1).any() and (bidx[..., 0] >= 0).any()
+    q, k, v, do = make(b, s, s, hq, g, d, torch.float32, seed=22)
+    check(q, k, v, do, bidx, B)
+
+
+def test_chunks_and_split_blocks():
+    # Tiny partial budget and work items -> several query chunks and hot blocks split over
+    # several programs (partial dK/dV reduced by the second kernel).
+    b, s, hq, g, d, K = 1, 190, 4, 2, 16, 4
+    q, k, v, do = make(b, s, s, hq, g, d, torch.float32, seed=7)
+    bidx = selection(b, s, s, g, 16, K, None, seed=7)
+    cfg = T.KernelConfig(item_pairs=24, partial_bytes=60 * 4 * K * (16 * 4 + 4), fwd_rows=32, bwd_rows=16)
+    plan = T.build_plan(bidx, s, 16, T.partial_bytes_per_pos(q, K, 16, bwd=True, config=cfg), cfg)
+    assert len(plan.chunks) >= 3 and sum(c.n_split_segs for c in plan.chunks) > 0
+    check(q, k, v, do, bidx, 16, config=cfg)
+
+
+@pytest.mark.parametrize("block,fwd_bn,bwd_bn", [(48, 128, 128), (32, 16, 16)])
+def test_block_sub_tiles(block, fwd_bn, bwd_bn):
+    # block_size not a power of 2 (48 -> 3 sub-tiles of 16) and forced 16-key sub-tiles.
+    b, s, hq, g, d = 1, 170, 4, 2, 16
+    q, k, v, do = make(b, s, s, hq, g, d, torch.float32, seed=block)
+    bidx = selection(b, s, s, g, block, 2, None, seed=block)
+    check(q, k, v, do, bidx, block, config=T.KernelConfig(fwd_block_n=fwd_bn, bwd_block_n=bwd_bn))
+
+
+def test_query_outer_forward():
+    b, s, hq, g, d = 1, 40, 4, 2, 16
+    q, k, v, do = make(b, s, s, hq, g, d, torch.float32, seed=9)
+    check(q, k, v, do, selection(b, s, s, g, 16, 3, None, seed=9), 16, config=T.KernelConfig(fwd_impl="q"))
+
+
+def test_atomic_dq_and_determinism():
+    b, s, hq, g, d = 1, 120, 4, 2, 16
+    q, k, v, do = make(b, s, s, hq, g, d, torch.float32, seed=13)
+    bidx = selection(b, s, s, g, 16, 3, None, seed=13)
+    check(q, k, v, do, bidx, 16, deterministic=False)
+    out, lse = T.sparse_attention_fwd(q.detach(), k.detach(), v.detach(), bidx, 16)
+    g1 = T.sparse_attention_bwd(do, q.detach(), k.detach(), v.detach(), out, lse, bidx, 16)
+    g2 = T.sparse_attention_bwd(do, q.detach(), k.detach(), v.detach(), out, lse, bidx, 16)
+    assert all(torch.equal(x, y) for x, y in zip(g1, g2)), "deterministic backward is not bitwise reproducible"
+
+
+def test_softmax_scale_and_functional_api():
+    b, s, hq, g, d = 1, 64, 2, 1, 16
+    q, k, v, do = make(b, s, s, hq, g, d, torch.float32, seed=17)
+    bidx = selection(b, s, s, g, 16, 2, None, seed=17)
+    out, lse = T.sparse_attention_fwd(q.detach(), k.detach(), v.detach(), bidx, 16, softmax_scale=0.37)
+    r_out, r_lse = R.sparse_attention(q.detach(), k.detach(), v.detach(), bidx, 16, softmax_scale=0.37)
+    assert rel(out, r_out) < 2e-5 and rel(lse, r_lse) < 2e-5
+
+
+def test_clear_errors():
+    q, k, v, _ = make(1, 32, 32, 2, 1, 16, torch.float32, seed=0)
+    bidx = selection(1, 32, 32, 1, 16, 2, None, seed=0)
+    with pytest.raises(TypeError, match="int32"):
+        T.sparse_attention_fwd(q, k, v, bidx.long(), 16)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        T.sparse_attention_fwd(q, k, v, bidx + 5, 16)
+    with pytest.raises(ValueError, match="head dim"):
+        T.sparse_attention_fwd(q[..., :12], k[..., :12], v[..., :12], bidx, 16)
+    with pytest.raises(TypeError, match="dtype"):
+        T.sparse_attention_fwd(q.double(), k.double(), v.double(), bidx, 16)
+    with pytest.raises(ValueError, match="KernelConfig.fwd_impl"):
+        T.KernelConfig(fwd_impl="bogus")
