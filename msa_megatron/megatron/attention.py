@@ -221,8 +221,9 @@ class MSACoreAttention(MegatronModule):
 
         k, v [b, s_local, g, d], ik [b, s_local, di] are this rank's chunk. Under CP this must
         return K/V/ik gathered over the CP group in global token order and ``q_pos`` [sq] (int64)
-        with the global positions of this rank's queries; without CP the chunk is the whole
-        sequence and ``q_pos=None`` means positions 0..s-1."""
+        with the global positions of this rank's queries (the contract of
+        ``msa_megatron.megatron.context_parallel.gather_kv_for_cp``); without CP the chunk is
+        the whole sequence and ``q_pos=None`` means positions 0..s-1."""
         return k, v, ik, None
 
     def kl_weight(self, batch: int, local_queries: int) -> float:
