@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -354,17 +355,20 @@ def validate_cp_sequence_length(seq_len: int, cp: int, msa: Optional[MSAConfig] 
     if msa is not None and not isinstance(msa, MSAConfig):
         raise TypeError(f"msa must be an MSAConfig or None, got {type(msa).__name__}")
     sp_split = tp if sequence_parallel and tp > 1 else 1
-    unit = (2 * cp if cp > 1 else 1) * sp_split
-    if seq_len % unit:
-        factors = ([f"2*context_parallel_size={2 * cp}"] if cp > 1 else []) + \
-            ([f"tensor_model_parallel_size={tp} (sequence_parallel)"] if sp_split > 1 else [])
+    rules = []  # (modulus, how it reads)
+    if cp > 1:
+        rules.append((2 * cp, f"2*context_parallel_size={2 * cp} (Megatron's load-balanced CP split: 2*cp equal "
+                              "chunks, rank r holds chunks r and 2*cp-1-r)"))
+    if sp_split > 1:
+        rules.append((cp * tp, f"context_parallel_size*tensor_model_parallel_size={cp * tp} (sequence parallelism "
+                               "splits each rank's S/cp tokens over TP)"))
+    broken = [text for unit, text in rules if seq_len % unit]
+    if broken:
+        unit = math.lcm(*(u for u, _ in rules))
         raise CPLayoutError(
-            f"seq_length={seq_len} cannot be split over context_parallel_size={cp}"
-            + (f" and tensor_model_parallel_size={tp} with sequence_parallel=True" if sp_split > 1 else "")
-            + f": allowed seq_length values are multiples of {' * '.join(factors)}"
-            + (f" = {unit}" if len(factors) > 1 else "")
-            + (" (Megatron's load-balanced CP split: 2*cp equal chunks, rank r holds chunks r and 2*cp-1-r)"
-               if cp > 1 else "")
+            f"seq_length={seq_len} cannot be split with context_parallel_size={cp}"
+            + (f", tensor_model_parallel_size={tp}, sequence_parallel=True" if sp_split > 1 else "")
+            + f": it must be a multiple of {' and of '.join(broken)}; allowed seq_length values are multiples of {unit}"
         )
     return seq_len // cp
 

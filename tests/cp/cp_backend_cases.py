@@ -102,6 +102,7 @@ class SelectionProbe:
         self.original = attention.msa_attention
         self.remote = 0
         self.straddling = 0
+        self.preselected = 0  # MSA calls that received block_idx (the select-first overlap)
 
     def __enter__(self):
         from megatron.core import parallel_state
@@ -113,6 +114,7 @@ class SelectionProbe:
 
         def op(q, k, v, iq, ik, cfg, q_pos=None, mode=None, **kw):
             out, aux = self.original(q, k, v, iq, ik, cfg, q_pos=q_pos, mode=mode, **kw)
+            self.preselected += kw.get("block_idx") is not None
             if cp > 1 and aux.block_idx is not None and iq is not None:
                 chunk = k.shape[1] // (2 * cp)
                 blk = aux.block_idx.long()
@@ -199,7 +201,7 @@ def run_layout(tp: int, cp: int, sp: bool, full: Optional[Dict[str, torch.Tensor
         with SelectionProbe() as probe:
             out["steps"][mode] = schedule_step(wrapped, config, batches)
         out["steps"][mode]["seconds"] = time.perf_counter() - t0
-        out["probe"][mode] = (probe.remote, probe.straddling)
+        out["probe"][mode] = (probe.remote, probe.straddling, probe.preselected)
     return out
 
 

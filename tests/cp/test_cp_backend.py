@@ -79,8 +79,18 @@ def test_selections_cross_ranks(results):
     blocks of 16)."""
     for name in ("cp2", "cp2_tp2_sp", "cp4"):
         for rank, report in _layout_rows(results, name):
-            remote, straddling = report["msa"]["probe"]
+            remote, straddling, _ = report["msa"]["probe"]
             assert remote > 0 and straddling > 0, (name, rank, remote, straddling)
+
+
+@pytest.mark.slow
+def test_select_first_overlap_was_used(results):
+    """With the overlap on, every MSA call (2 layers x 2 micro-batches) received its
+    selection from the overlapped index pass; with it off, none did."""
+    for rank, report in _layout_rows(results, "cp2_select_first"):
+        assert all(report[m]["probe"][2] == 2 * 2 for m in ("msa", "msa_warmup")), (rank, report["msa"]["probe"])
+    for rank, report in _layout_rows(results, "cp2"):
+        assert report["msa"]["probe"][2] == 0
 
 
 @pytest.mark.slow
@@ -97,13 +107,13 @@ def test_sequence_length_validation():
     assert validate_cp_sequence_length(200, 2, MSAConfig(block_size=16)) == 100  # blocks may straddle chunks
     assert validate_cp_sequence_length(200, 2, tp=2, sequence_parallel=True) == 100
     assert validate_cp_sequence_length(7, 1) == 7
-    with pytest.raises(CPLayoutError, match=r"seq_length=202 .*context_parallel_size=2.*multiples of "
-                                            r"2\*context_parallel_size=4"):
+    with pytest.raises(CPLayoutError, match=r"seq_length=202 .*context_parallel_size=2: it must be a multiple of "
+                                            r"2\*context_parallel_size=4 .*allowed seq_length values are multiples of 4"):
         validate_cp_sequence_length(202, 2, MSAConfig(block_size=16))
-    with pytest.raises(CPLayoutError, match=r"seq_length=204 .*tensor_model_parallel_size=2 with sequence_parallel.*"
-                                            r"2\*context_parallel_size=4 \* tensor_model_parallel_size=2 "
-                                            r"\(sequence_parallel\) = 8"):
-        validate_cp_sequence_length(204, 2, tp=2, sequence_parallel=True)
+    with pytest.raises(CPLayoutError, match=r"seq_length=20 .*sequence_parallel=True: it must be a multiple of "
+                                            r"context_parallel_size\*tensor_model_parallel_size=8 .*multiples of 8"):
+        validate_cp_sequence_length(20, 2, tp=4, sequence_parallel=True)
+    assert validate_cp_sequence_length(12, 2, tp=3, sequence_parallel=True) == 6  # lcm(4, 6) = 12
     with pytest.raises(CPLayoutError, match=r"context_parallel_size=0 is invalid: allowed values are integers >= 1"):
         validate_cp_sequence_length(200, 0)
 
