@@ -179,9 +179,9 @@ class CPDotProductAttention(DotProductAttention):
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type: Optional[str] = None, pg_collection=None):
         cp_group = pg_collection.cp if pg_collection is not None and hasattr(pg_collection, "cp") else None
-        self_cp = cp_group.size() if cp_group is not None else config.context_parallel_size
+        cp_size = cp_group.size() if cp_group is not None else config.context_parallel_size
         base_config = config
-        if self_cp > 1:
+        if cp_size > 1:
             dropout = config.attention_dropout if attention_dropout is None else attention_dropout
             refused = {
                 "attention_dropout": (dropout, 0.0),
@@ -193,7 +193,7 @@ class CPDotProductAttention(DotProductAttention):
             for name, (value, allowed) in refused.items():
                 if value != allowed:
                     raise ValueError(f"{name}={value!r} is not supported by the local core attention under context "
-                                     f"parallelism (context_parallel_size={self_cp}): allowed value is {allowed!r} "
+                                     f"parallelism (context_parallel_size={cp_size}): allowed value is {allowed!r} "
                                      "(or use Transformer Engine)")
             if cp_group is None:
                 raise ValueError("CPDotProductAttention under context parallelism needs pg_collection.cp")
@@ -203,7 +203,7 @@ class CPDotProductAttention(DotProductAttention):
                          attention_dropout=attention_dropout, softmax_scale=softmax_scale,
                          cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         self.config = config
-        self.cp_group, self.cp_size = cp_group, self_cp
+        self.cp_group, self.cp_size = cp_group, cp_size
         # DotProductAttention divides its scale by the layer number and multiplies it back in
         # the softmax with apply_query_key_layer_scaling: the op takes the effective scale.
         self.cp_softmax_scale = self.softmax_scale * (self.layer_number if config.apply_query_key_layer_scaling else 1)
@@ -439,6 +439,6 @@ class MSASelfAttention(SelfAttention):
 
 
 __all__ = [
-    "CPDotProductAttention", "cp_capable_core_attention", "MSACoreAttention", "MSACoreAttentionSubmodules", "MSAIndexer", "MSAIndexerSubmodules",
-    "MSASelfAttention", "MSASelfAttentionSubmodules", "check_mode",
+    "CPDotProductAttention", "MSACoreAttention", "MSACoreAttentionSubmodules", "MSAIndexer", "MSAIndexerSubmodules",
+    "MSASelfAttention", "MSASelfAttentionSubmodules", "check_mode", "cp_capable_core_attention",
 ]

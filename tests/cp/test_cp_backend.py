@@ -93,12 +93,6 @@ def test_select_first_overlap_was_used(results):
         assert report["msa"]["probe"][2] == 0
 
 
-@pytest.mark.slow
-def test_runtime_report(results):
-    """Not a check: prints where the spawned run spends its time (pytest -s)."""
-    print({k: round(v, 1) for k, v in results[0]["seconds"].items()})
-
-
 # ----------------------------------------------------------------------------- configuration errors
 def test_sequence_length_validation():
     from msa_megatron import MSAConfig
@@ -107,8 +101,9 @@ def test_sequence_length_validation():
     assert validate_cp_sequence_length(200, 2, MSAConfig(block_size=16)) == 100  # blocks may straddle chunks
     assert validate_cp_sequence_length(200, 2, tp=2, sequence_parallel=True) == 100
     assert validate_cp_sequence_length(7, 1) == 7
-    with pytest.raises(CPLayoutError, match=r"seq_length=202 .*context_parallel_size=2: it must be a multiple of "
-                                            r"2\*context_parallel_size=4 .*allowed seq_length values are multiples of 4"):
+    with pytest.raises(CPLayoutError, match=r"seq_length=202 .*context_parallel_size=2: it must be a multiple "
+                                            r"of 2\*context_parallel_size=4 .*allowed seq_length values are "
+                                            r"multiples of 4"):
         validate_cp_sequence_length(202, 2, MSAConfig(block_size=16))
     with pytest.raises(CPLayoutError, match=r"seq_length=20 .*sequence_parallel=True: it must be a multiple of "
                                             r"context_parallel_size\*tensor_model_parallel_size=8 .*multiples of 8"):
@@ -137,3 +132,30 @@ def test_config_cp_rules():
     # per-layer types: the dense layer 0 may use another one, MSA layers all-gather
     tiny_config(msa_settings(first_dense_layers=1), num_layers=2, context_parallel_size=2,
                 cp_comm_type=["p2p", "all_gather"])
+
+
+def test_cp_dense_attention_refusals():
+    """The local CP dense attention refuses what it cannot compute exactly, before building."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.enums import AttnMaskType
+    from mcore_helpers import tiny_config
+
+    from msa_megatron.megatron.attention import CPDotProductAttention
+
+    class FakeGroup:  # only .size() is read before the refusal
+        def __init__(self, n):
+            self.n = n
+
+        def size(self):
+            return self.n
+
+    pgs = SimpleNamespace(cp=FakeGroup(2), tp=FakeGroup(1))
+    cfg = tiny_config(None, num_layers=2, context_parallel_size=2, attention_dropout=0.1)
+    with pytest.raises(ValueError, match=r"attention_dropout=0.1 is not supported by the local core attention under "
+                                         r"context parallelism \(context_parallel_size=2\): allowed value is 0.0"):
+        CPDotProductAttention(cfg, 1, AttnMaskType.causal, "self", pg_collection=pgs)
+    cfg = tiny_config(None, num_layers=2, context_parallel_size=2)
+    with pytest.raises(ValueError, match=r"attn_mask_type=<AttnMaskType.padding: 1> .*allowed value is "
+                                         r"<AttnMaskType.causal"):
+        CPDotProductAttention(cfg, 1, AttnMaskType.padding, "self", pg_collection=pgs)
