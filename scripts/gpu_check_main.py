@@ -2,6 +2,7 @@
 """GPU correctness check of MSA's main-branch kernels and of the whole MSA op (H100/H200).
 
     python scripts/gpu_check_main.py [--quick] [--lengths 8K,32K,128K] [--index-backend triton]
+    python scripts/gpu_check_main.py --tune [--tune-L 128K] [--tune-configs "fwd_rows=64;bwd_block_n=64"]
 
 Paper layout (64 q / 4 KV heads, d 128, block 128, top-16), bf16 inputs, per-token random
 block selections. Every kernel output is NaN-poisoned before the kernels run
@@ -18,6 +19,11 @@ Tolerances (relative Frobenius error vs the fp32 reference on the same bf16 valu
 (row, group) selections identical to ``reference.select`` (fp32 near-ties may differ).
 Exit status 1 if any check fails or errors; each check is guarded so one failure does not
 hide the others.
+
+``--tune`` skips the checks and times the main branch (forward incl. reverse index, and
+backward) at one length for a list of kernel configs (``KernelConfig`` fields as in
+``MSA_MAIN_KERNEL``, plus ``det=0`` for atomic dQ), one compile each, so one GPU call can
+pick the tile sizes.
 """
 
 from __future__ import annotations
@@ -225,6 +231,69 @@ def check_op(L: int, S: int, mode: str, index_backend: str) -> None:
         record(f"op {mode}", L, n, rel(a, b), TOL[n])
 
 
+DEFAULT_TUNE = ";".join([
+    "",  # the defaults
+    "fwd_rows=64",
+    "fwd_stages=3",
+    "fwd_rows=64,fwd_warps=4",
+    "bwd_block_n=64",
+    "bwd_rows=32",
+    "bwd_rows=128,bwd_block_n=64",
+    "dq_partial_lowp=1",
+    "det=0",
+    "fwd_impl=q",
+])
+
+
+def tune(L: int, specs: str, reps: int = 5) -> None:
+    from msa_megatron.ops import triton_sparse_attn as T
+
+    T.POISON_OUTPUTS = False
+    q, k, v, do = randn((1, L, HQ, D), 31), randn((1, L, HKV, D), 32), randn((1, L, HKV, D), 33), randn((1, L, HQ, D), 34)
+    bidx = random_selection(L, 35)
+    flops = 4.0 * HQ * D * float((torch.clamp(torch.arange(L) // B, max=K - 1) * B + torch.arange(L) % B + 1).sum())
+
+    def timed(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b))
+        return sorted(ts)[len(ts) // 2]
+
+    print(f"\n| config (L={L}) | fwd ms | fwd TF/s | bwd ms | bwd TF/s | fwd+bwd ms |\n|---|---|---|---|---|---|")
+    for spec in specs.split(";"):
+        fields = dict(x.split("=") for x in spec.split(",") if x.strip())
+        det = fields.pop("det", "1") != "0"
+        try:
+            cfg = T.KernelConfig.from_spec(",".join(f"{n}={v}" for n, v in fields.items()), T.KernelConfig.from_env())
+            plan_need = T.partial_bytes_per_pos(q, K, B, fwd=cfg.fwd_impl == "kv", bwd=True, deterministic=det, config=cfg,
+                                                dq_partial_dtype=q.dtype if cfg.dq_partial_lowp else torch.float32)
+            box = {}
+
+            def fwd():
+                plan = T.build_plan(bidx, L, B, plan_need, cfg)
+                box["out"], box["lse"] = T.sparse_attention_fwd(q, k, v, bidx, B, config=cfg, plan=plan)
+                box["plan"] = plan
+
+            def bwd():
+                T.sparse_attention_bwd(do, q, k, v, box["out"], box["lse"], bidx, B, deterministic=det, config=cfg,
+                                       plan=box["plan"])
+
+            tf = timed(fwd)
+            tb = timed(bwd)
+            print(f"| {spec or 'default'}{'' if det else ' (atomic dQ)'} | {tf:.2f} | {flops / tf / 1e9:.0f} | {tb:.2f} | "
+                  f"{2.5 * flops / tb / 1e9:.0f} | {tf + tb:.2f} |", flush=True)
+        except Exception as exc:  # one bad config must not stop the sweep
+            print(f"| {spec} | ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:100]} | | | | |", flush=True)
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="8K and 32K main branch, 8K op (about a minute)")
@@ -232,6 +301,9 @@ def main() -> int:
     p.add_argument("--slice", type=int, default=256, help="query rows compared with the reference")
     p.add_argument("--index-backend", default="triton", choices=["triton", "reference"])
     p.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tune", action="store_true", help="time kernel configs instead of checking")
+    p.add_argument("--tune-L", type=parse_length, default=parse_length("128K"))
+    p.add_argument("--tune-configs", default=DEFAULT_TUNE, help="';'-separated KernelConfig specs")
     args = p.parse_args()
     if args.cpu_smoke:
         cpu_smoke_layout()
@@ -240,6 +312,9 @@ def main() -> int:
         return 2
     from msa_megatron.ops import triton_sparse_attn as T
 
+    if args.tune:
+        tune(args.tune_L, args.tune_configs)
+        return 0
     T.POISON_OUTPUTS = True
     lengths = [parse_length(x) for x in (args.lengths or ("8K,32K" if args.quick else "8K,32K,128K")).split(",")]
     print(f"device {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu (interpreter)'} | torch {torch.__version__} | lengths {lengths} | "

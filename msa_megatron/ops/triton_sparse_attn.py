@@ -67,6 +67,8 @@ class KernelConfig:
     bwd_stages: int = 2
     q_warps: int = 4  # query-outer forward
     q_stages: int = 2
+    q_block_n: int = 32  # keys per step of the query-outer forward (64+ spills at 4 warps on sm_90)
+    dq_partial_lowp: bool = False  # deterministic dQ partials in q's dtype instead of fp32 (half the traffic)
     fwd_block_n: int = 128  # keys per program: largest power of 2 dividing block_size, capped here
     bwd_block_n: int = 128  # same for the backward (64 halves the dK/dV registers, doubles dQ partials)
     items_per_sm: int = 8  # target work items per SM when splitting hot blocks
@@ -77,7 +79,7 @@ class KernelConfig:
     def __post_init__(self) -> None:
         if self.fwd_impl not in ("kv", "q"):
             raise ValueError(f"KernelConfig.fwd_impl={self.fwd_impl!r}: allowed values are 'kv', 'q'")
-        for name in ("fwd_rows", "bwd_rows", "fwd_block_n", "bwd_block_n"):
+        for name in ("fwd_rows", "bwd_rows", "fwd_block_n", "bwd_block_n", "q_block_n"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"KernelConfig.{name}={v}: must be a power of 2 >= 16")
@@ -86,24 +88,29 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be 1, 2, 4, 8 or 16")
 
     @classmethod
-    def from_env(cls) -> "KernelConfig":
-        spec = os.environ.get("MSA_MAIN_KERNEL", "").strip()
-        if not spec:
-            return cls()
+    def from_spec(cls, spec: str, base: Optional["KernelConfig"] = None) -> "KernelConfig":
+        """``"fwd_rows=64,lpt_order=0"`` applied over ``base`` (default: the defaults)."""
         types = {f.name: f.type for f in fields(cls)}
         kw = {}
         for item in spec.split(","):
+            if not item.strip():
+                continue
             name, _, value = item.partition("=")
-            name = name.strip()
+            name, value = name.strip(), value.strip()
             if name not in types:
-                raise ValueError(f"MSA_MAIN_KERNEL: unknown field {name!r}; fields: {', '.join(types)}")
+                raise ValueError(f"kernel config: unknown field {name!r}; fields: {', '.join(types)}")
             if name == "fwd_impl":
-                kw[name] = value.strip()
-            elif name in ("lpt_order",):
-                kw[name] = value.strip().lower() in ("1", "true", "yes")
+                kw[name] = value
+            elif name in ("lpt_order", "dq_partial_lowp"):
+                kw[name] = value.lower() in ("1", "true", "yes")
             else:
                 kw[name] = int(value)
-        return cls(**kw)
+        return replace(base or cls(), **kw)
+
+    @classmethod
+    def from_env(cls) -> "KernelConfig":
+        """The defaults overridden by ``MSA_MAIN_KERNEL``."""
+        return cls.from_spec(os.environ.get("MSA_MAIN_KERNEL", ""))
 
 
 def default_config() -> KernelConfig:
@@ -364,14 +371,16 @@ def _bwd_kv_kernel(
         stat = (bi.to(tl.int64) * hq + head) * sq + t
         lse2 = tl.load(LSE + stat, mask=rvalid, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + stat, mask=rvalid, other=0.0)
-        sc = tl.dot(qt, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
-        valid = rvalid[:, None] & kin[None, :] & (kpos[None, :] <= qpos[:, None])
-        p = tl.where(valid, tl.exp2(sc - lse2[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(dot_.dtype)), dot_, input_precision=DOT_PREC)
-        dp = tl.dot(dot_, tl.trans(vt), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=DOT_PREC)
-        dq = tl.dot(ds.to(kt.dtype), kt, input_precision=DOT_PREC) * sm_scale
+        # Transposed orientation [keys, rows] (as the Triton FA tutorial's dK/dV loop): P^T and
+        # dS^T are the A operands of the dV / dK updates straight from registers.
+        sT = tl.dot(kt, tl.trans(qt), input_precision=DOT_PREC) * qk_scale
+        validT = rvalid[None, :] & kin[:, None] & (kpos[:, None] <= qpos[None, :])
+        pT = tl.where(validT, tl.exp2(sT - lse2[None, :]), 0.0)
+        dv += tl.dot(pT.to(dot_.dtype), dot_, input_precision=DOT_PREC)
+        dpT = tl.dot(vt, tl.trans(dot_), input_precision=DOT_PREC)
+        dsT = (pT * (dpT - delta[None, :])).to(qt.dtype)
+        dk += tl.dot(dsT, qt, input_precision=DOT_PREC)
+        dq = tl.dot(tl.trans(dsT), kt, input_precision=DOT_PREC) * sm_scale
         if DQ_ATOMIC:
             dq_rows = ((bi.to(tl.int64) * cq + tloc) * hq + head) * D
             tl.atomic_add(DQ + dq_rows[:, None] + offs_d[None, :], dq, mask=rmask, sem="relaxed")
@@ -397,7 +406,8 @@ def _bwd_reduce_kernel(
     DKPART, DVPART, DKACC, DVACC, SG_BG, SG_BLK, SG_P0, SG_P1,
     sk, n_groups, D, BLOCK: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
 ):
-    """Adds the partial dK/dV of a split block's work items, in item order (deterministic)."""
+    """Adds the partial dK/dV of a split block's work items, in item order (deterministic);
+    one program = BN rows of the block."""
     seg = tl.program_id(0)
     sub = tl.program_id(1)
     bg = tl.load(SG_BG + seg)
@@ -683,6 +693,8 @@ def sparse_attention_fwd(
         return (out, lse, plan) if return_plan else (out, lse)
     block_idx = block_idx.contiguous()
     if cfg.fwd_impl == "q":
+        bn = _block_n(block_size, cfg.q_block_n)
+        nsub = block_size // bn
         _fwd_q_kernel[(sq, b * g)](
             q, k, v, pos, block_idx, out, lse,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -739,15 +751,15 @@ def _delta(out: Tensor, do: Tensor) -> Tensor:
 def sparse_attention_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, block_idx: Tensor, block_size: int,
     q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
-    *, deterministic: bool = True, dq_partial_dtype: torch.dtype = torch.float32,
+    *, deterministic: bool = True, dq_partial_dtype: Optional[torch.dtype] = None,
     config: Optional[KernelConfig] = None, plan: Optional[Plan] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Sparse main-branch backward: (dq, dk, dv) in the inputs' dtypes; dK/dV of a KV head sum
     over its group's query heads.
 
     ``deterministic=True`` (default): dQ partials per (query, slot) in ``dq_partial_dtype``
-    (fp32 default; bf16 halves their memory traffic at one extra rounding) summed in slot
-    order; bitwise reproducible. ``False``: fp32 atomics into a dQ accumulator (faster, order
+    (default fp32, or q's dtype with ``KernelConfig.dq_partial_lowp``: half the memory traffic
+    at one extra rounding) summed in slot order; bitwise reproducible. ``False``: fp32 atomics into a dQ accumulator (faster, order
     of additions varies run to run)."""
     cfg = config or default_config()
     b, sq, hq, d, sk, g, K = _check_inputs(q, k, v, block_idx, block_size)
@@ -755,11 +767,13 @@ def sparse_attention_bwd(
         raise ValueError(f"do {tuple(do.shape)} and out {tuple(out.shape)} must match q {tuple(q.shape)}")
     if lse.shape != (b, hq, sq) or lse.dtype != torch.float32:
         raise ValueError(f"lse must be fp32 [b={b}, hq={hq}, sq={sq}], got {lse.dtype} {tuple(lse.shape)}")
-    if dq_partial_dtype not in _DTYPES:
-        raise TypeError(f"dq_partial_dtype must be one of {_DTYPES}, got {dq_partial_dtype}")
     G = hq // g
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     pos = _positions(q_pos, sq, sk, q.device)
+    if dq_partial_dtype is None:
+        dq_partial_dtype = q.dtype if cfg.dq_partial_lowp else torch.float32
+    if dq_partial_dtype not in _DTYPES:
+        raise TypeError(f"dq_partial_dtype must be one of {_DTYPES}, got {dq_partial_dtype}")
     do = do if do.stride(-1) == 1 else do.contiguous()
     if do.dtype != q.dtype:
         do = do.to(q.dtype)
@@ -809,9 +823,10 @@ def sparse_attention_bwd(
                 num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
             )
         if ch.n_split_segs:
-            _bwd_reduce_kernel[(ch.n_split_segs, nsub)](
+            rb = min(32, _next_pow2(block_size))  # rows per reduce program: no register spills
+            _bwd_reduce_kernel[(ch.n_split_segs, triton.cdiv(block_size, rb))](
                 dkpart, dvpart, dk_acc, dv_acc, ch.sg_bg, ch.sg_blk, ch.sg_p0, ch.sg_p1,
-                sk, g, d, BLOCK=block_size, BN=bn, DP=DP, num_warps=4,
+                sk, g, d, BLOCK=block_size, BN=rb, DP=DP, num_warps=8,
             )
         if deterministic:
             _dq_combine_kernel[(triton.cdiv(cq, TQ), b * g)](
@@ -838,7 +853,8 @@ class SparseAttentionFn(torch.autograd.Function):
         if grad and sq:  # one reverse index for the forward and the backward
             _check_inputs(q, k, v, block_idx, block_size)
             need = partial_bytes_per_pos(q, block_idx.shape[-1], block_size, fwd=cfg.fwd_impl == "kv", bwd=True,
-                                         deterministic=deterministic, config=cfg)
+                                         deterministic=deterministic, config=cfg,
+                                         dq_partial_dtype=q.dtype if cfg.dq_partial_lowp else torch.float32)
             plan = build_plan(block_idx, k.shape[1], block_size, need, cfg)
         out, lse = sparse_attention_fwd(q, k, v, block_idx, block_size, q_pos, softmax_scale, config=cfg, plan=plan)
         ctx.save_for_backward(q, k, v, out, lse, block_idx, q_pos if q_pos is not None else torch.empty(0))
