@@ -20,6 +20,9 @@ Tolerances (relative Frobenius error vs the fp32 reference on the same bf16 valu
 Exit status 1 if any check fails or errors; each check is guarded so one failure does not
 hide the others.
 
+``--aot`` needs no GPU: it compiles every kernel of the default config for sm_90a (paper
+layout) with Triton's ptxas and prints registers / spills / shared memory per kernel.
+
 ``--tune`` skips the checks and times the main branch (forward incl. reverse index, and
 backward) at one length for a list of kernel configs (``KernelConfig`` fields as in
 ``MSA_MAIN_KERNEL``, plus ``det=0`` for atomic dQ), one compile each, so one GPU call can
@@ -294,6 +297,74 @@ def tune(L: int, specs: str, reps: int = 5) -> None:
         torch.cuda.empty_cache()
 
 
+def aot_report(arch: int = 90) -> int:
+    """Compile the kernels for sm_<arch> without a device (ptxas only); exit 1 on a compile error."""
+    import re
+    import subprocess
+    import tempfile
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from msa_megatron.ops import triton_sparse_attn as T
+
+    cfg = T.KernelConfig.from_env()
+    target = GPUTarget("cuda", arch, 32)
+    div16 = {"D", "G", "sq", "sk", "hq", "cq", "t0"}  # what the JIT's value specialisation sees at this layout
+    P, F, I = "*bf16", "*fp32", "*i32"
+    GP, DP = 16, 128
+    bnf, bnb = T._block_n(B, cfg.fwd_block_n), T._block_n(B, cfg.bwd_block_n)
+    bnq = T._block_n(B, cfg.q_block_n)
+    common = dict(KSEL=K, BLOCK=B, GP=GP, DP=DP, DOT_PREC=None, UPCAST=False)
+    kernels = [
+        ("fwd_kv", T._fwd_kv_kernel, dict(OPART=P, LPART=F, qk_scale="fp32"),
+         dict(common, NSUB=B // bnf, BN=bnf, QP=max(1, cfg.fwd_rows // GP)), cfg.fwd_warps, cfg.fwd_stages),
+        ("fwd_combine", T._fwd_combine_kernel, dict(OPART=P, LPART=F, OUT=P, LSE=F),
+         dict(KSEL=K, NSUB=B // bnf, GP=GP, TQ=T._combine_tq(GP, DP), DP=DP), 8, 2),
+        ("fwd_q", T._fwd_q_kernel, dict(OUT=P, LSE=F, qk_scale="fp32"),
+         dict(KSEL=K, NSUB=B // bnq, BLOCK=B, BN=bnq, RP=GP, DP=DP, DOT_PREC=None, UPCAST=False), cfg.q_warps, cfg.q_stages),
+        ("delta", T._delta_kernel, dict(OUT=P, DO=P, DELTA=F), dict(HP=HQ, TD=max(1, 8192 // (HQ * DP)), DP=DP), 4, 2),
+    ]
+    bwd_types = dict(LSE=F, DELTA=F, DQ=F, DKACC=F, DVACC=F, DKPART=F, DVPART=F, sm_scale="fp32", qk_scale="fp32")
+    for part in ((1, 2) if cfg.bwd_split else (0,)):
+        for atomic in (False, True):
+            kernels.append((f"bwd_kv part={part} atomic={int(atomic)}", T._bwd_kv_kernel, bwd_types,
+                            dict(common, NSUB=B // bnb, BN=bnb, QP=max(1, cfg.bwd_rows // GP), DQ_ATOMIC=atomic, PART=part),
+                            cfg.bwd_warps, cfg.bwd_stages))
+    kernels += [
+        ("bwd_reduce", T._bwd_reduce_kernel, dict(DKPART=F, DVPART=F, DKACC=F, DVACC=F),
+         dict(BLOCK=B, BN=min(32, B), DP=DP), 8, 2),
+        ("dq_combine", T._dq_combine_kernel, dict(DQPART=F, DQ=P), dict(KSEL=K, NSUB=B // bnb, GP=GP, TQ=T._combine_tq(GP, DP), DP=DP), 8, 2),
+    ]
+    print(f"AOT compile for sm_{arch}a, triton {triton.__version__}, config {cfg}")
+    bad = 0
+    for name, fn, types, consts, nw, ns in kernels:
+        is_ptr = lambda n: n.isupper() and n not in ("D", "G")  # noqa: E731  (kernel naming convention)
+        sig = {n: ("constexpr" if n in consts else types.get(n, P if n in ("Q", "K", "V", "DO") else
+                   (I if is_ptr(n) else "i32"))) for n in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                 if n not in consts and (sig[n].startswith("*") or n.startswith("stride") or n in div16)}
+        try:
+            ck = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=target,
+                                options=dict(num_warps=nw, num_stages=ns))
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(ck.asm["ptx"])
+            log = subprocess.run([triton.knobs.nvidia.ptxas.path, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
+                                 capture_output=True, text=True).stderr
+            os.unlink(f.name)
+            regs = re.search(r"Used (\d+) registers", log)
+            spill = re.search(r"(\d+) bytes spill stores", log)
+            print(f"  {name:28s} warps={nw} stages={ns} regs={regs.group(1) if regs else '?'} "
+                  f"spill={spill.group(1) if spill else '?'}B smem={ck.metadata.shared}B "
+                  f"wgmma={len(re.findall('wgmma.mma_async', ck.asm['ptx']))}", flush=True)
+        except Exception as exc:
+            bad += 1
+            print(f"  {name:28s} COMPILE ERROR {type(exc).__name__}: {str(exc)[:500]}", flush=True)
+    return 1 if bad else 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="8K and 32K main branch, 8K op (about a minute)")
@@ -302,9 +373,12 @@ def main() -> int:
     p.add_argument("--index-backend", default="triton", choices=["triton", "reference"])
     p.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tune", action="store_true", help="time kernel configs instead of checking")
+    p.add_argument("--aot", action="store_true", help="compile for sm_90a without a GPU; print regs/spills")
     p.add_argument("--tune-L", type=parse_length, default=parse_length("128K"))
     p.add_argument("--tune-configs", default=DEFAULT_TUNE, help="';'-separated KernelConfig specs")
     args = p.parse_args()
+    if args.aot:
+        return aot_report()
     if args.cpu_smoke:
         cpu_smoke_layout()
     elif not torch.cuda.is_available():

@@ -67,8 +67,9 @@ class KernelConfig:
     bwd_stages: int = 2
     q_warps: int = 4  # query-outer forward
     q_stages: int = 2
-    q_block_n: int = 32  # keys per step of the query-outer forward (64+ spills at 4 warps on sm_90)
+    q_block_n: int = 64  # keys per step of the query-outer forward
     dq_partial_lowp: bool = False  # deterministic dQ partials in q's dtype instead of fp32 (half the traffic)
+    bwd_split: bool = False  # dV and dK+dQ by two launches: one accumulator each, 6 dots instead of 5
     fwd_block_n: int = 128  # keys per program: largest power of 2 dividing block_size, capped here
     bwd_block_n: int = 128  # same for the backward (64 halves the dK/dV registers, doubles dQ partials)
     items_per_sm: int = 8  # target work items per SM when splitting hot blocks
@@ -101,7 +102,7 @@ class KernelConfig:
                 raise ValueError(f"kernel config: unknown field {name!r}; fields: {', '.join(types)}")
             if name == "fwd_impl":
                 kw[name] = value
-            elif name in ("lpt_order", "dq_partial_lowp"):
+            elif name in ("lpt_order", "dq_partial_lowp", "bwd_split"):
                 kw[name] = value.lower() in ("1", "true", "yes")
             else:
                 kw[name] = int(value)
@@ -320,11 +321,12 @@ def _bwd_kv_kernel(
     t0, cq, sq, sk, n_groups, G, D, sm_scale, qk_scale,
     KSEL: tl.constexpr, NSUB: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
     GP: tl.constexpr, QP: tl.constexpr, DP: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, PART: tl.constexpr,
 ):
     """KV-outer backward for one work item x one BN-key sub-tile: dK/dV in registers over the
     item's queries; dQ per (pair, sub-tile, head) into a partial buffer (or fp32 atomics into
-    the chunk's dQ accumulator [b, cq, hq, d])."""
+    the chunk's dQ accumulator [b, cq, hq, d]). PART 0: all of it (5 dots); 1: dV only;
+    2: dK and dQ only (split mode: one accumulator per program, 6 dots in all)."""
     item = tl.program_id(0)
     sub = tl.program_id(1)
     bg = tl.load(IT_BG + item)
@@ -376,29 +378,35 @@ def _bwd_kv_kernel(
         sT = tl.dot(kt, tl.trans(qt), input_precision=DOT_PREC) * qk_scale
         validT = rvalid[None, :] & kin[:, None] & (kpos[:, None] <= qpos[None, :])
         pT = tl.where(validT, tl.exp2(sT - lse2[None, :]), 0.0)
-        dv += tl.dot(pT.to(dot_.dtype), dot_, input_precision=DOT_PREC)
-        dpT = tl.dot(vt, tl.trans(dot_), input_precision=DOT_PREC)
-        dsT = (pT * (dpT - delta[None, :])).to(qt.dtype)
-        dk += tl.dot(dsT, qt, input_precision=DOT_PREC)
-        dq = tl.dot(tl.trans(dsT), kt, input_precision=DOT_PREC) * sm_scale
-        if DQ_ATOMIC:
-            dq_rows = ((bi.to(tl.int64) * cq + tloc) * hq + head) * D
-            tl.atomic_add(DQ + dq_rows[:, None] + offs_d[None, :], dq, mask=rmask, sem="relaxed")
-        else:
-            prow = (pair * NSUB + sub) * G + h
-            tl.store(DQ + prow[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask)
+        if PART != 2:
+            dv += tl.dot(pT.to(dot_.dtype), dot_, input_precision=DOT_PREC)
+        if PART != 1:
+            dpT = tl.dot(vt, tl.trans(dot_), input_precision=DOT_PREC)
+            dsT = (pT * (dpT - delta[None, :])).to(qt.dtype)
+            dk += tl.dot(dsT, qt, input_precision=DOT_PREC)
+            dq = tl.dot(tl.trans(dsT), kt, input_precision=DOT_PREC) * sm_scale
+            if DQ_ATOMIC:
+                dq_rows = ((bi.to(tl.int64) * cq + tloc) * hq + head) * D
+                tl.atomic_add(DQ + dq_rows[:, None] + offs_d[None, :], dq, mask=rmask, sem="relaxed")
+            else:
+                prow = (pair * NSUB + sub) * G + h
+                tl.store(DQ + prow[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask)
     dk = dk * sm_scale
     pslot = tl.load(IT_PSLOT + item)
     if pslot < 0:
         # sole program of this (block, sub-tile) in this launch: accumulate in place
         acc_off = ((bi.to(tl.int64) * sk + kpos.to(tl.int64)[:, None]) * n_groups + gi) * D + offs_d[None, :]
-        tl.store(DKACC + acc_off, tl.load(DKACC + acc_off, mask=kmask, other=0.0) + dk, mask=kmask)
-        tl.store(DVACC + acc_off, tl.load(DVACC + acc_off, mask=kmask, other=0.0) + dv, mask=kmask)
+        if PART != 1:
+            tl.store(DKACC + acc_off, tl.load(DKACC + acc_off, mask=kmask, other=0.0) + dk, mask=kmask)
+        if PART != 2:
+            tl.store(DVACC + acc_off, tl.load(DVACC + acc_off, mask=kmask, other=0.0) + dv, mask=kmask)
     else:
         part_off = (pslot.to(tl.int64) * BLOCK + sub * BN + tl.arange(0, BN))[:, None] * D + offs_d[None, :]
         pmask = (tl.arange(0, BN) < BN)[:, None] & dmask[None, :]
-        tl.store(DKPART + part_off, dk, mask=pmask)
-        tl.store(DVPART + part_off, dv, mask=pmask)
+        if PART != 1:
+            tl.store(DKPART + part_off, dk, mask=pmask)
+        if PART != 2:
+            tl.store(DVPART + part_off, dv, mask=pmask)
 
 
 @triton.jit
@@ -729,7 +737,7 @@ def sparse_attention_fwd(
             opart, lpart, ch.bidx, out, lse,
             out.stride(0), out.stride(1), out.stride(2),
             ch.t0, cq, sq, g, G, d,
-            KSEL=K, NSUB=nsub, GP=GP, TQ=TQ, DP=DP, num_warps=4,
+            KSEL=K, NSUB=nsub, GP=GP, TQ=TQ, DP=DP, num_warps=8,
         )
         del opart, lpart
     return (out, lse, plan) if return_plan else (out, lse)
@@ -811,7 +819,9 @@ def sparse_attention_bwd(
             dvpart = _alloc((ch.n_split_items, block_size, d), torch.float32, q.device)
         else:
             dkpart = dvpart = dummy
-        if ch.n_items:
+        for part in ((1, 2) if cfg.bwd_split else (0,)):
+            if not ch.n_items:
+                break
             _bwd_kv_kernel[(ch.n_items, nsub)](
                 q, k, v, do, lse, delta, pos, ch.perm, ch.it_bg, ch.it_blk, ch.it_start, ch.it_end, ch.it_pslot,
                 dqbuf, dk_acc, dv_acc, dkpart, dvpart,
@@ -819,7 +829,7 @@ def sparse_attention_bwd(
                 do.stride(0), do.stride(1), do.stride(2),
                 ch.t0, cq, sq, sk, g, G, d, scale, scale * LOG2E,
                 KSEL=K, NSUB=nsub, BLOCK=block_size, BN=bn, GP=GP, QP=QP, DP=DP,
-                DQ_ATOMIC=not deterministic, DOT_PREC=prec, UPCAST=up,
+                DQ_ATOMIC=not deterministic, DOT_PREC=prec, UPCAST=up, PART=part,
                 num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
             )
         if ch.n_split_segs:
@@ -831,7 +841,7 @@ def sparse_attention_bwd(
         if deterministic:
             _dq_combine_kernel[(triton.cdiv(cq, TQ), b * g)](
                 dqbuf, ch.bidx, dq, dq.stride(0), dq.stride(1), dq.stride(2),
-                ch.t0, cq, g, G, d, KSEL=K, NSUB=nsub, GP=GP, TQ=TQ, DP=DP, num_warps=4,
+                ch.t0, cq, g, G, d, KSEL=K, NSUB=nsub, GP=GP, TQ=TQ, DP=DP, num_warps=8,
             )
         else:
             dq[:, ch.t0:ch.t1] = dqbuf.to(q.dtype)

@@ -144,13 +144,14 @@ def test_chunks_and_split_blocks():
     check(q, k, v, do, bidx, 16, config=cfg)
 
 
-@pytest.mark.parametrize("block,fwd_bn,bwd_bn", [(48, 128, 128), (32, 16, 16)])
-def test_block_sub_tiles(block, fwd_bn, bwd_bn):
-    # block_size not a power of 2 (48 -> 3 sub-tiles of 16) and forced 16-key sub-tiles.
+@pytest.mark.parametrize("block,spec", [(48, ""), (32, "fwd_block_n=16,bwd_block_n=16,bwd_split=1,dq_partial_lowp=1")])
+def test_block_sub_tiles_and_variants(block, spec):
+    # block_size not a power of 2 (48 -> 3 sub-tiles of 16); forced 16-key sub-tiles with the
+    # split backward (dV and dK+dQ launches) and low-precision dQ partials.
     b, s, hq, g, d = 1, 170, 4, 2, 16
     q, k, v, do = make(b, s, s, hq, g, d, torch.float32, seed=block)
     bidx = selection(b, s, s, g, block, 2, None, seed=block)
-    check(q, k, v, do, bidx, block, config=T.KernelConfig(fwd_block_n=fwd_bn, bwd_block_n=bwd_bn))
+    check(q, k, v, do, bidx, block, config=T.KernelConfig.from_spec(spec))
 
 
 def test_query_outer_forward():
@@ -192,3 +193,5 @@ def test_clear_errors():
         T.sparse_attention_fwd(q.double(), k.double(), v.double(), bidx, 16)
     with pytest.raises(ValueError, match="KernelConfig.fwd_impl"):
         T.KernelConfig(fwd_impl="bogus")
+    with pytest.raises(ValueError, match="unknown field"):
+        T.KernelConfig.from_spec("fwd_rowz=64")
