@@ -31,6 +31,7 @@ partial buffers keep their real dtypes. On CUDA ``UPCAST`` is always off.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, fields, replace
@@ -75,6 +76,7 @@ class KernelConfig:
     items_per_sm: int = 8  # target work items per SM when splitting hot blocks
     item_pairs: int = 0  # (query, slot) pairs per work item; 0 = automatic
     partial_bytes: int = 0  # memory budget of the per-chunk partial buffers; 0 = auto (see _partial_budget)
+    chunk_queries: int = 0  # cap on query positions per chunk (smaller: q rows more L2-resident); 0 = none
     lpt_order: bool = True  # launch the largest work items first
 
     def __post_init__(self) -> None:
@@ -246,7 +248,7 @@ def _fwd_kv_kernel(
 def _fwd_combine_kernel(
     OPART, LPART, BIDX, OUT, LSE,
     stride_ob, stride_ot, stride_oh,
-    t0, cq, sq, n_groups, G, D,
+    t0, cq, nt, sq, n_groups, G, D,
     KSEL: tl.constexpr, NSUB: tl.constexpr, GP: tl.constexpr, TQ: tl.constexpr, DP: tl.constexpr,
 ):
     """Merges each query's per-(slot, sub-tile) partials by LSE, in slot order; one program =
@@ -258,7 +260,7 @@ def _fwd_combine_kernel(
     r = tl.arange(0, TQ * GP)
     h = r % GP
     tloc = tile * TQ + r // GP
-    rmask = (h < G) & (tloc < cq)
+    rmask = (h < G) & (tloc < nt)
     offs_d = tl.arange(0, DP)
     mask = rmask[:, None] & (offs_d < D)[None, :]
     M = tl.full([TQ * GP], float("-inf"), tl.float32)
@@ -446,7 +448,7 @@ def _bwd_reduce_kernel(
 def _dq_combine_kernel(
     DQPART, BIDX, DQ,
     stride_qb, stride_qt, stride_qh,
-    t0, cq, n_groups, G, D,
+    t0, cq, nt, n_groups, G, D,
     KSEL: tl.constexpr, NSUB: tl.constexpr, GP: tl.constexpr, TQ: tl.constexpr, DP: tl.constexpr,
 ):
     """dQ of TQ query positions x one group's heads: the sum of each query's per-(slot,
@@ -458,7 +460,7 @@ def _dq_combine_kernel(
     r = tl.arange(0, TQ * GP)
     h = r % GP
     tloc = tile * TQ + r // GP
-    rmask = (h < G) & (tloc < cq)
+    rmask = (h < G) & (tloc < nt)
     offs_d = tl.arange(0, DP)
     mask = rmask[:, None] & (offs_d < D)[None, :]
     acc = tl.zeros([TQ * GP, DP], tl.float32)
@@ -477,18 +479,19 @@ def _dq_combine_kernel(
 # ----------------------------------------------------------------------------- planning (reverse index)
 @dataclass
 class _Chunk:
-    """The reverse index of the queries [t0, t1): work items over (block -> pairs) runs."""
+    """Queries [t0, t1) of the plan: their slice of the work items. Pair ids are flat indices
+    into ``bidx`` [b, g, cq, K] (cq >= t1 - t0: the last chunk is padded with -1 rows)."""
 
     t0: int
     t1: int
-    bidx: Tensor  # [b, g, cq, K] int32, contiguous (pair p = flat index)
-    perm: Tensor  # [n_valid] int32: pairs sorted by (b, g, block), queries ascending
-    it_bg: Tensor
+    cq: int
+    bidx: Tensor
+    it_bg: Tensor  # work items (views into the plan's arrays): (b * g) index, block,
     it_blk: Tensor
-    it_start: Tensor
+    it_start: Tensor  # [start, end) range of Plan.perm
     it_end: Tensor
-    it_pslot: Tensor  # partial dK/dV slot, -1 if the item is its block's only one
-    sg_bg: Tensor  # split blocks: the items' partial slot range [p0, p1)
+    it_pslot: Tensor  # partial dK/dV slot in this chunk, -1 if the item is its block's only one
+    sg_bg: Tensor  # split blocks: their items' partial slot range [p0, p1)
     sg_blk: Tensor
     sg_p0: Tensor
     sg_p1: Tensor
@@ -499,12 +502,14 @@ class _Chunk:
 
 @dataclass
 class Plan:
-    """Everything the kernels need about a block selection; built once in the forward and
-    reused by the backward."""
+    """The reverse index of a block selection (built once in the forward, reused by the
+    backward): ``perm`` lists the chunk-local pair ids of every chunk sorted by (chunk, b, g,
+    block), queries ascending inside a block; work items are runs of it."""
 
     chunks: List[_Chunk]
+    perm: Tensor  # int32
     nb: int
-    key: tuple  # (shape, block_size, device) it was built for
+    key: tuple  # what it was built for (shape, sk, block_size, device, data_ptr)
 
 
 def _alloc(shape, dtype, device) -> Tensor:
@@ -546,58 +551,80 @@ def _num_sms(device: torch.device) -> int:
 def build_plan(block_idx: Tensor, sk: int, block_size: int, bytes_per_pos: int,
                config: Optional[KernelConfig] = None) -> Plan:
     """Reverse index of ``block_idx`` [b, g, sq, K]: for each (b, g, block) the (query, slot)
-    pairs that chose it, split into work items of at most ``item_pairs`` pairs, the queries cut
+    pairs that chose it, split into work items of at most ``item_pairs`` pairs; the queries cut
     into chunks whose partial buffers (``bytes_per_pos`` per query position, see
-    :func:`partial_bytes_per_pos`) fit the memory budget. Costs a stable sort and one host
-    sync per chunk."""
+    :func:`partial_bytes_per_pos`) fit the memory budget (and at most ``chunk_queries`` long).
+    One stable sort of int32 keys (chunk, b, g, block) for all chunks and one host sync."""
     cfg = config or default_config()
     b, g, sq, K = block_idx.shape
     dev = block_idx.device
     nb = math.ceil(sk / block_size)
     nseg = b * g * nb
     cq = max(1, min(sq, _partial_budget(dev, cfg) // max(1, bytes_per_pos)))
+    if cfg.chunk_queries > 0:
+        cq = min(cq, cfg.chunk_queries)
+    nch = -(-sq // cq) if sq else 0
+    if nch <= 1:
+        cq = sq
+        bcat = block_idx.contiguous().view(1, b, g, sq, K)
+    else:  # chunk-major copy, last chunk padded with unused (-1) rows
+        pad = nch * cq - sq
+        bp = torch.nn.functional.pad(block_idx, (0, 0, 0, pad), value=-1) if pad else block_idx
+        bcat = bp.reshape(b, g, nch, cq, K).permute(2, 0, 1, 3, 4).contiguous()
+    chunk_pairs = b * g * cq * K
+    NS = nseg + 1
+    if nch * NS >= 2**31 or nch * chunk_pairs >= 2**31:
+        raise ValueError(f"selection too large for the int32 reverse index ({nch} chunks x {chunk_pairs} pairs)")
+    idx = torch.arange(nch * chunk_pairs, device=dev, dtype=torch.int32)
+    flat = bcat.view(-1)
+    key = (idx // chunk_pairs) * NS + torch.where(flat >= 0, ((idx // (cq * K)) % (b * g)) * nb + flat, nseg)
+    _, perm = torch.sort(key, stable=True)
+    counts_all = torch.bincount(key, minlength=nch * NS).view(nch, NS)
+    del key, idx
+    seg_off = (torch.cumsum(counts_all.view(-1), 0) - counts_all.view(-1)).view(nch, NS)[:, :nseg].reshape(-1)
+    counts = counts_all[:, :nseg].reshape(-1)
+    if cfg.item_pairs > 0:
+        per_item = cfg.item_pairs
+    else:  # about items_per_sm items per SM and chunk, never tiny
+        per_item = max(64, -(-chunk_pairs // (cfg.items_per_sm * _num_sms(dev))))
+    n_it = (counts + per_item - 1) // per_item
+    split_seg = n_it > 1
+    per_chunk = torch.stack([n_it.view(nch, nseg).sum(1), split_seg.view(nch, nseg).sum(1),
+                             (n_it * split_seg).view(nch, nseg).sum(1)]).tolist() if nch else [[], [], []]
+    items_c, splitsegs_c, splititems_c = per_chunk
+    n_items = int(sum(items_c))
+    perm = (perm % chunk_pairs).to(torch.int32)  # chunk-local pair ids
+    first_item = torch.cumsum(n_it, 0) - n_it
+    item_sid = torch.repeat_interleave(torch.arange(nch * nseg, device=dev), n_it, output_size=n_items)
+    sub = torch.arange(n_items, device=dev) - first_item[item_sid]
+    start = seg_off[item_sid] + sub * per_item
+    end = torch.minimum(start + per_item, seg_off[item_sid] + counts[item_sid])
+    item_chunk = item_sid // nseg
+    split_item = split_seg[item_sid]
+    split_base = torch.tensor([0] + list(itertools.accumulate(splititems_c))[:-1], device=dev, dtype=torch.long)
+    pslot = torch.where(split_item, torch.cumsum(split_item.long(), 0) - 1 - split_base[item_chunk],
+                        torch.full_like(start, -1))
+    sg = torch.nonzero(split_seg).view(-1)
+    sg_p0 = pslot[first_item[sg]]
+    sg_p1 = sg_p0 + n_it[sg]
+    it_bg, it_blk = (item_sid % nseg) // nb, item_sid % nb
+    if cfg.lpt_order and n_items > 1:  # largest items first inside each chunk
+        order = torch.argsort(item_chunk * (per_item + 1) + (per_item - (end - start)), stable=True)
+        it_bg, it_blk, start, end, pslot = (x[order] for x in (it_bg, it_blk, start, end, pslot))
+    i32 = lambda x: x.to(torch.int32).contiguous()  # noqa: E731
+    it_bg, it_blk, start, end, pslot = (i32(x) for x in (it_bg, it_blk, start, end, pslot))
+    sg_bg, sg_blk, sg_p0, sg_p1 = i32((sg % nseg) // nb), i32(sg % nb), i32(sg_p0), i32(sg_p1)
     chunks = []
-    for t0 in range(0, sq, cq):
-        t1 = min(sq, t0 + cq)
-        bidx = block_idx[:, :, t0:t1].contiguous()
-        n = bidx.numel()
-        flat = bidx.view(-1).long()
-        bg_of = torch.arange(n, device=dev, dtype=torch.long) // ((t1 - t0) * K)
-        key = torch.where(flat >= 0, bg_of * nb + flat, torch.full_like(flat, nseg))
-        del bg_of
-        _, perm = torch.sort(key, stable=True)
-        counts = torch.bincount(key, minlength=nseg + 1)[:nseg]
-        del key
-        if cfg.item_pairs > 0:
-            per_item = cfg.item_pairs
-        else:  # about items_per_sm items per SM, never tiny
-            per_item = max(64, -(-n // (cfg.items_per_sm * _num_sms(dev))))
-        n_it = (counts + per_item - 1) // per_item
-        totals = torch.stack([counts.sum(), n_it.sum(), (n_it > 1).sum(), (n_it * (n_it > 1)).sum()]).tolist()
-        n_valid, n_items, n_split_segs, n_split_items = (int(x) for x in totals)
-        perm = perm[:n_valid].to(torch.int32)
-        seg_off = torch.cumsum(counts, 0) - counts
-        first_item = torch.cumsum(n_it, 0) - n_it
-        seg_ids = torch.arange(nseg, device=dev)
-        item_seg = torch.repeat_interleave(seg_ids, n_it, output_size=n_items)
-        sub = torch.arange(n_items, device=dev) - first_item[item_seg]
-        start = seg_off[item_seg] + sub * per_item
-        end = torch.minimum(start + per_item, seg_off[item_seg] + counts[item_seg])
-        split = (n_it > 1)[item_seg]
-        pslot = torch.where(split, torch.cumsum(split.long(), 0) - 1, torch.full_like(start, -1))
-        sg = seg_ids[n_it > 1]
-        sg_p0 = pslot[first_item[sg]] if n_split_segs else torch.zeros(0, dtype=torch.long, device=dev)
-        sg_p1 = sg_p0 + n_it[sg]
-        it_bg, it_blk = item_seg // nb, item_seg % nb
-        if cfg.lpt_order and n_items > 1:
-            order = torch.argsort(end - start, descending=True, stable=True)
-            it_bg, it_blk, start, end, pslot = (x[order] for x in (it_bg, it_blk, start, end, pslot))
-        i32 = lambda x: x.to(torch.int32).contiguous()  # noqa: E731
+    i0 = s0 = 0
+    for c in range(nch):
+        i1, s1 = i0 + int(items_c[c]), s0 + int(splitsegs_c[c])
         chunks.append(_Chunk(
-            t0, t1, bidx, perm, i32(it_bg), i32(it_blk), i32(start), i32(end), i32(pslot),
-            i32(sg // nb), i32(sg % nb), i32(sg_p0), i32(sg_p1), n_items, n_split_items, n_split_segs,
+            c * cq, min(sq, (c + 1) * cq), cq, bcat[c], it_bg[i0:i1], it_blk[i0:i1], start[i0:i1], end[i0:i1],
+            pslot[i0:i1], sg_bg[s0:s1], sg_blk[s0:s1], sg_p0[s0:s1], sg_p1[s0:s1],
+            int(items_c[c]), int(splititems_c[c]), int(splitsegs_c[c]),
         ))
-    return Plan(chunks, nb, _plan_key(block_idx, sk, block_size))
+        i0, s0 = i1, s1
+    return Plan(chunks, perm, nb, _plan_key(block_idx, sk, block_size))
 
 
 def _plan_key(block_idx: Tensor, sk: int, block_size: int) -> tuple:
@@ -721,22 +748,22 @@ def sparse_attention_fwd(
     TQ = _combine_tq(GP, DP)
     part_dtype = q.dtype
     for ch in plan.chunks:
-        cq = ch.t1 - ch.t0
+        cq, nt = ch.cq, ch.t1 - ch.t0
         npairs = ch.bidx.numel()
         opart = _alloc((npairs * nsub * G, d), part_dtype, q.device)
         lpart = _alloc((npairs * nsub * G,), torch.float32, q.device)
         if ch.n_items:
             _fwd_kv_kernel[(ch.n_items, nsub)](
-                q, k, v, pos, ch.perm, ch.it_bg, ch.it_blk, ch.it_start, ch.it_end, opart, lpart,
+                q, k, v, pos, plan.perm, ch.it_bg, ch.it_blk, ch.it_start, ch.it_end, opart, lpart,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 ch.t0, cq, sk, g, G, d, scale * LOG2E,
                 KSEL=K, NSUB=nsub, BLOCK=block_size, BN=bn, GP=GP, QP=QP, DP=DP,
                 DOT_PREC=prec, UPCAST=up, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
             )
-        _fwd_combine_kernel[(triton.cdiv(cq, TQ), b * g)](
+        _fwd_combine_kernel[(triton.cdiv(nt, TQ), b * g)](
             opart, lpart, ch.bidx, out, lse,
             out.stride(0), out.stride(1), out.stride(2),
-            ch.t0, cq, sq, g, G, d,
+            ch.t0, cq, nt, sq, g, G, d,
             KSEL=K, NSUB=nsub, GP=GP, TQ=TQ, DP=DP, num_warps=8,
         )
         del opart, lpart
@@ -808,7 +835,7 @@ def sparse_attention_bwd(
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     TQ = _combine_tq(GP, DP)
     for ch in plan.chunks:
-        cq = ch.t1 - ch.t0
+        cq, nt = ch.cq, ch.t1 - ch.t0
         npairs = ch.bidx.numel()
         if deterministic:
             dqbuf = _alloc((npairs * nsub * G, d), dq_partial_dtype, q.device)
@@ -823,7 +850,7 @@ def sparse_attention_bwd(
             if not ch.n_items:
                 break
             _bwd_kv_kernel[(ch.n_items, nsub)](
-                q, k, v, do, lse, delta, pos, ch.perm, ch.it_bg, ch.it_blk, ch.it_start, ch.it_end, ch.it_pslot,
+                q, k, v, do, lse, delta, pos, plan.perm, ch.it_bg, ch.it_blk, ch.it_start, ch.it_end, ch.it_pslot,
                 dqbuf, dk_acc, dv_acc, dkpart, dvpart,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 do.stride(0), do.stride(1), do.stride(2),
@@ -839,12 +866,12 @@ def sparse_attention_bwd(
                 sk, g, d, BLOCK=block_size, BN=rb, DP=DP, num_warps=8,
             )
         if deterministic:
-            _dq_combine_kernel[(triton.cdiv(cq, TQ), b * g)](
+            _dq_combine_kernel[(triton.cdiv(nt, TQ), b * g)](
                 dqbuf, ch.bidx, dq, dq.stride(0), dq.stride(1), dq.stride(2),
-                ch.t0, cq, g, G, d, KSEL=K, NSUB=nsub, GP=GP, TQ=TQ, DP=DP, num_warps=8,
+                ch.t0, cq, nt, g, G, d, KSEL=K, NSUB=nsub, GP=GP, TQ=TQ, DP=DP, num_warps=8,
             )
         else:
-            dq[:, ch.t0:ch.t1] = dqbuf.to(q.dtype)
+            dq[:, ch.t0:ch.t1] = dqbuf[:, :nt].to(q.dtype)
         del dqbuf, dkpart, dvpart
     return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
