@@ -243,6 +243,9 @@ DEFAULT_TUNE = ";".join([
     "bwd_rows=32",
     "bwd_rows=128,bwd_block_n=64",
     "dq_partial_lowp=1",
+    "bwd_split=1",
+    "chunk_queries=2048",
+    "chunk_queries=8192",
     "det=0",
     "fwd_impl=q",
 ])
