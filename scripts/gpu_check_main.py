@@ -278,7 +278,7 @@ def tune(L: int, specs: str, reps: int = 5) -> None:
         det = fields.pop("det", "1") != "0"
         try:
             cfg = T.KernelConfig.from_spec(",".join(f"{n}={v}" for n, v in fields.items()), T.KernelConfig.from_env())
-            plan_need = T.partial_bytes_per_pos(q, K, B, fwd=cfg.fwd_impl == "kv", bwd=True, deterministic=det, config=cfg,
+            plan_need = T.partial_bytes_per_pos(q, HKV, K, B, fwd=cfg.fwd_impl == "kv", bwd=True, deterministic=det, config=cfg,
                                                 dq_partial_dtype=q.dtype if cfg.dq_partial_lowp else torch.float32)
             box = {}
 
@@ -316,37 +316,45 @@ def aot_report(arch: int = 90) -> int:
     cfg = T.KernelConfig.from_env()
     target = GPUTarget("cuda", arch, 32)
     div16 = {"D", "G", "sq", "sk", "hq", "cq", "t0"}  # what the JIT's value specialisation sees at this layout
-    P, F, I = "*bf16", "*fp32", "*i32"
-    GP, DP = 16, 128
-    bnf, bnb = T._block_n(B, cfg.fwd_block_n), T._block_n(B, cfg.bwd_block_n)
+    F, I = "*fp32", "*i32"
+    GP = 16
     bnq = T._block_n(B, cfg.q_block_n)
-    common = dict(KSEL=K, BLOCK=B, GP=GP, DP=DP, DOT_PREC=None, UPCAST=False)
-    kernels = [
-        ("fwd_kv", T._fwd_kv_kernel, dict(OPART=P, LPART=F, qk_scale="fp32"),
-         dict(common, NSUB=B // bnf, BN=bnf, QP=max(1, cfg.fwd_rows // GP)), cfg.fwd_warps, cfg.fwd_stages),
-        ("fwd_combine", T._fwd_combine_kernel, dict(OPART=P, LPART=F, OUT=P, LSE=F),
-         dict(KSEL=K, NSUB=B // bnf, GP=GP, TQ=T._combine_tq(GP, DP), DP=DP), 8, 2),
-        ("fwd_q", T._fwd_q_kernel, dict(OUT=P, LSE=F, qk_scale="fp32"),
-         dict(KSEL=K, NSUB=B // bnq, BLOCK=B, BN=bnq, RP=GP, DP=DP, DOT_PREC=None, UPCAST=False), cfg.q_warps, cfg.q_stages),
-        ("delta", T._delta_kernel, dict(OUT=P, DO=P, DELTA=F), dict(HP=HQ, TD=max(1, 8192 // (HQ * DP)), DP=DP), 4, 2),
-    ]
-    bwd_types = dict(LSE=F, DELTA=F, DQ=F, DKACC=F, DVACC=F, DKPART=F, DVPART=F, sm_scale="fp32", qk_scale="fp32")
-    for part in ((1, 2) if cfg.bwd_split else (0,)):
-        for atomic in (False, True):
-            kernels.append((f"bwd_kv part={part} atomic={int(atomic)}", T._bwd_kv_kernel, bwd_types,
-                            dict(common, NSUB=B // bnb, BN=bnb, QP=max(1, cfg.bwd_rows // GP), DQ_ATOMIC=atomic, PART=part),
-                            cfg.bwd_warps, cfg.bwd_stages))
-    kernels += [
-        ("bwd_reduce", T._bwd_reduce_kernel, dict(DKPART=F, DVPART=F, DKACC=F, DVACC=F),
-         dict(BLOCK=B, BN=min(32, B), DP=DP), 8, 2),
-        ("dq_combine", T._dq_combine_kernel, dict(DQPART=F, DQ=P), dict(KSEL=K, NSUB=B // bnb, GP=GP, TQ=T._combine_tq(GP, DP), DP=DP), 8, 2),
-    ]
+    kernels = []
+    for dt, d in ((torch.bfloat16, 128), (torch.float32, 128), (torch.bfloat16, 256)):
+        P = "*bf16" if dt == torch.bfloat16 else "*fp32"
+        DP = d
+        prec = "ieee" if dt == torch.float32 else None
+        common = dict(KSEL=K, BLOCK=B, GP=GP, DP=DP, DOT_PREC=prec, UPCAST=False)
+        qpf, bnf = T.kv_tiles("fwd", dt, d, GP, B, cfg)
+        qpb, bnb = T.kv_tiles("bwd", dt, d, GP, B, cfg)
+        tag = f"{str(dt)[6:]} d={d}"
+        io = dict(Q=P, K=P, V=P, DO=P)
+        kernels.append((f"fwd_kv {tag} rows={qpf * GP} bn={bnf}", T._fwd_kv_kernel, dict(io, OPART=P, LPART=F, qk_scale="fp32"),
+                        dict(common, NSUB=B // bnf, BN=bnf, QP=qpf), cfg.fwd_warps, cfg.fwd_stages))
+        bwd_types = dict(io, LSE=F, DELTA=F, DQ=F, DKACC=F, DVACC=F, DKPART=F, DVPART=F, sm_scale="fp32", qk_scale="fp32")
+        for part in ((1, 2) if cfg.bwd_split else (0,)):
+            for atomic in ((False, True) if (dt, d) == (torch.bfloat16, 128) else (False,)):
+                kernels.append((f"bwd_kv {tag} rows={qpb * GP} bn={bnb} part={part} atomic={int(atomic)}", T._bwd_kv_kernel,
+                                bwd_types, dict(common, NSUB=B // bnb, BN=bnb, QP=qpb, DQ_ATOMIC=atomic, PART=part),
+                                cfg.bwd_warps, cfg.bwd_stages))
+        if (dt, d) != (torch.bfloat16, 128):
+            continue
+        kernels += [
+            ("fwd_combine", T._fwd_combine_kernel, dict(OPART=P, LPART=F, OUT=P, LSE=F),
+             dict(KSEL=K, NSUB=B // bnf, GP=GP, TQ=T._combine_tq(GP, DP), DP=DP), 8, 2),
+            ("fwd_q", T._fwd_q_kernel, dict(io, OUT=P, LSE=F, qk_scale="fp32"),
+             dict(KSEL=K, NSUB=B // bnq, BLOCK=B, BN=bnq, RP=GP, DP=DP, DOT_PREC=None, UPCAST=False), cfg.q_warps, cfg.q_stages),
+            ("delta", T._delta_kernel, dict(OUT=P, DO=P, DELTA=F), dict(HP=HQ, TD=max(1, 8192 // (HQ * DP)), DP=DP), 4, 2),
+            ("bwd_reduce", T._bwd_reduce_kernel, dict(DKPART=F, DVPART=F, DKACC=F, DVACC=F),
+             dict(BLOCK=B, BN=min(32, B), DP=DP), 8, 2),
+            ("dq_combine", T._dq_combine_kernel, dict(DQPART=F, DQ=P),
+             dict(KSEL=K, NSUB=B // bnb, GP=GP, TQ=T._combine_tq(GP, DP), DP=DP), 8, 2),
+        ]
     print(f"AOT compile for sm_{arch}a, triton {triton.__version__}, config {cfg}")
     bad = 0
     for name, fn, types, consts, nw, ns in kernels:
         is_ptr = lambda n: n.isupper() and n not in ("D", "G")  # noqa: E731  (kernel naming convention)
-        sig = {n: ("constexpr" if n in consts else types.get(n, P if n in ("Q", "K", "V", "DO") else
-                   (I if is_ptr(n) else "i32"))) for n in fn.arg_names}
+        sig = {n: ("constexpr" if n in consts else types.get(n, I if is_ptr(n) else "i32")) for n in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
                  if n not in consts and (sig[n].startswith("*") or n.startswith("stride") or n in div16)}
         try:
@@ -359,12 +367,15 @@ def aot_report(arch: int = 90) -> int:
             os.unlink(f.name)
             regs = re.search(r"Used (\d+) registers", log)
             spill = re.search(r"(\d+) bytes spill stores", log)
-            print(f"  {name:28s} warps={nw} stages={ns} regs={regs.group(1) if regs else '?'} "
+            too_big = ck.metadata.shared > 232448  # sm_90 maximum dynamic shared memory per block
+            bad += int(too_big)
+            print(f"  {name:44s} warps={nw} stages={ns} regs={regs.group(1) if regs else '?'} "
                   f"spill={spill.group(1) if spill else '?'}B smem={ck.metadata.shared}B "
-                  f"wgmma={len(re.findall('wgmma.mma_async', ck.asm['ptx']))}", flush=True)
+                  f"wgmma={len(re.findall('wgmma.mma_async', ck.asm['ptx']))}{'  SMEM OVER 227 KB' if too_big else ''}",
+                  flush=True)
         except Exception as exc:
             bad += 1
-            print(f"  {name:28s} COMPILE ERROR {type(exc).__name__}: {str(exc)[:500]}", flush=True)
+            print(f"  {name:44s} COMPILE ERROR {type(exc).__name__}: {str(exc)[:500]}", flush=True)
     return 1 if bad else 0
 
 

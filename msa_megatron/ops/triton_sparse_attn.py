@@ -529,6 +529,39 @@ def _block_n(block_size: int, cap: int) -> int:
     return min(bn, cap)
 
 
+#: Shared memory the KV-outer kernels may plan for (H100/H200 allow 227 KB per block).
+SMEM_BUDGET = 200 * 1024
+
+
+def kv_tiles(kind: str, dtype: torch.dtype, d: int, G: int, block_size: int, cfg: KernelConfig) -> Tuple[int, int]:
+    """(QP positions per row tile, BN keys per program) of the KV-outer forward (``kind='fwd'``)
+    or backward (``'bwd'``): the configured sizes, shrunk (rows first, then keys) until the
+    estimated shared memory fits :data:`SMEM_BUDGET` (fp32 inputs, head dims above 128).
+    The estimate (K/V tiles + pipelined q [+ dout] tiles + a conversion tile) matches the
+    sm_90a compile report within a few KB at d=128."""
+    GP, DP = _next_pow2(G), _next_pow2(d)
+    elt = torch.empty((), dtype=dtype).element_size()
+    rows, bn, stages = (cfg.fwd_rows, cfg.fwd_block_n, cfg.fwd_stages) if kind == "fwd" else (
+        cfg.bwd_rows, cfg.bwd_block_n, cfg.bwd_stages)
+    bn = _block_n(block_size, bn if elt < 4 else min(bn, 64))  # fp32 (IEEE FMA dots): lighter tiles
+    qp = max(1, rows // GP)
+    if qp * GP < 16:
+        qp = 16 // GP
+    per_row = (stages + 1) if kind == "fwd" else (2 * stages + 2)
+
+    def smem(qp_, bn_):  # + the backward's fp32 dK/dV epilogue conversion (partly aliased)
+        return (2 * bn_ * DP + per_row * qp_ * GP * DP) * elt + (bn_ * DP * 2 if kind == "bwd" else 0)
+
+    while smem(qp, bn) > SMEM_BUDGET:
+        if qp > 1 and qp * GP > 16:
+            qp //= 2
+        elif bn > 16:
+            bn //= 2
+        else:
+            break
+    return qp, bn
+
+
 def _partial_budget(device: torch.device, cfg: KernelConfig) -> int:
     """Bytes the partial buffers of one chunk may take: the configured value, else a quarter
     of the memory free for tensors (CUDA driver free + the caching allocator's unused
@@ -687,7 +720,7 @@ def _upcast(x: Tensor) -> bool:
     return x.device.type != "cuda" and x.dtype == torch.bfloat16
 
 
-def partial_bytes_per_pos(q: Tensor, K: int, block_size: int, fwd: bool = True, bwd: bool = False,
+def partial_bytes_per_pos(q: Tensor, num_kv_heads: int, K: int, block_size: int, fwd: bool = True, bwd: bool = False,
                           deterministic: bool = True, dq_partial_dtype: torch.dtype = torch.float32,
                           config: Optional[KernelConfig] = None) -> int:
     """Bytes of partial buffers per query position: forward (out partial + LSE per (slot,
@@ -696,9 +729,11 @@ def partial_bytes_per_pos(q: Tensor, K: int, block_size: int, fwd: bool = True, 
     b, _, hq, d = q.shape
     need = 0
     if fwd:
-        need = b * hq * K * (block_size // _block_n(block_size, cfg.fwd_block_n)) * (d * q.element_size() + 4)
+        bn = kv_tiles("fwd", q.dtype, d, hq // num_kv_heads, block_size, cfg)[1]
+        need = b * hq * K * (block_size // bn) * (d * q.element_size() + 4)
     if bwd:
-        rows = b * hq * K * (block_size // _block_n(block_size, cfg.bwd_block_n))
+        bn = kv_tiles("bwd", q.dtype, d, hq // num_kv_heads, block_size, cfg)[1]
+        rows = b * hq * K * (block_size // bn)
         dq_bytes = rows * d * torch.empty((), dtype=dq_partial_dtype).element_size() if deterministic else b * hq * d * 4
         need = max(need, dq_bytes)
     return need
@@ -721,7 +756,7 @@ def sparse_attention_fwd(
     out = _alloc((b, sq, hq, d), q.dtype, q.device)
     lse = _alloc((b, hq, sq), torch.float32, q.device)
     DP = _next_pow2(d)
-    bn = _block_n(block_size, cfg.fwd_block_n)
+    QP, bn = kv_tiles("fwd", q.dtype, d, G, block_size, cfg)
     nsub = block_size // bn
     prec, up = _dot_prec(q.dtype), _upcast(q)
     if sq == 0:
@@ -740,11 +775,8 @@ def sparse_attention_fwd(
         )
         return (out, lse, plan) if return_plan else (out, lse)
     if plan is None or plan.key != _plan_key(block_idx, sk, block_size):
-        plan = build_plan(block_idx, sk, block_size, partial_bytes_per_pos(q, K, block_size, config=cfg), cfg)
+        plan = build_plan(block_idx, sk, block_size, partial_bytes_per_pos(q, g, K, block_size, config=cfg), cfg)
     GP = _next_pow2(G)
-    QP = max(1, cfg.fwd_rows // GP)
-    if QP * GP < 16:
-        QP = 16 // GP
     TQ = _combine_tq(GP, DP)
     part_dtype = q.dtype
     for ch in plan.chunks:
@@ -816,15 +848,12 @@ def sparse_attention_bwd(
     block_idx = block_idx.contiguous()
     DP = _next_pow2(d)
     if plan is None or plan.key != _plan_key(block_idx, sk, block_size):
-        need = partial_bytes_per_pos(q, K, block_size, fwd=False, bwd=True, deterministic=deterministic,
+        need = partial_bytes_per_pos(q, g, K, block_size, fwd=False, bwd=True, deterministic=deterministic,
                                      dq_partial_dtype=dq_partial_dtype, config=cfg)
         plan = build_plan(block_idx, sk, block_size, need, cfg)
-    bn = _block_n(block_size, cfg.bwd_block_n)
+    QP, bn = kv_tiles("bwd", q.dtype, d, G, block_size, cfg)
     nsub = block_size // bn
     GP = _next_pow2(G)
-    QP = max(1, cfg.bwd_rows // GP)
-    if QP * GP < 16:
-        QP = 16 // GP
     prec, up = _dot_prec(q.dtype), _upcast(q)
     dq = _alloc((b, sq, hq, d), q.dtype, q.device)
     dk_acc = torch.zeros((b, sk, g, d), dtype=torch.float32, device=q.device)
@@ -889,7 +918,7 @@ class SparseAttentionFn(torch.autograd.Function):
         plan = None
         if grad and sq:  # one reverse index for the forward and the backward
             _check_inputs(q, k, v, block_idx, block_size)
-            need = partial_bytes_per_pos(q, block_idx.shape[-1], block_size, fwd=cfg.fwd_impl == "kv", bwd=True,
+            need = partial_bytes_per_pos(q, k.shape[2], block_idx.shape[-1], block_size, fwd=cfg.fwd_impl == "kv", bwd=True,
                                          deterministic=deterministic, config=cfg,
                                          dq_partial_dtype=q.dtype if cfg.dq_partial_lowp else torch.float32)
             plan = build_plan(block_idx, k.shape[1], block_size, need, cfg)

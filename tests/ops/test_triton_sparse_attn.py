@@ -140,14 +140,14 @@ def test_chunks_and_split_blocks():
     q, k, v, do = make(b, s, s, hq, g, d, torch.float32, seed=7)
     bidx = selection(b, s, s, g, 16, K, None, seed=7)
     cfg = T.KernelConfig(item_pairs=24, chunk_queries=64, fwd_rows=32, bwd_rows=16)
-    plan = T.build_plan(bidx, s, 16, T.partial_bytes_per_pos(q, K, 16, bwd=True, config=cfg), cfg)
+    plan = T.build_plan(bidx, s, 16, T.partial_bytes_per_pos(q, g, K, 16, bwd=True, config=cfg), cfg)
     last = plan.chunks[-1]
     assert len(plan.chunks) == 3 and last.t1 - last.t0 < last.cq  # last chunk padded
     assert sum(c.n_split_segs for c in plan.chunks) > 0
     check(q, k, v, do, bidx, 16, config=cfg)
     # the memory budget alone also cuts chunks
-    cfg2 = T.KernelConfig(partial_bytes=60 * T.partial_bytes_per_pos(q, K, 16, bwd=True))
-    assert len(T.build_plan(bidx, s, 16, T.partial_bytes_per_pos(q, K, 16, bwd=True), cfg2).chunks) == 4
+    cfg2 = T.KernelConfig(partial_bytes=60 * T.partial_bytes_per_pos(q, g, K, 16, bwd=True))
+    assert len(T.build_plan(bidx, s, 16, T.partial_bytes_per_pos(q, g, K, 16, bwd=True), cfg2).chunks) == 4
 
 
 @pytest.mark.parametrize("block,spec", [(48, ""), (32, "fwd_block_n=16,bwd_block_n=16,bwd_split=1,dq_partial_lowp=1")])
