@@ -66,7 +66,7 @@ def run_both(mode, backend, b=1, sq=90, sk=None, hq=4, g=2, d=16, di=16, block=1
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["dense", "msa_warmup", "msa"])
 def test_op_matches_reference(mode, backend):
-    (out, aux, gr), (r_out, r_aux, r_gr) = run_both(mode, backend, seed=hash(mode) % 1000)
+    (out, aux, gr), (r_out, r_aux, r_gr) = run_both(mode, backend, seed={"dense": 1, "msa_warmup": 2, "msa": 3}[mode])
     assert not torch.isnan(out).any()
     errs = {"out": rel(out, r_out), "lse": rel(aux.lse, r_aux.lse)}
     names = ["dq", "dk", "dv", "d_iq", "d_ik"]
