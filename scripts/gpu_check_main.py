@@ -119,7 +119,7 @@ def random_selection(L: int, seed: int) -> torch.Tensor:
         sc.masked_fill_(blk[None, :] > own[:, None], -1.0).masked_fill_(blk[None, :] == own[:, None], 2.0)
         val, idx = torch.topk(sc, min(K, nb), dim=-1)
         idx = torch.sort(torch.where(val >= 0, idx, torch.full_like(idx, nb)), dim=-1).values
-        out[..., : idx.shape[-1]] = torch.where(idx == nb, -1, idx).to(torch.int32)
+        out[:, :, s0:s1, : idx.shape[-1]] = torch.where(idx == nb, -1, idx).to(torch.int32)
     return out
 
 

@@ -75,9 +75,17 @@ def _backend(index_backend: Optional[str]) -> str:
     return name
 
 
-def _select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, backend: str):
+def _select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, backend: str, given: Optional[Tensor] = None):
     """(block_idx [b, g, sq, K] int32, index LSE over the selection [b, g, sq] or None, the
-    index kernels' reverse index or None: reused by the KL backward)."""
+    index kernels' reverse index or None: reused by the KL backward). ``given``: a selection
+    computed earlier (context parallelism selects before gathering K/V)."""
+    if given is not None:
+        expected = (iq.shape[0], iq.shape[2], iq.shape[1], cfg.topk)
+        if tuple(given.shape) != expected or given.dtype != torch.int32:
+            raise ValueError(f"block_idx must be int32 {expected}; got {given.dtype} {tuple(given.shape)}")
+        if backend == "reference":
+            return given, None, None
+        return given, _index_module().selected_lse(iq, ik, given, cfg, q_pos), None
     if backend == "reference":
         return reference.select(iq, ik, cfg, q_pos), None, None
     return _index_module().index_select(iq, ik, cfg, q_pos, return_plan=True)
@@ -218,6 +226,7 @@ def msa_attention_triton(
     mode: Optional[str] = None,
     softmax_scale: Optional[float] = None,
     compute_recall: bool = False,
+    block_idx: Optional[Tensor] = None,
     *,
     kernel_config: Optional[KernelConfig] = None,
     deterministic: bool = True,
@@ -257,7 +266,7 @@ def msa_attention_triton(
     if iq.shape[2] != g:
         raise ValueError(f"index heads ({iq.shape[2]}) must equal KV heads ({g}): one per GQA group")
     iq_d, ik_d = iq.detach(), ik.detach()
-    block_idx, index_lse, index_plan = _select(iq_d, ik_d, cfg, pos, backend)
+    block_idx, index_lse, index_plan = _select(iq_d, ik_d, cfg, pos, backend, given=block_idx)
     aux.block_idx = block_idx
     if mode == "msa":
         out, lse = sparse_attention(q, k, v, block_idx, cfg.block_size, pos, scale,
