@@ -60,8 +60,8 @@ class KernelConfig:
     ``MSA_MAIN_KERNEL="fwd_rows=64,bwd_warps=4"`` (used by the benchmark sweeps)."""
 
     fwd_impl: str = "kv"  # "kv": KV-outer + combine; "q": query-outer (one position x G heads)
-    fwd_rows: int = 128  # MMA rows per tile in the KV-outer forward (positions x padded G)
-    fwd_warps: int = 8
+    fwd_rows: int = 64  # H100 sweep at 128K (docs/gpu_logs/run3_tune): 64 rows x 4 warps 64.5 ms vs 73.7; MMA rows per tile in the KV-outer forward (positions x padded G)
+    fwd_warps: int = 4
     fwd_stages: int = 2
     bwd_rows: int = 64  # MMA rows per tile in the KV-outer backward
     bwd_warps: int = 8
@@ -69,7 +69,7 @@ class KernelConfig:
     q_warps: int = 4  # query-outer forward
     q_stages: int = 2
     q_block_n: int = 64  # keys per step of the query-outer forward
-    dq_partial_lowp: bool = False  # deterministic dQ partials in q's dtype instead of fp32 (half the traffic)
+    dq_partial_lowp: bool = True  # run3 sweep: bwd 100 ms vs 123 (fp32 partials); deterministic dQ partials in q's dtype instead of fp32 (half the traffic)
     bwd_split: bool = False  # dV and dK+dQ by two launches: one accumulator each, 6 dots instead of 5
     fwd_block_n: int = 128  # keys per program: largest power of 2 dividing block_size, capped here
     bwd_block_n: int = 128  # same for the backward (64 halves the dK/dV registers, doubles dQ partials)
