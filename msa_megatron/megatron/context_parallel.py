@@ -29,6 +29,7 @@ gradients over DP x CP, so the net weight of rank r's term is exactly ``1/cp``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -278,17 +279,20 @@ def gather_kv_for_cp(k: Tensor, v: Tensor, ik: Optional[Tensor], group=None
     return k_full, v_full, ik_full, zigzag_positions(k.shape[1], cp, rank, device=k.device)
 
 
-def _op_accepts_block_idx(cfg: MSAConfig, device: torch.device) -> Tuple[bool, str]:
-    """Whether the op behind ``ops.msa_attention`` for this device takes a precomputed
-    selection (the reference does; the Triton op did not when this was written)."""
-    backend = resolve_backend(cfg, device)
-    if backend == "reference":
-        return True, backend
+@functools.lru_cache(maxsize=None)
+def _triton_op_accepts_block_idx() -> bool:
     import inspect
 
     from ..ops.triton_op import msa_attention_triton
 
-    return "block_idx" in inspect.signature(msa_attention_triton).parameters, backend
+    return "block_idx" in inspect.signature(msa_attention_triton).parameters
+
+
+def _op_accepts_block_idx(cfg: MSAConfig, device: torch.device) -> Tuple[bool, str]:
+    """Whether the op behind ``ops.msa_attention`` for this device takes a precomputed
+    selection (guards against a Triton op from before it did)."""
+    backend = resolve_backend(cfg, device)
+    return backend == "reference" or _triton_op_accepts_block_idx(), backend
 
 
 def gather_kv_and_select_for_cp(k: Tensor, v: Tensor, iq: Tensor, ik: Tensor, cfg: MSAConfig, group=None
@@ -298,8 +302,7 @@ def gather_kv_and_select_for_cp(k: Tensor, v: Tensor, iq: Tensor, ik: Tensor, cf
     (the O(S^2/cp) index pass) while it is in flight, then wait. Returns (K, V, ik_full, q_pos,
     block_idx); pass ``block_idx`` to ``ops.msa_attention`` so the op does not select again.
     Same values and gradients as :func:`gather_kv_for_cp` + the op's own selection; one more
-    collective per direction (ik travels alone). Needs CP > 1 and an op that accepts
-    ``block_idx`` (the reference; the Triton op once it takes it)."""
+    collective per direction (ik travels alone). Needs CP > 1."""
     from ..ops import msa_select
 
     group, cp, rank = cp_group_and_rank(group)
@@ -308,8 +311,8 @@ def gather_kv_and_select_for_cp(k: Tensor, v: Tensor, iq: Tensor, ik: Tensor, cf
     ok, backend = _op_accepts_block_idx(cfg, k.device)
     if not ok:
         raise NotImplementedError(
-            f"CP select-first overlap needs ops.msa_attention to accept block_idx, which the {backend} op does not "
-            "yet: disable it (set_cp_select_overlap(model, False)) or use msa.backend=reference")
+            f"CP select-first overlap needs ops.msa_attention to accept block_idx, which this {backend} op does "
+            "not: disable it (set_cp_select_overlap(model, False))")
     if k.dtype != v.dtype:
         raise ValueError(f"CP: k and v must share a dtype for the packed all-gather (got {k.dtype}, {v.dtype})")
     check_cp_sequence(k.shape[1], cp, block_size=1)
