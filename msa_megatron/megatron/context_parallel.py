@@ -14,6 +14,10 @@ of the op, independent of the attention module:
 4. in backward, dK/dV/d(ik) return to their owners by reduce-scatter (the autograd
    function's backward), with the inverse reordering.
 
+The Megatron backend calls :func:`gather_kv_for_cp` from ``MSACoreAttention`` (or
+:func:`gather_kv_and_select_for_cp`, which overlaps the selection with the K/V transfer);
+:func:`validate_cp_sequence_length` checks a training length up front.
+
 ``kv_exchange='selected'`` replaces step 2 for K/V by fetching only the blocks this rank's
 queries selected (ik is still all-gathered: selection needs every key); see
 docs/context_parallel.md for when it pays off (rarely, for training-size chunks).
