@@ -31,29 +31,13 @@ MODES = ("msa", "msa_warmup", "dense")
 
 # ----------------------------------------------------------------------------- set-up
 def cpu_shims() -> None:
-    """CPU-only gaps of the compatibility layer that CP reaches (proposed for
-    msa_megatron/megatron/compat.py and specs.py, see docs/context_parallel.md section 7):
-
-    * Megatron's ``get_pos_emb_on_this_cp_rank`` builds its index with ``pin_memory=True``,
-      which needs a CUDA driver: dropped when there is no CUDA;
-    * the local spec's dense layers use Megatron's ``DotProductAttention``, which refuses CP:
-      the local backend hands out :class:`CPDotProductAttention` instead (identical at CP=1).
-
-    Both are no-ops once the product code does the same."""
+    """The product covers what CP reaches on CPU: the local backend's dense layers use
+    :class:`CPDotProductAttention` (Megatron's DotProductAttention refuses CP), and the
+    compatibility layer drops ``pin_memory`` (Megatron's per-rank RoPE slicing pins)."""
     from msa_megatron.megatron.attention import CPDotProductAttention
     from msa_megatron.megatron.specs import MSALocalSpecProvider
 
-    if not issubclass(MSALocalSpecProvider().core_attention(), CPDotProductAttention):
-        MSALocalSpecProvider.core_attention = lambda self: CPDotProductAttention
-    if not torch.cuda.is_available() and not getattr(torch.tensor, "_drops_pin_memory", False):
-        factory = torch.tensor
-
-        def tensor(*args, **kwargs):
-            kwargs.pop("pin_memory", None)
-            return factory(*args, **kwargs)
-
-        tensor._drops_pin_memory = True
-        torch.tensor = tensor
+    assert issubclass(MSALocalSpecProvider().core_attention(), CPDotProductAttention)
 
 
 def start(tp: int = 1, cp: int = 1, sp: bool = False, seed: int = 1234) -> None:
