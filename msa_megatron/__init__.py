@@ -8,4 +8,12 @@ from .config import ATTENTION_MODES, MSAConfig, MSAConfigError
 
 __version__ = "0.1.0"
 
-__all__ = ["ATTENTION_MODES", "MSAConfig", "MSAConfigError", "__version__"]
+
+def register() -> None:
+    """Make Megatron-Core accept experimental_attention_variant='msa' (imports megatron-core; idempotent)."""
+    from .megatron.registry import register as _register
+
+    _register()
+
+
+__all__ = ["ATTENTION_MODES", "MSAConfig", "MSAConfigError", "__version__", "register"]

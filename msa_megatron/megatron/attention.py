@@ -1,0 +1,444 @@
+"""MSA self-attention for Megatron-Core: Megatron's SelfAttention plus MSA's index branch.
+
+Structure (built from a ModuleSpec, see :mod:`msa_megatron.megatron.specs`)::
+
+    MSASelfAttention (subclass of megatron SelfAttention)
+      linear_qkv, linear_proj, q/k_layernorm   Megatron's own, TP-sharded by head
+      indexer: MSAIndexer                      index_q: hidden -> n_kv x di, index_k: hidden -> di,
+                                               no bias, per-head RMSNorm(di), the model's (partial) RoPE
+      core_attention: MSACoreAttention         [sq, b, heads, d] -> msa_megatron.ops.msa_attention
+        dense_attention                        Megatron's core attention, used in 'dense' mode
+
+MSASelfAttention.forward computes the index branch from the *detached* hidden states
+(stop-gradient: the KL trains only the index branch), hands iq/ik to the core attention and
+delegates everything else (QKV projection, RoPE, output projection) to Megatron's forward.
+
+Tensor-parallel layout of the index branch: both index projections and their norms are
+replicated on every TP rank. Each rank computes all index heads from its input and keeps
+the heads of its own KV groups (MSA requires n_kv % tp == 0; MSAConfig.validate_for_model
+checks it); the shared index key is used whole. Gradients end up identical on all TP ranks:
+
+* without sequence parallelism the index outputs pass through
+  ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce backward), so each
+  rank's weight gradient is the sum of every rank's KL contribution;
+* with sequence parallelism the projections and norms run on the local sequence shard and
+  ``gather_from_sequence_parallel_region`` (backward: reduce-scatter) assembles the sequence;
+  the parameters are marked ``sequence_parallel`` so ``finalize_model_grads`` sums them over TP.
+
+Selection then needs no communication: the KV groups of a rank are complete on that rank.
+
+Context parallelism (issue 8, docs/context_parallel.md): :meth:`MSACoreAttention.context_parallel_inputs`
+all-gathers K/V/ik over the module's CP group in global order
+(:func:`~msa_megatron.megatron.context_parallel.gather_kv_for_cp`) and the op runs the local
+queries at their global positions. Dense attention under CP on the local backend (Megatron's
+DotProductAttention refuses CP) is :class:`CPDotProductAttention`: the op's dense mode on the
+gathered K/V. With CP = 1 every path is the one used before CP existed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from ..config import ATTENTION_MODES, MSAConfig, MSAConfigError
+from ..ops import msa_attention
+from .context_parallel import gather_kv_and_select_for_cp, gather_kv_for_cp
+from .kl_loss import attach_kl_loss
+from .metrics import TRACKER
+
+log = logging.getLogger("msa_megatron.megatron")
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
+
+
+def _msa_config_of(config) -> MSAConfig:
+    msa = getattr(config, "msa", None)
+    if not isinstance(msa, MSAConfig):
+        raise TypeError(
+            "MSA layers need an MSATransformerConfig with msa=MSAConfig(...) "
+            f"(got {type(config).__name__} with msa={msa!r})"
+        )
+    return msa
+
+
+def check_mode(mode: str) -> str:
+    if mode not in ATTENTION_MODES:
+        raise MSAConfigError("mode", mode, "one of " + ", ".join(ATTENTION_MODES))
+    return mode
+
+
+# ----------------------------------------------------------------------------- index branch
+@dataclass
+class MSAIndexerSubmodules:
+    """index_q / index_k: replicated linears (IndexLinear or TELinear(duplicated));
+    index_q_norm / index_k_norm: norm builders (RMSNorm over the index dim)."""
+
+    index_q: Any = None
+    index_k: Any = None
+    index_q_norm: Any = None
+    index_k_norm: Any = None
+
+
+class MSAIndexer(MegatronModule):
+    """Index queries (one head per KV group) and the shared index key, from detached input."""
+
+    def __init__(self, config, submodules: MSAIndexerSubmodules, pg_collection):
+        super().__init__(config=config)
+        msa = _msa_config_of(config)
+        self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp
+        tp_size, tp_rank = self.tp_group.size(), self.tp_group.rank()
+        self.num_heads = msa.num_index_heads
+        self.index_dim = msa.index_dim
+        self.index_rope = msa.index_rope
+        if self.num_heads % tp_size != 0:  # validated by the config; guards direct construction
+            raise MSAConfigError("num_index_heads", self.num_heads, f"a multiple of the TP size {tp_size}")
+        self.local_heads = self.num_heads // tp_size
+        self.head_offset = tp_rank * self.local_heads
+        linear_kwargs = dict(
+            config=config, init_method=config.init_method, bias=False, skip_bias_add=False,
+            skip_weight_param_allocation=False, parallel_mode="duplicated", is_expert=False,
+        )
+        self.index_q = build_module(submodules.index_q, config.hidden_size, self.num_heads * self.index_dim,
+                                    tp_comm_buffer_name="msa_index_q", **linear_kwargs)
+        self.index_k = build_module(submodules.index_k, config.hidden_size, self.index_dim,
+                                    tp_comm_buffer_name="msa_index_k", **linear_kwargs)
+        norm_config = copy.copy(config)  # the index norms are RMSNorm whatever the model uses
+        norm_config.normalization = "RMSNorm"
+        self.index_q_norm = build_module(submodules.index_q_norm, config=norm_config, hidden_size=self.index_dim,
+                                         eps=config.layernorm_epsilon)
+        self.index_k_norm = build_module(submodules.index_k_norm, config=norm_config, hidden_size=self.index_dim,
+                                         eps=config.layernorm_epsilon)
+
+    def forward(self, hidden_states: Tensor, rotary_pos_emb=None, mscale: float = 1.0) -> Tuple[Tensor, Tensor]:
+        """hidden_states [s(/tp under SP), b, h] -> iq [s, b, local groups, di], ik [s, b, di]."""
+        x = hidden_states.detach()  # stop-gradient: the KL never reaches the backbone
+        s, b = x.shape[:2]
+        g, di = self.num_heads, self.index_dim
+        iq, _ = self.index_q(x)
+        ik, _ = self.index_k(x)
+        iq = self.index_q_norm(iq.view(s, b, g, di))
+        ik = self.index_k_norm(ik.view(s, b, 1, di))
+        both = torch.cat([iq, ik], dim=2)  # one collective for both
+        if self.config.sequence_parallel:
+            both = gather_from_sequence_parallel_region(both, tensor_parallel_output_grad=True, group=self.tp_group)
+        else:
+            both = copy_to_tensor_model_parallel_region(both, group=self.tp_group)
+        iq = both[:, :, self.head_offset:self.head_offset + self.local_heads]
+        ik = both[:, :, g:]
+        if self.index_rope and rotary_pos_emb is not None:
+            q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb, rotary_pos_emb)
+            for emb in (q_emb, k_emb):
+                if emb is not None and emb.shape[-1] > di:
+                    raise MSAConfigError(
+                        "index_dim", di, f"an integer >= the RoPE dimension {emb.shape[-1]} of the model "
+                        "(the index branch applies the model's partial RoPE), or set msa.index_rope=false"
+                    )
+            cp_group = self.pg_collection.cp
+            if q_emb is not None:
+                iq = apply_rotary_pos_emb(iq, q_emb, config=self.config, mscale=mscale, cp_group=cp_group)
+            if k_emb is not None:
+                ik = apply_rotary_pos_emb(ik, k_emb, config=self.config, mscale=mscale, cp_group=cp_group)
+        return iq, ik.squeeze(2)
+
+
+# ----------------------------------------------------------------------------- dense attention under CP
+class CPDotProductAttention(DotProductAttention):
+    """Megatron's local core attention that also runs under context parallelism.
+
+    CP = 1: exactly :class:`DotProductAttention` (same constructor, same forward). CP > 1
+    (where DotProductAttention refuses to build): K/V are all-gathered over the CP group in
+    global order and the MSA op's dense mode runs this rank's queries at their global
+    positions; the backward reduce-scatters dK/dV to their owners. Exact causal attention,
+    so it equals CP = 1 up to summation order. For the dense layers of MSA models (and MSA
+    layers in 'dense' mode) on the local backend; Transformer Engine brings its own CP."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type: Optional[str] = None, pg_collection=None):
+        cp_group = pg_collection.cp if pg_collection is not None and hasattr(pg_collection, "cp") else None
+        cp_size = cp_group.size() if cp_group is not None else config.context_parallel_size
+        base_config = config
+        if cp_size > 1:
+            dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+            refused = {
+                "attention_dropout": (dropout, 0.0),
+                "softmax_type": (config.softmax_type, "vanilla"),
+                "window_size": (config.window_size, None),
+                "attn_mask_type": (attn_mask_type, AttnMaskType.causal),
+                "attention_type": (attention_type, "self"),
+            }
+            for name, (value, allowed) in refused.items():
+                if value != allowed:
+                    raise ValueError(f"{name}={value!r} is not supported by the local core attention under context "
+                                     f"parallelism (context_parallel_size={cp_size}): allowed value is {allowed!r} "
+                                     "(or use Transformer Engine)")
+            if cp_group is None:
+                raise ValueError("CPDotProductAttention under context parallelism needs pg_collection.cp")
+            base_config = copy.copy(config)  # DotProductAttention asserts CP == 1 at build time
+            base_config.context_parallel_size = 1
+        super().__init__(base_config, layer_number, attn_mask_type, attention_type,
+                         attention_dropout=attention_dropout, softmax_scale=softmax_scale,
+                         cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        self.config = config
+        self.cp_group, self.cp_size = cp_group, cp_size
+        # DotProductAttention divides its scale by the layer number and multiplies it back in
+        # the softmax with apply_query_key_layer_scaling: the op takes the effective scale.
+        self.cp_softmax_scale = self.softmax_scale * (self.layer_number if config.apply_query_key_layer_scaling else 1)
+        msa = getattr(config, "msa", None)
+        self.op_config = msa if isinstance(msa, MSAConfig) else MSAConfig()  # dispatch only: dense mode
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
+                packed_seq_params=None):
+        if self.cp_size == 1:
+            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                   attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("the local core attention under context parallelism supports neither packed "
+                                      "sequences nor attention_bias (use Transformer Engine)")
+        if attn_mask_type not in (None, AttnMaskType.causal):
+            raise ValueError(f"the local core attention under context parallelism is causal; got {attn_mask_type}")
+        if attention_mask is not None:
+            _warn_once("cp-mask", "local core attention under CP applies its own causal mask and ignores "
+                                  "attention_mask (as TE's causal attention does)")
+        sq, b = query.shape[:2]
+        q = query.transpose(0, 1).contiguous()
+        k_full, v_full, _, q_pos = gather_kv_for_cp(key.transpose(0, 1).contiguous(),
+                                                    value.transpose(0, 1).contiguous(), None, self.cp_group)
+        out, _ = msa_attention(q, k_full, v_full, None, None, self.op_config, q_pos=q_pos, mode="dense",
+                               softmax_scale=self.cp_softmax_scale)
+        return out.transpose(0, 1).reshape(sq, b, -1)
+
+
+def cp_capable_core_attention(spec):
+    """Megatron's local DotProductAttention (a class or a ModuleSpec of it) -> the CP-capable
+    :class:`CPDotProductAttention`; anything else (TE's attention, which has its own CP) is
+    returned unchanged."""
+    if spec is DotProductAttention:
+        return CPDotProductAttention
+    if isinstance(spec, ModuleSpec) and spec.module is DotProductAttention:
+        return ModuleSpec(module=CPDotProductAttention, params=spec.params, submodules=spec.submodules)
+    return spec
+
+
+# ----------------------------------------------------------------------------- core attention
+@dataclass
+class MSACoreAttentionSubmodules:
+    """dense_attention: Megatron's core attention (DotProductAttention / TEDotProductAttention),
+    run in 'dense' mode so that a converted model reproduces its dense parent exactly."""
+
+    dense_attention: Any = None
+
+
+class MSACoreAttention(MegatronModule):
+    """Megatron core-attention interface over the MSA op.
+
+    Receives q [sq, b, hq, d], k/v [sk, b, g, d] (RoPE applied, local heads of this TP rank)
+    and the index inputs, returns [sq, b, hq * d]. In msa modes it records the layer's
+    statistics and attaches ``kl_coeff * KL`` to the backward of its output."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
+                 cp_comm_type: Optional[str] = None, softmax_scale: Optional[float] = None,
+                 pg_collection=None, submodules: Optional[MSACoreAttentionSubmodules] = None):
+        super().__init__(config=config)
+        self.msa = _msa_config_of(config)
+        if attention_type != "self" or attn_mask_type != AttnMaskType.causal:
+            raise ValueError(f"MSA is causal self-attention; got attention_type={attention_type!r}, "
+                             f"attn_mask_type={attn_mask_type}")
+        self.layer_number = layer_number
+        self.layer_index = layer_number - 1  # 0-based global index used in metric names
+        self.mode = check_mode(self.msa.mode)
+        self.sample_recall = False
+        self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp
+        self.tp_size = self.tp_group.size()
+        self.cp_group = pg_collection.cp
+        self.cp_size = self.cp_group.size()
+        self.cp_select_first = False  # select-first overlap under CP (context_parallel.set_cp_select_overlap)
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        if submodules is None or submodules.dense_attention is None:
+            raise ValueError("MSACoreAttention needs submodules.dense_attention (Megatron's core attention)")
+        dense_spec = submodules.dense_attention
+        if self.cp_size > 1:  # 'dense' mode under CP: Megatron's local attention cannot, its CP twin can
+            dense_spec = cp_capable_core_attention(dense_spec)
+        self.dense_attention = build_module(
+            dense_spec, config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
+            attention_type=attention_type, cp_comm_type=cp_comm_type, softmax_scale=softmax_scale,
+            pg_collection=pg_collection,
+        )
+        self._index_inputs: Optional[Tuple[Tensor, Tensor]] = None
+
+    # -- index inputs handed over by MSASelfAttention
+    def set_index_inputs(self, iq: Tensor, ik: Tensor) -> None:
+        self._index_inputs = (iq, ik)
+
+    def clear_index_inputs(self) -> None:
+        self._index_inputs = None
+
+    def pending_index_kwargs(self) -> Dict[str, Tensor]:
+        """The index inputs as keyword tensors, for Megatron's checkpointed core attention."""
+        if self._index_inputs is None:
+            return {}
+        return {"index_query": self._index_inputs[0], "index_key": self._index_inputs[1]}
+
+    # -- seam for context parallelism (issue 8)
+    def context_parallel_inputs(self, k: Tensor, v: Tensor, ik: Tensor) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """Keys the op attends over and the global positions of the local queries.
+
+        k, v [b, s_local, g, d], ik [b, s_local, di] are this rank's chunk. Under CP this must
+        return K/V/ik gathered over the CP group in global token order and ``q_pos`` [sq] (int64)
+        with the global positions of this rank's queries (the contract of
+        ``msa_megatron.megatron.context_parallel.gather_kv_for_cp``); without CP the chunk is
+        the whole sequence and ``q_pos=None`` means positions 0..s-1."""
+        if self.cp_size == 1:
+            return k, v, ik, None
+        return gather_kv_for_cp(k, v, ik, self.cp_group)
+
+    def kl_weight(self, batch: int, local_queries: int) -> float:
+        """Factor on this rank's mean KL so that gradients match the global objective.
+
+        Each TP rank holds 1/tp of the groups and the TP backward sums their gradients, hence
+        1/tp; CP ranks are summed by DP x CP gradient averaging with the schedule's CP factor,
+        hence 1/cp. With per-token loss the schedules normalise by the token count, so the KL is
+        summed over this rank's query tokens instead of averaged."""
+        w = self.msa.kl_coeff / self.tp_size
+        if self.config.calculate_per_token_loss:
+            return w * batch * local_queries
+        return w / self.cp_size
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
+                packed_seq_params=None, index_query: Optional[Tensor] = None,
+                index_key: Optional[Tensor] = None) -> Tensor:
+        if self.mode == "dense":
+            return self.dense_attention(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                        attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+        if packed_seq_params is not None:
+            raise NotImplementedError("MSA layers do not support packed sequences (packed_seq_params) yet")
+        if attention_bias is not None:
+            raise NotImplementedError("MSA layers do not support attention_bias")
+        if attn_mask_type not in (None, AttnMaskType.causal):
+            raise ValueError(f"MSA is causal; got attn_mask_type={attn_mask_type}")
+        if attention_mask is not None:
+            _warn_once("mask", "MSA layers apply their own causal mask and ignore attention_mask "
+                               "(as TE's causal attention does); document masks are not supported")
+        if index_query is None:
+            if self._index_inputs is None:
+                raise RuntimeError("MSACoreAttention called without index inputs: MSASelfAttention provides them")
+            index_query, index_key = self._index_inputs
+        sq, b = query.shape[:2]
+        q = query.transpose(0, 1).contiguous()
+        k = key.transpose(0, 1).contiguous()
+        v = value.transpose(0, 1).contiguous()
+        iq = index_query.transpose(0, 1).contiguous()
+        ik = index_key.transpose(0, 1).contiguous()
+        if self.cp_size > 1 and self.cp_select_first:
+            k, v, ik, q_pos, block_idx = gather_kv_and_select_for_cp(k, v, iq, ik, self.msa, self.cp_group)
+            out, aux = msa_attention(q, k, v, iq, ik, self.msa, q_pos=q_pos, mode=self.mode,
+                                     softmax_scale=self.softmax_scale, compute_recall=self.sample_recall,
+                                     block_idx=block_idx)
+        else:
+            k, v, ik, q_pos = self.context_parallel_inputs(k, v, ik)
+            out, aux = msa_attention(q, k, v, iq, ik, self.msa, q_pos=q_pos, mode=self.mode,
+                                     softmax_scale=self.softmax_scale, compute_recall=self.sample_recall)
+        out = out.transpose(0, 1).reshape(sq, b, -1)
+        # Record statistics once per micro-batch: skip the no-grad first pass of activation
+        # recomputation (training mode with grad disabled); the recompute records instead.
+        grad_on = torch.is_grad_enabled()
+        if grad_on or not self.training:
+            entropy = self.msa.track_entropy
+            TRACKER.record(self.layer_index, self.config.num_layers, aux.kl,
+                           aux.stats["index_entropy"] if entropy else None,
+                           aux.stats["main_entropy"] if entropy else None, aux.stats.get("recall"))
+        if self.training and grad_on and aux.kl is not None and aux.kl.requires_grad:
+            out = attach_kl_loss(out, aux.kl * self.kl_weight(b, sq))
+        return out
+
+
+# ----------------------------------------------------------------------------- self attention
+@dataclass
+class MSASelfAttentionSubmodules(SelfAttentionSubmodules):
+    indexer: Any = None
+
+
+class MSASelfAttention(SelfAttention):
+    """Megatron SelfAttention whose core attention is MSA, plus the index branch."""
+
+    def __init__(self, config, submodules: MSASelfAttentionSubmodules, layer_number: int,
+                 attn_mask_type: AttnMaskType = AttnMaskType.causal, **kwargs):
+        msa = _msa_config_of(config)
+        if not msa.is_msa_layer(layer_number - 1):
+            raise ValueError(f"layer {layer_number - 1} is not an MSA layer per msa.msa_layers/first_dense_layers; "
+                             "the spec builder gives it dense attention")
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         attn_mask_type=attn_mask_type, **kwargs)
+        if not isinstance(self.core_attention, MSACoreAttention):
+            raise TypeError(f"MSASelfAttention needs MSACoreAttention as core_attention, got "
+                            f"{type(self.core_attention).__name__}")
+        if submodules.indexer is None:
+            raise ValueError("MSASelfAttention needs submodules.indexer")
+        self.indexer = build_module(submodules.indexer, config=config, pg_collection=self.pg_collection)
+
+    @property
+    def mode(self) -> str:
+        return self.core_attention.mode
+
+    def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None,
+                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
+                attention_bias=None, packed_seq_params=None, sequence_len_offset=None, *, inference_params=None):
+        if self.mode != "dense":
+            if inference_context is not None or inference_params is not None:
+                raise NotImplementedError("MSA layers support KV-cache inference only in 'dense' mode; "
+                                          "call set_attention_mode(model, 'dense')")
+            if packed_seq_params is not None:
+                raise NotImplementedError("MSA layers do not support packed sequences (packed_seq_params) yet")
+            rope = rotary_pos_emb
+            if self.config.no_rope_freq and self.config.no_rope_freq[self.layer_number - 1]:
+                rope = None  # this layer skips RoPE in the main branch, so does its index branch
+            iq, ik = self.indexer(hidden_states, rope, mscale=getattr(self, "_yarn_concentration_factor", 1.0))
+            self.core_attention.set_index_inputs(iq, ik)
+        try:
+            return super().forward(
+                hidden_states, attention_mask, key_value_states=key_value_states, inference_context=inference_context,
+                rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
+                rotary_pos_cos_sin=rotary_pos_cos_sin, attention_bias=attention_bias,
+                packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset,
+                inference_params=inference_params,
+            )
+        finally:
+            self.core_attention.clear_index_inputs()
+
+    def _checkpointed_attention_forward(self, *args, core_attention_extra_kwargs=None, **kwargs):
+        # Recomputed core attention must see iq/ik as checkpoint inputs, not the cleared stash.
+        extra = dict(core_attention_extra_kwargs or {})
+        extra.update(self.core_attention.pending_index_kwargs())
+        return super()._checkpointed_attention_forward(*args, core_attention_extra_kwargs=extra, **kwargs)
+
+
+__all__ = [
+    "CPDotProductAttention", "MSACoreAttention", "MSACoreAttentionSubmodules", "MSAIndexer", "MSAIndexerSubmodules",
+    "MSASelfAttention", "MSASelfAttentionSubmodules", "check_mode", "cp_capable_core_attention",
+]

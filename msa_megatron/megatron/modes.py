@@ -1,0 +1,67 @@
+"""Run-time switches of MSA layers: attention mode and recall sampling.
+
+Both act on every MSA core attention in a model (or a list of model chunks, as Megatron's
+schedules use with pipeline / virtual pipeline parallelism), without rebuilding anything.
+Dense layers of an MSA model are unaffected. Modes:
+
+* ``dense``: Megatron's own core attention; the index branch is idle (no KL, no metrics).
+* ``msa_warmup``: main branch dense; the index branch learns from the dense teacher (KL
+  over all causal tokens).
+* ``msa``: main branch over the selected blocks; KL over the selected tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, List, Union
+
+import torch
+
+from .attention import MSACoreAttention, check_mode
+
+ModelOrChunks = Union[torch.nn.Module, Iterable[torch.nn.Module]]
+
+
+def as_chunks(model_or_chunks: ModelOrChunks) -> List[torch.nn.Module]:
+    """A model or a list of model chunks (Megatron's PP/VPP convention) as a list."""
+    if isinstance(model_or_chunks, torch.nn.Module):
+        return [model_or_chunks]
+    return list(model_or_chunks)
+
+
+def msa_core_attentions(model_or_chunks: ModelOrChunks) -> Iterator[MSACoreAttention]:
+    """Every MSA core attention of the model (chunks), in module order."""
+    for chunk in as_chunks(model_or_chunks):
+        for module in chunk.modules():
+            if isinstance(module, MSACoreAttention):
+                yield module
+
+
+def set_attention_mode(model_or_chunks: ModelOrChunks, mode: str) -> int:
+    """Switch every MSA layer to ``mode`` (dense | msa_warmup | msa); returns how many layers
+    this process switched (0 is legal: a pipeline stage may hold only dense layers)."""
+    check_mode(mode)
+    n = 0
+    for core in msa_core_attentions(model_or_chunks):
+        core.mode = mode
+        n += 1
+    return n
+
+
+def get_attention_modes(model_or_chunks: ModelOrChunks) -> List[str]:
+    """The mode of every MSA layer of this process, in module order."""
+    return [core.mode for core in msa_core_attentions(model_or_chunks)]
+
+
+def set_recall_sampling(model_or_chunks: ModelOrChunks, enabled: bool) -> int:
+    """Compute selection recall (an extra dense pass per MSA layer) while enabled; the trainer
+    turns it on for the steps it samples. Returns how many layers were switched."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    n = 0
+    for core in msa_core_attentions(model_or_chunks):
+        core.sample_recall = enabled
+        n += 1
+    return n
+
+
+__all__ = ["as_chunks", "get_attention_modes", "msa_core_attentions", "set_attention_mode", "set_recall_sampling"]

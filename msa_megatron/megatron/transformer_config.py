@@ -1,0 +1,108 @@
+"""MSATransformerConfig: Megatron's TransformerConfig carrying the one MSAConfig.
+
+``msa`` (an :class:`~msa_megatron.config.MSAConfig`, or a mapping of its fields) is the
+single source of MSA settings; everything else is Megatron's. With ``msa`` set the config
+selects Megatron-Core's experimental attention variant ``'msa'`` (registered by
+:func:`msa_megatron.megatron.registry.register`), points the schedules' loss-scale hook at
+the KL auto-scaler and validates MSA against the model. ``dataclasses.replace`` keeps
+``msa`` and re-validates; Megatron-LM's ``core_transformer_config_from_args(args,
+config_class=MSATransformerConfig)`` can build it from flat arguments.
+
+Note: ``TransformerConfig.experimental_attention_variant`` is typed
+``Literal['gated_delta_net', 'dsa']`` but not checked at run time in megatron-core 0.19,
+so ``'msa'`` passes (tests/megatron/test_config.py checks this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..config import MSAConfig, MSAConfigError
+from .kl_loss import MSAKLAutoScaler
+
+#: Value of TransformerConfig.experimental_attention_variant that selects MSA.
+MSA_VARIANT = "msa"
+
+
+@dataclass
+class MSATransformerConfig(TransformerConfig):
+    """TransformerConfig + ``msa``. ``msa=None`` is a plain dense model."""
+
+    msa: Optional[MSAConfig] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.msa, Mapping):
+            self.msa = MSAConfig.from_dict(self.msa)
+        if self.msa is not None and not isinstance(self.msa, MSAConfig):
+            raise MSAConfigError("msa", self.msa, "an MSAConfig, a mapping of its fields, or null")
+        if self.msa is not None:
+            if self.experimental_attention_variant not in (None, MSA_VARIANT):
+                raise ValueError(
+                    f"experimental_attention_variant={self.experimental_attention_variant!r} conflicts with msa: "
+                    f"allowed values are None or {MSA_VARIANT!r} when msa is set"
+                )
+            self.experimental_attention_variant = MSA_VARIANT
+        elif self.experimental_attention_variant == MSA_VARIANT:
+            raise MSAConfigError("msa", None, "an MSAConfig when experimental_attention_variant='msa'")
+        super().__post_init__()
+        if self.msa is not None:
+            self._validate_msa()
+
+    def _validate_msa(self) -> None:
+        tp = self.tensor_model_parallel_size
+        self.msa = self.msa.validate().for_model(self.num_layers, self.num_query_groups, tp)
+        unsupported = {
+            "multi_latent_attention": (self.multi_latent_attention, False, "MSA is built on GQA attention"),
+            "attention_dropout": (self.attention_dropout, 0.0, "the MSA op has no attention dropout"),
+            "softmax_type": (self.softmax_type, "vanilla", "the MSA op computes a plain softmax"),
+            "window_size": (self.window_size, None, "MSA replaces sliding windows"),
+        }
+        if self.context_parallel_size > 1:
+            unsupported["hybrid_context_parallel"] = (
+                self.hybrid_context_parallel, False,
+                "MSA layers need Megatron's static load-balanced CP split (chunks r and 2*cp-1-r)")
+        for name, (value, allowed, why) in unsupported.items():
+            if value != allowed:
+                raise ValueError(f"{name}={value!r} is not supported with msa ({why}): allowed value is {allowed!r}")
+        if self.context_parallel_size > 1:
+            self._validate_msa_cp_comm_type()
+        if self.experimental_attention_variant_loss_scale_func is None:
+            self.experimental_attention_variant_loss_scale_func = MSAKLAutoScaler.set_loss_scale
+        # Index parameters exist only in MSA layers, so stacking layers into one checkpoint
+        # tensor would leave holes: MSA checkpoints use per-layer keys.
+        self.hetereogenous_dist_checkpoint = True
+
+    def _validate_msa_cp_comm_type(self) -> None:
+        """MSA layers exchange K/V by all-gather (docs/context_parallel.md); a per-layer
+        ``cp_comm_type`` may choose anything for the dense layers (TE), not for MSA layers."""
+        types = self.cp_comm_type if isinstance(self.cp_comm_type, list) else [self.cp_comm_type] * self.num_layers
+        for i in range(self.num_layers):
+            t = types[i] if i < len(types) else None
+            if self.msa.is_msa_layer(i) and t is not None and t.replace("_", "").lower() != "allgather":
+                raise ValueError(
+                    f"cp_comm_type={self.cp_comm_type!r} is not supported with msa: MSA layer {i} all-gathers its "
+                    "keys over the CP group; allowed values for MSA layers are None or 'all_gather' (a per-layer "
+                    "list may give the dense layers another type)")
+
+    def validate_sequence_length(self, seq_length: int) -> int:
+        """Check the training sequence length against this config's CP / TP / SP layout
+        (one clear error); returns the tokens per CP rank. The sequence length lives in the
+        trainer's data config, so the trainer calls this once at start-up."""
+        from .context_parallel import validate_cp_sequence_length
+
+        return validate_cp_sequence_length(seq_length, self.context_parallel_size, self.msa,
+                                           tp=self.tensor_model_parallel_size,
+                                           sequence_parallel=self.sequence_parallel)
+
+    @property
+    def msa_layer_indices(self):
+        """0-based global indices of the MSA layers (empty for a dense config)."""
+        if self.msa is None:
+            return []
+        return [i for i in range(self.num_layers) if self.msa.is_msa_layer(i)]
+
+
+__all__ = ["MSA_VARIANT", "MSATransformerConfig"]
