@@ -401,7 +401,7 @@ class CheckpointManager:
         if unexpected:
             added = msa_adapter.init_index_from_dense(
                 [unwrap(c) for c in model_chunks], self.cfg.checkpoint.index_init)
-            how = sorted({a["init"] for a in added}) or ["the model's own initialisation"]
+            how = sorted({a["init"] for a in added})
             log.warning("init_from %s: %d index-branch tensors were not in the checkpoint; initialised with %s",
                         path, len(unexpected), "; ".join(how))
 

@@ -473,12 +473,12 @@ def validate(cfg: Config, world_size: int) -> Config:
             raise ConfigError("model.moe_router_topk", m.moe_router_topk, f"an integer in [1, {m.num_moe_experts}]")
         if m.moe_first_dense_layers >= m.num_layers:
             raise ConfigError("model.moe_first_dense_layers", m.moe_first_dense_layers, f"an integer in [0, {m.num_layers - 1}]")
-    if p.cp > 1 and not m.use_te and a.type == "dense":
-        raise ConfigError("parallel.cp", p.cp, "1 for dense attention without Transformer Engine (set model.use_te=true)")
     if p.cp > 1 and t.seq_length % (2 * p.cp) != 0:
-        raise ConfigError("train.seq_length", t.seq_length, f"multiples of 2*parallel.cp={2 * p.cp}")
-    if p.sp and t.seq_length % p.tp != 0:
-        raise ConfigError("train.seq_length", t.seq_length, f"multiples of parallel.tp={p.tp} with sequence parallelism")
+        raise ConfigError("train.seq_length", t.seq_length, f"multiples of 2*parallel.cp={2 * p.cp} (Megatron's "
+                          "load-balanced CP split)")
+    if p.sp and t.seq_length % (p.cp * p.tp) != 0:
+        raise ConfigError("train.seq_length", t.seq_length,
+                          f"multiples of parallel.cp*parallel.tp={p.cp * p.tp} with sequence parallelism")
     if m.recompute_granularity == "full" and m.recompute_method is None:
         raise ConfigError("model.recompute_method", None, "uniform or block with recompute_granularity=full")
     _check_extra(m.extra)

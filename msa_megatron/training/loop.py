@@ -60,7 +60,6 @@ class Trainer:
         cfg = self.cfg
         world = int(os.environ.get("WORLD_SIZE", "1"))
         validate(cfg, world)
-        msa_adapter.require_backend(cfg.attention.type)
         prepare_writer_queue()
         p = cfg.parallel
         self.device = init_distributed(ParallelLayout(p.tp, p.pp, p.cp, p.ep, p.sp), seed=cfg.train.seed)
@@ -197,11 +196,12 @@ class Trainer:
     def _forward_step(self, data_iterator: Iterator, model):
         from megatron.core import parallel_state as ps
 
-        batch = next(data_iterator)
-        if ps.get_context_parallel_world_size() > 1:
+        sample = next(data_iterator)
+        batch = {k: sample[k] for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        if ps.get_context_parallel_world_size() > 1:  # Megatron's load-balanced split: chunks r and 2cp-1-r
             from megatron.core.utils import get_batch_on_this_cp_rank
 
-            batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False)
+            batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=ps.get_context_parallel_group())
         dev = self.device
         tokens = batch["tokens"].to(dev, non_blocking=True)
         labels = batch["labels"].to(dev, non_blocking=True)

@@ -95,11 +95,17 @@ def make_transformer_config(cfg: Config):
     """The TransformerConfig (MSA-aware through the adapter). Megatron's own validation
     errors are re-raised as one ConfigError naming the model section."""
     try:
-        return msa_adapter.make_transformer_config(cfg.msa, **transformer_config_kwargs(cfg))
+        config = msa_adapter.make_transformer_config(cfg.msa, **transformer_config_kwargs(cfg))
     except ConfigError:
         raise
     except (ValueError, AssertionError, TypeError) as e:
         raise ConfigError("model", cfg.model.name, f"a shape Megatron-Core accepts ({type(e).__name__}: {e})") from None
+    if hasattr(config, "validate_sequence_length"):  # the backend's CP / SP split rules
+        try:
+            config.validate_sequence_length(cfg.train.seq_length)
+        except ValueError as e:
+            raise ConfigError("train.seq_length", cfg.train.seq_length, f"lengths the parallel layout can split ({e})") from None
+    return config
 
 
 def build_model(cfg: Config, tf_config, vocab_size: int) -> List[torch.nn.Module]:

@@ -1,6 +1,5 @@
 """Shared fixtures of the trainer tests: a session-wide corpus cache and the warm run
-launcher (see launcher.py). Without the MSA backend merged, MSA runs use the stand-in
-tests/training/fake_msa_backend.py; ``USING_FAKE_BACKEND`` says which one ran."""
+launcher (see launcher.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +7,7 @@ import os
 
 import pytest
 
-from .launcher import FAKE_BACKEND, RunServer, real_backend_available
-
-USING_FAKE_BACKEND = not real_backend_available()
+from .launcher import RunServer
 
 
 @pytest.fixture(scope="session")
@@ -21,13 +18,8 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def backend_env():
-    return {"MSA_MEGATRON_BACKEND": FAKE_BACKEND} if USING_FAKE_BACKEND else {}
-
-
-@pytest.fixture(scope="session")
-def server(cache_dir, backend_env):
-    srv = RunServer(env={"MSA_CACHE_DIR": str(cache_dir), **backend_env})
+def server(cache_dir):
+    srv = RunServer(env={"MSA_CACHE_DIR": str(cache_dir)})
     yield srv
     srv.close()
 

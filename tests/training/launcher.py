@@ -25,13 +25,6 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[2]
-FAKE_BACKEND = "tests.training.fake_msa_backend"
-
-
-def real_backend_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("msa_megatron.megatron.model") is not None
 
 
 @dataclass
@@ -127,11 +120,10 @@ def _rank_main(rank: int, world: int, port: int, request: dict) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from msa_megatron.training import loop, msa_adapter
+    from msa_megatron.training import loop
     from msa_megatron.training.config import ConfigError
     from msa_megatron.training.numerics import NonFiniteError
 
-    msa_adapter._backend = None  # resolve the backend with this run's environment
     try:
         cfg, yaml_text = _compose(request["overrides"])
         return loop.run(cfg, yaml_text)
@@ -210,6 +202,7 @@ def serve() -> None:
     import megatron.core.pipeline_parallel  # noqa: F401
     import wandb  # noqa: F401
 
+    import msa_megatron.megatron.model  # noqa: F401
     from msa_megatron.training import loop  # noqa: F401
 
     print("ready", flush=True)

@@ -19,13 +19,13 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def test_torchrun_tp2_sigterm_saves_then_resumes(server, tmp_path, cache_dir, backend_env):
+def test_torchrun_tp2_sigterm_saves_then_resumes(server, tmp_path, cache_dir):
     run = tmp_path / "run"
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     args = QUIET + ["parallel=tp2", "train.steps=500", "attention.warmup.steps=2", "train.debug.step_sleep_s=0.5",
                     f"run_dir={run}"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), MSA_CACHE_DIR=str(cache_dir), WANDB_MODE="offline", **backend_env)
+    env = dict(os.environ, PYTHONPATH=str(REPO), MSA_CACHE_DIR=str(cache_dir), WANDB_MODE="offline")
     log = open(tmp_path / "torchrun.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              "-m", "msa_megatron.train", *args], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -1,9 +1,6 @@
-"""Multi-process training runs (gloo, CPU) through the warm launcher (launcher.py).
-
-MSA runs go through the trainer's adapter (msa_adapter.py): with the backend merged they
-exercise the real MSA layers; before that, the stand-in tests/training/fake_msa_backend.py
-(USING_FAKE_BACKEND). Each test combines several checks per run to keep the suite short.
-"""
+"""Multi-process training runs (gloo, CPU) through the warm launcher (launcher.py), with
+the MSA backend's layers (the pure-PyTorch MSA reference on CPU). Each test combines
+several checks per run to keep the suite short."""
 
 from __future__ import annotations
 
@@ -17,7 +14,7 @@ from typing import Dict, List
 import pytest
 import torch
 
-from .conftest import QUIET, USING_FAKE_BACKEND
+from .conftest import QUIET
 
 pytestmark = pytest.mark.slow
 MSA_LAYERS = (1, 2, 3)  # tiny: 4 layers, the first dense (model.msa_dense_layers=1)
@@ -85,16 +82,23 @@ def read_wandb_history(run_dir: Path) -> List[dict]:
 # --------------------------------------------------------------------------- TP=2 + MSA
 def test_tp2_msa_run_switches_at_the_configured_step_and_logs_everything(server, tmp_path):
     run = tmp_path / "tp2"
-    r = server.run(run, QUIET + ["parallel=tp2", "train.steps=6", "attention.warmup.steps=3",
-                                 "attention.msa.recall_interval=2", "train.eval_interval=6",
-                                 "logging.wandb.enabled=true", "checkpoint.interval=0"])
+    constant_lr = ["train.lr_decay_style=constant", "train.lr_warmup_fraction=null", "train.lr_warmup_steps=0"]
+    r = server.run(run, QUIET + constant_lr + ["parallel=tp2", "train.steps=6", "attention.warmup.steps=3",
+                                               "attention.msa.recall_interval=2", "train.eval_interval=6",
+                                               "logging.wandb.enabled=true", "checkpoint.interval=0"])
     _check(r)
     steps = r.steps()
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]
-    # warmup -> sparse switch exactly after warmup.steps, seen by the trainer and by the backend
+    # warmup -> sparse switch exactly after warmup.steps: as logged, and in the model (a run that
+    # stays in warmup matches steps 1-3 exactly and differs from step 4, the first sparse forward)
     assert [steps[s]["attention_mode"] for s in range(1, 7)] == ["msa_warmup"] * 3 + ["msa"] * 3
-    if USING_FAKE_BACKEND:
-        assert [steps[s]["fake/mode_code"] for s in range(1, 7)] == [1.0] * 3 + [2.0] * 3
+    dense = server.run(tmp_path / "stay", QUIET + constant_lr + ["parallel=tp2", "train.steps=4",
+                                                                 "attention.warmup.steps=4", "checkpoint.save_at_end=false",
+                                                                 "attention.msa.recall_interval=2"])
+    _check(dense)
+    ref = dense.steps()
+    assert [steps[s]["lm_loss"] for s in (1, 2, 3)] == [ref[s]["lm_loss"] for s in (1, 2, 3)]
+    assert steps[4]["lm_loss"] != ref[4]["lm_loss"]
     for s, rec in steps.items():
         for key in ("lm_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb", "indexer_kl", "index_entropy",
                     "main_entropy"):
@@ -124,22 +128,25 @@ def test_tp2_msa_run_switches_at_the_configured_step_and_logs_everything(server,
 
 # --------------------------------------------------------------------------- EP=2 MoE
 def test_ep2_moe_msa_run(server, tmp_path):
-    r = server.run(tmp_path / "ep2", QUIET + ["model=tiny_moe", "parallel=ep2", "train.steps=3",
-                                              "attention.warmup.steps=1", "checkpoint.interval=0",
-                                              "attention.kl_schedule=[[0,1.0],[3,0.0]]"])
+    run = tmp_path / "ep2"
+    r = server.run(run, QUIET + ["model=tiny_moe", "parallel=ep2", "train.steps=3", "attention.warmup.steps=1",
+                                 "checkpoint.interval=1", "checkpoint.keep_last=3", "train.weight_decay=0.0",
+                                 "attention.kl_schedule=[[0,0.0],[2,0.0],[3,1.0]]"])
     _check(r)
     steps = r.steps()
     assert sorted(steps) == [1, 2, 3]
-    # the KL coefficient schedule (piecewise linear in steps) reached the model
-    assert [steps[s]["kl_coeff"] for s in (1, 2, 3)] == pytest.approx([2 / 3, 1 / 3, 0.0])
-    if USING_FAKE_BACKEND:
-        assert [steps[s]["fake/kl_coeff"] for s in (1, 2, 3)] == pytest.approx([2 / 3, 1 / 3, 0.0])
+    # the KL coefficient schedule reached the model: with coefficient 0 (steps 1-2) the index
+    # branch gets no gradient and stays put (no weight decay here); at step 3 it trains
+    assert [steps[s]["kl_coeff"] for s in (1, 2, 3)] == [0.0, 0.0, 1.0]
+    c1, c2, c3 = (_ckpt_tensors(run / "checkpoints" / f"step_0000000{i}") for i in (1, 2, 3))
+    index_keys = [k for k in c1 if "index_q" in k or "index_k" in k]
+    assert index_keys and all(torch.equal(c1[k], c2[k]) for k in index_keys)
+    assert any(not torch.equal(c2[k], c3[k]) for k in index_keys)
     for rec in steps.values():
         # Switch aux loss: ~1 for balanced routing (4 experts, top-2)
         assert 0.5 < rec["moe_aux_loss"] < 4.0 and math.isfinite(rec["lm_loss"]) and math.isfinite(rec["indexer_kl"])
     assert steps[3]["lm_loss"] < steps[1]["lm_loss"]
-    tensors = _ckpt_tensors(tmp_path / "ep2" / "checkpoints" / "step_00000003")
-    assert any("experts" in k for k in tensors) and any("shared_experts" in k for k in tensors)
+    assert any("experts" in k for k in c3) and any("shared_experts" in k for k in c3)
 
 
 # --------------------------------------------------------------------------- PP=2
@@ -216,16 +223,23 @@ def test_bad_layout_for_the_process_count_is_one_error(server, tmp_path):
 
 
 # --------------------------------------------------------------------------- MSA training
-def test_indexer_kl_falls_on_the_embedded_corpus(server, tmp_path):
+def test_indexer_kl_falls_on_the_embedded_corpus_and_cp2_agrees(server, tmp_path):
     # all in msa_warmup, where the KL is measured the same way at every step (over all causal
     # tokens; after the switch it is over the selected tokens)
-    r = server.run(tmp_path / "kl", QUIET + ["train.steps=6", "attention.warmup.steps=6", "checkpoint.save_at_end=false",
-                                             "train.global_batch_size=4", "train.lr_warmup_fraction=0.1"], world=1)
+    small = QUIET + ["checkpoint.save_at_end=false", "train.global_batch_size=4", "train.lr_warmup_fraction=0.1"]
+    r = server.run(tmp_path / "kl", small + ["train.steps=6", "attention.warmup.steps=6"], world=1)
     _check(r)
     steps = r.steps()
     kl = [steps[s]["indexer_kl"] for s in range(1, 7)]
     assert (kl[-1] + kl[-2]) / 2 < 0.7 * (kl[0] + kl[1]) / 2, kl
     assert steps[6]["lm_loss"] < steps[1]["lm_loss"]
+    # context parallelism: the same first batch split over 2 ranks gives the same loss and KL
+    cp = server.run(tmp_path / "cp2", small + ["parallel.cp=2", "train.steps=2", "attention.warmup.steps=1"])
+    _check(cp)
+    got = cp.steps()
+    assert got[1]["lm_loss"] == pytest.approx(steps[1]["lm_loss"], rel=1e-5)
+    assert got[1]["indexer_kl"] == pytest.approx(steps[1]["indexer_kl"], rel=1e-4)
+    assert got[2]["attention_mode"] == "msa" and math.isfinite(got[2]["indexer_kl"])
 
 
 def test_dense_to_msa_conversion_with_a_frozen_backbone_phase(server, tmp_path):
