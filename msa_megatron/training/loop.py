@@ -13,7 +13,7 @@ import math
 import os
 import time
 from functools import partial
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
 import torch
 import torch.distributed as dist

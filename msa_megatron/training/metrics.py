@@ -20,7 +20,7 @@ process at start-up, so CPU "MFU" is relative to an achievable rate, not a datas
 from __future__ import annotations
 
 import time
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 
