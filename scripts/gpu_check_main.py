@@ -15,8 +15,10 @@ the backward is run a second time with dout zero outside the slice: then dK/dV a
 the slice's contribution, which the reference computes (dq must then be 0 off the slice).
 
 Tolerances (relative Frobenius error vs the fp32 reference on the same bf16 values): out
-1e-2, lse 1e-4, dq/dk/dv 2e-2; the op adds kl 1e-2, d_iq 3e-2, d_ik 3e-2 and >= 99% of
-(row, group) selections identical to ``reference.select`` (fp32 near-ties may differ).
+1e-2, lse 1e-4, dq/dk/dv 2e-2; the op adds kl 1e-2, d_iq 3e-2, d_ik 3e-2, the entropy
+statistics (index_entropy, main_entropy, from the KL kernel: track_entropy on) 1e-3 (they
+inherit the main LSE's error) and >= 99% of (row, group) selections identical to
+``reference.select`` (fp32 near-ties may differ).
 Exit status 1 if any check fails or errors; each check is guarded so one failure does not
 hide the others.
 
@@ -47,7 +49,7 @@ from msa_megatron import reference as R  # noqa: E402
 from msa_megatron.config import MSAConfig  # noqa: E402
 
 TOL = {"out": 1e-2, "lse": 1e-4, "dq": 2e-2, "dk": 2e-2, "dv": 2e-2, "kl": 1e-2, "d_iq": 3e-2, "d_ik": 3e-2,
-       "fp32": 1e-4, "same": 5e-3}
+       "fp32": 1e-4, "same": 5e-3, "entropy": 1e-3}
 HQ, HKV, D, DI, B, K = 64, 4, 128, 128, 128, 16
 DEV = "cuda"
 ROWS: list = []  # (check, L, metric, value, tol, ok)
@@ -198,7 +200,7 @@ def check_variants(L: int, T) -> None:
 def check_op(L: int, S: int, mode: str, index_backend: str) -> None:
     from msa_megatron.ops.triton_op import msa_attention_triton
 
-    cfg = MSAConfig(block_size=B, topk=K, index_dim=DI, num_index_heads=HKV, track_entropy=False)
+    cfg = MSAConfig(block_size=B, topk=K, index_dim=DI, num_index_heads=HKV, track_entropy=True)
     q, k, v = randn((1, L, HQ, D), 21), randn((1, L, HKV, D), 22), randn((1, L, HKV, D), 23)
     iq, ik = randn((1, L, HKV, DI), 24), randn((1, L, DI), 25)
     do = randn((1, L, HQ, D), 26)
@@ -206,7 +208,8 @@ def check_op(L: int, S: int, mode: str, index_backend: str) -> None:
     if mode == "msa":  # full-length run: every output written, finite
         out, aux = msa_attention_triton(*leaves, cfg, mode=mode, index_backend=index_backend)
         grads = torch.autograd.grad([out, aux.kl], leaves, [do, torch.ones((), device=DEV)])
-        no_nan(f"op {mode} full", L, out=out, lse=aux.lse, kl=aux.kl, **dict(zip(["dq", "dk", "dv", "d_iq", "d_ik"], grads)))
+        no_nan(f"op {mode} full", L, out=out, lse=aux.lse, kl=aux.kl, **aux.stats,
+               **dict(zip(["dq", "dk", "dv", "d_iq", "d_ik"], grads)))
         del out, aux, grads
     # slice run: sq = S queries at positions pos, all L keys, vs the fp32 reference
     pos = slice_positions(L, S, L + 1)
@@ -222,14 +225,19 @@ def check_op(L: int, S: int, mode: str, index_backend: str) -> None:
         same = (sel_ref == aux.block_idx).all(-1).float().mean().item()
         record(f"op {mode}", L, "selection == ref", 1.0 - same, 0.01)
         ro, rl = R.sparse_attention(f[0], f[1], f[2], aux.block_idx, B, q_pos=pos)
-        rkl = R.sparse_kl_loss(f[0], f[1], f[3], f[4], aux.block_idx, cfg, pos)
+        terms = R.sparse_kl_terms(f[0], f[1], f[3], f[4], aux.block_idx, cfg, pos)
     else:
         ro, rl = R.dense_attention(f[0], f[1], f[2], q_pos=pos)
-        rkl = R.dense_kl_loss(f[0], f[1], f[3], f[4], cfg, pos)
+        terms = R.dense_kl_terms(f[0], f[1], f[3], f[4], cfg, pos)
+    rkl = terms.kl / terms.rows
+    ref_stats = {"index_entropy": terms.index_entropy / terms.rows,
+                 "main_entropy": terms.main_entropy / (terms.rows * (HQ // HKV))}
     rgrads = torch.autograd.grad([ro, rkl], f, [dos.float(), torch.ones((), device=DEV)])
     record(f"op {mode}", L, "out", rel(out, ro), TOL["out"])
     record(f"op {mode}", L, "lse", rel(aux.lse, rl), TOL["lse"])
     record(f"op {mode}", L, "kl", rel(aux.kl, rkl), TOL["kl"])
+    for n, r in ref_stats.items():
+        record(f"op {mode}", L, n, rel(aux.stats[n], r), TOL["entropy"])
     for n, a, b in zip(["dq", "dk", "dv", "d_iq", "d_ik"], grads, rgrads):
         record(f"op {mode}", L, n, rel(a, b), TOL[n])
 

@@ -23,7 +23,6 @@ kernel with every visible block selected, which is exactly dense causal attentio
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
@@ -117,31 +116,19 @@ def _kl_reference(mode: str, q, k, iq, ik, block_idx, cfg, q_pos, scale, need_gr
 
 
 def _kl_triton(mode: str, q, k, iq, ik, block_idx, main_lse, index_lse, index_plan, cfg, q_pos, scale) -> _KLResult:
+    """The KL kernel's one pass gives the value, d_iq, d_ik and (``cfg.track_entropy``) the
+    entropy statistics: no reference pass on this path."""
     ti = _index_module()
-    kw = {}
+    stats_kw = dict(grad_scale=1.0, softmax_scale=scale, return_stats=bool(cfg.track_entropy))
     if mode == "msa":
-        fn = ti.sparse_kl_backward
-        args = (q, k, iq, ik, block_idx, main_lse, index_lse, cfg, q_pos)
-        kw["plan"] = index_plan
+        res = ti.sparse_kl_backward(q, k, iq, ik, block_idx, main_lse, index_lse, cfg, q_pos, plan=index_plan, **stats_kw)
     else:
-        fn = ti.dense_kl_backward
-        args = (q, k, iq, ik, main_lse, cfg, q_pos)
-    wants_stats = cfg.track_entropy and "return_stats" in inspect.signature(fn).parameters
-    if wants_stats:
-        kw["return_stats"] = True
-    res = fn(*args, grad_scale=1.0, softmax_scale=scale, **kw)
+        res = ti.dense_kl_backward(q, k, iq, ik, main_lse, cfg, q_pos, **stats_kw)
     stats: Dict[str, Tensor] = {}
-    if wants_stats:
+    if cfg.track_entropy:
         kl, d_iq, d_ik, stats = res
     else:
         kl, d_iq, d_ik = res
-        if cfg.track_entropy:
-            # The index kernels do not return entropies yet: one reference KL pass (no grad) gives
-            # them. Correct but slow at long context; set msa.track_entropy=false to skip.
-            _announce("entropy-ref", "MSA: entropy statistics come from a reference KL pass (slow); "
-                                     "set msa.track_entropy=false to skip them")
-            with torch.no_grad():
-                stats = _kl_reference(mode, q, k, iq, ik, block_idx, cfg, q_pos, scale, False).stats
     return _KLResult(kl.detach().float().reshape(()), d_iq, d_ik, stats)
 
 

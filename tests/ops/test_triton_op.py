@@ -5,7 +5,9 @@ Checked per mode (dense / msa_warmup / msa) on fresh random fp32 inputs: out, ls
 block_idx, entropy stats, and the gradients of loss = <out, dout> + c * kl w.r.t. q, k, v, iq,
 ik, all within 2e-5 relative (IEEE fp32 dots); gradient isolation (the KL reaches only iq/ik,
 the attention output only q/k/v); both index backends (the Triton one when
-``ops/triton_index.py`` is in the checkout).
+``ops/triton_index.py`` is in the checkout). With the Triton index backend the reference KL
+functions are made to raise during the op call: the KL value, gradients and entropy stats
+must all come from the kernels.
 """
 
 import os
@@ -47,12 +49,23 @@ def inputs(b, sq, sk, hq, g, d, di, seed, dtype=torch.float32):
     return mk(b, sq, hq, d), mk(b, sk, g, d), mk(b, sk, g, d), mk(b, sq, g, di), mk(b, sk, di)
 
 
+def _forbidden(name):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{name} called on the Triton index path")
+    return fail
+
+
 def run_both(mode, backend, b=1, sq=90, sk=None, hq=4, g=2, d=16, di=16, block=16, topk=3, q_pos=None, seed=0):
     sk = sk or sq
     q, k, v, iq, ik = inputs(b, sq, sk, hq, g, d, di, seed)
     cfg = MSAConfig(block_size=block, topk=topk, index_dim=di)
     r_out, r_aux = R.msa_attention(q, k, v, iq, ik, cfg, q_pos=q_pos, mode=mode)
-    out, aux = OP.msa_attention_triton(q, k, v, iq, ik, cfg, q_pos=q_pos, mode=mode, index_backend=backend)
+    with pytest.MonkeyPatch.context() as mp:
+        if backend == "triton":  # no reference KL pass on the Triton path (it was the slow entropy source)
+            for name in ("sparse_kl_terms", "dense_kl_terms"):
+                mp.setattr(R, name, _forbidden(name))
+            mp.setattr(OP, "_kl_reference", _forbidden("_kl_reference"))
+        out, aux = OP.msa_attention_triton(q, k, v, iq, ik, cfg, q_pos=q_pos, mode=mode, index_backend=backend)
     dout = torch.randn_like(r_out)
     leaves = [q, k, v, iq, ik]
 
@@ -93,6 +106,7 @@ def test_op_query_subset_and_groups(backend):
     pos = torch.sort(torch.randperm(150, generator=gen)[:50]).values
     (out, aux, gr), (r_out, r_aux, r_gr) = run_both("msa", backend, b=2, sq=50, sk=150, hq=8, g=2, q_pos=pos, seed=4)
     errs = {"out": rel(out, r_out), "kl": rel(aux.kl, r_aux.kl)}
+    errs.update({n: rel(aux.stats[n], r_aux.stats[n]) for n in ("index_entropy", "main_entropy")})
     errs.update({n: rel(x, y) for n, x, y in zip(["dq", "dk", "dv", "d_iq", "d_ik"], gr, r_gr)})
     bad = {n: e for n, e in errs.items() if not e <= TOL}
     assert not bad, f"relative errors above {TOL}: {bad}"
