@@ -177,3 +177,42 @@ def test_op_accepts_precomputed_selection():
     torch.testing.assert_close(aux.kl, raux.kl, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="block_idx must be int32"):
         msa_attention_triton(q, k, v, iq, ik, cfg, block_idx=blk.long())
+
+
+@pytest.mark.skipif(not HAS_TRITON_INDEX, reason="kl_fused needs msa_megatron/ops/triton_index.py")
+def test_op_fused_kl_matches_reference(caplog):
+    """kernel_config kl_fused=1: the KL runs inside the main backward. Before that backward
+    aux.kl and the stats are NaN placeholders (never a stale or made-up value); after it they
+    and every gradient match the reference (fp32, TOL). Batch 2, G = 4, a q_pos subset, row
+    tiles of 4 positions (student groups over 4 tiles). The path is logged once."""
+    gen = torch.Generator().manual_seed(11)
+    pos = torch.sort(torch.randperm(100, generator=gen)[:40]).values
+    q, k, v, iq, ik = inputs(2, 40, 100, 8, 2, 16, 16, seed=11)
+    cfg = MSAConfig(block_size=16, topk=3, index_dim=16)
+    kc = T.KernelConfig.from_spec("kl_fused=1,bwd_rows=16")
+    r_out, r_aux = R.msa_attention(q, k, v, iq, ik, cfg, q_pos=pos, mode="msa")
+    OP._announced.discard("kl-fused")
+    with caplog.at_level("WARNING", logger="msa_megatron.ops"), pytest.MonkeyPatch.context() as mp:
+        for name in ("sparse_kl_terms", "dense_kl_terms"):
+            mp.setattr(R, name, _forbidden(name))
+        mp.setattr(OP._index_module(), "sparse_kl_backward", _forbidden("sparse_kl_backward"))
+        out, aux = OP.msa_attention_triton(q, k, v, iq, ik, cfg, q_pos=pos, mode="msa", kernel_config=kc)
+        assert torch.isnan(aux.kl) and all(torch.isnan(aux.stats[n]) for n in ("index_entropy", "main_entropy"))
+        dout = torch.randn_like(out)
+        leaves = [q, k, v, iq, ik]
+        gr = torch.autograd.grad((out * dout).sum() + 3.0 * aux.kl, leaves)
+    assert sum("fused into the main backward" in r.getMessage() for r in caplog.records) == 1
+    r_gr = torch.autograd.grad((r_out * dout).sum() + 3.0 * r_aux.kl, leaves)
+    errs = {"out": rel(out, r_out), "lse": rel(aux.lse, r_aux.lse), "kl": rel(aux.kl, r_aux.kl)}
+    errs.update({n: rel(aux.stats[n], r_aux.stats[n]) for n in ("index_entropy", "main_entropy")})
+    errs.update({n: rel(x, y) for n, x, y in zip(["dq", "dk", "dv", "d_iq", "d_ik"], gr, r_gr)})
+    bad = {n: e for n, e in errs.items() if not e <= TOL}
+    assert not bad, f"relative errors above {TOL}: {bad} (all {errs})"
+    # The separate kernel stays the path without a backward (the value is needed now), for the
+    # dense-teacher warmup and by default; the reference index backend cannot fuse.
+    assert OP._kl_path("msa", "triton", False, kc) == "separate"
+    assert OP._kl_path("msa_warmup", "triton", True, kc) == "separate"
+    assert OP._kl_path("msa", "triton", True, T.KernelConfig()) == "separate"
+    assert OP._kl_path("msa", "reference", True, T.KernelConfig()) == "separate"
+    with pytest.raises(ValueError, match="kl_fused=1 needs the Triton index backend"):
+        OP.msa_attention_triton(q, k, v, iq, ik, cfg, mode="msa", kernel_config=kc, index_backend="reference")
