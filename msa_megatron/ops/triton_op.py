@@ -10,6 +10,9 @@ Composition (forward):
        (teacher rebuilt from the main branch's LSE; no second attention pass); an autograd
        node w.r.t. iq, ik only returns the saved gradient times the incoming one.
 So the KL never sends gradient to q/k/v and the attention output never to iq/ik.
+Alternative (``KernelConfig.kl_fused``, opt-in, mode msa with a backward): the KL is computed
+inside the main backward from the P it recomputes (no teacher rebuild); one autograd node
+returns (out, lse, kl, entropies) and its value/stats are NaN until that backward has run.
 
 The index branch sits behind a small seam (:data:`INDEX_BACKEND`): ``"triton"`` uses
 ``msa_megatron.ops.triton_index`` (the fused selection and KL-backward kernels),
