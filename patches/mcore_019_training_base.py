@@ -30,7 +30,8 @@ class FunctionWrapPatch:
         missing = [n for n in wrappers if f"{target}:{n}" not in pinned]
         if missing:
             raise ValueError(f"{name}: wrapped functions without a pin: {missing}")
-        self.name, self.target, self.wrappers, self.pinned = name, target, dict(wrappers), dict(pinned)
+        self.name, self.target, self.wrappers = name, target, dict(wrappers)
+        self.pinned = pinned  # shared with the patch module: tests may edit its PINNED
         self.source_checks = tuple(source_checks)
         self._originals: Dict[str, Callable] = {}
 
