@@ -7,13 +7,16 @@
   validated with Megatron's arguments; the same settings in ``--yaml-cfg`` files;
 * the warmup schedule (``msa_warmup`` then ``msa``) and recall sampling applied before each
   ``train_step``;
-* MSA metrics in ``training_log``: TensorBoard, wandb and the iteration line.
+* MSA metrics in ``training_log``: TensorBoard, wandb and the iteration line;
+* ``pretrain`` starting from the megatron-core wheel (its dataset-helper build step cannot run
+  there; ``patches/mcore_019_training_helpers.py``).
 
 It also runs :func:`msa_megatron.register` (Megatron-Core builds MSA layers for the variant).
 The model config comes from :func:`gpt_model_config_from_args` (``scripts/pretrain_gpt_msa.py``).
 
 Modules: ``args`` (flags <-> MSAConfig), ``yaml_args`` (YAML keys), ``model`` (args -> configs),
-``schedule`` (per-iteration plan), ``hooks`` (what the loop patches call).
+``schedule`` (per-iteration plan), ``hooks`` (what the loop patches call), ``run_summary``
+(checks a finished run from its logs, TensorBoard events and offline wandb runs).
 """
 
 from __future__ import annotations

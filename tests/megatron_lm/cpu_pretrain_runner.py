@@ -7,9 +7,10 @@ places that only *ask* (is_available / device_count / set_device, pinned memory,
 graph-capture probe, the device generation asked at TP > 1, torch.compile's device probe). Everything still runs on CPU with gloo
 (``--distributed-backend gloo --use-cpu-initialization --num-workers 0``).
 
-TensorBoard is not installed in the CPU environment: a recording SummaryWriter stands in for
-``torch.utils.tensorboard`` and appends every ``add_scalar`` to ``$MSA_TB_RECORD`` (JSON lines).
-Real event files are checked by scripts/gpu_run_megatron_lm.sh.
+TensorBoard is not installed in the CPU environment: with ``$MSA_TB_RECORD`` set, a recording
+SummaryWriter stands in for ``torch.utils.tensorboard`` and appends every ``add_scalar`` to that
+file (JSON lines); unset, the real one is used (needs the tensorboard package). Real event files
+are also checked by scripts/gpu_run_megatron_lm.sh.
 
 Usage (like torchrun's children: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set):
     python tests/megatron_lm/cpu_pretrain_runner.py <pretrain_gpt_msa.py arguments>
@@ -53,9 +54,10 @@ def pretend_one_cuda_device() -> None:
     torch.cuda.get_device_properties = lambda *args, **kwargs: types.SimpleNamespace(major=9, minor=0, name="cpu")
     torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
     torch.accelerator.current_stream = lambda *args, **kwargs: types.SimpleNamespace(is_capturing=lambda: False)
-    tensorboard = types.ModuleType("torch.utils.tensorboard")
-    tensorboard.SummaryWriter = RecordingSummaryWriter
-    sys.modules["torch.utils.tensorboard"] = tensorboard
+    if os.environ.get("MSA_TB_RECORD"):
+        tensorboard = types.ModuleType("torch.utils.tensorboard")
+        tensorboard.SummaryWriter = RecordingSummaryWriter
+        sys.modules["torch.utils.tensorboard"] = tensorboard
 
 
 def main() -> None:
