@@ -38,7 +38,8 @@ fail() { echo "FAILED: $*" >&2; exit 1; }
 
 step "0. prerequisites"
 "$PY" - <<'EOF' 2>&1 | tee "$OUT/prereq.txt"
-import importlib, sys
+import importlib, sys, warnings
+warnings.filterwarnings("ignore")
 def version(name):
     try:
         m = importlib.import_module(name)
@@ -98,7 +99,10 @@ printf '%s ' "${ARGS[@]}" > "$OUT/launch_args.txt"
 
 step "1a. pretrain_gpt_msa.py --help"
 "$PY" scripts/pretrain_gpt_msa.py --help > "$OUT/help.txt" 2>&1 || fail "--help failed (see $OUT/help.txt)"
-grep -E -- "--msa-(block-size|topk|warmup-iters|recall-interval|layers)" "$OUT/help.txt" | head -5
+for flag in --msa-block-size --msa-topk --msa-warmup-iters --msa-recall-interval --msa-layers; do
+  grep -q -- "  $flag " "$OUT/help.txt" || fail "$flag missing from --help (see $OUT/help.txt)"
+done
+echo "--help lists the --msa-* flags: $(grep -c -- '^  --msa-' "$OUT/help.txt") options"
 grep -q -- "--experimental-attention-variant {gated_delta_net,dsa,msa}" "$OUT/help.txt" \
   || fail "'msa' is not a choice of --experimental-attention-variant (see $OUT/help.txt)"
 
@@ -123,7 +127,7 @@ launch() {  # launch NAME EXTRA_ARGS...
     "${ARGS[@]}" "$@" > "$OUT/$name.log" 2>&1 || { tail -40 "$OUT/$name.log"; fail "$name (log: $OUT/$name.log)"; }
   echo "$name done in $((SECONDS - t0)) s"
   grep -E "\[MSA\]|saved checkpoint|loaded checkpoint|validation loss at" "$OUT/$name.log" | cut -c1-200 || true
-  grep -E "\] iteration +[0-9]+/" "$OUT/$name.log" | sed -n '1p;$p' | cut -c1-400
+  { grep -E "\] iteration +[0-9]+/" "$OUT/$name.log" || true; } | sed -n '1p;$p' | cut -c1-400
 }
 
 step "2. run 1: iterations 1-30 (warmup 1-20, sparse from 21), checkpoint at 30"
