@@ -243,7 +243,7 @@ _FIELD_IN_MESSAGE = re.compile(r"^(\w+)=")
 
 def explain_config_error(exc: Exception, args) -> Exception:
     """An error raised while building the MSA TransformerConfig, restated with the flag to change."""
-    if isinstance(exc, MSAConfigError):
+    if isinstance(exc, MSAConfigError) and exc.field_name in _OPTION_OF_FIELD:
         return MSAArgumentError(option_of_field(exc.field_name), exc.value, exc.allowed, exc.field_name)
     match = _FIELD_IN_MESSAGE.match(str(exc))
     if isinstance(exc, ValueError) and match and hasattr(args, match.group(1)):

@@ -121,3 +121,20 @@ def test_megatron_settings_msa_refuses_name_their_flag(monkeypatch):
 def test_option_of_field_round_trip():
     for fl in FIELD_FLAGS:
         assert option_of_field(fl.field) == fl.option
+
+
+def test_config_errors_are_restated_with_their_flag():
+    from types import SimpleNamespace
+
+    from msa_megatron import MSAConfigError
+    from msa_megatron.megatron_lm.args import explain_config_error
+
+    args = SimpleNamespace(attention_dropout=0.1)
+    restated = explain_config_error(MSAConfigError("topk", 0, "an integer >= 1"), args)
+    assert isinstance(restated, MSAArgumentError) and str(restated).startswith("--msa-topk=0 is invalid")
+    assert str(explain_config_error(ValueError("attention_dropout=0.1 is not supported"), args)) == \
+        "--attention-dropout: attention_dropout=0.1 is not supported"
+    other = MSAConfigError("msa", None, "an MSAConfig")  # not a flag: left as it is
+    assert explain_config_error(other, args) is other
+    unrelated = AssertionError("num_layers must be divisible")
+    assert explain_config_error(unrelated, args) is unrelated
