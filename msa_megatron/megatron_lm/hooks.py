@@ -36,8 +36,7 @@ class MSATrainingHooks:
 
     def __init__(self, schedule: MSASchedule, printer: Optional[Callable[[str], None]] = None):
         self.schedule = schedule
-        self.applied: Optional[StepPlan] = None
-        self.step_plan: Optional[StepPlan] = None
+        self.applied: Optional[StepPlan] = None  # the plan of the step in progress
         self._print = printer
 
     def _say(self, message: str) -> None:
@@ -63,7 +62,7 @@ class MSATrainingHooks:
         if prev is None or prev.recall != plan.recall:
             set_recall_sampling(model_chunks, plan.recall)
         reset_msa_metrics()  # evaluation forwards since the last step recorded too: not this step's
-        self.applied = self.step_plan = plan
+        self.applied = plan
         return plan
 
     # ------------------------------------------------------------------ training_log
@@ -80,8 +79,8 @@ class MSATrainingHooks:
         if not metrics:
             return None
         scalars = {WRITER_PREFIX + key: value for key, value in metrics.items()}
-        if self.step_plan is not None:
-            scalars[WRITER_PREFIX + "sparse"] = 1.0 if self.step_plan.mode == "msa" else 0.0
+        if self.applied is not None:
+            scalars[WRITER_PREFIX + "sparse"] = 1.0 if self.applied.mode == "msa" else 0.0
         if writer is not None:
             for name, value in scalars.items():
                 writer.add_scalar(name, value, iteration)

@@ -115,7 +115,7 @@ METRICS = {"indexer_kl": 0.5, "indexer_kl/layer_1": 0.4, "indexer_kl/layer_2": 0
 
 def test_log_writes_like_training_log():
     hooks = MSATrainingHooks(MSASchedule(MSAConfig()))
-    hooks.step_plan = StepPlan("msa", False)
+    hooks.applied = StepPlan("msa", False)
     writer, wandb = FakeWriter(), FakeWandb()
     loss = {"lm loss": torch.tensor(6.0)}
     total = {}
@@ -137,7 +137,7 @@ def test_log_writes_like_training_log():
 
 def test_recall_line_and_warmup_flag():
     hooks = MSATrainingHooks(MSASchedule(MSAConfig()))
-    hooks.step_plan = StepPlan("msa_warmup", True)
+    hooks.applied = StepPlan("msa_warmup", True)
     wandb = FakeWandb()
     metrics = dict(METRICS, **{"recall": 0.9, "recall/layer_1": 0.85, "recall/layer_2": 0.95})
     line = hooks.log(metrics, 20, None, wandb, {}, {}, skipped_iter=0)
