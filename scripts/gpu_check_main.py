@@ -2,6 +2,7 @@
 """GPU correctness check of MSA's main-branch kernels and of the whole MSA op (H100/H200).
 
     python scripts/gpu_check_main.py [--quick] [--lengths 8K,32K,128K] [--index-backend triton]
+    python scripts/gpu_check_main.py --tune [--tune-L 128K] [--tune-configs "fwd_rows=64;bwd_block_n=64"]
 
 Paper layout (64 q / 4 KV heads, d 128, block 128, top-16), bf16 inputs, per-token random
 block selections. Every kernel output is NaN-poisoned before the kernels run
@@ -18,6 +19,14 @@ Tolerances (relative Frobenius error vs the fp32 reference on the same bf16 valu
 (row, group) selections identical to ``reference.select`` (fp32 near-ties may differ).
 Exit status 1 if any check fails or errors; each check is guarded so one failure does not
 hide the others.
+
+``--aot`` needs no GPU: it compiles every kernel of the default config for sm_90a (paper
+layout) with Triton's ptxas and prints registers / spills / shared memory per kernel.
+
+``--tune`` skips the checks and times the main branch (forward incl. reverse index, and
+backward) at one length for a list of kernel configs (``KernelConfig`` fields as in
+``MSA_MAIN_KERNEL``, plus ``det=0`` for atomic dQ), one compile each, so one GPU call can
+pick the tile sizes.
 """
 
 from __future__ import annotations
@@ -110,7 +119,7 @@ def random_selection(L: int, seed: int) -> torch.Tensor:
         sc.masked_fill_(blk[None, :] > own[:, None], -1.0).masked_fill_(blk[None, :] == own[:, None], 2.0)
         val, idx = torch.topk(sc, min(K, nb), dim=-1)
         idx = torch.sort(torch.where(val >= 0, idx, torch.full_like(idx, nb)), dim=-1).values
-        out[..., : idx.shape[-1]] = torch.where(idx == nb, -1, idx).to(torch.int32)
+        out[:, :, s0:s1, : idx.shape[-1]] = torch.where(idx == nb, -1, idx).to(torch.int32)
     return out
 
 
@@ -225,6 +234,151 @@ def check_op(L: int, S: int, mode: str, index_backend: str) -> None:
         record(f"op {mode}", L, n, rel(a, b), TOL[n])
 
 
+DEFAULT_TUNE = ";".join([
+    "",  # the defaults
+    "fwd_rows=64",
+    "fwd_stages=3",
+    "fwd_rows=64,fwd_warps=4",
+    "bwd_block_n=64",
+    "bwd_rows=32",
+    "bwd_rows=128,bwd_block_n=64",
+    "dq_partial_lowp=1",
+    "bwd_split=1",
+    "chunk_queries=2048",
+    "chunk_queries=8192",
+    "det=0",
+    "fwd_impl=q",
+])
+
+
+def tune(L: int, specs: str, reps: int = 5) -> None:
+    from msa_megatron.ops import triton_sparse_attn as T
+
+    T.POISON_OUTPUTS = False
+    q, k, v, do = randn((1, L, HQ, D), 31), randn((1, L, HKV, D), 32), randn((1, L, HKV, D), 33), randn((1, L, HQ, D), 34)
+    bidx = random_selection(L, 35)
+    flops = 4.0 * HQ * D * float((torch.clamp(torch.arange(L) // B, max=K - 1) * B + torch.arange(L) % B + 1).sum())
+
+    def timed(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b))
+        return sorted(ts)[len(ts) // 2]
+
+    print(f"\n| config (L={L}) | fwd ms | fwd TF/s | bwd ms | bwd TF/s | fwd+bwd ms |\n|---|---|---|---|---|---|")
+    for spec in specs.split(";"):
+        fields = dict(x.split("=") for x in spec.split(",") if x.strip())
+        det = fields.pop("det", "1") != "0"
+        try:
+            cfg = T.KernelConfig.from_spec(",".join(f"{n}={v}" for n, v in fields.items()), T.KernelConfig.from_env())
+            plan_need = T.partial_bytes_per_pos(q, HKV, K, B, fwd=cfg.fwd_impl == "kv", bwd=True, deterministic=det, config=cfg,
+                                                dq_partial_dtype=q.dtype if cfg.dq_partial_lowp else torch.float32)
+            box = {}
+
+            def fwd():
+                plan = T.build_plan(bidx, L, B, plan_need, cfg)
+                box["out"], box["lse"] = T.sparse_attention_fwd(q, k, v, bidx, B, config=cfg, plan=plan)
+                box["plan"] = plan
+
+            def bwd():
+                T.sparse_attention_bwd(do, q, k, v, box["out"], box["lse"], bidx, B, deterministic=det, config=cfg,
+                                       plan=box["plan"])
+
+            tf = timed(fwd)
+            tb = timed(bwd)
+            print(f"| {spec or 'default'}{'' if det else ' (atomic dQ)'} | {tf:.2f} | {flops / tf / 1e9:.0f} | {tb:.2f} | "
+                  f"{2.5 * flops / tb / 1e9:.0f} | {tf + tb:.2f} |", flush=True)
+        except Exception as exc:  # one bad config must not stop the sweep
+            print(f"| {spec} | ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:100]} | | | | |", flush=True)
+        torch.cuda.empty_cache()
+
+
+def aot_report(arch: int = 90) -> int:
+    """Compile the kernels for sm_<arch> without a device (ptxas only); exit 1 on a compile error."""
+    import re
+    import subprocess
+    import tempfile
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from msa_megatron.ops import triton_sparse_attn as T
+
+    cfg = T.KernelConfig.from_env()
+    target = GPUTarget("cuda", arch, 32)
+    div16 = {"D", "G", "sq", "sk", "hq", "cq", "t0"}  # what the JIT's value specialisation sees at this layout
+    F, I = "*fp32", "*i32"
+    GP = 16
+    bnq = T._block_n(B, cfg.q_block_n)
+    kernels = []
+    for dt, d in ((torch.bfloat16, 128), (torch.float32, 128), (torch.bfloat16, 256)):
+        P = "*bf16" if dt == torch.bfloat16 else "*fp32"
+        DP = d
+        prec = "ieee" if dt == torch.float32 else None
+        common = dict(KSEL=K, BLOCK=B, GP=GP, DP=DP, DOT_PREC=prec, UPCAST=False)
+        qpf, bnf = T.kv_tiles("fwd", dt, d, GP, B, cfg)
+        qpb, bnb = T.kv_tiles("bwd", dt, d, GP, B, cfg)
+        tag = f"{str(dt)[6:]} d={d}"
+        io = dict(Q=P, K=P, V=P, DO=P)
+        kernels.append((f"fwd_kv {tag} rows={qpf * GP} bn={bnf}", T._fwd_kv_kernel, dict(io, OPART=P, LPART=F, qk_scale="fp32"),
+                        dict(common, NSUB=B // bnf, BN=bnf, QP=qpf), cfg.fwd_warps, cfg.fwd_stages))
+        bwd_types = dict(io, LSE=F, DELTA=F, DQ=F, DKACC=F, DVACC=F, DKPART=F, DVPART=F, sm_scale="fp32", qk_scale="fp32")
+        for part in ((1, 2) if cfg.bwd_split else (0,)):
+            for atomic in ((False, True) if (dt, d) == (torch.bfloat16, 128) else (False,)):
+                kernels.append((f"bwd_kv {tag} rows={qpb * GP} bn={bnb} part={part} atomic={int(atomic)}", T._bwd_kv_kernel,
+                                bwd_types, dict(common, NSUB=B // bnb, BN=bnb, QP=qpb, DQ_ATOMIC=atomic, PART=part),
+                                cfg.bwd_warps, cfg.bwd_stages))
+        if (dt, d) != (torch.bfloat16, 128):
+            continue
+        kernels += [
+            ("fwd_combine", T._fwd_combine_kernel, dict(OPART=P, LPART=F, OUT=P, LSE=F),
+             dict(KSEL=K, NSUB=B // bnf, GP=GP, TQ=T._combine_tq(GP, DP), DP=DP), 8, 2),
+            ("fwd_q", T._fwd_q_kernel, dict(io, OUT=P, LSE=F, qk_scale="fp32"),
+             dict(KSEL=K, NSUB=B // bnq, BLOCK=B, BN=bnq, RP=GP, DP=DP, DOT_PREC=None, UPCAST=False), cfg.q_warps, cfg.q_stages),
+            ("delta", T._delta_kernel, dict(OUT=P, DO=P, DELTA=F), dict(HP=HQ, TD=max(1, 8192 // (HQ * DP)), DP=DP), 4, 2),
+            ("bwd_reduce", T._bwd_reduce_kernel, dict(DKPART=F, DVPART=F, DKACC=F, DVACC=F),
+             dict(BLOCK=B, BN=min(32, B), DP=DP), 8, 2),
+            ("dq_combine", T._dq_combine_kernel, dict(DQPART=F, DQ=P),
+             dict(KSEL=K, NSUB=B // bnb, GP=GP, TQ=T._combine_tq(GP, DP), DP=DP), 8, 2),
+        ]
+    print(f"AOT compile for sm_{arch}a, triton {triton.__version__}, config {cfg}")
+    bad = 0
+    for name, fn, types, consts, nw, ns in kernels:
+        is_ptr = lambda n: n.isupper() and n not in ("D", "G")  # noqa: E731  (kernel naming convention)
+        sig = {n: ("constexpr" if n in consts else types.get(n, I if is_ptr(n) else "i32")) for n in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                 if n not in consts and (sig[n].startswith("*") or n.startswith("stride") or n in div16)}
+        try:
+            ck = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=target,
+                                options=dict(num_warps=nw, num_stages=ns))
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(ck.asm["ptx"])
+            log = subprocess.run([triton.knobs.nvidia.ptxas.path, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
+                                 capture_output=True, text=True).stderr
+            os.unlink(f.name)
+            regs = re.search(r"Used (\d+) registers", log)
+            spill = re.search(r"(\d+) bytes spill stores", log)
+            too_big = ck.metadata.shared > 232448  # sm_90 maximum dynamic shared memory per block
+            bad += int(too_big)
+            print(f"  {name:44s} warps={nw} stages={ns} regs={regs.group(1) if regs else '?'} "
+                  f"spill={spill.group(1) if spill else '?'}B smem={ck.metadata.shared}B "
+                  f"wgmma={len(re.findall('wgmma.mma_async', ck.asm['ptx']))}{'  SMEM OVER 227 KB' if too_big else ''}",
+                  flush=True)
+        except Exception as exc:
+            bad += 1
+            print(f"  {name:44s} COMPILE ERROR {type(exc).__name__}: {str(exc)[:500]}", flush=True)
+    return 1 if bad else 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="8K and 32K main branch, 8K op (about a minute)")
@@ -232,7 +386,13 @@ def main() -> int:
     p.add_argument("--slice", type=int, default=256, help="query rows compared with the reference")
     p.add_argument("--index-backend", default="triton", choices=["triton", "reference"])
     p.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tune", action="store_true", help="time kernel configs instead of checking")
+    p.add_argument("--aot", action="store_true", help="compile for sm_90a without a GPU; print regs/spills")
+    p.add_argument("--tune-L", type=parse_length, default=parse_length("128K"))
+    p.add_argument("--tune-configs", default=DEFAULT_TUNE, help="';'-separated KernelConfig specs")
     args = p.parse_args()
+    if args.aot:
+        return aot_report()
     if args.cpu_smoke:
         cpu_smoke_layout()
     elif not torch.cuda.is_available():
@@ -240,6 +400,9 @@ def main() -> int:
         return 2
     from msa_megatron.ops import triton_sparse_attn as T
 
+    if args.tune:
+        tune(args.tune_L, args.tune_configs)
+        return 0
     T.POISON_OUTPUTS = True
     lengths = [parse_length(x) for x in (args.lengths or ("8K,32K" if args.quick else "8K,32K,128K")).split(",")]
     print(f"device {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu (interpreter)'} | torch {torch.__version__} | lengths {lengths} | "

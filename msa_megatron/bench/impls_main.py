@@ -10,6 +10,9 @@
   fwd = ``sparse_attention_fwd`` (reverse index included); fwd+bwd = autograd fwd + bwd.
 * ``msa-main-qouter``: the same selection through the query-outer forward (one query x G
   heads per program): the simple design, fwd only.
+* ``msa-main-tiled``: ``msa-main`` on exactly the ``flex-blocksparse`` pattern (every query of
+  a 128-query tile shares the tile's blocks): apples-to-apples with the anchor, and the
+  locality-rich case (q rows re-read from L2).
 * ``msa-main-atomic``: ``msa-main`` with dQ accumulated by fp32 atomics (non-deterministic).
 * ``msa-op``: the whole op :func:`msa_megatron.ops.triton_op.msa_attention_triton` in mode
   ``msa`` on random iq/ik: fwd = prefill (no grad, no KL: index selection + index LSE + main
@@ -98,25 +101,36 @@ def _compiled_flex():
     return _flex
 
 
+def _tile_table(case: Case):
+    """Per 128-query tile i: up to k-1 distinct random blocks < i, ascending ([n, k-1], 0-padded)
+    and their count. The one pattern behind flex-blocksparse and msa-main-tiled."""
+    B, K = case.block, case.topk
+    n = math.ceil(case.L / B)
+    i = torch.arange(n, device=case.device)
+    score = torch.rand(n, n, device=case.device, generator=_gen(case, 11))
+    score.masked_fill_(i[None, :] >= i[:, None], -1.0)
+    kf = min(K - 1, max(n - 1, 0))
+    idx = torch.zeros(n, max(kf, 1), dtype=torch.long, device=case.device)
+    if kf > 0:
+        val, top = torch.topk(score, kf, dim=-1)
+        top = torch.sort(torch.where(val >= 0, top, torch.full_like(top, n)), dim=-1).values
+        idx = torch.where(top == n, 0, top)
+    return idx, torch.clamp(i, max=K - 1)
+
+
 def tile_block_mask(case: Case):
     """FlexAttention BlockMask: per 128-query tile, the diagonal block (causal mask_mod) + up to
     k-1 random earlier blocks (full), the same for all heads."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    B, K = case.block, case.topk
+    B = case.block
     n = math.ceil(case.L / B)
     dev = case.device
     i = torch.arange(n, device=dev)
-    score = torch.rand(n, n, device=dev, generator=_gen(case, 11))
-    score.masked_fill_(i[None, :] >= i[:, None], -1.0)
-    kf = min(K - 1, max(n - 1, 0))
+    idx, cnt = _tile_table(case)
     full_idx = torch.zeros(1, 1, n, n, dtype=torch.int32, device=dev)
-    full_num = torch.clamp(i, max=K - 1).to(torch.int32).view(1, 1, n)
-    if kf > 0:
-        val, idx = torch.topk(score, kf, dim=-1)
-        idx = torch.where(val >= 0, idx, torch.full_like(idx, n))
-        idx = torch.sort(idx, dim=-1).values
-        full_idx[0, 0, :, :kf] = torch.where(idx == n, 0, idx).to(torch.int32)
+    full_idx[0, 0, :, : idx.shape[1]] = idx.to(torch.int32)
+    full_num = cnt.to(torch.int32).view(1, 1, n)
     part_idx = torch.zeros(1, 1, n, n, dtype=torch.int32, device=dev)
     part_idx[0, 0, :, 0] = i.to(torch.int32)
     part_num = torch.ones(1, 1, n, dtype=torch.int32, device=dev)
@@ -124,15 +138,30 @@ def tile_block_mask(case: Case):
     # evaluated on the diagonal blocks only; eager reference: everywhere) gives one answer.
     table = torch.zeros(n, n, dtype=torch.bool, device=dev)
     table[i, i] = True
-    rows = i.view(-1, 1).expand(-1, n)
-    keep = torch.arange(n, device=dev)[None, :] < full_num[0, 0][:, None]
-    table[rows[keep], full_idx[0, 0][keep].long()] = True
+    keep = torch.arange(idx.shape[1], device=dev)[None, :] < cnt[:, None]
+    table[i.view(-1, 1).expand_as(idx)[keep], idx[keep]] = True
 
     def selected_causal(b, h, qi, ki):
         return (qi >= ki) & table[qi // B, ki // B]
 
     return BlockMask.from_kv_blocks(part_num, part_idx, full_num, full_idx, BLOCK_SIZE=B, mask_mod=selected_causal,
                                     seq_lengths=(case.L, case.L))
+
+
+def tile_token_selection(case: Case) -> torch.Tensor:
+    """block_idx [b, g, L, K]: every query of a 128-query tile gets the tile's blocks of
+    :func:`tile_block_mask` (+ its own block): the FlexAttention anchor's exact pattern."""
+    B, K = case.block, case.topk
+    idx, cnt = _tile_table(case)
+    n = idx.shape[0]
+    i = torch.arange(n, device=case.device)
+    kf = idx.shape[1]
+    sel = torch.where(torch.arange(kf, device=case.device)[None, :] < cnt[:, None], idx, -1)
+    sel = torch.cat([sel, i[:, None], torch.full((n, K - 1 - kf), -1, device=case.device, dtype=torch.long)], 1)
+    sel = torch.sort(torch.where(sel < 0, n, sel), dim=-1).values
+    sel = torch.where(sel == n, -1, sel).to(torch.int32)  # [n, K]
+    tok = sel.repeat_interleave(B, dim=0)[: case.L]
+    return tok.view(1, 1, case.L, K).expand(case.batch, case.hkv, -1, -1).contiguous()
 
 
 @register("flex-blocksparse", "FlexAttention, one top-k block set per 128-query tile (the anchor)")
@@ -159,14 +188,15 @@ def flex_blocksparse(case: Case) -> Bench:
 
 
 # ----------------------------------------------------------------------------- the sparse main branch
-def _main_bench(case: Case, config=None, deterministic: bool = True, fwd_only: bool = False, note: str = "") -> Bench:
+def _main_bench(case: Case, config=None, deterministic: bool = True, fwd_only: bool = False, note: str = "",
+                tiled: bool = False) -> Bench:
     _need_cuda(case)
     from ..ops import triton_sparse_attn as T
 
     cfg = config or T.default_config()
     grad = not (case.fwd_only or fwd_only)
     q, k, v = _qkv(case, grad)
-    bidx = random_token_selection(case)
+    bidx = tile_token_selection(case) if tiled else random_token_selection(case)
     B = case.block
 
     def fwd():
@@ -196,6 +226,11 @@ def msa_main_qouter(case: Case) -> Bench:
 
     return _main_bench(case, replace(T.default_config(), fwd_impl="q"), fwd_only=True,
                        note="query-outer fwd; per-token random selection")
+
+
+@register("msa-main-tiled", "MSA main branch on the flex-blocksparse pattern (blocks shared per 128-query tile)")
+def msa_main_tiled(case: Case) -> Bench:
+    return _main_bench(case, tiled=True, note="same blocks as flex-blocksparse (per-tile sets): locality-rich")
 
 
 @register("msa-main-atomic", "MSA main branch with fp32-atomic dQ (non-deterministic backward)")

@@ -96,6 +96,7 @@ def _cpu_factory(fn):
     def factory(*args, **kwargs):
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
+        kwargs.pop("pin_memory", None)  # pinning needs a CUDA driver; nothing to pin for on CPU
         return fn(*args, **kwargs)
 
     factory.__wrapped__ = fn

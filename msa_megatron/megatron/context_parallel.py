@@ -14,6 +14,10 @@ of the op, independent of the attention module:
 4. in backward, dK/dV/d(ik) return to their owners by reduce-scatter (the autograd
    function's backward), with the inverse reordering.
 
+The Megatron backend calls :func:`gather_kv_for_cp` from ``MSACoreAttention`` (or
+:func:`gather_kv_and_select_for_cp`, which overlaps the selection with the K/V transfer);
+:func:`validate_cp_sequence_length` checks a training length up front.
+
 ``kv_exchange='selected'`` replaces step 2 for K/V by fetching only the blocks this rank's
 queries selected (ik is still all-gathered: selection needs every key); see
 docs/context_parallel.md for when it pays off (rarely, for training-size chunks).
@@ -29,7 +33,9 @@ gradients over DP x CP, so the net weight of rank r's term is exactly ``1/cp``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -140,11 +146,11 @@ def _count(name: str, nbytes: int) -> None:
         COMM_COUNTER[name] = COMM_COUNTER.get(name, 0) + int(nbytes)
 
 
-def _all_gather(out: Tensor, inp: Tensor, group) -> None:
+def _all_gather(out: Tensor, inp: Tensor, group, async_op: bool = False):
     """out [cp, *inp.shape] <- every rank's inp, in rank order (concatenated along dim 0,
-    the shape gloo insists on)."""
+    the shape gloo insists on). ``async_op``: returns the work handle to wait on."""
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out.view(-1, *inp.shape[1:]), inp, group=group)
+    return fn(out.view(-1, *inp.shape[1:]), inp, group=group, async_op=async_op)
 
 
 _rs_fallback_logged = False
@@ -192,17 +198,26 @@ class _ZigzagAllGather(torch.autograd.Function):
     global token order [b, S, ...]; backward reduce-scatters the gradients to their owners.
 
     The local tensors are packed along the feature dim so that one collective carries all
-    of them (K, V and ik: one launch instead of three)."""
+    of them (K, V and ik: one launch instead of three). ``while_in_flight`` (optional, no
+    grad) runs between launching the collective asynchronously and waiting for it: the
+    selection overlaps the K/V transfer (:func:`gather_kv_and_select_for_cp`)."""
 
     @staticmethod
-    def forward(ctx, group, cp_size: int, *xs: Tensor):
+    def forward(ctx, group, cp_size: int, while_in_flight, *xs: Tensor):
         b, s_local = xs[0].shape[:2]
         c = s_local // 2
         widths = [x[0, 0].numel() for x in xs]
         ctx.group, ctx.cp, ctx.widths, ctx.shapes = group, cp_size, widths, [x.shape for x in xs]
         local = torch.cat([x.reshape(b, s_local, -1) for x in xs], dim=-1)
         gathered = local.new_empty((cp_size,) + tuple(local.shape))
-        _all_gather(gathered, local, group)
+        if while_in_flight is None:
+            _all_gather(gathered, local, group)
+        else:
+            work = _all_gather(gathered, local, group, async_op=True)
+            try:
+                while_in_flight()
+            finally:
+                work.wait()
         _count("allgather", local.numel() * local.element_size() * (cp_size - 1))
         halves = gathered.view(cp_size, b, 2, c, -1)
         outs, off = [], 0
@@ -234,7 +249,7 @@ class _ZigzagAllGather(torch.autograd.Function):
         for shape, w in zip(ctx.shapes, widths):
             out.append(local[..., off:off + w].reshape(shape))
             off += w
-        return (None, None, *out)
+        return (None, None, None, *out)
 
 
 def gather_sequence(tensors: Sequence[Optional[Tensor]], group=None) -> List[Optional[Tensor]]:
@@ -249,7 +264,7 @@ def gather_sequence(tensors: Sequence[Optional[Tensor]], group=None) -> List[Opt
         if t is not None:
             by_dtype.setdefault(t.dtype, []).append(i)
     for idx in by_dtype.values():
-        gathered = _ZigzagAllGather.apply(group, cp, *[tensors[i] for i in idx])
+        gathered = _ZigzagAllGather.apply(group, cp, None, *[tensors[i] for i in idx])
         for i, g in zip(idx, gathered):
             out[i] = g
     return out
@@ -266,6 +281,103 @@ def gather_kv_for_cp(k: Tensor, v: Tensor, ik: Optional[Tensor], group=None
     check_cp_sequence(k.shape[1], cp, block_size=1)
     k_full, v_full, ik_full = gather_sequence([k, v, ik], group)
     return k_full, v_full, ik_full, zigzag_positions(k.shape[1], cp, rank, device=k.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_op_accepts_block_idx() -> bool:
+    import inspect
+
+    from ..ops.triton_op import msa_attention_triton
+
+    return "block_idx" in inspect.signature(msa_attention_triton).parameters
+
+
+def _op_accepts_block_idx(cfg: MSAConfig, device: torch.device) -> Tuple[bool, str]:
+    """Whether the op behind ``ops.msa_attention`` for this device takes a precomputed
+    selection (guards against a Triton op from before it did)."""
+    backend = resolve_backend(cfg, device)
+    return backend == "reference" or _triton_op_accepts_block_idx(), backend
+
+
+def gather_kv_and_select_for_cp(k: Tensor, v: Tensor, iq: Tensor, ik: Tensor, cfg: MSAConfig, group=None
+                                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The seam with the selection overlapping the K/V transfer: all-gather ik first (1/(2g+1)
+    of the bytes for di = d), launch the K/V all-gather asynchronously, run ``ops.msa_select``
+    (the O(S^2/cp) index pass) while it is in flight, then wait. Returns (K, V, ik_full, q_pos,
+    block_idx); pass ``block_idx`` to ``ops.msa_attention`` so the op does not select again.
+    Same values and gradients as :func:`gather_kv_for_cp` + the op's own selection; one more
+    collective per direction (ik travels alone). Needs CP > 1."""
+    from ..ops import msa_select
+
+    group, cp, rank = cp_group_and_rank(group)
+    if cp == 1:
+        raise ValueError("gather_kv_and_select_for_cp needs a context-parallel group of size > 1")
+    ok, backend = _op_accepts_block_idx(cfg, k.device)
+    if not ok:
+        raise NotImplementedError(
+            f"CP select-first overlap needs ops.msa_attention to accept block_idx, which this {backend} op does "
+            "not: disable it (set_cp_select_overlap(model, False))")
+    if k.dtype != v.dtype:
+        raise ValueError(f"CP: k and v must share a dtype for the packed all-gather (got {k.dtype}, {v.dtype})")
+    check_cp_sequence(k.shape[1], cp, block_size=1)
+    q_pos = zigzag_positions(k.shape[1], cp, rank, device=k.device)
+    (ik_full,) = gather_sequence([ik], group)
+    found: Dict[str, Tensor] = {}
+
+    def select_now() -> None:
+        found["block_idx"] = msa_select(iq.detach(), ik_full.detach(), cfg, q_pos)
+
+    k_full, v_full = _ZigzagAllGather.apply(group, cp, select_now, k, v)
+    return k_full, v_full, ik_full, q_pos, found["block_idx"]
+
+
+def set_cp_select_overlap(model_or_chunks, enabled: bool) -> int:
+    """Turn the select-first overlap (:func:`gather_kv_and_select_for_cp`) on or off in every
+    MSA core attention of a model (or list of chunks); returns how many were switched. Off by
+    default; it only acts under CP."""
+    from .modes import msa_core_attentions
+
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    n = 0
+    for core in msa_core_attentions(model_or_chunks):
+        core.cp_select_first = enabled
+        n += 1
+    return n
+
+
+def validate_cp_sequence_length(seq_len: int, cp: int, msa: Optional[MSAConfig] = None, tp: int = 1,
+                                sequence_parallel: bool = False) -> int:
+    """Check a training sequence length against the CP layout before any batch is cut and
+    return the tokens per CP rank (S / cp). The trainer calls it: its sequence length comes
+    from the data config, which the model config never sees.
+
+    Megatron's load-balanced split needs S to be a multiple of 2*cp; with sequence
+    parallelism the S/cp local tokens are split again over TP. MSA layers add no rule of
+    their own (keys are all-gathered in global order, so key blocks may straddle chunks);
+    ``msa`` is taken so that callers need not know that."""
+    for name, value in (("seq_length", seq_len), ("context_parallel_size", cp), ("tensor_model_parallel_size", tp)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CPLayoutError(f"{name}={value!r} is invalid: allowed values are integers >= 1")
+    if msa is not None and not isinstance(msa, MSAConfig):
+        raise TypeError(f"msa must be an MSAConfig or None, got {type(msa).__name__}")
+    sp_split = tp if sequence_parallel and tp > 1 else 1
+    rules = []  # (modulus, how it reads)
+    if cp > 1:
+        rules.append((2 * cp, f"2*context_parallel_size={2 * cp} (Megatron's load-balanced CP split: 2*cp equal "
+                              "chunks, rank r holds chunks r and 2*cp-1-r)"))
+    if sp_split > 1:
+        rules.append((cp * tp, f"context_parallel_size*tensor_model_parallel_size={cp * tp} (sequence parallelism "
+                               "splits each rank's S/cp tokens over TP)"))
+    broken = [text for unit, text in rules if seq_len % unit]
+    if broken:
+        unit = math.lcm(*(u for u, _ in rules))
+        raise CPLayoutError(
+            f"seq_length={seq_len} cannot be split with context_parallel_size={cp}"
+            + (f", tensor_model_parallel_size={tp}, sequence_parallel=True" if sp_split > 1 else "")
+            + f": it must be a multiple of {' and of '.join(broken)}; allowed seq_length values are multiples of {unit}"
+        )
+    return seq_len // cp
 
 
 # ----------------------------------------------------------------------------- selected-blocks exchange
@@ -560,4 +672,5 @@ __all__ = [
     "format_comm_table", "gather_kv_for_cp", "gather_sequence", "kl_weight_for_cp", "measured_selected_volume",
     "merge_from_cp",
     "msa_attention_cp", "reduce_aux_over_cp", "split_for_cp", "zigzag_chunks", "zigzag_positions",
+    "gather_kv_and_select_for_cp", "set_cp_select_overlap", "validate_cp_sequence_length",
 ]

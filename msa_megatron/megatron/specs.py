@@ -71,6 +71,13 @@ class MSALocalSpecProvider(LocalSpecProvider):
     def linear(self) -> type:
         return IndexLinear
 
+    def core_attention(self) -> type:
+        # Megatron's DotProductAttention at CP = 1; under context parallelism the dense
+        # layers of MSA models need the CP-capable variant (stock local attention refuses CP).
+        from .attention import CPDotProductAttention
+
+        return CPDotProductAttention
+
 
 def _is_local(backend: BackendSpecProvider) -> bool:
     return not backend.fuse_layernorm_and_linear()

@@ -59,16 +59,43 @@ class MSATransformerConfig(TransformerConfig):
             "attention_dropout": (self.attention_dropout, 0.0, "the MSA op has no attention dropout"),
             "softmax_type": (self.softmax_type, "vanilla", "the MSA op computes a plain softmax"),
             "window_size": (self.window_size, None, "MSA replaces sliding windows"),
-            "context_parallel_size": (self.context_parallel_size, 1, "MSA with CP lands with issue 8"),
         }
+        if self.context_parallel_size > 1:
+            unsupported["hybrid_context_parallel"] = (
+                self.hybrid_context_parallel, False,
+                "MSA layers need Megatron's static load-balanced CP split (chunks r and 2*cp-1-r)")
         for name, (value, allowed, why) in unsupported.items():
             if value != allowed:
                 raise ValueError(f"{name}={value!r} is not supported with msa ({why}): allowed value is {allowed!r}")
+        if self.context_parallel_size > 1:
+            self._validate_msa_cp_comm_type()
         if self.experimental_attention_variant_loss_scale_func is None:
             self.experimental_attention_variant_loss_scale_func = MSAKLAutoScaler.set_loss_scale
         # Index parameters exist only in MSA layers, so stacking layers into one checkpoint
         # tensor would leave holes: MSA checkpoints use per-layer keys.
         self.hetereogenous_dist_checkpoint = True
+
+    def _validate_msa_cp_comm_type(self) -> None:
+        """MSA layers exchange K/V by all-gather (docs/context_parallel.md); a per-layer
+        ``cp_comm_type`` may choose anything for the dense layers (TE), not for MSA layers."""
+        types = self.cp_comm_type if isinstance(self.cp_comm_type, list) else [self.cp_comm_type] * self.num_layers
+        for i in range(self.num_layers):
+            t = types[i] if i < len(types) else None
+            if self.msa.is_msa_layer(i) and t is not None and t.replace("_", "").lower() != "allgather":
+                raise ValueError(
+                    f"cp_comm_type={self.cp_comm_type!r} is not supported with msa: MSA layer {i} all-gathers its "
+                    "keys over the CP group; allowed values for MSA layers are None or 'all_gather' (a per-layer "
+                    "list may give the dense layers another type)")
+
+    def validate_sequence_length(self, seq_length: int) -> int:
+        """Check the training sequence length against this config's CP / TP / SP layout
+        (one clear error); returns the tokens per CP rank. The sequence length lives in the
+        trainer's data config, so the trainer calls this once at start-up."""
+        from .context_parallel import validate_cp_sequence_length
+
+        return validate_cp_sequence_length(seq_length, self.context_parallel_size, self.msa,
+                                           tp=self.tensor_model_parallel_size,
+                                           sequence_parallel=self.sequence_parallel)
 
     @property
     def msa_layer_indices(self):

@@ -75,11 +75,20 @@ def _backend(index_backend: Optional[str]) -> str:
     return name
 
 
-def _select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, backend: str) -> Tuple[Tensor, Optional[Tensor]]:
-    """(block_idx [b, g, sq, K] int32, index LSE over the selection [b, g, sq] or None)."""
+def _select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, backend: str, given: Optional[Tensor] = None):
+    """(block_idx [b, g, sq, K] int32, index LSE over the selection [b, g, sq] or None, the
+    index kernels' reverse index or None: reused by the KL backward). ``given``: a selection
+    computed earlier (context parallelism selects before gathering K/V)."""
+    if given is not None:
+        expected = (iq.shape[0], iq.shape[2], iq.shape[1], cfg.topk)
+        if tuple(given.shape) != expected or given.dtype != torch.int32:
+            raise ValueError(f"block_idx must be int32 {expected}; got {given.dtype} {tuple(given.shape)}")
+        if backend == "reference":
+            return given, None, None
+        return given, _index_module().selected_lse(iq, ik, given, cfg, q_pos), None
     if backend == "reference":
-        return reference.select(iq, ik, cfg, q_pos), None
-    return _index_module().index_select(iq, ik, cfg, q_pos)
+        return reference.select(iq, ik, cfg, q_pos), None, None
+    return _index_module().index_select(iq, ik, cfg, q_pos, return_plan=True)
 
 
 @dataclass
@@ -107,16 +116,20 @@ def _kl_reference(mode: str, q, k, iq, ik, block_idx, cfg, q_pos, scale, need_gr
     return _KLResult(kl.detach(), d_iq, d_ik, stats)
 
 
-def _kl_triton(mode: str, q, k, iq, ik, block_idx, main_lse, index_lse, cfg, q_pos, scale) -> _KLResult:
+def _kl_triton(mode: str, q, k, iq, ik, block_idx, main_lse, index_lse, index_plan, cfg, q_pos, scale) -> _KLResult:
     ti = _index_module()
+    kw = {}
     if mode == "msa":
         fn = ti.sparse_kl_backward
         args = (q, k, iq, ik, block_idx, main_lse, index_lse, cfg, q_pos)
+        kw["plan"] = index_plan
     else:
         fn = ti.dense_kl_backward
         args = (q, k, iq, ik, main_lse, cfg, q_pos)
     wants_stats = cfg.track_entropy and "return_stats" in inspect.signature(fn).parameters
-    res = fn(*args, grad_scale=1.0, softmax_scale=scale, **({"return_stats": True} if wants_stats else {}))
+    if wants_stats:
+        kw["return_stats"] = True
+    res = fn(*args, grad_scale=1.0, softmax_scale=scale, **kw)
     stats: Dict[str, Tensor] = {}
     if wants_stats:
         kl, d_iq, d_ik, stats = res
@@ -213,6 +226,7 @@ def msa_attention_triton(
     mode: Optional[str] = None,
     softmax_scale: Optional[float] = None,
     compute_recall: bool = False,
+    block_idx: Optional[Tensor] = None,
     *,
     kernel_config: Optional[KernelConfig] = None,
     deterministic: bool = True,
@@ -252,7 +266,7 @@ def msa_attention_triton(
     if iq.shape[2] != g:
         raise ValueError(f"index heads ({iq.shape[2]}) must equal KV heads ({g}): one per GQA group")
     iq_d, ik_d = iq.detach(), ik.detach()
-    block_idx, index_lse = _select(iq_d, ik_d, cfg, pos, backend)
+    block_idx, index_lse, index_plan = _select(iq_d, ik_d, cfg, pos, backend, given=block_idx)
     aux.block_idx = block_idx
     if mode == "msa":
         out, lse = sparse_attention(q, k, v, block_idx, cfg.block_size, pos, scale,
@@ -269,7 +283,7 @@ def msa_attention_triton(
     if backend == "reference":
         res = _kl_reference(mode, qd, kd, iq_d, ik_d, block_idx, cfg, pos, scale, need_grad)
     else:
-        res = _kl_triton(mode, qd, kd, iq_d, ik_d, block_idx, lse, index_lse, cfg, pos, scale)
+        res = _kl_triton(mode, qd, kd, iq_d, ik_d, block_idx, lse, index_lse, index_plan, cfg, pos, scale)
     aux.kl = _KLFromGrads.apply(iq, ik, res.kl, res.d_iq, res.d_ik) if need_grad else res.kl
     aux.stats.update(res.stats)
     if compute_recall:

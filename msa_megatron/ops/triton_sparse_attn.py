@@ -31,6 +31,7 @@ partial buffers keep their real dtypes. On CUDA ``UPCAST`` is always off.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, fields, replace
@@ -59,25 +60,29 @@ class KernelConfig:
     ``MSA_MAIN_KERNEL="fwd_rows=64,bwd_warps=4"`` (used by the benchmark sweeps)."""
 
     fwd_impl: str = "kv"  # "kv": KV-outer + combine; "q": query-outer (one position x G heads)
-    fwd_rows: int = 128  # MMA rows per tile in the KV-outer forward (positions x padded G)
-    fwd_warps: int = 8
+    fwd_rows: int = 64  # H100 sweep at 128K (docs/gpu_logs/run3_tune): 64 rows x 4 warps 64.5 ms vs 73.7; MMA rows per tile in the KV-outer forward (positions x padded G)
+    fwd_warps: int = 4
     fwd_stages: int = 2
     bwd_rows: int = 64  # MMA rows per tile in the KV-outer backward
     bwd_warps: int = 8
     bwd_stages: int = 2
     q_warps: int = 4  # query-outer forward
     q_stages: int = 2
+    q_block_n: int = 64  # keys per step of the query-outer forward
+    dq_partial_lowp: bool = True  # run3 sweep: bwd 100 ms vs 123 (fp32 partials); deterministic dQ partials in q's dtype instead of fp32 (half the traffic)
+    bwd_split: bool = False  # dV and dK+dQ by two launches: one accumulator each, 6 dots instead of 5
     fwd_block_n: int = 128  # keys per program: largest power of 2 dividing block_size, capped here
     bwd_block_n: int = 128  # same for the backward (64 halves the dK/dV registers, doubles dQ partials)
     items_per_sm: int = 8  # target work items per SM when splitting hot blocks
     item_pairs: int = 0  # (query, slot) pairs per work item; 0 = automatic
     partial_bytes: int = 0  # memory budget of the per-chunk partial buffers; 0 = auto (see _partial_budget)
+    chunk_queries: int = 0  # cap on query positions per chunk (smaller: q rows more L2-resident); 0 = none
     lpt_order: bool = True  # launch the largest work items first
 
     def __post_init__(self) -> None:
         if self.fwd_impl not in ("kv", "q"):
             raise ValueError(f"KernelConfig.fwd_impl={self.fwd_impl!r}: allowed values are 'kv', 'q'")
-        for name in ("fwd_rows", "bwd_rows", "fwd_block_n", "bwd_block_n"):
+        for name in ("fwd_rows", "bwd_rows", "fwd_block_n", "bwd_block_n", "q_block_n"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"KernelConfig.{name}={v}: must be a power of 2 >= 16")
@@ -86,24 +91,29 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be 1, 2, 4, 8 or 16")
 
     @classmethod
-    def from_env(cls) -> "KernelConfig":
-        spec = os.environ.get("MSA_MAIN_KERNEL", "").strip()
-        if not spec:
-            return cls()
+    def from_spec(cls, spec: str, base: Optional["KernelConfig"] = None) -> "KernelConfig":
+        """``"fwd_rows=64,lpt_order=0"`` applied over ``base`` (default: the defaults)."""
         types = {f.name: f.type for f in fields(cls)}
         kw = {}
         for item in spec.split(","):
+            if not item.strip():
+                continue
             name, _, value = item.partition("=")
-            name = name.strip()
+            name, value = name.strip(), value.strip()
             if name not in types:
-                raise ValueError(f"MSA_MAIN_KERNEL: unknown field {name!r}; fields: {', '.join(types)}")
+                raise ValueError(f"kernel config: unknown field {name!r}; fields: {', '.join(types)}")
             if name == "fwd_impl":
-                kw[name] = value.strip()
-            elif name in ("lpt_order",):
-                kw[name] = value.strip().lower() in ("1", "true", "yes")
+                kw[name] = value
+            elif name in ("lpt_order", "dq_partial_lowp", "bwd_split"):
+                kw[name] = value.lower() in ("1", "true", "yes")
             else:
                 kw[name] = int(value)
-        return cls(**kw)
+        return replace(base or cls(), **kw)
+
+    @classmethod
+    def from_env(cls) -> "KernelConfig":
+        """The defaults overridden by ``MSA_MAIN_KERNEL``."""
+        return cls.from_spec(os.environ.get("MSA_MAIN_KERNEL", ""))
 
 
 def default_config() -> KernelConfig:
@@ -238,7 +248,7 @@ def _fwd_kv_kernel(
 def _fwd_combine_kernel(
     OPART, LPART, BIDX, OUT, LSE,
     stride_ob, stride_ot, stride_oh,
-    t0, cq, sq, n_groups, G, D,
+    t0, cq, nt, sq, n_groups, G, D,
     KSEL: tl.constexpr, NSUB: tl.constexpr, GP: tl.constexpr, TQ: tl.constexpr, DP: tl.constexpr,
 ):
     """Merges each query's per-(slot, sub-tile) partials by LSE, in slot order; one program =
@@ -250,7 +260,7 @@ def _fwd_combine_kernel(
     r = tl.arange(0, TQ * GP)
     h = r % GP
     tloc = tile * TQ + r // GP
-    rmask = (h < G) & (tloc < cq)
+    rmask = (h < G) & (tloc < nt)
     offs_d = tl.arange(0, DP)
     mask = rmask[:, None] & (offs_d < D)[None, :]
     M = tl.full([TQ * GP], float("-inf"), tl.float32)
@@ -313,11 +323,12 @@ def _bwd_kv_kernel(
     t0, cq, sq, sk, n_groups, G, D, sm_scale, qk_scale,
     KSEL: tl.constexpr, NSUB: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
     GP: tl.constexpr, QP: tl.constexpr, DP: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, PART: tl.constexpr,
 ):
     """KV-outer backward for one work item x one BN-key sub-tile: dK/dV in registers over the
     item's queries; dQ per (pair, sub-tile, head) into a partial buffer (or fp32 atomics into
-    the chunk's dQ accumulator [b, cq, hq, d])."""
+    the chunk's dQ accumulator [b, cq, hq, d]). PART 0: all of it (5 dots); 1: dV only;
+    2: dK and dQ only (split mode: one accumulator per program, 6 dots in all)."""
     item = tl.program_id(0)
     sub = tl.program_id(1)
     bg = tl.load(IT_BG + item)
@@ -364,32 +375,40 @@ def _bwd_kv_kernel(
         stat = (bi.to(tl.int64) * hq + head) * sq + t
         lse2 = tl.load(LSE + stat, mask=rvalid, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + stat, mask=rvalid, other=0.0)
-        sc = tl.dot(qt, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
-        valid = rvalid[:, None] & kin[None, :] & (kpos[None, :] <= qpos[:, None])
-        p = tl.where(valid, tl.exp2(sc - lse2[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(dot_.dtype)), dot_, input_precision=DOT_PREC)
-        dp = tl.dot(dot_, tl.trans(vt), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=DOT_PREC)
-        dq = tl.dot(ds.to(kt.dtype), kt, input_precision=DOT_PREC) * sm_scale
-        if DQ_ATOMIC:
-            dq_rows = ((bi.to(tl.int64) * cq + tloc) * hq + head) * D
-            tl.atomic_add(DQ + dq_rows[:, None] + offs_d[None, :], dq, mask=rmask, sem="relaxed")
-        else:
-            prow = (pair * NSUB + sub) * G + h
-            tl.store(DQ + prow[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask)
+        # Transposed orientation [keys, rows] (as the Triton FA tutorial's dK/dV loop): P^T and
+        # dS^T are the A operands of the dV / dK updates straight from registers.
+        sT = tl.dot(kt, tl.trans(qt), input_precision=DOT_PREC) * qk_scale
+        validT = rvalid[None, :] & kin[:, None] & (kpos[:, None] <= qpos[None, :])
+        pT = tl.where(validT, tl.exp2(sT - lse2[None, :]), 0.0)
+        if PART != 2:
+            dv += tl.dot(pT.to(dot_.dtype), dot_, input_precision=DOT_PREC)
+        if PART != 1:
+            dpT = tl.dot(vt, tl.trans(dot_), input_precision=DOT_PREC)
+            dsT = (pT * (dpT - delta[None, :])).to(qt.dtype)
+            dk += tl.dot(dsT, qt, input_precision=DOT_PREC)
+            dq = tl.dot(tl.trans(dsT), kt, input_precision=DOT_PREC) * sm_scale
+            if DQ_ATOMIC:
+                dq_rows = ((bi.to(tl.int64) * cq + tloc) * hq + head) * D
+                tl.atomic_add(DQ + dq_rows[:, None] + offs_d[None, :], dq, mask=rmask, sem="relaxed")
+            else:
+                prow = (pair * NSUB + sub) * G + h
+                tl.store(DQ + prow[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask)
     dk = dk * sm_scale
     pslot = tl.load(IT_PSLOT + item)
     if pslot < 0:
         # sole program of this (block, sub-tile) in this launch: accumulate in place
         acc_off = ((bi.to(tl.int64) * sk + kpos.to(tl.int64)[:, None]) * n_groups + gi) * D + offs_d[None, :]
-        tl.store(DKACC + acc_off, tl.load(DKACC + acc_off, mask=kmask, other=0.0) + dk, mask=kmask)
-        tl.store(DVACC + acc_off, tl.load(DVACC + acc_off, mask=kmask, other=0.0) + dv, mask=kmask)
+        if PART != 1:
+            tl.store(DKACC + acc_off, tl.load(DKACC + acc_off, mask=kmask, other=0.0) + dk, mask=kmask)
+        if PART != 2:
+            tl.store(DVACC + acc_off, tl.load(DVACC + acc_off, mask=kmask, other=0.0) + dv, mask=kmask)
     else:
         part_off = (pslot.to(tl.int64) * BLOCK + sub * BN + tl.arange(0, BN))[:, None] * D + offs_d[None, :]
         pmask = (tl.arange(0, BN) < BN)[:, None] & dmask[None, :]
-        tl.store(DKPART + part_off, dk, mask=pmask)
-        tl.store(DVPART + part_off, dv, mask=pmask)
+        if PART != 1:
+            tl.store(DKPART + part_off, dk, mask=pmask)
+        if PART != 2:
+            tl.store(DVPART + part_off, dv, mask=pmask)
 
 
 @triton.jit
@@ -397,7 +416,8 @@ def _bwd_reduce_kernel(
     DKPART, DVPART, DKACC, DVACC, SG_BG, SG_BLK, SG_P0, SG_P1,
     sk, n_groups, D, BLOCK: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
 ):
-    """Adds the partial dK/dV of a split block's work items, in item order (deterministic)."""
+    """Adds the partial dK/dV of a split block's work items, in item order (deterministic);
+    one program = BN rows of the block."""
     seg = tl.program_id(0)
     sub = tl.program_id(1)
     bg = tl.load(SG_BG + seg)
@@ -428,7 +448,7 @@ def _bwd_reduce_kernel(
 def _dq_combine_kernel(
     DQPART, BIDX, DQ,
     stride_qb, stride_qt, stride_qh,
-    t0, cq, n_groups, G, D,
+    t0, cq, nt, n_groups, G, D,
     KSEL: tl.constexpr, NSUB: tl.constexpr, GP: tl.constexpr, TQ: tl.constexpr, DP: tl.constexpr,
 ):
     """dQ of TQ query positions x one group's heads: the sum of each query's per-(slot,
@@ -440,7 +460,7 @@ def _dq_combine_kernel(
     r = tl.arange(0, TQ * GP)
     h = r % GP
     tloc = tile * TQ + r // GP
-    rmask = (h < G) & (tloc < cq)
+    rmask = (h < G) & (tloc < nt)
     offs_d = tl.arange(0, DP)
     mask = rmask[:, None] & (offs_d < D)[None, :]
     acc = tl.zeros([TQ * GP, DP], tl.float32)
@@ -459,18 +479,19 @@ def _dq_combine_kernel(
 # ----------------------------------------------------------------------------- planning (reverse index)
 @dataclass
 class _Chunk:
-    """The reverse index of the queries [t0, t1): work items over (block -> pairs) runs."""
+    """Queries [t0, t1) of the plan: their slice of the work items. Pair ids are flat indices
+    into ``bidx`` [b, g, cq, K] (cq >= t1 - t0: the last chunk is padded with -1 rows)."""
 
     t0: int
     t1: int
-    bidx: Tensor  # [b, g, cq, K] int32, contiguous (pair p = flat index)
-    perm: Tensor  # [n_valid] int32: pairs sorted by (b, g, block), queries ascending
-    it_bg: Tensor
+    cq: int
+    bidx: Tensor
+    it_bg: Tensor  # work items (views into the plan's arrays): (b * g) index, block,
     it_blk: Tensor
-    it_start: Tensor
+    it_start: Tensor  # [start, end) range of Plan.perm
     it_end: Tensor
-    it_pslot: Tensor  # partial dK/dV slot, -1 if the item is its block's only one
-    sg_bg: Tensor  # split blocks: the items' partial slot range [p0, p1)
+    it_pslot: Tensor  # partial dK/dV slot in this chunk, -1 if the item is its block's only one
+    sg_bg: Tensor  # split blocks: their items' partial slot range [p0, p1)
     sg_blk: Tensor
     sg_p0: Tensor
     sg_p1: Tensor
@@ -481,12 +502,14 @@ class _Chunk:
 
 @dataclass
 class Plan:
-    """Everything the kernels need about a block selection; built once in the forward and
-    reused by the backward."""
+    """The reverse index of a block selection (built once in the forward, reused by the
+    backward): ``perm`` lists the chunk-local pair ids of every chunk sorted by (chunk, b, g,
+    block), queries ascending inside a block; work items are runs of it."""
 
     chunks: List[_Chunk]
+    perm: Tensor  # int32
     nb: int
-    key: tuple  # (shape, block_size, device) it was built for
+    key: tuple  # what it was built for (shape, sk, block_size, device, data_ptr)
 
 
 def _alloc(shape, dtype, device) -> Tensor:
@@ -504,6 +527,39 @@ def _next_pow2(x: int) -> int:
 def _block_n(block_size: int, cap: int) -> int:
     bn = block_size & (-block_size)  # largest power of 2 dividing block_size
     return min(bn, cap)
+
+
+#: Shared memory the KV-outer kernels may plan for (H100/H200 allow 227 KB per block).
+SMEM_BUDGET = 200 * 1024
+
+
+def kv_tiles(kind: str, dtype: torch.dtype, d: int, G: int, block_size: int, cfg: KernelConfig) -> Tuple[int, int]:
+    """(QP positions per row tile, BN keys per program) of the KV-outer forward (``kind='fwd'``)
+    or backward (``'bwd'``): the configured sizes, shrunk (rows first, then keys) until the
+    estimated shared memory fits :data:`SMEM_BUDGET` (fp32 inputs, head dims above 128).
+    The estimate (K/V tiles + pipelined q [+ dout] tiles + a conversion tile) matches the
+    sm_90a compile report within a few KB at d=128."""
+    GP, DP = _next_pow2(G), _next_pow2(d)
+    elt = torch.empty((), dtype=dtype).element_size()
+    rows, bn, stages = (cfg.fwd_rows, cfg.fwd_block_n, cfg.fwd_stages) if kind == "fwd" else (
+        cfg.bwd_rows, cfg.bwd_block_n, cfg.bwd_stages)
+    bn = _block_n(block_size, bn if elt < 4 else min(bn, 64))  # fp32 (IEEE FMA dots): lighter tiles
+    qp = max(1, rows // GP)
+    if qp * GP < 16:
+        qp = 16 // GP
+    per_row = (stages + 1) if kind == "fwd" else (2 * stages + 2)
+
+    def smem(qp_, bn_):  # + the backward's fp32 dK/dV epilogue conversion (partly aliased)
+        return (2 * bn_ * DP + per_row * qp_ * GP * DP) * elt + (bn_ * DP * 2 if kind == "bwd" else 0)
+
+    while smem(qp, bn) > SMEM_BUDGET:
+        if qp > 1 and qp * GP > 16:
+            qp //= 2
+        elif bn > 16:
+            bn //= 2
+        else:
+            break
+    return qp, bn
 
 
 def _partial_budget(device: torch.device, cfg: KernelConfig) -> int:
@@ -528,58 +584,80 @@ def _num_sms(device: torch.device) -> int:
 def build_plan(block_idx: Tensor, sk: int, block_size: int, bytes_per_pos: int,
                config: Optional[KernelConfig] = None) -> Plan:
     """Reverse index of ``block_idx`` [b, g, sq, K]: for each (b, g, block) the (query, slot)
-    pairs that chose it, split into work items of at most ``item_pairs`` pairs, the queries cut
+    pairs that chose it, split into work items of at most ``item_pairs`` pairs; the queries cut
     into chunks whose partial buffers (``bytes_per_pos`` per query position, see
-    :func:`partial_bytes_per_pos`) fit the memory budget. Costs a stable sort and one host
-    sync per chunk."""
+    :func:`partial_bytes_per_pos`) fit the memory budget (and at most ``chunk_queries`` long).
+    One stable sort of int32 keys (chunk, b, g, block) for all chunks and one host sync."""
     cfg = config or default_config()
     b, g, sq, K = block_idx.shape
     dev = block_idx.device
     nb = math.ceil(sk / block_size)
     nseg = b * g * nb
     cq = max(1, min(sq, _partial_budget(dev, cfg) // max(1, bytes_per_pos)))
+    if cfg.chunk_queries > 0:
+        cq = min(cq, cfg.chunk_queries)
+    nch = -(-sq // cq) if sq else 0
+    if nch <= 1:
+        cq = sq
+        bcat = block_idx.contiguous().view(1, b, g, sq, K)
+    else:  # chunk-major copy, last chunk padded with unused (-1) rows
+        pad = nch * cq - sq
+        bp = torch.nn.functional.pad(block_idx, (0, 0, 0, pad), value=-1) if pad else block_idx
+        bcat = bp.reshape(b, g, nch, cq, K).permute(2, 0, 1, 3, 4).contiguous()
+    chunk_pairs = b * g * cq * K
+    NS = nseg + 1
+    if nch * NS >= 2**31 or nch * chunk_pairs >= 2**31:
+        raise ValueError(f"selection too large for the int32 reverse index ({nch} chunks x {chunk_pairs} pairs)")
+    idx = torch.arange(nch * chunk_pairs, device=dev, dtype=torch.int32)
+    flat = bcat.view(-1)
+    key = (idx // chunk_pairs) * NS + torch.where(flat >= 0, ((idx // (cq * K)) % (b * g)) * nb + flat, nseg)
+    _, perm = torch.sort(key, stable=True)
+    counts_all = torch.bincount(key, minlength=nch * NS).view(nch, NS)
+    del key, idx
+    seg_off = (torch.cumsum(counts_all.view(-1), 0) - counts_all.view(-1)).view(nch, NS)[:, :nseg].reshape(-1)
+    counts = counts_all[:, :nseg].reshape(-1)
+    if cfg.item_pairs > 0:
+        per_item = cfg.item_pairs
+    else:  # about items_per_sm items per SM and chunk, never tiny
+        per_item = max(64, -(-chunk_pairs // (cfg.items_per_sm * _num_sms(dev))))
+    n_it = (counts + per_item - 1) // per_item
+    split_seg = n_it > 1
+    per_chunk = torch.stack([n_it.view(nch, nseg).sum(1), split_seg.view(nch, nseg).sum(1),
+                             (n_it * split_seg).view(nch, nseg).sum(1)]).tolist() if nch else [[], [], []]
+    items_c, splitsegs_c, splititems_c = per_chunk
+    n_items = int(sum(items_c))
+    perm = (perm % chunk_pairs).to(torch.int32)  # chunk-local pair ids
+    first_item = torch.cumsum(n_it, 0) - n_it
+    item_sid = torch.repeat_interleave(torch.arange(nch * nseg, device=dev), n_it, output_size=n_items)
+    sub = torch.arange(n_items, device=dev) - first_item[item_sid]
+    start = seg_off[item_sid] + sub * per_item
+    end = torch.minimum(start + per_item, seg_off[item_sid] + counts[item_sid])
+    item_chunk = item_sid // nseg
+    split_item = split_seg[item_sid]
+    split_base = torch.tensor([0] + list(itertools.accumulate(splititems_c))[:-1], device=dev, dtype=torch.long)
+    pslot = torch.where(split_item, torch.cumsum(split_item.long(), 0) - 1 - split_base[item_chunk],
+                        torch.full_like(start, -1))
+    sg = torch.nonzero(split_seg).view(-1)
+    sg_p0 = pslot[first_item[sg]]
+    sg_p1 = sg_p0 + n_it[sg]
+    it_bg, it_blk = (item_sid % nseg) // nb, item_sid % nb
+    if cfg.lpt_order and n_items > 1:  # largest items first inside each chunk
+        order = torch.argsort(item_chunk * (per_item + 1) + (per_item - (end - start)), stable=True)
+        it_bg, it_blk, start, end, pslot = (x[order] for x in (it_bg, it_blk, start, end, pslot))
+    i32 = lambda x: x.to(torch.int32).contiguous()  # noqa: E731
+    it_bg, it_blk, start, end, pslot = (i32(x) for x in (it_bg, it_blk, start, end, pslot))
+    sg_bg, sg_blk, sg_p0, sg_p1 = i32((sg % nseg) // nb), i32(sg % nb), i32(sg_p0), i32(sg_p1)
     chunks = []
-    for t0 in range(0, sq, cq):
-        t1 = min(sq, t0 + cq)
-        bidx = block_idx[:, :, t0:t1].contiguous()
-        n = bidx.numel()
-        flat = bidx.view(-1).long()
-        bg_of = torch.arange(n, device=dev, dtype=torch.long) // ((t1 - t0) * K)
-        key = torch.where(flat >= 0, bg_of * nb + flat, torch.full_like(flat, nseg))
-        del bg_of
-        _, perm = torch.sort(key, stable=True)
-        counts = torch.bincount(key, minlength=nseg + 1)[:nseg]
-        del key
-        if cfg.item_pairs > 0:
-            per_item = cfg.item_pairs
-        else:  # about items_per_sm items per SM, never tiny
-            per_item = max(64, -(-n // (cfg.items_per_sm * _num_sms(dev))))
-        n_it = (counts + per_item - 1) // per_item
-        totals = torch.stack([counts.sum(), n_it.sum(), (n_it > 1).sum(), (n_it * (n_it > 1)).sum()]).tolist()
-        n_valid, n_items, n_split_segs, n_split_items = (int(x) for x in totals)
-        perm = perm[:n_valid].to(torch.int32)
-        seg_off = torch.cumsum(counts, 0) - counts
-        first_item = torch.cumsum(n_it, 0) - n_it
-        seg_ids = torch.arange(nseg, device=dev)
-        item_seg = torch.repeat_interleave(seg_ids, n_it, output_size=n_items)
-        sub = torch.arange(n_items, device=dev) - first_item[item_seg]
-        start = seg_off[item_seg] + sub * per_item
-        end = torch.minimum(start + per_item, seg_off[item_seg] + counts[item_seg])
-        split = (n_it > 1)[item_seg]
-        pslot = torch.where(split, torch.cumsum(split.long(), 0) - 1, torch.full_like(start, -1))
-        sg = seg_ids[n_it > 1]
-        sg_p0 = pslot[first_item[sg]] if n_split_segs else torch.zeros(0, dtype=torch.long, device=dev)
-        sg_p1 = sg_p0 + n_it[sg]
-        it_bg, it_blk = item_seg // nb, item_seg % nb
-        if cfg.lpt_order and n_items > 1:
-            order = torch.argsort(end - start, descending=True, stable=True)
-            it_bg, it_blk, start, end, pslot = (x[order] for x in (it_bg, it_blk, start, end, pslot))
-        i32 = lambda x: x.to(torch.int32).contiguous()  # noqa: E731
+    i0 = s0 = 0
+    for c in range(nch):
+        i1, s1 = i0 + int(items_c[c]), s0 + int(splitsegs_c[c])
         chunks.append(_Chunk(
-            t0, t1, bidx, perm, i32(it_bg), i32(it_blk), i32(start), i32(end), i32(pslot),
-            i32(sg // nb), i32(sg % nb), i32(sg_p0), i32(sg_p1), n_items, n_split_items, n_split_segs,
+            c * cq, min(sq, (c + 1) * cq), cq, bcat[c], it_bg[i0:i1], it_blk[i0:i1], start[i0:i1], end[i0:i1],
+            pslot[i0:i1], sg_bg[s0:s1], sg_blk[s0:s1], sg_p0[s0:s1], sg_p1[s0:s1],
+            int(items_c[c]), int(splititems_c[c]), int(splitsegs_c[c]),
         ))
-    return Plan(chunks, nb, _plan_key(block_idx, sk, block_size))
+        i0, s0 = i1, s1
+    return Plan(chunks, perm, nb, _plan_key(block_idx, sk, block_size))
 
 
 def _plan_key(block_idx: Tensor, sk: int, block_size: int) -> tuple:
@@ -642,7 +720,7 @@ def _upcast(x: Tensor) -> bool:
     return x.device.type != "cuda" and x.dtype == torch.bfloat16
 
 
-def partial_bytes_per_pos(q: Tensor, K: int, block_size: int, fwd: bool = True, bwd: bool = False,
+def partial_bytes_per_pos(q: Tensor, num_kv_heads: int, K: int, block_size: int, fwd: bool = True, bwd: bool = False,
                           deterministic: bool = True, dq_partial_dtype: torch.dtype = torch.float32,
                           config: Optional[KernelConfig] = None) -> int:
     """Bytes of partial buffers per query position: forward (out partial + LSE per (slot,
@@ -651,9 +729,11 @@ def partial_bytes_per_pos(q: Tensor, K: int, block_size: int, fwd: bool = True, 
     b, _, hq, d = q.shape
     need = 0
     if fwd:
-        need = b * hq * K * (block_size // _block_n(block_size, cfg.fwd_block_n)) * (d * q.element_size() + 4)
+        bn = kv_tiles("fwd", q.dtype, d, hq // num_kv_heads, block_size, cfg)[1]
+        need = b * hq * K * (block_size // bn) * (d * q.element_size() + 4)
     if bwd:
-        rows = b * hq * K * (block_size // _block_n(block_size, cfg.bwd_block_n))
+        bn = kv_tiles("bwd", q.dtype, d, hq // num_kv_heads, block_size, cfg)[1]
+        rows = b * hq * K * (block_size // bn)
         dq_bytes = rows * d * torch.empty((), dtype=dq_partial_dtype).element_size() if deterministic else b * hq * d * 4
         need = max(need, dq_bytes)
     return need
@@ -676,13 +756,15 @@ def sparse_attention_fwd(
     out = _alloc((b, sq, hq, d), q.dtype, q.device)
     lse = _alloc((b, hq, sq), torch.float32, q.device)
     DP = _next_pow2(d)
-    bn = _block_n(block_size, cfg.fwd_block_n)
+    QP, bn = kv_tiles("fwd", q.dtype, d, G, block_size, cfg)
     nsub = block_size // bn
     prec, up = _dot_prec(q.dtype), _upcast(q)
     if sq == 0:
         return (out, lse, plan) if return_plan else (out, lse)
     block_idx = block_idx.contiguous()
     if cfg.fwd_impl == "q":
+        bn = _block_n(block_size, cfg.q_block_n)
+        nsub = block_size // bn
         _fwd_q_kernel[(sq, b * g)](
             q, k, v, pos, block_idx, out, lse,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -693,31 +775,28 @@ def sparse_attention_fwd(
         )
         return (out, lse, plan) if return_plan else (out, lse)
     if plan is None or plan.key != _plan_key(block_idx, sk, block_size):
-        plan = build_plan(block_idx, sk, block_size, partial_bytes_per_pos(q, K, block_size, config=cfg), cfg)
+        plan = build_plan(block_idx, sk, block_size, partial_bytes_per_pos(q, g, K, block_size, config=cfg), cfg)
     GP = _next_pow2(G)
-    QP = max(1, cfg.fwd_rows // GP)
-    if QP * GP < 16:
-        QP = 16 // GP
     TQ = _combine_tq(GP, DP)
     part_dtype = q.dtype
     for ch in plan.chunks:
-        cq = ch.t1 - ch.t0
+        cq, nt = ch.cq, ch.t1 - ch.t0
         npairs = ch.bidx.numel()
         opart = _alloc((npairs * nsub * G, d), part_dtype, q.device)
         lpart = _alloc((npairs * nsub * G,), torch.float32, q.device)
         if ch.n_items:
             _fwd_kv_kernel[(ch.n_items, nsub)](
-                q, k, v, pos, ch.perm, ch.it_bg, ch.it_blk, ch.it_start, ch.it_end, opart, lpart,
+                q, k, v, pos, plan.perm, ch.it_bg, ch.it_blk, ch.it_start, ch.it_end, opart, lpart,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 ch.t0, cq, sk, g, G, d, scale * LOG2E,
                 KSEL=K, NSUB=nsub, BLOCK=block_size, BN=bn, GP=GP, QP=QP, DP=DP,
                 DOT_PREC=prec, UPCAST=up, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
             )
-        _fwd_combine_kernel[(triton.cdiv(cq, TQ), b * g)](
+        _fwd_combine_kernel[(triton.cdiv(nt, TQ), b * g)](
             opart, lpart, ch.bidx, out, lse,
             out.stride(0), out.stride(1), out.stride(2),
-            ch.t0, cq, sq, g, G, d,
-            KSEL=K, NSUB=nsub, GP=GP, TQ=TQ, DP=DP, num_warps=4,
+            ch.t0, cq, nt, sq, g, G, d,
+            KSEL=K, NSUB=nsub, GP=GP, TQ=TQ, DP=DP, num_warps=8,
         )
         del opart, lpart
     return (out, lse, plan) if return_plan else (out, lse)
@@ -739,15 +818,15 @@ def _delta(out: Tensor, do: Tensor) -> Tensor:
 def sparse_attention_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, block_idx: Tensor, block_size: int,
     q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
-    *, deterministic: bool = True, dq_partial_dtype: torch.dtype = torch.float32,
+    *, deterministic: bool = True, dq_partial_dtype: Optional[torch.dtype] = None,
     config: Optional[KernelConfig] = None, plan: Optional[Plan] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Sparse main-branch backward: (dq, dk, dv) in the inputs' dtypes; dK/dV of a KV head sum
     over its group's query heads.
 
     ``deterministic=True`` (default): dQ partials per (query, slot) in ``dq_partial_dtype``
-    (fp32 default; bf16 halves their memory traffic at one extra rounding) summed in slot
-    order; bitwise reproducible. ``False``: fp32 atomics into a dQ accumulator (faster, order
+    (default fp32, or q's dtype with ``KernelConfig.dq_partial_lowp``: half the memory traffic
+    at one extra rounding) summed in slot order; bitwise reproducible. ``False``: fp32 atomics into a dQ accumulator (faster, order
     of additions varies run to run)."""
     cfg = config or default_config()
     b, sq, hq, d, sk, g, K = _check_inputs(q, k, v, block_idx, block_size)
@@ -755,11 +834,13 @@ def sparse_attention_bwd(
         raise ValueError(f"do {tuple(do.shape)} and out {tuple(out.shape)} must match q {tuple(q.shape)}")
     if lse.shape != (b, hq, sq) or lse.dtype != torch.float32:
         raise ValueError(f"lse must be fp32 [b={b}, hq={hq}, sq={sq}], got {lse.dtype} {tuple(lse.shape)}")
-    if dq_partial_dtype not in _DTYPES:
-        raise TypeError(f"dq_partial_dtype must be one of {_DTYPES}, got {dq_partial_dtype}")
     G = hq // g
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     pos = _positions(q_pos, sq, sk, q.device)
+    if dq_partial_dtype is None:
+        dq_partial_dtype = q.dtype if cfg.dq_partial_lowp else torch.float32
+    if dq_partial_dtype not in _DTYPES:
+        raise TypeError(f"dq_partial_dtype must be one of {_DTYPES}, got {dq_partial_dtype}")
     do = do if do.stride(-1) == 1 else do.contiguous()
     if do.dtype != q.dtype:
         do = do.to(q.dtype)
@@ -767,15 +848,12 @@ def sparse_attention_bwd(
     block_idx = block_idx.contiguous()
     DP = _next_pow2(d)
     if plan is None or plan.key != _plan_key(block_idx, sk, block_size):
-        need = partial_bytes_per_pos(q, K, block_size, fwd=False, bwd=True, deterministic=deterministic,
+        need = partial_bytes_per_pos(q, g, K, block_size, fwd=False, bwd=True, deterministic=deterministic,
                                      dq_partial_dtype=dq_partial_dtype, config=cfg)
         plan = build_plan(block_idx, sk, block_size, need, cfg)
-    bn = _block_n(block_size, cfg.bwd_block_n)
+    QP, bn = kv_tiles("bwd", q.dtype, d, G, block_size, cfg)
     nsub = block_size // bn
     GP = _next_pow2(G)
-    QP = max(1, cfg.bwd_rows // GP)
-    if QP * GP < 16:
-        QP = 16 // GP
     prec, up = _dot_prec(q.dtype), _upcast(q)
     dq = _alloc((b, sq, hq, d), q.dtype, q.device)
     dk_acc = torch.zeros((b, sk, g, d), dtype=torch.float32, device=q.device)
@@ -786,7 +864,7 @@ def sparse_attention_bwd(
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     TQ = _combine_tq(GP, DP)
     for ch in plan.chunks:
-        cq = ch.t1 - ch.t0
+        cq, nt = ch.cq, ch.t1 - ch.t0
         npairs = ch.bidx.numel()
         if deterministic:
             dqbuf = _alloc((npairs * nsub * G, d), dq_partial_dtype, q.device)
@@ -797,29 +875,32 @@ def sparse_attention_bwd(
             dvpart = _alloc((ch.n_split_items, block_size, d), torch.float32, q.device)
         else:
             dkpart = dvpart = dummy
-        if ch.n_items:
+        for part in ((1, 2) if cfg.bwd_split else (0,)):
+            if not ch.n_items:
+                break
             _bwd_kv_kernel[(ch.n_items, nsub)](
-                q, k, v, do, lse, delta, pos, ch.perm, ch.it_bg, ch.it_blk, ch.it_start, ch.it_end, ch.it_pslot,
+                q, k, v, do, lse, delta, pos, plan.perm, ch.it_bg, ch.it_blk, ch.it_start, ch.it_end, ch.it_pslot,
                 dqbuf, dk_acc, dv_acc, dkpart, dvpart,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 do.stride(0), do.stride(1), do.stride(2),
                 ch.t0, cq, sq, sk, g, G, d, scale, scale * LOG2E,
                 KSEL=K, NSUB=nsub, BLOCK=block_size, BN=bn, GP=GP, QP=QP, DP=DP,
-                DQ_ATOMIC=not deterministic, DOT_PREC=prec, UPCAST=up,
+                DQ_ATOMIC=not deterministic, DOT_PREC=prec, UPCAST=up, PART=part,
                 num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
             )
         if ch.n_split_segs:
-            _bwd_reduce_kernel[(ch.n_split_segs, nsub)](
+            rb = min(32, _next_pow2(block_size))  # rows per reduce program: no register spills
+            _bwd_reduce_kernel[(ch.n_split_segs, triton.cdiv(block_size, rb))](
                 dkpart, dvpart, dk_acc, dv_acc, ch.sg_bg, ch.sg_blk, ch.sg_p0, ch.sg_p1,
-                sk, g, d, BLOCK=block_size, BN=bn, DP=DP, num_warps=4,
+                sk, g, d, BLOCK=block_size, BN=rb, DP=DP, num_warps=8,
             )
         if deterministic:
-            _dq_combine_kernel[(triton.cdiv(cq, TQ), b * g)](
+            _dq_combine_kernel[(triton.cdiv(nt, TQ), b * g)](
                 dqbuf, ch.bidx, dq, dq.stride(0), dq.stride(1), dq.stride(2),
-                ch.t0, cq, g, G, d, KSEL=K, NSUB=nsub, GP=GP, TQ=TQ, DP=DP, num_warps=4,
+                ch.t0, cq, nt, g, G, d, KSEL=K, NSUB=nsub, GP=GP, TQ=TQ, DP=DP, num_warps=8,
             )
         else:
-            dq[:, ch.t0:ch.t1] = dqbuf.to(q.dtype)
+            dq[:, ch.t0:ch.t1] = dqbuf[:, :nt].to(q.dtype)
         del dqbuf, dkpart, dvpart
     return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
@@ -837,8 +918,9 @@ class SparseAttentionFn(torch.autograd.Function):
         plan = None
         if grad and sq:  # one reverse index for the forward and the backward
             _check_inputs(q, k, v, block_idx, block_size)
-            need = partial_bytes_per_pos(q, block_idx.shape[-1], block_size, fwd=cfg.fwd_impl == "kv", bwd=True,
-                                         deterministic=deterministic, config=cfg)
+            need = partial_bytes_per_pos(q, k.shape[2], block_idx.shape[-1], block_size, fwd=cfg.fwd_impl == "kv", bwd=True,
+                                         deterministic=deterministic, config=cfg,
+                                         dq_partial_dtype=q.dtype if cfg.dq_partial_lowp else torch.float32)
             plan = build_plan(block_idx, k.shape[1], block_size, need, cfg)
         out, lse = sparse_attention_fwd(q, k, v, block_idx, block_size, q_pos, softmax_scale, config=cfg, plan=plan)
         ctx.save_for_backward(q, k, v, out, lse, block_idx, q_pos if q_pos is not None else torch.empty(0))
