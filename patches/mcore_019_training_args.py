@@ -11,9 +11,9 @@ Wraps two module-level functions of ``megatron.training.arguments``:
   0.19.2 script raise ValueError;
 * ``validate_args(args, defaults)``: after the upstream validation, builds ``args.msa`` from the
   flags (msa_megatron.megatron_lm.args.finalize_args) and, for an MSA run, builds the
-  MSATransformerConfig once through ``core_transformer_config_from_args`` so that its checks
-  (e.g. ``--attention-dropout 0``, ``--context-parallel-size 1``) fail here, naming the flag,
-  instead of later on every rank.
+  MSATransformerConfig once through ``core_transformer_config_from_args`` and checks the
+  sequence length against its CP/SP layout, so that these checks (e.g. ``--attention-dropout 0``,
+  ``--seq-length`` a multiple of 2 x CP) fail here, naming the flag, instead of later on every rank.
 
 Relied on (pinned): ``add_megatron_arguments`` calls ``_add_experimental_attention_variant_args``
 after ``_add_network_size_args`` and ``_add_moe_args`` through module globals; ``parse_and_validate_args`` calls
@@ -69,7 +69,8 @@ def _validate_args(original):
         result = original(args, defaults)
         if finalize_args(args) is not None:
             try:
-                transformer_config_from_args(args)
+                config = transformer_config_from_args(args)
+                config.validate_sequence_length(args.seq_length)  # CP / SP split of the sequence
             except Exception as exc:
                 restated = explain_config_error(exc, args)  # names the flag to change, when it can
                 if restated is exc:

@@ -10,7 +10,9 @@ A standard Megatron-LM launch line trains with MSA once it says
 Without ``--experimental-attention-variant msa`` it trains the dense model of the same modules.
 The model is built by Megatron-LM's GPTModelBuilder from ``gpt_model_config_from_args``;
 this file adds only the data (mock or indexed GPT datasets) and the forward step. Sequences are
-not packed (MSA does not support packed sequences); context parallelism is refused by MSA layers.
+not packed (MSA does not support packed sequences); with context parallelism
+(``--context-parallel-size N --cp-comm-type all_gather``) the batch is cut by Megatron's
+load-balanced split, which MSA layers expect.
 """
 
 import time

@@ -30,14 +30,14 @@ def install() -> None:
     msa_lm.install()
 
 
-def parse(argv: List[str], monkeypatch):
+def parse(argv: List[str], monkeypatch, world_size: int = 1):
     """Megatron-LM's parse_args + validate_args on ``argv`` (what parse_and_validate_args does,
     without setting its global variables)."""
     install()
     from megatron.training.arguments import parse_args, validate_args
 
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt_msa.py", *argv])
     return validate_args(parse_args(), {})
 

@@ -138,3 +138,15 @@ def test_config_errors_are_restated_with_their_flag():
     assert explain_config_error(other, args) is other
     unrelated = AssertionError("num_layers must be divisible")
     assert explain_config_error(unrelated, args) is unrelated
+
+
+def test_sequence_length_is_checked_against_the_sp_layout(monkeypatch):
+    import megatron.training.arguments as arguments
+
+    monkeypatch.setattr(arguments, "get_device_arch_version", lambda: 9)  # asked at TP > 1 (Hopper)
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    argv = list(BASE_ARGV)
+    argv[argv.index("--seq-length") + 1] = argv[argv.index("--max-position-embeddings") + 1] = "511"
+    with pytest.raises(ValueError, match=r"^--seq-length: seq_length=511 cannot be split with context_parallel_size=1, "
+                                         r"tensor_model_parallel_size=2, sequence_parallel=True"):
+        parse(argv + MSA_ARGV + ["--tensor-model-parallel-size", "2", "--sequence-parallel"], monkeypatch, world_size=2)
