@@ -53,7 +53,7 @@ def main() -> int:
         # Megatron draws init from its CUDA RNG tracker, which the first build advanced:
         # give the second model the first one's weights so only the backend differs.
         if weights is None:
-            weights = {k: v.clone() for k, v in model.state_dict().items()}
+            weights = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
         else:
             model.load_state_dict(weights)
         for mode in ("dense", "msa_warmup", "msa"):

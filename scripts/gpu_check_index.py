@@ -16,13 +16,17 @@ the subset only (it is slow at 128K). Outputs are poisoned before each launch. C
                  selection over the reference selection's (must be >= 0.999)
   lse err        max |index_lse - reference.selected_index_lse| / max(1, |ref|)
   kl/diq/dik     relative errors of the sparse KL value / d_iq / d_ik vs reference autograd
+  H_idx/H_main   relative errors of the entropy statistics (return_stats=True) vs the
+                 reference's KLTerms (sparse; "dense H" for the warmup KL)
   dense ...      the same for the warmup (dense-teacher) KL, up to --dense-max-L, plus the
                  flash-attention main LSE vs the reference dense LSE
 Exits 1 if any check fails (or raises), 2 without CUDA.
 
 ``--aot`` compiles every kernel variant for sm_90a without a GPU (triton's bundled
 ptxas) and prints registers / spills; ``--cpu-smoke`` runs this script's logic on CPU
-under the interpreter with a tiny layout.
+under the interpreter with a tiny layout. ``--time-kl 128K`` skips the checks and times the
+sparse KL backward with and without ``return_stats`` (the entropy statistics' cost), and the
+dense one at ``--dense-max-L``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import torch  # noqa: E402
 TIE_TOL = 2e-3  # relative block-score gap counted as a near-tie (bf16 products, fp32 sums)
 LSE_TOL = 1e-4
 KL_TOL = 1e-3
+ENT_TOL = 1e-4  # same bf16-valued inputs on both sides, fp32 arithmetic: summation order only
 GRAD_TOL = 3e-2  # dS is rounded to bf16 before the gradient dots
 RECALL_MIN = 0.999
 
@@ -129,10 +134,13 @@ def check_length(L: int, n_rows: int, dense_max_L: int, seed: int, dev: str = "c
     need(bool(torch.isfinite(lse).all()) and res["lse err"] <= LSE_TOL, f"index LSE error {res['lse err']:.2e}")
 
     _, main_lse = R.sparse_attention(q_s.float(), k.float(), v.float(), sel, B, rows)
-    kl, d_iq, d_ik = TI.sparse_kl_backward(q_s, k, iq_s, ik, sel, main_lse, lse, cfg, rows, plan=plan)
+    kl, d_iq, d_ik, stats = TI.sparse_kl_backward(q_s, k, iq_s, ik, sel, main_lse, lse, cfg, rows, plan=plan,
+                                                  return_stats=True)
     iq_r, ik_r = iq32.clone().requires_grad_(), ik32.clone().requires_grad_()
-    ref_kl = R.sparse_kl_loss(q_s.float(), k.float(), iq_r, ik_r, sel, cfg, rows)
+    terms = R.sparse_kl_terms(q_s.float(), k.float(), iq_r, ik_r, sel, cfg, rows)
+    ref_kl = terms.kl / terms.rows
     ref_kl.backward()
+    check_stats(stats, terms, hq // g, res, need, "")
     res["kl err"] = abs(kl.item() - ref_kl.item()) / max(abs(ref_kl.item()), 1e-6)
     res["diq err"], res["dik err"] = rel(d_iq, iq_r.grad), rel(d_ik, ik_r.grad)
     need(all(torch.isfinite(x).all() for x in (kl, d_iq, d_ik)), "sparse KL outputs have NaN/inf")
@@ -145,10 +153,12 @@ def check_length(L: int, n_rows: int, dense_max_L: int, seed: int, dev: str = "c
         _, dlse = R.dense_attention(q_s.float(), k.float(), v.float(), rows)
         res["flash lse err"] = ((flash_lse[:, :, rows] - dlse).abs().max() / dlse.abs().max().clamp_min(1.0)).item()
         need(res["flash lse err"] <= 1e-2, f"flash-attention LSE vs reference {res['flash lse err']:.2e}")
-        dkl, dd_iq, dd_ik = TI.dense_kl_backward(q_s, k, iq_s, ik, dlse, cfg, rows)
+        dkl, dd_iq, dd_ik, dstats = TI.dense_kl_backward(q_s, k, iq_s, ik, dlse, cfg, rows, return_stats=True)
         iq_r, ik_r = iq32.clone().requires_grad_(), ik32.clone().requires_grad_()
-        rdkl = R.dense_kl_loss(q_s.float(), k.float(), iq_r, ik_r, cfg, rows)
+        dterms = R.dense_kl_terms(q_s.float(), k.float(), iq_r, ik_r, cfg, rows)
+        rdkl = dterms.kl / dterms.rows
         rdkl.backward()
+        check_stats(dstats, dterms, hq // g, res, need, "dense ")
         res["dense kl err"] = abs(dkl.item() - rdkl.item()) / max(abs(rdkl.item()), 1e-6)
         res["dense diq"], res["dense dik"] = rel(dd_iq, iq_r.grad), rel(dd_ik, ik_r.grad)
         need(all(torch.isfinite(x).all() for x in (dkl, dd_iq, dd_ik)), "dense KL outputs have NaN/inf")
@@ -157,6 +167,15 @@ def check_length(L: int, n_rows: int, dense_max_L: int, seed: int, dev: str = "c
              f"dense KL grad errors d_iq {res['dense diq']:.2e} d_ik {res['dense dik']:.2e}")
     res["rows"] = sq
     return res
+
+
+def check_stats(stats: dict, terms, G: int, res: dict, need, prefix: str) -> None:
+    """Kernel entropy means vs the reference's KLTerms (index: / rows, main: / rows * G)."""
+    ref = {"H_idx": terms.index_entropy.item() / terms.rows, "H_main": terms.main_entropy.item() / (terms.rows * G)}
+    for col, key in (("H_idx", "index_entropy"), ("H_main", "main_entropy")):
+        err = abs(stats[key].item() - ref[col]) / max(abs(ref[col]), 1e-6)
+        res[prefix + col] = err
+        need(err <= ENT_TOL, f"{prefix}{key} error {err:.2e}")
 
 
 def aot_compile(arch: int = 90) -> int:
@@ -178,7 +197,7 @@ def aot_compile(arch: int = 90) -> int:
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     base = dict(DI=128, DIP=128, BLOCK=128, BLOCK_N=128, NSUB=1, DOT_PREC="tf32", UPCAST=False)
     sel = dict(base, K=16, KP=16, INIT_BLOCKS=0, LOCAL_BLOCKS=1, BLOCK_M=128, LAZY=True, SCORE_ONLY=False)
-    kl = dict(base, K=16, G=16, D=128, DP=128, BLOCK_Q=64, CHUNK=256, DENSE=False)
+    kl = dict(base, K=16, G=16, D=128, DP=128, BLOCK_Q=64, CHUNK=256, DENSE=False, STATS=False)
     variants = [
         ("select", TI._select_kernel, sel, 8, 3, "bf16"),
         ("select-eager", TI._select_kernel, dict(sel, LAZY=False), 8, 3, "bf16"),
@@ -189,8 +208,10 @@ def aot_compile(arch: int = 90) -> int:
         ("selected-lse", TI._selected_lse_kernel, dict(base, K=16, BLOCK_Q=64), 8, 1, "bf16"),
         ("dense-lse", TI._dense_lse_kernel, dict(base, BLOCK_M=128), 8, 3, "bf16"),
         ("kl-sparse", TI._kl_kernel, kl, 8, 2, "bf16"),
+        ("kl-sparse-stats", TI._kl_kernel, dict(kl, STATS=True), 8, 2, "bf16"),
         ("kl-sparse-bn64", TI._kl_kernel, dict(kl, BLOCK_N=64, NSUB=2), 8, 2, "bf16"),
         ("kl-dense", TI._kl_kernel, dict(kl, DENSE=True, K=1, CHUNK=1024), 8, 2, "bf16"),
+        ("kl-dense-stats", TI._kl_kernel, dict(kl, DENSE=True, K=1, CHUNK=1024, STATS=True), 8, 2, "bf16"),
         ("kl-sparse-fp32", TI._kl_kernel, dict(kl, DOT_PREC="ieee"), 8, 2, "fp32"),
     ]
     failed = False
@@ -202,7 +223,7 @@ def aot_compile(arch: int = 90) -> int:
                 continue
             if a.endswith("_ptr"):
                 sig[a] = ptr_types.get(a, "*fp32" if a in ("best_ptr", "part_ptr", "lse_ptr", "mlse_ptr", "ilse_ptr",
-                                                          "diq_ptr", "dik_ptr", "kl_ptr") else f"*{dt}")
+                                                          "diq_ptr", "dik_ptr", "kl_ptr", "ent_ptr") else f"*{dt}")
             else:
                 sig[a] = "fp32" if a in floats else "i32"
             if a.endswith("_ptr") or a.startswith("s_") or a in ("sq", "sk"):
@@ -228,7 +249,8 @@ def aot_compile(arch: int = 90) -> int:
 
 
 COLS = ["L", "rows", "sel exact %", "near-tie", "max gap", "sub=full %", "recall k/ref", "lse err", "kl err",
-        "diq err", "dik err", "flash lse err", "dense kl err", "dense diq", "dense dik", "time s", "result"]
+        "diq err", "dik err", "H_idx", "H_main", "flash lse err", "dense kl err", "dense diq", "dense dik",
+        "dense H_idx", "dense H_main", "time s", "result"]
 
 
 def fmt(v) -> str:
@@ -237,6 +259,56 @@ def fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if (abs(v) < 1e-2 or abs(v) >= 1e4) and v != 0 else f"{v:.4g}"
     return str(v)
+
+
+def time_kl(L: int, dense_L: int, seed: int, reps: int = 5, dev: str = "cuda", layout=PAPER) -> None:
+    """Median CUDA-event times of the KL backward kernels without / with return_stats
+    (``dev='cpu'``: wall-clock under the interpreter, only to test this function)."""
+    from msa_megatron.config import MSAConfig
+    from msa_megatron.ops import triton_index as TI
+
+    TI.POISON_OUTPUTS = False
+    hq, g, d, di, B, K = (layout[x] for x in ("hq", "g", "d", "di", "B", "K"))
+    cfg = MSAConfig(block_size=B, topk=K, index_dim=di, num_index_heads=g)
+
+    def timed(fn) -> float:
+        if dev != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            return 1e3 * (time.perf_counter() - t0)
+        fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b))
+        return sorted(ts)[len(ts) // 2]
+
+    print("\n| kernel | L | ms (no stats) | ms (return_stats) | overhead |\n|---|---|---|---|---|")
+    for kind, n in (("sparse", L), ("dense", min(L, dense_L))):
+        gen = torch.Generator(device=dev).manual_seed(seed + n)
+        mk = lambda *shape: torch.randn(*shape, device=dev, generator=gen).to(torch.bfloat16)  # noqa: E731
+        q, k, iq, ik = mk(1, n, hq, d), mk(1, n, g, d), mk(1, n, g, di), mk(1, n, di)
+        main_lse = TI.dense_main_lse(q, k) if kind == "dense" else None
+        if kind == "sparse":
+            sel, ilse, plan = TI.index_select(iq, ik, cfg, return_plan=True)
+            # A main LSE of the right shape and size (its exact values do not change the work).
+            main_lse = TI.selected_lse(iq, ik, sel, cfg).repeat_interleave(hq // g, 1)
+            run = lambda st: TI.sparse_kl_backward(q, k, iq, ik, sel, main_lse, ilse, cfg, plan=plan,  # noqa: E731
+                                                   return_stats=st)
+        else:
+            ilse = TI.dense_index_lse(iq, ik, cfg)
+            run = lambda st: TI.dense_kl_backward(q, k, iq, ik, main_lse, cfg, index_lse=ilse,  # noqa: E731
+                                                  return_stats=st)
+        t0, t1 = timed(lambda: run(False)), timed(lambda: run(True))
+        print(f"| {kind} KL backward | {n} | {t0:.2f} | {t1:.2f} | {100 * (t1 / t0 - 1):+.1f}% |", flush=True)
+        del q, k, iq, ik, main_lse
+        if dev == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main() -> int:
@@ -249,12 +321,20 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(2), "little"))
     p.add_argument("--aot", action="store_true",
                    help="only compile every kernel for sm_90a ahead of time (no GPU needed) and print regs / spills")
+    p.add_argument("--time-kl", type=parse_length, default=None,
+                   help="only time the KL backward kernels with / without return_stats at this length (GPU)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="run this script's logic on CPU under TRITON_INTERPRET=1 with a tiny layout (no GPU check)")
     args = p.parse_args()
     dev, layout = "cuda", PAPER
     if args.aot:
         return aot_compile()
+    if args.time_kl:
+        if not torch.cuda.is_available():
+            print("--time-kl needs a CUDA device", file=sys.stderr)
+            return 2
+        time_kl(args.time_kl, args.dense_max_L, args.seed)
+        return 0
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"
         dev, layout = "cpu", TINY
@@ -294,7 +374,7 @@ def main() -> int:
     for r in results:
         print("| " + " | ".join(fmt(r.get(c)) for c in COLS) + " |")
     print(f"\ntotal {time.time() - t_all:.1f} s; tolerances: near-tie gap {TIE_TOL}, lse {LSE_TOL}, kl {KL_TOL}, "
-          f"grads {GRAD_TOL}, recall ratio >= {RECALL_MIN}")
+          f"grads {GRAD_TOL}, entropies {ENT_TOL}, recall ratio >= {RECALL_MIN}")
     print("RESULT:", "FAIL" if failed else "PASS")
     return 1 if failed else 0
 

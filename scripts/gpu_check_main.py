@@ -15,8 +15,10 @@ the backward is run a second time with dout zero outside the slice: then dK/dV a
 the slice's contribution, which the reference computes (dq must then be 0 off the slice).
 
 Tolerances (relative Frobenius error vs the fp32 reference on the same bf16 values): out
-1e-2, lse 1e-4, dq/dk/dv 2e-2; the op adds kl 1e-2, d_iq 3e-2, d_ik 3e-2 and >= 99% of
-(row, group) selections identical to ``reference.select`` (fp32 near-ties may differ).
+1e-2, lse 1e-4, dq/dk/dv 2e-2; the op adds kl 1e-2, d_iq 3e-2, d_ik 3e-2, the entropy
+statistics (index_entropy, main_entropy, from the KL kernel: track_entropy on) 1e-3 (they
+inherit the main LSE's error) and >= 99% of (row, group) selections identical to
+``reference.select`` (fp32 near-ties may differ).
 Exit status 1 if any check fails or errors; each check is guarded so one failure does not
 hide the others.
 
@@ -47,7 +49,7 @@ from msa_megatron import reference as R  # noqa: E402
 from msa_megatron.config import MSAConfig  # noqa: E402
 
 TOL = {"out": 1e-2, "lse": 1e-4, "dq": 2e-2, "dk": 2e-2, "dv": 2e-2, "kl": 1e-2, "d_iq": 3e-2, "d_ik": 3e-2,
-       "fp32": 1e-4, "same": 5e-3}
+       "fp32": 1e-4, "same": 5e-3, "entropy": 1e-3}
 HQ, HKV, D, DI, B, K = 64, 4, 128, 128, 128, 16
 DEV = "cuda"
 ROWS: list = []  # (check, L, metric, value, tol, ok)
@@ -173,8 +175,11 @@ def check_variants(L: int, T) -> None:
     g2 = T.sparse_attention_bwd(do, q, k, v, out, lse, bidx, B)
     record("deterministic bwd", L, "bitwise equal", 0.0, 0.0, ok=all(torch.equal(a, b) for a, b in zip(g1, g2)))
     ga = T.sparse_attention_bwd(do, q, k, v, out, lse, bidx, B, deterministic=False)
-    for n, a, b in zip(("dq", "dk", "dv"), ga, g1):
-        record("atomic dq bwd", L, f"{n} vs det", rel(a, b), TOL["same"])
+    # vs fp32 dQ partials: atomics accumulate in fp32 too (the default bf16 partials differ by
+    # their rounding, ~5e-3, which is not what this check is about)
+    g1f = T.sparse_attention_bwd(do, q, k, v, out, lse, bidx, B, dq_partial_dtype=torch.float32)
+    for n, a, b in zip(("dq", "dk", "dv"), ga, g1f):
+        record("atomic dq bwd", L, f"{n} vs det fp32", rel(a, b), TOL["same"])
     cfg = T.default_config()
     oq, lq = T.sparse_attention_fwd(q, k, v, bidx, B, config=replace(cfg, fwd_impl="q"))
     no_nan("q-outer fwd", L, out=oq, lse=lq)
@@ -195,18 +200,26 @@ def check_variants(L: int, T) -> None:
 
 
 # ----------------------------------------------------------------------------- whole-op checks
-def check_op(L: int, S: int, mode: str, index_backend: str) -> None:
+def check_op(L: int, S: int, mode: str, index_backend: str, kl_fused: bool = False) -> None:
+    """kl_fused: the KL inside the main backward (kernel_config kl_fused=1); its value and
+    stats are read after the backward, as they must be."""
+    from dataclasses import replace
+
+    from msa_megatron.ops import triton_sparse_attn as T
     from msa_megatron.ops.triton_op import msa_attention_triton
 
-    cfg = MSAConfig(block_size=B, topk=K, index_dim=DI, num_index_heads=HKV, track_entropy=False)
+    kc = replace(T.KernelConfig.from_env(), kl_fused=kl_fused)
+    name = f"op {mode}" + (" kl_fused" if kl_fused else "")
+    cfg = MSAConfig(block_size=B, topk=K, index_dim=DI, num_index_heads=HKV, track_entropy=True)
     q, k, v = randn((1, L, HQ, D), 21), randn((1, L, HKV, D), 22), randn((1, L, HKV, D), 23)
     iq, ik = randn((1, L, HKV, DI), 24), randn((1, L, DI), 25)
     do = randn((1, L, HQ, D), 26)
     leaves = [x.requires_grad_() for x in (q, k, v, iq, ik)]
     if mode == "msa":  # full-length run: every output written, finite
-        out, aux = msa_attention_triton(*leaves, cfg, mode=mode, index_backend=index_backend)
+        out, aux = msa_attention_triton(*leaves, cfg, mode=mode, index_backend=index_backend, kernel_config=kc)
         grads = torch.autograd.grad([out, aux.kl], leaves, [do, torch.ones((), device=DEV)])
-        no_nan(f"op {mode} full", L, out=out, lse=aux.lse, kl=aux.kl, **dict(zip(["dq", "dk", "dv", "d_iq", "d_ik"], grads)))
+        no_nan(f"{name} full", L, out=out, lse=aux.lse, kl=aux.kl, **aux.stats,
+               **dict(zip(["dq", "dk", "dv", "d_iq", "d_ik"], grads)))
         del out, aux, grads
     # slice run: sq = S queries at positions pos, all L keys, vs the fp32 reference
     pos = slice_positions(L, S, L + 1)
@@ -214,24 +227,30 @@ def check_op(L: int, S: int, mode: str, index_backend: str) -> None:
     iqs = iq.detach()[:, pos].clone().requires_grad_()
     sl = [qs, k, v, iqs, ik]
     dos = do[:, pos]
-    out, aux = msa_attention_triton(qs, k, v, iqs, ik, cfg, q_pos=pos, mode=mode, index_backend=index_backend)
+    out, aux = msa_attention_triton(qs, k, v, iqs, ik, cfg, q_pos=pos, mode=mode, index_backend=index_backend,
+                                    kernel_config=kc)
     grads = torch.autograd.grad([out, aux.kl], sl, [dos, torch.ones((), device=DEV)])
     f = [x.detach().float().requires_grad_() for x in sl]
     if mode == "msa":
         sel_ref = R.select(f[3].detach(), f[4].detach(), cfg, pos)
         same = (sel_ref == aux.block_idx).all(-1).float().mean().item()
-        record(f"op {mode}", L, "selection == ref", 1.0 - same, 0.01)
+        record(name, L, "selection == ref", 1.0 - same, 0.01)
         ro, rl = R.sparse_attention(f[0], f[1], f[2], aux.block_idx, B, q_pos=pos)
-        rkl = R.sparse_kl_loss(f[0], f[1], f[3], f[4], aux.block_idx, cfg, pos)
+        terms = R.sparse_kl_terms(f[0], f[1], f[3], f[4], aux.block_idx, cfg, pos)
     else:
         ro, rl = R.dense_attention(f[0], f[1], f[2], q_pos=pos)
-        rkl = R.dense_kl_loss(f[0], f[1], f[3], f[4], cfg, pos)
+        terms = R.dense_kl_terms(f[0], f[1], f[3], f[4], cfg, pos)
+    rkl = terms.kl / terms.rows
+    ref_stats = {"index_entropy": terms.index_entropy / terms.rows,
+                 "main_entropy": terms.main_entropy / (terms.rows * (HQ // HKV))}
     rgrads = torch.autograd.grad([ro, rkl], f, [dos.float(), torch.ones((), device=DEV)])
-    record(f"op {mode}", L, "out", rel(out, ro), TOL["out"])
-    record(f"op {mode}", L, "lse", rel(aux.lse, rl), TOL["lse"])
-    record(f"op {mode}", L, "kl", rel(aux.kl, rkl), TOL["kl"])
+    record(name, L, "out", rel(out, ro), TOL["out"])
+    record(name, L, "lse", rel(aux.lse, rl), TOL["lse"])
+    record(name, L, "kl", rel(aux.kl, rkl), TOL["kl"])
+    for n, r in ref_stats.items():
+        record(name, L, n, rel(aux.stats[n], r), TOL["entropy"])
     for n, a, b in zip(["dq", "dk", "dv", "d_iq", "d_ik"], grads, rgrads):
-        record(f"op {mode}", L, n, rel(a, b), TOL[n])
+        record(name, L, n, rel(a, b), TOL[n])
 
 
 DEFAULT_TUNE = ";".join([
@@ -248,6 +267,9 @@ DEFAULT_TUNE = ";".join([
     "chunk_queries=8192",
     "det=0",
     "fwd_impl=q",
+    "kl_fused=1",
+    "kl_fused=1,kl_bwd_stages=2",
+    "kl_fused=1,bwd_rows=32,kl_bwd_stages=2",
 ])
 
 
@@ -255,9 +277,17 @@ def tune(L: int, specs: str, reps: int = 5) -> None:
     from msa_megatron.ops import triton_sparse_attn as T
 
     T.POISON_OUTPUTS = False
+    from msa_megatron.ops import triton_index as TI
+
     q, k, v, do = randn((1, L, HQ, D), 31), randn((1, L, HKV, D), 32), randn((1, L, HKV, D), 33), randn((1, L, HQ, D), 34)
     bidx = random_selection(L, 35)
     flops = 4.0 * HQ * D * float((torch.clamp(torch.arange(L) // B, max=K - 1) * B + torch.arange(L) % B + 1).sum())
+    # Indexer KL inputs: "kl_fused=1" configs time the backward with the KL inside; the row
+    # after the table times the separate KL kernel on the same selection, for comparison.
+    kl_cfg = MSAConfig(block_size=B, topk=K, index_dim=DI, num_index_heads=HKV)
+    iq, ik = randn((1, L, HKV, DI), 36), randn((1, L, DI), 37)
+    ilse = TI.selected_lse(iq, ik, bidx, kl_cfg)
+    fused_kl = T.FusedKL(iq, ik, ilse, kl_cfg.index_softmax_scale)
 
     def timed(fn) -> float:
         fn()
@@ -289,7 +319,7 @@ def tune(L: int, specs: str, reps: int = 5) -> None:
 
             def bwd():
                 T.sparse_attention_bwd(do, q, k, v, box["out"], box["lse"], bidx, B, deterministic=det, config=cfg,
-                                       plan=box["plan"])
+                                       plan=box["plan"], kl=fused_kl if cfg.kl_fused else None)
 
             tf = timed(fwd)
             tb = timed(bwd)
@@ -298,6 +328,13 @@ def tune(L: int, specs: str, reps: int = 5) -> None:
         except Exception as exc:  # one bad config must not stop the sweep
             print(f"| {spec} | ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:100]} | | | | |", flush=True)
         torch.cuda.empty_cache()
+    try:
+        _, main_lse = T.sparse_attention_fwd(q, k, v, bidx, B)
+        tk = timed(lambda: TI.sparse_kl_backward(q, k, iq, ik, bidx, main_lse, ilse, kl_cfg, return_stats=True))
+        print(f"\nseparate KL kernel (sparse_kl_backward, return_stats=True): {tk:.2f} ms -- compare "
+              "default bwd + this with the kl_fused=1 rows' bwd", flush=True)
+    except Exception as exc:
+        print(f"separate KL kernel: ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:100]}", flush=True)
 
 
 def aot_report(arch: int = 90) -> int:
@@ -331,12 +368,22 @@ def aot_report(arch: int = 90) -> int:
         io = dict(Q=P, K=P, V=P, DO=P)
         kernels.append((f"fwd_kv {tag} rows={qpf * GP} bn={bnf}", T._fwd_kv_kernel, dict(io, OPART=P, LPART=F, qk_scale="fp32"),
                         dict(common, NSUB=B // bnf, BN=bnf, QP=qpf), cfg.fwd_warps, cfg.fwd_stages))
-        bwd_types = dict(io, LSE=F, DELTA=F, DQ=F, DKACC=F, DVACC=F, DKPART=F, DVPART=F, sm_scale="fp32", qk_scale="fp32")
+        bwd_types = dict(io, LSE=F, DELTA=F, DQ=F, DKACC=F, DVACC=F, DKPART=F, DVPART=F, sm_scale="fp32", qk_scale="fp32",
+                         IQ=P, IK=P, ILSE=F, DIQ=F, DIK=F, KLPART=F, iscale="fp32", kl_coef="fp32")
+        no_kl = dict(KL=False, KLJ=1, DI=16, DIP=16)
         for part in ((1, 2) if cfg.bwd_split else (0,)):
             for atomic in ((False, True) if (dt, d) == (torch.bfloat16, 128) else (False,)):
                 kernels.append((f"bwd_kv {tag} rows={qpb * GP} bn={bnb} part={part} atomic={int(atomic)}", T._bwd_kv_kernel,
-                                bwd_types, dict(common, NSUB=B // bnb, BN=bnb, QP=qpb, DQ_ATOMIC=atomic, PART=part),
+                                bwd_types, dict(common, NSUB=B // bnb, BN=bnb, QP=qpb, DQ_ATOMIC=atomic, PART=part, **no_kl),
                                 cfg.bwd_warps, cfg.bwd_stages))
+        if dt == torch.bfloat16:  # the fused indexer KL (kernel_config kl_fused=1), in PART 0 or 1
+            qpk, bnk = T.kv_tiles("bwd", dt, d, GP, B, cfg, kl_di=DI)
+            kl_c = dict(KL=True, KLJ=T._kl_group(qpk), DI=DI, DIP=DI)
+            for part in ((1,) if cfg.bwd_split else (0,)):
+                for st in sorted({cfg.kl_bwd_stages, 2} if d == 128 else {cfg.kl_bwd_stages}):
+                    kernels.append((f"bwd_kv+KL {tag} rows={qpk * GP} bn={bnk} part={part}", T._bwd_kv_kernel, bwd_types,
+                                    dict(common, NSUB=B // bnk, BN=bnk, QP=qpk, DQ_ATOMIC=False, PART=part, **kl_c),
+                                    cfg.bwd_warps, st))
         if (dt, d) != (torch.bfloat16, 128):
             continue
         kernels += [
@@ -415,6 +462,9 @@ def main() -> int:
     for L in op_lengths:
         guarded("op msa", L, lambda: check_op(L, args.slice, "msa", args.index_backend))
     guarded("op msa_warmup", lengths[0], lambda: check_op(lengths[0], args.slice, "msa_warmup", args.index_backend))
+    if args.index_backend == "triton":
+        for L in op_lengths:
+            guarded("op msa kl_fused", L, lambda: check_op(L, args.slice, "msa", args.index_backend, kl_fused=True))
     print(f"\n| check | L | metric | value | tol | ok |\n|---|---|---|---|---|---|")
     for check, L, metric, value, tol, ok in ROWS:
         print(f"| {check} | {L} | {metric} | {value:.3g} | {tol:.3g} | {'ok' if ok else 'FAIL'} |")

@@ -18,7 +18,7 @@ The KL reported is the raw token-level KL (before ``kl_coeff`` and loss scaling)
 from __future__ import annotations
 
 import threading
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -33,43 +33,44 @@ class MSAMetricsTracker:
     one training loop per process."""
 
     def __init__(self) -> None:
-        self._rows: Dict[int, torch.Tensor] = {}
+        self._samples: Dict[int, List[Tuple]] = {}
         self._num_layers = 0
         self._lock = threading.Lock()
 
     def record(self, layer_index: int, num_layers: int, kl: torch.Tensor, index_entropy: Optional[torch.Tensor] = None,
                main_entropy: Optional[torch.Tensor] = None, recall: Optional[torch.Tensor] = None) -> None:
         """Add one micro-batch's statistics of 0-based global layer ``layer_index``
-        (entropies: both or neither; recall: only on sampled steps)."""
-        device = kl.device
-        zero = torch.zeros((), device=device, dtype=torch.float32)
-        one = torch.ones((), device=device, dtype=torch.float32)
+        (entropies: both or neither; recall: only on sampled steps).
+
+        Keeps detached *views*, read when the table is built: the fused-KL kernel path
+        fills the KL and entropies during the backward, after this forward-time call."""
         has_entropy = index_entropy is not None and main_entropy is not None
-
-        def val(t):
-            return t.detach().float().reshape(()) if t is not None else zero
-
-        row = torch.stack([
-            val(kl), one, val(index_entropy if has_entropy else None), val(main_entropy if has_entropy else None),
-            one if has_entropy else zero, val(recall), one if recall is not None else zero,
-        ])
+        sample = (kl.detach(), index_entropy.detach() if has_entropy else None,
+                  main_entropy.detach() if has_entropy else None, recall.detach() if recall is not None else None)
         with self._lock:
             self._num_layers = max(self._num_layers, int(num_layers), layer_index + 1)
-            if layer_index in self._rows:
-                self._rows[layer_index] = self._rows[layer_index] + row
-            else:
-                self._rows[layer_index] = row
+            self._samples.setdefault(layer_index, []).append(sample)
 
     def reset(self) -> None:
         with self._lock:
-            self._rows.clear()
+            self._samples.clear()
 
     def local_table(self, device: torch.device) -> torch.Tensor:
-        """[num_layers, 6] float64 table of this rank's sums (rows of absent layers are 0)."""
+        """[num_layers, 7] float64 table of this rank's sums (rows of absent layers are 0)."""
         with self._lock:
             table = torch.zeros(self._num_layers, len(_FIELDS), dtype=torch.float64, device=device)
-            for i, row in self._rows.items():
-                table[i] = row.to(device=device, dtype=torch.float64)
+            def total(values):
+                return torch.stack([v.reshape(()).to(torch.float64) for v in values]).sum().to(device)
+
+            for i, samples in self._samples.items():
+                table[i, _KL], table[i, _N] = total(s[0] for s in samples), len(samples)
+                with_entropy = [s for s in samples if s[1] is not None]
+                if with_entropy:
+                    table[i, _IE], table[i, _ME] = total(s[1] for s in with_entropy), total(s[2] for s in with_entropy)
+                    table[i, _EN] = len(with_entropy)
+                with_recall = [s[3] for s in samples if s[3] is not None]
+                if with_recall:
+                    table[i, _R], table[i, _RN] = total(with_recall), len(with_recall)
         return table
 
     @property

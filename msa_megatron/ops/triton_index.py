@@ -15,9 +15,10 @@ Public wrappers (called by ``ops/triton_op.py``):
 * :func:`index_select` -> ``(block_idx, index_lse)``: the selection is bit-identical to
   ``reference.select`` up to fp32 near-ties (see the tie rule below); ``index_lse``
   matches ``reference.selected_index_lse`` on that selection.
-* :func:`sparse_kl_backward` -> ``(kl, d_iq, d_ik)``: KL over the selected tokens (the
-  ``msa`` phase), value and gradients in one pass, reusing the main LSE and index LSE.
-* :func:`dense_kl_backward` -> ``(kl, d_iq, d_ik)``: KL over all causal tokens (the
+* :func:`sparse_kl_backward` -> ``(kl, d_iq, d_ik[, stats])``: KL over the selected tokens
+  (the ``msa`` phase), value and gradients in one pass, reusing the main LSE and index LSE;
+  ``return_stats=True`` adds the index / main entropy means from the same pass.
+* :func:`dense_kl_backward` -> ``(kl, d_iq, d_ik[, stats])``: KL over all causal tokens (the
   ``msa_warmup`` phase, dense teacher); runs its own exp pass for the dense index LSE.
 * :func:`dense_main_lse`: the dense main-branch LSE from torch's flash attention op (CUDA)
   or the reference (CPU), for callers that have none.
@@ -472,14 +473,14 @@ def _dense_lse_kernel(
 # ----------------------------------------------------------------------------- kernel 4: KL backward
 @triton.jit
 def _kl_kernel(
-    q_ptr, k_ptr, iq_ptr, ik_ptr, mlse_ptr, ilse_ptr, qpos_ptr, diq_ptr, dik_ptr, kl_ptr,
+    q_ptr, k_ptr, iq_ptr, ik_ptr, mlse_ptr, ilse_ptr, qpos_ptr, diq_ptr, dik_ptr, kl_ptr, ent_ptr,
     order_ptr, ikey_ptr, istart_ptr, iend_ptr,
     sq, sk, NG, nb, scale_log2, iscale, coef,
     s_q_b, s_q_s, s_q_h, s_k_b, s_k_s, s_k_g, s_iq_b, s_iq_s, s_iq_g, s_ik_b, s_ik_s,
     s_ml_b, s_ml_h, s_il_b, s_il_g, s_d_b, s_d_s, s_d_g, s_dk_b, s_dk_s,
     K: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, NSUB: tl.constexpr, BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr,
-    DENSE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DENSE: tl.constexpr, STATS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """KV-outer KL backward. A program owns one (b, g, key block) and a set of rows:
     sparse -> one reverse-index item (rows that selected the block); dense -> query chunk
@@ -489,14 +490,19 @@ def _kl_kernel(
         log Q = iq.ik * iscale - index_lse,  Q = exp(log Q)
         KL += P (log P - log Q);  dS = coef * (Q - P)   (coef = iscale * grad_scale / norm)
         d_iq[rows] += dS @ ik_blk (fp32 atomics);  d_ik[blk] += dS^T @ iq_rows (registers,
-        one atomic add per program)."""
+        one atomic add per program).
+
+    STATS: also the entropy sums of the tile's valid entries, -sum Q ln Q (student) and
+    -sum_h sum P_h ln P_h (each head's main softmax): ent[prog] = (index, main). Entropy
+    is additive over the disjoint token sets of a row, so per-program partial sums of the
+    per-entry terms add up to the row entropies (no per-row state needed)."""
     if DENSE:
         pid = tl.program_id(0)
         n = pid % nb
         bg = pid // nb
         start = tl.program_id(1) * CHUNK
         end = tl.minimum(start + CHUNK, sq)
-        kl_out = kl_ptr + pid * tl.num_programs(1) + tl.program_id(1)
+        prog = pid * tl.num_programs(1) + tl.program_id(1)
     else:
         pid = tl.program_id(0)
         key = tl.load(ikey_ptr + pid)
@@ -504,13 +510,15 @@ def _kl_kernel(
         end = tl.load(iend_ptr + pid)
         bg = key // nb
         n = key % nb
-        kl_out = kl_ptr + pid
+        prog = pid
     bi = (bg // NG).to(tl.int64)
     gi = bg % NG
     ar = tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, DP)
     offs_i = tl.arange(0, DIP)
     kl_acc = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    ent_i = tl.zeros([BLOCK_Q], dtype=tl.float32)  # sum Q log Q (natural log)
+    ent_m = tl.zeros([BLOCK_Q], dtype=tl.float32)  # sum_h P_h log2 P_h
     for sub in tl.static_range(NSUB):
         kk = n * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
         kmask = kk < sk
@@ -541,7 +549,11 @@ def _kl_kernel(
                         qh = qh.to(tl.float32)
                     lse_h = tl.load(mlse_ptr + bi * s_ml_b + head * s_ml_h + t, mask=rm, other=0.0)
                     lg = tl.dot(qh, tl.trans(kb), input_precision=DOT_PREC) * scale_log2
-                    p += tl.exp2(lg - (lse_h * 1.4426950408889634)[:, None])
+                    lp2 = lg - (lse_h * 1.4426950408889634)[:, None]  # log2 P_h
+                    ph = tl.exp2(lp2)
+                    p += ph
+                    if STATS:
+                        ent_m += tl.sum(tl.where(valid, ph * lp2, 0.0), axis=1)
                 p = tl.where(valid, p / G, 0.0)
                 iq_r = tl.load(iq_ptr + bi * s_iq_b + t[:, None] * s_iq_s + gi * s_iq_g + offs_i[None, :],
                                mask=rm[:, None] & (offs_i[None, :] < DI), other=0.0)
@@ -551,6 +563,8 @@ def _kl_kernel(
                 logq = tl.dot(iq_r, tl.trans(ikb), input_precision=DOT_PREC) * iscale - ilse[:, None]
                 qs = tl.where(valid, tl.exp(logq), 0.0)
                 kl_acc += tl.sum(tl.where(valid & (p > 0), p * (tl.log(tl.where(p > 0, p, 1.0)) - logq), 0.0), axis=1)
+                if STATS:
+                    ent_i += tl.sum(tl.where(valid, qs * logq, 0.0), axis=1)
                 ds = ((qs - p) * coef).to(ik_ptr.dtype.element_ty)  # bf16 dS, as flash-attention bwd
                 if UPCAST:
                     ds = ds.to(tl.float32)
@@ -560,7 +574,10 @@ def _kl_kernel(
                 acc += tl.dot(tl.trans(ds), iq_r, input_precision=DOT_PREC)
         tl.atomic_add(dik_ptr + bi * s_dk_b + kk[:, None].to(tl.int64) * s_dk_s + offs_i[None, :], acc,
                       mask=kmask[:, None] & (offs_i[None, :] < DI) & (end > start))
-    tl.store(kl_out, tl.sum(kl_acc, axis=0))
+    tl.store(kl_ptr + prog, tl.sum(kl_acc, axis=0))
+    if STATS:
+        tl.store(ent_ptr + 2 * prog, -tl.sum(ent_i, axis=0))
+        tl.store(ent_ptr + 2 * prog + 1, -0.6931471805599453 * tl.sum(ent_m, axis=0))
 
 
 # ----------------------------------------------------------------------------- Python wrappers
@@ -767,19 +784,33 @@ def _strides(q, k, iq, ik, main_lse, index_lse, d_iq32, d_ik32):
             d_iq32.stride(0), d_iq32.stride(1), d_iq32.stride(2), d_ik32.stride(0), d_ik32.stride(1))
 
 
-def _finish(kl_part: Tensor, norm: float, d_iq32: Tensor, d_ik32: Tensor, iq: Tensor, ik: Tensor, grad_scale):
+def _stats_buffer(n_progs: int, return_stats: bool, kl_part: Tensor) -> Tensor:
+    """Per-program (index, main) entropy sums; without stats the kernel never touches it."""
+    if not return_stats:
+        return kl_part
+    return torch.zeros(max(n_progs, 1), 2, device=kl_part.device, dtype=torch.float32)
+
+
+def _finish(kl_part: Tensor, norm: float, d_iq32: Tensor, d_ik32: Tensor, iq: Tensor, ik: Tensor, grad_scale,
+            ent_part: Optional[Tensor] = None, G: int = 1):
     kl = kl_part.sum() / norm
     d_iq, d_ik = d_iq32, d_ik32
     if isinstance(grad_scale, Tensor):
         d_iq, d_ik = d_iq * grad_scale, d_ik * grad_scale
-    return kl, d_iq.to(iq.dtype), d_ik.to(ik.dtype)
+    if ent_part is None:
+        return kl, d_iq.to(iq.dtype), d_ik.to(ik.dtype)
+    # Means as reference.msa_attention: index entropy per (b, g, query) row, main entropy per
+    # (b, query head, query) row; ``norm`` is the row count (or the caller's normalizer).
+    sums = ent_part.sum(0)
+    stats = {"index_entropy": sums[0] / norm, "main_entropy": sums[1] / (norm * G)}
+    return kl, d_iq.to(iq.dtype), d_ik.to(ik.dtype), stats
 
 
 def sparse_kl_backward(
     q: Tensor, k: Tensor, iq: Tensor, ik: Tensor, block_idx: Tensor, main_lse: Tensor, index_lse: Tensor,
     cfg: MSAConfig, q_pos: Optional[Tensor] = None, grad_scale=1.0, *, softmax_scale: Optional[float] = None,
-    normalizer: Optional[float] = None, plan: Optional[ReverseIndex] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
+    normalizer: Optional[float] = None, plan: Optional[ReverseIndex] = None, return_stats: bool = False,
+):
     """KL(teacher || student) over each row's selected tokens: its value and its gradient
     w.r.t. iq and ik in one pass (no separate KL forward), as ``reference.sparse_kl_loss``.
 
@@ -798,10 +829,16 @@ def sparse_kl_backward(
         normalizer: the mean's denominator (default b * g * sq rows, as the reference);
             context parallelism may pass the global row count.
         plan: the reverse index returned by ``index_select(..., return_plan=True)``.
+        return_stats: also return the entropy statistics, by-products of the same pass
+            (a few extra element-wise ops per tile; off: the kernel compiles without them).
 
     Returns:
         kl: fp32 scalar, sum of P (log P - log Q) / normalizer (for logging; detached);
-        d_iq [b, sq, g, di] in iq's dtype; d_ik [b, sk, di] in ik's dtype.
+        d_iq [b, sq, g, di] in iq's dtype; d_ik [b, sk, di] in ik's dtype;
+        with ``return_stats`` a 4th item, a dict of fp32 scalars defined as the reference's
+        ``msa_attention`` stats: ``index_entropy`` = sum over rows of H(Q) / normalizer,
+        ``main_entropy`` = sum over rows and the G heads of H(P_h) / (normalizer * G)
+        (the entropy of each head's main softmax over the same tokens; natural log).
     The gradient w.r.t. the student logits is (Q - P) * index_softmax_scale / normalizer.
     d_iq / d_ik are accumulated with fp32 atomics (not bitwise deterministic)."""
     tens, d_iq32, d_ik32, consts, scalars, norm, dims = _kl_common(
@@ -816,23 +853,24 @@ def sparse_kl_backward(
         plan = build_reverse_index(block_idx, nb, lc.items_chunk)
     n_items = plan.item_key.numel()
     kl_part = torch.zeros(max(n_items, 1), device=iq.device, dtype=torch.float32)
+    ent_part = _stats_buffer(n_items, return_stats, kl_part)
     qc, kc, iqc, ikc = tens
     if n_items:
         _kl_kernel[(n_items,)](
-            qc, kc, iqc, ikc, main_lse, index_lse, q_pos, d_iq32, d_ik32, kl_part,
+            qc, kc, iqc, ikc, main_lse, index_lse, q_pos, d_iq32, d_ik32, kl_part, ent_part,
             plan.order, plan.item_key, plan.item_start, plan.item_end,
             sq, sk, g, nb, *scalars, *_strides(qc, kc, iqc, ikc, main_lse, index_lse, d_iq32, d_ik32),
-            K=block_idx.shape[-1], BLOCK_Q=lc.items_block_q, CHUNK=plan.chunk, DENSE=False,
+            K=block_idx.shape[-1], BLOCK_Q=lc.items_block_q, CHUNK=plan.chunk, DENSE=False, STATS=return_stats,
             num_warps=lc.kl_warps, num_stages=lc.kl_stages, **consts,
         )
-    return _finish(kl_part, norm, d_iq32, d_ik32, iq, ik, grad_scale)
+    return _finish(kl_part, norm, d_iq32, d_ik32, iq, ik, grad_scale, ent_part if return_stats else None, hq // g)
 
 
 def dense_kl_backward(
     q: Tensor, k: Tensor, iq: Tensor, ik: Tensor, main_lse: Tensor, cfg: MSAConfig,
     q_pos: Optional[Tensor] = None, grad_scale=1.0, *, softmax_scale: Optional[float] = None,
-    normalizer: Optional[float] = None, index_lse: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
+    normalizer: Optional[float] = None, index_lse: Optional[Tensor] = None, return_stats: bool = False,
+):
     """Warmup-phase KL over all causal tokens (``reference.dense_kl_loss``): value and
     gradients w.r.t. iq, ik.
 
@@ -841,7 +879,8 @@ def dense_kl_backward(
     :func:`dense_main_lse`); the student's normaliser is computed here by one exp pass over
     the index scores (:func:`dense_index_lse`) unless ``index_lse`` is given. The gradient
     pass costs about one dense QK^T pass over all query heads (no PV), i.e. about half a
-    dense attention forward. Arguments and returns as :func:`sparse_kl_backward`."""
+    dense attention forward. Arguments and returns (``return_stats`` included: entropies over all
+    causal tokens) as :func:`sparse_kl_backward`."""
     tens, d_iq32, d_ik32, consts, scalars, norm, dims = _kl_common(
         q, k, iq, ik, main_lse,
         index_lse if index_lse is not None else torch.empty(iq.shape[0], iq.shape[2], iq.shape[1], device=iq.device),
@@ -856,16 +895,17 @@ def dense_kl_backward(
     chunk = lc.items_chunk * 4
     n_chunks = triton.cdiv(sq, chunk) if sq else 0
     kl_part = torch.zeros(max(b * g * nb * n_chunks, 1), device=iq.device, dtype=torch.float32)
+    ent_part = _stats_buffer(b * g * nb * n_chunks, return_stats, kl_part)
     qc, kc, iqc, ikc = tens
     if n_chunks:
         _kl_kernel[(b * g * nb, n_chunks)](
-            qc, kc, iqc, ikc, main_lse, index_lse, q_pos, d_iq32, d_ik32, kl_part,
+            qc, kc, iqc, ikc, main_lse, index_lse, q_pos, d_iq32, d_ik32, kl_part, ent_part,
             q_pos, q_pos, q_pos, q_pos,  # no reverse index in dense mode (unused pointers)
             sq, sk, g, nb, *scalars, *_strides(qc, kc, iqc, ikc, main_lse, index_lse, d_iq32, d_ik32),
-            K=1, BLOCK_Q=lc.items_block_q, CHUNK=chunk, DENSE=True,
+            K=1, BLOCK_Q=lc.items_block_q, CHUNK=chunk, DENSE=True, STATS=return_stats,
             num_warps=lc.kl_warps, num_stages=lc.kl_stages, **consts,
         )
-    return _finish(kl_part, norm, d_iq32, d_ik32, iq, ik, grad_scale)
+    return _finish(kl_part, norm, d_iq32, d_ik32, iq, ik, grad_scale, ent_part if return_stats else None, hq // g)
 
 
 def dense_main_lse(q: Tensor, k: Tensor, q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None) -> Tensor:

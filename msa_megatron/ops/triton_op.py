@@ -10,6 +10,9 @@ Composition (forward):
        (teacher rebuilt from the main branch's LSE; no second attention pass); an autograd
        node w.r.t. iq, ik only returns the saved gradient times the incoming one.
 So the KL never sends gradient to q/k/v and the attention output never to iq/ik.
+Alternative (``KernelConfig.kl_fused``, opt-in, mode msa with a backward): the KL is computed
+inside the main backward from the P it recomputes (no teacher rebuild); one autograd node
+returns (out, lse, kl, entropies) and its value/stats are NaN until that backward has run.
 
 The index branch sits behind a small seam (:data:`INDEX_BACKEND`): ``"triton"`` uses
 ``msa_megatron.ops.triton_index`` (the fused selection and KL-backward kernels),
@@ -23,7 +26,6 @@ kernel with every visible block selected, which is exactly dense causal attentio
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
@@ -36,6 +38,7 @@ from torch import Tensor
 from .. import reference
 from ..config import ATTENTION_MODES, MSAConfig
 from ..reference import MSAAux
+from . import triton_sparse_attn as _tsa
 from .triton_sparse_attn import KernelConfig, sparse_attention
 
 log = logging.getLogger("msa_megatron.ops")
@@ -117,31 +120,19 @@ def _kl_reference(mode: str, q, k, iq, ik, block_idx, cfg, q_pos, scale, need_gr
 
 
 def _kl_triton(mode: str, q, k, iq, ik, block_idx, main_lse, index_lse, index_plan, cfg, q_pos, scale) -> _KLResult:
+    """The KL kernel's one pass gives the value, d_iq, d_ik and (``cfg.track_entropy``) the
+    entropy statistics: no reference pass on this path."""
     ti = _index_module()
-    kw = {}
+    stats_kw = dict(grad_scale=1.0, softmax_scale=scale, return_stats=bool(cfg.track_entropy))
     if mode == "msa":
-        fn = ti.sparse_kl_backward
-        args = (q, k, iq, ik, block_idx, main_lse, index_lse, cfg, q_pos)
-        kw["plan"] = index_plan
+        res = ti.sparse_kl_backward(q, k, iq, ik, block_idx, main_lse, index_lse, cfg, q_pos, plan=index_plan, **stats_kw)
     else:
-        fn = ti.dense_kl_backward
-        args = (q, k, iq, ik, main_lse, cfg, q_pos)
-    wants_stats = cfg.track_entropy and "return_stats" in inspect.signature(fn).parameters
-    if wants_stats:
-        kw["return_stats"] = True
-    res = fn(*args, grad_scale=1.0, softmax_scale=scale, **kw)
+        res = ti.dense_kl_backward(q, k, iq, ik, main_lse, cfg, q_pos, **stats_kw)
     stats: Dict[str, Tensor] = {}
-    if wants_stats:
+    if cfg.track_entropy:
         kl, d_iq, d_ik, stats = res
     else:
         kl, d_iq, d_ik = res
-        if cfg.track_entropy:
-            # The index kernels do not return entropies yet: one reference KL pass (no grad) gives
-            # them. Correct but slow at long context; set msa.track_entropy=false to skip.
-            _announce("entropy-ref", "MSA: entropy statistics come from a reference KL pass (slow); "
-                                     "set msa.track_entropy=false to skip them")
-            with torch.no_grad():
-                stats = _kl_reference(mode, q, k, iq, ik, block_idx, cfg, q_pos, scale, False).stats
     return _KLResult(kl.detach().float().reshape(()), d_iq, d_ik, stats)
 
 
@@ -159,6 +150,82 @@ class _KLFromGrads(torch.autograd.Function):
         giq = (d_iq.float() * g).to(d_iq.dtype) if ctx.needs_input_grad[0] else None
         gik = (d_ik.float() * g).to(d_ik.dtype) if ctx.needs_input_grad[1] else None
         return giq, gik, None, None, None
+
+
+class _SparseAttentionKLFn(torch.autograd.Function):
+    """Sparse main branch whose backward also computes the indexer KL (kernel_config.kl_fused):
+    (q, k, v, iq, ik) -> (out, lse, kl, index_entropy, main_entropy).
+
+    The KL's teacher is the head-mean of the P the main backward recomputes, so its value and
+    statistics exist only once that backward has run: the forward returns NaN placeholders (views
+    of one buffer) that the backward fills in place. out depends on q, k, v only; kl on iq, ik
+    only (the teacher is detached), as in the separate path: dkl scales d_iq, d_ik, dout the rest."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, iq, ik, block_idx, block_size, q_pos, scale, config, deterministic, index_lse,
+                index_scale):
+        cfg = config or _tsa.default_config()
+        block_idx = block_idx.contiguous()
+        b, sq, hq, d = q.shape
+        plan = None
+        if sq:  # one reverse index for the forward and the backward
+            _tsa._check_inputs(q, k, v, block_idx, block_size)
+            need = _tsa.partial_bytes_per_pos(
+                q, k.shape[2], block_idx.shape[-1], block_size, fwd=cfg.fwd_impl == "kv", bwd=True,
+                deterministic=deterministic, config=cfg, kl_di=iq.shape[-1],
+                dq_partial_dtype=q.dtype if cfg.dq_partial_lowp else torch.float32)
+            plan = _tsa.build_plan(block_idx, k.shape[1], block_size, need, cfg)
+        out, lse = _tsa.sparse_attention_fwd(q, k, v, block_idx, block_size, q_pos, scale, config=cfg, plan=plan)
+        holder = torch.full((3,), float("nan"), dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse, block_idx, q_pos, iq, ik, index_lse)
+        ctx.holder = holder.data  # filled by the backward; .data: no version bump on the outputs
+        ctx.block_size, ctx.scale, ctx.cfg, ctx.plan, ctx.det, ctx.iscale = (
+            block_size, scale, cfg, plan, deterministic, index_scale)
+        kl, ent_i, ent_m = holder.unbind(0)
+        ctx.mark_non_differentiable(lse, ent_i, ent_m)
+        return out, lse, kl, ent_i, ent_m
+
+    @staticmethod
+    def backward(ctx, dout, dlse, dkl, d_ent_i, d_ent_m):
+        q, k, v, out, lse, block_idx, q_pos, iq, ik, index_lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, res = _tsa.sparse_attention_bwd(
+            dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos, ctx.scale, deterministic=ctx.det,
+            config=ctx.cfg, plan=ctx.plan, kl=_tsa.FusedKL(iq, ik, index_lse, ctx.iscale))
+        ctx.holder.copy_(torch.stack([res.kl, res.stats["index_entropy"], res.stats["main_entropy"]]))
+        d_iq = d_ik = None
+        if dkl is not None:
+            if ctx.needs_input_grad[3]:
+                d_iq = (res.d_iq * dkl).to(iq.dtype)
+            if ctx.needs_input_grad[4]:
+                d_ik = (res.d_ik * dkl).to(ik.dtype)
+        return dq, dk, dv, d_iq, d_ik, None, None, None, None, None, None, None, None
+
+
+def _kl_path(mode: str, backend: str, need_grad: bool, kernel_config: Optional[KernelConfig]) -> str:
+    """'fused' (KL inside the main backward) or 'separate' (the KL kernel, in the forward);
+    logged once per path and reason, so a run's log says which one it uses."""
+    kc = kernel_config or _tsa.default_config()
+    if backend != "triton":
+        if kc.kl_fused:
+            raise ValueError("kernel_config kl_fused=1 needs the Triton index backend (it consumes the Triton index LSE)")
+        return "separate"  # the reference KL terms with autograd
+    if not kc.kl_fused:
+        _announce("kl-separate", "MSA: indexer KL by the separate KL kernel in the forward "
+                                 "(kernel_config kl_fused=0)")
+        return "separate"
+    if mode != "msa":
+        _announce("kl-separate-warmup", f"MSA: mode {mode}: dense-teacher KL by the separate KL kernel "
+                                        "(kl_fused applies to mode msa only)")
+        return "separate"
+    if not need_grad:
+        _announce("kl-separate-nograd", "MSA: no gradient for iq/ik: KL by the separate KL kernel in the forward "
+                                        "(kl_fused needs a backward)")
+        return "separate"
+    _announce("kl-fused", "MSA: indexer KL fused into the main backward (kernel_config kl_fused=1): aux.kl and the "
+                          "entropy stats are NaN until that backward has run")
+    return "fused"
 
 
 # ----------------------------------------------------------------------------- dense main branch
@@ -241,7 +308,9 @@ def msa_attention_triton(
     dense reference pass: call on sampled steps). ``deterministic=False`` lets the sparse
     backward accumulate dQ with atomics (faster, not bitwise reproducible).
     ``compute_kl=False`` (inference / prefill, not in the reference) skips the KL and the
-    entropy statistics: ``aux.kl`` is None."""
+    entropy statistics: ``aux.kl`` is None. ``kernel_config.kl_fused`` (mode msa, iq/ik needing
+    gradients): the KL is computed inside the main backward; ``aux.kl`` and the entropy stats
+    are then NaN until that backward has run (logged once; see docs/kernels_main.md)."""
     mode = mode or cfg.mode
     if mode not in ATTENTION_MODES:
         raise ValueError(f"mode={mode!r} is invalid: allowed values are dense, msa_warmup, msa")
@@ -268,6 +337,16 @@ def msa_attention_triton(
     iq_d, ik_d = iq.detach(), ik.detach()
     block_idx, index_lse, index_plan = _select(iq_d, ik_d, cfg, pos, backend, given=block_idx)
     aux.block_idx = block_idx
+    need_grad = torch.is_grad_enabled() and (iq.requires_grad or ik.requires_grad)
+    if compute_kl and _kl_path(mode, backend, need_grad, kernel_config) == "fused":
+        out, aux.lse, aux.kl, ent_i, ent_m = _SparseAttentionKLFn.apply(
+            q, k, v, iq, ik, block_idx, cfg.block_size, pos, scale, kernel_config, deterministic, index_lse,
+            cfg.index_softmax_scale)
+        if cfg.track_entropy:
+            aux.stats.update(index_entropy=ent_i, main_entropy=ent_m)
+        if compute_recall:
+            aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale)
+        return out, aux
     if mode == "msa":
         out, lse = sparse_attention(q, k, v, block_idx, cfg.block_size, pos, scale,
                                     config=kernel_config, deterministic=deterministic)
@@ -278,7 +357,6 @@ def msa_attention_triton(
         if compute_recall:
             aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale)
         return out, aux
-    need_grad = torch.is_grad_enabled() and (iq.requires_grad or ik.requires_grad)
     qd, kd = q.detach(), k.detach()
     if backend == "reference":
         res = _kl_reference(mode, qd, kd, iq_d, ik_d, block_idx, cfg, pos, scale, need_grad)

@@ -78,6 +78,8 @@ class KernelConfig:
     partial_bytes: int = 0  # memory budget of the per-chunk partial buffers; 0 = auto (see _partial_budget)
     chunk_queries: int = 0  # cap on query positions per chunk (smaller: q rows more L2-resident); 0 = none
     lpt_order: bool = True  # launch the largest work items first
+    kl_fused: bool = False  # msa op: indexer KL inside the main backward (one pass; values known after backward)
+    kl_bwd_stages: int = 1  # pipeline depth of the backward with the fused KL (sm_90a: 2 stages = 225 KB of 227 KB smem)
 
     def __post_init__(self) -> None:
         if self.fwd_impl not in ("kv", "q"):
@@ -89,6 +91,8 @@ class KernelConfig:
         for name in ("fwd_warps", "bwd_warps", "q_warps"):
             if getattr(self, name) not in (1, 2, 4, 8, 16):
                 raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be 1, 2, 4, 8 or 16")
+        if self.kl_bwd_stages < 1:
+            raise ValueError(f"KernelConfig.kl_bwd_stages={self.kl_bwd_stages}: must be >= 1")
 
     @classmethod
     def from_spec(cls, spec: str, base: Optional["KernelConfig"] = None) -> "KernelConfig":
@@ -104,7 +108,7 @@ class KernelConfig:
                 raise ValueError(f"kernel config: unknown field {name!r}; fields: {', '.join(types)}")
             if name == "fwd_impl":
                 kw[name] = value
-            elif name in ("lpt_order", "dq_partial_lowp", "bwd_split"):
+            elif name in ("lpt_order", "dq_partial_lowp", "bwd_split", "kl_fused"):
                 kw[name] = value.lower() in ("1", "true", "yes")
             else:
                 kw[name] = int(value)
@@ -318,17 +322,28 @@ def _delta_kernel(
 def _bwd_kv_kernel(
     Q, K, V, DO, LSE, DELTA, QPOS, PERM, IT_BG, IT_BLK, IT_START, IT_END, IT_PSLOT,
     DQ, DKACC, DVACC, DKPART, DVPART,
+    IQ, IK, ILSE, DIQ, DIK, KLPART,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_db, stride_dt, stride_dh,
-    t0, cq, sq, sk, n_groups, G, D, sm_scale, qk_scale,
+    stride_iqb, stride_iqt, stride_iqg, stride_ikb, stride_ikt, stride_ilb, stride_ilg,
+    t0, cq, sq, sk, n_groups, G, D, sm_scale, qk_scale, iscale, kl_coef,
     KSEL: tl.constexpr, NSUB: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
     GP: tl.constexpr, QP: tl.constexpr, DP: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, PART: tl.constexpr,
+    KL: tl.constexpr, KLJ: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
 ):
     """KV-outer backward for one work item x one BN-key sub-tile: dK/dV in registers over the
     item's queries; dQ per (pair, sub-tile, head) into a partial buffer (or fp32 atomics into
     the chunk's dQ accumulator [b, cq, hq, d]). PART 0: all of it (5 dots); 1: dV only;
-    2: dK and dQ only (split mode: one accumulator per program, 6 dots in all)."""
+    2: dK and dQ only (split mode: one accumulator per program, 6 dots in all).
+
+    KL (fused indexer KL backward, in PART 0 or 1): the tile already holds every head's P_h
+    for its QP pairs, so the teacher P-bar = mean_h P_h is a reduction over the tile's heads.
+    P-bar of KLJ consecutive row tiles (KLJ * QP >= 16 pairs: an MMA-sized student tile) is
+    collected in registers, then per group: log Q = iq . ik * iscale - index_lse (one dot),
+    dS = (Q - P-bar) * kl_coef (bf16 like dS above), d_ik += dS^T-side dot in registers (one
+    atomic add per program), d_iq += dS . ik (fp32 atomics), and the KL / entropy partial sums
+    (KLPART[program] = (KL, sum Q ln Q, sum_h P_h log2 P_h), signs/units fixed on the host)."""
     item = tl.program_id(0)
     sub = tl.program_id(1)
     bg = tl.load(IT_BG + item)
@@ -356,6 +371,21 @@ def _bwd_kv_kernel(
     pr = r // GP
     h = r % GP
     head = (gi * G + h).to(tl.int64)
+    KLON: tl.constexpr = KL and PART != 2
+    if KLON:
+        offs_i = tl.arange(0, DIP)
+        imask = offs_i < DI
+        ikb = tl.load(IK + bi.to(tl.int64) * stride_ikb + kpos.to(tl.int64)[:, None] * stride_ikt + offs_i[None, :],
+                      mask=kin[:, None] & imask[None, :], other=0.0)
+        if UPCAST:
+            ikb = ikb.to(tl.float32)
+        dik = tl.zeros([BN, DIP], tl.float32)
+        cc = tl.arange(0, QP * KLJ)
+        jj = tl.arange(0, KLJ)
+        pbar3 = tl.zeros([BN, KLJ, QP], tl.float32)  # P-bar of the group's KLJ row tiles
+        kl_acc = tl.zeros([BN], tl.float32)
+        ent_i = tl.zeros([BN], tl.float32)
+        ent_m = tl.zeros([BN], tl.float32)
     for e0 in range(start, end, QP):
         e = e0 + pr
         rvalid = (e < end) & (h < G)
@@ -380,6 +410,38 @@ def _bwd_kv_kernel(
         sT = tl.dot(kt, tl.trans(qt), input_precision=DOT_PREC) * qk_scale
         validT = rvalid[None, :] & kin[:, None] & (kpos[:, None] <= qpos[None, :])
         pT = tl.where(validT, tl.exp2(sT - lse2[None, :]), 0.0)
+        if KLON:
+            ent_m += tl.sum(tl.where(validT, pT * (sT - lse2[None, :]), 0.0), 1)
+            jcur = ((e0 - start) // QP) % KLJ
+            pb = tl.sum(tl.reshape(pT, (BN, QP, GP)), 2)  # head sum per pair: [BN, QP]
+            pbar3 = tl.where(jj[None, :, None] == jcur, pb[:, None, :], pbar3)
+            if (jcur == KLJ - 1) | (e0 + QP >= end):  # group complete: the student step
+                e00 = e0 - jcur * QP
+                ec = e00 + cc
+                cvalid = ec < end
+                cpair = tl.load(PERM + ec, mask=cvalid, other=0).to(tl.int64)
+                ct = t0 + (cpair // KSEL) % cq
+                cpos = tl.load(QPOS + ct, mask=cvalid, other=-1)
+                iq_off = bi.to(tl.int64) * stride_iqb + ct * stride_iqt + gi * stride_iqg
+                iqc = tl.load(IQ + iq_off[:, None] + offs_i[None, :], mask=cvalid[:, None] & imask[None, :], other=0.0)
+                if UPCAST:
+                    iqc = iqc.to(tl.float32)
+                ilse = tl.load(ILSE + bi.to(tl.int64) * stride_ilb + gi * stride_ilg + ct, mask=cvalid, other=0.0)
+                pbar = tl.reshape(pbar3, (BN, QP * KLJ)) / G
+                cv = cvalid[None, :] & kin[:, None] & (kpos[:, None] <= cpos[None, :])
+                logq = tl.dot(ikb, tl.trans(iqc), input_precision=DOT_PREC) * iscale - ilse[None, :]
+                qs = tl.where(cv, tl.exp(logq), 0.0)
+                kl_acc += tl.sum(tl.where(cv & (pbar > 0), pbar * (tl.log(tl.where(pbar > 0, pbar, 1.0)) - logq), 0.0), 1)
+                ent_i += tl.sum(tl.where(cv, qs * logq, 0.0), 1)
+                dsk = tl.where(cv, (qs - pbar) * kl_coef, 0.0).to(IK.dtype.element_ty)
+                if UPCAST:
+                    dsk = dsk.to(tl.float32)
+                dik += tl.dot(dsk, iqc, input_precision=DOT_PREC)
+                diq = tl.dot(tl.trans(dsk), ikb, input_precision=DOT_PREC)
+                diq_off = ((bi.to(tl.int64) * sq + ct) * n_groups + gi) * DI
+                tl.atomic_add(DIQ + diq_off[:, None] + offs_i[None, :], diq, mask=cvalid[:, None] & imask[None, :],
+                              sem="relaxed")
+                pbar3 = tl.zeros([BN, KLJ, QP], tl.float32)
         if PART != 2:
             dv += tl.dot(pT.to(dot_.dtype), dot_, input_precision=DOT_PREC)
         if PART != 1:
@@ -393,6 +455,13 @@ def _bwd_kv_kernel(
             else:
                 prow = (pair * NSUB + sub) * G + h
                 tl.store(DQ + prow[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask)
+    if KLON:
+        tl.atomic_add(DIK + (bi.to(tl.int64) * sk + kpos.to(tl.int64))[:, None] * DI + offs_i[None, :], dik,
+                      mask=kin[:, None] & imask[None, :], sem="relaxed")
+        prog = (item * NSUB + sub) * 3
+        tl.store(KLPART + prog, tl.sum(kl_acc, 0))
+        tl.store(KLPART + prog + 1, tl.sum(ent_i, 0))
+        tl.store(KLPART + prog + 2, tl.sum(ent_m, 0))
     dk = dk * sm_scale
     pslot = tl.load(IT_PSLOT + item)
     if pslot < 0:
@@ -531,9 +600,14 @@ def _block_n(block_size: int, cap: int) -> int:
 
 #: Shared memory the KV-outer kernels may plan for (H100/H200 allow 227 KB per block).
 SMEM_BUDGET = 200 * 1024
+#: The fused KL's extra shared memory is mostly its [bn, di] index-key tile plus as much
+#: scratch; sm_90a AOT (bf16, d = di = 128, 64 rows x 128 keys): 168 KB at kl_bwd_stages=1,
+#: 225 KB at 2 (vs 161 KB without the KL). Larger index dims shrink the key tile.
+KL_IK_TILE_BYTES = 32 * 1024
 
 
-def kv_tiles(kind: str, dtype: torch.dtype, d: int, G: int, block_size: int, cfg: KernelConfig) -> Tuple[int, int]:
+def kv_tiles(kind: str, dtype: torch.dtype, d: int, G: int, block_size: int, cfg: KernelConfig,
+             kl_di: int = 0) -> Tuple[int, int]:
     """(QP positions per row tile, BN keys per program) of the KV-outer forward (``kind='fwd'``)
     or backward (``'bwd'``): the configured sizes, shrunk (rows first, then keys) until the
     estimated shared memory fits :data:`SMEM_BUDGET` (fp32 inputs, head dims above 128).
@@ -559,6 +633,9 @@ def kv_tiles(kind: str, dtype: torch.dtype, d: int, G: int, block_size: int, cfg
             bn //= 2
         else:
             break
+    if kl_di:  # fused KL (backward): keep its index-key tile [bn, di] at <= 32 KB, the size AOT-checked
+        while bn > 16 and bn * _next_pow2(max(16, kl_di)) * elt > KL_IK_TILE_BYTES:
+            bn //= 2
     return qp, bn
 
 
@@ -664,6 +741,62 @@ def _plan_key(block_idx: Tensor, sk: int, block_size: int) -> tuple:
     return (tuple(block_idx.shape), sk, block_size, str(block_idx.device), block_idx.data_ptr())
 
 
+# ----------------------------------------------------------------------------- fused indexer KL
+@dataclass
+class FusedKL:
+    """Inputs of the indexer KL computed inside the main backward (``sparse_attention_bwd(...,
+    kl=FusedKL(...))``): the student is softmax(iq . ik * index_scale) over each row's selected
+    causal tokens, normalised by ``index_lse``; the teacher is the group's head-mean of the main
+    softmax the backward recomputes anyway. Same definitions as ``reference.sparse_kl_terms``."""
+
+    iq: Tensor  # [b, sq, g, di], q's dtype
+    ik: Tensor  # [b, sk, di], q's dtype
+    index_lse: Tensor  # [b, g, sq] fp32 (natural log), from index_select / selected_lse
+    index_scale: float  # cfg.index_softmax_scale
+    normalizer: Optional[float] = None  # the mean's denominator; default b * g * sq rows
+
+
+@dataclass
+class FusedKLResult:
+    """kl: mean KL (fp32 0-dim); d_iq [b, sq, g, di] / d_ik [b, sk, di]: fp32 gradients of that
+    mean (times nothing); stats: index_entropy, main_entropy means (reference definitions)."""
+
+    kl: Tensor
+    d_iq: Tensor
+    d_ik: Tensor
+    stats: dict
+
+
+def _check_fused_kl(kl: FusedKL, q: Tensor, sk: int, g: int) -> Tuple[Tensor, Tensor, Tensor, int, float]:
+    b, sq = q.shape[:2]
+    iq, ik, ilse = kl.iq, kl.ik, kl.index_lse
+    if iq.dim() != 4 or tuple(iq.shape[:3]) != (b, sq, g):
+        raise ValueError(f"FusedKL.iq must be [b={b}, sq={sq}, g={g}, di]; got {tuple(iq.shape)}")
+    di = iq.shape[3]
+    if ik.dim() != 3 or tuple(ik.shape) != (b, sk, di):
+        raise ValueError(f"FusedKL.ik must be [b={b}, sk={sk}, di={di}]; got {tuple(ik.shape)}")
+    if iq.dtype != q.dtype or ik.dtype != q.dtype:
+        raise TypeError(f"FusedKL.iq/ik must have q's dtype {q.dtype}; got {iq.dtype}, {ik.dtype}")
+    if di > 256:
+        raise ValueError(f"FusedKL index dim {di} > 256 is not supported")
+    if tuple(ilse.shape) != (b, g, sq) or ilse.dtype != torch.float32:
+        raise ValueError(f"FusedKL.index_lse must be fp32 [b={b}, g={g}, sq={sq}]; got {ilse.dtype} {tuple(ilse.shape)}")
+    if iq.device != q.device or ik.device != q.device or ilse.device != q.device:
+        raise ValueError("FusedKL tensors must be on q's device")
+    norm = float(kl.normalizer if kl.normalizer is not None else max(1, b * g * sq))
+    if norm <= 0:
+        raise ValueError(f"FusedKL.normalizer must be > 0, got {norm}")
+    iq = iq.detach() if iq.stride(-1) == 1 else iq.detach().contiguous()
+    ik = ik.detach() if ik.stride(-1) == 1 else ik.detach().contiguous()
+    ilse = ilse.detach() if ilse.stride(-1) == 1 else ilse.detach().contiguous()
+    return iq, ik, ilse, di, norm
+
+
+def _kl_group(QP: int) -> int:
+    """Row tiles per student step of the fused KL: >= 16 query pairs (the smallest MMA tile)."""
+    return max(1, 16 // QP)
+
+
 # ----------------------------------------------------------------------------- host wrappers
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int) -> Tuple[int, int, int, int, int, int, int]:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -722,9 +855,10 @@ def _upcast(x: Tensor) -> bool:
 
 def partial_bytes_per_pos(q: Tensor, num_kv_heads: int, K: int, block_size: int, fwd: bool = True, bwd: bool = False,
                           deterministic: bool = True, dq_partial_dtype: torch.dtype = torch.float32,
-                          config: Optional[KernelConfig] = None) -> int:
+                          config: Optional[KernelConfig] = None, kl_di: int = 0) -> int:
     """Bytes of partial buffers per query position: forward (out partial + LSE per (slot,
-    sub-tile, head)), backward (dQ partials, or the fp32 dQ accumulator with atomics)."""
+    sub-tile, head)), backward (dQ partials, or the fp32 dQ accumulator with atomics); ``kl_di``:
+    the backward runs the fused KL with that index dim (its key tile may be narrower)."""
     cfg = config or default_config()
     b, _, hq, d = q.shape
     need = 0
@@ -732,7 +866,7 @@ def partial_bytes_per_pos(q: Tensor, num_kv_heads: int, K: int, block_size: int,
         bn = kv_tiles("fwd", q.dtype, d, hq // num_kv_heads, block_size, cfg)[1]
         need = b * hq * K * (block_size // bn) * (d * q.element_size() + 4)
     if bwd:
-        bn = kv_tiles("bwd", q.dtype, d, hq // num_kv_heads, block_size, cfg)[1]
+        bn = kv_tiles("bwd", q.dtype, d, hq // num_kv_heads, block_size, cfg, kl_di=kl_di)[1]
         rows = b * hq * K * (block_size // bn)
         dq_bytes = rows * d * torch.empty((), dtype=dq_partial_dtype).element_size() if deterministic else b * hq * d * 4
         need = max(need, dq_bytes)
@@ -819,10 +953,14 @@ def sparse_attention_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, block_idx: Tensor, block_size: int,
     q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
     *, deterministic: bool = True, dq_partial_dtype: Optional[torch.dtype] = None,
-    config: Optional[KernelConfig] = None, plan: Optional[Plan] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
+    config: Optional[KernelConfig] = None, plan: Optional[Plan] = None, kl: Optional[FusedKL] = None,
+):
     """Sparse main-branch backward: (dq, dk, dv) in the inputs' dtypes; dK/dV of a KV head sum
     over its group's query heads.
+
+    ``kl``: also the indexer KL over the same selection, fused into the same tiles (the teacher
+    is the head-mean of the P the backward recomputes): returns ``(dq, dk, dv, FusedKLResult)``.
+    The KL's d_iq / d_ik use fp32 atomics (not bitwise reproducible, as the separate KL kernel).
 
     ``deterministic=True`` (default): dQ partials per (query, slot) in ``dq_partial_dtype``
     (default fp32, or q's dtype with ``KernelConfig.dq_partial_lowp``: half the memory traffic
@@ -847,11 +985,30 @@ def sparse_attention_bwd(
     lse = lse.contiguous()
     block_idx = block_idx.contiguous()
     DP = _next_pow2(d)
+    if kl is not None:
+        kiq, kik, kilse, di, kl_norm = _check_fused_kl(kl, q, sk, g)
     if plan is None or plan.key != _plan_key(block_idx, sk, block_size):
         need = partial_bytes_per_pos(q, g, K, block_size, fwd=False, bwd=True, deterministic=deterministic,
-                                     dq_partial_dtype=dq_partial_dtype, config=cfg)
+                                     dq_partial_dtype=dq_partial_dtype, config=cfg,
+                                     kl_di=di if kl is not None else 0)
         plan = build_plan(block_idx, sk, block_size, need, cfg)
-    QP, bn = kv_tiles("bwd", q.dtype, d, G, block_size, cfg)
+    dummy = torch.empty(1, dtype=torch.float32, device=q.device)
+    if kl is not None:
+        DIP = max(16, _next_pow2(di))
+        d_iq32 = torch.zeros((b, sq, g, di), dtype=torch.float32, device=q.device)
+        d_ik32 = torch.zeros((b, sk, di), dtype=torch.float32, device=q.device)
+        kl_args = (kiq, kik, kilse, d_iq32, d_ik32)
+        kl_strides = (kiq.stride(0), kiq.stride(1), kiq.stride(2), kik.stride(0), kik.stride(1),
+                      kilse.stride(0), kilse.stride(1))
+        kl_scalars = (float(kl.index_scale), float(kl.index_scale) / kl_norm)
+        kl_parts = []
+    else:
+        di, DIP = 16, 16
+        kl_args = (dummy,) * 5
+        kl_strides = (0,) * 7
+        kl_scalars = (1.0, 1.0)
+    QP, bn = kv_tiles("bwd", q.dtype, d, G, block_size, cfg, kl_di=di if kl is not None else 0)
+    stages = cfg.kl_bwd_stages if kl is not None else cfg.bwd_stages
     nsub = block_size // bn
     GP = _next_pow2(G)
     prec, up = _dot_prec(q.dtype), _upcast(q)
@@ -859,9 +1016,12 @@ def sparse_attention_bwd(
     dk_acc = torch.zeros((b, sk, g, d), dtype=torch.float32, device=q.device)
     dv_acc = torch.zeros((b, sk, g, d), dtype=torch.float32, device=q.device)
     if sq == 0:
+        if kl is not None:
+            zero = torch.zeros((), dtype=torch.float32, device=q.device)
+            res = FusedKLResult(zero, d_iq32, d_ik32, {"index_entropy": zero.clone(), "main_entropy": zero.clone()})
+            return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype), res
         return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
     delta = _delta(out, do)
-    dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     TQ = _combine_tq(GP, DP)
     for ch in plan.chunks:
         cq, nt = ch.cq, ch.t1 - ch.t0
@@ -875,18 +1035,23 @@ def sparse_attention_bwd(
             dvpart = _alloc((ch.n_split_items, block_size, d), torch.float32, q.device)
         else:
             dkpart = dvpart = dummy
+        klpart = dummy
+        if kl is not None and ch.n_items:  # (KL, sum Q ln Q, sum P log2 P) per (item, sub-tile)
+            klpart = _alloc((ch.n_items * nsub, 3), torch.float32, q.device)
+            kl_parts.append(klpart)
         for part in ((1, 2) if cfg.bwd_split else (0,)):
             if not ch.n_items:
                 break
             _bwd_kv_kernel[(ch.n_items, nsub)](
                 q, k, v, do, lse, delta, pos, plan.perm, ch.it_bg, ch.it_blk, ch.it_start, ch.it_end, ch.it_pslot,
-                dqbuf, dk_acc, dv_acc, dkpart, dvpart,
+                dqbuf, dk_acc, dv_acc, dkpart, dvpart, *kl_args, klpart,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                do.stride(0), do.stride(1), do.stride(2),
-                ch.t0, cq, sq, sk, g, G, d, scale, scale * LOG2E,
+                do.stride(0), do.stride(1), do.stride(2), *kl_strides,
+                ch.t0, cq, sq, sk, g, G, d, scale, scale * LOG2E, *kl_scalars,
                 KSEL=K, NSUB=nsub, BLOCK=block_size, BN=bn, GP=GP, QP=QP, DP=DP,
                 DQ_ATOMIC=not deterministic, DOT_PREC=prec, UPCAST=up, PART=part,
-                num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
+                KL=kl is not None, KLJ=_kl_group(QP), DI=di, DIP=DIP,
+                num_warps=cfg.bwd_warps, num_stages=stages,
             )
         if ch.n_split_segs:
             rb = min(32, _next_pow2(block_size))  # rows per reduce program: no register spills
@@ -902,7 +1067,11 @@ def sparse_attention_bwd(
         else:
             dq[:, ch.t0:ch.t1] = dqbuf[:, :nt].to(q.dtype)
         del dqbuf, dkpart, dvpart
-    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+    if kl is None:
+        return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+    sums = torch.cat(kl_parts).sum(0) if kl_parts else torch.zeros(3, dtype=torch.float32, device=q.device)
+    stats = {"index_entropy": -sums[1] / kl_norm, "main_entropy": -LN2 * sums[2] / (kl_norm * G)}
+    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype), FusedKLResult(sums[0] / kl_norm, d_iq32, d_ik32, stats)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -951,6 +1120,6 @@ def sparse_attention(
 
 
 __all__ = [
-    "KernelConfig", "Plan", "SparseAttentionFn", "build_plan", "default_config",
+    "FusedKL", "FusedKLResult", "KernelConfig", "Plan", "SparseAttentionFn", "build_plan", "default_config",
     "partial_bytes_per_pos", "sparse_attention", "sparse_attention_bwd", "sparse_attention_fwd",
 ]

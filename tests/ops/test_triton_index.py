@@ -13,6 +13,9 @@ Tolerances (stated once, used below):
   * Index LSE: |kernel - reference| <= LSE_TOL (fp32 accumulation-order noise).
   * KL value and gradients: relative (norm-wise) error <= KL_RTOL[dtype]; bf16 inputs
     cast dS to bf16 before the gradient dots (as flash-attention backward does).
+  * Entropy statistics (``return_stats=True``): index_entropy and main_entropy within
+    ENT_RTOL relative of the reference's (``KLTerms`` sums / rows, / rows * G). Both sides
+    see the same (bf16-valued) inputs in fp32 arithmetic: only summation order differs.
 """
 
 import os
@@ -33,6 +36,18 @@ from msa_megatron.ops import triton_index as TI  # noqa: E402
 SCORE_GAP_TOL = 1e-3
 LSE_TOL = 2e-5
 KL_RTOL = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2}
+ENT_RTOL = 1e-5
+
+
+def assert_stats_match(stats, terms, G):
+    """Kernel entropy means vs the reference's KLTerms sums (definitions of msa_attention)."""
+    ref = {"index_entropy": terms.index_entropy.item() / terms.rows,
+           "main_entropy": terms.main_entropy.item() / (terms.rows * G)}
+    assert set(stats) == set(ref)
+    for key, r in ref.items():
+        v = stats[key]
+        assert v.dim() == 0 and v.dtype == torch.float32 and not v.requires_grad
+        assert abs(v.item() - r) <= ENT_RTOL * max(1.0, abs(r)), (key, v.item(), r)
 
 
 @pytest.fixture(autouse=True)
@@ -136,11 +151,14 @@ def test_select_lse_and_sparse_kl_match_reference(case, request):
     assert (lse - ref_lse).abs().max().item() <= LSE_TOL * max(1.0, ref_lse.abs().max().item())
 
     _, main_lse = R.sparse_attention(q, k, v, sel, block, q_pos)
-    kl, d_iq, d_ik = TI.sparse_kl_backward(q, k, iq, ik, sel, main_lse, lse, cfg, q_pos, plan=plan)
+    kl, d_iq, d_ik, stats = TI.sparse_kl_backward(q, k, iq, ik, sel, main_lse, lse, cfg, q_pos, plan=plan,
+                                                  return_stats=True)
     assert d_iq.dtype == dtype and d_ik.dtype == dtype and d_iq.shape == iq.shape and d_ik.shape == ik.shape
     iq_r, ik_r = iq.detach().clone().requires_grad_(), ik.detach().clone().requires_grad_()
-    ref_kl = R.sparse_kl_loss(q, k, iq_r, ik_r, sel, cfg, q_pos)
+    terms = R.sparse_kl_terms(q, k, iq_r, ik_r, sel, cfg, q_pos)
+    ref_kl = terms.kl / terms.rows
     ref_kl.backward()
+    assert_stats_match(stats, terms, G)
     tol = KL_RTOL[dtype]
     assert abs(kl.item() - ref_kl.item()) <= 1e-4 * max(1.0, abs(ref_kl.item())), (kl.item(), ref_kl.item())
     assert _rel(d_iq, iq_r.grad) <= tol, _rel(d_iq, iq_r.grad)
@@ -180,7 +198,7 @@ def test_few_visible_blocks_keep_all_and_pad(request):
     assert (lse - TI.dense_index_lse(iq, ik, cfg)).abs().max().item() <= LSE_TOL * 10
 
 
-@pytest.mark.parametrize("dtype,G,qk", [(torch.float32, 2, "default"), (torch.bfloat16, 1, "subset")])
+@pytest.mark.parametrize("dtype,G,qk", [(torch.float32, 4, "default"), (torch.bfloat16, 1, "subset")])
 def test_dense_kl_backward_matches_reference(dtype, G, qk, request):
     gen = _gen(request)
     b, sq, sk, g, di, d = 2, 90, 90 if qk == "default" else 150, 2, 16, 16
@@ -197,10 +215,13 @@ def test_dense_kl_backward_matches_reference(dtype, G, qk, request):
     assert (ilse - ref_ilse).abs().max().item() <= LSE_TOL * max(1.0, ref_ilse.abs().max().item())
 
     grad_scale = torch.tensor(0.7)
-    kl, d_iq, d_ik = TI.dense_kl_backward(q, k, iq, ik, main_lse, cfg, q_pos, grad_scale=grad_scale)
+    kl, d_iq, d_ik, stats = TI.dense_kl_backward(q, k, iq, ik, main_lse, cfg, q_pos, grad_scale=grad_scale,
+                                                 return_stats=True)
     iq_r, ik_r = iq.detach().clone().requires_grad_(), ik.detach().clone().requires_grad_()
-    ref_kl = R.dense_kl_loss(q, k, iq_r, ik_r, cfg, q_pos)
+    terms = R.dense_kl_terms(q, k, iq_r, ik_r, cfg, q_pos)
+    ref_kl = terms.kl / terms.rows
     (ref_kl * 0.7).backward()
+    assert_stats_match(stats, terms, G)
     assert abs(kl.item() - ref_kl.item()) <= 1e-4 * max(1.0, abs(ref_kl.item()))
     assert _rel(d_iq, iq_r.grad) <= KL_RTOL[dtype], _rel(d_iq, iq_r.grad)
     assert _rel(d_ik, ik_r.grad) <= KL_RTOL[dtype], _rel(d_ik, ik_r.grad)
@@ -218,10 +239,42 @@ def test_sparse_kl_grad_scale_and_plan_rebuild(request):
     _, main_lse = R.sparse_attention(q, k, k, sel, 16)
     kl1, a1, b1 = TI.sparse_kl_backward(q, k, iq, ik, sel, main_lse, lse, cfg)
     strided_lse = main_lse.transpose(1, 2).contiguous().transpose(1, 2)  # stride(-1) != 1
-    kl2, a2, b2 = TI.sparse_kl_backward(q, k, iq, ik, sel.long(), strided_lse, lse, cfg, grad_scale=-2.5)
+    kl2, a2, b2, _ = TI.sparse_kl_backward(q, k, iq, ik, sel.long(), strided_lse, lse, cfg, grad_scale=-2.5,
+                                           return_stats=True)  # stats on: same value and gradients
     assert abs(kl1.item() - kl2.item()) <= 1e-6 * max(1.0, abs(kl1.item()))
     assert _rel(a2, -2.5 * a1) <= 1e-5 and _rel(b2, -2.5 * b1) <= 1e-5
     assert kl1.item() >= -1e-6  # a KL divergence
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_entropy_of_uniform_distributions(dense, request):
+    """Closed form, independent of the reference: iq = 0 and q = 0 make the student and every
+    head's softmax uniform over a row's tokens, so both entropies are the mean over rows of
+    ln(number of tokens); a normalizer rescales the means. One fp32 launch, b=2, G=2."""
+    gen = _gen(request)
+    cfg = MSAConfig(block_size=16, topk=2, index_dim=16)
+    b, sq, g, G, d = 2, 70, 2, 2, 16
+    iq, ik = torch.zeros(b, sq, g, 16), _randn(gen, b, sq, 16)
+    q, k = torch.zeros(b, sq, g * G, d), _randn(gen, b, sq, g, d)
+    pos = torch.arange(sq)
+    if dense:
+        count = (pos + 1).float().expand(b, g, sq)
+        main_lse = torch.log(count[:, :1].repeat_interleave(g * G, 1))
+        ilse = torch.log(count).contiguous()
+        res = TI.dense_kl_backward(q, k, iq, ik, main_lse, cfg, normalizer=0.5 * b * g * sq, index_lse=ilse,
+                                   return_stats=True)
+    else:
+        sel, ilse = TI.index_select(iq, ik, cfg)
+        _, valid = R.selected_token_index(sel, 16, pos, sq)
+        count = valid.sum(-1).float()  # [b, g, sq]
+        main_lse = torch.log(count).repeat_interleave(G, 1)
+        res = TI.sparse_kl_backward(q, k, iq, ik, sel, main_lse, ilse, cfg, normalizer=0.5 * b * g * sq,
+                                    return_stats=True)
+    kl, _, _, stats = res
+    expect = 2.0 * torch.log(count).mean().item()  # normalizer = half the rows: twice the mean
+    assert abs(stats["index_entropy"].item() - expect) <= 1e-5 * expect
+    assert abs(stats["main_entropy"].item() - expect) <= 1e-5 * expect
+    assert abs(kl.item()) <= 1e-5  # teacher == student
 
 
 def test_unsupported_inputs_raise_clear_errors(request):

@@ -5,7 +5,9 @@ Checked per mode (dense / msa_warmup / msa) on fresh random fp32 inputs: out, ls
 block_idx, entropy stats, and the gradients of loss = <out, dout> + c * kl w.r.t. q, k, v, iq,
 ik, all within 2e-5 relative (IEEE fp32 dots); gradient isolation (the KL reaches only iq/ik,
 the attention output only q/k/v); both index backends (the Triton one when
-``ops/triton_index.py`` is in the checkout).
+``ops/triton_index.py`` is in the checkout). With the Triton index backend the reference KL
+functions are made to raise during the op call: the KL value, gradients and entropy stats
+must all come from the kernels.
 """
 
 import os
@@ -47,12 +49,23 @@ def inputs(b, sq, sk, hq, g, d, di, seed, dtype=torch.float32):
     return mk(b, sq, hq, d), mk(b, sk, g, d), mk(b, sk, g, d), mk(b, sq, g, di), mk(b, sk, di)
 
 
+def _forbidden(name):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{name} called on the Triton index path")
+    return fail
+
+
 def run_both(mode, backend, b=1, sq=90, sk=None, hq=4, g=2, d=16, di=16, block=16, topk=3, q_pos=None, seed=0):
     sk = sk or sq
     q, k, v, iq, ik = inputs(b, sq, sk, hq, g, d, di, seed)
     cfg = MSAConfig(block_size=block, topk=topk, index_dim=di)
     r_out, r_aux = R.msa_attention(q, k, v, iq, ik, cfg, q_pos=q_pos, mode=mode)
-    out, aux = OP.msa_attention_triton(q, k, v, iq, ik, cfg, q_pos=q_pos, mode=mode, index_backend=backend)
+    with pytest.MonkeyPatch.context() as mp:
+        if backend == "triton":  # no reference KL pass on the Triton path (it was the slow entropy source)
+            for name in ("sparse_kl_terms", "dense_kl_terms"):
+                mp.setattr(R, name, _forbidden(name))
+            mp.setattr(OP, "_kl_reference", _forbidden("_kl_reference"))
+        out, aux = OP.msa_attention_triton(q, k, v, iq, ik, cfg, q_pos=q_pos, mode=mode, index_backend=backend)
     dout = torch.randn_like(r_out)
     leaves = [q, k, v, iq, ik]
 
@@ -93,6 +106,7 @@ def test_op_query_subset_and_groups(backend):
     pos = torch.sort(torch.randperm(150, generator=gen)[:50]).values
     (out, aux, gr), (r_out, r_aux, r_gr) = run_both("msa", backend, b=2, sq=50, sk=150, hq=8, g=2, q_pos=pos, seed=4)
     errs = {"out": rel(out, r_out), "kl": rel(aux.kl, r_aux.kl)}
+    errs.update({n: rel(aux.stats[n], r_aux.stats[n]) for n in ("index_entropy", "main_entropy")})
     errs.update({n: rel(x, y) for n, x, y in zip(["dq", "dk", "dv", "d_iq", "d_ik"], gr, r_gr)})
     bad = {n: e for n, e in errs.items() if not e <= TOL}
     assert not bad, f"relative errors above {TOL}: {bad}"
@@ -163,3 +177,42 @@ def test_op_accepts_precomputed_selection():
     torch.testing.assert_close(aux.kl, raux.kl, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="block_idx must be int32"):
         msa_attention_triton(q, k, v, iq, ik, cfg, block_idx=blk.long())
+
+
+@pytest.mark.skipif(not HAS_TRITON_INDEX, reason="kl_fused needs msa_megatron/ops/triton_index.py")
+def test_op_fused_kl_matches_reference(caplog):
+    """kernel_config kl_fused=1: the KL runs inside the main backward. Before that backward
+    aux.kl and the stats are NaN placeholders (never a stale or made-up value); after it they
+    and every gradient match the reference (fp32, TOL). Batch 2, G = 4, a q_pos subset, row
+    tiles of 4 positions (student groups over 4 tiles). The path is logged once."""
+    gen = torch.Generator().manual_seed(11)
+    pos = torch.sort(torch.randperm(100, generator=gen)[:40]).values
+    q, k, v, iq, ik = inputs(2, 40, 100, 8, 2, 16, 16, seed=11)
+    cfg = MSAConfig(block_size=16, topk=3, index_dim=16)
+    kc = T.KernelConfig.from_spec("kl_fused=1,bwd_rows=16")
+    r_out, r_aux = R.msa_attention(q, k, v, iq, ik, cfg, q_pos=pos, mode="msa")
+    OP._announced.discard("kl-fused")
+    with caplog.at_level("WARNING", logger="msa_megatron.ops"), pytest.MonkeyPatch.context() as mp:
+        for name in ("sparse_kl_terms", "dense_kl_terms"):
+            mp.setattr(R, name, _forbidden(name))
+        mp.setattr(OP._index_module(), "sparse_kl_backward", _forbidden("sparse_kl_backward"))
+        out, aux = OP.msa_attention_triton(q, k, v, iq, ik, cfg, q_pos=pos, mode="msa", kernel_config=kc)
+        assert torch.isnan(aux.kl) and all(torch.isnan(aux.stats[n]) for n in ("index_entropy", "main_entropy"))
+        dout = torch.randn_like(out)
+        leaves = [q, k, v, iq, ik]
+        gr = torch.autograd.grad((out * dout).sum() + 3.0 * aux.kl, leaves)
+    assert sum("fused into the main backward" in r.getMessage() for r in caplog.records) == 1
+    r_gr = torch.autograd.grad((r_out * dout).sum() + 3.0 * r_aux.kl, leaves)
+    errs = {"out": rel(out, r_out), "lse": rel(aux.lse, r_aux.lse), "kl": rel(aux.kl, r_aux.kl)}
+    errs.update({n: rel(aux.stats[n], r_aux.stats[n]) for n in ("index_entropy", "main_entropy")})
+    errs.update({n: rel(x, y) for n, x, y in zip(["dq", "dk", "dv", "d_iq", "d_ik"], gr, r_gr)})
+    bad = {n: e for n, e in errs.items() if not e <= TOL}
+    assert not bad, f"relative errors above {TOL}: {bad} (all {errs})"
+    # The separate kernel stays the path without a backward (the value is needed now), for the
+    # dense-teacher warmup and by default; the reference index backend cannot fuse.
+    assert OP._kl_path("msa", "triton", False, kc) == "separate"
+    assert OP._kl_path("msa_warmup", "triton", True, kc) == "separate"
+    assert OP._kl_path("msa", "triton", True, T.KernelConfig()) == "separate"
+    assert OP._kl_path("msa", "reference", True, T.KernelConfig()) == "separate"
+    with pytest.raises(ValueError, match="kl_fused=1 needs the Triton index backend"):
+        OP.msa_attention_triton(q, k, v, iq, ik, cfg, mode="msa", kernel_config=kc, index_backend="reference")

@@ -210,3 +210,66 @@ def test_clear_errors():
         T.KernelConfig(fwd_impl="bogus")
     with pytest.raises(ValueError, match="unknown field"):
         T.KernelConfig.from_spec("fwd_rowz=64")
+
+
+# ----------------------------------------------------------------------------- fused indexer KL
+# (b, sq, sk, hq, g, d, di, block, K, dtype, q_pos kind, kernel config): J = student groups of
+# >= 16 pairs over several row tiles (bwd_rows=16 -> 4 pairs per tile at G = 4) or one tile;
+# chunks + split items; the split backward with 16-key sub-tiles of a 48-token block.
+FUSED_CASES = [
+    (1, 100, 100, 8, 2, 16, 16, 16, 3, torch.float32, "default", "bwd_rows=16"),
+    (2, 45, 130, 4, 2, 32, 16, 16, 4, torch.bfloat16, "subset", "partial_bytes=30000,item_pairs=16"),
+    (1, 110, 110, 3, 3, 16, 32, 48, 2, torch.float32, "default", "bwd_split=1,bwd_block_n=16"),
+]
+FUSED_KL_RTOL = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2}  # as the separate KL kernel's tests
+FUSED_ENT_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"{str(c[9])[6:]}-G{c[3] // c[4]}-{c[10]}-{c[11]}")
+def test_fused_kl_backward_matches_reference(case):
+    """sparse_attention_bwd(kl=FusedKL): the KL value, its d_iq / d_ik and both entropy stats
+    match reference.sparse_kl_terms (+ autograd), and dq / dk / dv are bit-identical to the
+    backward without the KL (the fused part only reads the tile's P)."""
+    b, sq, sk, hq, g, d, di, block, K, dtype, qk, spec = case
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed}")  # fresh inputs every run; pytest shows it on failure
+    gen = torch.Generator().manual_seed(seed)
+    q_pos = torch.sort(torch.randperm(sk, generator=gen)[:sq]).values if qk == "subset" else None
+    q, k, v, do = (x.detach() for x in make(b, sq, sk, hq, g, d, dtype, int(torch.randint(1 << 30, (1,), generator=gen))))
+    iq, ik = torch.randn(b, sq, g, di, generator=gen).to(dtype), torch.randn(b, sk, di, generator=gen).to(dtype)
+    cfg = MSAConfig(block_size=block, topk=K, index_dim=di)
+    sel = R.select(iq.float(), ik.float(), cfg, q_pos)
+    ilse = R.selected_index_lse(iq.float(), ik.float(), sel, cfg, q_pos)
+    kc = T.KernelConfig.from_spec(spec)
+    out, lse = T.sparse_attention_fwd(q, k, v, sel, block, q_pos, config=kc)
+    plain = T.sparse_attention_bwd(do, q, k, v, out, lse, sel, block, q_pos, config=kc)
+    dq, dk, dv, res = T.sparse_attention_bwd(do, q, k, v, out, lse, sel, block, q_pos, config=kc,
+                                             kl=T.FusedKL(iq, ik, ilse, cfg.index_softmax_scale))
+    for name, a, p in zip(("dq", "dk", "dv"), (dq, dk, dv), plain):
+        assert torch.equal(a, p), f"{name} changed by the fused KL"
+    iq_r, ik_r = iq.float().requires_grad_(), ik.float().requires_grad_()
+    terms = R.sparse_kl_terms(q.float(), k.float(), iq_r, ik_r, sel, cfg, q_pos)
+    (terms.kl / terms.rows).backward()
+    ref_kl = terms.kl.item() / terms.rows
+    assert abs(res.kl.item() - ref_kl) <= 1e-4 * max(1.0, abs(ref_kl)), (res.kl.item(), ref_kl)
+    ref_stats = {"index_entropy": terms.index_entropy.item() / terms.rows,
+                 "main_entropy": terms.main_entropy.item() / (terms.rows * (hq // g))}
+    for key, r in ref_stats.items():
+        assert abs(res.stats[key].item() - r) <= FUSED_ENT_RTOL * max(1.0, abs(r)), (key, res.stats[key].item(), r)
+    assert res.d_iq.dtype == torch.float32 and res.d_iq.shape == iq.shape and res.d_ik.shape == ik.shape
+    assert rel(res.d_iq, iq_r.grad) <= FUSED_KL_RTOL[dtype], rel(res.d_iq, iq_r.grad)
+    assert rel(res.d_ik, ik_r.grad) <= FUSED_KL_RTOL[dtype], rel(res.d_ik, ik_r.grad)
+
+
+def test_fused_kl_input_errors():
+    q, k, v, do = (x.detach() for x in make(1, 20, 20, 2, 1, 16, torch.float32, 0))
+    sel = selection(1, 20, 20, 1, 16, 2, None, 0)
+    out, lse = T.sparse_attention_fwd(q, k, v, sel, 16)
+    iq, ik, ilse = torch.randn(1, 20, 1, 16), torch.randn(1, 20, 16), torch.zeros(1, 1, 20)
+    bad = [(T.FusedKL(iq[:, :10], ik, ilse, 0.25), "FusedKL.iq"), (T.FusedKL(iq, ik[..., :8], ilse, 0.25), "FusedKL.ik"),
+           (T.FusedKL(iq, ik, ilse.double(), 0.25), "index_lse"), (T.FusedKL(iq, ik, ilse, 0.25, normalizer=0), "normalizer")]
+    for kl, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            T.sparse_attention_bwd(do, q, k, v, out, lse, sel, 16, kl=kl)
+    with pytest.raises(TypeError, match="q's dtype"):
+        T.sparse_attention_bwd(do, q, k, v, out, lse, sel, 16, kl=T.FusedKL(iq.bfloat16(), ik.bfloat16(), ilse, 0.25))
