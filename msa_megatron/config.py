@@ -60,6 +60,9 @@ class MSAConfig:
     track_entropy: bool = True
     #: Selection recall needs a dense pass; computed only on steps the trainer samples.
     recall_interval: int = 0
+    #: Detach the index branch's input (the paper's stop-gradient: the KL trains only the
+    #: index projections). False is the ablation "KL reaches the backbone" (issue 10).
+    index_stop_gradient: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -94,7 +97,7 @@ class MSAConfig:
             if len(set(layers)) != len(layers):
                 raise MSAConfigError("msa_layers", self.msa_layers, "a list without repeated layer indices")
             self.msa_layers = sorted(layers)
-        for name in ("index_rope", "track_entropy"):
+        for name in ("index_rope", "track_entropy", "index_stop_gradient"):
             if not isinstance(getattr(self, name), bool):
                 raise MSAConfigError(name, getattr(self, name), "true or false")
         return self

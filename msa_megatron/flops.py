@@ -95,6 +95,12 @@ def flop_matched_window(shape: AttentionShape, n: int) -> int:
     return lo
 
 
+def flop_matched_window_for(msa: MSAConfig, num_heads: int, head_dim: int, num_kv_heads: int, seq_len: int) -> int:
+    """FLOP-matched sliding window for a model's MSA settings (index heads = KV heads unless
+    ``msa.num_index_heads`` says otherwise) at training length ``seq_len``."""
+    return flop_matched_window(AttentionShape.from_msa(num_heads, head_dim, num_kv_heads, msa), seq_len)
+
+
 def parse_length(text: str) -> int:
     """'4K' -> 4096, '1M' -> 2**20, '131072' -> 131072."""
     t = text.strip().upper()

@@ -113,6 +113,7 @@ class MSAIndexer(MegatronModule):
         self.num_heads = msa.num_index_heads
         self.index_dim = msa.index_dim
         self.index_rope = msa.index_rope
+        self.stop_gradient = msa.index_stop_gradient
         if self.num_heads % tp_size != 0:  # validated by the config; guards direct construction
             raise MSAConfigError("num_index_heads", self.num_heads, f"a multiple of the TP size {tp_size}")
         self.local_heads = self.num_heads // tp_size
@@ -134,7 +135,8 @@ class MSAIndexer(MegatronModule):
 
     def forward(self, hidden_states: Tensor, rotary_pos_emb=None, mscale: float = 1.0) -> Tuple[Tensor, Tensor]:
         """hidden_states [s(/tp under SP), b, h] -> iq [s, b, local groups, di], ik [s, b, di]."""
-        x = hidden_states.detach()  # stop-gradient: the KL never reaches the backbone
+        # stop-gradient: the KL never reaches the backbone (off only for the fidelity ablation)
+        x = hidden_states.detach() if self.stop_gradient else hidden_states
         s, b = x.shape[:2]
         g, di = self.num_heads, self.index_dim
         iq, _ = self.index_q(x)

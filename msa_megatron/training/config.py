@@ -131,9 +131,20 @@ class IndexerOnlyConfig:
 
 @dataclass
 class AttentionConfig:
-    type: str = _f("dense", *_one_of("dense", "msa"))
-    #: MSAConfig fields (msa_megatron.config); validated by MSAConfig itself.
+    #: dense | msa | swa (sliding window: the FLOP-matched baseline of issue 10).
+    type: str = _f("dense", *_one_of("dense", "msa", "swa"))
+    #: MSAConfig fields (msa_megatron.config); validated by MSAConfig itself. For swa: the
+    #: MSA settings the window is FLOP-matched to, and which layers get the window.
     msa: Dict[str, Any] = _f({})
+    #: type=swa: keys per query (its own included); null: FLOP-matched to ``msa`` at
+    #: train.seq_length (Eq. 12, msa_megatron.flops.flop_matched_window_for).
+    window: Optional[int] = _f(None, *_POS)
+    #: type=msa: index_* parameters keep their initial values (requires_grad=False): the
+    #: "no KL teacher" ablation, selection from an untrained indexer.
+    freeze_indexer: bool = False
+    #: type=msa: after the last step, held-out selection recall of the trained model for each
+    #: [block_size, topk] (main branch dense, selection by the trained indexer at that budget).
+    recall_sweep: Optional[List[List[int]]] = None
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     #: Optional piecewise-linear KL coefficient: [[step, coeff], ...] (overrides msa.kl_coeff).
     kl_schedule: Optional[List[List[float]]] = None
@@ -173,6 +184,20 @@ class CorpusConfig:
 
 
 @dataclass
+class AssocRecallConfig:
+    """Multi-query associative recall (msa_megatron.tasks.assoc_recall): key-value pairs at
+    the start of a sequence, queries at its end, ordinary text in between."""
+
+    #: Fraction of training sequences replaced by recall examples (their own text as filler).
+    train_fraction: float = _f(0.0, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    #: Held-out recall batches (micro-batches) evaluated at every evaluation (0: off);
+    #: logged as val_assoc_recall_acc.
+    eval_batches: int = _f(0, *_NONNEG)
+    num_pairs: int = _f(16, *_POS)
+    num_queries: int = _f(16, *_POS)
+
+
+@dataclass
 class DataConfig:
     source: str = _f("corpus", *_one_of("corpus", "indexed"))
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -188,6 +213,7 @@ class DataConfig:
     num_workers: int = _f(0, *_NONNEG)
     #: Loss on the EOD token itself (Megatron's eod_mask_loss inverted).
     mask_eod_loss: bool = False
+    assoc_recall: AssocRecallConfig = field(default_factory=AssocRecallConfig)
 
 
 # --------------------------------------------------------------------------- train
@@ -304,6 +330,30 @@ class Config:
         if self.attention.type != "msa":
             return None
         return build_msa_config(self.attention.msa)
+
+    def swa_window(self) -> Optional[int]:
+        """type=swa: the window in force (attention.window, or FLOP-matched when null)."""
+        a, m = self.attention, self.model
+        if a.type != "swa":
+            return None
+        if a.window is not None:
+            return a.window
+        from ..flops import flop_matched_window_for
+
+        return flop_matched_window_for(build_msa_config(a.msa), m.num_attention_heads, m.kv_channels,
+                                       m.num_query_groups, self.train.seq_length)
+
+    def swa_layers(self) -> List[int]:
+        """type=swa: 0-based layers with the window (those MSA would use)."""
+        msa = build_msa_config(self.attention.msa)
+        return [i for i in range(self.model.num_layers) if msa.is_msa_layer(i)]
+
+    def assoc_recall_spec(self):
+        """The recall task's spec over one training sample (seq_length + 1 tokens)."""
+        from ..tasks.assoc_recall import AssocRecallSpec
+
+        r = self.data.assoc_recall
+        return AssocRecallSpec(seq_len=self.train.seq_length + 1, num_pairs=r.num_pairs, num_queries=r.num_queries)
 
     def data_parallel_size(self, world_size: int) -> int:
         p = self.parallel
@@ -495,9 +545,34 @@ def validate(cfg: Config, world_size: int) -> Config:
     else:
         for name, ph in (("warmup", a.warmup), ("indexer_only", a.indexer_only)):
             if ph.steps or ph.tokens:
-                raise ConfigError(f"attention.{name}.steps", ph.steps or ph.tokens, "0 or null with attention.type=dense")
+                raise ConfigError(f"attention.{name}.steps", ph.steps or ph.tokens, f"0 or null with attention.type={a.type}")
         if a.kl_schedule:
-            raise ConfigError("attention.kl_schedule", a.kl_schedule, "null with attention.type=dense")
+            raise ConfigError("attention.kl_schedule", a.kl_schedule, f"null with attention.type={a.type}")
+        if a.freeze_indexer:
+            raise ConfigError("attention.freeze_indexer", True, f"false with attention.type={a.type} (no index parameters)")
+        if a.recall_sweep:
+            raise ConfigError("attention.recall_sweep", a.recall_sweep, f"null with attention.type={a.type}")
+    if a.type == "swa":
+        if m.use_te:
+            raise ConfigError("model.use_te", True, "false with attention.type=swa (local backend only)")
+        if p.cp > 1:
+            raise ConfigError("parallel.cp", p.cp, "1 with attention.type=swa")
+        cfg.swa_window()  # validates attention.msa
+    elif a.window is not None:
+        raise ConfigError("attention.window", a.window, "null unless attention.type=swa")
+    for i, pair in enumerate(a.recall_sweep or []):
+        if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in pair) \
+                or pair[0] % 16 != 0:
+            raise ConfigError(f"attention.recall_sweep[{i}]", pair, "pairs [block_size (a multiple of 16), topk >= 1]")
+    r = d.assoc_recall
+    if r.train_fraction > 0 or r.eval_batches > 0:
+        try:
+            cfg.assoc_recall_spec().validate()
+        except ValueError as e:
+            raise ConfigError("data.assoc_recall", {"num_pairs": r.num_pairs, "num_queries": r.num_queries},
+                              f"a task that fits train.seq_length={t.seq_length} ({e})") from None
+        if r.eval_batches > 0 and (p.pp > 1 or p.cp > 1):
+            raise ConfigError("data.assoc_recall.eval_batches", r.eval_batches, "0 with parallel.pp > 1 or parallel.cp > 1")
     for name, ph in (("warmup", a.warmup), ("indexer_only", a.indexer_only)):
         if ph.steps is not None and ph.tokens is not None:
             raise ConfigError(f"attention.{name}.tokens", ph.tokens, f"null when attention.{name}.steps is set (one of the two)")

@@ -122,6 +122,7 @@ class Trainer:
         # ---- data
         train_samples, valid_samples = samples_needed(cfg)
         self.train_ds, self.valid_ds = build_datasets(cfg, self.sources, train_samples, valid_samples)
+        self._setup_assoc_recall()
         self.train_iter = iter(make_loader(self.train_ds, self.state["consumed_train_samples"], cfg, self.dp_rank, self.dp_size))
 
         # ---- schedules, metrics, sinks
@@ -132,6 +133,81 @@ class Trainer:
         self.logger = RunLogger(cfg, self.rank == 0, self.start_step, self.total_steps, self.state["wandb_id"])
         self.state["wandb_id"] = self._broadcast_obj(self.logger.wandb_id)
         self._announce()
+
+    def _setup_assoc_recall(self) -> None:
+        """data.assoc_recall: recall examples mixed into training; held-out recall batches."""
+        import dataclasses
+
+        from .recall_task import AssocRecallMix, eval_batches
+
+        cfg, r = self.cfg, self.cfg.data.assoc_recall
+        self.recall_batches = None
+        if r.train_fraction <= 0 and r.eval_batches <= 0:
+            return
+        spec = cfg.assoc_recall_spec()
+        if spec.value_range[1] > self.sources.vocab_size:
+            raise ConfigError("data.assoc_recall.train_fraction", r.train_fraction,
+                              f"0 with a vocabulary of {self.sources.vocab_size} tokens (the task uses token ids "
+                              f"{spec.key_range[0]}..{spec.value_range[1] - 1}, byte-level)")
+        if r.train_fraction > 0:
+            self.train_ds = AssocRecallMix(self.train_ds, spec, r.train_fraction, cfg.train.seed)
+        if r.eval_batches > 0:
+            self.recall_batches = eval_batches(dataclasses.replace(spec, seq_len=cfg.train.seq_length), r.eval_batches,
+                                               cfg.train.micro_batch_size, cfg.train.seed, self.valid_ds)
+
+    def assoc_recall_accuracy(self) -> Dict[str, float]:
+        """Held-out associative-recall accuracy (same batches every time); the MSA statistics
+        these passes record are discarded."""
+        if not self.recall_batches:
+            return {}
+        from .recall_task import recall_accuracy_of_model
+
+        for chunk in self.model:
+            chunk.eval()
+        msa_adapter.set_recall_sampling(self.model, False)
+        acc = recall_accuracy_of_model(self.model[0], self.recall_batches, self.device, self.sources.vocab_size)
+        msa_adapter.collect_metrics(reset=True)
+        msa_adapter.set_recall_sampling(self.model, self.schedule._applied.recall if self.schedule._applied else False)
+        for chunk in self.model:
+            chunk.train()
+        return {"val_assoc_recall_acc": acc}
+
+    def recall_sweep(self) -> Dict[str, float]:
+        """attention.recall_sweep: held-out selection recall of the trained model for each
+        [block_size, topk]; main branch dense (msa_warmup), so the mass is measured on the
+        model's own dense attention, selection by its trained indexer at that budget."""
+        sweep = self.cfg.attention.recall_sweep
+        if not sweep or self.valid_ds is None:
+            return {}
+        import importlib
+
+        modes = importlib.import_module(msa_adapter.backend_name() + ".modes")
+        cores = list(modes.msa_core_attentions(self.model))
+        saved = [(c.msa, c.mode) for c in cores]
+        out: Dict[str, float] = {}
+        for chunk in self.model:
+            chunk.eval()
+        msa_adapter.collect_metrics(reset=True)
+        try:
+            for block, topk in sweep:
+                for c in cores:
+                    c.msa = c.msa.replace(block_size=int(block), topk=int(topk))
+                msa_adapter.set_attention_mode(self.model, "msa_warmup")
+                msa_adapter.set_recall_sampling(self.model, True)
+                it = iter(make_loader(self.valid_ds, 0, self.cfg, self.dp_rank, self.dp_size))
+                with torch.no_grad():
+                    for _ in range(self.cfg.train.eval_iters):
+                        self._forward_backward(it, True, self.num_microbatches)
+                m = msa_adapter.collect_metrics(reset=True)
+                if "recall" in m:
+                    out[f"recall_sweep/B{block}_k{topk}"] = m["recall"]
+        finally:
+            for c, (msa, mode) in zip(cores, saved):
+                c.msa, c.mode = msa, mode
+            msa_adapter.set_recall_sampling(self.model, False)
+            for chunk in self.model:
+                chunk.train()
+        return out
 
     def _prepare_data(self, cfg: Config) -> None:
         self.helpers = ensure_dataset_helpers()
@@ -287,6 +363,7 @@ class Trainer:
         out = {"val_lm_loss": total / self.cfg.train.eval_iters}
         out["val_ppl"] = math.exp(min(out["val_lm_loss"], 50.0))
         out.update({f"val/{k}": v for k, v in msa_adapter.collect_metrics(reset=True).items()})
+        out.update(self.assoc_recall_accuracy())
         return out
 
     def _moe_scalars(self, steps: int) -> Dict[str, float]:
@@ -364,6 +441,14 @@ class Trainer:
         else:
             if cfg.checkpoint.save_at_end and self.total_steps > self.start_step:
                 self.save(self.total_steps)
+            sweep = self.recall_sweep()
+            if sweep:
+                self.logger.log_step(self.total_steps, sweep)
+                if self.rank == 0:
+                    import json
+
+                    with open(os.path.join(cfg.run_dir, "recall_sweep.json"), "w") as f:
+                        json.dump(sweep, f, indent=1)
         return self.finish(exit_code, step)
 
     def _interval_scalars(self, out: Dict[str, Any], losses: List[float], norms: List[float], steps: int) -> Dict[str, Any]:

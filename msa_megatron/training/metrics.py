@@ -46,6 +46,12 @@ def attention_flops_per_token(cfg: Config, mode: str) -> float:
     msa = cfg.msa
     shape = AttentionShape(m.num_attention_heads, m.kv_channels, m.num_query_groups,
                            msa.index_dim if msa else 0, msa.block_size if msa else 1, msa.topk if msa else 1)
+    if cfg.attention.type == "swa":  # the window's FLOPs in its layers (Eq. 12 accounting)
+        from ..flops import sliding_window_flops_per_token
+
+        window, swa = cfg.swa_window(), set(cfg.swa_layers())
+        return sum(sliding_window_flops_per_token(shape, window, n) if i in swa else dense_flops_per_token(shape, n)
+                   for i in range(m.num_layers))
     total = 0.0
     for layer in range(m.num_layers):
         if msa is None or not msa.is_msa_layer(layer) or mode == "dense":

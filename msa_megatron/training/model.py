@@ -115,8 +115,7 @@ def build_model(cfg: Config, tf_config, vocab_size: int) -> List[torch.nn.Module
     from megatron.core.transformer.module import Float16Module
 
     m = cfg.model
-    model = msa_adapter.build_gpt_model(
-        tf_config,
+    kwargs = dict(
         vocab_size=padded_vocab_size(vocab_size, cfg),
         max_sequence_length=cfg.train.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -127,7 +126,12 @@ def build_model(cfg: Config, tf_config, vocab_size: int) -> List[torch.nn.Module
         rotary_base=m.rotary_base,
         share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
     )
+    if cfg.attention.type == "swa":
+        model = msa_adapter.build_swa_gpt_model(tf_config, cfg.swa_window(), cfg.swa_layers(), **kwargs)
+    else:
+        model = msa_adapter.build_gpt_model(tf_config, **kwargs)
     freeze_backbone(cfg, [model])
+    freeze_indexer(cfg, [model])
     if tf_config.fp16 or tf_config.bf16:
         model = Float16Module(tf_config, model)
     ddp_config = DistributedDataParallelConfig(
@@ -156,6 +160,20 @@ def freeze_backbone(cfg: Config, chunks: List[torch.nn.Module]) -> None:
     if n_index == 0:
         raise ConfigError("attention.indexer_only.freeze_backbone", True,
                           "false for a model without index_* parameters (no MSA layer on this rank)")
+
+
+def freeze_indexer(cfg: Config, chunks: List[torch.nn.Module]) -> None:
+    """attention.freeze_indexer: index_* parameters keep their initial values (the "no KL
+    teacher" ablation); requires_grad=False, so neither the KL nor weight decay moves them."""
+    if not cfg.attention.freeze_indexer:
+        return
+    n_index = 0
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if msa_adapter.is_index_param(name):
+                param.requires_grad_(False)
+                n_index += 1
+    log.info("attention.freeze_indexer: %d index parameters frozen at initialisation", n_index)
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:

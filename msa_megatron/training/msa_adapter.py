@@ -52,6 +52,15 @@ def build_gpt_model(config, vocab_size: int, max_sequence_length: int, pre_proce
                                    post_process=post_process, vp_stage=vp_stage, use_te=use_te, **gpt_kwargs)
 
 
+def build_swa_gpt_model(config, window: int, swa_layers: List[int], vocab_size: int, max_sequence_length: int,
+                        pre_process: bool = True, post_process: bool = True, use_te: bool = False, **gpt_kwargs):
+    """Dense model with sliding-window attention in ``swa_layers`` (attention=swa)."""
+    _load()
+    swa = importlib.import_module(BACKEND + ".sliding_window")
+    return swa.build_swa_gpt_model(config, window, swa_layers, vocab_size, max_sequence_length,
+                                   pre_process=pre_process, post_process=post_process, use_te=use_te, **gpt_kwargs)
+
+
 # --------------------------------------------------------------------------- run time
 def set_attention_mode(model_chunks: List[Any], mode: str) -> None:
     _load().set_attention_mode(model_chunks, mode)
@@ -86,6 +95,6 @@ def init_index_from_dense(model_chunks: List[Any], init: str) -> List[Dict[str, 
 
 
 __all__ = [
-    "INDEX_PARAM_MARKER", "backend_name", "build_gpt_model", "collect_metrics", "init_index_from_dense",
+    "INDEX_PARAM_MARKER", "backend_name", "build_gpt_model", "build_swa_gpt_model", "collect_metrics", "init_index_from_dense",
     "is_index_param", "make_transformer_config", "set_attention_mode", "set_kl_coeff", "set_recall_sampling",
 ]

@@ -1,0 +1,86 @@
+"""Multi-query associative recall in the trainer (data.assoc_recall, issue 10).
+
+* :class:`AssocRecallMix` wraps the training dataset and replaces a fixed, seeded fraction
+  of its samples by recall examples whose filler is the sample's own text, so the model can
+  learn the task without leaving the LM objective.
+* :func:`eval_batches` / :func:`recall_accuracy_of_model` give the held-out accuracy: the
+  same seeded batches at every evaluation (filler from held-out text), argmax of the
+  model's logits at each query key compared with the planted value.
+
+Pairs sit at the start of the sequence and queries at its end, so every pair is about a
+sequence length from its query: beyond any sliding window shorter than the sequence.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Dict, List, Tuple
+
+import torch
+
+from ..tasks.assoc_recall import AssocRecallSpec, make_example, recall_accuracy
+
+
+class AssocRecallMix(torch.utils.data.Dataset):
+    """GPTDataset samples, a ``fraction`` of them (chosen per index from ``seed``) replaced by
+    recall examples. Deterministic per index, so resume and data parallelism see the same data."""
+
+    def __init__(self, base, spec: AssocRecallSpec, fraction: float, seed: int):
+        self.base, self.spec, self.fraction, self.seed = base, spec.validate(), float(fraction), int(seed)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def is_recall(self, idx: int) -> bool:
+        return random.Random(self.seed * 1_000_003 + idx).random() < self.fraction
+
+    def __getitem__(self, idx: int) -> Dict[str, torch.Tensor]:
+        sample = self.base[idx]
+        if not self.is_recall(idx):
+            return sample
+        text = torch.cat([sample["tokens"], sample["labels"][-1:]])
+        gen = torch.Generator().manual_seed(self.seed * 7_919 + idx)
+        toks, _ = make_example(self.spec, gen, filler=text)
+        out = dict(sample)
+        out["tokens"], out["labels"] = toks[:-1].contiguous(), toks[1:].contiguous()
+        out["loss_mask"] = torch.ones_like(sample["loss_mask"])
+        return out
+
+
+def eval_batches(spec: AssocRecallSpec, n_batches: int, micro_batch: int, seed: int, valid_ds=None
+                 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """``n_batches`` held-out (tokens [b, s], answer_mask [b, s]) pairs, s = spec.seq_len (the
+    training length: every query and its answer inside the window the model sees); filler
+    from ``valid_ds`` samples when given, else random bytes."""
+    out = []
+    gen = torch.Generator().manual_seed(seed + 4242)
+    for i in range(n_batches):
+        toks, masks = [], []
+        for j in range(micro_batch):
+            filler = None
+            if valid_ds is not None and len(valid_ds) > 0:
+                s = valid_ds[(i * micro_batch + j) % len(valid_ds)]
+                filler = torch.cat([s["tokens"], s["labels"][-1:]])
+            t, m = make_example(spec, gen, filler=filler)
+            toks.append(t)
+            masks.append(m)
+        out.append((torch.stack(toks), torch.stack(masks)))
+    return out
+
+
+@torch.no_grad()
+def recall_accuracy_of_model(model, batches, device, vocab_size: int) -> float:
+    """Mean accuracy over the batches (every rank computes all of them: PP=1, CP=1)."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    accs = []
+    for tokens, mask in batches:
+        tokens = tokens.to(device)
+        pos = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+        logits = model(tokens, pos, None)  # [b, s, V/tp]
+        logits = gather_from_tensor_model_parallel_region(logits)[..., :vocab_size]
+        accs.append(recall_accuracy(logits.float(), tokens, mask.to(device)))
+    return sum(accs) / len(accs)
+
+
+__all__ = ["AssocRecallMix", "eval_batches", "recall_accuracy_of_model"]
