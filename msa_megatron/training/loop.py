@@ -195,9 +195,16 @@ class Trainer:
                 msa_adapter.set_attention_mode(self.model, "msa_warmup")
                 msa_adapter.set_recall_sampling(self.model, True)
                 it = iter(make_loader(self.valid_ds, 0, self.cfg, self.dp_rank, self.dp_size))
-                with torch.no_grad():
-                    for _ in range(self.cfg.train.eval_iters):
-                        self._forward_backward(it, True, self.num_microbatches)
+                try:
+                    with torch.no_grad():
+                        for _ in range(self.cfg.train.eval_iters):
+                            self._forward_backward(it, True, self.num_microbatches)
+                except (RuntimeError, ValueError) as e:  # e.g. a budget the kernels refuse: record, go on
+                    self.logger.event(self.total_steps, "recall_sweep_failed", f"block {block} top-{topk}: "
+                                      f"{type(e).__name__}: {e}")
+                    log.error("recall sweep block %s top-%s failed: %s", block, topk, e)
+                    msa_adapter.collect_metrics(reset=True)
+                    continue
                 m = msa_adapter.collect_metrics(reset=True)
                 if "recall" in m:
                     out[f"recall_sweep/B{block}_k{topk}"] = m["recall"]

@@ -1,0 +1,238 @@
+#!/usr/bin/env python
+"""Fidelity report (issue 10): does our MSA train like the paper says?
+
+Trains the seven runs of msa_megatron/fidelity/matrix.py through the trainer (one
+subprocess each, identical data, tokens, seed and model), collects DIR/results.json, and
+(separately, where matplotlib is) writes docs/fidelity.md and docs/fidelity/*.png.
+
+    python scripts/fidelity.py --preset cpu --out runs/fidelity-cpu             # tiny, CPU smoke
+    python scripts/fidelity.py --preset gpu --gpus 0,0 --out $OUT/fidelity      # one H100, 2 runs at a time
+    python scripts/fidelity.py --preset gpu --gpus 0,1 --out $OUT/fidelity      # two GPUs
+    python scripts/fidelity.py --report runs/fidelity-cpu                       # table + plots into docs/
+
+``--gpus`` lists one slot per concurrent run (a GPU id may repeat: small models leave an
+H100 mostly idle). Runs wait for their dependency (the conversion run for the dense run's
+checkpoint). Finished runs (summary.json present) are skipped on a re-run unless --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from msa_megatron.fidelity.collect import collect, conversion_summary  # noqa: E402
+from msa_megatron.fidelity.matrix import PRESETS, RUN_NAMES, RunSpec, plan  # noqa: E402
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                               text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("MSA_COMMIT", "unknown (no git checkout; set MSA_COMMIT)")
+
+
+def _device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        return f"{n} x {torch.cuda.get_device_name(0)}"
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _model_shape(preset) -> Dict[str, int]:
+    """Model/MSA shape of the preset and its FLOP-matched window (from the model YAML)."""
+    import yaml
+
+    from msa_megatron.config import MSAConfig
+    from msa_megatron.flops import flop_matched_window_for
+
+    m = yaml.safe_load((REPO / "configs" / "model" / f"{preset.model}.yaml").read_text())
+    msa = MSAConfig(block_size=m["msa_block_size"], topk=m["msa_topk"], index_dim=m["msa_index_dim"])
+    window = flop_matched_window_for(msa, m["num_attention_heads"], m["kv_channels"], m["num_query_groups"],
+                                     preset.seq_length)
+    return {"block_size": msa.block_size, "topk": msa.topk, "swa_window": window}
+
+
+class Scheduler:
+    """Runs the specs on the slots, one run per slot at a time, respecting dependencies."""
+
+    def __init__(self, specs: List[RunSpec], slots: List[Optional[str]], out: Path, python: str):
+        self.pending = list(specs)
+        self.slots = slots
+        self.out = out
+        self.python = python
+        self.status: Dict[str, Dict] = {}
+
+    def _start(self, spec: RunSpec, slot: Optional[str], port: int) -> subprocess.Popen:
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(REPO)
+                   + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
+        env.pop("WORLD_SIZE", None), env.pop("RANK", None), env.pop("LOCAL_RANK", None)
+        if slot is not None:
+            env["CUDA_VISIBLE_DEVICES"] = slot
+        log_path = self.out / "logs" / f"{spec.name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [self.python, "-m", "msa_megatron.train", *spec.overrides]
+        (self.out / "logs" / f"{spec.name}.cmd").write_text(" ".join(cmd) + "\n")
+        print(f"[fidelity] start {spec.name} on {'GPU ' + slot if slot is not None else 'CPU'}: "
+              f"{' '.join(cmd[3:])}", flush=True)
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+
+    def run(self) -> Dict[str, Dict]:
+        running: Dict[int, tuple] = {}  # slot index -> (spec, proc, t0)
+        port = 29600 + (os.getpid() % 200) * 10
+        while self.pending or running:
+            for i, slot in enumerate(self.slots):
+                if i in running:
+                    continue
+                spec = self._next_ready()
+                if spec is None:
+                    break
+                port += 1
+                running[i] = (spec, self._start(spec, slot, port), time.time())
+            time.sleep(0.5)
+            for i, (spec, proc, t0) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                wall = time.time() - t0
+                self.status[spec.name] = {"rc": rc, "wall_s": round(wall, 1)}
+                print(f"[fidelity] {spec.name}: exit {rc} after {wall:.0f}s"
+                      + ("" if rc == 0 else f" (see {self.out / 'logs' / (spec.name + '.log')})"), flush=True)
+                del running[i]
+            if not running and self.pending and self._next_ready(peek=True) is None:
+                for spec in self.pending:  # dependencies failed: nothing can start
+                    self.status[spec.name] = {"rc": None, "skipped": f"dependency {spec.depends_on} failed"}
+                    print(f"[fidelity] {spec.name}: skipped (dependency {spec.depends_on} failed)", flush=True)
+                self.pending = []
+        return self.status
+
+    def _next_ready(self, peek: bool = False) -> Optional[RunSpec]:
+        for spec in self.pending:
+            dep = spec.depends_on
+            if dep is None or self.status.get(dep, {}).get("rc") == 0:
+                if not peek:
+                    self.pending.remove(spec)
+                return spec
+        return None
+
+
+def launch(args) -> int:
+    preset = PRESETS[args.preset]
+    out = Path(args.out).resolve()
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    specs = plan(preset, str(out), args.steps)
+    wanted = args.runs.split(",") if args.runs else list(RUN_NAMES)
+    bad = [n for n in wanted if n not in RUN_NAMES]
+    if bad:
+        print(f"fidelity: error: --runs {bad[0]!r} is invalid: allowed values are {', '.join(RUN_NAMES)}", file=sys.stderr)
+        return 2
+    specs = [s for s in specs if s.name in wanted]
+    status: Dict[str, Dict] = {}
+    todo = []
+    for s in specs:
+        run_dir = out / "runs" / s.name
+        if args.force and run_dir.exists():
+            shutil.rmtree(run_dir)
+        if (run_dir / "summary.json").is_file():
+            status[s.name] = {"rc": 0, "reused": True}
+            print(f"[fidelity] {s.name}: already finished in {run_dir} (reused; --force reruns)", flush=True)
+        else:
+            todo.append(s)
+    for s in todo:
+        if s.depends_on and s.depends_on not in wanted and not (out / "runs" / s.depends_on / "summary.json").is_file():
+            print(f"fidelity: error: --runs includes {s.name} but not {s.depends_on}, which it needs "
+                  f"(and {out / 'runs' / s.depends_on} holds no finished run)", file=sys.stderr)
+            return 2
+        if s.depends_on and (out / "runs" / s.depends_on / "summary.json").is_file():
+            status.setdefault(s.depends_on, {"rc": 0, "reused": True})
+    if args.preset == "gpu" or args.gpus:
+        slots: List[Optional[str]] = [g.strip() for g in (args.gpus or "0").split(",") if g.strip()]
+    else:
+        slots = [None] * max(1, args.jobs)
+    # The corpus is built once here, not by concurrent runs.
+    from msa_megatron.training.corpus import build_corpus
+
+    build_corpus()
+    t0 = time.time()
+    sched = Scheduler(todo, slots, out, sys.executable)
+    sched.status.update(status)
+    status = sched.run()
+    wall = time.time() - t0
+    write_results(args, out, status, wall)
+    failed = [n for n, s in status.items() if s.get("rc") != 0]
+    print(f"[fidelity] done in {wall / 60:.1f} min; results: {out / 'results.json'}"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
+def write_results(args, out: Path, status: Dict[str, Dict], wall: float) -> Dict:
+    import torch
+
+    preset = PRESETS[args.preset]
+    runs = collect(out, RUN_NAMES)
+    results = {
+        "meta": {
+            "label": "CPU smoke results (tiny model, a few steps: not evidence)" if args.preset == "cpu"
+            else "GPU results",
+            "preset": args.preset, "device": _device(), "commit": _commit(), "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": "python scripts/fidelity.py " + " ".join(sys.argv[1:]), "out_dir": str(out), "wall_s": round(wall, 1),
+        },
+        "model": preset.model, "seq_length": preset.seq_length, **_model_shape(preset),
+        "status": status, "runs": runs,
+        "conversion": conversion_summary(runs["dense"], runs["dense_to_msa"])
+        if "dense" in runs and "dense_to_msa" in runs else None,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fidelity", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), help="run the matrix with this preset")
+    p.add_argument("--out", help="output directory (default runs/fidelity-<preset>)")
+    p.add_argument("--gpus", help="comma-separated GPU ids, one per concurrent run (ids may repeat), e.g. 0,0 or 0,1")
+    p.add_argument("--jobs", type=int, default=1, help="concurrent runs on the CPU (cpu preset)")
+    p.add_argument("--runs", help=f"subset of runs, comma-separated ({', '.join(RUN_NAMES)})")
+    p.add_argument("--steps", type=int, help="override the preset's steps per run (CI / quick checks)")
+    p.add_argument("--force", action="store_true", help="rerun finished runs")
+    p.add_argument("--report", metavar="DIR", help="write the table and plots from DIR/results.json")
+    p.add_argument("--doc", default=str(REPO / "docs" / "fidelity.md"), help="with --report: the markdown file")
+    p.add_argument("--plots", default=str(REPO / "docs" / "fidelity"), help="with --report: the PNG directory")
+    args = p.parse_args(argv)
+    if args.report:
+        from msa_megatron.fidelity.report import report
+
+        results = Path(args.report) / "results.json"
+        if not results.is_file():
+            p.error(f"--report {args.report}: {results} not found (run a preset first)")
+        for path in report(results, Path(args.doc), Path(args.plots)):
+            print(f"wrote {path}")
+        return 0
+    if not args.preset:
+        p.error("one of --preset or --report is required")
+    if args.steps is not None and args.steps < 2:
+        p.error("--steps must be >= 2")
+    args.out = args.out or str(REPO / "runs" / f"fidelity-{args.preset}")
+    return launch(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
