@@ -137,7 +137,7 @@ def launch(args) -> int:
     preset = PRESETS[args.preset]
     out = Path(args.out).resolve()
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    specs = plan(preset, str(out), args.steps)
+    specs = plan(preset, str(out), args.steps, args.recall_sweep)
     wanted = args.runs.split(",") if args.runs else list(RUN_NAMES)
     bad = [n for n in wanted if n not in RUN_NAMES]
     if bad:
@@ -204,6 +204,16 @@ def write_results(args, out: Path, status: Dict[str, Dict], wall: float) -> Dict
     return results
 
 
+def _sweep(text: str) -> List[List[int]]:
+    try:
+        pairs = [[int(x) for x in item.split(":")] for item in text.split(",") if item]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(pr) != 2 for pr in pairs):
+        raise argparse.ArgumentTypeError(f"--recall-sweep {text!r} is invalid: use block:topk pairs, e.g. 16:2,16:4")
+    return pairs
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fidelity", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), help="run the matrix with this preset")
@@ -212,6 +222,7 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="concurrent runs on the CPU (cpu preset)")
     p.add_argument("--runs", help=f"subset of runs, comma-separated ({', '.join(RUN_NAMES)})")
     p.add_argument("--steps", type=int, help="override the preset's steps per run (CI / quick checks)")
+    p.add_argument("--recall-sweep", type=_sweep, help="override the preset's recall sweep: B:k,B:k (e.g. 16:2,16:4)")
     p.add_argument("--force", action="store_true", help="rerun finished runs")
     p.add_argument("--report", metavar="DIR", help="write the table and plots from DIR/results.json")
     p.add_argument("--doc", default=str(REPO / "docs" / "fidelity.md"), help="with --report: the markdown file")

@@ -19,6 +19,7 @@ is measured is exactly what users run. :func:`plan` gives the overrides of a pre
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -97,16 +98,20 @@ def _common(p: Preset, run_dir: str, steps: int) -> List[str]:
     ]
 
 
-def _msa(p: Preset, warmup: int, sweep: bool = True) -> List[str]:
+def _msa(p: Preset, warmup: int) -> List[str]:
     out = ["attention=msa", f"attention.warmup.steps={warmup}", f"attention.msa.recall_interval={p.recall_interval}"]
-    if sweep and p.recall_sweep:
+    if p.recall_sweep:
         out.append("attention.recall_sweep=[" + ",".join(f"[{b},{k}]" for b, k in p.recall_sweep) + "]")
     return out
 
 
-def plan(preset: Preset, out_dir: str, steps: Optional[int] = None) -> List[RunSpec]:
-    """The seven runs (in launch order) with their trainer overrides."""
+def plan(preset: Preset, out_dir: str, steps: Optional[int] = None,
+         recall_sweep: Optional[List[List[int]]] = None) -> List[RunSpec]:
+    """The seven runs (in launch order) with their trainer overrides; ``steps`` and
+    ``recall_sweep`` override the preset's (quick checks)."""
     steps = steps or preset.steps
+    if recall_sweep is not None:
+        preset = dataclasses.replace(preset, recall_sweep=recall_sweep)
     rd = lambda name: f"{out_dir}/runs/{name}"  # noqa: E731
     c = lambda name: _common(preset, rd(name), steps)  # noqa: E731
     p = preset
@@ -116,7 +121,7 @@ def plan(preset: Preset, out_dir: str, steps: Optional[int] = None) -> List[RunS
         f"train.lr={p.convert_lr}", f"train.min_lr={p.convert_lr}", "train.lr_decay_style=constant",
         "train.lr_warmup_fraction=null", "train.lr_warmup_steps=1",
         f"train.eval_interval={p.convert_eval_interval}",
-    ] + _msa(p, min(p.convert_warmup_steps, conv_steps - 1), sweep=False)
+    ] + _msa(p, min(p.convert_warmup_steps, conv_steps - 1))
     return [
         RunSpec("dense", c("dense") + ["attention=dense"]),
         RunSpec("msa", c("msa") + _msa(p, p.warmup_steps)),

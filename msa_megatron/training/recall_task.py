@@ -71,14 +71,19 @@ def eval_batches(spec: AssocRecallSpec, n_batches: int, micro_batch: int, seed: 
 @torch.no_grad()
 def recall_accuracy_of_model(model, batches, device, vocab_size: int) -> float:
     """Mean accuracy over the batches (every rank computes all of them: PP=1, CP=1)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+    tp = ps.get_tensor_model_parallel_world_size() if dist.is_initialized() and ps.model_parallel_is_initialized() else 1
     accs = []
     for tokens, mask in batches:
         tokens = tokens.to(device)
         pos = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
         logits = model(tokens, pos, None)  # [b, s, V/tp]
-        logits = gather_from_tensor_model_parallel_region(logits)[..., :vocab_size]
+        if tp > 1:  # the output layer's logits are split over the vocabulary
+            logits = gather_from_tensor_model_parallel_region(logits)
+        logits = logits[..., :vocab_size]
         accs.append(recall_accuracy(logits.float(), tokens, mask.to(device)))
     return sum(accs) / len(accs)
 
