@@ -96,6 +96,16 @@ class Scheduler:
 
     def run(self) -> Dict[str, Dict]:
         running: Dict[int, tuple] = {}  # slot index -> (spec, proc, t0)
+        try:
+            return self._loop(running)
+        finally:  # interrupted (Ctrl-C, SIGTERM as KeyboardInterrupt): stop the runs we started
+            for spec, proc, _ in running.values():
+                if proc.poll() is None:
+                    print(f"[fidelity] stopping {spec.name}", flush=True)
+                    proc.terminate()
+                    proc.wait(timeout=60)
+
+    def _loop(self, running: Dict[int, tuple]) -> Dict[str, Dict]:
         port = 29600 + (os.getpid() % 200) * 10
         while self.pending or running:
             for i, slot in enumerate(self.slots):
@@ -170,19 +180,20 @@ def launch(args) -> int:
     from msa_megatron.training.corpus import build_corpus
 
     build_corpus()
+    commit = _commit()  # the code the runs start from
     t0 = time.time()
     sched = Scheduler(todo, slots, out, sys.executable)
     sched.status.update(status)
     status = sched.run()
     wall = time.time() - t0
-    write_results(args, out, status, wall)
+    write_results(args, out, status, wall, commit)
     failed = [n for n, s in status.items() if s.get("rc") != 0]
     print(f"[fidelity] done in {wall / 60:.1f} min; results: {out / 'results.json'}"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0
 
 
-def write_results(args, out: Path, status: Dict[str, Dict], wall: float) -> Dict:
+def write_results(args, out: Path, status: Dict[str, Dict], wall: float, commit: str) -> Dict:
     import torch
 
     preset = PRESETS[args.preset]
@@ -191,7 +202,7 @@ def write_results(args, out: Path, status: Dict[str, Dict], wall: float) -> Dict
         "meta": {
             "label": "CPU smoke results (tiny model, a few steps: not evidence)" if args.preset == "cpu"
             else "GPU results",
-            "preset": args.preset, "device": _device(), "commit": _commit(), "torch": torch.__version__,
+            "preset": args.preset, "device": _device(), "commit": commit, "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": "python scripts/fidelity.py " + " ".join(sys.argv[1:]), "out_dir": str(out), "wall_s": round(wall, 1),
         },
@@ -215,6 +226,9 @@ def _sweep(text: str) -> List[List[int]]:
 
 
 def main(argv=None) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the runs too
     p = argparse.ArgumentParser(prog="fidelity", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), help="run the matrix with this preset")
     p.add_argument("--out", help="output directory (default runs/fidelity-<preset>)")
