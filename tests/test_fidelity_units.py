@@ -177,3 +177,38 @@ def test_eval_batches_and_model_accuracy():
 
     assert recall_accuracy_of_model(Oracle(0), batches, "cpu", 257) == 1.0
     assert recall_accuracy_of_model(Oracle(1), batches, "cpu", 257) == 0.0
+
+
+# --------------------------------------------------------------------------- the run matrix
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_every_run_of_the_matrix_composes_and_validates(preset, tmp_path):
+    """The exact overrides scripts/fidelity.py passes compose in hydra and pass the trainer's
+    validation (the GPU preset is checked here, without a GPU)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from msa_megatron.fidelity.matrix import PRESETS, RUN_NAMES, plan
+    from msa_megatron.train import CONFIG_DIR
+    from msa_megatron.training.config import load_config, validate
+
+    (tmp_path / "runs" / "dense" / "checkpoints").mkdir(parents=True)  # the conversion's init_from
+    runs = plan(PRESETS[preset], str(tmp_path))
+    assert [r.name for r in runs] == list(RUN_NAMES)
+    cfgs = {}
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for r in runs:
+            raw = OmegaConf.to_container(compose("config", overrides=r.overrides), resolve=True)
+            raw.pop("hydra", None)
+            cfgs[r.name] = validate(load_config(raw), 1)
+    d, m, s = cfgs["dense"], cfgs["msa"], cfgs["swa"]
+    same = lambda c: (c.model, c.train.seed, c.train.seq_length, c.tokens_per_step(), c.total_steps(), c.data)  # noqa: E731
+    assert all(same(cfgs[n]) == same(d) for n in RUN_NAMES if n != "dense_to_msa")  # identical model, data, tokens
+    assert d.attention.type == "dense" and s.attention.type == "swa" and m.msa.topk * m.msa.block_size < m.train.seq_length
+    assert s.swa_window() < s.train.seq_length - 2 * cfgs["msa"].data.assoc_recall.num_pairs  # pairs beyond the window
+    assert cfgs["msa_no_stopgrad"].msa.index_stop_gradient is False and m.msa.index_stop_gradient is True
+    assert cfgs["msa_no_warmup"].attention.warmup.steps == 0 and m.attention.warmup.steps > 0
+    assert cfgs["msa_no_teacher"].attention.freeze_indexer and not m.attention.freeze_indexer
+    c = cfgs["dense_to_msa"]
+    assert c.checkpoint.init_from.endswith("runs/dense/checkpoints") and c.total_steps() < d.total_steps()
+    if preset == "gpu":
+        assert (m.train.seq_length, m.msa.block_size, m.msa.topk) == (4096, 64, 8) and m.train.precision == "bf16"

@@ -66,12 +66,13 @@ PRESETS: Dict[str, Preset] = {
                   convert_warmup_steps=1, convert_eval_interval=2, convert_lr=3e-4,
                   recall_sweep=[[16, 1], [16, 2], [16, 4], [16, 8], [32, 2], [32, 4]]),
     # One H100: configs/model/fidelity_gpt.yaml (~19M params), seq 4096, block 64 x top-8
-    # (512 of 4096 keys), 200 steps x 8 sequences = 6.6M tokens per run.
-    "gpu": Preset(model="fidelity_gpt", train="gpu", steps=200, seq_length=4096, global_batch_size=8,
-                  micro_batch_size=2, lr=1.5e-3, min_lr=1.5e-4, warmup_steps=20, eval_interval=20, eval_iters=4,
-                  recall_interval=10, recall_eval_batches=4, recall_train_fraction=0.5, recall_pairs=16,
-                  convert_steps=20, convert_warmup_steps=4, convert_eval_interval=2, convert_lr=3e-4,
-                  recall_sweep=[[64, 1], [64, 2], [64, 4], [64, 8], [64, 16], [128, 4], [128, 8], [128, 16]]),
+    # (512 of 4096 keys; FLOP-matched window 857), 150 steps x 8 sequences = 4.9M tokens per
+    # run, MSA warmup 15 steps (10%); conversion: 16 steps (10.7% of the tokens), warmup 3.
+    "gpu": Preset(model="fidelity_gpt", train="gpu", steps=150, seq_length=4096, global_batch_size=8,
+                  micro_batch_size=4, lr=1.5e-3, min_lr=1.5e-4, warmup_steps=15, eval_interval=25, eval_iters=2,
+                  recall_interval=25, recall_eval_batches=4, recall_train_fraction=0.5, recall_pairs=32,
+                  convert_steps=16, convert_warmup_steps=3, convert_eval_interval=2, convert_lr=3e-4,
+                  recall_sweep=[[64, 2], [64, 4], [64, 8], [64, 16], [128, 4], [128, 8], [128, 16]]),
 }
 
 
@@ -98,8 +99,9 @@ def _common(p: Preset, run_dir: str, steps: int) -> List[str]:
     ]
 
 
-def _msa(p: Preset, warmup: int) -> List[str]:
-    out = ["attention=msa", f"attention.warmup.steps={warmup}", f"attention.msa.recall_interval={p.recall_interval}"]
+def _msa(p: Preset, warmup: int, recall_interval: Optional[int] = None) -> List[str]:
+    out = ["attention=msa", f"attention.warmup.steps={warmup}",
+           f"attention.msa.recall_interval={recall_interval or p.recall_interval}"]
     if p.recall_sweep:
         out.append("attention.recall_sweep=[" + ",".join(f"[{b},{k}]" for b, k in p.recall_sweep) + "]")
     return out
@@ -121,7 +123,7 @@ def plan(preset: Preset, out_dir: str, steps: Optional[int] = None,
         f"train.lr={p.convert_lr}", f"train.min_lr={p.convert_lr}", "train.lr_decay_style=constant",
         "train.lr_warmup_fraction=null", "train.lr_warmup_steps=1",
         f"train.eval_interval={p.convert_eval_interval}",
-    ] + _msa(p, min(p.convert_warmup_steps, conv_steps - 1))
+    ] + _msa(p, min(p.convert_warmup_steps, conv_steps - 1), recall_interval=p.convert_eval_interval)
     return [
         RunSpec("dense", c("dense") + ["attention=dense"]),
         RunSpec("msa", c("msa") + _msa(p, p.warmup_steps)),
