@@ -97,7 +97,7 @@ def generated_block(results: Dict[str, Any], plot_dir_rel: str) -> str:
              f"top-{results['topk']} ({results['block_size'] * results['topk']} of {results['seq_length']} keys), "
              f"FLOP-matched window {results.get('swa_window')} tokens (Eq. 12).", "",
              "Command:", "", "```bash", meta["command"], f"python scripts/fidelity.py --report {meta['out_dir']}", "```", "",
-             "### Results", "", table(results), "", "### Goals (measured)", "", *goals(results), "",
+             "### Results", "", table(results), "", *_status_lines(results), "### Goals (measured)", "", *goals(results), "",
              "### Selection recall vs k of the trained models (held-out, dense main branch)", "", sweep_table(results), "",
              "### Plots", ""]
     for name, what in (("loss", "training and held-out LM loss"), ("grad_norm", "gradient norm per step"),
@@ -109,6 +109,16 @@ def generated_block(results: Dict[str, Any], plot_dir_rel: str) -> str:
         lines.append("")
     lines.append(END)
     return "\n".join(lines)
+
+
+def _status_lines(results: Dict[str, Any]) -> List[str]:
+    """Runs that did not finish (exit code, skipped), and per-run wall times."""
+    st = results.get("status") or {}
+    bad = [f"`{n}` ({'skipped: ' + s['skipped'] if s.get('skipped') else 'exit ' + str(s.get('rc'))})"
+           for n, s in st.items() if s.get("rc") != 0]
+    walls = ", ".join(f"{n} {s['wall_s']:.0f}s" for n, s in st.items() if s.get("wall_s") is not None)
+    out = [f"**Runs that did not finish: {', '.join(bad)}** (their rows are partial or missing).", ""] if bad else []
+    return out + ([f"Wall time per run: {walls}.", ""] if walls else [])
 
 
 def write_doc(results: Dict[str, Any], doc: Path, plot_dir_rel: str) -> None:
