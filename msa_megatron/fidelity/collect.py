@@ -59,6 +59,8 @@ def run_results(run_dir: Path) -> Dict[str, Any]:
         "val_loss": out["val_loss"][-1][2] if out["val_loss"] else None,
         "assoc_recall": out["assoc_recall"][-1][1] if out["assoc_recall"] else None,
         "max_grad_norm": max((v for _, v in out["grad_norm"]), default=None),
+        # spikes later in training, past the first 10% of steps (where every run starts high)
+        "max_grad_norm_late": max((v for s, v in out["grad_norm"] if s > 0.1 * len(out["grad_norm"])), default=None),
         "kl": out["indexer_kl"][-1][1] if out["indexer_kl"] else None,
         # mean over the steps sampled in sparse mode (the selection actually used)
         "mean_recall": _mean([v for s, v in out["recall"] if switch is not None and s >= switch]),

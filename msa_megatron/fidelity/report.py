@@ -28,14 +28,15 @@ def _pct(v) -> str:
 
 def table(results: Dict[str, Any]) -> str:
     runs = results["runs"]
-    rows = ["| run | steps | tokens | final held-out loss | assoc. recall acc. | max grad norm | final indexer KL | "
+    rows = ["| run | steps | tokens | final held-out loss | assoc. recall acc. | max grad norm (all / after 10% of steps) | final indexer KL | "
             "mean selection recall (sparse steps) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in RUN_NAMES:
         if name not in runs:
             continue
         f = runs[name]["final"]
         rows.append(f"| {LABELS[name]} | {f['steps']} | {f['tokens'] or 0:,} | {_fmt(f['val_loss'])} | "
-                    f"{_pct(f['assoc_recall'])} | {_fmt(f['max_grad_norm'], '.3f')} | {_fmt(f['kl'])} | "
+                    f"{_pct(f['assoc_recall'])} | {_fmt(f['max_grad_norm'], '.3f')} / {_fmt(f.get('max_grad_norm_late'), '.3f')} | "
+                    f"{_fmt(f['kl'])} | "
                     f"{_pct(f['mean_recall'])} |")
     return "\n".join(rows)
 
@@ -231,7 +232,17 @@ def _ema(xs: List[float], beta: float = 0.9) -> List[float]:
 
 
 def report(results_path: Path, doc: Path, plot_dir: Path) -> List[Path]:
+    """Plots + doc from results.json; the per-run numbers are re-derived from the run
+    directories next to it when they are there (so the current collector is used)."""
+    from .collect import collect, conversion_summary
+
     results = json.loads(Path(results_path).read_text())
+    if (Path(results_path).parent / "runs").is_dir():
+        runs = collect(Path(results_path).parent, RUN_NAMES)
+        if runs:
+            results["runs"] = runs
+            if "dense" in runs and "dense_to_msa" in runs:
+                results["conversion"] = conversion_summary(runs["dense"], runs["dense_to_msa"])
     written = plots(results, plot_dir)
     rel = str(Path(plot_dir).resolve().relative_to(Path(doc).resolve().parent)) \
         if Path(plot_dir).resolve().is_relative_to(Path(doc).resolve().parent) else str(plot_dir)
