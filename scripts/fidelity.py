@@ -184,7 +184,13 @@ def launch(args) -> int:
     t0 = time.time()
     sched = Scheduler(todo, slots, out, sys.executable)
     sched.status.update(status)
-    status = sched.run()
+    try:
+        status = sched.run()
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM (e.g. `timeout`): keep what finished, mark the rest
+        status = sched.status
+        for s in todo:
+            status.setdefault(s.name, {"rc": None, "skipped": "interrupted"})
+        print("[fidelity] interrupted: writing partial results", flush=True)
     wall = time.time() - t0
     write_results(args, out, status, wall, commit)
     failed = [n for n, s in status.items() if s.get("rc") != 0]
