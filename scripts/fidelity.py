@@ -6,8 +6,8 @@ subprocess each, identical data, tokens, seed and model), collects DIR/results.j
 (separately, where matplotlib is) writes docs/fidelity.md and docs/fidelity/*.png.
 
     python scripts/fidelity.py --preset cpu --out runs/fidelity-cpu             # tiny, CPU smoke
-    python scripts/fidelity.py --preset gpu --gpus 0,0 --out $OUT/fidelity      # one H100, 2 runs at a time
-    python scripts/fidelity.py --preset gpu --gpus 0,1 --out $OUT/fidelity      # two GPUs
+    python scripts/fidelity.py --preset gpu --gpus 0,0,0 --out $OUT/fidelity    # one H100, 3 runs at a time
+    python scripts/fidelity.py --preset gpu --gpus 0,1,0,1 --out $OUT/fidelity  # two GPUs
     python scripts/fidelity.py --report runs/fidelity-cpu                       # table + plots into docs/
 
 ``--gpus`` lists one slot per concurrent run (a GPU id may repeat: small models leave an

@@ -65,7 +65,7 @@ PRESETS: Dict[str, Preset] = {
                   recall_eval_batches=1, recall_train_fraction=0.5, recall_pairs=8, convert_steps=4,
                   convert_warmup_steps=1, convert_eval_interval=2, convert_lr=3e-4,
                   recall_sweep=[[16, 1], [16, 2], [16, 4], [16, 8], [32, 2], [32, 4]]),
-    # One H100: configs/model/fidelity_gpt.yaml (~19M params), seq 4096, block 64 x top-8
+    # One H100: configs/model/fidelity_gpt.yaml (~17M params), seq 4096, block 64 x top-8
     # (512 of 4096 keys; FLOP-matched window 857), 150 steps x 8 sequences = 4.9M tokens per
     # run, MSA warmup 15 steps (10%); conversion: 16 steps (10.7% of the tokens), warmup 3.
     "gpu": Preset(model="fidelity_gpt", train="gpu", steps=150, seq_length=4096, global_batch_size=8,
