@@ -198,7 +198,10 @@ def count_parameters(cfg: Config, chunks: List[torch.nn.Module]) -> ParamCounts:
             total += share
             if ("embedding.word_embeddings" in name and not tied) or ("output_layer" in name and tied):
                 continue  # untied: the lookup table; tied + PP: the last stage's copy
-            active += share * (routed_frac if expert else 1.0)
+            # routed experts by name: Megatron marks expert params allreduce=False only under
+            # expert parallelism (or ETP != TP), so that flag cannot tell routed experts apart
+            routed = ".experts." in f".{name}"
+            active += share * (routed_frac if routed else 1.0)
     t = torch.tensor([total, active], dtype=torch.float64)
     if dist.is_initialized():
         t = t.to(_reduce_device())
