@@ -62,7 +62,7 @@ if str(REPO) not in sys.path:  # run as a file: import this checkout's package
 PARTS = ("equiv", "throughput", "long")
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 #: Default wall-clock limit per part (seconds, start-up and compilation included): 7 min in all.
-DEFAULT_LIMITS = {"equiv": 120, "throughput": 180, "long": 120}
+DEFAULT_LIMITS = {"equiv": 140, "throughput": 160, "long": 120}
 BYTE_VOCAB = 257  # the embedded corpus' vocabulary (bytes + EOD), padded to 384 as the trainer does
 
 
@@ -719,6 +719,7 @@ def worker(a) -> int:
     from msa_megatron.megatron.parallel import shutdown_distributed
 
     ok = True
+    part = "-"
     try:
         for part in a.worker.split(","):
             t0 = time.perf_counter()
@@ -727,8 +728,23 @@ def worker(a) -> int:
             part_ok = {"equiv": run_equiv, "throughput": run_throughput, "long": run_long}[part](a, Recorder(out, part))
             log(f"=== part {part} {'OK' if part_ok else 'FAILED'} in {time.perf_counter() - t0:.1f}s")
             ok &= part_ok
-    finally:
-        shutdown_distributed()
+    except BaseException as exc:  # noqa: BLE001
+        # Leave at once: the other ranks may sit in a collective this rank will never join;
+        # torchrun stops them when this process exits, instead of after the NCCL timeout.
+        import traceback
+
+        traceback.print_exc()
+        rank = int(os.environ.get("RANK", "0"))
+        msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        if part in PARTS:
+            with open(out / f"{part}.jsonl", "a") as f:
+                f.write(json.dumps({"part": part, "error": msg, "rank": rank,
+                                    "tokens": getattr(a, "long_tokens", "").split(",")[0] if part == "long" else None})
+                        + "\n")
+        print(f"rank {rank}: part {part} failed: {msg}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    shutdown_distributed()
     return 0 if ok else 1
 
 
@@ -762,7 +778,8 @@ def write_report(out: Path, meta: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
     results = dict(meta=meta, **rows)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     lines = [f"Device: {meta['device']}; date {meta['date']}; commit {meta['commit']}; "
-             f"torch {meta.get('torch')}; {meta['nproc']} processes (torchrun, NCCL); NVLS/multicast off.", ""]
+             f"torch {meta.get('torch')}; {meta['nproc']} processes (torchrun, {meta.get('backend', 'NCCL')}); "
+             "NVLS/multicast off.", ""]
     checks = [r for r in rows["equiv"] if "status" in r]
     noise = next((r for r in rows["equiv"] if r.get("layout") == "noise_floor"), None)
     if checks:
@@ -805,7 +822,7 @@ def write_report(out: Path, meta: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
         lines += ["", "MFU = tokens x (6 N_active + 3 sum_layers F_attn) / step time / (GPUs x 989.4 TFLOP/s), the "
                   "trainer's formula (docs/training.md); F_attn from msa_megatron/flops.py (MSA: sparse count). "
                   "Recomputation is not counted.", ""]
-    longs = [r for r in rows["long"] if "tokens" in r]
+    longs = [r for r in rows["long"] if "status" in r]
     attempts = meta.get("long_attempts", [])
     if longs or attempts:
         lines += [f"**Long sequence** ({meta['model']}, CP={meta['cp']}, MSA, full recompute, one forward + backward):", ""]
@@ -814,9 +831,17 @@ def write_report(out: Path, meta: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
                 lines.append(f"- {at['tokens']}: did not complete ({at['status']})")
         for r in longs:
             lines.append(f"- {fmt_tokens(r['tokens'])} tokens: {r['status']}, fwd+bwd {r['fwd_bwd_s']:.2f} s "
-                         f"({r['tokens_per_s']:.0f} tokens/s), peak {r['peak_mem_gb']:.1f} GB of "
-                         f"{r['total_gb'] or 0:.0f} GB per GPU, loss {r['loss']:.4f}")
+                         f"({r['tokens_per_s']:.0f} tokens/s), peak {r['peak_mem_gb']:.1f} GB"
+                         + (f" of {r['total_gb']:.0f} GB per GPU" if r.get("total_gb") else "")
+                         + f", loss {r['loss']:.4f}")
         lines.append("")
+    errors = [r for p in PARTS for r in rows[p] if "error" in r]
+    if errors:
+        grouped: Dict[Tuple, List[int]] = {}
+        for r in errors:
+            grouped.setdefault((r["part"], r.get("tokens"), r["error"]), []).append(r["rank"])
+        lines += ["Errors: " + "; ".join(f"{p}" + (f" {t}" if t else "") + f" (ranks {', '.join(map(str, sorted(rk)))}): {e}"
+                                         for (p, t, e), rk in grouped.items()), ""]
     parts = meta.get("parts", {})
     if parts:
         lines += ["Parts: " + ", ".join(f"{p} {s['status']} ({s['seconds']:.0f} s)" for p, s in parts.items()), ""]
@@ -883,7 +908,7 @@ def driver(a, passthrough: List[str]) -> int:
     meta = dict(device=device_description() if not a.smoke else "CPU (gloo smoke)",
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 commit=os.environ.get("MSA_COMMIT", "unknown (set MSA_COMMIT)"), torch=torch.__version__,
-                nproc=a.nproc, model=a.model, block_size=a.block_size, topk=a.topk, cp=a.cp, parts={},
+                nproc=a.nproc, backend="gloo, CPU" if a.smoke else "NCCL", model=a.model, block_size=a.block_size, topk=a.topk, cp=a.cp, parts={},
                 long_attempts=[], env={k: os.environ.get(k, v) for k, v in NO_MULTICAST.items()})
     t_all = time.perf_counter()
     if a.single_job:
