@@ -14,9 +14,10 @@ others down, and every result is appended to ``--out`` as soon as it is measured
                  (the same model switched to ``dense`` mode), tokens/s, step time, peak memory,
                  MFU. All configurations in one process (one model, one optimizer) to keep
                  torchrun start-up and kernel compilation to one.
-* ``long``       one forward + backward of the small MoE at 1M tokens with CP=2, MSA on, full
-                 activation recompute; if that attempt fails (OOM, time), the driver retries the
-                 next length of ``--long-tokens`` (512K, 256K) in a fresh job.
+* ``long``       one forward + backward of the small MoE at 256K, 512K, then 1M tokens with
+                 CP=2, MSA on, full activation recompute, in one job: each length that completes
+                 is recorded before the next is tried, so the report states the longest that
+                 fits (and why the next did not: out of memory or time).
 
 The driver (no torchrun environment)::
 
@@ -668,46 +669,68 @@ def run_throughput(a, rec: Recorder) -> bool:
 
 # ============================================================================ part 3: long sequence
 def run_long(a, rec: Recorder) -> bool:
-    """One forward + backward (no optimizer step) of the small MoE at ``--long-tokens`` (the
-    first entry) with CP, MSA mode ``msa``, full activation recompute (one layer at a time)."""
+    """Forward + backward (no optimizer step) of the small MoE with CP, MSA mode ``msa``,
+    full activation recompute (one layer per checkpoint), at each ``--long-tokens`` length
+    in ascending order in one job: every length that completes is recorded before a longer
+    one is tried, so an out-of-memory at 1M still leaves 512K and 256K (the failing length
+    is recorded by the worker, which then exits)."""
+    import torch
+
     from msa_megatron.megatron import collect_msa_metrics, set_attention_mode
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    seq = parse_tokens(a.long_tokens.split(",")[0])
+    lengths = sorted(parse_tokens(x) for x in a.long_tokens.split(",") if x.strip())
     cp = a.cp
     t0 = time.perf_counter()
     device = start_layout(cp=cp, seed=a.seed, timeout_s=a.nccl_timeout)
     dp = world // cp
-    cfg = make_cfg(a, seq=seq, cp=cp, global_batch=dp, recompute=True)
+    RUNNING["tokens"] = fmt_tokens(lengths[-1])  # the model is checked against the longest first
+    cfg = make_cfg(a, seq=lengths[-1], cp=cp, global_batch=dp, recompute=True)
     model, tf = build(cfg, distributed_optimizer=False)
+    for seq in lengths:  # every length's CP split, before any runs
+        RUNNING["tokens"] = fmt_tokens(seq)
+        if hasattr(tf, "validate_sequence_length"):
+            tf.validate_sequence_length(seq)
     set_attention_mode(model, "msa")
-    batch = make_batch(seq, a.seed + 3, device)
-    log(f"long: {fmt_tokens(seq)} tokens, CP={cp}, {cfg.model.num_layers} layers ({cfg.msa.first_dense_layers} dense), "
-        f"MSA block {a.block_size} top-{a.topk}, full recompute; set-up {time.perf_counter() - t0:.1f}s")
-    reset_memory()
-    times = []
-    for i in range(a.long_steps):
-        sync()
-        t = time.perf_counter()
-        out = step(model, tf, batch)
-        sync()
-        times.append(time.perf_counter() - t)
-    metrics = collect_msa_metrics()
-    mem, mem_kind = peak_memory_gb()
-    import torch
+    log(f"long: {', '.join(map(fmt_tokens, lengths))} tokens, CP={cp}, {cfg.model.num_layers} layers "
+        f"({cfg.msa.first_dense_layers} dense attention), MSA block {a.block_size} top-{a.topk}, full recompute; "
+        f"set-up {time.perf_counter() - t0:.1f}s")
+    ok = True
+    for seq in lengths:
+        t1 = time.perf_counter()
+        RUNNING["tokens"] = fmt_tokens(seq)
+        batch = make_batch(seq, a.seed + 3, device)
+        reset_memory()
+        times = []
+        for _ in range(a.long_steps):
+            sync()
+            t = time.perf_counter()
+            out = step(model, tf, batch)
+            sync()
+            times.append(time.perf_counter() - t)
+        metrics = collect_msa_metrics()
+        mem, mem_kind = peak_memory_gb()
+        grad_sq = sum(float(p.main_grad.float().pow(2).sum()) for p in gpt_of(model).parameters())
+        finite = math.isfinite(out["loss"]) and math.isfinite(grad_sq) and grad_sq > 0
+        row = dict(part="long", tokens=seq, cp=cp, dp=dp, mode="msa", recompute="full", block_size=a.block_size,
+                   topk=a.topk, dense_attention_layers=cfg.msa.first_dense_layers, fwd_bwd_s=times[-1],
+                   fwd_bwd_first_s=times[0], tokens_per_s=seq * dp / times[-1], peak_mem_gb=mem, mem_kind=mem_kind,
+                   loss=out["loss"], kl=metrics.get("indexer_kl"), grad_sq_local=grad_sq, finite=finite,
+                   status="OK" if finite else "NON-FINITE",
+                   total_gb=(torch.cuda.get_device_properties(0).total_memory / 1e9) if torch.cuda.is_available() else None,
+                   wall_s=round(time.perf_counter() - t1, 1))
+        rec.write(row)
+        ok &= finite
+        log(f"long {fmt_tokens(seq)} {row['status']}: fwd+bwd {times[-1]:.2f}s (first {times[0]:.2f}s), "
+            f"{row['tokens_per_s']:.0f} tok/s, peak {mem:.1f} GB ({mem_kind}), loss {out['loss']:.4f}, KL {row['kl']}; "
+            f"{row['wall_s']}s")
+        del batch, out
+    RUNNING.pop("tokens", None)
+    return ok
 
-    grad_sq = sum(float(p.main_grad.float().pow(2).sum()) for p in gpt_of(model).parameters())
-    finite = math.isfinite(out["loss"]) and math.isfinite(grad_sq) and grad_sq > 0
-    row = dict(part="long", tokens=seq, cp=cp, dp=dp, mode="msa", recompute="full", block_size=a.block_size,
-               topk=a.topk, fwd_bwd_s=times[-1], fwd_bwd_first_s=times[0], tokens_per_s=seq * dp / times[-1],
-               peak_mem_gb=mem, mem_kind=mem_kind, loss=out["loss"], kl=metrics.get("indexer_kl"),
-               grad_sq_local=grad_sq, finite=finite, status="OK" if finite else "NON-FINITE",
-               total_gb=(torch.cuda.get_device_properties(0).total_memory / 1e9) if torch.cuda.is_available() else None,
-               wall_s=round(time.perf_counter() - t0, 1))
-    rec.write(row)
-    log(f"long {fmt_tokens(seq)} {row['status']}: fwd+bwd {times[-1]:.2f}s (first {times[0]:.2f}s), "
-        f"{row['tokens_per_s']:.0f} tok/s, peak {mem:.1f} GB ({mem_kind}), loss {out['loss']:.4f}, KL {row['kl']}")
-    return finite
+
+#: What the worker is doing, for its error record (the long part's current length).
+RUNNING: Dict[str, Any] = {}
 
 
 # ============================================================================ worker
@@ -745,9 +768,7 @@ def worker(a) -> int:
         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         if part in PARTS:
             with open(out / f"{part}.jsonl", "a") as f:
-                f.write(json.dumps({"part": part, "error": msg, "rank": rank,
-                                    "tokens": getattr(a, "long_tokens", "").split(",")[0] if part == "long" else None})
-                        + "\n")
+                f.write(json.dumps({"part": part, "error": msg, "rank": rank, "tokens": RUNNING.get("tokens")}) + "\n")
         print(f"rank {rank}: part {part} failed: {msg}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
@@ -830,17 +851,21 @@ def write_report(out: Path, meta: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
                   "trainer's formula (docs/training.md); F_attn from msa_megatron/flops.py (MSA: sparse count). "
                   "Recomputation is not counted.", ""]
     longs = [r for r in rows["long"] if "status" in r]
-    attempts = meta.get("long_attempts", [])
-    if longs or attempts:
-        lines += [f"**Long sequence** ({meta['model']}, CP={meta['cp']}, MSA, full recompute, one forward + backward):", ""]
-        for at in attempts:
-            if at.get("status") != "ok":
-                lines.append(f"- {at['tokens']}: did not complete ({at['status']})")
+    long_errors = [r for r in rows["long"] if "error" in r]
+    if longs or long_errors or meta.get("long_stopped"):
+        dense_layers = longs[0].get("dense_attention_layers") if longs else None
+        lines += [f"**Long sequence** ({meta['model']}, CP={meta['cp']}, MSA block {meta['block_size']} "
+                  f"top-{meta['topk']}" + (f", first {dense_layers} layer(s) dense attention" if dense_layers else "")
+                  + ", full recompute, one forward + backward; lengths tried in ascending order):", ""]
         for r in longs:
             lines.append(f"- {fmt_tokens(r['tokens'])} tokens: {r['status']}, fwd+bwd {r['fwd_bwd_s']:.2f} s "
                          f"({r['tokens_per_s']:.0f} tokens/s), peak {r['peak_mem_gb']:.1f} GB"
                          + (f" of {r['total_gb']:.0f} GB per GPU" if r.get("total_gb") else "")
                          + f", loss {r['loss']:.4f}")
+        for r in {(r.get("tokens"), r["error"]): r for r in long_errors}.values():
+            lines.append(f"- {r.get('tokens') or '?'} tokens: did not complete ({r['error']})")
+        if meta.get("long_stopped") and not long_errors:
+            lines.append(f"- the next length did not complete ({meta['long_stopped']})")
         lines.append("")
     errors = [r for p in PARTS for r in rows[p] if "error" in r]
     if errors:
@@ -917,7 +942,7 @@ def driver(a, passthrough: List[str]) -> int:
                 commit=os.environ.get("MSA_COMMIT", "unknown (set MSA_COMMIT)"), torch=torch.__version__,
                 nproc=a.nproc, backend="gloo, CPU" if a.smoke else "NCCL", model=a.model, block_size=a.block_size,
                 topk=a.topk, cp=a.cp, parts={},
-                long_attempts=[], env={k: os.environ.get(k, v) for k, v in NO_MULTICAST.items()})
+                env={k: os.environ.get(k, v) for k, v in NO_MULTICAST.items()})
     t_all = time.perf_counter()
     if a.single_job:
         limit = sum(limits[p] for p in parts)
@@ -925,27 +950,21 @@ def driver(a, passthrough: List[str]) -> int:
         meta["parts"][",".join(parts)] = {"status": status, "seconds": secs}
         parts = []
     for part in parts:
-        if part != "long":
-            status, secs = launch(a, part, passthrough, limits[part], out)
-        else:
-            status, secs = "not run", 0.0
-            for tokens in [x.strip() for x in a.long_tokens.split(",") if x.strip()]:
-                left = limits["long"] - secs
-                if left < 30:
-                    meta["long_attempts"].append({"tokens": tokens, "status": "skipped: part time limit spent"})
-                    break
-                status, s = launch(a, "long", passthrough + ["--long-tokens", tokens], left, out)
-                secs += s
-                meta["long_attempts"].append({"tokens": tokens, "status": status, "seconds": round(s, 1)})
-                if status == "ok":
-                    break
+        status, secs = launch(a, part, passthrough, limits[part], out)
+        if part == "long" and status != "ok":
+            # the lengths run in ascending order: the longest that completed is the answer,
+            # the one that did not (out of memory, time) is stated in the report
+            done = [r["tokens"] for r in read_jsonl(out / "long.jsonl") if r.get("status") == "OK"]
+            if done:
+                meta["long_stopped"] = status
+                status = f"ok (up to {fmt_tokens(max(done))}; then {status})"
         meta["parts"][part] = {"status": status, "seconds": secs}
         write_report(out, meta)
     meta["total_seconds"] = time.perf_counter() - t_all
     text, _ = write_report(out, meta)
     print("\n" + text, flush=True)
     print(f"results: {out / 'results.json'}, table: {out / 'report.md'}; total {meta['total_seconds']:.0f}s", flush=True)
-    failed = [p for p, s in meta["parts"].items() if s["status"] != "ok"]
+    failed = [p for p, s in meta["parts"].items() if not s["status"].startswith("ok")]
     fails = [r for r in read_jsonl(out / "equiv.jsonl") if r.get("status") in ("FAIL", "MISSED")]
     if failed or fails:
         print(f"MULTI-GPU VALIDATION FAILED: parts {failed or '-'}; equivalence failures "
@@ -986,7 +1005,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup-steps", type=int, default=1)
     p.add_argument("--timed-steps", type=int, default=2)
     p.add_argument("--throughput-recompute", action="store_true", help="full activation recompute in throughput")
-    p.add_argument("--long-tokens", default=None, help="long-part lengths, tried in order (default 1M,512K,256K)")
+    p.add_argument("--long-tokens", default=None, help="long-part lengths, run in ascending order (default 256K,512K,1M)")
     p.add_argument("--long-steps", type=int, default=1, help="forward+backward steps in the long part")
     a, rest = p.parse_known_args(argv)
     if rest:
@@ -995,7 +1014,7 @@ def parse_args(argv=None):
     defaults = dict(model="tiny_moe" if smoke else "small_moe", block_size=16 if smoke else 128, topk=4 if smoke else 16,
                     equiv_tokens=256 if smoke else 32768, equiv_layers=3 if smoke else 4,
                     tol_scale=1e-3 if smoke else 1.0, lengths="128,256" if smoke else "32K,64K,128K",
-                    long_tokens="512,256" if smoke else "1M,512K,256K")
+                    long_tokens="256,512" if smoke else "256K,512K,1M")
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
