@@ -344,19 +344,17 @@ def load_full(model, full: Dict[str, Any], maps) -> None:
             p.copy_(t)
 
 
-def perturb_one_shard(model) -> None:
-    """Scale the last TP rank's shard of the first attention output projection by 1.01."""
+def perturb_one_shard(model, full: Dict[str, Any]) -> None:
+    """A shard-order bug: every TP rank loads the next rank's shard of layer 0's attention
+    output projection (the sort of mistake the equivalence check exists to catch)."""
     import torch
     from megatron.core import parallel_state as ps
 
-    if ps.get_tensor_model_parallel_rank() != ps.get_tensor_model_parallel_world_size() - 1:
-        return
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    name = "decoder.layers.0.self_attention.linear_proj.weight"
+    p = dict(gpt_of(model).named_parameters())[name]
     with torch.no_grad():
-        for name, p in gpt_of(model).named_parameters():
-            if name.endswith("self_attention.linear_proj.weight"):
-                p.mul_(1.01)
-                return
-    raise RuntimeError("no self_attention.linear_proj.weight to perturb")
+        p.copy_(full[name].chunk(tp, p.partition_dim)[(rank + 1) % tp])
 
 
 def rel_sums(a, b) -> Tuple[float, float]:
@@ -557,7 +555,7 @@ def run_equiv(a, rec: Recorder) -> bool:
     unknown = sorted(set(wanted) - {lay["name"] for lay in layouts})
     if unknown:
         raise SystemExit(f"--equiv-layouts: unknown {unknown}; allowed: cp2, tp2_sp, ep2")
-    if a.check_detection:  # the checker must catch a 1% error in one TP shard
+    if a.check_detection:  # the checker must catch a swapped TP shard
         layouts.append(dict(name="tp2_sp_perturbed", tp=2, perturb=True))
         wanted.append("tp2_sp_perturbed")
     for lay in layouts:
@@ -572,7 +570,7 @@ def run_equiv(a, rec: Recorder) -> bool:
         lmaps = layout_maps(model, n_exp, glu)
         load_full(model, full, lmaps)
         if lay.get("perturb"):
-            perturb_one_shard(model)
+            perturb_one_shard(model, full)
         set_attention_mode(model, "msa")
         collect_msa_metrics()
         res = step(model, tf, batch, capture=True)
@@ -588,7 +586,7 @@ def run_equiv(a, rec: Recorder) -> bool:
                             if noise and row.get(k) is not None and noise.get(k)})
         if lay.get("perturb"):  # expected to fail: the check is only as good as its detection
             row.update(expected_fail=True, status="DETECTED" if bad else "MISSED")
-            bad = [] if bad else ["a 1% weight error in one TP shard passed every tolerance"]
+            bad = [] if bad else ["swapped TP shards of one weight passed every tolerance"]
         rec.write(row)
         ok &= not bad
         log(f"equiv {lay['name']:7s} {row['status']}: loss {row['loss']:.5f} (ref {row['ref_loss']:.5f}), "
@@ -995,7 +993,8 @@ def parse_args(argv=None):
     p.add_argument("--no-noise-floor", dest="noise_floor", action="store_false",
                    help="skip the fp32 run of the reference that sets the bf16 noise floor of the tolerances")
     p.add_argument("--check-detection", action="store_true",
-                   help="also run a TP=2 layout with a 1%% error in one shard, which must be reported as failing")
+                   help="also run a TP=2 layout whose ranks load swapped shards of one weight (a shard-order bug), "
+                        "which must be reported (DETECTED)")
     p.add_argument("--single-job", action="store_true",
                    help="driver: all parts in one torchrun job (less start-up, no isolation; long: first length only)")
     p.add_argument("--tol-scale", type=float, default=None, help="multiplies the tolerances (default 1; smoke 1e-3)")

@@ -2,7 +2,7 @@
 
 * end to end: the driver launches the real ``torchrun`` job (2 gloo processes, ``--smoke``:
   tiny MoE, fp32, the reference MSA op) running all three parts; the equivalence rows must
-  pass at fp32 tolerances, a deliberately perturbed TP shard must be reported, and the
+  pass at fp32 tolerances, a deliberate shard-order bug (swapped TP shards) must be reported, and the
   throughput / long-sequence rows and the report must be complete;
 * in process: a long part that stops at 1M (512K reported as the longest), failure propagation and the
   option passing of the driver, with the torchrun launch replaced by a stub.
@@ -47,7 +47,7 @@ def test_smoke_end_to_end(tmp_path):
         assert r["tolerance_rule"] == "fixed" and r["tolerances"]["logits_rel"] == pytest.approx(3e-5)
         assert r["kl"] > 0 and r["n_params"] > 30
     assert (rows["cp2"]["cp"], rows["tp2_sp"]["tp"], rows["ep2"]["ep"]) == (2, 2, 2)
-    # the check is only worth something if it sees a 1% error in one shard
+    # the check is only worth something if it sees a shard-order bug
     bad = rows["tp2_sp_perturbed"]
     assert bad["status"] == "DETECTED" and bad["logits_rel"] > 1e-3, bad
     noise = rows["noise_floor"]
