@@ -120,5 +120,5 @@ def test_passthrough_and_defaults():
                                  "equiv=5", "--lengths", "32K"]) == ["--out", "o", "--lengths", "32K"]
     a = mod.parse_args(["--out", "o"])
     assert (a.model, a.block_size, a.topk, a.equiv_tokens, a.lengths, a.long_tokens) == (
-        "small_moe", 128, 16, 32768, "32K,64K,128K", "256K,512K,1M")
+        "small_moe", 128, 16, 32768, "32K,64K,128K", "512K,1M")
     assert sum(mod.DEFAULT_LIMITS.values()) <= 420  # the whole run fits the 7-minute device slot
