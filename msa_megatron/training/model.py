@@ -128,6 +128,8 @@ def build_model(cfg: Config, tf_config, vocab_size: int) -> List[torch.nn.Module
         share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
     )
     freeze_backbone(cfg, [model])
+    if _reduce_device().type == "cuda":
+        model.cuda(torch.cuda.current_device())  # torch norms and buffers are created on the CPU
     if tf_config.fp16 or tf_config.bf16:
         model = Float16Module(tf_config, model)
     ddp_config = DistributedDataParallelConfig(
