@@ -30,7 +30,8 @@ def launch(nproc: int, overrides) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "msa_megatron.train", *overrides]
     print("+", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return subprocess.call(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=pythonpath))
 
 
 def main() -> int:

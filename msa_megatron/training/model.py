@@ -132,6 +132,8 @@ def build_model(cfg: Config, tf_config, vocab_size: int) -> List[torch.nn.Module
         model = msa_adapter.build_gpt_model(tf_config, **kwargs)
     freeze_backbone(cfg, [model])
     freeze_indexer(cfg, [model])
+    if _reduce_device().type == "cuda":
+        model.cuda(torch.cuda.current_device())  # torch norms and buffers are created on the CPU
     if tf_config.fp16 or tf_config.bf16:
         model = Float16Module(tf_config, model)
     ddp_config = DistributedDataParallelConfig(
@@ -216,7 +218,10 @@ def count_parameters(cfg: Config, chunks: List[torch.nn.Module]) -> ParamCounts:
             total += share
             if ("embedding.word_embeddings" in name and not tied) or ("output_layer" in name and tied):
                 continue  # untied: the lookup table; tied + PP: the last stage's copy
-            active += share * (routed_frac if expert else 1.0)
+            # routed experts by name: Megatron marks expert params allreduce=False only under
+            # expert parallelism (or ETP != TP), so that flag cannot tell routed experts apart
+            routed = ".experts." in f".{name}"
+            active += share * (routed_frac if routed else 1.0)
     t = torch.tensor([total, active], dtype=torch.float64)
     if dist.is_initialized():
         t = t.to(_reduce_device())
