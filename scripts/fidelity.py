@@ -6,8 +6,8 @@ subprocess each, identical data, tokens, seed and model), collects DIR/results.j
 (separately, where matplotlib is) writes docs/fidelity.md and docs/fidelity/*.png.
 
     python scripts/fidelity.py --preset cpu --out runs/fidelity-cpu             # tiny, CPU smoke
-    python scripts/fidelity.py --preset gpu --gpus 0,0,0 --out $OUT/fidelity    # one H100, 3 runs at a time
-    python scripts/fidelity.py --preset gpu --gpus 0,1,0,1 --out $OUT/fidelity  # two GPUs
+    python scripts/fidelity.py --preset gpu --gpus 0,0,0 --out /tmp/fid --export $OUT/fidelity    # one H100, 3 at a time
+    python scripts/fidelity.py --preset gpu --gpus 0,1,0,1 --out /tmp/fid --export $OUT/fidelity  # two GPUs
     python scripts/fidelity.py --report runs/fidelity-cpu                       # table + plots into docs/
 
 ``--gpus`` lists one slot per concurrent run (a GPU id may repeat: small models leave an
@@ -193,10 +193,30 @@ def launch(args) -> int:
         print("[fidelity] interrupted: writing partial results", flush=True)
     wall = time.time() - t0
     write_results(args, out, status, wall, commit)
+    if args.export:
+        export(out, Path(args.export))
     failed = [n for n, s in status.items() if s.get("rc") != 0]
     print(f"[fidelity] done in {wall / 60:.1f} min; results: {out / 'results.json'}"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0
+
+
+#: What --export copies: everything the report needs, no checkpoints (hundreds of MB).
+EXPORT_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "recall_sweep.json")
+
+
+def export(out: Path, dest: Path) -> None:
+    """Copy results.json, logs/ and each run's metrics (not its checkpoints) to ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(out / "results.json", dest / "results.json")
+    if (out / "logs").is_dir():
+        shutil.copytree(out / "logs", dest / "logs", dirs_exist_ok=True)
+    for run in sorted((out / "runs").iterdir()) if (out / "runs").is_dir() else []:
+        for name in EXPORT_FILES:
+            if (run / name).is_file():
+                (dest / "runs" / run.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(run / name, dest / "runs" / run.name / name)
+    print(f"[fidelity] exported results, logs and metrics (no checkpoints) to {dest}", flush=True)
 
 
 def write_results(args, out: Path, status: Dict[str, Dict], wall: float, commit: str) -> Dict:
@@ -210,7 +230,7 @@ def write_results(args, out: Path, status: Dict[str, Dict], wall: float, commit:
             else "GPU results",
             "preset": args.preset, "device": _device(), "commit": commit, "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python scripts/fidelity.py " + " ".join(sys.argv[1:]), "out_dir": str(out), "wall_s": round(wall, 1),
+            "command": "python scripts/fidelity.py " + " ".join(sys.argv[1:]), "out_dir": str(args.export or out), "wall_s": round(wall, 1),
         },
         "model": preset.model, "seq_length": preset.seq_length, **_model_shape(preset),
         "status": status, "runs": runs,
@@ -243,6 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", help=f"subset of runs, comma-separated ({', '.join(RUN_NAMES)})")
     p.add_argument("--steps", type=int, help="override the preset's steps per run (CI / quick checks)")
     p.add_argument("--recall-sweep", type=_sweep, help="override the preset's recall sweep: B:k,B:k (e.g. 16:2,16:4)")
+    p.add_argument("--export", metavar="DIR", help="at the end, copy results.json, logs and metrics (no checkpoints) "
+                   "to DIR (e.g. $OUT on a GPU host)")
     p.add_argument("--force", action="store_true", help="rerun finished runs")
     p.add_argument("--report", metavar="DIR", help="write the table and plots from DIR/results.json")
     p.add_argument("--doc", default=str(REPO / "docs" / "fidelity.md"), help="with --report: the markdown file")

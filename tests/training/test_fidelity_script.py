@@ -27,7 +27,10 @@ def test_fidelity_script_cpu_end_to_end(cache_dir, tmp_path):
     env = dict(os.environ, MSA_CACHE_DIR=str(cache_dir), PYTHONPATH=str(ROOT))
     out = tmp_path / "fid"
     _run(["--preset", "cpu", "--steps", "2", "--runs", "dense,swa,dense_to_msa", "--jobs", "2",
-          "--recall-sweep", "16:2,32:4", "--out", str(out)], env)
+          "--recall-sweep", "16:2,32:4", "--out", str(out), "--export", str(tmp_path / "export")], env)
+    exported = {str(p.relative_to(tmp_path / "export")) for p in (tmp_path / "export").rglob("*") if p.is_file()}
+    assert "results.json" in exported and "runs/dense_to_msa/recall_sweep.json" in exported
+    assert "runs/swa/metrics.jsonl" in exported and not any("checkpoints" in p for p in exported)
     res = json.loads((out / "results.json").read_text())
     assert set(res["runs"]) == {"dense", "swa", "dense_to_msa"}
     assert all(s["rc"] == 0 for s in res["status"].values()), res["status"]
@@ -55,7 +58,7 @@ def test_fidelity_script_cpu_end_to_end(cache_dir, tmp_path):
     doc.parent.mkdir()
     doc.write_text("# Fidelity\n\nhand-written intro\n\n<!-- BEGIN GENERATED (scripts/fidelity.py --report) -->\nold\n"
                    "<!-- END GENERATED -->\n\nhand-written discussion\n")
-    _run(["--report", str(out), "--doc", str(doc), "--plots", str(plots)], env)
+    _run(["--report", str(tmp_path / "export"), "--doc", str(doc), "--plots", str(plots)], env)  # from the export
     text = doc.read_text()
     assert "hand-written intro" in text and "hand-written discussion" in text and "\nold\n" not in text
     assert "| (3) sliding window (FLOP-matched) | 2 |" in text and "CPU smoke results" in text
