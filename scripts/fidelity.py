@@ -37,6 +37,9 @@ from msa_megatron.fidelity.matrix import PRESETS, RUN_NAMES, RunSpec, plan  # no
 
 
 def _commit() -> str:
+    """MSA_COMMIT wins: a copied tree (a GPU host) may carry a stale .git of another commit."""
+    if os.environ.get("MSA_COMMIT"):
+        return os.environ["MSA_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              check=True).stdout.strip()
