@@ -1,62 +1,19 @@
 """The Megatron-LM argument patch: pinned to the upstream sources it wraps and relies on,
 version-guarded, idempotent, reversible; without MSA it changes nothing but the help text repair.
-(Flag behaviour: tests/megatron_lm/test_mlm_args.py.)"""
+(Flag behaviour: tests/megatron_lm/test_mlm_args.py.) Its pins, version guard and reversibility are tested in test_mcore_019_training_pins.py."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import sys
 
 import pytest
 
 from patches import mcore_019_training_args as patch
-from patches import source_sha256
 
 ARGV = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128",
         "--max-position-embeddings", "128", "--micro-batch-size", "1", "--train-iters", "2", "--lr", "1e-4",
         "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--mock-data"]
-
-
-@pytest.fixture
-def unpatched():
-    was_applied = patch.is_applied()
-    patch.remove()
-    yield importlib.import_module(patch.TARGET)
-    patch.remove()
-    if was_applied:
-        patch.apply()
-
-
-def test_upstream_sources_are_the_pinned_ones(unpatched):
-    for qualified, sha in patch.PINNED.items():
-        assert source_sha256(patch.upstream(qualified)) == sha, f"upstream {qualified} changed: re-check the patch"
-    for qualified, text in patch.SOURCE_CHECKS:
-        assert text in inspect.getsource(patch.upstream(qualified))
-
-
-def test_apply_is_idempotent_and_reversible(unpatched):
-    originals = {n: getattr(unpatched, n) for n in patch.PATCH.wrappers}
-    assert patch.apply() is True and patch.is_applied()
-    wrapped = {n: getattr(unpatched, n) for n in patch.PATCH.wrappers}
-    assert all(wrapped[n] is not originals[n] and wrapped[n].__wrapped__ is originals[n] for n in wrapped)
-    assert patch.apply() is False and all(getattr(unpatched, n) is wrapped[n] for n in wrapped)
-    patch.remove()
-    assert all(getattr(unpatched, n) is originals[n] for n in originals)
-
-
-def test_refuses_other_versions_and_changed_sources(unpatched, monkeypatch):
-    import megatron.core
-
-    monkeypatch.setattr(megatron.core, "__version__", "0.20.0")
-    with pytest.raises(RuntimeError, match="targets megatron-core 0.19.x; found 0.20.0"):
-        patch.apply()
-    monkeypatch.undo()
-    monkeypatch.setitem(patch.PINNED, f"{patch.TARGET}:validate_args", "0" * 64)
-    with pytest.raises(RuntimeError, match=r"upstream source of megatron.training.arguments.validate_args changed"):
-        patch.apply()
-    assert not patch.is_applied()
 
 
 def _parse(module, monkeypatch):

@@ -1,10 +1,9 @@
 """The Megatron-LM training-loop patch: pinned, version-guarded, idempotent, reversible; the
 wrappers run the MSA hooks around upstream ``train_step`` / ``training_log`` (stand-ins here; the
-real ones run in tests/megatron_lm/test_mlm_pretrain_cpu.py) and pass straight through without MSA."""
+real ones run in tests/megatron_lm/test_mlm_pretrain_cpu.py) and pass straight through without MSA. Its pins, version guard and reversibility are tested in test_mcore_019_training_pins.py."""
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from types import SimpleNamespace
 
@@ -14,17 +13,6 @@ import torch
 from msa_megatron import MSAConfig
 from msa_megatron.megatron_lm import hooks as hooks_module
 from patches import mcore_019_training_loop as patch
-from patches import source_sha256
-
-
-@pytest.fixture
-def unpatched():
-    was_applied = patch.is_applied()
-    patch.remove()
-    yield importlib.import_module(patch.TARGET)
-    patch.remove()
-    if was_applied:
-        patch.apply()
 
 
 @pytest.fixture
@@ -41,35 +29,6 @@ def run_args(monkeypatch):
     hooks_module.reset_hooks()
     yield args, writer
     hooks_module.reset_hooks()
-
-
-def test_upstream_sources_are_the_pinned_ones(unpatched):
-    for qualified, sha in patch.PINNED.items():
-        assert source_sha256(patch.upstream(qualified)) == sha, f"upstream {qualified} changed: re-check the patch"
-    for qualified, text in patch.SOURCE_CHECKS:
-        assert text in inspect.getsource(patch.upstream(qualified))
-
-
-def test_apply_is_idempotent_and_reversible(unpatched):
-    originals = {n: getattr(unpatched, n) for n in patch.PATCH.wrappers}
-    assert patch.apply() is True and patch.apply() is False and patch.is_applied()
-    assert all(getattr(unpatched, n).__wrapped__ is originals[n] for n in originals)
-    assert inspect.signature(unpatched.training_log) == inspect.signature(originals["training_log"])
-    patch.remove()
-    assert all(getattr(unpatched, n) is originals[n] for n in originals)
-
-
-def test_refuses_other_versions_and_changed_sources(unpatched, monkeypatch):
-    import megatron.core
-
-    monkeypatch.setattr(megatron.core, "__version__", "0.20.0rc0")
-    with pytest.raises(RuntimeError, match="targets megatron-core 0.19.x; found 0.20.0rc0"):
-        patch.apply()
-    monkeypatch.undo()
-    monkeypatch.setitem(patch.PINNED, f"{patch.TARGET}:train", "0" * 64)
-    with pytest.raises(RuntimeError, match=r"upstream source of megatron.training.training.train changed"):
-        patch.apply()
-    assert not patch.is_applied()
 
 
 def _stub_like(upstream, record):
