@@ -26,9 +26,12 @@ def padded_vocab_size(vocab_size: int, cfg: Config) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def transformer_config_kwargs(cfg: Config) -> Dict[str, Any]:
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
+    dtype = PRECISION_DTYPES[t.precision]
     cuda = torch.cuda.is_available()
     kw: Dict[str, Any] = dict(
         num_layers=m.num_layers,

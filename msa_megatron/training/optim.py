@@ -12,6 +12,7 @@ import torch
 
 from . import msa_adapter
 from .config import Config
+from .model import PRECISION_DTYPES
 
 #: Param-group key marking the backbone (non-index) groups.
 BACKBONE_KEY = "msa_backbone"
@@ -32,7 +33,7 @@ def optimizer_config(cfg: Config):
         clip_grad=t.clip_grad,
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
-        params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision],
+        params_dtype=PRECISION_DTYPES[t.precision],
         use_distributed_optimizer=True,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
         initial_loss_scale=2.0 ** 16,
