@@ -14,7 +14,7 @@ kernels' arithmetic only):
         d(q,k,v) 3e-2, d(iq,ik) 3e-2; lse, kl and entropies are fp32 reductions of exact
         bf16 products: lse 1e-4, kl 1e-2, entropies 1e-3.
   fp16: 3 more mantissa bits than bf16: out 5e-3, d(q,k,v) 1e-2, lse 1e-4, kl 5e-3, entropies
-        1e-3; d(iq,ik) see fp16_index_grad_tol below (dS underflow in the KL kernel).
+        1e-3; d(iq,ik) see tests/helpers.py fp16_index_grad_tol (dS underflow in the KL kernel).
 """
 
 import math
@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from msa_megatron.config import MSAConfig
-from tests.helpers import check_errors, compare, make_inputs, poisoned_outputs, random_positions, reference_op, run_separate
+from tests.helpers import (check_errors, compare, fp16_index_grad_tol, make_inputs, poisoned_outputs, random_positions,
+                           reference_op, run_separate)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 BASE_TOL = {
@@ -34,23 +35,6 @@ BASE_TOL = {
     F16: dict(out=5e-3, lse=1e-4, dq=1e-2, dk=1e-2, dv=1e-2, kl=5e-3, d_iq=1e-2, d_ik=1e-2,
               index_entropy=1e-3, main_entropy=1e-3),
 }
-
-
-def fp16_index_grad_tol(rows: int, sk: int, iscale: float) -> float:
-    """fp16 d(iq, ik) tolerance, from the mechanism (docs/kernels.md, "fp16 index gradients").
-
-    The KL kernel rounds dS = iscale * (Q - P) / rows to the input dtype before its two dots (as
-    flash attention rounds dS). fp16's smallest normal is 2^-14 ~ 6.1e-5, its subnormal spacing
-    2^-24 ~ 6e-8: with |Q - P| ~ 1 / visible tokens, dS ~ iscale / (rows * sk) falls into the
-    subnormal range and carries an absolute rounding error ~ 2^-25 instead of a relative 2^-11,
-    so the gradient's relative error grows ~ 2^-24 * rows * sk / iscale. bf16 (fp32's exponent
-    range) has no such loss. Measured on CPU (interpreter, same arithmetic), b=3, T=432, 3 groups,
-    di=48, q = 0: d_iq 4.0e-2 in fp16, 3.5e-3 in bf16 at the same gradient norm, and 2.5e-4 in
-    fp16 when dS is not divided by rows inside the kernel (normalizer=1, divided after): range,
-    not an ill-conditioned metric. 0.1 * 2^-24 * rows * sk / iscale = 7e-2 there (1.75x the
-    measurement); 1e-2 is the fp16 level without underflow. A kernel fix (scale dS into fp16's
-    normal range, divide the fp32 accumulators after) is described in docs/kernels.md."""
-    return 1e-2 + 0.1 * 2.0 ** -24 * rows * sk / iscale
 
 
 # (mode, dtype, b, T, hq, g, d, di, block, topk, positions, seed): small odd shapes (T not a

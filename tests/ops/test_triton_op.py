@@ -386,3 +386,37 @@ def test_retain_graph_separate_lm_and_kl_grads(mode, backend):
         errs.update({n: rel(x, y) for n, x, y in zip(["d_iq", "d_ik"], g_kl[3:], r_kl)})
         errs.update({"dq again": rel(g_lm2[0], r_lm[0]), "dk again": rel(g_lm2[1], r_lm[1])})
         assert all(e <= TOL for e in errs.values()), (kl_first, errs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON_INDEX, reason="needs msa_megatron/ops/triton_index.py")
+def test_fp16_index_grad_error_is_ds_underflow():
+    """Issue 23's fp16 d(index q) drift, reproduced at a smaller shape (uniform teacher, q = 0):
+    the KL kernel's dS = iscale * (Q - P) / rows is rounded to fp16 and lands in fp16's subnormal
+    range. The same kernel call with dS kept in the normal range (normalizer = rows / 2^14, the
+    result divided by 2^14 after: exactly the fix described in docs/kernels.md) is at the fp16
+    level, so the error is range loss, not an ill-conditioned metric. The default error must stay
+    within the mechanism's bound used by the GPU tests (tests/gpu/test_gpu_op.py)."""
+    from msa_megatron.ops import triton_index as TI
+    from tests.helpers import fp16_index_grad_tol
+
+    b, T, hq, g, d, di = 2, 192, 4, 4, 16, 16
+    cfg = MSAConfig(block_size=64, topk=2, index_dim=di)
+    gen = torch.Generator().manual_seed(23)
+    q = torch.zeros(b, T, hq, d, dtype=torch.float16)
+    k, iq, ik = (torch.randn(*s, generator=gen).half() for s in ((b, T, g, d), (b, T, g, di), (b, T, di)))
+    f = [x.double() for x in (q, k, iq, ik)]
+    iq64, ik64 = f[2].clone().requires_grad_(), f[3].clone().requires_grad_()
+    terms = R.dense_kl_terms(f[0], f[1], iq64, ik64, cfg)
+    (terms.kl / terms.rows).backward()
+    _, mlse = R.dense_attention(f[0], f[1], f[1])
+    rows = b * g * T
+    _, d_iq, d_ik = TI.dense_kl_backward(q, k, iq, ik, mlse.float(), cfg)
+    _, s_iq, s_ik = TI.dense_kl_backward(q, k, iq, ik, mlse.float(), cfg, normalizer=rows / 2 ** 14)
+    s_iq, s_ik = s_iq.double() * 2.0 ** -14, s_ik.double() * 2.0 ** -14
+    errs = {"d_iq": rel(d_iq.double(), iq64.grad), "d_ik": rel(d_ik.double(), ik64.grad),
+            "d_iq scaled dS": rel(s_iq, iq64.grad), "d_ik scaled dS": rel(s_ik, ik64.grad)}
+    tol = fp16_index_grad_tol(rows, T, cfg.index_softmax_scale)
+    print(errs, "tolerance", tol)
+    assert errs["d_iq"] <= tol and errs["d_ik"] <= tol, (errs, tol)
+    assert errs["d_iq scaled dS"] <= 2e-3 and errs["d_ik scaled dS"] <= 2e-3, errs
