@@ -251,7 +251,7 @@ class DensePlan:
 
 
 def dense_plan(device_type: str, dtype: torch.dtype, d: int, sq: int, sk: int, square: bool,
-               capability: Tuple[int, int] = (9, 0), impl: str = "auto") -> DensePlan:
+               capability: Tuple[int, int] = (9, 0), impl: str = "auto", strict_determinism: bool = False) -> DensePlan:
     """Pure dispatch rule (no tensors, testable on CPU).
 
     CUDA: torch's flash-attention op when fp16/bf16, head dim a multiple of 8 up to 256, sm80+
@@ -259,6 +259,8 @@ def dense_plan(device_type: str, dtype: torch.dtype, d: int, sq: int, sk: int, s
     torch's memory-efficient op (any of fp32/fp16/bf16; is_causal when square, otherwise an
     explicit additive mask up to MASK_BUDGET_BYTES); else the Triton sparse kernel with every
     visible block selected (exact, any q_pos). Off CUDA: always the Triton kernel (interpreter).
+    ``strict_determinism`` (torch.use_deterministic_algorithms(True) without warn_only): the
+    efficient op's backward would refuse to run, so it is never chosen.
     Both torch ops return the natural-log LSE and have autograd formulas (no compile step, no
     donated buffers: retain_graph=True works)."""
     if impl not in DENSE_IMPLS:
@@ -280,6 +282,8 @@ def dense_plan(device_type: str, dtype: torch.dtype, d: int, sq: int, sk: int, s
             why_not["flash"] = "q_pos / sq != sk needs an explicit causal mask"
         if d % 8:
             why_not["efficient"] = f"head dim {d} (efficient attention here needs a multiple of 8)"
+        elif strict_determinism:
+            why_not["efficient"] = "deterministic algorithms on (efficient attention's backward is not deterministic)"
         elif not square and mask_bytes > MASK_BUDGET_BYTES:
             why_not["efficient"] = (f"the explicit causal mask would take {mask_bytes >> 20} MiB "
                                     f"(> MASK_BUDGET_BYTES {MASK_BUDGET_BYTES >> 20} MiB)")
@@ -368,7 +372,8 @@ def dense_attention_triton(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, defau
     cuda = q.device.type == "cuda"
     square = cuda and sq > 0 and _square_causal(q_pos, default_pos, sq, sk)
     cap = torch.cuda.get_device_capability(q.device) if cuda else (0, 0)
-    plan = dense_plan(q.device.type, q.dtype, d, sq, sk, square, cap, impl)
+    strict = torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    plan = dense_plan(q.device.type, q.dtype, d, sq, sk, square, cap, impl, strict)
     _announce(f"dense-{plan.impl}-{plan.reason}", f"MSA dense main branch: {plan.impl} ({plan.reason})")
     if plan.impl != "triton":
         try:

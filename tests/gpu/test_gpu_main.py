@@ -279,7 +279,8 @@ def test_main_branch(recorder, lay, L, S):
     recorder.verdict()
 
 
-@pytest.mark.parametrize("lay,L,S", LAYOUTS[:1] + LAYOUTS[-1:])
+@pytest.mark.parametrize("lay,L,S", LAYOUTS[:1] + [pytest.param(TINY, 200, 24, id="cpu-tiny-L200",
+                                                               marks=pytest.mark.slow)])
 def test_main_variants(recorder, lay, L, S):
     from msa_megatron.ops import triton_sparse_attn as T
 

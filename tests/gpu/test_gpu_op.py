@@ -68,6 +68,7 @@ CPU_CASES = [
     ("msa", F32, 2, 94, 4, 2, 16, 16, 16, 2, "subset", 2),
     ("msa", BF16, 1, 78, 4, 1, 32, 16, 16, 3, "default", 3),
     ("dense", F32, 1, 70, 3, 1, 16, 16, 16, 2, "suffix", 4),
+    ("msa", F32, 1, 70, 2, 1, 16, 16, 16, 6, "suffix", 5),  # top-k > visible blocks
 ]
 
 

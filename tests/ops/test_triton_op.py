@@ -240,6 +240,12 @@ def test_dense_plan(dev, dtype, d, sq, sk, square, cap, impl, why):
     assert plan.impl == impl and why in plan.reason, plan
 
 
+def test_dense_plan_strict_determinism():
+    plan = OP.dense_plan("cuda", F32, 32, 94, 94, True, strict_determinism=True)
+    assert plan.impl == "triton" and "deterministic algorithms on" in plan.reason
+    assert OP.dense_plan("cuda", BF16, 32, 94, 94, True, strict_determinism=True).impl == "flash"
+
+
 def test_dense_plan_forced_and_invalid():
     assert OP.dense_plan("cuda", F32, 32, 94, 94, True, impl="efficient").impl == "efficient"
     assert OP.dense_plan("cuda", F32, 32, 94, 94, True, impl="triton").impl == "triton"
