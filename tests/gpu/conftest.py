@@ -45,3 +45,37 @@ def _gpu_precision():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _run_header() -> str:
+    """Device, versions, commit and date of the run (for docs/gpu_logs/)."""
+    import datetime
+    import subprocess
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "not installed"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    dev = torch.cuda.get_device_name() if HAS_CUDA else "no CUDA (CPU interpreter subset)"
+    return (f"msa gpu tests: device {dev} | torch {torch.__version__} | triton {tv} | commit {commit} | "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} | interpreter {INTERPRETING}")
+
+
+def pytest_report_header(config):
+    return _run_header()
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(_run_header())  # also under -q, at the end of the log
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _junit_run_properties(record_testsuite_property):
+    record_testsuite_property("run", _run_header())
