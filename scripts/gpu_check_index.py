@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from tests.gpu.test_gpu_index import PAPER, parse_length  # noqa: E402
+from tests.helpers import timed_ms  # noqa: E402
 
 
 def run_tests(lengths: str, rows: int, cpu: bool) -> int:
@@ -117,21 +118,7 @@ def time_kl(L: int, dense_L: int, seed: int, reps: int = 5, dev: str = "cuda", l
     cfg = MSAConfig(block_size=B, topk=K, index_dim=di, num_index_heads=g)
 
     def timed(fn) -> float:
-        if dev != "cuda":
-            t0 = time.perf_counter()
-            fn()
-            return 1e3 * (time.perf_counter() - t0)
-        fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        return sorted(ts)[len(ts) // 2]
+        return timed_ms(fn, reps, dev)
 
     print("\n| kernel | L | ms (no stats) | ms (return_stats) | overhead |\n|---|---|---|---|---|")
     for kind, n in (("sparse", L), ("dense", min(L, dense_L))):

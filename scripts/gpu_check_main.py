@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from msa_megatron.config import MSAConfig  # noqa: E402
 from tests.gpu.test_gpu_main import parse_length  # noqa: E402
+from tests.helpers import timed_ms  # noqa: E402
 
 HQ, HKV, D, DI, B, K = 64, 4, 128, 128, 128, 16
 DEV = "cuda"
@@ -104,17 +105,7 @@ def tune(L: int, specs: str, reps: int = 5) -> None:
     fused_kl = T.FusedKL(iq, ik, ilse, kl_cfg.index_softmax_scale)
 
     def timed(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        return sorted(ts)[len(ts) // 2]
+        return timed_ms(fn, reps)
 
     print(f"\n| config (L={L}) | fwd ms | fwd TF/s | bwd ms | bwd TF/s | fwd+bwd ms |\n|---|---|---|---|---|---|")
     for spec in specs.split(";"):
