@@ -374,7 +374,8 @@ def dense_attention_triton(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, defau
     cap = torch.cuda.get_device_capability(q.device) if cuda else (0, 0)
     strict = torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
     plan = dense_plan(q.device.type, q.dtype, d, sq, sk, square, cap, impl, strict)
-    _announce(f"dense-{plan.impl}-{plan.reason}", f"MSA dense main branch: {plan.impl} ({plan.reason})")
+    # once per (kernel, pattern, dtype, head dim): a bounded set, whatever the lengths
+    _announce(f"dense-{plan.impl}-{plan.square}-{q.dtype}-{d}", f"MSA dense main branch: {plan.impl} ({plan.reason})")
     if plan.impl != "triton":
         try:
             return _sdpa_dense(q, k, v, q_pos, plan, scale)

@@ -127,7 +127,7 @@ def test_op_vs_reference(mode, dtype, b, T, hq, g, d, di, block, topk, pos, seed
 FUSED = [
     pytest.param(BF16, 2, 78, 4, 1, 32, 64, 64, 6, "cuda", kf, marks=pytest.mark.gpu, id=f"gpu-bf16-kl_first{kf}")
     for kf in (False, True)
-] + [pytest.param(F32, 1, 94, 4, 2, 16, 16, 16, 3, "cpu", False, id="cpu-fp32")]
+] + [pytest.param(F32, 1, 94, 4, 2, 16, 16, 16, 3, "cpu", kf, id=f"cpu-fp32-kl_first{kf}") for kf in (False, True)]
 
 
 @pytest.mark.parametrize("dtype,b,T,hq,g,d,di,block,topk,dev,kl_first", FUSED)
