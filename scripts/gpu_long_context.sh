@@ -10,9 +10,11 @@
 # Prerequisite on a bare GPU machine: megatron-core / hydra-core / omegaconf / antlr4 wheels in
 # /tmp/site (wandb is not needed: it is disabled below). From the repository root:
 #   export PYTHONPATH=/tmp/site; OUT=<dir> bash scripts/gpu_long_context.sh
-# Writes $OUT/long_context.md (table), $OUT/long_context.json, $OUT/<attention>_<seq>.log and
-# the runs' metrics.jsonl/summary.json. ~4 minutes on an H100; exit status 0 only if every run
-# finished and the MSA runs' timed steps were sparse.
+# First (if pytest is importable) the GPU test of the SDPA core attention (tests/megatron/
+# test_dense_attention.py -m gpu: fused kernel eligible, peak memory vs DotProductAttention at 8K).
+# Writes $OUT/long_context.md (table), $OUT/long_context.json, $OUT/<attention>_<seq>.log,
+# $OUT/sdpa_gpu_test.log and the runs' metrics.jsonl/summary.json. ~5 minutes on an H100; exit
+# status 0 only if every run finished and the MSA runs' timed steps were sparse.
 # Knobs (for a CPU check of the override names: see the end of docs/backend.md):
 #   SEQS="32768 65536" ATTENTIONS="dense msa" STEPS=12 TIMED=6 WARMUP=2 MODEL=small_moe TRAIN=gpu
 #   MSA_SHAPE="model.msa_block_size=128 model.msa_topk=16 model.msa_index_dim=128" EXTRA="" RUN_TIMEOUT=140 (per run: 4 runs stay under 10 minutes)
@@ -41,6 +43,16 @@ print(f"python {sys.version.split()[0]} | torch {torch.__version__} | CUDA {torc
 import megatron.core, hydra, msa_megatron
 print(f"megatron-core {megatron.core.__version__} | hydra {hydra.__version__} | msa_megatron {msa_megatron.__file__}")
 EOF
+
+# 0. the SDPA core attention against Megatron's DotProductAttention on this GPU (8K tokens: fused
+#    kernel eligible, no S x S memory, same output/gradients); ~20 s; needs pytest.
+if [ "${SKIP_GPU_TEST:-0}" != 1 ] && "$PY" -c "import pytest, torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/megatron/test_dense_attention.py -rA > "$OUT/sdpa_gpu_test.log" 2>&1
+  echo "sdpa_gpu_test rc=$?" | tee -a "$OUT/status.txt"
+  tail -n 3 "$OUT/sdpa_gpu_test.log"
+else
+  echo "sdpa_gpu_test skipped (no CUDA device or no pytest)" | tee -a "$OUT/status.txt"
+fi
 
 for seq in $SEQS; do
   for att in $ATTENTIONS; do
@@ -111,6 +123,11 @@ for r in rows:
     else:
         lines.append(f"| {r['attention']} | {r['seq']:,} | | | | | | FAILED rc={r['rc']}: {r.get('error', '')} |")
 table = "\n".join(lines)
+gpu_test = status.get("sdpa_gpu_test")
+if gpu_test not in (None, "0"):
+    ok = False
+table += "\n\nSDPA GPU test (tests/megatron/test_dense_attention.py -m gpu): " + (
+    "skipped" if gpu_test is None else ("passed" if gpu_test == "0" else f"FAILED rc={gpu_test} (sdpa_gpu_test.log)"))
 head = open(f"{out}/prereq.txt").read().strip()
 text = (f"{head}\n\nmsa-train, global batch 1, mean of the last {timed} of {steps} steps; peak memory: "
         "torch.cuda.max_memory_allocated over the run (CPU: process RSS)\n\n" + table + "\n")
