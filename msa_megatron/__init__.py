@@ -5,8 +5,11 @@ backend registers itself through :func:`register` (imported lazily, so the refer
 the kernels stay usable without megatron-core)."""
 
 from .config import ATTENTION_MODES, MSAConfig, MSAConfigError
+from .versions import warn_if_untested
 
 __version__ = "0.1.0"
+
+warn_if_untested()  # once, if torch / triton / megatron-core are outside the tested ranges (versions.py)
 
 
 def register() -> None:

@@ -2,7 +2,8 @@
 
     torchrun --nproc-per-node 2 -m msa_megatron.train model=tiny attention=msa train.steps=200 run_dir=runs/x
 
-Composes configs/ (at the repository root; $MSA_CONFIG_DIR overrides), checks it into the
+Composes the packaged configs (``msa_megatron/configs``, shipped in the wheel; the repository's
+top-level ``configs`` is a link to it; $MSA_CONFIG_DIR overrides), checks it into the
 typed schema (one clear error per bad value, before anything heavy is imported), prints
 the resolved config on rank 0 and hands over to :mod:`msa_megatron.training.loop`.
 Hydra neither changes directory nor writes files of its own.
@@ -14,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-#: configs/ next to the package (repository root), unless $MSA_CONFIG_DIR says otherwise.
-CONFIG_DIR = os.environ.get("MSA_CONFIG_DIR") or str(Path(__file__).resolve().parent.parent / "configs")
+#: The configs shipped inside the package (found wherever it is installed), unless $MSA_CONFIG_DIR says otherwise.
+CONFIG_DIR = os.environ.get("MSA_CONFIG_DIR") or str(Path(__file__).resolve().parent / "configs")
 
 EXIT_CONFIG_ERROR = 2
 
@@ -64,7 +65,7 @@ def _task(cfg) -> None:
 def main() -> None:
     """Console script ``msa-train``."""
     if not os.path.isdir(CONFIG_DIR):
-        _fail(f"config directory {CONFIG_DIR} not found (set MSA_CONFIG_DIR to the repository's configs/)", EXIT_CONFIG_ERROR)
+        _fail(f"config directory {CONFIG_DIR} not found (it ships inside the msa_megatron package; or set MSA_CONFIG_DIR)", EXIT_CONFIG_ERROR)
     import hydra
 
     hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")(_task)()

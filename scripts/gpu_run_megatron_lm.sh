@@ -52,7 +52,7 @@ if not torch.cuda.is_available():
     sys.exit("no CUDA device visible")
 print(f"device {torch.cuda.get_device_name(0)} | bf16 {torch.cuda.is_bf16_supported()}")
 need = ["triton", "megatron.core", "megatron.training.training", "wandb", "tensorboard", "numpy", "einops",
-        "yaml", "psutil", "msa_megatron", "patches"]
+        "yaml", "psutil", "msa_megatron", "msa_megatron.patches"]
 found = {n: version(n) for n in need}
 for n, v in found.items():
     print(f"  {n:28s} {v}")

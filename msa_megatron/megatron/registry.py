@@ -1,6 +1,6 @@
 """``register()``: make Megatron-Core accept ``experimental_attention_variant='msa'``.
 
-Applies the version-pinned patches in ``patches/`` (idempotent): the MSA registration in
+Applies the version-pinned patches in ``msa_megatron/patches/`` (idempotent): the MSA registration in
 Megatron-Core's experimental-variant spec builders, and the fix for local-spec MoE experts
 with biases at TP=1 that MSA's MoE models would otherwise hit. After it, Megatron-Core's
 ``get_transformer_block_with_experimental_attention_variant_spec(config)`` (what
@@ -20,13 +20,8 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    try:
-        from patches import mcore_019_moe_bias_inplace, mcore_019_msa_registration
-    except ImportError as exc:  # the patches ship next to the package (see setup.cfg)
-        raise ImportError(
-            "msa_megatron.register() needs the 'patches' package shipped with msa_megatron "
-            f"(repository root on sys.path or installed): {exc}"
-        ) from exc
+    from ..patches import mcore_019_moe_bias_inplace, mcore_019_msa_registration
+
     applied = [name for name, patch in (("msa_registration", mcore_019_msa_registration),
                                         ("moe_bias_inplace", mcore_019_moe_bias_inplace)) if patch.apply()]
     _registered = True

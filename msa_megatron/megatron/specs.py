@@ -8,8 +8,9 @@ Megatron-LM takes, and :func:`get_decoder_block_spec` takes it too.
 
 Backends:
 * local: :class:`MSALocalSpecProvider` = Megatron's LocalSpecProvider with norms that
-  support sequence parallelism (:class:`~msa_megatron.megatron.layers.SequenceParallelTorchNorm`)
-  and a replicated :class:`~msa_megatron.megatron.layers.IndexLinear`. Layers keep the stock
+  support sequence parallelism (:class:`~msa_megatron.megatron.layers.SequenceParallelTorchNorm`),
+  a replicated :class:`~msa_megatron.megatron.layers.IndexLinear` and fused dense attention on
+  torch SDPA (:class:`~msa_megatron.megatron.dense_attention.SDPADotProductAttention`). Layers keep the stock
   local spec's checkpoint key map, so local dense checkpoints load into MSA models.
 * Transformer Engine: Megatron's TESpecProvider. MSA layers use an unfused input
   layernorm (the index branch needs the normalised hidden states, which TE's fused
@@ -72,11 +73,12 @@ class MSALocalSpecProvider(LocalSpecProvider):
         return IndexLinear
 
     def core_attention(self) -> type:
-        # Megatron's DotProductAttention at CP = 1; under context parallelism the dense
-        # layers of MSA models need the CP-capable variant (stock local attention refuses CP).
-        from .attention import CPDotProductAttention
+        # torch SDPA at CP = 1 (Megatron's DotProductAttention materialises S x S scores: 64 GiB
+        # at 32K); under context parallelism the inherited CP-capable path (stock local attention
+        # refuses CP). Same state dict as DotProductAttention, so checkpoints are unchanged.
+        from .dense_attention import SDPADotProductAttention
 
-        return CPDotProductAttention
+        return SDPADotProductAttention
 
 
 def _is_local(backend: BackendSpecProvider) -> bool:

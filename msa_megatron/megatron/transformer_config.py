@@ -8,6 +8,13 @@ the KL auto-scaler and validates MSA against the model. ``dataclasses.replace`` 
 ``msa`` and re-validates; Megatron-LM's ``core_transformer_config_from_args(args,
 config_class=MSATransformerConfig)`` can build it from flat arguments.
 
+Upstream names: the flat fields of Megatron-LM PR #5336 (``msa_block_size``,
+``msa_num_selected_blocks``, ``msa_indexer_head_dim``, ``msa_loss_coeff``, ``msa_warmup``) are
+accepted as keyword arguments (:mod:`msa_megatron.upstream_names`): with
+``experimental_attention_variant='msa'`` they build or complete ``msa``; a value that disagrees
+with ``msa`` is one error naming both. They are inputs only: after construction they read None
+and ``msa`` holds the values (so ``dataclasses.replace`` cannot re-apply stale ones).
+
 Note: ``TransformerConfig.experimental_attention_variant`` is typed
 ``Literal['gated_delta_net', 'dsa']`` but not checked at run time in megatron-core 0.19,
 so ``'msa'`` passes (tests/megatron/test_config.py checks this).
@@ -21,6 +28,7 @@ from typing import Mapping, Optional
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config import MSAConfig, MSAConfigError
+from ..upstream_names import ALIASES, alias_origin, fold_upstream
 from .kl_loss import MSAKLAutoScaler
 
 #: Value of TransformerConfig.experimental_attention_variant that selects MSA.
@@ -32,8 +40,15 @@ class MSATransformerConfig(TransformerConfig):
     """TransformerConfig + ``msa``. ``msa=None`` is a plain dense model."""
 
     msa: Optional[MSAConfig] = None
+    #: Upstream flat names (Megatron-LM PR #5336), folded into ``msa`` and reset to None.
+    msa_block_size: Optional[int] = None
+    msa_num_selected_blocks: Optional[int] = None
+    msa_indexer_head_dim: Optional[int] = None
+    msa_loss_coeff: Optional[float] = None
+    msa_warmup: Optional[bool] = None
 
     def __post_init__(self) -> None:
+        self._fold_upstream_names()
         if isinstance(self.msa, Mapping):
             self.msa = MSAConfig.from_dict(self.msa)
         if self.msa is not None and not isinstance(self.msa, MSAConfig):
@@ -50,6 +65,35 @@ class MSATransformerConfig(TransformerConfig):
         super().__post_init__()
         if self.msa is not None:
             self._validate_msa()
+
+    def _fold_upstream_names(self) -> None:
+        upstream = {a.name: getattr(self, a.name) for a in ALIASES}
+        if all(v is None for v in upstream.values()):
+            return
+        given = ", ".join(f"{n}={v!r}" for n, v in upstream.items() if v is not None)
+        if self.experimental_attention_variant != MSA_VARIANT:
+            raise ValueError(f"{given} set with experimental_attention_variant={self.experimental_attention_variant!r}: "
+                             f"allowed value is {MSA_VARIANT!r} (the upstream MSA fields only apply to the msa variant)")
+        if isinstance(self.msa, MSAConfig):
+            fields = self.msa.to_dict()
+        elif isinstance(self.msa, Mapping):
+            fields = dict(self.msa)
+        elif self.msa is None:
+            fields = {}
+        else:
+            raise MSAConfigError("msa", self.msa, "an MSAConfig, a mapping of its fields, or null")
+        merged = fold_upstream(fields, upstream)
+        origin = alias_origin(upstream)
+        try:
+            self.msa = MSAConfig.from_dict(merged)
+        except MSAConfigError as exc:  # name what the user wrote (the upstream name), not our field
+            if exc.field_name in origin:
+                a = origin[exc.field_name]
+                raise ValueError(f"{a.name}={upstream[a.name]!r} is invalid (MSAConfig.{a.field}): allowed values are "
+                                 f"{exc.allowed}") from None
+            raise
+        for name in upstream:
+            setattr(self, name, None)
 
     def _validate_msa(self) -> None:
         tp = self.tensor_model_parallel_size

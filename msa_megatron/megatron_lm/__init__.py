@@ -1,7 +1,7 @@
 """MSA in Megatron-LM's training loop (``megatron.training``, shipped in the megatron-core wheel).
 
 ``install()`` makes Megatron-LM's ``pretrain`` MSA-aware, with the version-pinned patches in
-``patches/mcore_019_training_*.py`` (idempotent):
+``msa_megatron/patches/mcore_019_training_*.py`` (idempotent):
 
 * ``--experimental-attention-variant msa`` and the ``--msa-*`` flags (generated from MSAConfig),
   validated with Megatron's arguments; the same settings in ``--yaml-cfg`` files;
@@ -9,7 +9,7 @@
   ``train_step``;
 * MSA metrics in ``training_log``: TensorBoard, wandb and the iteration line;
 * ``pretrain`` starting from the megatron-core wheel (its dataset-helper build step cannot run
-  there; ``patches/mcore_019_training_helpers.py``).
+  there; ``msa_megatron/patches/mcore_019_training_helpers.py``).
 
 It also runs :func:`msa_megatron.register` (Megatron-Core builds MSA layers for the variant).
 The model config comes from :func:`gpt_model_config_from_args` (``scripts/pretrain_gpt_msa.py``).
@@ -27,8 +27,7 @@ import logging
 log = logging.getLogger("msa_megatron.megatron_lm")
 
 #: The training-loop patches, in the order install() applies them.
-PATCHES = ("patches.mcore_019_training_args", "patches.mcore_019_training_yaml", "patches.mcore_019_training_loop",
-           "patches.mcore_019_training_helpers")
+PATCHES = tuple(f"msa_megatron.patches.mcore_019_training_{name}" for name in ("args", "yaml", "loop", "helpers"))
 
 _EXPORTS = {
     "gpt_model_config_from_args": "model",
@@ -44,11 +43,7 @@ def install() -> None:
     from .. import register
 
     register()
-    try:
-        modules = [importlib.import_module(name) for name in PATCHES]
-    except ImportError as exc:
-        raise ImportError("msa_megatron.megatron_lm.install() needs the 'patches' package shipped with "
-                          f"msa_megatron (repository root on sys.path or installed): {exc}") from exc
+    modules = [importlib.import_module(name) for name in PATCHES]
     applied = [m.__name__.rsplit(".", 1)[1] for m in modules if m.apply()]
     if applied:
         log.warning("MSA: Megatron-LM training loop patched (%s)", ", ".join(applied))

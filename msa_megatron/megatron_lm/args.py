@@ -5,6 +5,12 @@ Every MSAConfig field ``f`` becomes ``--msa-f`` (``msa_layers`` stays ``--msa-la
 place). Two loop settings that are not MSAConfig fields sit beside them: ``--msa-warmup-iters``
 and ``--msa-warmup-tokens`` (see :mod:`msa_megatron.megatron_lm.schedule`).
 
+Upstream names (Megatron-LM PR #5336, :mod:`msa_megatron.upstream_names`): ``--msa-block-size``
+is already ours; ``--msa-num-selected-blocks``, ``--msa-indexer-head-dim``, ``--msa-loss-coeff`` and
+``--msa-warmup`` are accepted as aliases of ``--msa-topk``, ``--msa-index-dim``, ``--msa-kl-coeff``
+and ``--msa-mode msa_warmup`` (:data:`UPSTREAM_FLAGS`); giving both spellings with different values
+is one error naming both flags.
+
 After Megatron's ``validate_args``, :func:`finalize_args` builds the MSAConfig from the given
 flags and stores it as the plain dict ``args.msa`` (a dict, so the args pickled into checkpoints
 and the wandb config stay free of project classes). ``core_transformer_config_from_args(args,
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..config import ATTENTION_MODES, BACKENDS, MSAConfig, MSAConfigError
+from ..upstream_names import ALIASES, UPSTREAM_PR, alias_origin, fold_upstream
 
 #: Value of ``--experimental-attention-variant`` that selects MSA.
 MSA_VARIANT = "msa"
@@ -129,6 +136,27 @@ def option_of_field(field_name: str) -> str:
     return _OPTION_OF_FIELD[field_name]
 
 
+def _upstream_flags() -> Tuple[Flag, ...]:
+    """Aliases for the upstream flat names whose flag is not already ours (``--msa-block-size`` is)."""
+    ours = {fl.dest for fl in FLAGS}
+    flags = []
+    for a in ALIASES:
+        if a.name in ours:
+            continue
+        if a.name == "msa_warmup":
+            kwargs: Dict[str, Any] = dict(action="store_true", default=None)
+        else:
+            kwargs = dict(type=type(getattr(MSAConfig(), a.field)), default=None)
+        kwargs["help"] = f"{a.help} Upstream name ({UPSTREAM_PR}) of {option_of_field(a.field)}" + (
+            " msa_warmup." if a.name == "msa_warmup" else ".")
+        flags.append(Flag(a.name, a.option, a.field, kwargs))
+    return tuple(flags)
+
+
+#: Upstream-name aliases (not in FLAGS: they set the same MSAConfig fields as FIELD_FLAGS).
+UPSTREAM_FLAGS: Tuple[Flag, ...] = _upstream_flags()
+
+
 # ----------------------------------------------------------------------------- parser
 def add_msa_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``msa`` argument group (idempotent per parser)."""
@@ -136,7 +164,7 @@ def add_msa_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         return parser
     group = parser.add_argument_group(
         title="msa", description="MiniMax Sparse Attention (used with --experimental-attention-variant msa)")
-    for fl in FLAGS:
+    for fl in FLAGS + UPSTREAM_FLAGS:
         group.add_argument(fl.option, dest=fl.dest, **fl.kwargs)
     return parser
 
@@ -217,17 +245,28 @@ def finalize_args(args) -> Optional[dict]:
     silently ignored otherwise)."""
     given = given_msa_fields(args)
     loop = {fl.option: getattr(args, fl.dest) for fl in LOOP_FLAGS if getattr(args, fl.dest, None) is not None}
+    upstream = {fl.dest: getattr(args, fl.dest, None) for fl in UPSTREAM_FLAGS}
     variant = getattr(args, VARIANT_DEST, None)
     if variant != MSA_VARIANT:
-        if given or loop:
-            name = option_of_field(next(iter(given))) if given else next(iter(loop))
-            value = given[next(iter(given))] if given else loop[name]
+        named = {**{option_of_field(f): v for f, v in given.items()},
+                 **{fl.option: upstream[fl.dest] for fl in UPSTREAM_FLAGS if upstream[fl.dest] is not None}, **loop}
+        if named:
+            name, value = next(iter(named.items()))
             raise MSAArgumentError(name, value, f"unset unless --experimental-attention-variant {MSA_VARIANT} "
                                                 f"(it is {variant!r})")
         args.msa = None
         return None
-    cfg = msa_config_from_fields(given)
-    check_for_model(cfg, args.num_layers, num_kv_heads_of(args), args.tensor_model_parallel_size)
+    try:
+        given = fold_upstream(given, upstream, name_of_field=option_of_field, name_of_alias=lambda a: a.option)
+    except MSAConfigError as exc:  # --msa-warmup with a non-bool (YAML-set args)
+        raise MSAArgumentError("--msa-warmup", exc.value, "true or false") from None
+    origin = alias_origin(upstream)
+
+    def name_of(field_name: str) -> str:  # errors name the flag the user gave
+        return origin[field_name].option if field_name in origin else option_of_field(field_name)
+
+    cfg = msa_config_from_fields(given, name_of=name_of)
+    check_for_model(cfg, args.num_layers, num_kv_heads_of(args), args.tensor_model_parallel_size, name_of=name_of)
     check_warmup(args.msa_warmup_iters, args.msa_warmup_tokens, "--msa-warmup-iters", "--msa-warmup-tokens")
     args.msa = cfg.to_dict()
     return args.msa
@@ -255,5 +294,5 @@ __all__ = [
     "FIELD_FLAGS", "FLAGS", "Flag", "LOOP_FLAGS", "MSAArgumentError", "MSA_VARIANT", "add_msa_arguments",
     "allow_msa_variant", "check_for_model", "check_warmup", "explain_config_error", "finalize_args",
     "flag_of_transformer_field", "given_msa_fields", "msa_config_from_fields", "num_kv_heads_of", "option_of_field",
-    "repair_help_strings",
+    "repair_help_strings", "UPSTREAM_FLAGS",
 ]

@@ -241,6 +241,9 @@ def summarize(path: Path) -> Dict[str, Any]:
         out[key] = entry
     if modes:
         out["attention_mode"] = {"first": modes[0][1], "last": modes[-1][1], "switched_at_steps": switches}
+    peaks = [r["peak_mem_gib"] for r in records if r.get("peak_mem_gib") is not None]
+    if peaks:  # CUDA runs: torch.cuda.max_memory_allocated over the whole run, GiB
+        out["peak_mem_gib"] = max(peaks)
     return out
 
 
@@ -257,6 +260,8 @@ def format_summary(summary: Dict[str, Any]) -> str:
         m = summary["attention_mode"]
         where = f"first logged at step {m['switched_at_steps'][0]}" if m["switched_at_steps"] else "no switch"
         rows.append(f"  attention mode     {m['first']} -> {m['last']} ({where})")
+    if "peak_mem_gib" in summary:
+        rows.append(f"  peak GPU memory    {summary['peak_mem_gib']:.2f} GiB (max allocated)")
     return "\n".join(rows)
 
 

@@ -486,6 +486,9 @@ class Trainer:
         dist.all_reduce(mem_t, op=dist.ReduceOp.MAX)
         s["mem_gb"] = mem_t.item()
         s["mem_kind"] = what
+        if what == "gpu_max_allocated":  # run-level peak (memory_gb resets the CUDA peak each interval)
+            self.peak_mem_gib = max(getattr(self, "peak_mem_gib", 0.0), mem_t.item() * 1e9 / 2**30)
+            s["peak_mem_gib"] = self.peak_mem_gib
         return s
 
     def save(self, step: int) -> None:

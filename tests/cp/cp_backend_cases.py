@@ -279,7 +279,13 @@ def cp1_unchanged() -> Dict:
     weights = {n: p.detach().clone() for n, p in stock.named_parameters()}
     base = run(stock)
     cpu_shims()
-    shimmed = gpt(model_config())
+    # The CP-capable class itself (the product spec gives its SDPA subclass at CP = 1, which is
+    # compared with DotProductAttention to a tolerance in tests/megatron/test_dense_attention.py).
+    MSALocalSpecProvider.core_attention = lambda self: CPDotProductAttention
+    try:
+        shimmed = gpt(model_config())
+    finally:
+        MSALocalSpecProvider.core_attention = product_core
     # layer 0's core attention and the dense-mode children of the two MSA layers
     assert sum(type(m) is CPDotProductAttention for m in shimmed.modules()) == 3
     load_full_state(shimmed, weights)

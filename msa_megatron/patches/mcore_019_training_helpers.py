@@ -22,7 +22,7 @@ import functools
 import logging
 import os
 
-from patches.mcore_019_training_base import FunctionWrapPatch
+from msa_megatron.patches.mcore_019_training_base import FunctionWrapPatch
 
 TARGET = "megatron.training.initialize"
 log = logging.getLogger("msa_megatron.patches")
@@ -67,7 +67,7 @@ def _compile_dependencies(original):
 
 
 PATCH = FunctionWrapPatch(
-    "patches.mcore_019_training_helpers", TARGET, {"_compile_dependencies": _compile_dependencies},
+    "msa_megatron.patches.mcore_019_training_helpers", TARGET, {"_compile_dependencies": _compile_dependencies},
     PINNED, SOURCE_CHECKS,
 )
 apply, remove, is_applied, verify_upstream, upstream = (

@@ -24,7 +24,7 @@ import functools
 import importlib
 import logging
 
-from patches import check_pinned
+from msa_megatron.patches import check_pinned
 
 log = logging.getLogger("msa_megatron.patches")
 
@@ -101,10 +101,10 @@ def verify_upstream() -> None:
     """Raise if the installed megatron-core is not the version/source this patch was written for."""
     from msa_megatron.megatron.compat import check_mcore_version
 
-    check_mcore_version("patches.mcore_019_msa_registration")
+    check_mcore_version("msa_megatron.patches.mcore_019_msa_registration")
     functions = upstream_functions()
     for name, fn in functions.items():
-        check_pinned(fn, PINNED[name], "patches.mcore_019_msa_registration")
+        check_pinned(fn, PINNED[name], "msa_megatron.patches.mcore_019_msa_registration")
     import inspect
 
     if REPLACED_ASSERTION not in inspect.getsource(functions["_get_backend_spec_provider"]):

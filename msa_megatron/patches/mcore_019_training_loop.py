@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 
-from patches.mcore_019_training_base import FunctionWrapPatch
+from msa_megatron.patches.mcore_019_training_base import FunctionWrapPatch
 
 TARGET = "megatron.training.training"
 
@@ -84,7 +84,7 @@ def _training_log(original):
 
 
 PATCH = FunctionWrapPatch(
-    "patches.mcore_019_training_loop", TARGET,
+    "msa_megatron.patches.mcore_019_training_loop", TARGET,
     {"train_step": _train_step, "training_log": _training_log},
     PINNED, SOURCE_CHECKS,
 )

@@ -1,8 +1,8 @@
 """Version-pinned changes to megatron-core, each with ``apply()`` and its own test.
 
-* :mod:`patches.mcore_019_msa_registration`: registers ``experimental_attention_variant='msa'``
+* :mod:`msa_megatron.patches.mcore_019_msa_registration`: registers ``experimental_attention_variant='msa'``
   in Megatron-Core's experimental-attention spec builders (and lets them use the local backend).
-* :mod:`patches.mcore_019_moe_bias_inplace`: fixes an in-place add on a view in
+* :mod:`msa_megatron.patches.mcore_019_moe_bias_inplace`: fixes an in-place add on a view in
   ``MLP.forward`` that breaks local-spec MoE experts with biases at TP=1 / EP=1.
 
 Each patch refuses another megatron-core version and checks the source of what it patches,

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from patches import mcore_019_training_args as patch
+from msa_megatron.patches import mcore_019_training_args as patch
 
 ARGV = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128",
         "--max-position-embeddings", "128", "--micro-batch-size", "1", "--train-iters", "2", "--lr", "1e-4",

@@ -9,8 +9,8 @@ import inspect
 import pytest
 import torch
 
-from patches import mcore_019_moe_bias_inplace as patch
-from patches import source_sha256
+from msa_megatron.patches import mcore_019_moe_bias_inplace as patch
+from msa_megatron.patches import source_sha256
 
 
 def test_upstream_mlp_forward_is_the_pinned_one():

@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-from patches import source_sha256
-from patches.mcore_019_training_base import FunctionWrapPatch
+from msa_megatron.patches import source_sha256
+from msa_megatron.patches.mcore_019_training_base import FunctionWrapPatch
 
 SOURCE = '''
 def double(x):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 
-from patches.mcore_019_training_base import FunctionWrapPatch
+from msa_megatron.patches.mcore_019_training_base import FunctionWrapPatch
 
 TARGET = "megatron.training.arguments"
 
@@ -82,7 +82,7 @@ def _validate_args(original):
 
 
 PATCH = FunctionWrapPatch(
-    "patches.mcore_019_training_args", TARGET,
+    "msa_megatron.patches.mcore_019_training_args", TARGET,
     {"_add_experimental_attention_variant_args": _variant_args, "validate_args": _validate_args},
     PINNED, SOURCE_CHECKS,
 )

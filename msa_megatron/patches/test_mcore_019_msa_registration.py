@@ -10,8 +10,8 @@ import inspect
 import pytest
 import torch
 
-from patches import mcore_019_msa_registration as patch
-from patches import source_sha256
+from msa_megatron.patches import mcore_019_msa_registration as patch
+from msa_megatron.patches import source_sha256
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import inspect
 
 import pytest
 
-from patches import mcore_019_training_args, mcore_019_training_helpers, mcore_019_training_loop
-from patches import mcore_019_training_yaml, source_sha256
+from msa_megatron.patches import mcore_019_training_args, mcore_019_training_helpers, mcore_019_training_loop
+from msa_megatron.patches import mcore_019_training_yaml, source_sha256
 
 PATCHES = [mcore_019_training_args, mcore_019_training_helpers, mcore_019_training_loop, mcore_019_training_yaml]
 by_patch = pytest.mark.parametrize("unpatched", PATCHES, ids=lambda p: p.__name__.rsplit("_", 1)[-1], indirect=True)

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from patches import mcore_019_training_helpers as patch
+from msa_megatron.patches import mcore_019_training_helpers as patch
 
 
 @pytest.fixture

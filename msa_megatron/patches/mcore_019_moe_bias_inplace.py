@@ -22,7 +22,7 @@ import inspect
 import logging
 import textwrap
 
-from patches import check_pinned
+from msa_megatron.patches import check_pinned
 
 log = logging.getLogger("msa_megatron.patches")
 
@@ -47,9 +47,9 @@ def upstream_forward():
 def verify_upstream() -> None:
     from msa_megatron.megatron.compat import check_mcore_version
 
-    check_mcore_version("patches.mcore_019_moe_bias_inplace")
+    check_mcore_version("msa_megatron.patches.mcore_019_moe_bias_inplace")
     forward = upstream_forward()
-    check_pinned(forward, PINNED_SHA256, "patches.mcore_019_moe_bias_inplace")
+    check_pinned(forward, PINNED_SHA256, "msa_megatron.patches.mcore_019_moe_bias_inplace")
     if inspect.getsource(forward).count(BUGGY) != 1:
         raise RuntimeError(f"upstream MLP.forward must contain {BUGGY!r} exactly once")
 

@@ -12,7 +12,7 @@ import torch
 
 from msa_megatron import MSAConfig
 from msa_megatron.megatron_lm import hooks as hooks_module
-from patches import mcore_019_training_loop as patch
+from msa_megatron.patches import mcore_019_training_loop as patch
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from patches import mcore_019_training_yaml as patch
+from msa_megatron.patches import mcore_019_training_yaml as patch
 
 
 def test_other_variants_reach_upstream_unchanged(unpatched, monkeypatch):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 
-from patches.mcore_019_training_base import FunctionWrapPatch
+from msa_megatron.patches.mcore_019_training_base import FunctionWrapPatch
 
 TARGET = "megatron.training.yaml_arguments"
 
@@ -70,7 +70,7 @@ def _config_from_yaml(original):
 
 
 PATCH = FunctionWrapPatch(
-    "patches.mcore_019_training_yaml", TARGET,
+    "msa_megatron.patches.mcore_019_training_yaml", TARGET,
     {"validate_yaml": _validate_yaml, "core_transformer_config_from_yaml": _config_from_yaml},
     PINNED, SOURCE_CHECKS,
 )

@@ -14,7 +14,7 @@ import importlib
 import logging
 from typing import Callable, Dict, Iterable, Tuple
 
-from patches import check_pinned
+from msa_megatron.patches import check_pinned
 
 log = logging.getLogger("msa_megatron.patches")
 
