@@ -46,6 +46,7 @@ under ``TRITON_INTERPRET=1`` on CPU tensors for the CPU test-suite.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -99,6 +100,16 @@ class IndexConfig:
     kl_stages: int = 2
     kl_block_n: int = 128  # key sub-tile of the KL kernels ([BLOCK_N, di] fp32 d_ik accumulator)
     lse_warps: int = 8
+    #: Opt-in: selections that need no index LSE (prefill, ``compute_kl=False``) score with
+    #: FP8 e4m3 copies of iq / ik (:func:`fp8_index_inputs`); training keeps the input dtype.
+    fp8_prefill: bool = False
+
+
+#: The configuration every call starts from on CUDA (the interpreter uses its own tiles).
+#: Replace it to change a default for the process, e.g.
+#: ``triton_index.DEFAULT_INDEX_CONFIG = IndexConfig(fp8_prefill=True)``; the environment
+#: overrides below still apply on top (benchmark sweeps).
+DEFAULT_INDEX_CONFIG = IndexConfig()
 
 
 def _env_ints(name: str, n: int, fmt: str):
@@ -117,8 +128,11 @@ def _env_ints(name: str, n: int, fmt: str):
 def _launch_config(device: torch.device) -> IndexConfig:
     if device.type != "cuda":  # interpreter: cost is per op, not per element -> fewer, larger tiles
         return IndexConfig(sel_block_m=64, sel_warps=4, sel_stages=1, items_block_q=64, items_chunk=128,
-                           kl_warps=4, kl_stages=1, kl_block_n=128, lse_warps=4)
+                           kl_warps=4, kl_stages=1, kl_block_n=128, lse_warps=4,
+                           fp8_prefill=DEFAULT_INDEX_CONFIG.fp8_prefill or os.environ.get("MSA_INDEX_FP8", "0") == "1")
     changes = {}
+    if os.environ.get("MSA_INDEX_FP8", "0") == "1":
+        changes["fp8_prefill"] = True
     sel = _env_ints("MSA_INDEX_TILES", 3, "BLOCK_M,num_warps,num_stages")
     if sel:
         changes.update(sel_block_m=sel[0], sel_warps=sel[1], sel_stages=sel[2])
@@ -127,7 +141,7 @@ def _launch_config(device: torch.device) -> IndexConfig:
         changes.update(items_block_q=kl[0], kl_block_n=kl[1], kl_warps=kl[2], kl_stages=kl[3])
     if os.environ.get("MSA_INDEX_LAZY_TOPK", "1") == "0":
         changes["lazy_topk"] = False
-    return IndexConfig(**changes)
+    return dataclasses.replace(DEFAULT_INDEX_CONFIG, **changes)
 
 
 def _pow2_at_least(x: int, lo: int = 16) -> int:
@@ -663,7 +677,7 @@ def index_select_fp8(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Ten
 
 def index_select(
     iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None, *, return_plan: bool = False,
-    with_lse: bool = True, fp8: bool = False,
+    with_lse: bool = True, fp8: Optional[bool] = None,
 ):
     """Fused index branch: causal raw scores -> per-block max -> forced + top-K blocks.
 
@@ -687,11 +701,14 @@ def index_select(
         with_lse=False: skip the index LSE and the reverse index (prefill / no KL): returns
         ``(block_idx, None)`` (``return_plan`` then needs with_lse).
         fp8=True: scores from FP8 e4m3 copies of iq / ik (:func:`fp8_index_inputs`); implies
-        no LSE (the LSE feeds the KL, which stays in the input precision).
+        no LSE (the LSE feeds the KL, which stays in the input precision). None (default):
+        FP8 when ``with_lse=False`` and the launch config's ``fp8_prefill`` is on.
 
     No gradient flows (selection is discrete; the KL gradient is
     :func:`sparse_kl_backward`)."""
     b, sq, g, di, sk = _check_index_inputs(iq, ik, cfg)
+    if fp8 is None:
+        fp8 = not with_lse and _launch_config(iq.device).fp8_prefill
     if fp8 and with_lse:
         raise UnsupportedInputError("index_select(fp8=True) computes no index LSE: pass with_lse=False")
     if return_plan and not with_lse:
