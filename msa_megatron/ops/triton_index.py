@@ -589,8 +589,11 @@ def _kl_kernel(
                 tl.atomic_add(diq_ptr + bi * s_d_b + t[:, None] * s_d_s + gi * s_d_g + offs_i[None, :], d_iq,
                               mask=rm[:, None] & (offs_i[None, :] < DI))
                 acc += tl.dot(tl.trans(ds), iq_r, input_precision=DOT_PREC)
+        # The "program has rows" condition as a [BLOCK_N] tensor, not a scalar: triton 3.9's
+        # interpreter rejects a scalar term in an atomic's mask ("mask has unsupported dtype").
+        nonempty = (kk * 0 + (end - start)) > 0
         tl.atomic_add(dik_ptr + bi * s_dk_b + kk[:, None].to(tl.int64) * s_dk_s + offs_i[None, :], acc,
-                      mask=kmask[:, None] & (offs_i[None, :] < DI) & (end > start))
+                      mask=(kmask & nonempty)[:, None] & (offs_i[None, :] < DI))
     tl.store(kl_ptr + prog, tl.sum(kl_acc, axis=0))
     if STATS:
         tl.store(ent_ptr + 2 * prog, -tl.sum(ent_i, axis=0))
