@@ -129,3 +129,42 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"\[b, g, s, K\]"):
         union_sizes(torch.zeros(4, 2, dtype=torch.int32), 2)
     assert math.isnan(union_summary(torch.zeros(1, 1, 3, 2, dtype=torch.int32), windows=(8,))["U8"]["mean"])
+
+
+@pytest.mark.slow
+def test_script_end_to_end_on_a_tiny_trained_run(tmp_path):
+    """scripts/selection_stats.py on a 3-step tiny msa-train run (CPU, reference backend):
+    JSON, markdown and artifact written, statistics and fit present, artifact loadable."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(repo), WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
+    env.pop("TRITON_INTERPRET", None)
+    run = tmp_path / "run"
+    train = [sys.executable, "-m", "msa_megatron.train", "model=tiny", "train.steps=3", "train.seq_length=128",
+             "train.global_batch_size=2", "train.micro_batch_size=2", "train.eval_interval=0",
+             "attention.warmup.steps=1", "checkpoint.interval=0", "logging.wandb.enabled=false", f"run_dir={run}"]
+    r = subprocess.run(train, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "scripts/selection_stats.py", "--run-dir", str(run), "--out", str(out), "--lengths",
+           "256,512", "--fit-sequences", "2", "--recall-queries", "32"]
+    r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((out / "selection_stats.json").read_text())
+    assert set(res["unions"]) == {"256", "512"} and res["block_size"] == 16 and res["topk"] == 4
+    for block in res["unions"].values():
+        assert set(block["layers"]) == {"1", "2", "3"}  # the MSA layers of model=tiny
+        u = block["all_layers"]
+        assert 1 <= u["U8"]["mean"] <= u["U32"]["mean"] <= u["U128"]["mean"]
+    assert 0 <= res["fit"]["params"]["r"] <= 1 and len(res["validation"]) == 2
+    probe = res["probes"]["256"]["1"]
+    assert 0.5 < probe["fp8_block_agreement"] <= 1 and 0 < probe["recall_bf16"] <= 1
+    sels, meta = load_artifact(out / res["artifact"]["path"])
+    assert set(sels) == {"layer1", "layer3"} and meta["fit"] == res["fit"]["params"]
+    assert sels["layer1"].shape == (2, 256, 4)
+    assert (out / "selection_stats.md").read_text().startswith("# MSA selection statistics")
