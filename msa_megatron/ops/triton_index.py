@@ -334,7 +334,7 @@ def _select_kernel(
 class ReverseIndex:
     """Rows that selected each key block, cut into work items of at most ``chunk`` rows.
 
-    ``order`` [E] int64: flat entry ids e = ((b * g + g_i) * sq + t) * K + slot of the
+    ``order`` [E] int32 (int64 beyond 2**31 entries): flat entry ids e = ((b * g + g_i) * sq + t) * K + slot of the
     selections, grouped by (b, g, block) and ascending in t inside a group (unused -1
     slots sort last and belong to no item). Item i covers
     ``order[item_start[i]:item_end[i]]``, all of one ``item_key[i] = (b * g + g_i) * nb +
@@ -351,16 +351,25 @@ class ReverseIndex:
 
 
 def build_reverse_index(block_idx: Tensor, nb: int, chunk: int) -> ReverseIndex:
+    """Keys and ``order`` are int32 when the entry count allows (1M tokens x 4 groups x top-16 =
+    64M entries: 256 MB per array instead of 512 MB, and no [E] int64 temporaries)."""
     b, g, sq, K = block_idx.shape
     dev = block_idx.device
     nkeys = b * g * nb
-    flat = block_idx.reshape(-1).to(torch.int64)
-    bg = torch.arange(b * g, device=dev, dtype=torch.int64).repeat_interleave(sq * K)
-    key = torch.where(flat >= 0, bg * nb + flat, torch.full_like(flat, nkeys))
-    _, order = torch.sort(key, stable=True)
-    counts = torch.zeros(nkeys + 1, device=dev, dtype=torch.int64).scatter_add_(0, key, torch.ones_like(key))[:nkeys]
-    seg_end = torch.cumsum(counts, 0)
-    seg_start = seg_end - counts
+    n_entries = b * g * sq * K
+    idt = torch.int32 if max(n_entries, nkeys + 1) < 2**31 else torch.int64
+    bg = torch.arange(b * g, device=dev, dtype=idt).view(b, g, 1, 1) * nb
+    blk = block_idx.to(idt)
+    key = torch.where(blk >= 0, blk + bg, torch.full_like(blk, nkeys)).reshape(-1)
+    del blk
+    sorted_key, order = torch.sort(key, stable=True)
+    del key
+    order = order.to(idt)
+    keys = torch.arange(nkeys, device=dev, dtype=idt)
+    seg_start = torch.searchsorted(sorted_key, keys, right=False)  # int64 [nkeys]
+    seg_end = torch.searchsorted(sorted_key, keys, right=True)
+    del sorted_key
+    counts = seg_end - seg_start
     items_per = (counts + chunk - 1) // chunk
     items_cum = torch.cumsum(items_per, 0)
     max_items = (b * g * sq * K + chunk - 1) // chunk + nkeys  # static bound: no sync
@@ -403,7 +412,7 @@ def _selected_lse_kernel(
     ar = tl.arange(0, BLOCK_Q)
     for off in range(start, end, BLOCK_Q):
         rm = off + ar < end
-        e = tl.load(order_ptr + off + ar, mask=rm, other=0)
+        e = tl.load(order_ptr + off + ar, mask=rm, other=0).to(tl.int64)  # int32 in memory
         t = (e // K) % sq
         pos = tl.load(qpos_ptr + t, mask=rm, other=0)
         iq_r = tl.load(iq_ptr + bi * s_iq_b + t[:, None] * s_iq_s + gi * s_iq_g + offs_d[None, :],
@@ -552,7 +561,7 @@ def _kl_kernel(
             if DENSE:
                 t = (off + ar).to(tl.int64)
             else:
-                e = tl.load(order_ptr + off + ar, mask=rm, other=0)
+                e = tl.load(order_ptr + off + ar, mask=rm, other=0).to(tl.int64)  # int32 in memory
                 t = (e // K) % sq
             pos = tl.load(qpos_ptr + t, mask=rm, other=-1)
             if tl.max(pos, axis=0) >= n * BLOCK + sub * BLOCK_N:  # some row sees a key of the tile
