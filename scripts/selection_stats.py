@@ -82,6 +82,12 @@ def fp8_selection(iq, ik, msa_cfg, q_pos=None):
 
 
 # ----------------------------------------------------------------------------- capture
+def module_kwargs_get(kwargs, name):
+    if name not in kwargs:
+        raise RuntimeError(f"core attention called without {name!r} (positional or keyword)")
+    return kwargs[name]
+
+
 class Capture:
     """Forward pre-hooks on every MSA core attention: per layer, union sizes of the selection;
     the selections of the artifact layers; FP8 agreement / recall on the probe layers."""
@@ -102,6 +108,7 @@ class Capture:
         from msa_megatron.ops import msa_select
 
         t0 = time.time()
+        self._kwargs = kwargs
         iq = kwargs.get("index_query")
         ik = kwargs.get("index_key")
         if iq is None:
@@ -142,8 +149,10 @@ class Capture:
         sel8, how = fp8_selection(iq, ik, cfg)
         agree = ss.selection_overlap(block_idx[:, :, first:], sel8[:, :, first:])
         out.update(fp8_how=how, fp8_block_agreement=agree["blocks"], fp8_identical_rows=agree["rows"])
-        q = args[0].transpose(0, 1)  # [b, s, hq, d]
-        k = args[1].transpose(0, 1)  # [b, s, g, d]
+        query = args[0] if len(args) > 0 else module_kwargs_get(self._kwargs, "query")
+        key = args[1] if len(args) > 1 else module_kwargs_get(self._kwargs, "key")
+        q = query.transpose(0, 1)  # [b, s, hq, d]
+        k = key.transpose(0, 1)  # [b, s, g, d]
         n = min(self.args.recall_queries, s - first)
         rows = torch.linspace(first, s - 1, n, device=q.device).round().long().unique()
         scale = module.softmax_scale
@@ -172,6 +181,7 @@ def load_run(args):
     try:
         cfg = dataclasses.replace(
             cfg,
+            run_dir=str(run_dir),  # the directory may have moved since training
             train=dataclasses.replace(cfg.train, seq_length=max(args.lengths)),
             parallel=dataclasses.replace(cfg.parallel, tp=1, pp=1, cp=1, ep=1, sp=False,
                                          overlap_grad_reduce=False, overlap_param_gather=False),
