@@ -3,8 +3,8 @@
 * ``flex-blocksparse``: torch FlexAttention with a block mask at MSA's budget but a coarser
   pattern: one set of top-k blocks (the diagonal one + k-1 random earlier ones) per
   128-query tile, shared by all heads. The anchor the sparse kernel is compared with.
-* ``msa-main``: :func:`msa_megatron.ops.triton_sparse_attn.sparse_attention` (KV-outer
-  forward + combine, KV-outer backward, deterministic dQ) on a per-token selection: each
+* ``msa-main``: :func:`msa_megatron.ops.triton_sparse_attn.sparse_attention` (default kernel
+  config, deterministic dQ) on the case's selection; the default kind ``random`` is each
   query's own block + k-1 distinct random earlier blocks, independently per (query, group):
   the worst case for locality (no two neighbouring queries share their blocks).
   fwd = ``sparse_attention_fwd`` (reverse index included); fwd+bwd = autograd fwd + bwd.
@@ -15,9 +15,16 @@
   locality-rich case (q rows re-read from L2).
 * ``msa-main-atomic``: ``msa-main`` with dQ accumulated by fp32 atomics (non-deterministic).
 * ``msa-op``: the whole op :func:`msa_megatron.ops.triton_op.msa_attention_triton` in mode
-  ``msa`` on random iq/ik: fwd = prefill (no grad, no KL: index selection + index LSE + main
+  ``msa`` on random iq/ik: fwd = prefill (no grad, no KL: index selection without LSE + main
   forward); fwd+bwd = training step (selection, main forward, KL value + d_iq/d_ik in one
   kernel, main backward). Entropy statistics off (``track_entropy=False``).
+
+Selections: every sparse impl runs on ``case.selection`` (``msa-bench --selections``;
+bench/selections.py: random, flex, trained, pool:C, churn:R,C) and records it with its measured
+U8; ``flex-blocksparse`` runs only on ``flex`` (its own pattern). ``msa-main-kv`` /
+``-union`` / ``-auto`` and ``msa-op-kv`` / ``-auto`` pick ``KernelConfig(main_impl=...)``
+(rows say "n/a: main_impl not available" until that field exists); ``msa-op-fp8`` is the
+prefill with the FP8 selection.
 
 ``MSA_MAIN_KERNEL="fwd_rows=64,bwd_block_n=64,..."`` changes the kernel config of every
 impl here (see :class:`~msa_megatron.ops.triton_sparse_attn.KernelConfig`) for sweeps.
