@@ -7,7 +7,7 @@ main path (``KernelConfig(main_impl='kv' / 'auto')``; before that field exists, 
 ``msa-main`` stands for the old path and the new rows say n/a), and the whole op (old / new
 path; plus its FP8 prefill), on each selection kind. Columns: U8 and fwd / fwd+bwd ms at
 32K and 128K; 1M prefill, 1M fwd+bwd and its peak memory (op rows). Every number comes from
-this run (device, date, commit in the header). Order of measurement: 128K, 32K, 1M, so a
+this run (device, date, commit in the header). Order of measurement: 128K, 1M, 32K, so a
 time budget cuts the least important cells first; cut cells say so.
 
 Writes ``done_when.md`` and ``done_when.json`` (header + every raw record) to --out,
@@ -43,17 +43,19 @@ def plan(kinds: List[str], new_path: bool) -> List[Tuple[str, int, str, bool]]:
     main_old = "msa-main-kv" if new_path else "msa-main"
     op_old = "msa-op-kv" if new_path else "msa-op"
     sparse = ["fla-nsa", main_old, "msa-main-auto", op_old, "msa-op-auto"]
-    steps: List[Tuple[str, int, str, bool]] = []
-    for L in (L128, L32):
-        steps.append(("cudnn-dense", L, "-", False))
+    def at(L: int) -> List[Tuple[str, int, str, bool]]:
+        out = [("cudnn-dense", L, "-", False)]
         for kind in kinds:
             if kind == "flex":
-                steps.append(("flex-blocksparse", L, kind, False))
-            steps += [(impl, L, kind, False) for impl in sparse]
+                out.append(("flex-blocksparse", L, kind, False))
+            out += [(impl, L, kind, False) for impl in sparse]
+        return out
+
+    steps = at(L128)
     for kind in kinds:  # 1M: the op only (prefill = fwd; fwd+bwd with its peak memory)
         steps += [(op_old, L1M, kind, False), ("msa-op-auto", L1M, kind, False), ("msa-op-fp8", L1M, kind, True)]
     steps += [("index-fused-select", L1M, "-", True), ("index-fused-select-fp8", L1M, "-", True)]
-    return steps
+    return steps + at(L32)
 
 
 def _cell(r: Optional[Dict], key: str, spec: str = ".1f") -> str:
