@@ -38,8 +38,9 @@ def main_impl_available() -> bool:
     return "main_impl" in {f.name for f in fields(KernelConfig)}
 
 
-def plan(kinds: List[str], new_path: bool) -> List[Tuple[str, int, str, bool]]:
-    """(impl, L, selection kind, fwd_only) in measurement order."""
+def plan(kinds: List[str], new_path: bool, flex_union: bool = False) -> List[Tuple[str, int, str, bool]]:
+    """(impl, L, selection kind, fwd_only) in measurement order. ``flex_union``: also Flex on
+    the non-Flex selections at 128K (per-tile union + token mask; one more Flex compile)."""
     main_old = "msa-main-kv" if new_path else "msa-main"
     op_old = "msa-op-kv" if new_path else "msa-op"
     sparse = ["fla-nsa", main_old, "msa-main-auto", op_old, "msa-op-auto"]
@@ -52,6 +53,8 @@ def plan(kinds: List[str], new_path: bool) -> List[Tuple[str, int, str, bool]]:
         return out
 
     steps = at(L128)
+    if flex_union:
+        steps += [("flex-union", L128, kind, False) for kind in kinds if kind != "flex"]
     for kind in kinds:  # 1M: the op only (prefill = fwd; fwd+bwd with its peak memory)
         steps += [(op_old, L1M, kind, False), ("msa-op-auto", L1M, kind, False), ("msa-op-fp8", L1M, kind, True)]
     steps += [("index-fused-select", L1M, "-", True), ("index-fused-select-fp8", L1M, "-", True)]
@@ -107,6 +110,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--time-budget-s", type=float, default=450.0)
     p.add_argument("--warmup", type=int, default=25)
     p.add_argument("--rep", type=int, default=100)
+    p.add_argument("--flex-union", action="store_true",
+                   help="also FlexAttention on the non-Flex selections at 128K (flex-union)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = p.parse_args(argv)
     args.bwd_max_L = L1M
@@ -117,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parse_kind(k)
     notes = harness.load_impl_modules()
     new_path = main_impl_available()
-    steps = plan(kinds, new_path)
+    steps = plan(kinds, new_path, args.flex_union)
     if args.dry_run:
         for s in steps:
             print(s)

@@ -199,6 +199,74 @@ def flex_blocksparse(case: Case) -> Bench:
                  selection="flex", u8=sel_mod.measured_u8(case))
 
 
+#: Membership buffers of flex-union, one per shape: mask_mod reads the buffer, whose data is
+#: replaced in place, so the compiled Flex kernel of a shape serves every selection kind.
+_UNION_MEMBER: Dict[tuple, torch.Tensor] = {}
+
+
+def union_block_mask(case: Case, sel: torch.Tensor):
+    """FlexAttention BlockMask for a per-token selection ``sel`` [1, g, L, K]: per 128-query
+    tile and KV group, the union of the tile's selected blocks (every block partial), and a
+    mask_mod keeping key j for query t iff t >= j and t's group selected j's block. This is
+    how Flex runs MSA's own selections: its work is the per-tile union (U128 blocks)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if case.batch != 1:
+        raise Skip("flex-union supports batch 1")
+    B, L, g, G = case.block, case.L, case.hkv, case.hq // case.hkv
+    n = math.ceil(L / B)
+    dev = sel.device
+    s = sel[0].long()  # [g, L, K]
+    own = (torch.arange(L, device=dev) // B).view(1, L, 1)
+    key = (g, L, n, str(dev))
+    member = _UNION_MEMBER.get(key)
+    if member is None:
+        _UNION_MEMBER.clear()
+        member = _UNION_MEMBER[key] = torch.zeros(g, L, n, dtype=torch.bool, device=dev)
+    member.zero_()
+    member.scatter_(-1, torch.where(s >= 0, s, own.expand_as(s)), True)  # -1 slots: the own block (always in)
+    padded = torch.zeros(g, n * B, n, dtype=torch.bool, device=dev)
+    padded[:, :L] = member
+    union = padded.view(g, n, B, n).any(2)  # [g, tiles, blocks]
+    kv_num = union.sum(-1).to(torch.int32)
+    kv_idx = torch.sort((~union).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    kv_num = kv_num.repeat_interleave(G, 0)[None]  # [1, hq, tiles]
+    kv_idx = kv_idx.repeat_interleave(G, 0)[None]  # [1, hq, tiles, blocks]
+
+    def selected_causal(b, h, qi, ki):
+        return (qi >= ki) & member[h // G, qi, ki // B]
+
+    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=B, mask_mod=selected_causal, seq_lengths=(L, L))
+    u128 = float(union.sum(-1).double().mean())
+    return mask, u128
+
+
+@register("flex-union", "FlexAttention on MSA's per-token selection (per-tile union of blocks + token mask)",
+          uses_selection=True)
+def flex_union(case: Case) -> Bench:
+    _need_cuda(case)
+    sel = sel_mod.make_selection(case)
+    mask, u128 = union_block_mask(case, sel)
+    grad = not case.fwd_only
+    q, k, v = (x.transpose(1, 2) for x in _qkv(case, False))
+    q, k, v = (x.contiguous().requires_grad_(grad) for x in (q, k, v))
+    flex = _compiled_flex()
+
+    def fwd():
+        with torch.no_grad():
+            return flex(q, k, v, block_mask=mask, enable_gqa=True)
+
+    do = torch.randn_like(q) if grad else None
+
+    def fwdbwd():
+        flex(q, k, v, block_mask=mask, enable_gqa=True).backward(do)
+
+    return Bench(fwd=fwd, fwdbwd=fwdbwd if grad else None, fwd_flops=case.sparse_fwd_flops(),
+                 fwdbwd_flops=case.sparse_fwd_flops() + case.sparse_bwd_flops(), grad_to_none=[q, k, v],
+                 note=f"per-tile union: {u128:.0f} blocks per 128 queries (U128), all partial",
+                 selection=sel_mod.describe(case), u8=sel_mod.measured_u8(case, sel))
+
+
 # ----------------------------------------------------------------------------- the sparse main branch
 def main_impl_config(main_impl: Optional[str]):
     """The default KernelConfig, with ``main_impl`` set when given. The field comes with the

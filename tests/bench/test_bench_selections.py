@@ -2,6 +2,7 @@
 fla-nsa peer against the reference (GPU, with fla-core installed)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -110,3 +111,33 @@ def test_fla_nsa_matches_reference_on_msa_selection(kind):
     ref, _ = reference.sparse_attention(q.float(), k.float(), v.float(), sel, case.block)
     err = ((out.float() - ref).norm() / ref.norm()).item()
     assert err < 2e-2, err
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("kind", ["random", "churn:0.1,20"])
+def test_flex_union_mask_covers_the_selection_and_matches_reference(kind):
+    """flex-union's block lists hold every block a query of the tile selected, and Flex's
+    eager path (mask_mod everywhere) computes MSA's reference sparse attention."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from msa_megatron.bench.impls_main import union_block_mask
+
+    case = Case(L=300, hq=4, hkv=2, d=16, di=16, block=32, topk=3, selection=kind, device="cpu")
+    sel = selections.make_selection(case)
+    mask, u128 = union_block_mask(case, sel)
+    kv_num, kv_idx = mask.kv_num_blocks[0], mask.kv_indices[0]  # [hq, tiles], [hq, tiles, blocks]
+    G = case.hq // case.hkv
+    for h in range(case.hq):
+        for t in range(case.L):
+            listed = set(kv_idx[h, t // case.block, : kv_num[h, t // case.block]].tolist())
+            chosen = {b for b in sel[0, h // G, t].tolist() if b >= 0}
+            assert chosen <= listed
+    assert case.topk <= u128 <= math.ceil(case.L / case.block)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, case.L, case.hq, case.d, generator=g)
+    k = torch.randn(1, case.L, case.hkv, case.d, generator=g)
+    v = torch.randn(1, case.L, case.hkv, case.d, generator=g)
+    out = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+                         enable_gqa=True).transpose(1, 2)
+    ref, _ = reference.sparse_attention(q, k, v, sel, case.block)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
