@@ -18,5 +18,5 @@ export PYTHONUNBUFFERED=1
 EXTRA=()
 [ "${BENCH_FLEX_UNION:-0}" = 1 ] && EXTRA+=(--flex-union)   # Flex on random/trained selections at 128K
 "$PY" -m msa_megatron.bench.done_when --out "$OUT/bench_v2" --time-budget-s "${BENCH_BUDGET_S:-420}" \
-  --selections "${BENCH_SELECTIONS:-random,trained,flex}" "${EXTRA[@]}" 2>&1 | tee "$OUT/bench_v2.log"
+  --selections "${BENCH_SELECTIONS:-random,trained,flex}" ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$OUT/bench_v2.log"
 echo "done_when rc=${PIPESTATUS[0]}" | tee -a "$OUT/status.txt"
