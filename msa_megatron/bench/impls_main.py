@@ -21,7 +21,8 @@
 
 Selections: every sparse impl runs on ``case.selection`` (``msa-bench --selections``;
 bench/selections.py: random, flex, trained, pool:C, churn:R,C) and records it with its measured
-U8; ``flex-blocksparse`` runs only on ``flex`` (its own pattern). ``msa-main-kv`` /
+U8; ``flex-blocksparse`` always runs its own pattern (kind ``flex``), ``flex-union`` runs
+Flex on any selection (per-tile union of blocks + a per-token mask). ``msa-main-kv`` /
 ``-union`` / ``-auto`` and ``msa-op-kv`` / ``-auto`` pick ``KernelConfig(main_impl=...)``
 (rows say "n/a: main_impl not available" until that field exists); ``msa-op-fp8`` is the
 prefill with the FP8 selection.
@@ -173,11 +174,12 @@ def tile_token_selection(case: Case) -> torch.Tensor:
     return tok.view(1, 1, case.L, K).expand(case.batch, case.hkv, -1, -1).contiguous()
 
 
-@register("flex-blocksparse", "FlexAttention, one top-k block set per 128-query tile (the anchor)", uses_selection=True)
+@register("flex-blocksparse", "FlexAttention, one top-k block set per 128-query tile (the anchor)")
 def flex_blocksparse(case: Case) -> Bench:
+    """Always its own pattern (selection kind ``flex``), whatever ``case.selection`` says:
+    timed once per length; ``flex-union`` runs Flex on the other selections."""
     _need_cuda(case)
-    if case.selection != "flex":
-        raise Skip("FlexAttention runs its own per-128-query-tile pattern: selection kind 'flex' only")
+    case = replace(case, selection="flex")
     grad = not case.fwd_only
     q, k, v = (x.transpose(1, 2) for x in _qkv(case, False))  # [b, h, L, d] views
     q, k, v = (x.contiguous().requires_grad_(grad) for x in (q, k, v))
