@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import datetime as _dt
 import json
-import math
 import os
 import socket
 import sys
