@@ -13,11 +13,12 @@ what a trained indexer does decides which kernel wins. This module
   and fits its two parameters to measured union sizes (:func:`fit_churn_pool`).
 
 The generator ("churn/pool", study section 6.2). Positions are grouped into tiles of
-``tile`` positions (default: one key block, so the own block is constant in a tile). Every
-tile draws a candidate pool of ~C earlier blocks; each of the K - 1 free slots of a query
-keeps the previous position's block, or with probability ``r`` replaces it by a pool block.
-r = 0 and C = K - 1 is Flex's tile-constant pattern; r = 1 and a large C approaches random
-selection. The own block is always selected (``local_blocks = 1``, ``init_blocks = 0``,
+``tile`` positions (default 128: one key block of the paper layout, so the own block is
+constant in a tile). Every tile draws a candidate pool of ~C earlier blocks (with
+replacement); each of the K - 1 free slots draws from it at the tile's first position, then
+keeps the previous position's block, or with probability ``r`` draws again; a fraction
+``sticky`` of the slots never churns inside a tile (sinks, recent blocks). r = 0 (or
+C = K - 1) is Flex's tile-constant pattern; r = 1 and a large C approach random selection. The own block is always selected (``local_blocks = 1``, ``init_blocks = 0``,
 as the model's default); a query that sees at most K blocks selects all of them, as the
 real selector does. Slot j only ever holds blocks with id = j (mod K - 1), so the picks of
 one query are distinct by construction (no dedupe pass, exactly K - 1 + 1 blocks).
@@ -121,10 +122,15 @@ class ChurnPool:
     r: float
     pool: float
     tile: int = 128
+    #: Fraction of the K - 1 free slots that never churn inside a tile (sinks, recent blocks):
+    #: they draw once at the tile's start. 0 = every slot churns with probability r.
+    sticky: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.r <= 1.0:
             raise ValueError(f"r={self.r} is invalid: allowed values are 0 <= r <= 1")
+        if not 0.0 <= self.sticky <= 1.0:
+            raise ValueError(f"sticky={self.sticky} is invalid: allowed values are 0 <= sticky <= 1")
         if self.pool < 1:
             raise ValueError(f"pool={self.pool} is invalid: allowed values are >= 1 (it is raised to K - 1 if smaller)")
         if self.tile < 1:
@@ -163,6 +169,7 @@ def churn_pool_selection(seq_len: int, block_size: int, topk: int, params: Churn
     # position of a tile (a new pool) and where the query first sees more than topk blocks
     first = topk * block_size  # first query with own >= topk (visible blocks > topk)
     ev = torch.rand(n, seq_len, m, generator=gen, device=dev) < params.r
+    ev[:, :, : int(round(params.sticky * m))] = False  # sticky slots: only the forced draws below
     ev[:, : first + 1] = True
     ev[:, ::params.tile] = True
     last = torch.cummax(torch.where(ev, t[None, :, None], torch.zeros((), **i64)), dim=1).values
@@ -240,24 +247,40 @@ def generator_unions(params: ChurnPool, seq_len: int, block_size: int, topk: int
     return {f"U{w}": float(union_sizes(sel, w).double().mean()) for w in windows}
 
 
+#: Sticky fractions tried by the fit.
+DEFAULT_STICKY_GRID = (0.0, 0.25, 0.5, 0.75)
+
+
 def fit_churn_pool(target: Dict[str, float], seq_len: int, block_size: int, topk: int, tile: int = 128,
                    sequences: int = 4, seed: int = 0, pool_grid: Iterable[float] = DEFAULT_POOL_GRID,
-                   bisect_steps: int = 10, device="cpu") -> Dict:
-    """Fit (r, C) of the churn/pool generator to measured mean unions ``target`` =
+                   bisect_steps: int = 10, device="cpu", sticky_grid: Iterable[float] = DEFAULT_STICKY_GRID) -> Dict:
+    """Fit (r, C, sticky) of the churn/pool generator to measured mean unions ``target`` =
     {"U8": .., "U32": .., "U128": ..} at ``seq_len`` by simulation.
 
-    U8 grows monotonically with r at fixed C, so for each pool size C (``pool_grid`` times K - 1) r is
-    bisected to match the smallest window's union; the C whose fit has the least squared
-    log error over all windows wins. Returns {"params", "fitted", "target", "rel_err", ...}."""
+    U8 grows monotonically with r at fixed (C, sticky), so for each pool size C (``pool_grid``
+    times K - 1) and sticky fraction r is bisected to match the smallest window's union; the
+    (C, sticky) whose fit has the least squared log error over all windows wins. Returns
+    {"params", "fitted", "target", "rel_err", ...}."""
     keys = sorted((k for k in target if k.startswith("U")), key=lambda k: int(k[1:]))
     windows = [int(k[1:]) for k in keys]
     tgt = {k: float(target[k]) for k in keys}
     first = keys[0]
-
-    def unions(r: float, c: float) -> Dict[str, float]:
-        return generator_unions(ChurnPool(r, c, tile), seq_len, block_size, topk, sequences, seed, windows, device)
-
     best = None
+    for st in sorted(set(float(x) for x in sticky_grid)):
+        best = _fit_pools(tgt, keys, windows, first, seq_len, block_size, topk, tile, sequences, seed, pool_grid,
+                          bisect_steps, device, st, best)
+    e, p, u = best
+    return {"params": asdict(p), "fitted": u, "target": tgt, "loss": e,
+            "rel_err": {k: (u[k] - tgt[k]) / tgt[k] for k in keys}, "seq_len": seq_len,
+            "block_size": block_size, "topk": topk, "sequences": sequences}
+
+
+def _fit_pools(tgt, keys, windows, first, seq_len, block_size, topk, tile, sequences, seed, pool_grid, bisect_steps,
+               device, sticky, best):
+    def unions(r: float, c: float) -> Dict[str, float]:
+        return generator_unions(ChurnPool(r, c, tile, sticky), seq_len, block_size, topk, sequences, seed, windows,
+                                device)
+
     for c in sorted({round(float(f) * (topk - 1), 2) for f in pool_grid}):
         lo, hi = 0.0, 1.0
         u_hi = unions(hi, c)
@@ -278,11 +301,8 @@ def fit_churn_pool(target: Dict[str, float], seq_len: int, block_size: int, topk
                         cand = (mid, u)
         e = _log_err(cand[1], tgt)
         if best is None or e < best[0]:
-            best = (e, ChurnPool(cand[0], c, tile), cand[1])
-    e, p, u = best
-    return {"params": asdict(p), "fitted": u, "target": tgt, "loss": e,
-            "rel_err": {k: (u[k] - tgt[k]) / tgt[k] for k in keys}, "seq_len": seq_len,
-            "block_size": block_size, "topk": topk, "sequences": sequences}
+            best = (e, ChurnPool(cand[0], c, tile, sticky), cand[1])
+    return best
 
 
 # ----------------------------------------------------------------------------- artifact

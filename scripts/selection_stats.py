@@ -269,7 +269,7 @@ def markdown(result: Dict) -> str:
     if fit:
         p = fit["params"]
         lines += ["", f"Fitted churn/pool generator at L={fit['seq_len']}: r = {p['r']:.4f}, pool C = {p['pool']:g}, "
-                      f"tile {p['tile']}", "", "| L | measured U8/U32/U128 | generator U8/U32/U128 | rel err U8/U32 | ok |",
+                      f"sticky {p.get('sticky', 0.0):g}, tile {p['tile']}", "", "| L | measured U8/U32/U128 | generator U8/U32/U128 | rel err U8/U32 | ok |",
                   "|---|---|---|---|---|"]
         for v in result.get("validation", []):
             m, g = v["measured"], v["generated"]
@@ -378,7 +378,8 @@ def main(argv=None) -> int:
     per_layer = {}
     for layer, row in unions[str(args.artifact_length)]["layers"].items():
         f = ss.fit_churn_pool({k: row[k]["mean"] for k in ("U8", "U32", "U128")}, args.artifact_length,
-                              m["block_size"], m["topk"], sequences=max(2, args.fit_sequences // 2), device=fit_device)
+                              m["block_size"], m["topk"], sequences=max(2, args.fit_sequences // 2), device=fit_device,
+                              sticky_grid=(0.0, 0.5))
         per_layer[layer] = {"params": f["params"], "rel_err": f["rel_err"]}
     result["fit_per_layer"] = per_layer
     result["probes"] = {str(L): {str(k): v for k, v in d.items()} for L, d in cap.probes.items()}

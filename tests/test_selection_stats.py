@@ -92,7 +92,7 @@ def test_fit_recovers_known_parameters():
     true = ChurnPool(0.1, 28.0)  # pool = 4 x (K - 1)
     kw = dict(seq_len=2048, block_size=16, topk=8)
     target = generator_unions(true, sequences=2, seed=11, **kw)
-    fit = fit_churn_pool(target, sequences=2, pool_grid=(1.0, 2.0, 4.0, 16.0), bisect_steps=7, **kw)
+    fit = fit_churn_pool(target, sequences=2, pool_grid=(1.0, 2.0, 4.0, 16.0), bisect_steps=7, sticky_grid=(0.0,), **kw)
     assert fit["params"]["pool"] == pytest.approx(28.0)
     assert fit["params"]["r"] == pytest.approx(0.1, rel=0.3)
     assert all(abs(e) < 0.1 for e in fit["rel_err"].values()), fit
@@ -168,3 +168,16 @@ def test_script_end_to_end_on_a_tiny_trained_run(tmp_path):
     assert set(sels) == {"layer1", "layer3"} and meta["fit"] == res["fit"]["params"]
     assert sels["layer1"].shape == (2, 256, 4)
     assert (out / "selection_stats.md").read_text().startswith("# MSA selection statistics")
+
+
+def test_sticky_slots_lower_unions_and_are_recovered():
+    kw = dict(seq_len=2048, block_size=16, topk=8)
+    free = generator_unions(ChurnPool(0.3, 28.0), sequences=2, **kw)
+    half = generator_unions(ChurnPool(0.3, 28.0, sticky=0.5), sequences=2, **kw)
+    assert all(half[k] < free[k] for k in free)
+    sel = churn_pool_selection(2048, 16, 8, ChurnPool(0.3, 28.0, sticky=1.0), groups=2)
+    _check_valid(sel, 16, 8)
+    assert bool((union_sizes(sel, 16)[..., 8:] <= 8 + 1).all())  # all-sticky: tile-constant picks
+    target = generator_unions(ChurnPool(0.3, 28.0, sticky=0.5), sequences=2, seed=11, **kw)
+    fit = fit_churn_pool(target, sequences=2, pool_grid=(4.0,), sticky_grid=(0.0, 0.5), bisect_steps=7, **kw)
+    assert fit["params"]["sticky"] == 0.5 and all(abs(e) < 0.1 for e in fit["rel_err"].values()), fit
