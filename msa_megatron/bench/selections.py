@@ -119,7 +119,8 @@ def describe(case: Case) -> str:
     name, _ = parse_kind(case.selection)
     if name == "trained":
         params, src = trained_params(case)
-        return f"trained (churn/pool r={params.r:.3g}, C={params.pool:g} from {src})"
+        sticky = f", sticky={params.sticky:g}" if params.sticky else ""
+        return f"trained (churn/pool r={params.r:.3g}, C={params.pool:g}{sticky} from {src})"
     return case.selection
 
 
