@@ -1,15 +1,16 @@
 """``msa-bench``: time the registered MSA impls over sequence lengths on one GPU.
 
     python -m msa_megatron.bench.harness --out OUT_DIR [--impls a,b] [--lengths 8K,128K]
-                                         [--quick] [--bwd-max-L 128K] [--time-budget-s 540]
+                                         [--selections random,trained,flex] [--quick]
+                                         [--bwd-max-L 128K] [--time-budget-s 540]
 
 Per (impl, L): fwd and fwd+bwd medians (``triton.testing.do_bench``, which flushes the L2
 cache between reps; calls over 100 ms are timed as the median of 3 single runs after a
 warm-up call), TF/s from the impl's FLOP count, the fraction of the bf16 tensor-core peak
 measured in the same run (a large bf16 matmul), and peak allocated memory. Prints a
 markdown table headed by device, date and git commit, and writes ``bench.md`` and
-``bench.json`` (a list of records {impl, L, fwd_ms, fwdbwd_ms, tflops, peak_mem_gb,
-device, date, commit, ...}) to ``--out``, rewritten after every record so partial runs
+``bench.json`` (a list of records {impl, L, selection, U8, fwd_ms, fwdbwd_ms, tflops,
+peak_mem_gb, device, date, commit, ...}) to ``--out``, rewritten after every record so partial runs
 keep their results. Impls register in :mod:`msa_megatron.bench.registry`.
 """
 
@@ -34,7 +35,7 @@ import torch
 from . import registry
 from .registry import Case, Skip
 
-IMPL_MODULES = ("msa_megatron.bench.impls_index", "msa_megatron.bench.impls_main")
+IMPL_MODULES = ("msa_megatron.bench.impls_index", "msa_megatron.bench.impls_main", "msa_megatron.bench.impls_peers")
 DEFAULT_LENGTHS = "8K,32K,64K,128K,256K,1M"
 QUICK_LENGTHS = "8K,32K"
 
@@ -130,9 +131,16 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg[:300]}"
 
 
+def empty_record(name: str, case: Case, meta: Dict, **changes) -> Dict:
+    rec = dict(impl=name, L=case.L, selection=case.selection if registry.uses_selection(name) else "-", U8=None,
+               fwd_ms=None, fwdbwd_ms=None, tflops=None, fwdbwd_tflops=None, frac_peak_fwd=None,
+               frac_peak_fwdbwd=None, peak_mem_gb=None, status="ok", reason="", note="", **meta)
+    rec.update(changes)
+    return rec
+
+
 def run_one(name: str, case: Case, args, peak_tflops: float, meta: Dict) -> Dict:
-    rec = dict(impl=name, L=case.L, fwd_ms=None, fwdbwd_ms=None, tflops=None, fwdbwd_tflops=None,
-               frac_peak_fwd=None, frac_peak_fwdbwd=None, peak_mem_gb=None, status="ok", reason="", note="", **meta)
+    rec = empty_record(name, case, meta)
     bench = None
     gc.collect()
     torch.cuda.empty_cache()
@@ -140,6 +148,8 @@ def run_one(name: str, case: Case, args, peak_tflops: float, meta: Dict) -> Dict
     try:
         bench = registry.get(name)(case)
         rec["note"] = bench.note
+        rec["selection"] = bench.selection or "-"
+        rec["U8"] = bench.u8
         if bench.fwd is not None:
             rec["fwd_ms"] = time_ms(bench.fwd, bench.grad_to_none, args.warmup, args.rep)
             if bench.fwd_flops:
@@ -171,6 +181,14 @@ def run_one(name: str, case: Case, args, peak_tflops: float, meta: Dict) -> Dict
     return rec
 
 
+def print_record(rec: Dict) -> None:
+    print(f"{rec['impl']:24s} L={fmt_length(rec['L']):>5s} {str(rec.get('selection', '-'))[:24]:24s} "
+          f"U8 {_f(rec.get('U8'), '6.1f')}  fwd {_f(rec['fwd_ms'], '9.3f')} ms "
+          f"({_f(rec['tflops'], '6.1f')} TF/s)  fwd+bwd {_f(rec['fwdbwd_ms'], '9.3f')} ms "
+          f"({_f(rec['fwdbwd_tflops'], '6.1f')} TF/s)  mem {_f(rec['peak_mem_gb'], '6.2f')} GB  "
+          f"{rec['status']} {rec['reason']}", flush=True)
+
+
 def _f(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -184,14 +202,16 @@ def markdown(records: List[Dict], header: Dict) -> str:
         f"- measured bf16 matmul peak: {header['peak_tflops']:.1f} TF/s",
         f"- layout: {header['layout']}",
         "",
-        "| impl | L | fwd ms | fwd TF/s | fwd % peak | fwd+bwd ms | fwd+bwd TF/s | fwd+bwd % peak | peak mem GB | status / note |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| impl | L | selection | U8 | fwd ms | fwd TF/s | fwd % peak | fwd+bwd ms | fwd+bwd TF/s | fwd+bwd % peak | "
+        "peak mem GB | status / note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         status = r["status"] if r["status"] != "ok" else ""
         note = "; ".join(x for x in (status, r["reason"], r["note"]) if x)
         lines.append(
-            f"| {r['impl']} | {fmt_length(r['L'])} | {_f(r['fwd_ms'], '.3f')} | {_f(r['tflops'], '.1f')} | "
+            f"| {r['impl']} | {fmt_length(r['L'])} | {r.get('selection', '-')} | {_f(r.get('U8'), '.1f')} | "
+            f"{_f(r['fwd_ms'], '.3f')} | {_f(r['tflops'], '.1f')} | "
             f"{_f(None if r['frac_peak_fwd'] is None else 100 * r['frac_peak_fwd'], '.1f')} | "
             f"{_f(r['fwdbwd_ms'], '.3f')} | {_f(r['fwdbwd_tflops'], '.1f')} | "
             f"{_f(None if r['frac_peak_fwdbwd'] is None else 100 * r['frac_peak_fwdbwd'], '.1f')} | "
@@ -208,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory for bench.md / bench.json")
     p.add_argument("--bwd-max-L", type=parse_length, default=parse_length("128K"),
                    help="time fwd+bwd up to this length, fwd only beyond (default 128K)")
+    p.add_argument("--selections", default="random",
+                   help="comma-separated selection kinds for the sparse impls: random, flex, trained, pool:C, churn:R,C "
+                        "(bench/selections.py; default random)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--warmup", type=int, default=50, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=200, help="do_bench repetition time, ms")
@@ -234,6 +257,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if unknown:
         print(f"unknown impls: {', '.join(unknown)}; registered: {', '.join(registry.names())}", file=sys.stderr)
         return 2
+    from .selections import parse_kind
+
+    kinds = [x.strip() for x in args.selections.split(",") if x.strip()] or ["random"]
+    try:
+        for kind in kinds:
+            parse_kind(kind)
+    except ValueError as exc:
+        print(f"--selections: {exc}", file=sys.stderr)
+        return 2
     if args.quick:
         args.rep, args.warmup = min(args.rep, 50), min(args.warmup, 20)
     lengths = [parse_length(x) for x in (args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)).split(",")]
@@ -254,22 +286,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta = dict(device=header["device"], date=header["date"], commit=header["commit"], peak_tflops=peak)
     records: List[Dict] = []
     for L in lengths:
-        case = Case(L=L, batch=args.batch, fwd_only=L > args.bwd_max_L)
-        for name in names:
-            if args.time_budget_s and time.time() - t0 > args.time_budget_s:
-                rec = dict(impl=name, L=L, fwd_ms=None, fwdbwd_ms=None, tflops=None, fwdbwd_tflops=None,
-                           frac_peak_fwd=None, frac_peak_fwdbwd=None, peak_mem_gb=None, status="skipped",
-                           reason=f"time budget of {args.time_budget_s:.0f} s exhausted", note="", **meta)
-            else:
-                rec = run_one(name, case, args, peak, meta)
-            records.append(rec)
-            print(f"{name:24s} L={fmt_length(L):>5s} fwd {_f(rec['fwd_ms'], '9.3f')} ms "
-                  f"({_f(rec['tflops'], '6.1f')} TF/s)  fwd+bwd {_f(rec['fwdbwd_ms'], '9.3f')} ms "
-                  f"({_f(rec['fwdbwd_tflops'], '6.1f')} TF/s)  mem {_f(rec['peak_mem_gb'], '6.2f')} GB  "
-                  f"{rec['status']} {rec['reason']}", flush=True)
-            if out_dir:
-                (out_dir / "bench.json").write_text(json.dumps(records, indent=1))
-                (out_dir / "bench.md").write_text(markdown(records, header) + "".join(f"\nnote: {n}" for n in notes))
+        for kind in kinds:
+            case = Case(L=L, batch=args.batch, fwd_only=L > args.bwd_max_L, selection=kind)
+            for name in names:
+                if kind != kinds[0] and not registry.uses_selection(name):
+                    continue  # selection-independent impls: once per length
+                if args.time_budget_s and time.time() - t0 > args.time_budget_s:
+                    rec = empty_record(name, case, meta, status="skipped",
+                                       reason=f"time budget of {args.time_budget_s:.0f} s exhausted")
+                else:
+                    rec = run_one(name, case, args, peak, meta)
+                records.append(rec)
+                print_record(rec)
+                if out_dir:
+                    (out_dir / "bench.json").write_text(json.dumps(records, indent=1))
+                    (out_dir / "bench.md").write_text(markdown(records, header) + "".join(f"\nnote: {n}" for n in notes))
     print()
     print(markdown(records, header))
     return 1 if any(r["status"] == "error" for r in records) else 0

@@ -7,7 +7,8 @@
 * ``index-fused``: :func:`msa_megatron.ops.triton_index.index_select` (selection + index
   LSE); fwd+bwd adds :func:`sparse_kl_backward` (KL value and d_iq, d_ik).
 * ``index-fused-select`` / ``index-fused-scoreonly``: the selection kernel alone, with and
-  without its running top-K: their ratio is the top-K overhead.
+  without its running top-K: their ratio is the top-K overhead. ``index-fused-select-fp8``:
+  the opt-in FP8 e4m3 selection; ``index-fused-select-3stage``: the former 3-stage config.
 * ``kl-sparse-fused``: :func:`sparse_kl_backward` alone (its inputs precomputed).
 * ``kl-dense-fused``: warmup KL. fwd = dense index LSE pass; fwd+bwd = the whole
   :func:`dense_kl_backward` (index LSE pass + gradient pass).
@@ -181,6 +182,41 @@ def index_fused_select(case: Case) -> Bench:
     cfg = case.cfg
     q_pos = torch.arange(case.L, device=case.device)
     return Bench(fwd=lambda: TI._launch_select(iq, ik, cfg, q_pos, score_only=False), fwd_flops=case.indexer_flops())
+
+
+@register("index-fused-select-fp8", "Triton selection kernel on FP8 e4m3 iq/ik (quantisation included)")
+def index_fused_select_fp8(case: Case) -> Bench:
+    _need_cuda(case)
+    from ..ops import triton_index as TI
+
+    if TI.FP8_DTYPE is None:
+        raise Skip("torch has no float8_e4m3fn")
+    iq, ik = _index_inputs(case)
+    cfg = case.cfg
+    return Bench(fwd=lambda: TI.index_select_fp8(iq, ik, cfg), fwd_flops=case.indexer_flops(),
+                 note="iq per-row / ik per-tensor scales; TF/s counted as bf16-equivalent FLOPs")
+
+
+@register("index-fused-select-3stage", "Triton selection kernel with the former 3 pipeline stages (for comparison)")
+def index_fused_select_3stage(case: Case) -> Bench:
+    _need_cuda(case)
+    import dataclasses
+
+    from ..ops import triton_index as TI
+
+    iq, ik = _index_inputs(case)
+    cfg = case.cfg
+    q_pos = torch.arange(case.L, device=case.device)
+    three = dataclasses.replace(TI.DEFAULT_INDEX_CONFIG, sel_stages=3)
+
+    def fwd():
+        saved, TI.DEFAULT_INDEX_CONFIG = TI.DEFAULT_INDEX_CONFIG, three
+        try:
+            return TI._launch_select(iq, ik, cfg, q_pos, score_only=False)
+        finally:
+            TI.DEFAULT_INDEX_CONFIG = saved
+
+    return Bench(fwd=fwd, fwd_flops=case.indexer_flops(), note="sel_stages=3 (default is 2)")
 
 
 @register("index-fused-scoreonly", "Triton selection kernel without the top-K (block max only): top-K cost baseline")

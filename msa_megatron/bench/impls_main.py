@@ -3,8 +3,8 @@
 * ``flex-blocksparse``: torch FlexAttention with a block mask at MSA's budget but a coarser
   pattern: one set of top-k blocks (the diagonal one + k-1 random earlier ones) per
   128-query tile, shared by all heads. The anchor the sparse kernel is compared with.
-* ``msa-main``: :func:`msa_megatron.ops.triton_sparse_attn.sparse_attention` (KV-outer
-  forward + combine, KV-outer backward, deterministic dQ) on a per-token selection: each
+* ``msa-main``: :func:`msa_megatron.ops.triton_sparse_attn.sparse_attention` (default kernel
+  config, deterministic dQ) on the case's selection; the default kind ``random`` is each
   query's own block + k-1 distinct random earlier blocks, independently per (query, group):
   the worst case for locality (no two neighbouring queries share their blocks).
   fwd = ``sparse_attention_fwd`` (reverse index included); fwd+bwd = autograd fwd + bwd.
@@ -15,9 +15,17 @@
   locality-rich case (q rows re-read from L2).
 * ``msa-main-atomic``: ``msa-main`` with dQ accumulated by fp32 atomics (non-deterministic).
 * ``msa-op``: the whole op :func:`msa_megatron.ops.triton_op.msa_attention_triton` in mode
-  ``msa`` on random iq/ik: fwd = prefill (no grad, no KL: index selection + index LSE + main
+  ``msa`` on random iq/ik: fwd = prefill (no grad, no KL: index selection without LSE + main
   forward); fwd+bwd = training step (selection, main forward, KL value + d_iq/d_ik in one
   kernel, main backward). Entropy statistics off (``track_entropy=False``).
+
+Selections: every sparse impl runs on ``case.selection`` (``msa-bench --selections``;
+bench/selections.py: random, flex, trained, pool:C, churn:R,C) and records it with its measured
+U8; ``flex-blocksparse`` always runs its own pattern (kind ``flex``), ``flex-union`` runs
+Flex on any selection (per-tile union of blocks + a per-token mask). ``msa-main-kv`` /
+``-union`` / ``-auto`` and ``msa-op-kv`` / ``-auto`` pick ``KernelConfig(main_impl=...)``
+(rows say "n/a: main_impl not available" until that field exists); ``msa-op-fp8`` is the
+prefill with the FP8 selection.
 
 ``MSA_MAIN_KERNEL="fwd_rows=64,bwd_block_n=64,..."`` changes the kernel config of every
 impl here (see :class:`~msa_megatron.ops.triton_sparse_attn.KernelConfig`) for sweeps.
@@ -33,11 +41,13 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Dict, List, Optional
 
 import torch
 
+from .. import selection_stats as ss
+from . import selections as sel_mod
 from .registry import Bench, Case, Skip, register
 
 #: cuDNN dense anchors measured on one H100 (project brief; 64 q / 4 KV heads, d 128, bf16,
@@ -166,7 +176,10 @@ def tile_token_selection(case: Case) -> torch.Tensor:
 
 @register("flex-blocksparse", "FlexAttention, one top-k block set per 128-query tile (the anchor)")
 def flex_blocksparse(case: Case) -> Bench:
+    """Always its own pattern (selection kind ``flex``), whatever ``case.selection`` says:
+    timed once per length; ``flex-union`` runs Flex on the other selections."""
     _need_cuda(case)
+    case = replace(case, selection="flex")
     grad = not case.fwd_only
     q, k, v = (x.transpose(1, 2) for x in _qkv(case, False))  # [b, h, L, d] views
     q, k, v = (x.contiguous().requires_grad_(grad) for x in (q, k, v))
@@ -184,10 +197,92 @@ def flex_blocksparse(case: Case) -> Bench:
 
     return Bench(fwd=fwd, fwdbwd=fwdbwd if grad else None, fwd_flops=case.sparse_fwd_flops(),
                  fwdbwd_flops=case.sparse_fwd_flops() + case.sparse_bwd_flops(), grad_to_none=[q, k, v],
-                 note="same budget, blocks shared by a 128-query tile and all heads")
+                 note="same budget, blocks shared by a 128-query tile and all heads",
+                 selection="flex", u8=sel_mod.measured_u8(case))
+
+
+#: Membership buffers of flex-union, one per shape: mask_mod reads the buffer, whose data is
+#: replaced in place, so the compiled Flex kernel of a shape serves every selection kind.
+_UNION_MEMBER: Dict[tuple, torch.Tensor] = {}
+
+
+def union_block_mask(case: Case, sel: torch.Tensor):
+    """FlexAttention BlockMask for a per-token selection ``sel`` [1, g, L, K]: per 128-query
+    tile and KV group, the union of the tile's selected blocks (every block partial), and a
+    mask_mod keeping key j for query t iff t >= j and t's group selected j's block. This is
+    how Flex runs MSA's own selections: its work is the per-tile union (U128 blocks)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if case.batch != 1:
+        raise Skip("flex-union supports batch 1")
+    B, L, g, G = case.block, case.L, case.hkv, case.hq // case.hkv
+    n = math.ceil(L / B)
+    dev = sel.device
+    s = sel[0].long()  # [g, L, K]
+    own = (torch.arange(L, device=dev) // B).view(1, L, 1)
+    key = (g, L, n, str(dev))
+    member = _UNION_MEMBER.get(key)
+    if member is None:
+        _UNION_MEMBER.clear()
+        member = _UNION_MEMBER[key] = torch.zeros(g, L, n, dtype=torch.bool, device=dev)
+    member.zero_()
+    member.scatter_(-1, torch.where(s >= 0, s, own.expand_as(s)), True)  # -1 slots: the own block (always in)
+    padded = torch.zeros(g, n * B, n, dtype=torch.bool, device=dev)
+    padded[:, :L] = member
+    union = padded.view(g, n, B, n).any(2)  # [g, tiles, blocks]
+    kv_num = union.sum(-1).to(torch.int32)
+    kv_idx = torch.sort((~union).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    kv_num = kv_num.repeat_interleave(G, 0)[None]  # [1, hq, tiles]
+    kv_idx = kv_idx.repeat_interleave(G, 0)[None]  # [1, hq, tiles, blocks]
+
+    def selected_causal(b, h, qi, ki):
+        return (qi >= ki) & member[h // G, qi, ki // B]
+
+    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=B, mask_mod=selected_causal, seq_lengths=(L, L))
+    u128 = float(union.sum(-1).double().mean())
+    return mask, u128
+
+
+@register("flex-union", "FlexAttention on MSA's per-token selection (per-tile union of blocks + token mask)",
+          uses_selection=True)
+def flex_union(case: Case) -> Bench:
+    _need_cuda(case)
+    sel = sel_mod.make_selection(case)
+    mask, u128 = union_block_mask(case, sel)
+    grad = not case.fwd_only
+    q, k, v = (x.transpose(1, 2) for x in _qkv(case, False))
+    q, k, v = (x.contiguous().requires_grad_(grad) for x in (q, k, v))
+    flex = _compiled_flex()
+
+    def fwd():
+        with torch.no_grad():
+            return flex(q, k, v, block_mask=mask, enable_gqa=True)
+
+    do = torch.randn_like(q) if grad else None
+
+    def fwdbwd():
+        flex(q, k, v, block_mask=mask, enable_gqa=True).backward(do)
+
+    return Bench(fwd=fwd, fwdbwd=fwdbwd if grad else None, fwd_flops=case.sparse_fwd_flops(),
+                 fwdbwd_flops=case.sparse_fwd_flops() + case.sparse_bwd_flops(), grad_to_none=[q, k, v],
+                 note=f"per-tile union: {u128:.0f} blocks per 128 queries (U128), all partial",
+                 selection=sel_mod.describe(case), u8=sel_mod.measured_u8(case, sel))
 
 
 # ----------------------------------------------------------------------------- the sparse main branch
+def main_impl_config(main_impl: Optional[str]):
+    """The default KernelConfig, with ``main_impl`` set when given. The field comes with the
+    union-tile main branch (helper "kmain"); without it such rows say n/a (a Skip)."""
+    from ..ops import triton_sparse_attn as T
+
+    cfg = T.default_config()
+    if main_impl is None:
+        return cfg
+    if "main_impl" not in {f.name for f in fields(T.KernelConfig)}:
+        raise Skip("n/a: main_impl not available (KernelConfig has no main_impl field in this checkout)")
+    return replace(cfg, main_impl=main_impl)
+
+
 def _main_bench(case: Case, config=None, deterministic: bool = True, fwd_only: bool = False, note: str = "",
                 tiled: bool = False) -> Bench:
     _need_cuda(case)
@@ -195,8 +290,10 @@ def _main_bench(case: Case, config=None, deterministic: bool = True, fwd_only: b
 
     cfg = config or T.default_config()
     grad = not (case.fwd_only or fwd_only)
+    if tiled:
+        case = replace(case, selection="flex")
+    bidx = sel_mod.make_selection(case)
     q, k, v = _qkv(case, grad)
-    bidx = tile_token_selection(case) if tiled else random_token_selection(case)
     B = case.block
 
     def fwd():
@@ -212,20 +309,40 @@ def _main_bench(case: Case, config=None, deterministic: bool = True, fwd_only: b
 
     return Bench(fwd=fwd, fwdbwd=fwdbwd, fwd_flops=case.sparse_fwd_flops(),
                  fwdbwd_flops=case.sparse_fwd_flops() + case.sparse_bwd_flops(), grad_to_none=[q, k, v],
-                 note=note or f"per-token random selection; {cfg.fwd_impl}-outer fwd")
+                 note=note or f"{cfg.fwd_impl}-outer fwd", selection=sel_mod.describe(case),
+                 u8=sel_mod.measured_u8(case, bidx))
 
 
-@register("msa-main", "MSA main branch: Triton KV-outer sparse attention (fwd, fwd+bwd)")
+@register("msa-main", "MSA main branch: Triton sparse attention, default kernel config (fwd, fwd+bwd)",
+          uses_selection=True)
 def msa_main(case: Case) -> Bench:
     return _main_bench(case)
 
 
-@register("msa-main-qouter", "MSA main branch, query-outer forward (one query x G heads per program)")
+@register("msa-main-kv", "MSA main branch, old path: KernelConfig(main_impl='kv') (KV-outer + combine)",
+          uses_selection=True)
+def msa_main_kv(case: Case) -> Bench:
+    return _main_bench(case, main_impl_config("kv"), note="main_impl=kv (old path)")
+
+
+@register("msa-main-union", "MSA main branch, new path: KernelConfig(main_impl='union') (GQA-packed union tile)",
+          uses_selection=True)
+def msa_main_union(case: Case) -> Bench:
+    return _main_bench(case, main_impl_config("union"), note="main_impl=union (new path)")
+
+
+@register("msa-main-auto", "MSA main branch: KernelConfig(main_impl='auto') (dispatch by measured union size)",
+          uses_selection=True)
+def msa_main_auto(case: Case) -> Bench:
+    return _main_bench(case, main_impl_config("auto"), note="main_impl=auto")
+
+
+@register("msa-main-qouter", "MSA main branch, query-outer forward (one query x G heads per program)",
+          uses_selection=True)
 def msa_main_qouter(case: Case) -> Bench:
     from ..ops import triton_sparse_attn as T
 
-    return _main_bench(case, replace(T.default_config(), fwd_impl="q"), fwd_only=True,
-                       note="query-outer fwd; per-token random selection")
+    return _main_bench(case, replace(T.default_config(), fwd_impl="q"), fwd_only=True, note="query-outer fwd")
 
 
 @register("msa-main-tiled", "MSA main branch on the flex-blocksparse pattern (blocks shared per 128-query tile)")
@@ -233,7 +350,7 @@ def msa_main_tiled(case: Case) -> Bench:
     return _main_bench(case, tiled=True, note="same blocks as flex-blocksparse (per-tile sets): locality-rich")
 
 
-@register("msa-main-atomic", "MSA main branch with fp32-atomic dQ (non-deterministic backward)")
+@register("msa-main-atomic", "MSA main branch with fp32-atomic dQ (non-deterministic backward)", uses_selection=True)
 def msa_main_atomic(case: Case) -> Bench:
     if case.fwd_only:
         raise Skip("backward variant: fwd is msa-main's")
@@ -241,20 +358,37 @@ def msa_main_atomic(case: Case) -> Bench:
 
 
 # ----------------------------------------------------------------------------- the whole op
-@register("msa-op", "whole MSA op: fwd = prefill (index + main), fwd+bwd = training step incl. KL")
-def msa_op(case: Case) -> Bench:
+def _op_bench(case: Case, main_impl: Optional[str] = None, note: str = "") -> Bench:
+    """The whole op. Selection kind ``random``: the op selects from random iq/ik itself (the
+    measured U8 is that of its own selection). Any other kind: the selection is handed to
+    the op (``block_idx=``) and the index selection kernel still runs on iq/ik inside the
+    timed call (prefill: without LSE), so the cost stays that of the whole op."""
     _need_cuda(case)
+    from ..ops import triton_index as TI
     from ..ops.triton_op import msa_attention_triton
 
+    kcfg = main_impl_config(main_impl)
     grad = not case.fwd_only
     q, k, v = _qkv(case, grad)
     iq = _randn(case, (case.batch, case.L, case.hkv, case.di), 8, grad)
     ik = _randn(case, (case.batch, case.L, case.di), 9, grad)
     cfg = replace(case.cfg, track_entropy=False)
+    own = case.selection == "random"
+    if own:
+        sel = TI.index_select(iq.detach(), ik.detach(), cfg, with_lse=False)[0]
+        u8, kind = float(ss.union_sizes(sel, 8).double().mean()), "random (the op's own, random iq/ik)"
+        del sel
+        given = None
+    else:
+        given = sel_mod.make_selection(case)
+        u8, kind = sel_mod.measured_u8(case, given), sel_mod.describe(case)
+    kw = dict(mode="msa", kernel_config=kcfg)
 
     def fwd():
         with torch.no_grad():
-            return msa_attention_triton(q, k, v, iq, ik, cfg, mode="msa", compute_kl=False)
+            if given is not None:
+                TI.index_select(iq, ik, cfg, with_lse=False)
+            return msa_attention_triton(q, k, v, iq, ik, cfg, compute_kl=False, block_idx=given, **kw)
 
     fwdbwd = None
     if grad:
@@ -262,13 +396,54 @@ def msa_op(case: Case) -> Bench:
         one = torch.ones((), device=case.device)
 
         def fwdbwd():
-            out, aux = msa_attention_triton(q, k, v, iq, ik, cfg, mode="msa")
+            if given is not None:
+                with torch.no_grad():
+                    TI.index_select(iq.detach(), ik.detach(), cfg, with_lse=False)
+            out, aux = msa_attention_triton(q, k, v, iq, ik, cfg, block_idx=given, **kw)
             torch.autograd.backward([out, aux.kl], [do, one])
 
     main = case.sparse_fwd_flops()
     return Bench(fwd=fwd, fwdbwd=fwdbwd, fwd_flops=case.indexer_flops() + main,
                  fwdbwd_flops=case.indexer_flops() + main + case.sparse_bwd_flops() + case.kl_bwd_flops(),
-                 grad_to_none=[q, k, v, iq, ik], note="random iq/ik; stats off")
+                 grad_to_none=[q, k, v, iq, ik], note=note or "stats off", selection=kind, u8=u8)
+
+
+@register("msa-op", "whole MSA op: fwd = prefill (index + main), fwd+bwd = training step incl. KL",
+          uses_selection=True)
+def msa_op(case: Case) -> Bench:
+    return _op_bench(case)
+
+
+@register("msa-op-fp8", "whole MSA op, prefill with the FP8 e4m3 selection (IndexConfig.fp8_prefill)",
+          uses_selection=True)
+def msa_op_fp8(case: Case) -> Bench:
+    import dataclasses
+
+    from ..ops import triton_index as TI
+
+    b = _op_bench(replace(case, fwd_only=True), note="FP8 selection (iq per-row, ik per-tensor scales); prefill only")
+    fp8 = dataclasses.replace(TI.DEFAULT_INDEX_CONFIG, fp8_prefill=True)
+    inner = b.fwd
+
+    def fwd():
+        saved, TI.DEFAULT_INDEX_CONFIG = TI.DEFAULT_INDEX_CONFIG, fp8
+        try:
+            return inner()
+        finally:
+            TI.DEFAULT_INDEX_CONFIG = saved
+
+    b.fwd, b.fwdbwd = fwd, None
+    return b
+
+
+@register("msa-op-kv", "whole MSA op with KernelConfig(main_impl='kv') (old main path)", uses_selection=True)
+def msa_op_kv(case: Case) -> Bench:
+    return _op_bench(case, "kv", note="main_impl=kv (old path); stats off")
+
+
+@register("msa-op-auto", "whole MSA op with KernelConfig(main_impl='auto') (new main path)", uses_selection=True)
+def msa_op_auto(case: Case) -> Bench:
+    return _op_bench(case, "auto", note="main_impl=auto (new path); stats off")
 
 
 # ----------------------------------------------------------------------------- speedup table

@@ -64,6 +64,8 @@ class Case:
     device: str = "cuda"
     fwd_only: bool = False
     seed: int = 0
+    #: Block selection the sparse impls run on (bench/selections.py: random, flex, trained, pool:C, churn:R,C).
+    selection: str = "random"
 
     @property
     def cfg(self) -> MSAConfig:
@@ -118,24 +120,36 @@ class Bench:
     fwdbwd_flops: float = 0.0
     grad_to_none: List[torch.Tensor] = field(default_factory=list)
     note: str = ""
+    #: The selection the impl ran on (a kind of bench/selections.py) and its measured U8;
+    #: None for impls without a block selection (dense, index-only).
+    selection: Optional[str] = None
+    u8: Optional[float] = None
 
 
 Factory = Callable[[Case], Bench]
 _REGISTRY: Dict[str, Factory] = {}
 _DESCRIPTIONS: Dict[str, str] = {}
+_USES_SELECTION: Dict[str, bool] = {}
 
 
-def register(name: str, description: str = "") -> Callable[[Factory], Factory]:
-    """Decorator: register ``factory(case) -> Bench`` under ``name`` (unique)."""
+def register(name: str, description: str = "", uses_selection: bool = False) -> Callable[[Factory], Factory]:
+    """Decorator: register ``factory(case) -> Bench`` under ``name`` (unique).
+    ``uses_selection``: the impl runs on ``case.selection`` (the harness times it once per
+    selection kind; other impls once per length)."""
 
     def deco(fn: Factory) -> Factory:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"benchmark impl {name!r} is registered twice")
         _REGISTRY[name] = fn
         _DESCRIPTIONS[name] = description or (fn.__doc__ or "").strip().split("\n")[0]
+        _USES_SELECTION[name] = uses_selection
         return fn
 
     return deco
+
+
+def uses_selection(name: str) -> bool:
+    return _USES_SELECTION.get(name, False)
 
 
 def get(name: str) -> Factory:
@@ -152,4 +166,4 @@ def describe() -> Dict[str, str]:
     return dict(_DESCRIPTIONS)
 
 
-__all__ = ["Bench", "Case", "Skip", "register", "get", "names", "describe"]
+__all__ = ["Bench", "Case", "Skip", "register", "get", "names", "describe", "uses_selection"]

@@ -46,6 +46,7 @@ under ``TRITON_INTERPRET=1`` on CPU tensors for the CPU test-suite.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -88,7 +89,10 @@ class IndexConfig:
 
     sel_block_m: int = 128
     sel_warps: int = 8
-    sel_stages: int = 3
+    #: Software-pipeline depth of the selection kernel. 2, not 3: the data-dependent top-K
+    #: branch pipelines better with 2 stages (kernel study section 4, H100: 981 vs 1,247 ms
+    #: at 1M, 15.5 vs 19.8 ms at 128K); the arithmetic is the same, so selections are identical.
+    sel_stages: int = 2
     lazy_topk: bool = True
     items_block_q: int = 64  # rows per tile in the reverse-index kernels (LSE and KL)
     items_chunk: int = 256  # rows per reverse-index work item
@@ -96,6 +100,16 @@ class IndexConfig:
     kl_stages: int = 2
     kl_block_n: int = 128  # key sub-tile of the KL kernels ([BLOCK_N, di] fp32 d_ik accumulator)
     lse_warps: int = 8
+    #: Opt-in: selections that need no index LSE (prefill, ``compute_kl=False``) score with
+    #: FP8 e4m3 copies of iq / ik (:func:`fp8_index_inputs`); training keeps the input dtype.
+    fp8_prefill: bool = False
+
+
+#: The configuration every call starts from on CUDA (the interpreter uses its own tiles).
+#: Replace it to change a default for the process, e.g.
+#: ``triton_index.DEFAULT_INDEX_CONFIG = IndexConfig(fp8_prefill=True)``; the environment
+#: overrides below still apply on top (benchmark sweeps).
+DEFAULT_INDEX_CONFIG = IndexConfig()
 
 
 def _env_ints(name: str, n: int, fmt: str):
@@ -114,8 +128,11 @@ def _env_ints(name: str, n: int, fmt: str):
 def _launch_config(device: torch.device) -> IndexConfig:
     if device.type != "cuda":  # interpreter: cost is per op, not per element -> fewer, larger tiles
         return IndexConfig(sel_block_m=64, sel_warps=4, sel_stages=1, items_block_q=64, items_chunk=128,
-                           kl_warps=4, kl_stages=1, kl_block_n=128, lse_warps=4)
+                           kl_warps=4, kl_stages=1, kl_block_n=128, lse_warps=4,
+                           fp8_prefill=DEFAULT_INDEX_CONFIG.fp8_prefill or os.environ.get("MSA_INDEX_FP8", "0") == "1")
     changes = {}
+    if os.environ.get("MSA_INDEX_FP8", "0") == "1":
+        changes["fp8_prefill"] = True
     sel = _env_ints("MSA_INDEX_TILES", 3, "BLOCK_M,num_warps,num_stages")
     if sel:
         changes.update(sel_block_m=sel[0], sel_warps=sel[1], sel_stages=sel[2])
@@ -124,7 +141,7 @@ def _launch_config(device: torch.device) -> IndexConfig:
         changes.update(items_block_q=kl[0], kl_block_n=kl[1], kl_warps=kl[2], kl_stages=kl[3])
     if os.environ.get("MSA_INDEX_LAZY_TOPK", "1") == "0":
         changes["lazy_topk"] = False
-    return IndexConfig(**changes)
+    return dataclasses.replace(DEFAULT_INDEX_CONFIG, **changes)
 
 
 def _pow2_at_least(x: int, lo: int = 16) -> int:
@@ -317,7 +334,7 @@ def _select_kernel(
 class ReverseIndex:
     """Rows that selected each key block, cut into work items of at most ``chunk`` rows.
 
-    ``order`` [E] int64: flat entry ids e = ((b * g + g_i) * sq + t) * K + slot of the
+    ``order`` [E] int32 (int64 beyond 2**31 entries): flat entry ids e = ((b * g + g_i) * sq + t) * K + slot of the
     selections, grouped by (b, g, block) and ascending in t inside a group (unused -1
     slots sort last and belong to no item). Item i covers
     ``order[item_start[i]:item_end[i]]``, all of one ``item_key[i] = (b * g + g_i) * nb +
@@ -334,16 +351,25 @@ class ReverseIndex:
 
 
 def build_reverse_index(block_idx: Tensor, nb: int, chunk: int) -> ReverseIndex:
+    """Keys and ``order`` are int32 when the entry count allows (1M tokens x 4 groups x top-16 =
+    64M entries: 256 MB per array instead of 512 MB, and no [E] int64 temporaries)."""
     b, g, sq, K = block_idx.shape
     dev = block_idx.device
     nkeys = b * g * nb
-    flat = block_idx.reshape(-1).to(torch.int64)
-    bg = torch.arange(b * g, device=dev, dtype=torch.int64).repeat_interleave(sq * K)
-    key = torch.where(flat >= 0, bg * nb + flat, torch.full_like(flat, nkeys))
-    _, order = torch.sort(key, stable=True)
-    counts = torch.zeros(nkeys + 1, device=dev, dtype=torch.int64).scatter_add_(0, key, torch.ones_like(key))[:nkeys]
-    seg_end = torch.cumsum(counts, 0)
-    seg_start = seg_end - counts
+    n_entries = b * g * sq * K
+    idt = torch.int32 if max(n_entries, nkeys + 1) < 2**31 else torch.int64
+    bg = torch.arange(b * g, device=dev, dtype=idt).view(b, g, 1, 1) * nb
+    blk = block_idx.to(idt)
+    key = torch.where(blk >= 0, blk + bg, torch.full_like(blk, nkeys)).reshape(-1)
+    del blk
+    sorted_key, order = torch.sort(key, stable=True)
+    del key
+    order = order.to(idt)
+    keys = torch.arange(nkeys, device=dev, dtype=idt)
+    seg_start = torch.searchsorted(sorted_key, keys, right=False)  # int64 [nkeys]
+    seg_end = torch.searchsorted(sorted_key, keys, right=True)
+    del sorted_key
+    counts = seg_end - seg_start
     items_per = (counts + chunk - 1) // chunk
     items_cum = torch.cumsum(items_per, 0)
     max_items = (b * g * sq * K + chunk - 1) // chunk + nkeys  # static bound: no sync
@@ -386,7 +412,7 @@ def _selected_lse_kernel(
     ar = tl.arange(0, BLOCK_Q)
     for off in range(start, end, BLOCK_Q):
         rm = off + ar < end
-        e = tl.load(order_ptr + off + ar, mask=rm, other=0)
+        e = tl.load(order_ptr + off + ar, mask=rm, other=0).to(tl.int64)  # int32 in memory
         t = (e // K) % sq
         pos = tl.load(qpos_ptr + t, mask=rm, other=0)
         iq_r = tl.load(iq_ptr + bi * s_iq_b + t[:, None] * s_iq_s + gi * s_iq_g + offs_d[None, :],
@@ -535,7 +561,7 @@ def _kl_kernel(
             if DENSE:
                 t = (off + ar).to(tl.int64)
             else:
-                e = tl.load(order_ptr + off + ar, mask=rm, other=0)
+                e = tl.load(order_ptr + off + ar, mask=rm, other=0).to(tl.int64)  # int32 in memory
                 t = (e // K) % sq
             pos = tl.load(qpos_ptr + t, mask=rm, other=-1)
             if tl.max(pos, axis=0) >= n * BLOCK + sub * BLOCK_N:  # some row sees a key of the tile
@@ -572,8 +598,11 @@ def _kl_kernel(
                 tl.atomic_add(diq_ptr + bi * s_d_b + t[:, None] * s_d_s + gi * s_d_g + offs_i[None, :], d_iq,
                               mask=rm[:, None] & (offs_i[None, :] < DI))
                 acc += tl.dot(tl.trans(ds), iq_r, input_precision=DOT_PREC)
+        # The "program has rows" condition as a [BLOCK_N] tensor, not a scalar: triton 3.9's
+        # interpreter rejects a scalar term in an atomic's mask ("mask has unsupported dtype").
+        nonempty = (kk * 0 + (end - start)) > 0
         tl.atomic_add(dik_ptr + bi * s_dk_b + kk[:, None].to(tl.int64) * s_dk_s + offs_i[None, :], acc,
-                      mask=kmask[:, None] & (offs_i[None, :] < DI) & (end > start))
+                      mask=(kmask & nonempty)[:, None] & (offs_i[None, :] < DI))
     tl.store(kl_ptr + prog, tl.sum(kl_acc, axis=0))
     if STATS:
         tl.store(ent_ptr + 2 * prog, -tl.sum(ent_i, axis=0))
@@ -626,8 +655,41 @@ def _launch_select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, score_
     return best if score_only else out
 
 
+#: FP8 format of the opt-in FP8 index scores and its largest finite value.
+FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
+FP8_MAX = 448.0
+
+
+def fp8_index_inputs(iq: Tensor, ik: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(iq8, ik8, iq_scale, ik_scale): iq / ik quantised to float8 e4m3 for the FP8 selection.
+
+    Scaling: iq **per row** (each (query, group) row divided by amax/448: a positive factor
+    per query leaves that query's block ranking unchanged, so the kernel never applies it);
+    ik **per tensor** (one factor, also ranking-neutral). Per-row ik scales would change the
+    ranking and need an in-kernel multiply: the index key is RMS-normed, so one scale keeps
+    every row within e4m3's range. ``iq ~ iq8 * iq_scale[..., None]``, ``ik ~ ik8 * ik_scale``."""
+    if FP8_DTYPE is None:
+        raise UnsupportedInputError("this torch has no float8_e4m3fn dtype: the FP8 index path needs torch >= 2.1")
+    iq32, ik32 = iq.detach().float(), ik.detach().float()
+    iq_scale = iq32.abs().amax(-1).clamp_min(1e-12) / FP8_MAX
+    ik_scale = ik32.abs().amax().clamp_min(1e-12) / FP8_MAX
+    iq8 = (iq32 / iq_scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    ik8 = (ik32 / ik_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return iq8, ik8, iq_scale, ik_scale
+
+
+def index_select_fp8(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None) -> Tensor:
+    """Opt-in FP8 (e4m3) selection, block_idx [b, g, sq, K] int32 only (prefill: no LSE).
+
+    Scores iq8 . ik8 run on FP8 tensor cores (H100: 1.5x the bf16 selection, kernel study
+    section 4); the ranking differs from bf16 only where block scores are within FP8
+    rounding of each other (near-ties). Scaling: see :func:`fp8_index_inputs`."""
+    return index_select(iq, ik, cfg, q_pos, with_lse=False, fp8=True)[0]
+
+
 def index_select(
-    iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None, *, return_plan: bool = False
+    iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None, *, return_plan: bool = False,
+    with_lse: bool = True, fp8: Optional[bool] = None,
 ):
     """Fused index branch: causal raw scores -> per-block max -> forced + top-K blocks.
 
@@ -648,17 +710,36 @@ def index_select(
         iq.ik * cfg.index_softmax_scale over the selected causal tokens);
         [plan] when ``return_plan``.
 
+        with_lse=False: skip the index LSE and the reverse index (prefill / no KL): returns
+        ``(block_idx, None)`` (``return_plan`` then needs with_lse).
+        fp8=True: scores from FP8 e4m3 copies of iq / ik (:func:`fp8_index_inputs`); implies
+        no LSE (the LSE feeds the KL, which stays in the input precision). None (default):
+        FP8 when ``with_lse=False`` and the launch config's ``fp8_prefill`` is on.
+
     No gradient flows (selection is discrete; the KL gradient is
     :func:`sparse_kl_backward`)."""
     b, sq, g, di, sk = _check_index_inputs(iq, ik, cfg)
+    if fp8 is None:
+        fp8 = not with_lse and _launch_config(iq.device).fp8_prefill
+    if fp8 and with_lse:
+        raise UnsupportedInputError("index_select(fp8=True) computes no index LSE: pass with_lse=False")
+    if return_plan and not with_lse:
+        raise UnsupportedInputError("index_select(return_plan=True) needs with_lse=True (the plan is built for the LSE)")
     q_pos = _positions(q_pos, sq, sk, iq.device)
     iq, ik = _last_dim_contiguous(iq.detach()), _last_dim_contiguous(ik.detach())
     if sq == 0:
         block_idx = torch.empty(b, g, 0, cfg.topk, device=iq.device, dtype=torch.int32)
+        if not with_lse:
+            return block_idx, None
         lse = torch.empty(b, g, 0, device=iq.device, dtype=torch.float32)
         plan = build_reverse_index(block_idx, triton.cdiv(sk, cfg.block_size), _launch_config(iq.device).items_chunk)
         return (block_idx, lse, plan) if return_plan else (block_idx, lse)
+    if fp8:
+        iq8, ik8 = fp8_index_inputs(iq, ik)[:2]
+        return _launch_select(iq8, ik8, cfg, q_pos, score_only=False), None
     block_idx = _launch_select(iq, ik, cfg, q_pos, score_only=False)
+    if not with_lse:
+        return block_idx, None
     plan = build_reverse_index(block_idx, triton.cdiv(sk, cfg.block_size), _launch_config(iq.device).items_chunk)
     lse = _selected_lse(iq, ik, cfg, q_pos, plan)
     return (block_idx, lse, plan) if return_plan else (block_idx, lse)

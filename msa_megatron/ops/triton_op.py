@@ -80,19 +80,24 @@ def _backend(index_backend: Optional[str]) -> str:
     return name
 
 
-def _select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, backend: str, given: Optional[Tensor] = None):
+def _select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, backend: str, given: Optional[Tensor] = None,
+            need_lse: bool = True):
     """(block_idx [b, g, sq, K] int32, index LSE over the selection [b, g, sq] or None, the
     index kernels' reverse index or None: reused by the KL backward). ``given``: a selection
-    computed earlier (context parallelism selects before gathering K/V)."""
+    computed earlier (context parallelism selects before gathering K/V). ``need_lse=False``
+    (no KL: prefill) skips the index LSE and the reverse index (and may select in FP8:
+    ``triton_index.IndexConfig.fp8_prefill``)."""
     if given is not None:
         expected = (iq.shape[0], iq.shape[2], iq.shape[1], cfg.topk)
         if tuple(given.shape) != expected or given.dtype != torch.int32:
             raise ValueError(f"block_idx must be int32 {expected}; got {given.dtype} {tuple(given.shape)}")
-        if backend == "reference":
+        if backend == "reference" or not need_lse:
             return given, None, None
         return given, _index_module().selected_lse(iq, ik, given, cfg, q_pos), None
     if backend == "reference":
         return reference.select(iq, ik, cfg, q_pos), None, None
+    if not need_lse:
+        return _index_module().index_select(iq, ik, cfg, q_pos, with_lse=False)[0], None, None
     return _index_module().index_select(iq, ik, cfg, q_pos, return_plan=True)
 
 
@@ -444,7 +449,7 @@ def msa_attention_triton(
     if iq.shape[2] != g:
         raise ValueError(f"index heads ({iq.shape[2]}) must equal KV heads ({g}): one per GQA group")
     iq_d, ik_d = iq.detach(), ik.detach()
-    block_idx, index_lse, index_plan = _select(iq_d, ik_d, cfg, pos, backend, given=block_idx)
+    block_idx, index_lse, index_plan = _select(iq_d, ik_d, cfg, pos, backend, given=block_idx, need_lse=compute_kl)
     aux.block_idx = block_idx
     need_grad = torch.is_grad_enabled() and (iq.requires_grad or ik.requires_grad)
     if compute_kl and _kl_path(mode, backend, need_grad, kernel_config) == "fused":

@@ -323,3 +323,91 @@ def test_bench_baseline_and_pair_counts(request):
     _, valid = R.selected_token_index(sel, 16, torch.arange(150), 150)
     assert case.selected_pairs() == float(valid.sum())
     assert case.causal_pairs() == 150 * 151 / 2
+
+
+# ----------------------------------------------------------------------------- FP8 selection, no-LSE path, config
+def _separated_inputs(gen, b, s, g, di, block):
+    """Positive inputs on two disjoint halves of the index dim: every key of block n is
+    (a_n w1, c_n w2), an iq row is (x, 0) or (0, x), with a_n, c_n distinct powers of 1.5.
+    All products are positive, so FP8 e4m3 rounding (<= 6.25% per element on each side)
+    moves a block score by < 13%, while block scores differ by >= 50%."""
+    nb = -(-s // block)
+    h = di // 2
+    levels = 1.5 ** torch.arange(nb, dtype=torch.float32)
+    a = levels[torch.randperm(nb, generator=gen)]
+    c = levels[torch.randperm(nb, generator=gen)]
+    blk = torch.arange(s) // block
+    w = 0.5 + torch.rand(2, h, generator=gen)
+    ik = torch.cat([a[blk, None] * w[0], c[blk, None] * w[1]], dim=-1).expand(b, s, di).contiguous()
+    x = 0.5 + torch.rand(b, s, g, h, generator=gen)
+    first = torch.randint(0, 2, (b, s, g, 1), generator=gen).bool()
+    iq = torch.cat([x * first, x * ~first], dim=-1)
+    return iq, ik
+
+
+def test_fp8_selection_agrees_with_bf16_on_separated_scores(request):
+    """FP8 (iq per-row, ik per-tensor scaled) selects exactly the bf16 / reference blocks
+    when block scores are well separated; on random inputs it equals the reference run on
+    the same FP8-quantised values (up to near-ties of the fp32 accumulation)."""
+    if TI.FP8_DTYPE is None:
+        pytest.skip("torch without float8_e4m3fn")
+    gen = _gen(request)
+    cfg = MSAConfig(block_size=16, topk=4, index_dim=32)
+    iq, ik = _separated_inputs(gen, 2, 211, 2, 32, 16)
+    iq, ik = iq.bfloat16(), ik.bfloat16()
+    sel8 = TI.index_select_fp8(iq, ik, cfg)
+    sel16, _ = TI.index_select(iq, ik, cfg)
+    assert torch.equal(sel8, sel16)
+    assert torch.equal(sel8, R.select(iq.float(), ik.float(), cfg))
+    # random inputs: same as the reference on the quantised values
+    iq, ik = _randn(gen, 1, 150, 2, 32, dtype=torch.bfloat16), _randn(gen, 1, 150, 32, dtype=torch.bfloat16)
+    iq8, ik8, iq_scale, ik_scale = TI.fp8_index_inputs(iq, ik)
+    assert iq8.dtype == TI.FP8_DTYPE and ik_scale.dim() == 0 and iq_scale.shape == iq.shape[:-1]
+    assert _rel(iq8.float() * iq_scale[..., None], iq) < 0.05 and _rel(ik8.float() * ik_scale, ik) < 0.05
+    assert_selection_ok(TI.index_select_fp8(iq, ik, cfg), iq8.float(), ik8.float(), cfg, None)
+
+
+def test_selection_without_lse_and_fp8_prefill_config(request, monkeypatch):
+    gen = _gen(request)
+    cfg = MSAConfig(block_size=16, topk=4, index_dim=16)
+    iq, ik = _randn(gen, 1, 130, 2, 16), _randn(gen, 1, 130, 16)
+    full, lse = TI.index_select(iq, ik, cfg)
+    sel, none = TI.index_select(iq, ik, cfg, with_lse=False)
+    assert none is None and lse is not None and torch.equal(sel, full)
+    with pytest.raises(TI.UnsupportedInputError, match="with_lse"):
+        TI.index_select(iq, ik, cfg, return_plan=True, with_lse=False)
+    with pytest.raises(TI.UnsupportedInputError, match="with_lse=False"):
+        TI.index_select(iq, ik, cfg, fp8=True)
+    assert TI.IndexConfig().sel_stages == 2 and not TI.IndexConfig().fp8_prefill
+    # fp8_prefill: selections without LSE go through FP8, those with LSE stay in the input dtype
+    monkeypatch.setattr(TI, "DEFAULT_INDEX_CONFIG", TI.IndexConfig(fp8_prefill=True))
+    assert torch.equal(TI.index_select(iq, ik, cfg, with_lse=False)[0], TI.index_select_fp8(iq, ik, cfg))
+    assert torch.equal(TI.index_select(iq, ik, cfg)[0], full)
+
+
+def test_op_prefill_skips_index_lse(request, monkeypatch):
+    """msa_attention_triton(compute_kl=False): selection without index LSE / reverse index."""
+    from msa_megatron.ops import triton_op
+
+    gen = _gen(request)
+    cfg = MSAConfig(block_size=16, topk=3, index_dim=16)
+    q, k, v = _randn(gen, 1, 70, 2, 16), _randn(gen, 1, 70, 1, 16), _randn(gen, 1, 70, 1, 16)
+    iq, ik = _randn(gen, 1, 70, 1, 16), _randn(gen, 1, 70, 16)
+    calls = []
+    real = TI.index_select
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(TI, "index_select", spy)
+    monkeypatch.setattr(TI, "selected_lse", lambda *a, **k: pytest.fail("index LSE computed without KL"))
+    out, aux = triton_op.msa_attention_triton(q, k, v, iq, ik, cfg, mode="msa", compute_kl=False)
+    assert aux.kl is None and calls and all(c.get("with_lse") is False for c in calls)
+    assert torch.equal(aux.block_idx, R.select(iq, ik, cfg))
+    ref_out, _ = R.msa_attention(q, k, v, iq, ik, cfg, mode="msa")
+    assert _rel(out, ref_out) < 1e-4
+    # a given selection is not re-scored either
+    out2, aux2 = triton_op.msa_attention_triton(q, k, v, iq, ik, cfg, mode="msa", compute_kl=False,
+                                                block_idx=aux.block_idx)
+    assert torch.equal(out2, out) and aux2.kl is None

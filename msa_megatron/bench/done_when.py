@@ -1,0 +1,167 @@
+"""The one-table run of issue 17's "Done when", in one process on one GPU.
+
+    python -m msa_megatron.bench.done_when --out OUT [--time-budget-s 450] [--selections random,trained,flex]
+
+Rows: cuDNN (dense), FlexAttention (its own per-tile pattern), fla-nsa, the old and the new
+main path (``KernelConfig(main_impl='kv' / 'auto')``; before that field exists, the default
+``msa-main`` stands for the old path and the new rows say n/a), and the whole op (old / new
+path; plus its FP8 prefill), on each selection kind. Columns: U8 and fwd / fwd+bwd ms at
+32K and 128K; 1M prefill, 1M fwd+bwd and its peak memory (op rows). Every number comes from
+this run (device, date, commit in the header). Order of measurement: 128K, 1M, 32K, so a
+time budget cuts the least important cells first; cut cells say so.
+
+Writes ``done_when.md`` and ``done_when.json`` (header + every raw record) to --out,
+rewritten after each measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from . import harness, registry
+from .registry import Case
+
+L32, L128, L1M = 1 << 15, 1 << 17, 1 << 20
+
+
+def main_impl_available() -> bool:
+    from ..ops.triton_sparse_attn import KernelConfig
+
+    return "main_impl" in {f.name for f in fields(KernelConfig)}
+
+
+def plan(kinds: List[str], new_path: bool, flex_union: bool = False) -> List[Tuple[str, int, str, bool]]:
+    """(impl, L, selection kind, fwd_only) in measurement order. ``flex_union``: also Flex on
+    the non-Flex selections at 128K (per-tile union + token mask; one more Flex compile)."""
+    main_old = "msa-main-kv" if new_path else "msa-main"
+    op_old = "msa-op-kv" if new_path else "msa-op"
+    sparse = ["fla-nsa", main_old, "msa-main-auto", op_old, "msa-op-auto"]
+    def at(L: int) -> List[Tuple[str, int, str, bool]]:
+        out = [("cudnn-dense", L, "-", False)]
+        for kind in kinds:
+            if kind == "flex":
+                out.append(("flex-blocksparse", L, kind, False))
+            out += [(impl, L, kind, False) for impl in sparse]
+        return out
+
+    steps = at(L128)
+    if flex_union:
+        steps += [("flex-union", L128, kind, False) for kind in kinds if kind != "flex"]
+    for kind in kinds:  # 1M: the op only (prefill = fwd; fwd+bwd with its peak memory)
+        steps += [(op_old, L1M, kind, False), ("msa-op-auto", L1M, kind, False), ("msa-op-fp8", L1M, kind, True)]
+    steps += [("index-fused-select", L1M, "-", True), ("index-fused-select-fp8", L1M, "-", True)]
+    return steps + at(L32)
+
+
+def _cell(r: Optional[Dict], key: str, spec: str = ".1f") -> str:
+    if r is None:
+        return ""
+    if r.get(key) is not None:
+        return format(r[key], spec)
+    if r["status"] != "ok" and key in ("fwd_ms", "fwdbwd_ms"):
+        reason = r["reason"] or r["status"]
+        return "n/a" if reason.startswith("n/a") else r["status"]
+    return "-"
+
+
+def table(records: List[Dict], header: Dict) -> str:
+    """Markdown: one row per (impl, selection), the issue's columns."""
+    rows: Dict[Tuple[str, str], Dict[int, Dict]] = {}
+    for r in records:
+        rows.setdefault((r["impl"], r["sel_kind"]), {})[r["L"]] = r
+    lines = [f"# Issue 17 benchmark: {header['device']}", "",
+             f"- date: {header['date']}", f"- commit: {header['commit']}",
+             f"- measured bf16 matmul peak: {header['peak_tflops']:.1f} TF/s", f"- layout: {header['layout']}",
+             f"- main_impl available: {header['main_impl_available']}", "",
+             "| impl | selection | U8 32K | 32K fwd ms | 32K fwd+bwd ms | U8 128K | 128K fwd ms | 128K fwd+bwd ms | "
+             "x cuDNN 128K fwd+bwd | 1M prefill ms | 1M fwd+bwd ms | 1M peak GB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    dense = rows.get(("cudnn-dense", "-"), {}).get(L128)
+    base = dense.get("fwdbwd_ms") if dense else None
+    notes = []
+    for (impl, kind), by_l in rows.items():
+        a, b, c = by_l.get(L32), by_l.get(L128), by_l.get(L1M)
+        sel = next((r.get("selection") for r in (b, a, c) if r and r.get("selection") not in (None, "-")), kind)
+        x = f"{base / b['fwdbwd_ms']:.1f}" if base and b and b.get("fwdbwd_ms") else ""
+        lines.append(f"| {impl} | {sel} | {_cell(a, 'U8')} | {_cell(a, 'fwd_ms')} | {_cell(a, 'fwdbwd_ms')} | "
+                     f"{_cell(b, 'U8')} | {_cell(b, 'fwd_ms')} | {_cell(b, 'fwdbwd_ms')} | {x} | "
+                     f"{_cell(c, 'fwd_ms')} | {_cell(c, 'fwdbwd_ms')} | "
+                     f"{_cell(c, 'peak_mem_gb', '.2f') if c and c.get('fwdbwd_ms') else ''} |")
+        for r in (a, b, c):
+            if r and r["status"] != "ok":
+                notes.append(f"- {impl} / {kind} / {harness.fmt_length(r['L'])}: {r['status']}: {r['reason']}")
+    if notes:
+        lines += ["", "Cells not measured:", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m msa_megatron.bench.done_when", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--selections", default="random,trained,flex")
+    p.add_argument("--time-budget-s", type=float, default=450.0)
+    p.add_argument("--warmup", type=int, default=25)
+    p.add_argument("--rep", type=int, default=100)
+    p.add_argument("--flex-union", action="store_true",
+                   help="also FlexAttention on the non-Flex selections at 128K (flex-union)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    args = p.parse_args(argv)
+    args.bwd_max_L = L1M
+    from .selections import parse_kind
+
+    kinds = [k.strip() for k in args.selections.split(",") if k.strip()]
+    for k in kinds:
+        parse_kind(k)
+    notes = harness.load_impl_modules()
+    new_path = main_impl_available()
+    steps = plan(kinds, new_path, args.flex_union)
+    if args.dry_run:
+        for s in steps:
+            print(s)
+        return 0
+    if not torch.cuda.is_available():
+        print("done_when needs a CUDA device (none found)", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    peak = harness.measure_bf16_peak(8192)
+    proto = Case(L=1)
+    header = dict(device=torch.cuda.get_device_name(), date=harness._dt.datetime.now().isoformat(timespec="seconds"),
+                  commit=harness.git_commit(), peak_tflops=peak, main_impl_available=new_path,
+                  layout=(f"batch 1, {proto.hq} q / {proto.hkv} KV heads, d {proto.d}, index dim {proto.di}, "
+                          f"block {proto.block}, top-{proto.topk}, bf16, causal"), notes=notes)
+    meta = dict(device=header["device"], date=header["date"], commit=header["commit"], peak_tflops=peak)
+    print(f"device {header['device']} | commit {header['commit']} | peak {peak:.0f} TF/s | "
+          f"main_impl {'available' if new_path else 'not available'} | {len(steps)} measurements", flush=True)
+    records: List[Dict] = []
+    for impl, L, kind, fwd_only in steps:
+        case = Case(L=L, fwd_only=fwd_only, selection=kind if kind != "-" else "random")
+        if impl not in registry.names():
+            rec = harness.empty_record(impl, case, meta, status="skipped", reason="impl not registered")
+        elif time.time() - t0 > args.time_budget_s:
+            rec = harness.empty_record(impl, case, meta, status="skipped",
+                                       reason=f"time budget of {args.time_budget_s:.0f} s exhausted")
+        else:
+            rec = harness.run_one(impl, case, args, peak, meta)
+        rec["sel_kind"] = kind
+        records.append(rec)
+        harness.print_record(rec)
+        (out / "done_when.json").write_text(json.dumps({"header": header, "records": records}, indent=1))
+        (out / "done_when.md").write_text(table(records, header))
+    print()
+    print(table(records, header))
+    print(f"total {time.time() - t0:.0f} s")
+    return 1 if any(r["status"] == "error" for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
