@@ -4,9 +4,15 @@ parallel state is process-global). Each returns plain numbers/lists for the test
 from __future__ import annotations
 
 import os
+import sys
 from typing import Dict
 
 import torch
+
+#: tests/megatron's helpers (tiny configs, parallel start-up), importable in the spawned child
+_MCORE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron")
+if _MCORE not in sys.path:
+    sys.path.insert(0, _MCORE)
 
 #: Tiny GPT: hidden 64, 4 query heads / 2 KV groups (head dim 16), partial RoPE, layer 0
 #: dense, block 16, top-2, index dim 16. A 37-token prompt + 30 new tokens spans 5 blocks:
@@ -119,18 +125,35 @@ def run_all(rank: int, kernel_steps: int = 4) -> Dict[str, object]:
     # 5. the kernels (prefill op + decode kernel) under the interpreter on the same model
     if kernel_steps:
         os.environ["TRITON_INTERPRET"] = "1"
-        orig = A._inference_backend
+        from msa_megatron.ops import triton_decode as TD
+
+        orig, orig_decode = A._inference_backend, TD.msa_decode_triton
+        calls = []
+
+        def counting_decode(*args, **kwargs):
+            out = orig_decode(*args, **kwargs)
+            calls.append(out[2].clone())
+            return out
+
         A._inference_backend = lambda cfg, device: "triton"
+        TD.msa_decode_triton = counting_decode
         try:
-            kp, kn = 21, kernel_steps  # prompt crosses a block edge; decode crosses another
-            kprompt = prompt[:, :kp]
+            kp, kn = 45, kernel_steps  # 3 blocks of 16, top-2: sparse from the prefill on; decode crosses a block edge
+            kprompt = prompt[:, :kp] if kp <= p else torch.cat([prompt, _prompt(b, kp - p, seed=9)], 1)
             k_cached = generate(model, kprompt, kn, use_cache=True, return_logits=True)
         finally:
-            A._inference_backend = orig
+            A._inference_backend, TD.msa_decode_triton = orig, orig_decode
+        res["kernel_decode_calls"] = len(calls)
+        res["kernel_sparse_selection"] = all(bool((sel >= 0).sum(-1).lt(_nblocks(kp + i + 1)).all())
+                                             for i, sel in enumerate(calls))
         k_ref = generate(model, kprompt, kn, use_cache=False, return_logits=True)
         res["kernel_greedy_equal"] = torch.equal(k_cached.tokens, k_ref.tokens)
         res["kernel_logit_diff"] = max(_maxdiff(a, c) for a, c in zip(k_cached.step_logits, k_ref.step_logits))
     return res
+
+
+def _nblocks(length: int) -> int:
+    return -(-length // BLOCK)
 
 
 def _dense_logits(model, tokens):
