@@ -67,9 +67,9 @@ def _num_sms(device: torch.device) -> int:
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _index_block_max(iq_ptr, ik_ptr, lens_ptr, bs_ptr,
-                     s_iq_b, s_iq_g, s_ik_s, s_ik_b, s_bs_b, s_bs_g,
+                     s_iq_b, s_iq_g, s_ik_s, s_ik_b, s_bs_b, s_bs_g, BPP,
                      G: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, GP: tl.constexpr,
-                     BLOCK: tl.constexpr, BN: tl.constexpr, BPP: tl.constexpr,
+                     BLOCK: tl.constexpr, BN: tl.constexpr,
                      DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     b = tl.program_id(0)
     pid = tl.program_id(1)
@@ -101,7 +101,7 @@ def _index_block_max(iq_ptr, ik_ptr, lens_ptr, bs_ptr,
 
 @triton.jit
 def _topk(bs_ptr, lens_ptr, out_ptr, s_bs_b, s_bs_g, s_o_b, s_o_g,
-          G: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, CH: tl.constexpr, BLOCK: tl.constexpr,
+          K: tl.constexpr, KP: tl.constexpr, CH: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr,
           LOCAL: tl.constexpr, INIT: tl.constexpr):
     b = tl.program_id(0)
     g = tl.program_id(1)
@@ -114,15 +114,22 @@ def _topk(bs_ptr, lens_ptr, out_ptr, s_bs_b, s_bs_g, s_o_b, s_o_g,
     # loop-carried scalars must be typed tensors from the start
     prev_s = tl.max(tl.full([2], float("inf"), tl.float32), axis=0)
     prev_i = tl.max(tl.full([2], -1, tl.int32), axis=0)
+    idx0 = tl.arange(0, CH)
+    if ONE_CHUNK:  # every block score of the row fits one register tile: load it once
+        s0 = tl.load(row + idx0, mask=idx0 < nb, other=float("-inf"))
+        s0 = tl.where(((idx0 > own - LOCAL) | (idx0 < INIT)) & (idx0 < nb), float("inf"), s0)
     for t in range(K):
         best_s = tl.max(tl.full([2], float("-inf"), tl.float32), axis=0)
         best_i = tl.max(tl.full([2], _BIG, tl.int32), axis=0)
         for c in range(0, nb, CH):
-            idx = c + tl.arange(0, CH)
+            idx = c + idx0
             valid = idx < nb
-            s = tl.load(row + idx, mask=valid, other=float("-inf"))
-            forced = ((idx > own - LOCAL) | (idx < INIT)) & valid
-            s = tl.where(forced, float("inf"), s)
+            if ONE_CHUNK:
+                s = s0
+            else:
+                s = tl.load(row + idx, mask=valid, other=float("-inf"))
+                s = tl.where(((idx > own - LOCAL) | (idx < INIT)) & valid, float("inf"), s)
+            # candidates: strictly after the previous pick in the order (score desc, index asc)
             cand = valid & ((s < prev_s) | ((s == prev_s) & (idx > prev_i)))
             sc = tl.where(cand, s, float("-inf"))
             cmax = tl.max(sc, axis=0)
@@ -140,9 +147,9 @@ def _topk(bs_ptr, lens_ptr, out_ptr, s_bs_b, s_bs_g, s_o_b, s_o_g,
 
 @triton.jit
 def _attend_partial(q_ptr, k_ptr, v_ptr, bidx_ptr, lens_ptr, acc_ptr, ml_ptr, scale_log2,
-                    s_q_b, s_q_h, s_k_s, s_k_b, s_k_g, s_v_s, s_v_b, s_v_g, s_i_b, s_i_g,
+                    s_q_b, s_q_h, s_k_s, s_k_b, s_k_g, s_v_s, s_v_b, s_v_g, s_i_b, s_i_g, K, SPS, NS,
                     NKV: tl.constexpr, GQ: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                    K: tl.constexpr, SPS: tl.constexpr, NS: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
+                    BLOCK: tl.constexpr, BN: tl.constexpr,
                     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     bg = tl.program_id(0)
     sp = tl.program_id(1)
@@ -194,9 +201,8 @@ def _attend_partial(q_ptr, k_ptr, v_ptr, bidx_ptr, lens_ptr, acc_ptr, ml_ptr, sc
 
 
 @triton.jit
-def _combine(acc_ptr, ml_ptr, out_ptr, lse_ptr, s_o_b, s_o_h, s_l_b,
-             NKV: tl.constexpr, GQ: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-             NS: tl.constexpr):
+def _combine(acc_ptr, ml_ptr, out_ptr, lse_ptr, s_o_b, s_o_h, s_l_b, NS,
+             NKV: tl.constexpr, GQ: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
     bg = tl.program_id(0)
     b = bg // NKV
     g = bg % NKV
@@ -264,8 +270,11 @@ def _dot_prec(dtype: torch.dtype) -> str:
 
 
 def decode_select_triton(iq: Tensor, ik_cache: Tensor, seq_lens: Union[int, Tensor], cfg: MSAConfig,
-                         blocks_per_program: Optional[int] = None) -> Tensor:
-    """Selection of one decode step: block_idx [b, g, K] int32, as decode_select_naive."""
+                         blocks_per_program: Optional[int] = None, topk_chunk: int = 8192) -> Tensor:
+    """Selection of one decode step: block_idx [b, g, K] int32, as decode_select_naive.
+    ``blocks_per_program``: key blocks per scoring program (None: ~8 programs per SM);
+    ``topk_chunk``: block scores per register tile of the top-k (a power of two; a row
+    with more blocks is streamed K times)."""
     b, g, di = iq.shape
     S = ik_cache.shape[0]
     if ik_cache.shape[1] != b or ik_cache.shape[2] != di:
@@ -276,18 +285,19 @@ def decode_select_triton(iq: Tensor, ik_cache: Tensor, seq_lens: Union[int, Tens
     B = cfg.block_size
     nb_max = math.ceil(L_max / B)
     bs = torch.empty(b, g, nb_max, dtype=torch.float32, device=iq.device)
-    if blocks_per_program is None:  # ~4 programs per SM over the whole batch; one per row when interpreting
-        blocks_per_program = nb_max if _interpreting() else max(1, math.ceil(nb_max * b / (4 * _num_sms(iq.device))))
+    if blocks_per_program is None:  # ~8 programs per SM over the whole batch; one per row when interpreting
+        blocks_per_program = nb_max if _interpreting() else max(1, math.ceil(nb_max * b / (8 * _num_sms(iq.device))))
     n_prog = math.ceil(nb_max / blocks_per_program)
     upcast = _interpreting()
     _index_block_max[(b, n_prog)](
         iq, ik_cache, lens, bs, iq.stride(0), iq.stride(1), ik_cache.stride(0), ik_cache.stride(1),
-        bs.stride(0), bs.stride(1), G=g, DI=di, DIP=_pow2(di), GP=_pow2(g), BLOCK=B, BN=_key_tile(B),
-        BPP=blocks_per_program, DOT_PREC=_dot_prec(iq.dtype), UPCAST=upcast, num_warps=4)
+        bs.stride(0), bs.stride(1), blocks_per_program, G=g, DI=di, DIP=_pow2(di), GP=_pow2(g), BLOCK=B, BN=_key_tile(B),
+        DOT_PREC=_dot_prec(iq.dtype), UPCAST=upcast, num_warps=4)
     out = torch.empty(b, g, cfg.topk, dtype=torch.int32, device=iq.device)
+    ch = min(topk_chunk, _pow2(nb_max))
     _topk[(b, g)](bs, lens, out, bs.stride(0), bs.stride(1), out.stride(0), out.stride(1),
-                  G=g, K=cfg.topk, KP=_pow2(cfg.topk, 2), CH=min(4096, _pow2(nb_max)), BLOCK=B,
-                  LOCAL=cfg.local_blocks, INIT=cfg.init_blocks, num_warps=4)
+                  K=cfg.topk, KP=_pow2(cfg.topk, 2), CH=ch, ONE_CHUNK=ch >= nb_max, BLOCK=B,
+                  LOCAL=cfg.local_blocks, INIT=cfg.init_blocks, num_warps=8 if ch >= 4096 else 4)
     return out
 
 
@@ -309,9 +319,9 @@ def decode_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_i
     if blocks_per_split is None:
         if _interpreting():
             blocks_per_split = K
-        else:  # enough programs to fill the GPU, at most ~64 splits per (row, group)
-            target = max(1, (2 * _num_sms(q.device)) // max(1, b * g))
-            blocks_per_split = max(1, math.ceil(K / min(target, 64)))
+        else:  # ~4 programs per SM, at most 256 splits per (row, group)
+            target = max(1, (4 * _num_sms(q.device)) // max(1, b * g))
+            blocks_per_split = max(1, math.ceil(K / min(target, 256)))
     ns = math.ceil(K / blocks_per_split)
     acc = torch.empty(b * g * ns, HP, DP, dtype=torch.float32, device=q.device)
     ml = torch.empty(b * g * ns, 2, HP, dtype=torch.float32, device=q.device)
@@ -321,12 +331,12 @@ def decode_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_i
         q, k_cache, v_cache, block_idx, lens, acc, ml, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_idx.stride(0), block_idx.stride(1),
-        NKV=g, GQ=GQ, HP=HP, D=d, DP=DP, K=K, SPS=blocks_per_split, NS=ns, BLOCK=block_size,
+        K, blocks_per_split, ns, NKV=g, GQ=GQ, HP=HP, D=d, DP=DP, BLOCK=block_size,
         BN=_key_tile(block_size), DOT_PREC=_dot_prec(q.dtype), UPCAST=upcast, num_warps=4)
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
-    _combine[(b * g,)](acc, ml, out, lse, out.stride(0), out.stride(1), lse.stride(0),
-                       NKV=g, GQ=GQ, HP=HP, D=d, DP=DP, NS=ns, num_warps=4)
+    _combine[(b * g,)](acc, ml, out, lse, out.stride(0), out.stride(1), lse.stride(0), ns,
+                       NKV=g, GQ=GQ, HP=HP, D=d, DP=DP, num_warps=4)
     return out, lse
 
 

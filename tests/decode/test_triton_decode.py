@@ -116,6 +116,10 @@ def test_exact_ties_and_forced_blocks():
     cfg = MSAConfig(block_size=16, topk=4, index_dim=16, init_blocks=1, local_blocks=2)
     sel = check(3, [130, 90, 49], 8, 2, 16, 16, torch.float32, cfg, seed=5, integer=True)
     assert (sel[:, :, 0] == 0).all()
+    # the streamed top-k (block scores in several register tiles, re-read K times) agrees
+    q, kc, vc, iq, ikc = make_step(3, [130, 90, 49], 8, 2, 16, 16, torch.float32, seed=5, integer=True)
+    for chunk in (2, 4):
+        assert torch.equal(TD.decode_select_triton(iq, ikc, torch.tensor([130, 90, 49]), cfg, topk_chunk=chunk), sel)
     assert sel[0, 0, -2:].tolist() == [7, 8] and sel[2, 0].tolist()[-2:] == [2, 3]
 
 
