@@ -44,21 +44,21 @@ def aot(arch: int = 90) -> int:
     topk = dict(K=16, KP=16, CH=8192, BLOCK=128, LOCAL=1, INIT=0)
     kernels = [
         ("index_block_max", TD._index_block_max, dict(iq_ptr=P, ik_ptr=P, lens_ptr=I, bs_ptr=F),
-         dict(G=4, DI=128, DIP=128, GP=16, BLOCK=128, BN=64, DOT_PREC="tf32", UPCAST=False), 4),
-        ("topk (one tile)", TD._topk, dict(bs_ptr=F, lens_ptr=I, out_ptr=I), dict(topk, ONE_CHUNK=True), 8),
-        ("topk (streamed)", TD._topk, dict(bs_ptr=F, lens_ptr=I, out_ptr=I), dict(topk, ONE_CHUNK=False), 8),
+         dict(G=4, DI=128, DIP=128, GP=16, BLOCK=128, BN=64, DOT_PREC="tf32", UPCAST=False), 4, TD.INDEX_STAGES),
+        ("topk (one tile)", TD._topk, dict(bs_ptr=F, lens_ptr=I, out_ptr=I), dict(topk, ONE_CHUNK=True), 8, 3),
+        ("topk (streamed)", TD._topk, dict(bs_ptr=F, lens_ptr=I, out_ptr=I), dict(topk, ONE_CHUNK=False), 8, 3),
         ("attend_partial", TD._attend_partial,
          dict(q_ptr=P, k_ptr=P, v_ptr=P, bidx_ptr=I, lens_ptr=I, acc_ptr=F, ml_ptr=F, scale_log2="fp32"),
-         dict(NKV=4, GQ=16, HP=16, D=128, DP=128, BLOCK=128, BN=TD.ATTEND_BN, DOT_PREC="tf32", UPCAST=False), 4),
+         dict(NKV=4, GQ=16, HP=16, D=128, DP=128, BLOCK=128, BN=TD.ATTEND_BN, DOT_PREC="tf32", UPCAST=False), 4, 3),
         ("combine", TD._combine, dict(acc_ptr=F, ml_ptr=F, out_ptr=P, lse_ptr=F),
-         dict(NKV=4, GQ=16, HP=16, D=128, DP=128), 4),
+         dict(NKV=4, GQ=16, HP=16, D=128, DP=128), 4, 3),
     ]
     print(f"AOT compile for sm_{arch}a, triton {triton.__version__}")
     bad = 0
-    for name, fn, types, consts, nw in kernels:
+    for name, fn, types, consts, nw, ns in kernels:
         sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
         try:
-            ck = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target, options=dict(num_warps=nw))
+            ck = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target, options=dict(num_warps=nw, num_stages=ns))
             with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
                 f.write(ck.asm["ptx"])
             log = subprocess.run([triton.knobs.nvidia.ptxas.path, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o",
@@ -66,7 +66,7 @@ def aot(arch: int = 90) -> int:
             os.unlink(f.name)
             regs = re.search(r"Used (\d+) registers", log)
             spill = re.search(r"(\d+) bytes spill stores", log)
-            print(f"  {name:18s} warps={nw} regs={regs.group(1) if regs else '?'} "
+            print(f"  {name:18s} warps={nw} stages={ns} regs={regs.group(1) if regs else '?'} "
                   f"spill={spill.group(1) if spill else '?'}B smem={ck.metadata.shared}B", flush=True)
         except Exception as exc:  # noqa: BLE001
             bad += 1

@@ -61,6 +61,9 @@ def _key_tile(block_size: int, most: int = 64) -> int:
 #: Key tile of the attention kernel: 32 rows keep it at ~220 registers with 4 warps and no
 #: spills on sm_90 (64 spills; measured with ptxas, ``scripts/gpu_bench_decode.py --aot``).
 ATTEND_BN = 32
+#: Software-pipelining depth of the index-key stream (loads of the next key tiles in flight
+#: while the current one is scored): the index kernel is the bandwidth-bound part.
+INDEX_STAGES = 3
 
 
 def _num_sms(device: torch.device) -> int:
@@ -298,7 +301,7 @@ def decode_select_triton(iq: Tensor, ik_cache: Tensor, seq_lens: Union[int, Tens
     _index_block_max[(b, n_prog)](
         iq, ik_cache, lens, bs, iq.stride(0), iq.stride(1), ik_cache.stride(0), ik_cache.stride(1),
         bs.stride(0), bs.stride(1), blocks_per_program, G=g, DI=di, DIP=_pow2(di), GP=_pow2(g), BLOCK=B, BN=_key_tile(B),
-        DOT_PREC=_dot_prec(iq.dtype), UPCAST=upcast, num_warps=4)
+        DOT_PREC=_dot_prec(iq.dtype), UPCAST=upcast, num_warps=4, num_stages=INDEX_STAGES)
     out = torch.empty(b, g, cfg.topk, dtype=torch.int32, device=iq.device)
     ch = min(topk_chunk, _pow2(nb_max))
     _topk[(b, g)](bs, lens, out, bs.stride(0), bs.stride(1), out.stride(0), out.stride(1),
