@@ -83,6 +83,20 @@ def full_logits(model, tokens: Tensor) -> Tensor:
     return model(tokens, _positions(0, s, b, tokens.device), None).float()
 
 
+def _cached_forward(model, tokens: Tensor, start: int, context) -> Tensor:
+    """Last-position logits [b, V] of a KV-cache forward over ``tokens`` at positions start..
+    Megatron's InferenceMode is on, as in its own engine: the static context then has the
+    model compute logits for the last position only (a long prompt never materialises
+    [prompt, vocab] logits)."""
+    from megatron.core.inference.utils import InferenceMode
+
+    b, s = tokens.shape
+    with InferenceMode.active():
+        out = model(tokens, _positions(start, start + s, b, tokens.device), None, inference_context=context,
+                    runtime_gather_output=True)
+    return out[:, -1].float()
+
+
 @torch.no_grad()
 def generate(model, prompt: Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              generator: Optional[torch.Generator] = None, use_cache: bool = True, stop_id: Optional[int] = None,
@@ -105,13 +119,11 @@ def generate(model, prompt: Tensor, max_new_tokens: int, temperature: float = 0.
         if not use_cache:
             logits = full_logits(model, tokens)[:, -1]
         elif step == 0:
-            logits = model(tokens, _positions(0, p, b, tokens.device), None, inference_context=context)[:, -1].float()
+            logits = _cached_forward(model, tokens, 0, context)
             context.sequence_len_offset += p
             context.enable_decode_mode()
         else:
-            s = tokens.shape[1]
-            logits = model(tokens[:, -1:], _positions(s - 1, s, b, tokens.device), None,
-                           inference_context=context)[:, -1].float()
+            logits = _cached_forward(model, tokens[:, -1:], tokens.shape[1] - 1, context)
             context.sequence_len_offset += 1
         if step == 0:
             out.prefill_s = time.perf_counter() - t0
@@ -144,6 +156,19 @@ def find_run(path: str) -> Tuple[Path, Path]:
             return candidate, step
     raise FileNotFoundError(f"no config.yaml next to {step} (looked in {p} and {step.parent.parent}): msa-generate "
                             "needs the msa-train run directory's config.yaml")
+
+
+def single_process_port() -> None:
+    """A free MASTER_PORT for a one-process group (unless a launcher set one): several
+    msa-generate processes on one host must not collide on the default port."""
+    import os
+    import socket
+
+    if "MASTER_PORT" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
 def _padded_vocab(step: Path) -> int:
@@ -188,6 +213,7 @@ def load_model(path: str, mode: str = "checkpoint", precision: Optional[str] = N
     if cfg.attention.type not in ("msa", "dense"):
         raise ValueError(f"attention.type={cfg.attention.type!r} of {run_dir} is not supported by msa-generate: "
                          "allowed values are msa, dense")
+    single_process_port()
     init_distributed(ParallelLayout(), seed=cfg.train.seed)
     tf_config = make_transformer_config(cfg)
     m = cfg.model

@@ -83,6 +83,15 @@ def run_all(rank: int, kernel_steps: int = 4) -> Dict[str, object]:
     full = full_logits(model, cached.tokens)
     res["argmax_consistent"] = torch.equal(full[:, p - 1:-1].argmax(-1), cached.new_tokens)
 
+    # generate()'s cached forward runs under Megatron's InferenceMode: last-position logits only
+    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron.core.inference.utils import InferenceMode
+
+    with torch.no_grad(), InferenceMode.active():
+        last = model(prompt, torch.arange(p).unsqueeze(0).expand(b, -1), None,
+                     inference_context=StaticInferenceContext(b, p), runtime_gather_output=True)
+    res["inference_mode_logits_shape"] = list(last.shape)
+
     # 2. prefill + n decode steps == full forward at those positions (fp32)
     tokens = cached.tokens
     steps, ctx = logits_prefill_decode(model, tokens, p)

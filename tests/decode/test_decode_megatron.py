@@ -31,6 +31,7 @@ def test_greedy_with_cache_equals_no_cache_argmax(results):
     assert results["greedy_len"] == 37 + 30
     assert results["greedy_equal"]
     assert results["argmax_consistent"]
+    assert results["inference_mode_logits_shape"] == [2, 1, 96]  # no [prompt, vocab] logits in the prefill
     assert results["greedy_step_logit_diff"] <= LOGIT_TOL
 
 
