@@ -12,8 +12,8 @@ Four launches, all memory-bound at long context:
    2 g d (1/8 of the bytes in the paper's layout), the source of MSA's decode speed-up.
 2. ``_topk``: grid (batch, group). Iterative max over the block scores, K times: each
    round takes the best block strictly after the previous pick in the order (score desc,
-   block index asc), the reference's stable-sort tie rule; forced blocks (own, local, init)
-   score +inf. Picks are sorted ascending, unused slots -1: ``reference.select``'s output.
+   block index asc), the reference's stable-sort tie rule, as one max over int64 keys
+   (monotone score bits, then BIG - index); forced blocks (own, local, init) score +inf. Picks are sorted ascending, unused slots -1: ``reference.select``'s output.
 3. ``_attend_partial``: grid (batch x group, splits). GQA-packed: the group's G query heads
    are the MMA rows ([HP, d], HP = max(16, G)) and share its selection; each split runs an
    online softmax over its share of the selected blocks (split-K over blocks) and writes
@@ -108,6 +108,21 @@ def _index_block_max(iq_ptr, ik_ptr, lens_ptr, bs_ptr,
 
 
 @triton.jit
+def _order_keys(row, idx, nb, own, LOCAL: tl.constexpr, INIT: tl.constexpr):
+    """Block scores as int64 keys whose signed order is (score desc, block index asc):
+    the float's bits mapped to a monotone int32 in the high half, BIG - index in the low
+    half. Forced blocks score +inf; blocks past nb get the smallest key."""
+    valid = idx < nb
+    s = tl.load(row + idx, mask=valid, other=float("-inf"))
+    s = tl.where(((idx > own - LOCAL) | (idx < INIT)) & valid, float("inf"), s)
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 ties +0.0, as in torch.sort
+    bits = s.to(tl.int32, bitcast=True)
+    mono = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = (mono.to(tl.int64) << 32) | (2147483647 - idx).to(tl.int64)
+    return tl.where(valid, key, -9223372036854775807 - 1)
+
+
+@triton.jit
 def _topk(bs_ptr, lens_ptr, out_ptr, s_bs_b, s_bs_g, s_o_b, s_o_g,
           K: tl.constexpr, KP: tl.constexpr, CH: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr,
           LOCAL: tl.constexpr, INIT: tl.constexpr):
@@ -119,35 +134,23 @@ def _topk(bs_ptr, lens_ptr, out_ptr, s_bs_b, s_bs_g, s_o_b, s_o_g,
     row = bs_ptr + b * s_bs_b + g * s_bs_g
     rk = tl.arange(0, KP)
     sel = tl.full([KP], _BIG, tl.int32)
-    # loop-carried scalars must be typed tensors from the start
-    prev_s = tl.max(tl.full([2], float("inf"), tl.float32), axis=0)
-    prev_i = tl.max(tl.full([2], -1, tl.int32), axis=0)
     idx0 = tl.arange(0, CH)
+    low = -9223372036854775807 - 1
+    # each round picks the largest key strictly below the previous pick: one max per round
+    prev = tl.max(tl.full([2], 9223372036854775807, tl.int64), axis=0)
     if ONE_CHUNK:  # every block score of the row fits one register tile: load it once
-        s0 = tl.load(row + idx0, mask=idx0 < nb, other=float("-inf"))
-        s0 = tl.where(((idx0 > own - LOCAL) | (idx0 < INIT)) & (idx0 < nb), float("inf"), s0)
+        key0 = _order_keys(row, idx0, nb, own, LOCAL, INIT)
     for t in range(K):
-        best_s = tl.max(tl.full([2], float("-inf"), tl.float32), axis=0)
-        best_i = tl.max(tl.full([2], _BIG, tl.int32), axis=0)
+        best = tl.max(tl.full([2], low, tl.int64), axis=0)
         for c in range(0, nb, CH):
-            idx = c + idx0
-            valid = idx < nb
             if ONE_CHUNK:
-                s = s0
+                key = key0
             else:
-                s = tl.load(row + idx, mask=valid, other=float("-inf"))
-                s = tl.where(((idx > own - LOCAL) | (idx < INIT)) & valid, float("inf"), s)
-            # candidates: strictly after the previous pick in the order (score desc, index asc)
-            cand = valid & ((s < prev_s) | ((s == prev_s) & (idx > prev_i)))
-            sc = tl.where(cand, s, float("-inf"))
-            cmax = tl.max(sc, axis=0)
-            ci = tl.min(tl.where(cand & (sc == cmax), idx, _BIG), axis=0)
-            better = (cmax > best_s) | ((cmax == best_s) & (ci < best_i))
-            best_s = tl.where(better, cmax, best_s)
-            best_i = tl.where(better, ci, best_i)
-        sel = tl.where(rk == t, best_i, sel)
-        prev_s = best_s
-        prev_i = best_i
+                key = _order_keys(row, c + idx0, nb, own, LOCAL, INIT)
+            best = tl.maximum(best, tl.max(tl.where(key < prev, key, low), axis=0))
+        pick = tl.where(best == low, _BIG, 2147483647 - (best & 0xFFFFFFFF).to(tl.int32))
+        sel = tl.where(rk == t, pick, sel)
+        prev = best
     sel = tl.sort(sel)
     sel = tl.where(sel == _BIG, -1, sel)
     tl.store(out_ptr + b * s_o_b + g * s_o_g + rk, sel, mask=rk < K)
