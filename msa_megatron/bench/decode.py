@@ -127,6 +127,25 @@ def timed(fn: Callable, iters: int, flush: torch.Tensor) -> Dict[str, float]:
     return {"ms": statistics.median(times), "loop_ms": loop}
 
 
+def _near_ties_only(sel_k, sel_n, c: Caches, conf: MSAConfig, rel_tol: float = 1e-4) -> bool:
+    """Whether every (row, group) where the kernel's selection differs from the reference's
+    only swaps blocks whose reference block scores agree within rel_tol (accumulation-order
+    near-ties)."""
+    from .. import reference
+
+    for i, gg in (sel_k != sel_n).any(-1).nonzero().tolist():
+        scores = reference.index_block_scores(c.iq[i:i + 1, None], c.ik[:c.L, i:i + 1].transpose(0, 1),
+                                              conf.block_size)[0, gg, -1]
+        a = set(sel_k[i, gg].tolist()) - {-1}
+        b = set(sel_n[i, gg].tolist()) - {-1}
+        if len(a) != len(b):
+            return False
+        for x, y in zip(sorted(a - b), sorted(b - a)):
+            if abs(scores[x] - scores[y]) > rel_tol * max(1.0, abs(float(scores[y]))):
+                return False
+    return True
+
+
 def correctness(c: Caches) -> Dict[str, object]:
     """Kernels vs the pure-PyTorch reference (fp32 math on the same bf16 values)."""
     from ..ops import triton_decode as TD
@@ -136,10 +155,12 @@ def correctness(c: Caches) -> Dict[str, object]:
     out_k, lse_k, sel_k = TD.msa_decode_triton(c.q, c.k_seq, c.v_seq, c.iq, c.ik, c.L, conf)
     out_n, lse_n, sel_n = msa_decode_naive(c.q, c.k_seq, c.v_seq, c.iq, c.ik, c.L, conf)
     same_sel = (sel_k == sel_n).all(-1).float().mean().item()
+    near_tie_only = _near_ties_only(sel_k, sel_n, c, conf)
     # attention on the reference's selection: near-tie swaps do not blur the output check
     out_a, lse_a = TD.decode_attention_triton(c.q, c.k_seq, c.v_seq, sel_n, c.L, BLOCK)
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
-    res = {"L": c.L, "b": c.b, "selection_rows_identical": same_sel, "msa_out_rel_err": rel(out_a, out_n),
+    res = {"L": c.L, "b": c.b, "selection_rows_identical": same_sel, "selection_diffs_are_near_ties": near_tie_only,
+           "msa_out_rel_err": rel(out_a, out_n),
            "msa_lse_max_err": (lse_a - lse_n.float()).abs().max().item(),
            "msa_end_to_end_out_rel_err": rel(out_k, out_n)}
     out_d, lse_d = TD.dense_decode_triton(c.q, c.k_seq, c.v_seq, c.L, BLOCK)
@@ -152,7 +173,7 @@ def correctness(c: Caches) -> Dict[str, object]:
         res[f"dense_sdpa_{name}_vs_triton_rel_err"] = rel(fn().squeeze(2), out_d)
     except RuntimeError as exc:
         res["dense_sdpa_error"] = str(exc)
-    res["ok"] = bool(same_sel >= 0.99 and res["msa_out_rel_err"] < 1e-2 and res["msa_lse_max_err"] < 1e-3
+    res["ok"] = bool(near_tie_only and res["msa_out_rel_err"] < 1e-2 and res["msa_lse_max_err"] < 1e-3
                      and res.get("dense_triton_out_rel_err", 0.0) < 1e-2)
     return res
 
