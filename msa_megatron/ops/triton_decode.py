@@ -86,7 +86,8 @@ def _index_block_max(iq_ptr, ik_ptr, lens_ptr, bs_ptr,
     rg = tl.arange(0, GP)
     rd = tl.arange(0, DIP)
     dmask = rd < DI
-    iq = tl.load(iq_ptr + b * s_iq_b + rg[:, None] * s_iq_g + rd[None, :],
+    b64 = b.to(tl.int64)  # batch offsets exceed int32 for batch-first caches at 1M tokens
+    iq = tl.load(iq_ptr + b64 * s_iq_b + rg[:, None] * s_iq_g + rd[None, :],
                  mask=(rg[:, None] < G) & dmask[None, :], other=0.0)
     if UPCAST:
         iq = iq.to(tl.float32)
@@ -97,7 +98,7 @@ def _index_block_max(iq_ptr, ik_ptr, lens_ptr, bs_ptr,
         for sub in tl.static_range(BLOCK // BN):
             rk = j * BLOCK + sub * BN + tl.arange(0, BN)
             kmask = rk < L
-            ik = tl.load(ik_ptr + rk[:, None].to(tl.int64) * s_ik_s + b * s_ik_b + rd[None, :],
+            ik = tl.load(ik_ptr + rk[:, None].to(tl.int64) * s_ik_s + b64 * s_ik_b + rd[None, :],
                          mask=kmask[:, None] & dmask[None, :], other=0.0)
             if UPCAST:
                 ik = ik.to(tl.float32)
@@ -166,20 +167,21 @@ def _attend_partial(q_ptr, k_ptr, v_ptr, bidx_ptr, lens_ptr, acc_ptr, ml_ptr, sc
     sp = tl.program_id(1)
     b = bg // NKV
     g = bg % NKV
+    b64 = b.to(tl.int64)  # batch offsets exceed int32 for batch-first caches at 1M tokens
     L = tl.load(lens_ptr + b)
     rh = tl.arange(0, HP)
     rd = tl.arange(0, DP)
     dmask = rd < D
     hmask = rh < GQ
-    q = tl.load(q_ptr + b * s_q_b + (g * GQ + rh)[:, None] * s_q_h + rd[None, :],
+    q = tl.load(q_ptr + b64 * s_q_b + (g * GQ + rh)[:, None] * s_q_h + rd[None, :],
                 mask=hmask[:, None] & dmask[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     m = tl.full([HP], float("-inf"), tl.float32)
     l = tl.zeros([HP], tl.float32)
     acc = tl.zeros([HP, DP], tl.float32)
-    kbase = k_ptr + b * s_k_b + g * s_k_g
-    vbase = v_ptr + b * s_v_b + g * s_v_g
+    kbase = k_ptr + b64 * s_k_b + g * s_k_g
+    vbase = v_ptr + b64 * s_v_b + g * s_v_g
     s0 = sp * SPS
     s1 = tl.minimum(s0 + SPS, K)
     for slot in range(s0, s1):
