@@ -1,34 +1,16 @@
 #!/usr/bin/env python
-"""GPU correctness check of MSA's main-branch kernels and of the whole MSA op (H100/H200).
+"""GPU check of MSA's main-branch kernels and of the whole op: a thin CLI over
+tests/gpu/test_gpu_main.py (the comparisons live there, as pytest tests under ``-m gpu``), plus
+two tools.
 
-    python scripts/gpu_check_main.py [--quick] [--lengths 8K,32K,128K] [--index-backend triton]
+    python scripts/gpu_check_main.py [--quick] [--lengths 8K,32K,128K] [--slice 256]
+    python scripts/gpu_check_main.py --cpu-smoke      # the tests' CPU subset (interpreter)
+    python scripts/gpu_check_main.py --aot            # compile the kernels for sm_90a, no GPU
     python scripts/gpu_check_main.py --tune [--tune-L 128K] [--tune-configs "fwd_rows=64;bwd_block_n=64"]
 
-Paper layout (64 q / 4 KV heads, d 128, block 128, top-16), bf16 inputs, per-token random
-block selections. Every kernel output is NaN-poisoned before the kernels run
-(``POISON_OUTPUTS``), so an element a kernel fails to write shows up as NaN.
-
-The fp32 reference cannot run whole 128K sequences, so it runs on a slice of S query rows
-(first, last and random middle positions, via ``q_pos``) and is compared with the kernels'
-full-length run on those rows: out, lse and dq of a row only depend on that row. For dK/dV
-the backward is run a second time with dout zero outside the slice: then dK/dV are exactly
-the slice's contribution, which the reference computes (dq must then be 0 off the slice).
-
-Tolerances (relative Frobenius error vs the fp32 reference on the same bf16 values): out
-1e-2, lse 1e-4, dq/dk/dv 2e-2; the op adds kl 1e-2, d_iq 3e-2, d_ik 3e-2, the entropy
-statistics (index_entropy, main_entropy, from the KL kernel: track_entropy on) 1e-3 (they
-inherit the main LSE's error) and >= 99% of (row, group) selections identical to
-``reference.select`` (fp32 near-ties may differ).
-Exit status 1 if any check fails or errors; each check is guarded so one failure does not
-hide the others.
-
-``--aot`` needs no GPU: it compiles every kernel of the default config for sm_90a (paper
-layout) with Triton's ptxas and prints registers / spills / shared memory per kernel.
-
-``--tune`` skips the checks and times the main branch (forward incl. reverse index, and
-backward) at one length for a list of kernel configs (``KernelConfig`` fields as in
-``MSA_MAIN_KERNEL``, plus ``det=0`` for atomic dQ), one compile each, so one GPU call can
-pick the tile sizes.
+``--tune`` times the main branch (forward incl. reverse index, and backward) at one length for a
+list of kernel configs (``KernelConfig`` fields as in ``MSA_MAIN_KERNEL``, plus ``det=0`` for
+atomic dQ), one compile each. Exit status of the checks: pytest's.
 """
 
 from __future__ import annotations
@@ -36,60 +18,21 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import subprocess
 import sys
-import time
-import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from msa_megatron import reference as R  # noqa: E402
 from msa_megatron.config import MSAConfig  # noqa: E402
+from tests.gpu.test_gpu_main import parse_length  # noqa: E402
+from tests.helpers import timed_ms  # noqa: E402
 
-TOL = {"out": 1e-2, "lse": 1e-4, "dq": 2e-2, "dk": 2e-2, "dv": 2e-2, "kl": 1e-2, "d_iq": 3e-2, "d_ik": 3e-2,
-       "fp32": 1e-4, "same": 5e-3, "entropy": 1e-3}
 HQ, HKV, D, DI, B, K = 64, 4, 128, 128, 128, 16
 DEV = "cuda"
-ROWS: list = []  # (check, L, metric, value, tol, ok)
-FAILED: list = []
-
-
-def parse_length(s: str) -> int:
-    s = s.strip().upper()
-    mult = {"K": 1 << 10, "M": 1 << 20}.get(s[-1:], 1)
-    return int(float(s[:-1] if mult > 1 else s) * mult)
-
-
-def rel(a, b) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def record(check: str, L: int, metric: str, value: float, tol: float, ok=None) -> None:
-    ok = (value <= tol) if ok is None else ok
-    ok = bool(ok) and not math.isnan(value)
-    ROWS.append((check, L, metric, value, tol, ok))
-    if not ok:
-        FAILED.append(f"{check} L={L} {metric}={value:.3g} (tol {tol:.3g})")
-
-
-def no_nan(check: str, L: int, **tensors) -> None:
-    for name, t in tensors.items():
-        n = int(torch.isnan(t.float()).sum())
-        record(check, L, f"NaN in {name}", float(n), 0.0, ok=n == 0)
-
-
-def guarded(check: str, L: int, fn) -> None:
-    t0 = time.time()
-    try:
-        fn()
-    except Exception as exc:  # recorded; the remaining checks still run
-        traceback.print_exc(limit=6)
-        ROWS.append((check, L, f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:90]}", float("nan"), 0.0, False))
-        FAILED.append(f"{check} L={L}: {type(exc).__name__}: {exc}")
-    print(f"  {check:18s} L={L:>7d} done in {time.time() - t0:6.1f} s", flush=True)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -123,134 +66,6 @@ def random_selection(L: int, seed: int) -> torch.Tensor:
         idx = torch.sort(torch.where(val >= 0, idx, torch.full_like(idx, nb)), dim=-1).values
         out[:, :, s0:s1, : idx.shape[-1]] = torch.where(idx == nb, -1, idx).to(torch.int32)
     return out
-
-
-def slice_positions(L: int, S: int, seed: int) -> torch.Tensor:
-    edge = min(S // 4, L)
-    mid = torch.randperm(L, generator=torch.Generator().manual_seed(seed))[: S]
-    pos = torch.cat([torch.arange(edge), torch.arange(L - edge, L), mid])
-    return torch.unique(pos)[:S].sort().values.to(DEV)
-
-
-# ----------------------------------------------------------------------------- main-branch checks
-def check_main(L: int, S: int, T) -> None:
-    q = randn((1, L, HQ, D), 1).requires_grad_()
-    k = randn((1, L, HKV, D), 2).requires_grad_()
-    v = randn((1, L, HKV, D), 3).requires_grad_()
-    do = randn((1, L, HQ, D), 4)
-    bidx = random_selection(L, 5)
-    pos = slice_positions(L, S, L)
-    out, lse = T.sparse_attention(q, k, v, bidx, B)
-    no_nan("main fwd", L, out=out, lse=lse)
-    dq, dk, dv = torch.autograd.grad(out, [q, k, v], do, retain_graph=True)
-    no_nan("main bwd", L, dq=dq, dk=dk, dv=dv)
-    # fp32 reference on the slice
-    qs = q.detach()[:, pos].float().requires_grad_()
-    kf, vf = k.detach().float().requires_grad_(), v.detach().float().requires_grad_()
-    ro, rl = R.sparse_attention(qs, kf, vf, bidx[:, :, pos], B, q_pos=pos)
-    record("main fwd", L, "out", rel(out[:, pos], ro), TOL["out"])
-    record("main fwd", L, "lse", rel(lse[:, :, pos], rl), TOL["lse"])
-    rdq, rdk, rdv = torch.autograd.grad(ro, [qs, kf, vf], do[:, pos].float())
-    record("main bwd", L, "dq", rel(dq[:, pos], rdq), TOL["dq"])
-    # dK/dV: dout restricted to the slice -> exactly the slice's contribution
-    do_s = torch.zeros_like(do)
-    do_s[:, pos] = do[:, pos]
-    dq2, dk2, dv2 = torch.autograd.grad(out, [q, k, v], do_s)
-    no_nan("main bwd (slice do)", L, dq=dq2, dk=dk2, dv=dv2)
-    off = torch.ones(L, dtype=torch.bool, device=DEV)
-    off[pos] = False
-    record("main bwd (slice do)", L, "max|dq| off slice", dq2[:, off].abs().max().item() if off.any() else 0.0, 0.0)
-    record("main bwd (slice do)", L, "dk", rel(dk2, rdk), TOL["dk"])
-    record("main bwd (slice do)", L, "dv", rel(dv2, rdv), TOL["dv"])
-
-
-def check_variants(L: int, T) -> None:
-    """Determinism, atomic dQ, query-outer forward, 64-key backward tiles, fp32 inputs."""
-    from dataclasses import replace
-
-    q, k, v, do = randn((1, L, HQ, D), 11), randn((1, L, HKV, D), 12), randn((1, L, HKV, D), 13), randn((1, L, HQ, D), 14)
-    bidx = random_selection(L, 15)
-    out, lse = T.sparse_attention_fwd(q, k, v, bidx, B)
-    g1 = T.sparse_attention_bwd(do, q, k, v, out, lse, bidx, B)
-    g2 = T.sparse_attention_bwd(do, q, k, v, out, lse, bidx, B)
-    record("deterministic bwd", L, "bitwise equal", 0.0, 0.0, ok=all(torch.equal(a, b) for a, b in zip(g1, g2)))
-    ga = T.sparse_attention_bwd(do, q, k, v, out, lse, bidx, B, deterministic=False)
-    # vs fp32 dQ partials: atomics accumulate in fp32 too (the default bf16 partials differ by
-    # their rounding, ~5e-3, which is not what this check is about)
-    g1f = T.sparse_attention_bwd(do, q, k, v, out, lse, bidx, B, dq_partial_dtype=torch.float32)
-    for n, a, b in zip(("dq", "dk", "dv"), ga, g1f):
-        record("atomic dq bwd", L, f"{n} vs det fp32", rel(a, b), TOL["same"])
-    cfg = T.default_config()
-    oq, lq = T.sparse_attention_fwd(q, k, v, bidx, B, config=replace(cfg, fwd_impl="q"))
-    no_nan("q-outer fwd", L, out=oq, lse=lq)
-    record("q-outer fwd", L, "out vs kv", rel(oq, out), TOL["same"])
-    record("q-outer fwd", L, "lse vs kv", rel(lq, lse), TOL["lse"])
-    g64 = T.sparse_attention_bwd(do, q, k, v, out, lse, bidx, B, config=replace(cfg, bwd_block_n=64))
-    for n, a, b in zip(("dq", "dk", "dv"), g64, g1):
-        record("bwd_block_n=64", L, f"{n} vs 128", rel(a, b), TOL["same"])
-    # fp32 inputs (IEEE dots) on a short prefix
-    Lf = min(L, 4096 if DEV == "cuda" else 64)
-    qf, kf, vf, dof = (x[:, :Lf].float().contiguous() for x in (q, k, v, do))
-    bf = bidx[:, :, :Lf].contiguous()
-    of, lf = T.sparse_attention_fwd(qf, kf, vf, bf, B)
-    pos = slice_positions(Lf, 128, 3)
-    ro, rl = R.sparse_attention(qf[:, pos], kf, vf, bf[:, :, pos], B, q_pos=pos)
-    record("fp32 fwd", Lf, "out", rel(of[:, pos], ro), TOL["fp32"])
-    record("fp32 fwd", Lf, "lse", rel(lf[:, :, pos], rl), TOL["fp32"])
-
-
-# ----------------------------------------------------------------------------- whole-op checks
-def check_op(L: int, S: int, mode: str, index_backend: str, kl_fused: bool = False) -> None:
-    """kl_fused: the KL inside the main backward (kernel_config kl_fused=1); its value and
-    stats are read after the backward, as they must be."""
-    from dataclasses import replace
-
-    from msa_megatron.ops import triton_sparse_attn as T
-    from msa_megatron.ops.triton_op import msa_attention_triton
-
-    kc = replace(T.KernelConfig.from_env(), kl_fused=kl_fused)
-    name = f"op {mode}" + (" kl_fused" if kl_fused else "")
-    cfg = MSAConfig(block_size=B, topk=K, index_dim=DI, num_index_heads=HKV, track_entropy=True)
-    q, k, v = randn((1, L, HQ, D), 21), randn((1, L, HKV, D), 22), randn((1, L, HKV, D), 23)
-    iq, ik = randn((1, L, HKV, DI), 24), randn((1, L, DI), 25)
-    do = randn((1, L, HQ, D), 26)
-    leaves = [x.requires_grad_() for x in (q, k, v, iq, ik)]
-    if mode == "msa":  # full-length run: every output written, finite
-        out, aux = msa_attention_triton(*leaves, cfg, mode=mode, index_backend=index_backend, kernel_config=kc)
-        grads = torch.autograd.grad([out, aux.kl], leaves, [do, torch.ones((), device=DEV)])
-        no_nan(f"{name} full", L, out=out, lse=aux.lse, kl=aux.kl, **aux.stats,
-               **dict(zip(["dq", "dk", "dv", "d_iq", "d_ik"], grads)))
-        del out, aux, grads
-    # slice run: sq = S queries at positions pos, all L keys, vs the fp32 reference
-    pos = slice_positions(L, S, L + 1)
-    qs = q.detach()[:, pos].clone().requires_grad_()
-    iqs = iq.detach()[:, pos].clone().requires_grad_()
-    sl = [qs, k, v, iqs, ik]
-    dos = do[:, pos]
-    out, aux = msa_attention_triton(qs, k, v, iqs, ik, cfg, q_pos=pos, mode=mode, index_backend=index_backend,
-                                    kernel_config=kc)
-    grads = torch.autograd.grad([out, aux.kl], sl, [dos, torch.ones((), device=DEV)])
-    f = [x.detach().float().requires_grad_() for x in sl]
-    if mode == "msa":
-        sel_ref = R.select(f[3].detach(), f[4].detach(), cfg, pos)
-        same = (sel_ref == aux.block_idx).all(-1).float().mean().item()
-        record(name, L, "selection == ref", 1.0 - same, 0.01)
-        ro, rl = R.sparse_attention(f[0], f[1], f[2], aux.block_idx, B, q_pos=pos)
-        terms = R.sparse_kl_terms(f[0], f[1], f[3], f[4], aux.block_idx, cfg, pos)
-    else:
-        ro, rl = R.dense_attention(f[0], f[1], f[2], q_pos=pos)
-        terms = R.dense_kl_terms(f[0], f[1], f[3], f[4], cfg, pos)
-    rkl = terms.kl / terms.rows
-    ref_stats = {"index_entropy": terms.index_entropy / terms.rows,
-                 "main_entropy": terms.main_entropy / (terms.rows * (HQ // HKV))}
-    rgrads = torch.autograd.grad([ro, rkl], f, [dos.float(), torch.ones((), device=DEV)])
-    record(name, L, "out", rel(out, ro), TOL["out"])
-    record(name, L, "lse", rel(aux.lse, rl), TOL["lse"])
-    record(name, L, "kl", rel(aux.kl, rkl), TOL["kl"])
-    for n, r in ref_stats.items():
-        record(name, L, n, rel(aux.stats[n], r), TOL["entropy"])
-    for n, a, b in zip(["dq", "dk", "dv", "d_iq", "d_ik"], grads, rgrads):
-        record(name, L, n, rel(a, b), TOL[n])
 
 
 DEFAULT_TUNE = ";".join([
@@ -290,17 +105,7 @@ def tune(L: int, specs: str, reps: int = 5) -> None:
     fused_kl = T.FusedKL(iq, ik, ilse, kl_cfg.index_softmax_scale)
 
     def timed(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        return sorted(ts)[len(ts) // 2]
+        return timed_ms(fn, reps)
 
     print(f"\n| config (L={L}) | fwd ms | fwd TF/s | bwd ms | bwd TF/s | fwd+bwd ms |\n|---|---|---|---|---|---|")
     for spec in specs.split(";"):
@@ -426,13 +231,21 @@ def aot_report(arch: int = 90) -> int:
     return 1 if bad else 0
 
 
+def run_tests(lengths: str, slice_rows: int, cpu: bool, index_backend: str) -> int:
+    env = dict(os.environ, MSA_GPU_MAIN_LENGTHS=lengths, MSA_GPU_SLICE=str(slice_rows), MSA_INDEX_BACKEND=index_backend)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/gpu/test_gpu_main.py",
+           "-m", "not gpu" if cpu else "gpu"]
+    print(" ".join(cmd), f"(lengths {lengths}, slice {slice_rows}, index backend {index_backend})", flush=True)
+    return subprocess.call(cmd, cwd=ROOT, env=env)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="8K and 32K main branch, 8K op (about a minute)")
+    p.add_argument("--quick", action="store_true", help="8K and 32K main branch, 8K op")
     p.add_argument("--lengths", default=None, help="main-branch lengths (default 8K,32K,128K; quick 8K,32K)")
     p.add_argument("--slice", type=int, default=256, help="query rows compared with the reference")
     p.add_argument("--index-backend", default="triton", choices=["triton", "reference"])
-    p.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cpu-smoke", action="store_true", help="the tests' CPU subset under TRITON_INTERPRET=1")
     p.add_argument("--tune", action="store_true", help="time kernel configs instead of checking")
     p.add_argument("--aot", action="store_true", help="compile for sm_90a without a GPU; print regs/spills")
     p.add_argument("--tune-L", type=parse_length, default=parse_length("128K"))
@@ -441,37 +254,15 @@ def main() -> int:
     if args.aot:
         return aot_report()
     if args.cpu_smoke:
-        cpu_smoke_layout()
-    elif not torch.cuda.is_available():
+        return run_tests("4096", args.slice, cpu=True, index_backend=args.index_backend)
+    if not torch.cuda.is_available():
         print("gpu_check_main needs a CUDA device", file=sys.stderr)
         return 2
-    from msa_megatron.ops import triton_sparse_attn as T
-
     if args.tune:
         tune(args.tune_L, args.tune_configs)
         return 0
-    T.POISON_OUTPUTS = True
-    lengths = [parse_length(x) for x in (args.lengths or ("8K,32K" if args.quick else "8K,32K,128K")).split(",")]
-    print(f"device {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu (interpreter)'} | torch {torch.__version__} | lengths {lengths} | "
-          f"kernel config {T.default_config()}", flush=True)
-    t0 = time.time()
-    for L in lengths:
-        guarded("main", L, lambda: check_main(L, args.slice, T))
-    guarded("variants", lengths[0], lambda: check_variants(lengths[0], T))
-    op_lengths = [lengths[0]] if args.quick else sorted({lengths[0], lengths[-1]})
-    for L in op_lengths:
-        guarded("op msa", L, lambda: check_op(L, args.slice, "msa", args.index_backend))
-    guarded("op msa_warmup", lengths[0], lambda: check_op(lengths[0], args.slice, "msa_warmup", args.index_backend))
-    if args.index_backend == "triton":
-        for L in op_lengths:
-            guarded("op msa kl_fused", L, lambda: check_op(L, args.slice, "msa", args.index_backend, kl_fused=True))
-    print(f"\n| check | L | metric | value | tol | ok |\n|---|---|---|---|---|---|")
-    for check, L, metric, value, tol, ok in ROWS:
-        print(f"| {check} | {L} | {metric} | {value:.3g} | {tol:.3g} | {'ok' if ok else 'FAIL'} |")
-    print(f"\n{len(ROWS) - len(FAILED)}/{len(ROWS)} checks passed in {time.time() - t0:.0f} s")
-    for f in FAILED:
-        print(f"FAIL: {f}")
-    return 1 if FAILED else 0
+    lengths = args.lengths or ("8K,32K" if args.quick else "8K,32K,128K")
+    return run_tests(lengths, args.slice, cpu=False, index_backend=args.index_backend)
 
 
 if __name__ == "__main__":

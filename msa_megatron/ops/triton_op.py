@@ -19,9 +19,11 @@ The index branch sits behind a small seam (:data:`INDEX_BACKEND`): ``"triton"`` 
 ``"reference"`` the pure-PyTorch reference (selection, KL terms + autograd). Switching is the
 one constant (or ``MSA_INDEX_BACKEND``); a missing module is an error, never a fallback.
 
-Dense main branch: FlexAttention (compiled; GQA, arbitrary q_pos, returns the LSE) on CUDA.
-Off CUDA (the CPU tests run the kernels through ``TRITON_INTERPRET=1``) it is the sparse
-kernel with every visible block selected, which is exactly dense causal attention.
+Dense main branch (``dense`` / ``msa_warmup``): on CUDA torch's fused SDPA ops that return the
+log-sum-exp (flash for fp16/bf16 square causal, memory-efficient for fp32 or an explicit mask),
+else the sparse kernel with every visible block selected, which is exactly dense causal
+attention; off CUDA (the CPU tests, ``TRITON_INTERPRET=1``) always the latter. No compile step
+and no donated buffers, so ``retain_graph=True`` works (see :func:`dense_plan`).
 """
 
 from __future__ import annotations
@@ -229,38 +231,120 @@ def _kl_path(mode: str, backend: str, need_grad: bool, kernel_config: Optional[K
 
 
 # ----------------------------------------------------------------------------- dense main branch
-_compiled_flex = None
+#: Dense main-branch kernels (``dense`` / ``msa_warmup``): "auto" picks per call (see
+#: :func:`dense_plan`); "flash", "efficient" or "triton" force one (an error where it cannot run).
+DENSE_IMPLS = ("auto", "flash", "efficient", "triton")
+DENSE_IMPL = "auto"
+
+#: Largest explicit causal mask (bytes, [sq, sk] in q's dtype, kept for the backward) handed to
+#: the efficient kernel for arbitrary q_pos; above it the Triton kernel with the full selection runs.
+MASK_BUDGET_BYTES = 256 << 20
 
 
-def _flex_dense(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, default_pos: bool, scale: float) -> Tuple[Tensor, Tensor]:
-    """Causal GQA attention with keys <= q_pos through compiled FlexAttention (CUDA)."""
-    global _compiled_flex
-    from torch.nn.attention import flex_attention as fa
+@dataclass(frozen=True)
+class DensePlan:
+    """Which kernel runs the dense main branch and why (logged once per distinct reason)."""
 
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(fa.flex_attention, dynamic=False)
-    b, sq, hq, d = q.shape
-    sk = k.shape[1]
-    if default_pos:
-        offset = sk - sq
+    impl: str  # "flash" | "efficient" | "triton"
+    square: bool  # query i sees keys 0..i (keys past the last query dropped): is_causal, no mask
+    reason: str
 
-        def mask_mod(b_, h_, qi, ki):
-            return ki <= qi + offset
+
+def dense_plan(device_type: str, dtype: torch.dtype, d: int, sq: int, sk: int, square: bool,
+               capability: Tuple[int, int] = (9, 0), impl: str = "auto", strict_determinism: bool = False) -> DensePlan:
+    """Pure dispatch rule (no tensors, testable on CPU).
+
+    CUDA: torch's flash-attention op when fp16/bf16, head dim a multiple of 8 up to 256, sm80+
+    and a square causal pattern (flash's is_causal is only unambiguous when sq == sk); else
+    torch's memory-efficient op (any of fp32/fp16/bf16; is_causal when square, otherwise an
+    explicit additive mask up to MASK_BUDGET_BYTES); else the Triton sparse kernel with every
+    visible block selected (exact, any q_pos). Off CUDA: always the Triton kernel (interpreter).
+    ``strict_determinism`` (torch.use_deterministic_algorithms(True) without warn_only): the
+    efficient op's backward would refuse to run, so it is never chosen.
+    Both torch ops return the natural-log LSE and have autograd formulas (no compile step, no
+    donated buffers: retain_graph=True works)."""
+    if impl not in DENSE_IMPLS:
+        raise ValueError(f"dense impl {impl!r} is invalid: allowed values are {', '.join(DENSE_IMPLS)}")
+    mask_bytes = sq * (-(-sk // 16) * 16) * torch.empty((), dtype=dtype).element_size()
+    why_not = {}
+    if device_type != "cuda":
+        why_not["flash"] = why_not["efficient"] = f"tensors on {device_type}"
+    elif sq == 0 or sk == 0:
+        why_not["flash"] = why_not["efficient"] = "empty sequence"
     else:
-        pos = q_pos.to(torch.int64)
+        if dtype not in (torch.float16, torch.bfloat16):
+            why_not["flash"] = f"{str(dtype)[6:]} inputs (flash needs fp16/bf16)"
+        elif d % 8 or d > 256:
+            why_not["flash"] = f"head dim {d} (flash needs a multiple of 8 up to 256)"
+        elif tuple(capability) < (8, 0):
+            why_not["flash"] = f"sm{capability[0]}{capability[1]} (flash needs sm80+)"
+        elif not square:
+            why_not["flash"] = "q_pos / sq != sk needs an explicit causal mask"
+        if d % 8:
+            why_not["efficient"] = f"head dim {d} (efficient attention here needs a multiple of 8)"
+        elif strict_determinism:
+            why_not["efficient"] = "deterministic algorithms on (efficient attention's backward is not deterministic)"
+        elif not square and mask_bytes > MASK_BUDGET_BYTES:
+            why_not["efficient"] = (f"the explicit causal mask would take {mask_bytes >> 20} MiB "
+                                    f"(> MASK_BUDGET_BYTES {MASK_BUDGET_BYTES >> 20} MiB)")
+    if impl != "auto":
+        if impl in why_not:
+            raise ValueError(f"dense impl {impl!r} cannot run here: {why_not[impl]}")
+        return DensePlan(impl, square, f"dense impl {impl} requested")
+    if "flash" not in why_not:
+        return DensePlan("flash", square, "fp16/bf16, square causal pattern")
+    if "efficient" not in why_not:
+        how = "is_causal" if square else f"explicit causal mask ({mask_bytes >> 20} MiB)"
+        return DensePlan("efficient", square, f"{why_not['flash']}; {how}")
+    return DensePlan("triton", square, f"{why_not['efficient']}: Triton kernel, every visible block selected")
 
-        def mask_mod(b_, h_, qi, ki):
-            return ki <= pos[qi]
 
-    block_mask = fa.create_block_mask(mask_mod, None, None, sq, sk, device=q.device, _compile=True)
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if hasattr(fa, "AuxRequest"):
-        out, aux = _compiled_flex(qt, kt, vt, block_mask=block_mask, scale=scale, enable_gqa=True,
-                                  return_aux=fa.AuxRequest(lse=True))
-        lse = aux.lse
-    else:  # torch < 2.9
-        out, lse = _compiled_flex(qt, kt, vt, block_mask=block_mask, scale=scale, enable_gqa=True, return_lse=True)
-    return out.transpose(1, 2).contiguous(), lse.detach().float()
+def _square_causal(q_pos: Tensor, default_pos: bool, sq: int, sk: int) -> bool:
+    """Query i sees exactly keys 0..i: default positions with sq == sk, or q_pos == 0..sq-1."""
+    if default_pos:
+        return sq == sk
+    return 0 < sq <= sk and bool(torch.equal(q_pos, torch.arange(sq, device=q_pos.device, dtype=q_pos.dtype)))
+
+
+# The two torch ops, behind names the CPU tests can replace with the CPU op of the same contract.
+def _flash_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
+    return res[0], res[1]
+
+
+def _efficient_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], causal: bool,
+                  scale: float) -> Tuple[Tensor, Tensor]:
+    res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal, scale=scale)
+    return res[0], res[1]
+
+
+def causal_bias(q_pos: Tensor, sk: int, dtype: torch.dtype) -> Tensor:
+    """Additive mask [sq, sk] (0 where key <= q_pos, -inf after), a view of rows padded to a
+    multiple of 16 elements (the memory-efficient kernel's bias alignment)."""
+    sk_pad = -(-sk // 16) * 16
+    keys = torch.arange(sk_pad, device=q_pos.device)
+    bias = torch.zeros(q_pos.shape[0], sk_pad, device=q_pos.device, dtype=dtype)
+    return bias.masked_fill_(keys[None, :] > q_pos[:, None], float("-inf"))[:, :sk]
+
+
+def _sdpa_dense(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, plan: DensePlan, scale: float) -> Tuple[Tensor, Tensor]:
+    """Dense causal GQA through one of torch's fused SDPA ops: (out [b, sq, hq, d], lse [b, hq, sq]
+    fp32, natural log, detached). K/V heads are repeated per query head (the ops' GQA support
+    varies by version; autograd sums the repeats' gradients back)."""
+    b, sq, hq, d = q.shape
+    G = hq // k.shape[2]
+    if plan.square:  # keys after the last query's position are never visible
+        k, v = k[:, :sq], v[:, :sq]
+    qt = q.transpose(1, 2)
+    kt = k.transpose(1, 2).repeat_interleave(G, dim=1) if G > 1 else k.transpose(1, 2)
+    vt = v.transpose(1, 2).repeat_interleave(G, dim=1) if G > 1 else v.transpose(1, 2)
+    if plan.impl == "flash":
+        out, lse = _flash_op(qt, kt, vt, scale)
+    else:
+        bias = None if plan.square else causal_bias(q_pos, k.shape[1], q.dtype)[None, None].expand(b, hq, sq, -1)
+        out, lse = _efficient_op(qt, kt, vt, bias, plan.square, scale)
+    # efficient attention pads the LSE's query axis (to a multiple of 32)
+    return out.transpose(1, 2).contiguous(), lse[:, :, :sq].detach().float().contiguous()
 
 
 def full_selection(b: int, g: int, q_pos: Tensor, sk: int, block_size: int) -> Tensor:
@@ -273,11 +357,36 @@ def full_selection(b: int, g: int, q_pos: Tensor, sk: int, block_size: int) -> T
 
 def dense_attention_triton(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, default_pos: bool, scale: float,
                            block_size: int, kernel_config: Optional[KernelConfig] = None,
-                           deterministic: bool = True) -> Tuple[Tensor, Tensor]:
-    """Dense causal main branch: (out, lse); differentiable w.r.t. q, k, v."""
-    if q.device.type == "cuda":
-        return _flex_dense(q, k, v, q_pos, default_pos, scale)
-    sel = full_selection(q.shape[0], k.shape[2], q_pos, k.shape[1], block_size)
+                           deterministic: bool = True, impl: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """Dense causal main branch: (out, lse [b, hq, sq] fp32 natural log, detached);
+    out differentiable w.r.t. q, k, v, and the graph may be retained (retain_graph=True).
+
+    ``impl`` (default :data:`DENSE_IMPL`): see :func:`dense_plan`. The chosen kernel and the
+    reason are logged once. With "auto", a torch op that rejects the inputs at launch (a
+    RuntimeError, e.g. a kernel missing for this GPU) is logged and replaced by the Triton
+    kernel; a forced impl raises instead. ``deterministic`` applies to the Triton kernel; the
+    torch ops follow ``torch.use_deterministic_algorithms``."""
+    impl = impl or DENSE_IMPL
+    b, sq, hq, d = q.shape
+    sk = k.shape[1]
+    cuda = q.device.type == "cuda"
+    square = cuda and sq > 0 and _square_causal(q_pos, default_pos, sq, sk)
+    cap = torch.cuda.get_device_capability(q.device) if cuda else (0, 0)
+    strict = torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    plan = dense_plan(q.device.type, q.dtype, d, sq, sk, square, cap, impl, strict)
+    # once per (kernel, pattern, dtype, head dim): a bounded set, whatever the lengths
+    _announce(f"dense-{plan.impl}-{plan.square}-{q.dtype}-{d}", f"MSA dense main branch: {plan.impl} ({plan.reason})")
+    if plan.impl != "triton":
+        try:
+            return _sdpa_dense(q, k, v, q_pos, plan, scale)
+        except RuntimeError as exc:
+            if impl != "auto":
+                raise
+            msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            _announce(f"dense-fail-{plan.impl}-{q.dtype}-{d}",
+                      f"MSA dense main branch: torch {plan.impl} attention failed for {str(q.dtype)[6:]} head dim {d} "
+                      f"({msg}); running the Triton kernel with every visible block selected instead")
+    sel = full_selection(b, k.shape[2], q_pos, sk, block_size)
     return sparse_attention(q, k, v, sel, block_size, q_pos, scale, config=kernel_config, deterministic=deterministic)
 
 
@@ -369,4 +478,5 @@ def msa_attention_triton(
     return out, aux
 
 
-__all__ = ["INDEX_BACKEND", "dense_attention_triton", "full_selection", "msa_attention_triton"]
+__all__ = ["DENSE_IMPL", "DENSE_IMPLS", "DensePlan", "INDEX_BACKEND", "causal_bias", "dense_attention_triton",
+           "dense_plan", "full_selection", "msa_attention_triton"]
