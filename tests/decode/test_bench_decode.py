@@ -1,10 +1,6 @@
 """The decode benchmark's Python paths on CPU (the timing itself needs a GPU): its
 correctness pass under the Triton interpreter at a tiny head layout, and the report table."""
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
 import torch
 
@@ -12,11 +8,13 @@ pytest.importorskip("triton")
 
 from msa_megatron.bench import decode as BD  # noqa: E402
 
+from .conftest import DEVICE  # noqa: E402
+
 
 def test_correctness_pass_tiny_layout(monkeypatch):
     for name, value in dict(HQ=8, G=2, D=16, DI=16, BLOCK=16, TOPK=3).items():
         monkeypatch.setattr(BD, name, value)
-    c = BD.Caches(77, 2, dtype=torch.float32, device="cpu", seed=3)
+    c = BD.Caches(77, 2, dtype=torch.float32, device=DEVICE, seed=3)
     res = BD.correctness(c)
     assert res["ok"], res
     assert res["selection_rows_identical"] == 1.0 and res["selection_diffs_are_near_ties"]

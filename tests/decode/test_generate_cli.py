@@ -28,7 +28,7 @@ QUIET = ["logging.progress_bar=false", "logging.log_interval=1", "logging.peak_t
 def run_dir(tmp_path_factory):
     cache = tmp_path_factory.mktemp("msa_cache")
     run = tmp_path_factory.mktemp("gen") / "tiny"
-    srv = RunServer(env={"MSA_CACHE_DIR": str(cache)})
+    srv = RunServer(env={"MSA_CACHE_DIR": str(cache), "CUDA_VISIBLE_DEVICES": ""})  # a CPU test everywhere
     try:
         r = srv.run(run, QUIET + ["train.steps=3", "attention.warmup.steps=1", "train.seq_length=32", "attention.msa.topk=2",
                                   "train.global_batch_size=2", "train.micro_batch_size=2",
@@ -40,7 +40,7 @@ def run_dir(tmp_path_factory):
 
 
 def generate(*args: str, expect_ok: bool = True):
-    env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_INTERPRET="0")
+    env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
     p = subprocess.run([sys.executable, "-m", "msa_megatron.generate", *args], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
     if expect_ok:

@@ -1,7 +1,8 @@
 """Triton decode kernel (ops/triton_decode.py) vs the pure-PyTorch decode step
-(ops/decode_naive.py), under TRITON_INTERPRET=1 on CPU at tiny sizes (block 16, head and
-index dim 16-32, caches of 1-100 tokens in Megatron's [S, b, ...] layout, padded with NaN
-past each row's length so a read beyond it shows).
+(ops/decode_naive.py), under TRITON_INTERPRET=1 on CPU (compiled on the GPU where CUDA is
+present, see conftest.py) at tiny sizes (block 16, head and index dim 16-32, caches of 1-130
+tokens in Megatron's [S, b, ...] layout, padded with NaN past each row's length so a read
+beyond it shows). ``test_gpu_paper_layout`` (marked gpu) runs the paper's layout on CUDA.
 
 Tolerances:
   * selection: identical to the naive one, except that in a near-tie (reference block
@@ -27,6 +28,8 @@ from msa_megatron.config import MSAConfig  # noqa: E402
 from msa_megatron.ops import triton_decode as TD  # noqa: E402
 from msa_megatron.ops.decode_naive import dense_decode_naive, msa_decode_naive  # noqa: E402
 
+from .conftest import DEVICE  # noqa: E402
+
 SCORE_TOL = 1e-4
 OUT_TOL = {torch.float32: dict(rtol=0, atol=2e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
            torch.float16: dict(rtol=2e-3, atol=2e-3)}
@@ -49,7 +52,7 @@ def make_step(b, lens, hq, g, d, di, dtype, seed, S=None, integer=False):
             c[:L, i] = r(L, *tail)
         return c
 
-    return r(b, hq, d), cache(g, d), cache(g, d), r(b, g, di), cache(di)
+    return tuple(t.to(DEVICE) for t in (r(b, hq, d), cache(g, d), cache(g, d), r(b, g, di), cache(di)))
 
 
 def assert_selection_close(sel_k, sel_n, iq, ik_cache, lens, cfg):
@@ -66,7 +69,7 @@ def assert_selection_close(sel_k, sel_n, iq, ik_cache, lens, cfg):
 
 def check(b, lens, hq, g, d, di, dtype, cfg, seed, S=None, integer=False):
     q, kc, vc, iq, ikc = make_step(b, lens, hq, g, d, di, dtype, seed, S, integer)
-    lens_t = torch.tensor(lens)
+    lens_t = torch.tensor(lens, device=DEVICE)
     out_n, lse_n, sel_n = msa_decode_naive(q, kc, vc, iq, ikc, lens_t, cfg)
     out_k, lse_k, sel_k = TD.msa_decode_triton(q, kc, vc, iq, ikc, lens_t, cfg)
     assert sel_k.dtype == torch.int32 and sel_k.shape == (b, g, cfg.topk)
@@ -100,12 +103,13 @@ def test_full_budget_is_dense(dtype):
     cfg = MSAConfig(block_size=16, topk=8, index_dim=16)  # up to 7 blocks <= 8
     lens = [100, 33, 16]
     q, kc, vc, iq, ikc = make_step(3, lens, 8, 2, 16, 16, dtype, seed=11)
-    out_k, lse_k, sel = TD.msa_decode_triton(q, kc, vc, iq, ikc, torch.tensor(lens), cfg)
+    out_k, lse_k, sel = TD.msa_decode_triton(q, kc, vc, iq, ikc, torch.tensor(lens, device=DEVICE), cfg)
     assert sel[0, 0].tolist() == list(range(7)) + [-1] and sel[2, 1].tolist() == [0] + [-1] * 7
-    out_d, lse_d = dense_decode_naive(q, kc, vc, torch.tensor(lens))
+    out_d, lse_d = dense_decode_naive(q, kc, vc, torch.tensor(lens, device=DEVICE))
     torch.testing.assert_close(out_k.float(), out_d.float(), **OUT_TOL[dtype])
     torch.testing.assert_close(lse_k, lse_d.float(), rtol=0, atol=LSE_TOL[dtype])
-    out_f, lse_f = TD.dense_decode_triton(q, kc, vc, torch.tensor(lens), block_size=16, blocks_per_split=3)
+    out_f, lse_f = TD.dense_decode_triton(q, kc, vc, torch.tensor(lens, device=DEVICE), block_size=16,
+                                          blocks_per_split=3)
     torch.testing.assert_close(out_f.float(), out_d.float(), **OUT_TOL[dtype])
     torch.testing.assert_close(lse_f, lse_d.float(), rtol=0, atol=LSE_TOL[dtype])
 
@@ -119,7 +123,8 @@ def test_exact_ties_and_forced_blocks():
     # the streamed top-k (block scores in several register tiles, re-read K times) agrees
     q, kc, vc, iq, ikc = make_step(3, [130, 90, 49], 8, 2, 16, 16, torch.float32, seed=5, integer=True)
     for chunk in (2, 4):
-        assert torch.equal(TD.decode_select_triton(iq, ikc, torch.tensor([130, 90, 49]), cfg, topk_chunk=chunk), sel)
+        lens_t = torch.tensor([130, 90, 49], device=DEVICE)
+        assert torch.equal(TD.decode_select_triton(iq, ikc, lens_t, cfg, topk_chunk=chunk), sel)
     assert sel[0, 0, -2:].tolist() == [7, 8] and sel[2, 0].tolist()[-2:] == [2, 3]
 
 
@@ -147,3 +152,15 @@ def test_bad_inputs_are_clear_errors():
         TD.msa_decode_triton(q, kc, vc, iq, ikc, 99, cfg)
     with pytest.raises(ValueError, match="dtype torch.float64"):
         TD.msa_decode_triton(q.double(), kc.double(), vc.double(), iq, ikc, 20, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L,b", [(4099, 2), (131072 + 77, 1), (65536, 8)])
+def test_gpu_paper_layout(L, b):
+    """CUDA, the paper's layout (64 q / 4 KV heads, d 128, index dim 128, block 128, top-16),
+    bf16, odd and long caches: kernel vs the naive step on the same values."""
+    cfg = MSAConfig(block_size=128, topk=16, index_dim=128)
+    check(b, [L] * b, 64, 4, 128, 128, torch.bfloat16, cfg, seed=L % 97)
+    cfg_dense = MSAConfig(block_size=128, topk=64, index_dim=128)  # 4099 tokens = 33 blocks <= 64: dense
+    if L < 64 * 128:
+        check(b, [L] * b, 64, 4, 128, 128, torch.bfloat16, cfg_dense, seed=1)
