@@ -1,6 +1,6 @@
 """msa-generate on a tiny msa-train run (CPU): the run is trained for 3 steps (1 warmup)
 at 32 tokens with top-2 blocks of 16, then generated from past its training length
-(prompt 19 + 40 new tokens: 4 blocks at top-2, so decoding is sparse) through the CLI.
+(prompt 19 + 24 new tokens: 3 blocks at top-2, so decoding is sparse) through the CLI.
 
 Checks: the cached generation equals the no-cache one token by token (greedy, fp32,
 reference backend); dense mode with nucleus sampling runs from the same checkpoint;
@@ -51,7 +51,7 @@ def generate(*args: str, expect_ok: bool = True):
 
 @pytest.mark.slow
 def test_cached_equals_uncached_and_runs_past_training_length(run_dir):
-    common = ["--prompt", "def main(argv):\n    ", "--max-new-tokens", "40", "--json", "--backend", "reference"]
+    common = ["--prompt", "def main(argv):\n    ", "--max-new-tokens", "24", "--json", "--backend", "reference"]
     cached = generate(str(run_dir), *common)
     uncached = generate(str(run_dir / "checkpoints"), *common, "--no-cache")
     assert cached["mode"] == "msa" and cached["precision"] == "fp32" and cached["byte_tokens"]
