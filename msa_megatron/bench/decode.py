@@ -179,9 +179,11 @@ def correctness(c: Caches) -> Dict[str, object]:
 
 
 def run(out_dir: Optional[str], contexts=CONTEXTS, batches=BATCHES, iters: int = 20,
-        time_budget_s: float = 170.0, log=print) -> Dict[str, object]:
+        time_budget_s: float = 170.0, log=print, device: str = "cuda",
+        correctness_cases=((4099, 2), None)) -> Dict[str, object]:
     """Correctness pass, then the timing grid; writes decode_bench.{json,md} to out_dir after
-    every record (a partial run keeps its results)."""
+    every record (a partial run keeps its results). ``correctness_cases``: (L, b) pairs, None
+    meaning (longest context, 1). ``device`` other than cuda: the CPU test of this flow."""
     from ..ops import triton_decode as TD
 
     t_start = time.time()
@@ -190,7 +192,7 @@ def run(out_dir: Optional[str], contexts=CONTEXTS, batches=BATCHES, iters: int =
             "commit": git_commit(), "torch": torch.__version__, "triton": __import__("triton").__version__,
             "layout": f"{HQ} q / {G} KV heads, d {D}, index dim {DI}, block {BLOCK}, top-{TOPK}, bf16"}
     report: Dict[str, object] = {"meta": meta, "correctness": [], "records": []}
-    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.float32, device="cuda")
+    flush = torch.empty(256 * 1024 * 1024 // 4 if device == "cuda" else 1024, dtype=torch.float32, device=device)
     conf = cfg()
 
     def save():
@@ -199,9 +201,10 @@ def run(out_dir: Optional[str], contexts=CONTEXTS, batches=BATCHES, iters: int =
             (Path(out_dir) / "decode_bench.json").write_text(json.dumps(report, indent=1))
             (Path(out_dir) / "decode_bench.md").write_text(markdown(report))
 
-    for L, b in ((4099, 2), (max(contexts), 1)):  # an odd length, and the longest context
+    for case in correctness_cases:  # an odd length, and the longest context
+        L, b = case if case is not None else (max(contexts), 1)
         try:
-            c = Caches(L, b, seed=1)
+            c = Caches(L, b, seed=1, device=device)
             res = correctness(c)
             del c
         except Exception as exc:  # noqa: BLE001 - report, keep going
@@ -222,7 +225,7 @@ def run(out_dir: Optional[str], contexts=CONTEXTS, batches=BATCHES, iters: int =
             try:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-                c = Caches(L, b)
+                c = Caches(L, b, device=device)
                 impls = {
                     "msa": lambda: TD.msa_decode_triton(c.q, c.k_seq, c.v_seq, c.iq, c.ik, L, conf),
                     "msa_select": lambda: TD.decode_select_triton(c.iq, c.ik, L, conf),
