@@ -57,8 +57,10 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from .. import reference
 from ..config import ATTENTION_MODES, MSAConfig, MSAConfigError
-from ..ops import msa_attention
+from ..ops import msa_attention, resolve_backend
+from ..ops.decode_naive import msa_decode_naive
 from .context_parallel import gather_kv_and_select_for_cp, gather_kv_for_cp
 from .kl_loss import attach_kl_loss
 from .metrics import TRACKER
@@ -292,6 +294,7 @@ class MSACoreAttention(MegatronModule):
             pg_collection=pg_collection,
         )
         self._index_inputs: Optional[Tuple[Tensor, Tensor]] = None
+        self._inference_offset: Optional[int] = None  # KV-cache inference: position of the first new token
 
     # -- index inputs handed over by MSASelfAttention
     def set_index_inputs(self, iq: Tensor, ik: Tensor) -> None:
@@ -299,6 +302,12 @@ class MSACoreAttention(MegatronModule):
 
     def clear_index_inputs(self) -> None:
         self._index_inputs = None
+        self._inference_offset = None
+
+    def set_inference_offset(self, offset: int) -> None:
+        """The next forward is a KV-cache step: its queries sit at positions offset.. and
+        key/value/index_key hold the whole cache (positions 0..offset + sq - 1)."""
+        self._inference_offset = int(offset)
 
     def pending_index_kwargs(self) -> Dict[str, Tensor]:
         """The index inputs as keyword tensors, for Megatron's checkpointed core attention."""
@@ -342,7 +351,14 @@ class MSACoreAttention(MegatronModule):
             raise NotImplementedError("MSA layers do not support packed sequences (packed_seq_params) yet")
         if attention_bias is not None:
             raise NotImplementedError("MSA layers do not support attention_bias")
-        if attn_mask_type not in (None, AttnMaskType.causal):
+        if self._inference_offset is not None and self.mode == "msa_warmup":
+            # warmup's main branch is dense: the layer decodes as Megatron's dense attention
+            return self.dense_attention(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                        attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+        # KV-cache steps after the prefill come with no_mask (Megatron's convention): the
+        # positions of the queries make them causal here.
+        if attn_mask_type not in (None, AttnMaskType.causal) and not (
+                self._inference_offset is not None and attn_mask_type == AttnMaskType.no_mask):
             raise ValueError(f"MSA is causal; got attn_mask_type={attn_mask_type}")
         if attention_mask is not None:
             _warn_once("mask", "MSA layers apply their own causal mask and ignore attention_mask "
@@ -351,6 +367,8 @@ class MSACoreAttention(MegatronModule):
             if self._index_inputs is None:
                 raise RuntimeError("MSACoreAttention called without index inputs: MSASelfAttention provides them")
             index_query, index_key = self._index_inputs
+        if self._inference_offset is not None:
+            return self.inference_forward(query, key, value, index_query, index_key, self._inference_offset)
         sq, b = query.shape[:2]
         q = query.transpose(0, 1).contiguous()
         k = key.transpose(0, 1).contiguous()
@@ -378,6 +396,59 @@ class MSACoreAttention(MegatronModule):
         if self.training and grad_on and aux.kl is not None and aux.kl.requires_grad:
             out = attach_kl_loss(out, aux.kl * self.kl_weight(b, sq))
         return out
+
+    def inference_forward(self, query: Tensor, key: Tensor, value: Tensor, index_query: Tensor, index_key: Tensor,
+                          offset: int) -> Tensor:
+        """One KV-cache step in mode msa (docs/decoding.md). query [sq, b, hq, d] at positions
+        offset..offset+sq-1; key/value [offset+sq, b, g, d] and index_key [offset+sq, b, di]: the
+        whole cache. One new token per sequence after a prefill: the decode op (Triton kernel on
+        CUDA, ops/decode_naive.py elsewhere); otherwise (prefill, chunked prefill) the MSA op
+        at those positions without the KL. No statistics are recorded."""
+        sq, b = query.shape[:2]
+        sk = key.shape[0]
+        if sk != offset + sq or index_key.shape[0] != sk:
+            raise RuntimeError(f"KV-cache step: {sq} queries at offset {offset} need {offset + sq} cached keys and index "
+                               f"keys; got {sk} and {index_key.shape[0]}")
+        backend = _inference_backend(self.msa, query.device)
+        with torch.no_grad():
+            if sq == 1 and offset > 0:
+                out = msa_decode(query[0], key, value, index_query[0], index_key, sk, self.msa,
+                                 softmax_scale=self.softmax_scale, backend=backend)[0]
+                return out.reshape(1, b, -1)
+            q = query.transpose(0, 1).contiguous()
+            k = key.transpose(0, 1).contiguous()
+            v = value.transpose(0, 1).contiguous()
+            iq = index_query.transpose(0, 1).contiguous()
+            ik = index_key.transpose(0, 1).contiguous()
+            q_pos = torch.arange(offset, sk, device=q.device)
+            if backend == "triton":
+                from ..ops.triton_op import msa_attention_triton
+
+                out, _ = msa_attention_triton(q, k, v, iq, ik, self.msa, q_pos=q_pos, mode="msa",
+                                              softmax_scale=self.softmax_scale, compute_kl=False)
+            else:
+                block_idx = reference.select(iq, ik, self.msa, q_pos)
+                out, _ = reference.sparse_attention(q, k, v, block_idx, self.msa.block_size, q_pos, self.softmax_scale)
+        return out.transpose(0, 1).reshape(sq, b, -1)
+
+
+def _inference_backend(cfg: MSAConfig, device: torch.device) -> str:
+    """'triton' or 'reference' for a KV-cache step (the op's own rule: msa.backend, CUDA).
+    A seam: the interpreter tests route the Megatron path through the kernels on CPU."""
+    return resolve_backend(cfg, device)
+
+
+def msa_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, iq: Tensor, ik_cache: Tensor, seq_lens, cfg: MSAConfig,
+               softmax_scale: Optional[float] = None, backend: Optional[str] = None):
+    """One decode step over Megatron's sequence-first caches: (out [b, hq, d], lse [b, hq],
+    block_idx [b, g, K]); see :mod:`msa_megatron.ops.decode_naive` for the layout.
+    ``backend`` None: per msa.backend and the device (Triton kernel on CUDA)."""
+    backend = backend or resolve_backend(cfg, q.device)
+    if backend == "triton":
+        from ..ops.triton_decode import msa_decode_triton
+
+        return msa_decode_triton(q, k_cache, v_cache, iq, ik_cache, seq_lens, cfg, softmax_scale=softmax_scale)
+    return msa_decode_naive(q, k_cache, v_cache, iq, ik_cache, seq_lens, cfg, softmax_scale=softmax_scale)
 
 
 # ----------------------------------------------------------------------------- self attention
@@ -411,17 +482,27 @@ class MSASelfAttention(SelfAttention):
     def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None,
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
                 attention_bias=None, packed_seq_params=None, sequence_len_offset=None, *, inference_params=None):
+        context = inference_context if inference_context is not None else inference_params
         if self.mode != "dense":
-            if inference_context is not None or inference_params is not None:
-                raise NotImplementedError("MSA layers support KV-cache inference only in 'dense' mode; "
-                                          "call set_attention_mode(model, 'dense')")
             if packed_seq_params is not None:
                 raise NotImplementedError("MSA layers do not support packed sequences (packed_seq_params) yet")
             rope = rotary_pos_emb
             if self.config.no_rope_freq and self.config.no_rope_freq[self.layer_number - 1]:
                 rope = None  # this layer skips RoPE in the main branch, so does its index branch
-            iq, ik = self.indexer(hidden_states, rope, mscale=getattr(self, "_yarn_concentration_factor", 1.0))
-            self.core_attention.set_index_inputs(iq, ik)
+            if context is not None:
+                self._check_inference_context(context)
+            if context is not None and self.mode == "msa_warmup":
+                self.core_attention.set_inference_offset(context.sequence_len_offset)  # dense main branch
+            elif context is not None:
+                start = context.sequence_len_offset
+                end = start + hidden_states.shape[0]
+                iq, ik = self.indexer(hidden_states, _rope_slice(rope, start, end),
+                                      mscale=getattr(self, "_yarn_concentration_factor", 1.0))
+                self.core_attention.set_index_inputs(iq, self._index_key_cache(context, ik, start, end))
+                self.core_attention.set_inference_offset(start)
+            else:
+                iq, ik = self.indexer(hidden_states, rope, mscale=getattr(self, "_yarn_concentration_factor", 1.0))
+                self.core_attention.set_index_inputs(iq, ik)
         try:
             return super().forward(
                 hidden_states, attention_mask, key_value_states=key_value_states, inference_context=inference_context,
@@ -433,6 +514,42 @@ class MSASelfAttention(SelfAttention):
         finally:
             self.core_attention.clear_index_inputs()
 
+    # -- KV-cache inference (docs/decoding.md)
+    def _check_inference_context(self, context) -> None:
+        """MSA decoding runs with Megatron's static inference context only (one length for
+        the whole batch, contiguous per-layer caches); anything else is one clear error."""
+        if not context.is_static_batching():
+            raise NotImplementedError(
+                f"MSA layers in mode {self.mode!r} support Megatron-Core's StaticInferenceContext only, not "
+                f"{type(context).__name__} (paged KV blocks have no index-key cache yet); use StaticInferenceContext "
+                "or set_attention_mode(model, 'dense')")
+        if self.config.flash_decode:
+            raise NotImplementedError(f"MSA layers in mode {self.mode!r} do not support flash_decode=True (Megatron's "
+                                      "flash-decode path bypasses the core attention); set flash_decode=False")
+        if self.core_attention.cp_size > 1:
+            raise NotImplementedError(f"MSA KV-cache inference does not support context parallelism "
+                                      f"(context_parallel_size={self.core_attention.cp_size}); use 1")
+
+    def _index_key_cache(self, context, ik: Tensor, start: int, end: int) -> Tensor:
+        """Append this step's index keys ik [sq, b, di] to the layer's index-key cache and
+        return the cache of this batch up to ``end`` [end, b, di]. The cache sits in
+        ``context.key_value_memory_dict`` under ("msa_index_key", layer_number) as a pair
+        (cache [max_seq, max_batch, di], an empty [0, max_batch] stand-in), so Megatron's
+        swap_key_value_dict (beam search) reorders it with the K/V caches."""
+        key = ("msa_index_key", self.layer_number)
+        if key not in context.key_value_memory_dict:
+            memory = torch.empty(context.max_sequence_length, context.max_batch_size, ik.shape[-1],
+                                 dtype=ik.dtype, device=ik.device)
+            context.key_value_memory_dict[key] = (memory, memory.new_empty(0, context.max_batch_size))
+        memory = context.key_value_memory_dict[key][0]
+        b0 = context.batch_size_offset
+        b1 = b0 + ik.shape[1]
+        if end > memory.shape[0] or b1 > memory.shape[1]:
+            raise ValueError(f"KV-cache step past the inference context: positions up to {end}, batch up to {b1}; "
+                             f"max_sequence_length={memory.shape[0]}, max_batch_size={memory.shape[1]}")
+        memory[start:end, b0:b1] = ik
+        return memory[:end, b0:b1]
+
     def _checkpointed_attention_forward(self, *args, core_attention_extra_kwargs=None, **kwargs):
         # Recomputed core attention must see iq/ik as checkpoint inputs, not the cleared stash.
         extra = dict(core_attention_extra_kwargs or {})
@@ -440,7 +557,17 @@ class MSASelfAttention(SelfAttention):
         return super()._checkpointed_attention_forward(*args, core_attention_extra_kwargs=extra, **kwargs)
 
 
+def _rope_slice(rope, start: int, end: int):
+    """Rotary embedding(s) [max_seq, 1, 1, rot] of positions start..end-1 (Megatron hands the
+    attention the whole context's table in inference and slices it in the K/V update)."""
+    if rope is None:
+        return None
+    if isinstance(rope, tuple):
+        return tuple(None if r is None else r[start:end] for r in rope)
+    return rope[start:end]
+
+
 __all__ = [
     "CPDotProductAttention", "MSACoreAttention", "MSACoreAttentionSubmodules", "MSAIndexer", "MSAIndexerSubmodules",
-    "MSASelfAttention", "MSASelfAttentionSubmodules", "check_mode", "cp_capable_core_attention",
+    "MSASelfAttention", "MSASelfAttentionSubmodules", "check_mode", "cp_capable_core_attention", "msa_decode",
 ]
