@@ -58,6 +58,12 @@ def ensure_process_group() -> None:
         return
     from ..megatron.parallel import ParallelLayout, init_distributed
 
+    if not dist.is_initialized() and "MASTER_PORT" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
+        import socket
+
+        with socket.socket() as s:  # a free port: 29500 may be taken by another job on this host
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     init_distributed(ParallelLayout())
 
 
@@ -199,7 +205,12 @@ def _save_import(model, arch: HFArch, model_cfg: Dict[str, Any], msa: Dict[str, 
                  hf_dir: str, out_dir: str) -> None:
     from ..megatron.checkpoint import save_model_checkpoint
 
+    import torch.distributed as dist
+
     save_model_checkpoint(model, out_dir)
+    if dist.get_rank() != 0:  # data-parallel replicas (a test's two-process job) write the side files once
+        dist.barrier()
+        return
     cfg_dir = os.path.join(out_dir, "configs", "model")
     os.makedirs(cfg_dir, exist_ok=True)
     with open(os.path.join(cfg_dir, f"{model_cfg['name']}.yaml"), "w") as f:
@@ -214,6 +225,7 @@ def _save_import(model, arch: HFArch, model_cfg: Dict[str, Any], msa: Dict[str, 
         os.makedirs(os.path.join(out_dir, FILES_DIR), exist_ok=True)
         for n in files:
             shutil.copy2(os.path.join(hf_dir, n), os.path.join(out_dir, FILES_DIR, n))
+    dist.barrier()
 
 
 # ---------------------------------------------------------------------------- export
