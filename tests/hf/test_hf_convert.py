@@ -115,11 +115,31 @@ def _round_trips(tmp: str):
     return out
 
 
+def _unknown_tensor_error(tmp: str) -> str:
+    """An HF tensor the map does not consume is an error naming it (not silently dropped)."""
+    from hf_cases import make_hf_model
+    from safetensors.torch import load_file, save_file
+
+    from msa_megatron.hf import UnsupportedModelError, import_hf
+
+    d = os.path.join(tmp, "llama_extra")
+    make_hf_model("llama", d)
+    tensors = load_file(os.path.join(d, "model.safetensors"))
+    tensors["model.layers.0.self_attn.sinks"] = torch.zeros(4)
+    save_file(tensors, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+    try:
+        import_hf(d, os.path.join(tmp, "unused"), save=False, show_progress=False, **MSA_ARGS)
+    except UnsupportedModelError as e:
+        return str(e)
+    return "no error"
+
+
 def _single(rank: int, tmp: str):
     from hf_cases import quiet
 
     quiet()
     results = {f: _parity(tmp, f) for f in FAMILIES}
+    results["unknown_tensor"] = _unknown_tensor_error(tmp)
     results["llama_tied"] = _parity(tmp, "llama", tie=True)
     results["round_trips"] = _round_trips(tmp)  # last: the CLI shuts the process group down
     return results
@@ -140,6 +160,12 @@ def test_dense_and_full_budget_msa_match_transformers(single, family):
     assert r["msa_sparse_maxdiff"] > 1e-3, r  # 100 tokens > 48-token budget: sparse, so not dense
     assert r["msa_layers"] == [1, 2]
     assert r["index_init"] == ["mean of the group's query projections / of all key projections", "ones"]
+
+
+@pytest.mark.slow
+def test_unknown_hf_tensor_is_an_error(single):
+    assert "model.layers.0.self_attn.sinks" in single["unknown_tensor"], single["unknown_tensor"]
+    assert "does not know" in single["unknown_tensor"]
 
 
 @pytest.mark.slow
