@@ -163,7 +163,11 @@ def import_hf(hf_dir: str, out_dir: str, *, name: Optional[str] = None, block_si
     filled: set = set()
     given_index: Dict[str, torch.Tensor] = {}
 
+    norm_offset = float(arch.msa_extra.get("index_norm_offset", 0))  # 1: exported with --index-norm gemma
+
     def put(key: str, value: torch.Tensor) -> None:
+        if norm_offset and key.endswith(("index_q_norm.weight", "index_k_norm.weight")):
+            value = value + norm_offset  # Gemma-style 1 + w -> our scale
         if key not in target:
             raise UnsupportedModelError(f"{key} has no place in the model (an index tensor on a dense layer? MSA layers "
                                         f"are {[i for i in range(arch.num_layers) if cfg.msa.is_msa_layer(i)]})")
@@ -258,12 +262,23 @@ def _load_full(checkpoint: str, metadata: Dict[str, Any], keys: List[str]) -> Di
     return dist_checkpointing.load(sd, checkpoint) if sd else {}
 
 
-@torch.no_grad()
+INDEX_NORMS = ("rmsnorm", "gemma")
+
+
 def export_hf(checkpoint: str, out_dir: str, *, hf_config: Optional[str] = None, dtype: Optional[str] = None,
-              max_shard_bytes: int = 4 << 30, show_progress: bool = True) -> Dict[str, Any]:
+              max_shard_bytes: int = 4 << 30, show_progress: bool = True, index_norm: str = "rmsnorm") -> Dict[str, Any]:
     """Distributed checkpoint -> HF directory; returns a summary. ``hf_config``: a
     converted directory (hf_source.json) or an HF directory (config.json) describing the
-    architecture; found automatically for checkpoints made by import_hf or trained from one."""
+    architecture; found automatically for checkpoints made by import_hf or trained from one.
+    ``index_norm='gemma'`` stores index norm scales as MiniMax-M3's Gemma RMSNorm reads
+    them (w - 1; exact for scales in [0.5, 2]); import_hf undoes it from config.json."""
+    if index_norm not in INDEX_NORMS:
+        raise ValueError(f"index_norm={index_norm!r} is invalid: allowed values are {', '.join(INDEX_NORMS)}")
+    return _export_hf(checkpoint, out_dir, hf_config, dtype, max_shard_bytes, show_progress, index_norm)
+
+
+@torch.no_grad()
+def _export_hf(checkpoint, out_dir, hf_config, dtype, max_shard_bytes, show_progress, index_norm):
     from megatron.core import dist_checkpointing
 
     from ..training.checkpoint import resolve_checkpoint
@@ -307,6 +322,8 @@ def export_hf(checkpoint: str, out_dir: str, *, hf_config: Optional[str] = None,
         pairs = ckpt_globals_to_hf(arch, tensors.__getitem__) if i is None else \
             ckpt_layer_to_hf(arch, i, tensors.__getitem__, tensors.__contains__)
         for key, value in pairs:
+            if index_norm == "gemma" and key.endswith(("index_q_norm.weight", "index_k_norm.weight")):
+                value = value.to(out_dtype) - 1  # in the output dtype: exact (Sterbenz) for scales in [0.5, 2]
             writer.add(key, value.to(out_dtype))
             written.append(key)
         if i is not None and f"{prefix}self_attention.indexer.index_k.weight" in tensors:
@@ -324,7 +341,7 @@ def export_hf(checkpoint: str, out_dir: str, *, hf_config: Optional[str] = None,
             "sparse_attention_freq": [int(i in index_layers) for i in range(arch.num_layers)],
             "sparse_disable_index_value": [int(i in index_layers) for i in range(arch.num_layers)]}
         raw["msa_megatron"] = {"block_size": msa.get("block_size"), "topk": msa.get("topk"),
-                               "index_norm": "rmsnorm (y = x / rms(x) * w; MiniMax-M3 stores Gemma-style 1 + w)",
+                               "index_norm": index_norm, "index_norm_offset": int(index_norm == "gemma"),
                                "index_rope": msa.get("index_rope", True)}
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(raw, f, indent=2, sort_keys=True)

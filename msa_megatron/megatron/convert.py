@@ -253,6 +253,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "--to-hf: safetensors dtype (default: config.json's)")
     hf.add_argument("--hf-config", help="--to-hf: converted directory (hf_source.json) or HF directory (config.json) "
                                         "describing the architecture (default: found from the checkpoint)")
+    hf.add_argument("--index-norm", choices=("rmsnorm", "gemma"), default="rmsnorm",
+                    help="--to-hf: index norm scales as stored (rmsnorm: w, the source family's convention) or as "
+                         "MiniMax-M3's Gemma RMSNorm reads them (gemma: w - 1)")
     hf.add_argument("--max-shard-gb", type=float, default=4.0, help="--to-hf: safetensors shard size")
     hf.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -314,7 +317,8 @@ def _main_hf(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                   f"model={name} checkpoint.init_from={os.path.abspath(args.save)} ...")
         else:
             summary = export_hf(args.to_hf, args.save, hf_config=args.hf_config, dtype=args.dtype,
-                                max_shard_bytes=int(args.max_shard_gb * (1 << 30)), show_progress=not args.no_progress)
+                                max_shard_bytes=int(args.max_shard_gb * (1 << 30)), show_progress=not args.no_progress,
+                                index_norm=args.index_norm)
             print(f"{summary['family']}: {summary['tensors']} tensors ({summary['dtype']}) in {summary['shards']}, "
                   f"MSA index tensors on layers {summary['msa_layers']}; saved to {args.save}")
     finally:

@@ -92,6 +92,16 @@ def _round_trips(tmp: str):
         assert main(["--from-hf", src, "--save", ours, *flags]) == 0
         assert main(["--to-hf", ours, "--save", back, "--no-progress"]) == 0
         a, b = _tensors(src), _tensors(back)
+        # a trained indexer's norms are not ones: give the exported index tensors other values
+        # (scales in [0.6, 1.6]) so the trips below must carry them, not re-initialise them
+        from safetensors.torch import save_file
+
+        gen = torch.Generator().manual_seed(13)
+        for k in [k for k in b if ".index_" in k]:
+            noise = torch.rand(b[k].shape, generator=gen)
+            b[k] = (0.6 + noise if k.endswith("_norm.weight") else noise - 0.5).to(b[k].dtype)
+        assert sorted(os.listdir(back)).count("model.safetensors") == 1
+        save_file(b, os.path.join(back, "model.safetensors"), metadata={"format": "pt"})
         index = sorted(k for k in b if ".index_" in k)
         same = sorted(k for k in a if k in b and a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]))
         cfg_src, cfg_back = (json.load(open(os.path.join(d, "config.json"))) for d in (src, back))
@@ -100,6 +110,13 @@ def _round_trips(tmp: str):
         report2 = json.load(open(os.path.join(ours2, "msa_conversion_report.json")))
         assert main(["--to-hf", ours2, "--save", back2, "--no-progress"]) == 0
         c = _tensors(back2)
+        # MiniMax-M3's norm convention: scales stored as w - 1, read back as w
+        gemma, ours3, back3 = (os.path.join(tmp, f"rt_{family}_{n}") for n in ("gemma", "ours3", "back3"))
+        assert main(["--to-hf", ours2, "--save", gemma, "--index-norm", "gemma", "--no-progress"]) == 0
+        g = _tensors(gemma)
+        assert main(["--from-hf", gemma, "--save", ours3, "--no-progress"]) == 0
+        assert main(["--to-hf", ours3, "--save", back3, "--no-progress"]) == 0
+        d = _tensors(back3)
         out[family] = {
             "src": src, "back": back,
             "src_keys": sorted(a), "same_keys": same, "extra_keys": sorted(set(b) - set(a)), "index_keys": index,
@@ -111,6 +128,10 @@ def _round_trips(tmp: str):
             "second_trip_index_from_checkpoint": len(report2["index_from_checkpoint"]),
             "second_trip_index_initialised": len(report2["index_initialised"]),
             "second_trip_config_equal": json.load(open(os.path.join(back2, "config.json"))) == cfg_back,
+            "gemma_norms": all(torch.equal(g[k], c[k] - 1) if k.endswith("_norm.weight") and ".index_" in k
+                               else torch.equal(g[k], c[k]) for k in c),
+            "gemma_config": json.load(open(os.path.join(gemma, "config.json")))["msa_megatron"],
+            "gemma_trip_equal": sorted(d) == sorted(c) and all(torch.equal(c[k], d[k]) for k in c),
         }
     return out
 
@@ -181,6 +202,7 @@ def test_round_trip_bit_equal(single, family):
     assert r["sparse_config"] == {"sparse_num_index_heads": 2, "sparse_index_dim": 16, "sparse_attention_freq": [0, 1, 1],
                                   "sparse_disable_index_value": [0, 1, 1]}
     assert r["second_trip_equal"] and r["second_trip_config_equal"]
+    assert r["gemma_norms"] and r["gemma_config"]["index_norm_offset"] == 1 and r["gemma_trip_equal"]
     assert (r["second_trip_index_from_checkpoint"], r["second_trip_index_initialised"]) == (8, 0)
     # The export loads with from_pretrained and computes the source's logits. Here, in the pytest
     # process: in the spawned job Megatron's CPU compatibility layer (it patches torch.empty & co.)
