@@ -40,6 +40,13 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+def _check_out_dir(out_dir: str) -> None:
+    """Refuse to write into a non-empty directory: stale shards of an earlier conversion
+    would be read together with the new ones."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"--save {out_dir} is not empty: allowed values are a new or empty directory")
+
+
 def read_hf_config(hf_dir: str) -> Dict[str, Any]:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
@@ -146,6 +153,8 @@ def import_hf(hf_dir: str, out_dir: str, *, name: Optional[str] = None, block_si
         raise ValueError(f"index_init={index_init!r} is invalid: allowed values are {', '.join(INIT_METHODS)}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is invalid: allowed values are {', '.join(PRECISIONS)}")
+    if save:
+        _check_out_dir(out_dir)
     raw = read_hf_config(hf_dir)
     arch = HFArch.from_config(raw)
     reader = SafetensorsReader(hf_dir)
@@ -283,6 +292,7 @@ def _export_hf(checkpoint, out_dir, hf_config, dtype, max_shard_bytes, show_prog
 
     from ..training.checkpoint import resolve_checkpoint
 
+    _check_out_dir(out_dir)
     path = resolve_checkpoint(checkpoint)
     source: Dict[str, Any] = {}
     if hf_config is None:

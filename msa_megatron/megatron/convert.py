@@ -321,6 +321,11 @@ def _main_hf(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                                 index_norm=args.index_norm)
             print(f"{summary['family']}: {summary['tensors']} tensors ({summary['dtype']}) in {summary['shards']}, "
                   f"MSA index tensors on layers {summary['msa_layers']}; saved to {args.save}")
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError) as e:  # unsupported model, bad paths / options
+        import sys
+
+        print(f"msa-convert: error: {e}", file=sys.stderr)
+        return 1
     finally:
         shutdown_distributed()
     return 0
