@@ -3,8 +3,10 @@
 Supported families (the Llama/Qwen GQA decoder: RMSNorm, SwiGLU, RoPE in HF's
 ``rotate_half`` layout, which is Megatron's non-interleaved layout, so q/k need no
 permutation): ``llama``, ``mistral``, ``qwen2`` (q/k/v bias), ``qwen3`` (per-head q/k
-RMSNorm), and the MoE families ``mixtral`` and ``qwen3_moe`` (softmax router, top-k,
-renormalised: Megatron's default top-k-then-softmax routing computes the same weights).
+RMSNorm), and the MoE families ``mixtral``, ``qwen2_moe`` (+ a sigmoid-gated shared expert:
+Megatron's ``moe_shared_expert_gate``) and ``qwen3_moe``. Softmax routers: top-k weights
+renormalised (``norm_topk_prob``, Mixtral always) = Megatron's default top-k-then-softmax;
+not renormalised = ``moe_router_pre_softmax`` (softmax, then top-k).
 None of these families has partial rotary in ``transformers``; a config that asks for it
 (``partial_rotary_factor`` != 1) is refused rather than converted into another model.
 
@@ -22,8 +24,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
-MOE_FAMILIES = ("mixtral", "qwen3_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 #: HF tensors that carry no weights of the model (recomputed buffers).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: MiniMax-M3 names of the MSA index tensors (vLLM's MiniMaxM3SparseAttention, see docs/conversion.md).
@@ -61,6 +63,10 @@ class HFArch:
     moe_topk: int = 2
     moe_ffn_hidden_size: Optional[int] = None
     moe_first_dense_layers: int = 0
+    #: Softmax over all experts before top-k, no renormalisation (norm_topk_prob=false).
+    moe_pre_softmax: bool = False
+    #: Qwen2-MoE's shared expert (width; always sigmoid-gated there).
+    shared_expert_ffn: Optional[int] = None
     #: MSA layers / index dim recorded in the config (a checkpoint we exported), else None.
     index_layers: Optional[List[int]] = None
     index_dim: Optional[int] = None
@@ -102,9 +108,9 @@ class HFArch:
                            "transformers; a partial factor would describe another model)")
         if cfg.get("mlp_bias"):
             missing.append("mlp_bias=true (MLP biases)")
-        attention_bias = bool(cfg.get("attention_bias", family == "qwen2"))
-        if family == "qwen2":
-            attention_bias = True  # Qwen2 always has q/k/v biases (and no o_proj bias)
+        attention_bias = bool(cfg.get("attention_bias", False))
+        if family in ("qwen2", "qwen2_moe"):
+            attention_bias = bool(cfg.get("qkv_bias", True))  # q/k/v biases (never on o_proj)
         elif attention_bias:
             missing.append(f"attention_bias=true for {family} (biases on o_proj too; Megatron has add_qkv_bias only)")
         window = cfg.get("sliding_window")
@@ -122,9 +128,7 @@ class HFArch:
         if family == "mixtral":
             kw = dict(num_experts=cfg["num_local_experts"], moe_topk=cfg.get("num_experts_per_tok", 2),
                       moe_ffn_hidden_size=cfg["intermediate_size"])
-        elif family == "qwen3_moe":
-            if not cfg.get("norm_topk_prob", False):
-                missing.append("norm_topk_prob=false (un-renormalised top-k weights; Megatron renormalises)")
+        elif family in ("qwen2_moe", "qwen3_moe"):
             step = cfg.get("decoder_sparse_step", 1)
             only = sorted(cfg.get("mlp_only_layers") or [])
             n = cfg["num_hidden_layers"]
@@ -135,7 +139,12 @@ class HFArch:
                                "leading dense layers then MoE (model.moe_first_dense_layers)")
             kw = dict(num_experts=cfg["num_experts"] if "num_experts" in cfg else cfg["num_local_experts"],
                       moe_topk=cfg.get("num_experts_per_tok", 2), moe_ffn_hidden_size=cfg["moe_intermediate_size"],
-                      moe_first_dense_layers=first)
+                      moe_first_dense_layers=first, moe_pre_softmax=not cfg.get("norm_topk_prob", False))
+            if family == "qwen2_moe":
+                kw["shared_expert_ffn"] = cfg.get("shared_expert_intermediate_size") or None
+            if kw["moe_topk"] == 1 and not kw["moe_pre_softmax"]:
+                missing.append("num_experts_per_tok=1 with norm_topk_prob=true (a weight of 1; Megatron needs "
+                               "moe_router_pre_softmax for top-1)")
         sparse = cfg.get("sparse_attention_config") or None
         if sparse:
             freq = list(sparse.get("sparse_attention_freq") or [])
@@ -168,6 +177,10 @@ class HFArch:
         extra: Dict[str, Any] = {"layernorm_epsilon": self.rms_norm_eps}
         if self.qkv_bias:
             extra["add_qkv_bias"] = True
+        if self.moe_pre_softmax:
+            extra["moe_router_pre_softmax"] = True
+        if self.shared_expert_ffn:
+            extra["moe_shared_expert_gate"] = True
         out: Dict[str, Any] = dict(
             name=name, num_layers=self.num_layers, hidden_size=self.hidden_size, ffn_hidden_size=self.ffn_hidden_size,
             num_attention_heads=self.num_heads, num_query_groups=self.num_kv_heads, kv_channels=self.head_dim,
@@ -179,7 +192,7 @@ class HFArch:
             msa_dense_layers=msa["first_dense_layers"], num_moe_experts=self.num_experts, use_te=False, extra=extra)
         if self.num_experts is not None:
             out.update(moe_router_topk=self.moe_topk, moe_ffn_hidden_size=self.moe_ffn_hidden_size,
-                       moe_shared_expert_intermediate_size=None, moe_first_dense_layers=self.moe_first_dense_layers,
+                       moe_shared_expert_intermediate_size=self.shared_expert_ffn, moe_first_dense_layers=self.moe_first_dense_layers,
                        moe_router_score_function="softmax", moe_router_load_balancing_type="aux_loss",
                        moe_aux_loss_coeff=float(self.raw.get("router_aux_loss_coef", 1e-2)),
                        moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False)
@@ -257,6 +270,12 @@ def hf_layer_to_megatron(arch: HFArch, i: int, get: Get, has: Callable[[str], bo
             e = f"{m}mlp.experts.local_experts.{j}."
             yield e + "linear_fc1.weight", torch.cat([get(f"{p}{gate}.weight"), get(f"{p}{up}.weight")], 0)
             yield e + "linear_fc2.weight", get(f"{p}{down}.weight")
+        if arch.shared_expert_ffn:
+            p = f"{h}mlp.shared_expert."
+            yield m + "mlp.shared_experts.linear_fc1.weight", torch.cat([get(p + "gate_proj.weight"),
+                                                                          get(p + "up_proj.weight")], 0)
+            yield m + "mlp.shared_experts.linear_fc2.weight", get(p + "down_proj.weight")
+            yield m + "mlp.shared_experts.gate_weight", get(f"{h}mlp.shared_expert_gate.weight")
     else:
         gate, up, down = _mlp_names(arch)
         yield m + "mlp.linear_fc1.weight", torch.cat([get(f"{h}mlp.{gate}.weight"), get(f"{h}mlp.{up}.weight")], 0)
@@ -304,6 +323,13 @@ def ckpt_layer_to_hf(arch: HFArch, i: int, get: Get, has: Callable[[str], bool])
             yield f"{p}{gate}.weight", g_w
             yield f"{p}{up}.weight", u_w
             yield f"{p}{down}.weight", fc2[j]
+        if arch.shared_expert_ffn:
+            p = f"{h}mlp.shared_expert."
+            g_w, u_w = get(m + "mlp.shared_experts.linear_fc1.weight").chunk(2, 0)
+            yield p + "gate_proj.weight", g_w
+            yield p + "up_proj.weight", u_w
+            yield p + "down_proj.weight", get(m + "mlp.shared_experts.linear_fc2.weight")
+            yield f"{h}mlp.shared_expert_gate.weight", get(m + "mlp.shared_experts.gate_weight")
     else:
         gate, up, down = _mlp_names(arch)
         g_w, u_w = get(m + "mlp.linear_fc1.weight").chunk(2, 0)
@@ -312,5 +338,5 @@ def ckpt_layer_to_hf(arch: HFArch, i: int, get: Get, has: Callable[[str], bool])
         yield f"{h}mlp.{down}.weight", get(m + "mlp.linear_fc2.weight")
 
 
-__all__ = ["DTYPES", "FAMILIES", "HFArch", "HF_INDEX", "UnsupportedModelError", "ckpt_globals_to_hf",
+__all__ = ["DTYPES", "FAMILIES", "MOE_FAMILIES", "HFArch", "HF_INDEX", "UnsupportedModelError", "ckpt_globals_to_hf",
            "ckpt_layer_to_hf", "fuse_qkv", "hf_globals_to_megatron", "hf_layer_to_megatron", "split_qkv"]

@@ -39,6 +39,11 @@ def make_hf_model(family: str, out_dir: str, seed: int = 0, dtype=torch.float32,
     elif family == "mixtral":
         cfg = T.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
         cls = T.MixtralForCausalLM
+    elif family == "qwen2_moe":  # shared expert with a sigmoid gate; top-k weights not renormalised
+        cfg = T.Qwen2MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                               shared_expert_intermediate_size=80, norm_topk_prob=False, decoder_sparse_step=1,
+                               mlp_only_layers=[0])
+        cls = T.Qwen2MoeForCausalLM
     elif family == "qwen3_moe":
         cfg = T.Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[0])

@@ -14,6 +14,9 @@ LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], num_hidden_
              hidden_act="silu", rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
+MSA = dict(block_size=16, topk=2, index_dim=16, first_dense_layers=0)
+
+
 def _arch(**changes):
     return HFArch.from_config({**LLAMA, **changes})
 
@@ -30,14 +33,15 @@ def test_llama_fields_and_model_yaml():
 
 
 @pytest.mark.parametrize("changes, words", [
-    (dict(model_type="gpt2"), "allowed model_type values are llama, mistral, qwen2, qwen3, mixtral, qwen3_moe"),
+    (dict(model_type="gpt2"), "allowed model_type values are llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "rope_type='llama3'"),
     (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(mlp_bias=True), "mlp_bias=true"),
     (dict(attention_bias=True), "o_proj too"),
     (dict(model_type="mistral", sliding_window=4096), "sliding_window=4096"),
-    (dict(model_type="qwen3_moe", num_experts=4, moe_intermediate_size=8, norm_topk_prob=False), "norm_topk_prob=false"),
+    (dict(model_type="qwen3_moe", num_experts=4, moe_intermediate_size=8, norm_topk_prob=True, num_experts_per_tok=1),
+     "num_experts_per_tok=1"),
     (dict(model_type="qwen3_moe", num_experts=4, moe_intermediate_size=8, norm_topk_prob=True, decoder_sparse_step=2,
           num_hidden_layers=4),
      "decoder_sparse_step=2"),
@@ -57,6 +61,13 @@ def test_qwen_families():
     moe = _arch(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
                 norm_topk_prob=True, mlp_only_layers=[0])
     assert (moe.num_experts, moe.moe_first_dense_layers, moe.is_moe_layer(0), moe.is_moe_layer(1)) == (4, 1, False, True)
+    assert not moe.moe_pre_softmax and "moe_router_pre_softmax" not in moe.model_config("m", MSA)["extra"]
+    q2moe = _arch(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                  shared_expert_intermediate_size=12, norm_topk_prob=False)
+    m = q2moe.model_config("m", MSA)
+    assert q2moe.qkv_bias and m["moe_shared_expert_intermediate_size"] == 12
+    assert m["extra"] == {"layernorm_epsilon": 1e-6, "add_qkv_bias": True, "moe_router_pre_softmax": True,
+                          "moe_shared_expert_gate": True}
 
 
 @pytest.mark.parametrize("heads, kv", [(4, 2), (8, 1), (6, 6), (12, 4)])

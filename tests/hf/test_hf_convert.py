@@ -8,11 +8,12 @@ the pytest process) builds tiny random models of every supported family with
   ATOL/RTOL of hf_cases (same math, different op order);
 * MSA with the full budget (top-3 x block 16 = 48 >= 40 tokens) == dense, same tolerance;
   at 100 tokens the same model is genuinely sparse and must differ;
-* HF -> ours -> HF is bit-equal (bf16 Qwen2: biases; Qwen3-MoE: experts, q/k norm), and
+* HF -> ours -> HF is bit-equal (bf16 Qwen2: biases; Qwen2-MoE: gated shared expert; Qwen3-MoE:
+  experts, q/k norm), and
   HF(with index) -> ours -> HF is bit-equal including the MiniMax-M3-named index tensors;
 * the exported directory loads with ``from_pretrained`` and gives the source's logits.
 
-A two-process job loads a converted checkpoint at TP=2 (Qwen2) and at EP=2 (Qwen3-MoE)
+A two-process job loads a converted checkpoint at TP=2 (Qwen2) and at EP=2 (Qwen2-MoE)
 and checks the logits against transformers again.
 """
 
@@ -34,7 +35,7 @@ pytest.importorskip("safetensors")
 from tests.dist_harness import run_distributed  # noqa: E402
 
 ENV = {"PYTHONPATH": str(HERE)}
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 MSA_ARGS = dict(block_size=16, topk=3, index_dim=16, dense_layers=1)
 
 
@@ -84,7 +85,7 @@ def _round_trips(tmp: str):
     from msa_megatron.megatron.convert import main
 
     out = {}
-    for family in ("qwen2", "qwen3_moe"):
+    for family in ("qwen2", "qwen2_moe", "qwen3_moe"):
         src, ours, back, ours2, back2 = (os.path.join(tmp, f"rt_{family}_{n}") for n in ("src", "ours", "back", "ours2",
                                                                                           "back2"))
         make_hf_model(family, src, seed=7, dtype=torch.bfloat16)
@@ -190,7 +191,7 @@ def test_unknown_hf_tensor_is_an_error(single):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ("qwen2", "qwen3_moe"))
+@pytest.mark.parametrize("family", ("qwen2", "qwen2_moe", "qwen3_moe"))
 def test_round_trip_bit_equal(single, family):
     r = single["round_trips"][family]
     assert r["same_keys"] == r["src_keys"], set(r["src_keys"]) - set(r["same_keys"])
@@ -219,12 +220,12 @@ def test_round_trip_bit_equal(single, family):
 
 # ----------------------------------------------------------------------------- other layouts
 def _make_references(tmp: str) -> None:
-    """Qwen2 / Qwen3-MoE HF directories and transformers' logits (in the pytest process, so
+    """Qwen2 / Qwen2-MoE HF directories and transformers' logits (in the pytest process, so
     the spawned ranks need not import transformers)."""
     from hf_cases import SEQ, VOCAB, hf_logits, make_hf_model
 
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(9))
-    for family in ("qwen2", "qwen3_moe"):
+    for family in ("qwen2", "qwen2_moe"):
         hf = make_hf_model(family, os.path.join(tmp, f"{family}_hf"), seed=11)
         torch.save({"tokens": tokens, "logits": hf_logits(hf, tokens)}, os.path.join(tmp, f"{family}_ref.pt"))
 
@@ -241,11 +242,11 @@ def _layouts(rank: int, tmp: str):
 
     quiet()
     init_distributed(ParallelLayout())
-    for family in ("qwen2", "qwen3_moe"):  # both ranks: data-parallel replicas save collectively
+    for family in ("qwen2", "qwen2_moe"):  # both ranks: data-parallel replicas save collectively
         import_hf(os.path.join(tmp, f"{family}_hf"), os.path.join(tmp, f"{family}_ours"), show_progress=False,
                   **MSA_ARGS)
     out = {}
-    for family, layout in (("qwen2", dict(tp=2)), ("qwen3_moe", dict(ep=2))):
+    for family, layout in (("qwen2", dict(tp=2)), ("qwen2_moe", dict(ep=2))):
         init_distributed(ParallelLayout(**layout))
         src = json.load(open(os.path.join(tmp, f"{family}_ours", "hf_source.json")))
         model_cfg = dict(src["model"])
@@ -272,4 +273,4 @@ def test_checkpoint_loads_at_tp2_and_ep2(tmp_path):
     _make_references(str(tmp_path))
     results = run_distributed(_layouts, 2, str(tmp_path), env=ENV, timeout=600)
     for rank, r in enumerate(results):
-        assert r["qwen2"] <= 1 and r["qwen3_moe"] <= 1, (rank, r)
+        assert r["qwen2"] <= 1 and r["qwen2_moe"] <= 1, (rank, r)
