@@ -7,8 +7,11 @@ RMSNorm), and the MoE families ``mixtral``, ``qwen2_moe`` (+ a sigmoid-gated sha
 Megatron's ``moe_shared_expert_gate``) and ``qwen3_moe``. Softmax routers: top-k weights
 renormalised (``norm_topk_prob``, Mixtral always) = Megatron's default top-k-then-softmax;
 not renormalised = ``moe_router_pre_softmax`` (softmax, then top-k).
-None of these families has partial rotary in ``transformers``; a config that asks for it
-(``partial_rotary_factor`` != 1) is refused rather than converted into another model.
+``glm`` (GLM-4) has partial RoPE (``partial_rotary_factor``, 0.5 in GLM-4) on interleaved
+pairs (Megatron's ``rotary_percent`` + ``rotary_interleaved``), q/k/v biases and a fused
+``gate_up_proj`` (already ``[gate; up]``). The other families apply RoPE to the whole head
+in ``transformers``; a config of theirs with ``partial_rotary_factor`` != 1 is refused
+rather than converted into another model.
 
 Megatron's fused tensors: ``linear_qkv`` rows are grouped per KV head
 ``[q heads of the group, k, v]`` (TP shards are whole groups); ``linear_fc1`` is
@@ -24,7 +27,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "glm", "mixtral", "qwen2_moe", "qwen3_moe")
+#: Families whose transformers code applies partial RoPE (``partial_rotary_factor``).
+PARTIAL_ROPE_FAMILIES = ("glm",)
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 #: HF tensors that carry no weights of the model (recomputed buffers).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -59,6 +64,8 @@ class HFArch:
     max_position_embeddings: int
     dtype: torch.dtype
     rotary_percent: float = 1.0
+    #: RoPE on interleaved pairs (GLM) instead of rotate_half's halves.
+    rotary_interleaved: bool = False
     num_experts: Optional[int] = None
     moe_topk: int = 2
     moe_ffn_hidden_size: Optional[int] = None
@@ -103,7 +110,7 @@ class HFArch:
         if float(theta) != int(theta):
             missing.append(f"rope_theta={theta} (model.rotary_base is an integer)")
         partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-        if partial != 1.0:
+        if partial != 1.0 and family not in PARTIAL_ROPE_FAMILIES:
             missing.append(f"partial_rotary_factor={partial} (the {family} family applies RoPE to the whole head in "
                            "transformers; a partial factor would describe another model)")
         if cfg.get("mlp_bias"):
@@ -111,7 +118,9 @@ class HFArch:
         attention_bias = bool(cfg.get("attention_bias", False))
         if family in ("qwen2", "qwen2_moe"):
             attention_bias = bool(cfg.get("qkv_bias", True))  # q/k/v biases (never on o_proj)
-        elif attention_bias:
+        elif family == "glm":
+            attention_bias = bool(cfg.get("attention_bias", True))  # q/k/v only (o_proj has none)
+        if attention_bias and family not in ("qwen2", "qwen2_moe", "glm"):
             missing.append(f"attention_bias=true for {family} (biases on o_proj too; Megatron has add_qkv_bias only)")
         window = cfg.get("sliding_window")
         if window is not None and cfg.get("use_sliding_window", family in ("mistral", "mixtral")):
@@ -164,6 +173,7 @@ class HFArch:
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=attention_bias,
             qk_norm=family in ("qwen3", "qwen3_moe"), initializer_range=float(cfg.get("initializer_range", 0.02)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            rotary_percent=float(partial), rotary_interleaved=family == "glm",
             dtype=DTYPES.get(str(dtype_name).replace("torch.", ""), torch.float32), raw=dict(cfg), **kw)
 
     # ------------------------------------------------------------------ our config
@@ -177,6 +187,8 @@ class HFArch:
         extra: Dict[str, Any] = {"layernorm_epsilon": self.rms_norm_eps}
         if self.qkv_bias:
             extra["add_qkv_bias"] = True
+        if self.rotary_interleaved:
+            extra["rotary_interleaved"] = True
         if self.moe_pre_softmax:
             extra["moe_router_pre_softmax"] = True
         if self.shared_expert_ffn:
@@ -276,6 +288,9 @@ def hf_layer_to_megatron(arch: HFArch, i: int, get: Get, has: Callable[[str], bo
                                                                           get(p + "up_proj.weight")], 0)
             yield m + "mlp.shared_experts.linear_fc2.weight", get(p + "down_proj.weight")
             yield m + "mlp.shared_experts.gate_weight", get(f"{h}mlp.shared_expert_gate.weight")
+    elif arch.family == "glm":  # fused gate_up_proj, already [gate; up]
+        yield m + "mlp.linear_fc1.weight", get(f"{h}mlp.gate_up_proj.weight")
+        yield m + "mlp.linear_fc2.weight", get(f"{h}mlp.down_proj.weight")
     else:
         gate, up, down = _mlp_names(arch)
         yield m + "mlp.linear_fc1.weight", torch.cat([get(f"{h}mlp.{gate}.weight"), get(f"{h}mlp.{up}.weight")], 0)
@@ -330,6 +345,9 @@ def ckpt_layer_to_hf(arch: HFArch, i: int, get: Get, has: Callable[[str], bool])
             yield p + "up_proj.weight", u_w
             yield p + "down_proj.weight", get(m + "mlp.shared_experts.linear_fc2.weight")
             yield f"{h}mlp.shared_expert_gate.weight", get(m + "mlp.shared_experts.gate_weight")
+    elif arch.family == "glm":
+        yield f"{h}mlp.gate_up_proj.weight", get(m + "mlp.linear_fc1.weight")
+        yield f"{h}mlp.down_proj.weight", get(m + "mlp.linear_fc2.weight")
     else:
         gate, up, down = _mlp_names(arch)
         g_w, u_w = get(m + "mlp.linear_fc1.weight").chunk(2, 0)

@@ -36,6 +36,9 @@ def make_hf_model(family: str, out_dir: str, seed: int = 0, dtype=torch.float32,
     elif family == "qwen3":
         cfg = T.Qwen3Config(**common)
         cls = T.Qwen3ForCausalLM
+    elif family == "glm":  # partial RoPE (factor 0.5) on interleaved pairs, q/k/v biases, fused gate_up_proj
+        cfg = T.GlmConfig(**common, pad_token_id=0, eos_token_id=1)
+        cls = T.GlmForCausalLM
     elif family == "mixtral":
         cfg = T.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
         cls = T.MixtralForCausalLM

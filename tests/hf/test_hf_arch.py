@@ -33,7 +33,7 @@ def test_llama_fields_and_model_yaml():
 
 
 @pytest.mark.parametrize("changes, words", [
-    (dict(model_type="gpt2"), "allowed model_type values are llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe"),
+    (dict(model_type="gpt2"), "allowed model_type values are llama, mistral, qwen2, qwen3, glm, mixtral, qwen2_moe, qwen3_moe"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "rope_type='llama3'"),
     (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
@@ -50,6 +50,14 @@ def test_unsupported_configs_name_what_is_missing(changes, words):
     with pytest.raises(UnsupportedModelError) as e:
         _arch(**changes)
     assert words in str(e.value)
+
+
+def test_glm_partial_interleaved_rope():
+    glm = _arch(model_type="glm", attention_bias=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+    m = glm.model_config("g", MSA)
+    assert m["rotary_percent"] == 0.5 and glm.qkv_bias
+    assert m["extra"] == {"layernorm_epsilon": 1e-6, "add_qkv_bias": True, "rotary_interleaved": True}
 
 
 def test_qwen_families():

@@ -8,8 +8,8 @@ the pytest process) builds tiny random models of every supported family with
   ATOL/RTOL of hf_cases (same math, different op order);
 * MSA with the full budget (top-3 x block 16 = 48 >= 40 tokens) == dense, same tolerance;
   at 100 tokens the same model is genuinely sparse and must differ;
-* HF -> ours -> HF is bit-equal (bf16 Qwen2: biases; Qwen2-MoE: gated shared expert; Qwen3-MoE:
-  experts, q/k norm), and
+* HF -> ours -> HF is bit-equal (bf16 Qwen2: biases; GLM: fused gate_up_proj; Qwen2-MoE: gated
+  shared expert; Qwen3-MoE: experts, q/k norm), and
   HF(with index) -> ours -> HF is bit-equal including the MiniMax-M3-named index tensors;
 * the exported directory loads with ``from_pretrained`` and gives the source's logits.
 
@@ -35,7 +35,7 @@ pytest.importorskip("safetensors")
 from tests.dist_harness import run_distributed  # noqa: E402
 
 ENV = {"PYTHONPATH": str(HERE)}
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "glm", "mixtral", "qwen2_moe", "qwen3_moe")
 MSA_ARGS = dict(block_size=16, topk=3, index_dim=16, dense_layers=1)
 
 
@@ -85,7 +85,7 @@ def _round_trips(tmp: str):
     from msa_megatron.megatron.convert import main
 
     out = {}
-    for family in ("qwen2", "qwen2_moe", "qwen3_moe"):
+    for family in ("qwen2", "glm", "qwen2_moe", "qwen3_moe"):
         src, ours, back, ours2, back2 = (os.path.join(tmp, f"rt_{family}_{n}") for n in ("src", "ours", "back", "ours2",
                                                                                           "back2"))
         make_hf_model(family, src, seed=7, dtype=torch.bfloat16)
@@ -191,7 +191,7 @@ def test_unknown_hf_tensor_is_an_error(single):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ("qwen2", "qwen2_moe", "qwen3_moe"))
+@pytest.mark.parametrize("family", ("qwen2", "glm", "qwen2_moe", "qwen3_moe"))
 def test_round_trip_bit_equal(single, family):
     r = single["round_trips"][family]
     assert r["same_keys"] == r["src_keys"], set(r["src_keys"]) - set(r["same_keys"])
