@@ -113,8 +113,11 @@ def _round_trips(tmp: str):
         c = _tensors(back2)
         # MiniMax-M3's norm convention: scales stored as w - 1, read back as w
         gemma, ours3, back3 = (os.path.join(tmp, f"rt_{family}_{n}") for n in ("gemma", "ours3", "back3"))
-        assert main(["--to-hf", ours2, "--save", gemma, "--index-norm", "gemma", "--no-progress"]) == 0
+        assert main(["--to-hf", ours2, "--save", gemma, "--index-norm", "gemma", "--max-shard-gb", "0.00003",
+                     "--no-progress"]) == 0  # ~32 KB shards: several files + model.safetensors.index.json
         g = _tensors(gemma)
+        shards = [n for n in os.listdir(gemma) if n.endswith(".safetensors")]
+        index_map = json.load(open(os.path.join(gemma, "model.safetensors.index.json")))["weight_map"]
         assert main(["--from-hf", gemma, "--save", ours3, "--no-progress"]) == 0
         assert main(["--to-hf", ours3, "--save", back3, "--no-progress"]) == 0
         d = _tensors(back3)
@@ -133,6 +136,8 @@ def _round_trips(tmp: str):
                                else torch.equal(g[k], c[k]) for k in c),
             "gemma_config": json.load(open(os.path.join(gemma, "config.json")))["msa_megatron"],
             "gemma_trip_equal": sorted(d) == sorted(c) and all(torch.equal(c[k], d[k]) for k in c),
+            "shards": len(shards), "index_map_complete": sorted(index_map) == sorted(g)
+            and set(index_map.values()) == set(shards),
         }
     return out
 
@@ -204,6 +209,7 @@ def test_round_trip_bit_equal(single, family):
                                   "sparse_disable_index_value": [0, 1, 1]}
     assert r["second_trip_equal"] and r["second_trip_config_equal"]
     assert r["gemma_norms"] and r["gemma_config"]["index_norm_offset"] == 1 and r["gemma_trip_equal"]
+    assert r["shards"] > 1 and r["index_map_complete"]  # sharded export, read back through the index file
     assert (r["second_trip_index_from_checkpoint"], r["second_trip_index_initialised"]) == (8, 0)
     # The export loads with from_pretrained and computes the source's logits. Here, in the pytest
     # process: in the spawned job Megatron's CPU compatibility layer (it patches torch.empty & co.)
