@@ -1,0 +1,380 @@
+"""Hugging Face <-> msa_megatron checkpoints.
+
+``import_hf``: an HF directory (config.json + safetensors) -> our GPT model with MSA layers
+(the model msa-train builds from the generated ``model`` YAML), saved as a Megatron-Core
+distributed checkpoint. The checkpoint is written at TP=PP=1 in one process; distributed
+checkpoints reshard on load and layers are keyed per global layer, so it loads at any
+TP/PP/EP (``checkpoint.init_from``). HF tensors are read one at a time (memory-mapped);
+peak memory is the model in ``dtype`` plus one fused tensor.
+
+``export_hf``: a distributed checkpoint (ours, or a training step) -> safetensors +
+config.json in the source family's layout, read layer by layer from the checkpoint
+without building a model (peak memory: one layer plus one output shard). MSA index
+tensors are written under MiniMax-M3's names, and config.json gets M3's
+``sparse_attention_config`` so the indexer stays live for tools that read it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .arch import HF_INDEX, HFArch, UnsupportedModelError, ckpt_globals_to_hf, ckpt_layer_to_hf, \
+    hf_globals_to_megatron, hf_layer_to_megatron
+from .io import SafetensorsReader, SafetensorsWriter, progress
+
+log = logging.getLogger("msa_megatron.hf")
+
+SOURCE_FILE = "hf_source.json"
+#: Small non-weight files of the HF directory kept with the checkpoint (tokenizer etc.).
+FILES_DIR = "hf_files"
+WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.gguf|\.h5|\.msgpack)$|safetensors\.index\.json$")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """Refuse to write into a non-empty directory: stale shards of an earlier conversion
+    would be read together with the new ones."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"--save {out_dir} is not empty: allowed values are a new or empty directory")
+
+
+def read_hf_config(hf_dir: str) -> Dict[str, Any]:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{hf_dir}: no config.json (an HF model directory has config.json + *.safetensors)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def ensure_process_group() -> None:
+    """Megatron-Core's checkpointing and model building need a process group and
+    parallel state: start a one-process gloo group (TP=PP=1) unless one exists."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
+        return
+    from ..megatron.parallel import ParallelLayout, init_distributed
+
+    if not dist.is_initialized() and "MASTER_PORT" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
+        import socket
+
+        with socket.socket() as s:  # a free port: 29500 may be taken by another job on this host
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    init_distributed(ParallelLayout())
+
+
+def msa_settings(arch: HFArch, block_size: Optional[int], topk: Optional[int], index_dim: Optional[int],
+                 dense_layers: Optional[int]) -> Dict[str, int]:
+    """MSA shape: explicit arguments, else what the config recorded (an export of ours),
+    else MiniMax-M3's block 128 / top-16, index dim = head dim (the ``mean`` init copies
+    q/k projections), no dense layers."""
+    rec = arch.msa_extra
+    if dense_layers is None and arch.index_layers is not None:
+        first = arch.num_layers - len(arch.index_layers)
+        if arch.index_layers != list(range(first, arch.num_layers)):
+            raise UnsupportedModelError(f"sparse_attention_freq with MSA layers {arch.index_layers}: only leading dense "
+                                        "layers then MSA layers (model.msa_dense_layers)")
+        dense_layers = first
+    return dict(block_size=block_size or rec.get("block_size", 128), topk=topk or rec.get("topk", 16),
+                index_dim=index_dim or arch.index_dim or arch.head_dim,
+                first_dense_layers=0 if dense_layers is None else dense_layers)
+
+
+def training_config(model: Dict[str, Any], msa: Dict[str, int], seq_length: int, precision: str = "fp32"):
+    """The trainer's typed Config for this model (attention=msa), so the model built here
+    is the one msa-train builds from the same YAML."""
+    from ..training.config import load_config
+
+    return load_config({"model": model, "attention": {"type": "msa", "msa": dict(msa)},
+                        "train": {"steps": 1, "seq_length": seq_length, "precision": precision}})
+
+
+def build_model(cfg, vocab_size: int):
+    """GPTModel (one stage, TP=PP=1 unless Megatron's parallel state says otherwise),
+    built like training.model.build_model but without DDP / Float16Module."""
+    from megatron.core import parallel_state
+
+    from ..training import msa_adapter
+    from ..training.model import make_transformer_config, padded_vocab_size
+
+    tf = make_transformer_config(cfg)
+    m = cfg.model
+    return msa_adapter.build_gpt_model(
+        tf, vocab_size=padded_vocab_size(vocab_size, cfg), max_sequence_length=cfg.train.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+        use_te=False, position_embedding_type="rope", rotary_percent=m.rotary_percent, rotary_base=m.rotary_base,
+        share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights)
+
+
+def _model_name(hf_dir: str) -> str:
+    base = re.sub(r"[^A-Za-z0-9_]+", "_", os.path.basename(os.path.normpath(hf_dir))).strip("_").lower()
+    return f"hf_{base or 'model'}"
+
+
+def model_yaml(model: Dict[str, Any], arch: HFArch, out_dir: str) -> str:
+    import yaml
+
+    eos = arch.raw.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    header = (
+        f"# Generated by msa-convert --from-hf ({arch.family}, {arch.raw.get('architectures')}). The checkpoint in\n"
+        f"# {out_dir} holds these weights with MSA index tensors; continue pretraining with\n"
+        f"#   msa-train hydra.searchpath=[file://{os.path.abspath(os.path.join(out_dir, 'configs'))}] model={model['name']} \\\n"
+        f"#     checkpoint.init_from={os.path.abspath(out_dir)} data.vocab_size={arch.vocab_size} "
+        f"data.eod_id={eos if eos is not None else '<eos id>'} ...\n"
+        f"# (data.vocab_size = the HF vocabulary: its padding to make_vocab_size_divisible_by must give\n"
+        f"# exactly {arch.vocab_size} embedding rows).\n")
+    return header + yaml.safe_dump(model, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- import
+@torch.no_grad()
+def import_hf(hf_dir: str, out_dir: str, *, name: Optional[str] = None, block_size: Optional[int] = None,
+              topk: Optional[int] = None, index_dim: Optional[int] = None, dense_layers: Optional[int] = None,
+              index_init: str = "mean", precision: str = "fp32", seq_length: Optional[int] = None,
+              show_progress: bool = True, save: bool = True):
+    """HF directory -> (model, summary); writes the checkpoint, the model YAML and
+    hf_source.json to ``out_dir`` when ``save``. Every HF tensor must be used and every
+    non-index parameter filled: anything else is an error naming the tensors."""
+    from ..megatron.convert import INIT_METHODS, init_index_from_dense
+
+    if index_init not in INIT_METHODS:
+        raise ValueError(f"index_init={index_init!r} is invalid: allowed values are {', '.join(INIT_METHODS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is invalid: allowed values are {', '.join(PRECISIONS)}")
+    if save:
+        _check_out_dir(out_dir)
+    raw = read_hf_config(hf_dir)
+    arch = HFArch.from_config(raw)
+    reader = SafetensorsReader(hf_dir)
+    msa = msa_settings(arch, block_size, topk, index_dim, dense_layers)
+    model_cfg = arch.model_config(name or _model_name(hf_dir), msa)
+    seq = seq_length or min(arch.max_position_embeddings, 4096)
+    cfg = training_config(model_cfg, msa, seq, precision)
+    from ..training.config import validate
+
+    ensure_process_group()
+    cfg.train.global_batch_size = cfg.train.micro_batch_size  # validate() checks the batch shape too
+    validate(cfg, 1)
+    model = build_model(cfg, arch.vocab_size)
+    target = model.state_dict()
+    filled: set = set()
+    given_index: Dict[str, torch.Tensor] = {}
+
+    norm_offset = float(arch.msa_extra.get("index_norm_offset", 0))  # 1: exported with --index-norm gemma
+
+    def put(key: str, value: torch.Tensor) -> None:
+        if norm_offset and key.endswith(("index_q_norm.weight", "index_k_norm.weight")):
+            value = value + norm_offset  # Gemma-style 1 + w -> our scale
+        if key not in target:
+            raise UnsupportedModelError(f"{key} has no place in the model (an index tensor on a dense layer? MSA layers "
+                                        f"are {[i for i in range(arch.num_layers) if cfg.msa.is_msa_layer(i)]})")
+        if tuple(target[key].shape) != tuple(value.shape):
+            raise UnsupportedModelError(f"{key}: HF shape {tuple(value.shape)} != model shape {tuple(target[key].shape)}")
+        target[key].copy_(value)
+        filled.add(key)
+        if ".indexer." in key:
+            given_index[key] = value.to(target[key].dtype).clone()
+
+    steps = [None] + list(range(arch.num_layers))
+    for i in progress(steps, len(steps), f"import {arch.family}", show_progress):
+        pairs = hf_globals_to_megatron(arch, reader.get) if i is None else \
+            hf_layer_to_megatron(arch, i, reader.get, reader.has)
+        for key, value in pairs:
+            put(key, value)
+    unused = [k for k in reader.keys() if k not in reader.read and not k.endswith(("rotary_emb.inv_freq",))]
+    if unused:
+        raise UnsupportedModelError(f"{len(unused)} HF tensors the {arch.family} conversion does not know (unsupported "
+                                    f"modules?): {unused[:8]}")
+    missing = [k for k in target if k not in filled and not k.endswith("_extra_state") and ".indexer." not in k]
+    if missing:
+        raise UnsupportedModelError(f"model parameters without an HF tensor: {missing[:8]}")
+
+    index_keys = [k for k in target if ".indexer." in k and not k.endswith("_extra_state")]
+    added = init_index_from_dense(model, index_init) if len(given_index) < len(index_keys) else []
+    for key, value in given_index.items():  # tensors from the HF checkpoint win over the init
+        target[key].copy_(value)
+    report = {"family": arch.family, "msa": msa, "msa_layers": [i for i in range(arch.num_layers)
+                                                                if cfg.msa.is_msa_layer(i)],
+              "index_from_checkpoint": sorted(given_index),
+              "index_initialised": [a for a in added if a["name"] not in given_index]}
+    if save:
+        _save_import(model, arch, model_cfg, msa, report, hf_dir, out_dir)
+    return model, report
+
+
+def _save_import(model, arch: HFArch, model_cfg: Dict[str, Any], msa: Dict[str, int], report: Dict[str, Any],
+                 hf_dir: str, out_dir: str) -> None:
+    from ..megatron.checkpoint import save_model_checkpoint
+
+    import torch.distributed as dist
+
+    save_model_checkpoint(model, out_dir)
+    if dist.get_rank() != 0:  # data-parallel replicas (a test's two-process job) write the side files once
+        dist.barrier()
+        return
+    cfg_dir = os.path.join(out_dir, "configs", "model")
+    os.makedirs(cfg_dir, exist_ok=True)
+    with open(os.path.join(cfg_dir, f"{model_cfg['name']}.yaml"), "w") as f:
+        f.write(model_yaml(model_cfg, arch, out_dir))
+    with open(os.path.join(out_dir, SOURCE_FILE), "w") as f:
+        json.dump({"hf_dir": os.path.abspath(hf_dir), "config": arch.raw, "model": model_cfg, "msa": msa}, f, indent=1)
+    with open(os.path.join(out_dir, "msa_conversion_report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    files = [n for n in os.listdir(hf_dir) if os.path.isfile(os.path.join(hf_dir, n)) and n != "config.json"
+             and not WEIGHT_FILE.search(n) and os.path.getsize(os.path.join(hf_dir, n)) < (64 << 20)]
+    if files:
+        os.makedirs(os.path.join(out_dir, FILES_DIR), exist_ok=True)
+        for n in files:
+            shutil.copy2(os.path.join(hf_dir, n), os.path.join(out_dir, FILES_DIR, n))
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------------- export
+def find_source(checkpoint: Path) -> Optional[Path]:
+    """hf_source.json of a checkpoint: in it or a parent (a converted directory), or in
+    the checkpoint named by checkpoint.init_from of the run's config.yaml (a training run
+    started from a converted directory)."""
+    import yaml
+
+    for p in [checkpoint, *list(checkpoint.parents)[:3]]:
+        if (p / SOURCE_FILE).is_file():
+            return p / SOURCE_FILE
+        run_cfg = p / "config.yaml"
+        if run_cfg.is_file():
+            with open(run_cfg) as f:
+                init = ((yaml.safe_load(f) or {}).get("checkpoint") or {}).get("init_from")
+            if init:
+                found = find_source(Path(init))
+                if found:
+                    return found
+    return None
+
+
+def _load_full(checkpoint: str, metadata: Dict[str, Any], keys: List[str]) -> Dict[str, torch.Tensor]:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    sd = {k: ShardedTensor.from_rank_offsets(k, torch.empty(tuple(metadata[k].global_shape), dtype=metadata[k].dtype))
+          for k in keys}
+    return dist_checkpointing.load(sd, checkpoint) if sd else {}
+
+
+INDEX_NORMS = ("rmsnorm", "gemma")
+
+
+def export_hf(checkpoint: str, out_dir: str, *, hf_config: Optional[str] = None, dtype: Optional[str] = None,
+              max_shard_bytes: int = 4 << 30, show_progress: bool = True, index_norm: str = "rmsnorm") -> Dict[str, Any]:
+    """Distributed checkpoint -> HF directory; returns a summary. ``hf_config``: a
+    converted directory (hf_source.json) or an HF directory (config.json) describing the
+    architecture; found automatically for checkpoints made by import_hf or trained from one.
+    ``index_norm='gemma'`` stores index norm scales as MiniMax-M3's Gemma RMSNorm reads
+    them (w - 1; exact for scales in [0.5, 2]); import_hf undoes it from config.json."""
+    if index_norm not in INDEX_NORMS:
+        raise ValueError(f"index_norm={index_norm!r} is invalid: allowed values are {', '.join(INDEX_NORMS)}")
+    return _export_hf(checkpoint, out_dir, hf_config, dtype, max_shard_bytes, show_progress, index_norm)
+
+
+@torch.no_grad()
+def _export_hf(checkpoint, out_dir, hf_config, dtype, max_shard_bytes, show_progress, index_norm):
+    from megatron.core import dist_checkpointing
+
+    from ..training.checkpoint import resolve_checkpoint
+
+    _check_out_dir(out_dir)
+    path = resolve_checkpoint(checkpoint)
+    source: Dict[str, Any] = {}
+    if hf_config is None:
+        found = find_source(path)
+        if found is None:
+            raise FileNotFoundError(f"{checkpoint}: no {SOURCE_FILE} in it, its parents or the run's init_from "
+                                    "checkpoint; pass --hf-config (the converted or original HF directory)")
+        hf_config = str(found.parent)
+    if os.path.isfile(os.path.join(hf_config, SOURCE_FILE)):
+        with open(os.path.join(hf_config, SOURCE_FILE)) as f:
+            source = json.load(f)
+        raw = dict(source["config"])
+        files_dir = os.path.join(hf_config, FILES_DIR)
+    else:
+        raw = read_hf_config(hf_config)
+        files_dir = hf_config
+    for key in ("sparse_attention_config", "msa_megatron"):
+        raw.pop(key, None)
+    arch = HFArch.from_config(raw)
+    out_dtype = arch.dtype if dtype is None else {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                                  "fp16": torch.float16}[dtype]
+    ensure_process_group()
+    metadata = {k: v for k, v in dist_checkpointing.load_tensors_metadata(str(path)).items()
+                if k.startswith(("embedding.", "decoder.", "output_layer."))}
+    n_layers = 1 + max((int(m.group(1)) for k in metadata if (m := re.match(r"decoder\.layers\.(\d+)\.", k))), default=-1)
+    if n_layers != arch.num_layers:
+        raise UnsupportedModelError(f"{path}: {n_layers} layers in the checkpoint, config.json says {arch.num_layers}")
+    writer = SafetensorsWriter(out_dir, max_shard_bytes)
+    written: List[str] = []
+    index_layers: List[int] = []
+    index_dim = None
+    steps = [None] + list(range(arch.num_layers))
+    for i in progress(steps, len(steps), f"export {arch.family}", show_progress):
+        prefix = "decoder.layers." + (f"{i}." if i is not None else "")
+        keys = [k for k in metadata if (k.startswith(prefix) if i is not None else not k.startswith(prefix))]
+        tensors = _load_full(str(path), metadata, keys)
+        pairs = ckpt_globals_to_hf(arch, tensors.__getitem__) if i is None else \
+            ckpt_layer_to_hf(arch, i, tensors.__getitem__, tensors.__contains__)
+        for key, value in pairs:
+            if index_norm == "gemma" and key.endswith(("index_q_norm.weight", "index_k_norm.weight")):
+                value = value.to(out_dtype) - 1  # in the output dtype: exact (Sterbenz) for scales in [0.5, 2]
+            writer.add(key, value.to(out_dtype))
+            written.append(key)
+        if i is not None and f"{prefix}self_attention.indexer.index_k.weight" in tensors:
+            index_layers.append(i)
+            index_dim = tensors[f"{prefix}self_attention.indexer.index_k.weight"].shape[0]
+        del tensors
+    shards = writer.close()
+    dtype_key = "torch_dtype" if "torch_dtype" in raw and "dtype" not in raw else "dtype"
+    raw[dtype_key] = _DTYPE_NAMES[out_dtype]
+    if index_layers:
+        msa = dict(source.get("msa") or {})
+        msa.update(_run_msa_settings(path))
+        raw["sparse_attention_config"] = {
+            "sparse_num_index_heads": arch.num_kv_heads, "sparse_index_dim": int(index_dim),
+            "sparse_attention_freq": [int(i in index_layers) for i in range(arch.num_layers)],
+            "sparse_disable_index_value": [int(i in index_layers) for i in range(arch.num_layers)]}
+        raw["msa_megatron"] = {"block_size": msa.get("block_size"), "topk": msa.get("topk"),
+                               "index_norm": index_norm, "index_norm_offset": int(index_norm == "gemma"),
+                               "index_rope": msa.get("index_rope", True)}
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(raw, f, indent=2, sort_keys=True)
+    if os.path.isdir(files_dir):
+        for n in os.listdir(files_dir):
+            src = os.path.join(files_dir, n)
+            if os.path.isfile(src) and n != "config.json" and not WEIGHT_FILE.search(n) and n != SOURCE_FILE:
+                shutil.copy2(src, os.path.join(out_dir, n))
+    return {"checkpoint": str(path), "family": arch.family, "tensors": len(written), "shards": shards,
+            "msa_layers": index_layers, "dtype": _DTYPE_NAMES[out_dtype]}
+
+
+def _run_msa_settings(step_dir: Path) -> Dict[str, Any]:
+    """block_size / topk / index_rope of the run that wrote a training checkpoint (its config.yaml)."""
+    import yaml
+
+    for p in list(step_dir.parents)[:3]:
+        if (p / "config.yaml").is_file():
+            with open(p / "config.yaml") as f:
+                msa = (((yaml.safe_load(f) or {}).get("attention") or {}).get("msa")) or {}
+            return {k: msa[k] for k in ("block_size", "topk", "index_rope") if k in msa}
+    return {}
+
+
+__all__ = ["PRECISIONS", "SOURCE_FILE", "build_model", "ensure_process_group", "export_hf", "find_source", "import_hf",
+           "msa_settings", "read_hf_config", "training_config"]
