@@ -76,7 +76,8 @@ def test_prepare_data_with_a_tokenizer_file(tmp_path):
     assert (meta["vocab_size"], meta["eod_id"]) == (4, 1)
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    assert IndexedDataset(str(tmp_path / "tok"))[0].tolist() == [2, 3, 2, 1]
+    ds = IndexedDataset(str(tmp_path / "tok"))  # keep it alive: ds[0] is a view into its mmap (closed on __del__)
+    assert ds[0].tolist() == [2, 3, 2, 1]
     with pytest.raises(prepare_data.PrepareError, match="--eod-token"):
         prepare_data.build([str(tmp_path / "in.jsonl")], str(tmp_path / "t2"), tokenizer=str(tmp_path / "tokenizer.json"),
                            eod_token="</s>", json_key="body")
