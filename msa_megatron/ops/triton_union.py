@@ -147,6 +147,8 @@ def union_stats(block_idx: Tensor, P: int = 8) -> dict:
 
 
 # ----------------------------------------------------------------------------- dispatch
+_last_kv: Optional[tuple] = None  # the last selection auto sent to the KV-outer path (no second union build)
+
 def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: torch.dtype,
                       lists: Optional[UnionLists] = None) -> Tuple[str, Optional[UnionLists]]:
     """'union' or 'kv' for this call, plus the union lists when 'union' (reused by the
@@ -154,11 +156,15 @@ def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: 
     ``union_max_blocks * K / 16`` (default 32 at K = 16: the study's measured break-even of
     the split backward + forward, kernel_study.md 6.1/6.3) and no row repeats a block; one
     host sync for that number. Logged once per reason."""
+    global _last_kv
     impl = cfg.main_impl
     if impl == "kv" or block_idx.shape[2] == 0:
         if impl == "kv":
             _tsa._announce("main-kv", "MSA main branch: KV-outer kernels (kernel_config main_impl=kv)")
         return "kv", None
+    key = (_union_key(block_idx, union_positions(G, dtype, cfg)), cfg.union_max_blocks)
+    if impl == "auto" and lists is None and key == _last_kv:
+        return "kv", None  # decided for this very selection a moment ago (the op, then SparseAttentionFn)
     lists = union_lists_for(block_idx, G, dtype, cfg, lists)
     K = block_idx.shape[-1]
     if impl == "union":
@@ -171,6 +177,7 @@ def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: 
     limit = cfg.union_max_blocks * K / 16.0
     if dups:
         _tsa._announce("main-auto-dups", "MSA main branch auto: a row repeats a block -> KV-outer kernels")
+        _last_kv = key
         return "kv", None
     if mean < limit:
         _tsa._announce("main-auto-union", f"MSA main branch auto: mean union {mean:.1f} blocks per {lists.P}-position "
@@ -178,6 +185,7 @@ def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: 
         return "union", lists
     _tsa._announce("main-auto-kv", f"MSA main branch auto: mean union {mean:.1f} blocks per {lists.P}-position tile "
                                    f">= {limit:g} (union_max_blocks) -> KV-outer kernels")
+    _last_kv = key
     return "kv", None
 
 
