@@ -449,6 +449,78 @@ def part_1m(L: int, impls) -> None:
         guarded(f"1M {impl}", run)
 
 
+# ----------------------------------------------------------------------------- AOT (no GPU)
+def aot_report(arch: int = 90, spec: str = "") -> int:
+    """--aot: compile the v2 kernels for sm_<arch>a with Triton's ptxas (no device needed) and
+    print registers / spills / shared memory; exit 1 on a compile error or > 227 KB smem."""
+    import re
+    import subprocess
+    import tempfile
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from msa_megatron.ops import triton_sparse_attn as T
+    from msa_megatron.ops import triton_union as U
+
+    target = GPUTarget("cuda", arch, 32)
+    F, I, P = "*fp32", "*i32", "*bf16"
+    div16 = {"D", "G", "sq", "sk", "nt"}
+    kernels = []
+    for sp in (spec.split(";") if spec else ["", "union_block_n=128", "union_fwd_warps=4,union_dq_warps=4",
+                                                 "union_fwd_stages=3,union_kl_stages=2"]):
+        cfg = T.KernelConfig.from_spec(sp)
+        Pn = U.union_positions(16, torch.bfloat16, cfg)
+        bn = U._bn(B, cfg, torch.bfloat16)
+        common = dict(UMAX=Pn * K, P=Pn, GP=16, BLOCK=B, BN=bn, NSUB=B // bn, DP=D, DOT_PREC=None, UPCAST=False)
+        io = dict(Q=P, K=P, V=P, DO=P, OUT=P, LSE=F, DELTA=F, DQ=P, IQ=P, IK=P, ILSE=F, DIQ=F, DSBUF=P, KLPART=F,
+                  UOFF="*i64", qk_scale="fp32", sm_scale="fp32", iscale="fp32", kl_coef="fp32")
+        kernels.append((f"union_fwd [{sp}]", U._union_fwd_kernel, io, common, cfg.union_fwd_warps, cfg.union_fwd_stages))
+        kernels.append((f"union_dq [{sp}]", U._union_dq_kernel, io, dict(common, KL=False, DI=16, DIP=16, PPAD=16),
+                        cfg.union_dq_warps, cfg.union_dq_stages))
+        kernels.append((f"union_dq+KL [{sp}]", U._union_dq_kernel, io, dict(common, KL=True, DI=DI, DIP=DI, PPAD=16),
+                        cfg.union_dq_warps, cfg.union_kl_stages))
+    kernels.append(("union_dik", U._union_dik_kernel, dict(DSBUF=P, IQ=P, DIK=F, ENT_ORD="*i64", SEG_ORD="*i64", SEG_OFF="*i64",
+                                                           SEG_CNT="*i64", UOFF="*i64"),
+                    dict(UMAX=8 * K, P=8, PK=16, BLOCK=B, BN=64, DI=DI, DIP=DI, DOT_PREC=None, UPCAST=False), 4, 2))
+    cfg = T.KernelConfig()
+    qpb, bnb = T.kv_tiles("bwd", torch.bfloat16, D, 16, B, cfg)
+    bwd_types = dict(Q=P, K=P, V=P, DO=P, LSE=F, DELTA=F, DQ=F, DKACC=F, DVACC=F, DKPART=F, DVPART=F, sm_scale="fp32",
+                     qk_scale="fp32", IQ=P, IK=P, ILSE=F, DIQ=F, DIK=F, KLPART=F, iscale="fp32", kl_coef="fp32")
+    kernels.append(("bwd_kv part=3 (dK/dV only)", T._bwd_kv_kernel, bwd_types,
+                    dict(KSEL=K, BLOCK=B, GP=16, DP=D, DOT_PREC=None, UPCAST=False, NSUB=B // bnb, BN=bnb, QP=qpb,
+                         DQ_ATOMIC=False, PART=3, KL=False, KLJ=1, DI=16, DIP=16), cfg.bwd_warps, cfg.bwd_stages))
+    print(f"AOT compile for sm_{arch}a, triton {triton.__version__}")
+    bad = 0
+    for name, fn, types, consts, nw, ns in kernels:
+        is_ptr = lambda n: n.isupper() and n not in ("D", "G")  # noqa: E731
+        sig = {n: ("constexpr" if n in consts else types.get(n, I if is_ptr(n) else "i32")) for n in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                 if n not in consts and (sig[n].startswith("*") or n.startswith("stride") or n in div16)}
+        try:
+            ck = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=target,
+                                options=dict(num_warps=nw, num_stages=ns))
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(ck.asm["ptx"])
+            log = subprocess.run([triton.knobs.nvidia.ptxas.path, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o",
+                                  os.devnull], capture_output=True, text=True).stderr
+            os.unlink(f.name)
+            regs = re.search(r"Used (\d+) registers", log)
+            spill = re.search(r"(\d+) bytes spill stores", log)
+            too_big = ck.metadata.shared > 232448
+            bad += int(too_big)
+            print(f"  {name:58s} warps={nw} stages={ns} regs={regs.group(1) if regs else '?'} "
+                  f"spill={spill.group(1) if spill else '?'}B smem={ck.metadata.shared}B "
+                  f"wgmma={len(re.findall('wgmma.mma_async', ck.asm['ptx']))}{'  SMEM OVER 227 KB' if too_big else ''}",
+                  flush=True)
+        except Exception as exc:
+            bad += 1
+            print(f"  {name:58s} COMPILE ERROR {type(exc).__name__}: {str(exc)[:800]}", flush=True)
+    return 1 if bad else 0
+
+
 # ----------------------------------------------------------------------------- report
 def write_report(out_dir: Path, meta: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -504,7 +576,11 @@ def main() -> int:
     p.add_argument("--sweep", action="store_true", help="tile-config sweep of the union kernels on pool 20")
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_union_out"))
     p.add_argument("--cpu-smoke", action="store_true", help="tiny layout on CPU via the Triton interpreter")
+    p.add_argument("--aot", nargs="?", const="", default=None,
+                   help="no GPU: compile the v2 kernels for sm_90a (optional ';'-separated KernelConfig specs)")
     a = p.parse_args()
+    if a.aot is not None:
+        return aot_report(spec=a.aot)
     if a.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"
         HQ, HKV, D, DI, B, K, DEV = 8, 2, 16, 16, 16, 3, "cpu"

@@ -254,11 +254,13 @@ def _union_kl_lists(mode: str, backend: str, need_grad: bool, compute_kl: bool, 
     kc = kernel_config or _tsa.default_config()
     if not (compute_kl and mode == "msa" and backend == "triton" and need_grad) or kc.fwd_impl != "kv":
         return None
+    if kc.kl_fused and kc.main_impl == "auto":
+        return None  # an explicit kl_fused=1 keeps the KV-outer fused KL unless main_impl=union is asked for
     from . import triton_union as _tu
 
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return None
-    impl, lists = _tu.resolve_main_impl(kc, block_idx, q.shape[2] // k.shape[2], q.dtype)
+    impl, lists = _tu.resolve_main_impl(kc, block_idx, q.shape[2] // k.shape[2], q.dtype, d=q.shape[3])
     if impl != "union":
         return None
     _announce("kl-union", "MSA: indexer KL fused into the union-tile dQ pass (main_impl union): aux.kl and the "

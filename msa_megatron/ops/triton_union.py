@@ -68,12 +68,13 @@ class UnionLists:
     key: tuple
 
 
-def union_positions(G: int, dtype: torch.dtype, cfg: _tsa.KernelConfig) -> int:
+def union_positions(G: int, dtype: torch.dtype, cfg: _tsa.KernelConfig, d: int = 128) -> int:
     """P, the query positions per union tile: P x next_pow2(G) = ``union_rows`` MMA rows
     (128 by default: P = 8 at G = 16), at most 32 (the membership mask is an int32), at
-    least 1; fp32 inputs use half the rows (twice the bytes per row)."""
+    least 1; fp32 inputs and head dims above 128 use proportionally fewer rows (registers)."""
     GP = _tsa._next_pow2(G)
-    rows = cfg.union_rows if dtype != torch.float32 else max(16, cfg.union_rows // 2)
+    rows = cfg.union_rows if dtype != torch.float32 else cfg.union_rows // 2
+    rows = max(16, rows * 128 // max(128, _tsa._next_pow2(d)))
     return max(1, min(32, rows // GP)) if GP < rows else 1
 
 
@@ -129,9 +130,10 @@ def build_union_lists(block_idx: Tensor, P: int, heavy_first: bool = True) -> Un
 
 
 def union_lists_for(block_idx: Tensor, G: int, dtype: torch.dtype, cfg: Optional[_tsa.KernelConfig] = None,
-                    lists: Optional[UnionLists] = None) -> UnionLists:
+                    lists: Optional[UnionLists] = None, d: int = 128) -> UnionLists:
+    """The union lists the kernels use for this layout (``lists`` reused when it matches)."""
     cfg = cfg or _tsa.default_config()
-    P = union_positions(G, dtype, cfg)
+    P = union_positions(G, dtype, cfg, d)
     if lists is not None and lists.key == _union_key(block_idx, P):
         return lists
     return build_union_lists(block_idx, P, heavy_first=cfg.union_heavy_first)
@@ -150,7 +152,7 @@ def union_stats(block_idx: Tensor, P: int = 8) -> dict:
 _last_kv: Optional[tuple] = None  # the last selection auto sent to the KV-outer path (no second union build)
 
 def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: torch.dtype,
-                      lists: Optional[UnionLists] = None) -> Tuple[str, Optional[UnionLists]]:
+                      lists: Optional[UnionLists] = None, d: int = 128) -> Tuple[str, Optional[UnionLists]]:
     """'union' or 'kv' for this call, plus the union lists when 'union' (reused by the
     backward). ``auto``: the union path when the mean union per tile is below
     ``union_max_blocks * K / 16`` (default 32 at K = 16: the study's measured break-even of
@@ -162,10 +164,10 @@ def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: 
         if impl == "kv":
             _tsa._announce("main-kv", "MSA main branch: KV-outer kernels (kernel_config main_impl=kv)")
         return "kv", None
-    key = (_union_key(block_idx, union_positions(G, dtype, cfg)), cfg.union_max_blocks)
+    key = (_union_key(block_idx, union_positions(G, dtype, cfg, d)), cfg.union_max_blocks)
     if impl == "auto" and lists is None and key == _last_kv:
         return "kv", None  # decided for this very selection a moment ago (the op, then SparseAttentionFn)
-    lists = union_lists_for(block_idx, G, dtype, cfg, lists)
+    lists = union_lists_for(block_idx, G, dtype, cfg, lists, d)
     K = block_idx.shape[-1]
     if impl == "union":
         if bool(lists.dups):
@@ -392,7 +394,7 @@ def _union_dq_kernel(
 
 @triton.jit
 def _union_dik_kernel(
-    DSBUF, IQ, DIK, ENT_ORD, SEG_OFF, SEG_CNT, UOFF, UBLK,
+    DSBUF, IQ, DIK, ENT_ORD, SEG_ORD, SEG_OFF, SEG_CNT, UOFF,
     stride_iqb, stride_iqt, stride_iqg,
     sq, sk, n_groups, nt, nb, w0, off0,
     UMAX: tl.constexpr, P: tl.constexpr, PK: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
@@ -400,8 +402,9 @@ def _union_dik_kernel(
 ):
     """Owner-side d_ik: one program = (batch, key block, BN-key sub-tile); loops over the union
     entries (of this chunk) that contain the block, in a fixed order (groups, tiles
-    ascending), d_ik += dS_student^T . iq (K = PK >= 16 rows, P live); adds to DIK once."""
-    seg = tl.program_id(0)
+    ascending), d_ik += dS_student^T . iq (K = PK >= 16 rows, P live); adds to DIK once.
+    Segments run most-entries first (SEG_ORD) so hot blocks (sinks, popular early blocks) start early."""
+    seg = tl.load(SEG_ORD + tl.program_id(0))
     sub = tl.program_id(1)
     bi = seg // nb
     blk = seg % nb
@@ -462,7 +465,7 @@ def union_attention_fwd(
     if sq == 0:
         return (out, lse, lists) if return_lists else (out, lse)
     block_idx = block_idx.contiguous()
-    lists = union_lists_for(block_idx, G, q.dtype, cfg, lists)
+    lists = union_lists_for(block_idx, G, q.dtype, cfg, lists, d)
     bn = _bn(block_size, cfg, q.dtype)
     _union_fwd_kernel[(lists.cnt.numel(),)](
         q, k, v, pos, lists.order, lists.blk, lists.msk, lists.cnt, out, lse,
@@ -528,7 +531,7 @@ def union_attention_dq(
         zero = torch.zeros((), dtype=torch.float32, device=q.device)
         return dq, UnionKLResult(zero, d_iq32, d_ik32, {"index_entropy": zero.clone(), "main_entropy": zero.clone()})
     block_idx = block_idx.contiguous()
-    lists = union_lists_for(block_idx, G, q.dtype, cfg, lists)
+    lists = union_lists_for(block_idx, G, q.dtype, cfg, lists, d)
     if delta is None:
         delta = _tsa._delta(out, do)
     bn = _bn(block_size, cfg, q.dtype)
@@ -580,9 +583,10 @@ def union_attention_dq(
         ent_ord = torch.sort(seg.view(-1), stable=True).indices  # (w - w0) * UMAX + u, fixed order
         seg_cnt = torch.bincount(seg.view(-1), minlength=b * nb + 1)[: b * nb]
         seg_off = torch.cumsum(seg_cnt, 0) - seg_cnt
+        seg_ord = torch.argsort(seg_cnt, descending=True, stable=True)
         del wl
         _union_dik_kernel[(b * nb, triton.cdiv(block_size, bn_ik))](
-            dsbuf, kiq, d_ik32, ent_ord, seg_off, seg_cnt, lists.off, lists.blk,
+            dsbuf, kiq, d_ik32, ent_ord, seg_ord, seg_off, seg_cnt, lists.off,
             kiq.stride(0), kiq.stride(1), kiq.stride(2),
             sq, sk, g, lists.nt, nb, w0, o0,
             UMAX=lists.umax, P=P, PK=max(16, _tsa._next_pow2(P)), BLOCK=block_size, BN=bn_ik, DI=di, DIP=DIP,
