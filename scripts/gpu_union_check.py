@@ -491,7 +491,8 @@ def aot_report(arch: int = 90, spec: str = "") -> int:
                      qk_scale="fp32", IQ=P, IK=P, ILSE=F, DIQ=F, DIK=F, KLPART=F, iscale="fp32", kl_coef="fp32")
     kernels.append(("bwd_kv part=3 (dK/dV only)", T._bwd_kv_kernel, bwd_types,
                     dict(KSEL=K, BLOCK=B, GP=16, DP=D, DOT_PREC=None, UPCAST=False, NSUB=B // bnb, BN=bnb, QP=qpb,
-                         DQ_ATOMIC=False, PART=3, KL=False, KLJ=1, DI=16, DIP=16), cfg.bwd_warps, cfg.bwd_stages))
+                         DQ_ATOMIC=False, PART=3, KL=False, KLJ=1, DI=16, DIP=16, DIRECT=True), cfg.bwd_warps,
+                    cfg.bwd_stages))
     print(f"AOT compile for sm_{arch}a, triton {triton.__version__}")
     bad = 0
     for name, fn, types, consts, nw, ns in kernels:

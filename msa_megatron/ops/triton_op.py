@@ -239,11 +239,11 @@ class _UnionAttentionKLFn(torch.autograd.Function):
             kl=_tsa.FusedKL(iq, ik, index_lse, ctx.iscale))
         ctx.holder.copy_(torch.stack([res.kl, res.stats["index_entropy"], res.stats["main_entropy"]]))
         d_iq = d_ik = None
-        if dkl is not None:
+        if dkl is not None:  # in place on the fp32 gradients: no second fp32 copy (2 GiB at 1M)
             if ctx.needs_input_grad[3]:
-                d_iq = (res.d_iq * dkl).to(iq.dtype)
+                d_iq = res.d_iq.mul_(dkl).to(iq.dtype)
             if ctx.needs_input_grad[4]:
-                d_ik = (res.d_ik * dkl).to(ik.dtype)
+                d_ik = res.d_ik.mul_(dkl).to(ik.dtype)
         return dq, dk, dv, d_iq, d_ik, None, None, None, None, None, None, None, None
 
 

@@ -374,7 +374,7 @@ def _bwd_kv_kernel(
     KSEL: tl.constexpr, NSUB: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
     GP: tl.constexpr, QP: tl.constexpr, DP: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, PART: tl.constexpr,
-    KL: tl.constexpr, KLJ: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+    KL: tl.constexpr, KLJ: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, DIRECT: tl.constexpr = False,
 ):
     """KV-outer backward for one work item x one BN-key sub-tile: dK/dV in registers over the
     item's queries; dQ per (pair, sub-tile, head) into a partial buffer (or fp32 atomics into
@@ -514,9 +514,15 @@ def _bwd_kv_kernel(
         # sole program of this (block, sub-tile) in this launch: accumulate in place
         acc_off = ((bi.to(tl.int64) * sk + kpos.to(tl.int64)[:, None]) * n_groups + gi) * D + offs_d[None, :]
         if PART != 1:
-            tl.store(DKACC + acc_off, tl.load(DKACC + acc_off, mask=kmask, other=0.0) + dk, mask=kmask)
+            if DIRECT:  # one chunk: this program is the only writer -> the output dtype, no fp32 accumulator
+                tl.store(DKACC + acc_off, dk.to(DKACC.dtype.element_ty), mask=kmask)
+            else:
+                tl.store(DKACC + acc_off, tl.load(DKACC + acc_off, mask=kmask, other=0.0) + dk, mask=kmask)
         if PART != 2:
-            tl.store(DVACC + acc_off, tl.load(DVACC + acc_off, mask=kmask, other=0.0) + dv, mask=kmask)
+            if DIRECT:
+                tl.store(DVACC + acc_off, dv.to(DVACC.dtype.element_ty), mask=kmask)
+            else:
+                tl.store(DVACC + acc_off, tl.load(DVACC + acc_off, mask=kmask, other=0.0) + dv, mask=kmask)
     else:
         part_off = (pslot.to(tl.int64) * BLOCK + sub * BN + tl.arange(0, BN))[:, None] * D + offs_d[None, :]
         pmask = (tl.arange(0, BN) < BN)[:, None] & dmask[None, :]
@@ -529,7 +535,7 @@ def _bwd_kv_kernel(
 @triton.jit
 def _bwd_reduce_kernel(
     DKPART, DVPART, DKACC, DVACC, SG_BG, SG_BLK, SG_P0, SG_P1,
-    sk, n_groups, D, BLOCK: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
+    sk, n_groups, D, BLOCK: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DIRECT: tl.constexpr = False,
 ):
     """Adds the partial dK/dV of a split block's work items, in item order (deterministic);
     one program = BN rows of the block."""
@@ -553,10 +559,14 @@ def _bwd_reduce_kernel(
         sdk += tl.load(DKPART + off, mask=pmask, other=0.0)
         sdv += tl.load(DVPART + off, mask=pmask, other=0.0)
     kpos = blk * BLOCK + rows
-    kmask = (kpos < sk)[:, None] & dmask[None, :]
+    kmask = ((kpos < sk) & (rows < BLOCK))[:, None] & dmask[None, :]  # rows past the block belong to the next one
     acc_off = ((bi.to(tl.int64) * sk + kpos.to(tl.int64)[:, None]) * n_groups + gi) * D + offs_d[None, :]
-    tl.store(DKACC + acc_off, tl.load(DKACC + acc_off, mask=kmask, other=0.0) + sdk, mask=kmask)
-    tl.store(DVACC + acc_off, tl.load(DVACC + acc_off, mask=kmask, other=0.0) + sdv, mask=kmask)
+    if DIRECT:  # one chunk: the block's only writer -> the output dtype
+        tl.store(DKACC + acc_off, sdk.to(DKACC.dtype.element_ty), mask=kmask)
+        tl.store(DVACC + acc_off, sdv.to(DVACC.dtype.element_ty), mask=kmask)
+    else:
+        tl.store(DKACC + acc_off, tl.load(DKACC + acc_off, mask=kmask, other=0.0) + sdk, mask=kmask)
+        tl.store(DVACC + acc_off, tl.load(DVACC + acc_off, mask=kmask, other=0.0) + sdv, mask=kmask)
 
 
 @triton.jit
@@ -1081,8 +1091,13 @@ def sparse_attention_bwd(
     GP = _next_pow2(G)
     prec, up = _dot_prec(q.dtype), _upcast(q)
     dq = _alloc((b, sq, hq, d), q.dtype, q.device) if compute_dq else None
-    dk_acc = torch.zeros((b, sk, g, d), dtype=torch.float32, device=q.device)
-    dv_acc = torch.zeros((b, sk, g, d), dtype=torch.float32, device=q.device)
+    # One chunk: every (block, sub-tile) has one writer (its item, or the reduce of its split
+    # items), so dK/dV are stored in the output dtype from registers (zeros where no query
+    # selected the block): no fp32 accumulators (4 GiB + 2 GiB of casts at 1M, paper layout).
+    direct = len(plan.chunks) <= 1
+    acc_dtype = (k.dtype, v.dtype) if direct else (torch.float32, torch.float32)
+    dk_acc = torch.zeros((b, sk, g, d), dtype=acc_dtype[0], device=q.device)
+    dv_acc = torch.zeros((b, sk, g, d), dtype=acc_dtype[1], device=q.device)
     if sq == 0:
         if kl is not None:
             zero = torch.zeros((), dtype=torch.float32, device=q.device)
@@ -1121,7 +1136,7 @@ def sparse_attention_bwd(
                 do.stride(0), do.stride(1), do.stride(2), *kl_strides,
                 ch.t0, cq, sq, sk, g, G, d, scale, scale * LOG2E, *kl_scalars,
                 KSEL=K, NSUB=nsub, BLOCK=block_size, BN=bn, GP=GP, QP=QP, DP=DP,
-                DQ_ATOMIC=not deterministic, DOT_PREC=prec, UPCAST=up, PART=part,
+                DQ_ATOMIC=not deterministic, DOT_PREC=prec, UPCAST=up, PART=part, DIRECT=direct,
                 KL=kl is not None, KLJ=_kl_group(QP), DI=di, DIP=DIP,
                 num_warps=cfg.bwd_warps, num_stages=stages,
             )
@@ -1129,7 +1144,7 @@ def sparse_attention_bwd(
             rb = min(32, _next_pow2(block_size))  # rows per reduce program: no register spills
             _bwd_reduce_kernel[(ch.n_split_segs, triton.cdiv(block_size, rb))](
                 dkpart, dvpart, dk_acc, dv_acc, ch.sg_bg, ch.sg_blk, ch.sg_p0, ch.sg_p1,
-                sk, g, d, BLOCK=block_size, BN=rb, DP=DP, num_warps=8,
+                sk, g, d, BLOCK=block_size, BN=rb, DP=DP, DIRECT=direct, num_warps=8,
             )
         if not compute_dq:
             pass

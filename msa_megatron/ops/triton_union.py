@@ -102,22 +102,26 @@ def build_union_lists(block_idx: Tensor, P: int, heavy_first: bool = True) -> Un
     pidx = torch.arange(P, device=dev, dtype=torch.int32).repeat_interleave(K).view(1, umax)
     sent = torch.iinfo(torch.int32).max
     key = torch.where(bi >= 0, bi * P + pidx, torch.full_like(bi, sent))
-    key = torch.sort(key, dim=-1).values
+    del bi
+    key = torch.sort(key, dim=-1).values  # (temporaries are freed early: ~1 GiB each at 1M tokens)
     valid = key != sent
     blk = torch.div(key, P, rounding_mode="floor")
     pos = key - blk * P
-    prev_key = torch.nn.functional.pad(key[:, :-1], (1, 0), value=-1)
-    prev_blk = torch.nn.functional.pad(blk[:, :-1], (1, 0), value=-1)
-    new_entry = valid & (blk != prev_blk)
-    new_pair = valid & (key != prev_key)
+    new_pair = valid & (key != torch.nn.functional.pad(key[:, :-1], (1, 0), value=-1))
+    del key
+    new_entry = valid & (blk != torch.nn.functional.pad(blk[:, :-1], (1, 0), value=-1))
     dups = (valid & ~new_pair).any()
     cnt = new_entry.sum(-1, dtype=torch.int32)
-    slot = torch.cumsum(new_entry.to(torch.int32), -1) - 1
-    slot = torch.where(valid, slot, torch.full_like(slot, umax))  # invalid -> spill column
+    slot = torch.cumsum(new_entry, -1, dtype=torch.int32) - 1
     bits = torch.where(new_pair, torch.ones_like(pos) << pos, torch.zeros_like(pos))
-    msk = torch.zeros(nbg * nt, umax + 1, dtype=torch.int32, device=dev).scatter_add_(-1, slot.long(), bits)
+    del pos, new_pair
+    slot = torch.where(valid, slot, umax).long()  # invalid -> spill column
+    del valid
+    msk = torch.zeros(nbg * nt, umax + 1, dtype=torch.int32, device=dev).scatter_add_(-1, slot, bits)
+    del bits
     ublk = torch.full((nbg * nt, umax + 1), -1, dtype=torch.int32, device=dev)
-    ublk.scatter_(-1, torch.where(new_entry, slot, torch.full_like(slot, umax)).long(), blk)
+    ublk.scatter_(-1, torch.where(new_entry, slot, umax), blk)
+    del slot, blk, new_entry
     ublk, msk = ublk[:, :umax].contiguous(), msk[:, :umax].contiguous()
     ublk = torch.where(torch.arange(umax, device=dev)[None, :] < cnt[:, None], ublk, torch.full_like(ublk, -1))
     off = torch.cumsum(cnt.to(torch.int64), 0) - cnt.to(torch.int64)
@@ -553,6 +557,9 @@ def union_attention_dq(
         )
         return dq
     DIP = max(16, _tsa._next_pow2(di))
+    if bn > 64:  # the KL's index-key and student tiles: 128-key steps exceed sm_90's 227 KB smem (AOT)
+        bn = _tsa._block_n(block_size, 64)
+        common.update(BN=bn, NSUB=block_size // bn)
     iscale = float(kl.index_scale)
     nb = math.ceil(sk / block_size)
     ds_dtype = kik.dtype
