@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """GPU check + benchmark of the v2 main branch (union tile) against today's KV-outer path.
 
-    OUT=/tmp/out python scripts/gpu_union_check.py            # all parts, ~4-6 min on one H100
+    OUT=/tmp/out python scripts/gpu_union_check.py            # check, bench, 1m: ~4-6 min on one H100
     python scripts/gpu_union_check.py --parts check,bench     # skip the 1M part
+    python scripts/gpu_union_check.py --parts sweep           # tile-config sweep only (~2-3 min)
+    python scripts/gpu_union_check.py --aot                   # no GPU: sm_90a compile report (regs/spills/smem)
     python scripts/gpu_union_check.py --cpu-smoke             # tiny sizes, Triton interpreter (tests the script)
 
 Paper layout: 64 q / 4 KV heads, d = di = 128, block 128, top-16, bf16, batch 1. Needs only
@@ -26,12 +28,15 @@ Parts:
          index LSE + main + KL; kv = separate KL kernel, union = KL inside the dQ pass) and
          the index selection itself (to add for a full op step); FlexAttention block-sparse
          on the pool-15 pattern (fwd, fwd+bwd; its output is also compared with the union
-         forward's). ``--sweep``: union fwd / dQ / dQ+KL tile configs on pool 20.
+         forward's).
+  sweep  union fwd / dQ / dQ+KL tile configs (block_n, warps, stages) on pool 20 at 128K.
   1m     1M tokens, pool-20 selection given: op fwd+bwd (union; then KV-outer) peak memory
          (torch.cuda.max_memory_allocated) and time of the second call.
 
 Success: every row of the check table says ok, the JSON has "failed": [], and the bench table
-holds numbers for every (selection, path). Exit status 1 when a check fails.
+holds numbers for every (selection, path). Exit status 1 when a check fails. ``--budget-s``
+(default 330): parts and bench rows that would start after that many seconds are skipped and
+listed under "skipped", so one call stays within the device limit.
 """
 
 from __future__ import annotations
@@ -55,6 +60,17 @@ CHECKS: list = []  # dicts: part, L, sel, metric, value, tol, ok
 BENCH: list = []  # dicts
 MEM: list = []
 FAILED: list = []
+SKIPPED: list = []
+T_START = time.time()
+BUDGET_S = 330.0
+
+
+def over_budget(what: str) -> bool:
+    if time.time() - T_START > BUDGET_S:
+        SKIPPED.append(what)
+        print(f"[skip] {what}: past the {BUDGET_S:.0f} s budget", flush=True)
+        return True
+    return False
 TOL = {"out": 1e-2, "lse": 1e-4, "dq": 2e-2, "dk": 1e-2, "dv": 1e-2, "kl": 1e-3, "d_iq": 3e-2, "d_ik": 3e-2,
        "entropy": 1e-3, "ref_out": 1e-2, "ref_lse": 1e-4, "ref_grad": 2e-2}
 
@@ -84,6 +100,8 @@ def record(part, L, sel, metric, value, tol, ok=None):
 
 
 def guarded(name: str, fn) -> None:
+    if over_budget(name):
+        return
     t0 = time.time()
     try:
         fn()
@@ -309,7 +327,7 @@ def flex_pool15(L: int, sel, q, k, v, do, o_union):
     return bench_ms(fwd), bench_ms(fwdbwd), err
 
 
-def bench_selection(L: int, kind: str, sweep: bool) -> None:
+def bench_selection(L: int, kind: str) -> None:
     from msa_megatron.ops import triton_index as TI
     from msa_megatron.ops import triton_sparse_attn as T
     from msa_megatron.ops import triton_union as U
@@ -373,26 +391,41 @@ def bench_selection(L: int, kind: str, sweep: bool) -> None:
             row["flex_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
     BENCH.append(row)
     print(json.dumps(row), flush=True)
-    if sweep:
-        specs_f = ["union_block_n=64,union_fwd_warps=8,union_fwd_stages=2", "union_block_n=128,union_fwd_warps=8",
-                   "union_block_n=64,union_fwd_warps=4", "union_block_n=64,union_fwd_stages=3"]
-        specs_b = ["union_block_n=64,union_dq_warps=8,union_dq_stages=2", "union_block_n=64,union_dq_stages=1",
-                   "union_block_n=64,union_dq_warps=4", "union_block_n=128,union_dq_stages=1"]
-        specs_k = ["union_kl_stages=1", "union_kl_stages=2", "union_kl_stages=1,union_dq_warps=4"]
-        for spec in specs_f:
-            c = T.KernelConfig.from_spec("main_impl=union," + spec)
-            _sweep(L, kind, "union_fwd", spec, lambda: U.union_attention_fwd(q, k, v, sel, B, config=c, lists=lists))
-        for spec in specs_b:
-            c = T.KernelConfig.from_spec("main_impl=union," + spec)
-            _sweep(L, kind, "union_dq", spec, lambda: U.union_attention_dq(do, q, k, v, o2, l2, sel, B, config=c,
-                                                                          lists=lists))
-        for spec in specs_k:
-            c = T.KernelConfig.from_spec("main_impl=union," + spec)
-            _sweep(L, kind, "union_dq_kl", spec, lambda: U.union_attention_dq(do, q, k, v, o2, l2, sel, B, config=c,
-                                                                             lists=lists, kl=fk))
 
+
+def sweep_selection(L: int, kind: str) -> None:
+    """Union kernels under several tile configs (one compile each) on one selection."""
+    from msa_megatron.ops import triton_index as TI
+    from msa_megatron.ops import triton_sparse_attn as T
+    from msa_megatron.ops import triton_union as U
+
+    cfg = msa_cfg()
+    sel = make_selection(kind, L, 11)
+    q, k, v, do = randn((1, L, HQ, D), 1), randn((1, L, HKV, D), 2), randn((1, L, HKV, D), 3), randn((1, L, HQ, D), 4)
+    iq, ik = index_inputs(L, 5)
+    un = T.KernelConfig(main_impl="union")
+    o2, l2, lists = U.union_attention_fwd(q, k, v, sel, B, config=un, return_lists=True)
+    fk = T.FusedKL(iq, ik, TI.selected_lse(iq, ik, sel, cfg), cfg.index_softmax_scale)
+    specs_f = ["union_block_n=64,union_fwd_warps=8,union_fwd_stages=2", "union_block_n=128",
+               "union_fwd_stages=3", "union_fwd_warps=4"]
+    specs_b = ["union_block_n=64,union_dq_warps=8,union_dq_stages=2", "union_dq_stages=1", "union_dq_stages=3",
+               "union_block_n=128"]
+    specs_k = ["union_kl_stages=1", "union_kl_stages=2", "union_kl_stages=3"]
+    for spec in specs_f:
+        c = T.KernelConfig.from_spec("main_impl=union," + spec)
+        _sweep(L, kind, "union_fwd", spec, lambda: U.union_attention_fwd(q, k, v, sel, B, config=c, lists=lists))
+    for spec in specs_b:
+        c = T.KernelConfig.from_spec("main_impl=union," + spec)
+        _sweep(L, kind, "union_dq", spec, lambda: U.union_attention_dq(do, q, k, v, o2, l2, sel, B, config=c,
+                                                                      lists=lists))
+    for spec in specs_k:
+        c = T.KernelConfig.from_spec("main_impl=union," + spec)
+        _sweep(L, kind, "union_dq_kl", spec, lambda: U.union_attention_dq(do, q, k, v, o2, l2, sel, B, config=c,
+                                                                         lists=lists, kl=fk))
 
 def _sweep(L, kind, what, spec, fn):
+    if over_budget(f"sweep {what} {spec}"):
+        return
     try:
         ms = bench_ms(fn, rep=80)
     except Exception as exc:
@@ -402,9 +435,9 @@ def _sweep(L, kind, what, spec, fn):
     print(f"sweep {what:12s} {spec:55s} {ms:8.2f} ms", flush=True)
 
 
-def part_bench(L: int, sweep: bool) -> None:
+def part_bench(L: int) -> None:
     for kind in ("pool15", "pool20", "pool32", "random"):
-        guarded(f"bench L={L} {kind}", lambda: bench_selection(L, kind, sweep and kind == "pool20"))
+        guarded(f"bench L={L} {kind}", lambda: bench_selection(L, kind))
 
 
 # ----------------------------------------------------------------------------- part: 1M
@@ -526,7 +559,7 @@ def aot_report(arch: int = 90, spec: str = "") -> int:
 def write_report(out_dir: Path, meta: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "union_check.json").write_text(json.dumps(dict(meta=meta, checks=CHECKS, bench=BENCH, mem=MEM,
-                                                              failed=FAILED), indent=1, default=str))
+                                                              failed=FAILED, skipped=SKIPPED), indent=1, default=str))
     lines = [f"# Union-tile main branch check ({meta['device']}, {meta['date']}, commit {meta['commit']})", ""]
     if CHECKS:
         lines += ["## Correctness", "", "| part | L | selection | metric | value | tol | ok |", "|---|---:|---|---|---:|---:|---|"]
@@ -562,6 +595,8 @@ def write_report(out_dir: Path, meta: dict) -> None:
                   f"{r['total_gib']:.1f} | {r['kl']:.4g} |" for r in MEM]
         lines.append("")
     lines += ["## Failed", ""] + ([f"- {f}" for f in FAILED] or ["none"])
+    lines += ["", "## Skipped (time budget)", ""] + ([f"- {f}" for f in SKIPPED] or ["none"])
+    lines += ["", f"wall {meta.get('wall_s', 0):.0f} s"]
     (out_dir / "union_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -574,7 +609,7 @@ def main() -> int:
     p.add_argument("--bench-L", default="128K")
     p.add_argument("--long-L", default="1M")
     p.add_argument("--long-impls", default="union,kv")
-    p.add_argument("--sweep", action="store_true", help="tile-config sweep of the union kernels on pool 20")
+    p.add_argument("--budget-s", type=float, default=330.0, help="skip what would start after this many seconds")
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_union_out"))
     p.add_argument("--cpu-smoke", action="store_true", help="tiny layout on CPU via the Triton interpreter")
     p.add_argument("--aot", nargs="?", const="", default=None,
@@ -602,17 +637,24 @@ def main() -> int:
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=commit,
                 torch=torch.__version__, triton=__import__("triton").__version__,
                 layout=dict(hq=HQ, hkv=HKV, d=D, di=DI, block=B, topk=K, dtype="bf16"))
+    global T_START, BUDGET_S
     parts = set(a.parts.split(","))
-    t0 = time.time()
+    bad = parts - {"check", "bench", "1m", "sweep"}
+    if bad:
+        print(f"--parts: unknown {sorted(bad)}; allowed: check, bench, 1m, sweep")
+        return 2
+    T_START, BUDGET_S = time.time(), a.budget_s
     try:
         if "check" in parts:
             part_check([parse_length(x) for x in a.check_lengths.split(",")])
         if "bench" in parts:
-            part_bench(parse_length(a.bench_L), a.sweep)
+            part_bench(parse_length(a.bench_L))
         if "1m" in parts:
             part_1m(parse_length(a.long_L), a.long_impls.split(","))
+        if "sweep" in parts:
+            guarded("sweep pool20", lambda: sweep_selection(parse_length(a.bench_L), "pool20"))
     finally:
-        meta["wall_s"] = time.time() - t0
+        meta["wall_s"] = time.time() - T_START
         write_report(Path(a.out), meta)
     return 1 if FAILED else 0
 
