@@ -100,6 +100,7 @@ class KernelConfig:
     # --- v2: union-tile path (ops/triton_union.py; docs/kernels_main.md "v2: union tile")
     main_impl: str = "auto"  # "auto" | "union" | "kv": union tile (fwd + dQ [+ KL]) vs KV-outer; auto decides per call by the mean union size
     union_max_blocks: float = 32.0  # auto: union path when the mean union per tile < this x K/16 (kernel_study.md 6.1/6.3: break-even of fwd + split bwd, U8 ~ 32 at K = 16, P = 8)
+    union_max_blocks_fwd: float = 40.0  # the same for calls without a backward (prefill/eval): the study's forward-only crossover, U8 ~ 40 (6.1)
     union_rows: int = 128  # MMA rows of a union tile: P positions x next_pow2(G) heads (P = 8 at G = 16)
     union_block_n: int = 64  # keys per step (study prototype: 64 beat 128, 23.6 vs 24.8 ms at 128K)
     union_fwd_warps: int = 8
@@ -114,8 +115,9 @@ class KernelConfig:
             raise ValueError(f"KernelConfig.fwd_impl={self.fwd_impl!r}: allowed values are 'kv', 'q'")
         if self.main_impl not in MAIN_IMPLS:
             raise ValueError(f"KernelConfig.main_impl={self.main_impl!r}: allowed values are 'auto', 'union', 'kv'")
-        if not self.union_max_blocks > 0:
-            raise ValueError(f"KernelConfig.union_max_blocks={self.union_max_blocks}: must be > 0")
+        for name in ("union_max_blocks", "union_max_blocks_fwd"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be > 0")
         for name in ("union_rows", "union_block_n"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
@@ -152,7 +154,7 @@ class KernelConfig:
                 kw[name] = value
             elif name in ("lpt_order", "dq_partial_lowp", "bwd_split", "kl_fused", "union_heavy_first"):
                 kw[name] = value.lower() in ("1", "true", "yes")
-            elif name == "union_max_blocks":
+            elif name in ("union_max_blocks", "union_max_blocks_fwd"):
                 kw[name] = float(value)
             else:
                 kw[name] = int(value)
@@ -1185,7 +1187,7 @@ class SparseAttentionFn(torch.autograd.Function):
             from . import triton_union as _tu
 
             _check_inputs(q, k, v, block_idx, block_size)
-            impl, lists = _tu.resolve_main_impl(cfg, block_idx, hq // k.shape[2], q.dtype, d=d)
+            impl, lists = _tu.resolve_main_impl(cfg, block_idx, hq // k.shape[2], q.dtype, d=d, fwd_only=not grad)
             if impl == "union":
                 out, lse = _tu.union_attention_fwd(q, k, v, block_idx, block_size, q_pos, softmax_scale, config=cfg,
                                                    lists=lists)

@@ -156,11 +156,13 @@ def union_stats(block_idx: Tensor, P: int = 8) -> dict:
 _last_kv: Optional[tuple] = None  # the last selection auto sent to the KV-outer path (no second union build)
 
 def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: torch.dtype,
-                      lists: Optional[UnionLists] = None, d: int = 128) -> Tuple[str, Optional[UnionLists]]:
+                      lists: Optional[UnionLists] = None, d: int = 128,
+                      fwd_only: bool = False) -> Tuple[str, Optional[UnionLists]]:
     """'union' or 'kv' for this call, plus the union lists when 'union' (reused by the
     backward). ``auto``: the union path when the mean union per tile is below
     ``union_max_blocks * K / 16`` (default 32 at K = 16: the study's measured break-even of
-    the split backward + forward, kernel_study.md 6.1/6.3) and no row repeats a block; one
+    the split backward + forward, kernel_study.md 6.1/6.3; ``union_max_blocks_fwd`` = 40, the
+    forward-only crossover, for calls without a backward) and no row repeats a block; one
     host sync for that number. Logged once per reason."""
     global _last_kv
     impl = cfg.main_impl
@@ -168,7 +170,8 @@ def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: 
         if impl == "kv":
             _tsa._announce("main-kv", "MSA main branch: KV-outer kernels (kernel_config main_impl=kv)")
         return "kv", None
-    key = (_union_key(block_idx, union_positions(G, dtype, cfg, d)), cfg.union_max_blocks)
+    max_blocks = cfg.union_max_blocks_fwd if fwd_only else cfg.union_max_blocks
+    key = (_union_key(block_idx, union_positions(G, dtype, cfg, d)), max_blocks)
     if impl == "auto" and lists is None and key == _last_kv:
         return "kv", None  # decided for this very selection a moment ago (the op, then SparseAttentionFn)
     lists = union_lists_for(block_idx, G, dtype, cfg, lists, d)
@@ -180,17 +183,18 @@ def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: 
         _tsa._announce("main-union", "MSA main branch: union-tile kernels (kernel_config main_impl=union)")
         return "union", lists
     mean, dups = torch.stack([lists.mean, lists.dups.float()]).tolist()
-    limit = cfg.union_max_blocks * K / 16.0
+    limit = max_blocks * K / 16.0
+    knob = "union_max_blocks_fwd" if fwd_only else "union_max_blocks"
     if dups:
         _tsa._announce("main-auto-dups", "MSA main branch auto: a row repeats a block -> KV-outer kernels")
         _last_kv = key
         return "kv", None
     if mean < limit:
-        _tsa._announce("main-auto-union", f"MSA main branch auto: mean union {mean:.1f} blocks per {lists.P}-position "
-                                          f"tile < {limit:g} (union_max_blocks) -> union-tile kernels")
+        _tsa._announce(f"main-auto-union-{knob}", f"MSA main branch auto: mean union {mean:.1f} blocks per {lists.P}-"
+                                                  f"position tile < {limit:g} ({knob}) -> union-tile kernels")
         return "union", lists
-    _tsa._announce("main-auto-kv", f"MSA main branch auto: mean union {mean:.1f} blocks per {lists.P}-position tile "
-                                   f">= {limit:g} (union_max_blocks) -> KV-outer kernels")
+    _tsa._announce(f"main-auto-kv-{knob}", f"MSA main branch auto: mean union {mean:.1f} blocks per {lists.P}-position "
+                                           f"tile >= {limit:g} ({knob}) -> KV-outer kernels")
     _last_kv = key
     return "kv", None
 

@@ -205,6 +205,8 @@ def test_dispatch_auto_union_kv_and_errors():
     auto = T.KernelConfig(main_impl="auto", union_max_blocks=thr)
     assert U.resolve_main_impl(auto, tile, G, torch.float32)[0] == "union"
     assert U.resolve_main_impl(auto, rnd, G, torch.float32)[0] == "kv"
+    fwd_wide = T.KernelConfig(main_impl="auto", union_max_blocks=thr, union_max_blocks_fwd=mean_rnd * 2 * 16 / K)
+    assert U.resolve_main_impl(fwd_wide, rnd, G, torch.float32, fwd_only=True)[0] == "union"  # prefill threshold
     assert U.resolve_main_impl(T.KernelConfig(main_impl="kv"), tile, G, torch.float32) == ("kv", None)
     dup = tile.clone()
     dup[0, 0, 20, 0] = dup[0, 0, 20, 1]
