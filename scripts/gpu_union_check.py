@@ -61,6 +61,7 @@ BENCH: list = []  # dicts
 MEM: list = []
 FAILED: list = []
 SKIPPED: list = []
+PROFILES: list = []
 T_START = time.time()
 BUDGET_S = 330.0
 
@@ -327,6 +328,31 @@ def flex_pool15(L: int, sel, q, k, v, do, o_union):
     return bench_ms(fwd), bench_ms(fwdbwd), err
 
 
+def profile_kernels(fn, top: int = 14) -> dict:
+    """Device time per kernel name (ms) of one call after a warm-up call (torch.profiler)."""
+    if DEV != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    tot = {}
+    for ka in prof.key_averages():
+        t = getattr(ka, "self_device_time_total", None)
+        if t is None:
+            t = getattr(ka, "self_cuda_time_total", 0.0)
+        if t > 0:
+            name = ka.key if len(ka.key) < 60 else ka.key[:57] + "..."
+            tot[name] = tot.get(name, 0.0) + t / 1e3
+    items = sorted(tot.items(), key=lambda kv: -kv[1])
+    out = dict(items[:top])
+    out["(total)"] = sum(v for _, v in items)
+    return out
+
+
 def bench_selection(L: int, kind: str) -> None:
     from msa_megatron.ops import triton_index as TI
     from msa_megatron.ops import triton_sparse_attn as T
@@ -379,6 +405,14 @@ def bench_selection(L: int, kind: str) -> None:
     row["union_main_fwdbwd"] = bench_ms(main_fb(un))
     row["kv_op_fwdbwd"] = bench_ms(op_fb(kv))
     row["union_op_fwdbwd"] = bench_ms(op_fb(un))
+    if kind == "pool20":  # where the time goes (one call each)
+        for name, kc in (("kv", kv), ("union", un)):
+            try:
+                prof = profile_kernels(op_fb(kc))
+                PROFILES.append(dict(L=L, sel=kind, path=f"{name} op fwd+bwd", kernels=prof))
+                print(f"profile {name} op fwd+bwd: {json.dumps(prof)}", flush=True)
+            except Exception as exc:
+                print(f"profile {name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
     if kind == "random":
         iqs, iks = index_inputs(L, 5)
         row["index_select"] = bench_ms(lambda: TI.index_select(iqs, iks, cfg))
@@ -559,7 +593,8 @@ def aot_report(arch: int = 90, spec: str = "") -> int:
 def write_report(out_dir: Path, meta: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "union_check.json").write_text(json.dumps(dict(meta=meta, checks=CHECKS, bench=BENCH, mem=MEM,
-                                                              failed=FAILED, skipped=SKIPPED), indent=1, default=str))
+                                                              failed=FAILED, skipped=SKIPPED, profiles=PROFILES), indent=1,
+                                                              default=str))
     lines = [f"# Union-tile main branch check ({meta['device']}, {meta['date']}, commit {meta['commit']})", ""]
     if CHECKS:
         lines += ["## Correctness", "", "| part | L | selection | metric | value | tol | ok |", "|---|---:|---|---|---:|---:|---|"]
@@ -588,6 +623,9 @@ def write_report(out_dir: Path, meta: dict) -> None:
         lines += ["## Sweep (pool 20)", "", "| kernel | config | ms |", "|---|---|---:|"]
         lines += [f"| {r['sweep']} | {r['spec']} | {r['ms']:.2f} |" for r in sw]
         lines.append("")
+    for pr in PROFILES:
+        lines += [f"## Kernel split: {pr['path']} (L={pr['L']}, {pr['sel']}; torch.profiler, ms)", "",
+                  "| kernel | ms |", "|---|---:|"] + [f"| `{k}` | {v:.2f} |" for k, v in pr["kernels"].items()] + [""]
     if MEM:
         lines += ["## 1M op fwd+bwd (one GPU)", "", "| L | impl | U8 | fwd s | bwd s | peak GiB | device GiB | kl |",
                   "|---:|---|---:|---:|---:|---:|---:|---:|"]
