@@ -504,7 +504,7 @@ def part_1m(L: int, impls) -> None:
                 sync()
                 t2 = time.time()
                 times.append((t1 - t0, t2 - t1))
-                kl = float(aux.kl)
+                kl = float(aux.kl.detach())
                 del out, aux
             peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else float("nan")
             row = dict(L=L, impl=impl, sel="pool20", U8=st["mean"], fwd_s=times[-1][0], bwd_s=times[-1][1],

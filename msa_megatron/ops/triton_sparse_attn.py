@@ -697,26 +697,34 @@ def kv_tiles(kind: str, dtype: torch.dtype, d: int, G: int, block_size: int, cfg
     return qp, bn
 
 
-def _partial_budget(device: torch.device, cfg: KernelConfig) -> int:
+def _partial_budget(device: torch.device, cfg: KernelConfig, reserve_bytes: int = 0) -> int:
     """Bytes the partial buffers of one chunk may take: the configured value, else a quarter
     of the memory free for tensors (CUDA driver free + the caching allocator's unused
-    reserve), between 256 MiB and 8 GiB; 64 MiB off CUDA."""
+    reserve) after ``reserve_bytes`` (outputs the caller allocates after sizing the chunks:
+    dq + fp32 dK/dV accumulators are 20 GiB at 1M), between 256 MiB and 8 GiB; 64 MiB off CUDA."""
     if cfg.partial_bytes > 0:
         return cfg.partial_bytes
     if device.type != "cuda":
         return 64 << 20
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(min(8 << 30, max(256 << 20, free // 4)))
+    return int(min(8 << 30, max(256 << 20, (free - reserve_bytes) // 4)))
 
 
-def _plan_fits(plan: Plan, bytes_per_pos: int, device: torch.device, cfg: KernelConfig) -> bool:
+def _plan_fits(plan: Plan, bytes_per_pos: int, device: torch.device, cfg: KernelConfig,
+               reserve_bytes: int = 0) -> bool:
     """Whether the plan's chunks keep ``bytes_per_pos`` partial buffers under the budget
     taken now (always true when it is already one position per chunk)."""
     if not plan.chunks or bytes_per_pos <= 0:
         return True
     cq = plan.chunks[0].cq
-    return cq <= 1 or cq * bytes_per_pos <= _partial_budget(device, cfg)
+    return cq <= 1 or cq * bytes_per_pos <= _partial_budget(device, cfg, reserve_bytes)
+
+
+def _out_bytes(q: Tensor) -> int:
+    """out + lse of a forward (allocated after its chunks are sized)."""
+    b, sq, hq, _ = q.shape
+    return q.numel() * q.element_size() + b * hq * sq * 4
 
 
 def _num_sms(device: torch.device) -> int:
@@ -726,7 +734,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 def build_plan(block_idx: Tensor, sk: int, block_size: int, bytes_per_pos: int,
-               config: Optional[KernelConfig] = None) -> Plan:
+               config: Optional[KernelConfig] = None, reserve_bytes: int = 0) -> Plan:
     """Reverse index of ``block_idx`` [b, g, sq, K]: for each (b, g, block) the (query, slot)
     pairs that chose it, split into work items of at most ``item_pairs`` pairs; the queries cut
     into chunks whose partial buffers (``bytes_per_pos`` per query position, see
@@ -737,7 +745,7 @@ def build_plan(block_idx: Tensor, sk: int, block_size: int, bytes_per_pos: int,
     dev = block_idx.device
     nb = math.ceil(sk / block_size)
     nseg = b * g * nb
-    cq = max(1, min(sq, _partial_budget(dev, cfg) // max(1, bytes_per_pos)))
+    cq = max(1, min(sq, _partial_budget(dev, cfg, reserve_bytes) // max(1, bytes_per_pos)))
     if cfg.chunk_queries > 0:
         cq = min(cq, cfg.chunk_queries)
     nch = -(-sq // cq) if sq else 0
@@ -981,7 +989,8 @@ def sparse_attention_fwd(
         )
         return (out, lse, plan) if return_plan else (out, lse)
     if plan is None or plan.key != _plan_key(block_idx, sk, block_size):
-        plan = build_plan(block_idx, sk, block_size, partial_bytes_per_pos(q, g, K, block_size, config=cfg), cfg)
+        plan = build_plan(block_idx, sk, block_size, partial_bytes_per_pos(q, g, K, block_size, config=cfg), cfg,
+                          reserve_bytes=_out_bytes(q))
     GP = _next_pow2(G)
     TQ = _combine_tq(GP, DP)
     part_dtype = q.dtype
@@ -1068,10 +1077,13 @@ def sparse_attention_bwd(
         kiq, kik, kilse, di, kl_norm = _check_fused_kl(kl, q, sk, g)
     need = partial_bytes_per_pos(q, g, K, block_size, fwd=False, bwd=compute_dq, deterministic=deterministic,
                                  dq_partial_dtype=dq_partial_dtype, config=cfg, kl_di=di if kl is not None else 0)
-    if plan is None or plan.key != _plan_key(block_idx, sk, block_size) or not _plan_fits(plan, need, q.device, cfg):
+    # outputs allocated after the chunks are sized: dq, fp32 dK/dV accumulators (worst case), delta
+    reserve = (q.numel() * q.element_size() if compute_dq else 0) + 2 * k.numel() * 4 + b * hq * sq * 4
+    if (plan is None or plan.key != _plan_key(block_idx, sk, block_size)
+            or not _plan_fits(plan, need, q.device, cfg, reserve)):
         # partial buffers are sized now, at use time (a plan from the forward may have been cut
         # for the memory free then: the 1M fwd+bwd OOM of kernel_study.md section 3)
-        plan = build_plan(block_idx, sk, block_size, need, cfg)
+        plan = build_plan(block_idx, sk, block_size, need, cfg, reserve_bytes=reserve)
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     if kl is not None:
         DIP = max(16, _next_pow2(di))
@@ -1202,7 +1214,7 @@ class SparseAttentionFn(torch.autograd.Function):
             need = partial_bytes_per_pos(q, k.shape[2], block_idx.shape[-1], block_size, fwd=cfg.fwd_impl == "kv", bwd=True,
                                          deterministic=deterministic, config=cfg,
                                          dq_partial_dtype=q.dtype if cfg.dq_partial_lowp else torch.float32)
-            plan = build_plan(block_idx, k.shape[1], block_size, need, cfg)
+            plan = build_plan(block_idx, k.shape[1], block_size, need, cfg, reserve_bytes=_out_bytes(q))
         out, lse = sparse_attention_fwd(q, k, v, block_idx, block_size, q_pos, softmax_scale, config=cfg, plan=plan)
         ctx.save_for_backward(q, k, v, out, lse, block_idx, q_pos if q_pos is not None else torch.empty(0))
         ctx.has_pos = q_pos is not None
