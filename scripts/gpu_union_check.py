@@ -456,6 +456,13 @@ def sweep_selection(L: int, kind: str) -> None:
         c = T.KernelConfig.from_spec("main_impl=union," + spec)
         _sweep(L, kind, "union_dq_kl", spec, lambda: U.union_attention_dq(do, q, k, v, o2, l2, sel, B, config=c,
                                                                          lists=lists, kl=fk))
+    # the KV-outer dK/dV-only kernel (the split backward's other half): 128-row tiles now that the
+    # dQ dot and stores are gone (kernel_study.md 6.3 step 3); plan built once
+    plan = T.build_plan(sel, L, B, 0, T.KernelConfig())
+    for spec in ["", "bwd_rows=128,bwd_block_n=64,bwd_stages=1", "bwd_block_n=64", "bwd_rows=32"]:
+        c = T.KernelConfig.from_spec(spec)
+        _sweep(L, kind, "kv_dkdv_only", spec or "(default)",
+               lambda: T.sparse_attention_bwd(do, q, k, v, o2, l2, sel, B, config=c, plan=plan, compute_dq=False))
 
 def _sweep(L, kind, what, spec, fn):
     if over_budget(f"sweep {what} {spec}"):
