@@ -213,6 +213,10 @@ def check_pair(L: int, kind: str) -> None:
     sel = make_selection(kind, L, 7)
     st = u8(sel)
     record("check", L, kind, "U8 (info)", st["mean"], float("inf"))
+    la, lb = U.build_union_lists(sel, 8), U.build_union_lists_triton(sel, 8)
+    same = all(torch.equal(getattr(la, n), getattr(lb, n)) for n in ("blk", "msk", "cnt", "off", "order"))
+    record("check", L, kind, "union lists: Triton kernel == torch", 0.0 if same else 1.0, 0.0)
+    del la, lb
     q, k, v, do = randn((1, L, HQ, D), 1), randn((1, L, HKV, D), 2), randn((1, L, HKV, D), 3), randn((1, L, HQ, D), 4)
     iq, ik = index_inputs(L, 5)
     kv, un = T.KernelConfig(main_impl="kv"), T.KernelConfig(main_impl="union")
@@ -368,6 +372,7 @@ def bench_selection(L: int, kind: str) -> None:
     kv, un = T.KernelConfig(main_impl="kv"), T.KernelConfig(main_impl="union")
     row["kv_fwd"] = bench_ms(lambda: T.sparse_attention_fwd(q, k, v, sel, B, config=kv))
     row["union_lists"] = bench_ms(lambda: U.union_lists_for(sel, HQ // HKV, q.dtype, un))
+    row["union_lists_triton"] = bench_ms(lambda: U.build_union_lists_triton(sel, 8))
     row["union_fwd"] = bench_ms(lambda: U.union_attention_fwd(q, k, v, sel, B, config=un))
     o1, l1, plan = T.sparse_attention_fwd(q, k, v, sel, B, config=kv, return_plan=True)
     o2, l2, lists = U.union_attention_fwd(q, k, v, sel, B, config=un, return_lists=True)
@@ -559,6 +564,8 @@ def aot_report(arch: int = 90, spec: str = "") -> int:
     kernels.append(("union_dik", U._union_dik_kernel, dict(DSBUF=P, IQ=P, DIK=F, ENT_ORD="*i64", SEG_ORD="*i64", SEG_OFF="*i64",
                                                            SEG_CNT="*i64", UOFF="*i64"),
                     dict(UMAX=8 * K, P=8, PK=16, BLOCK=B, BN=64, DI=DI, DIP=DI, DOT_PREC=None, UPCAST=False), 4, 2))
+    kernels.append(("union_lists (P=8, K=16)", U._union_lists_kernel, dict(BIDX=I, SCR=I, UBLK=I, UMSK=I, UCNT=I, DUPS=I),
+                    dict(P=8, KSEL=K, UMAX=8 * K, UP=8 * K), 4, 1))
     cfg = T.KernelConfig()
     qpb, bnb = T.kv_tiles("bwd", torch.bfloat16, D, 16, B, cfg)
     bwd_types = dict(Q=P, K=P, V=P, DO=P, LSE=F, DELTA=F, DQ=F, DKACC=F, DVACC=F, DKPART=F, DVPART=F, sm_scale="fp32",
@@ -611,7 +618,7 @@ def write_report(out_dir: Path, meta: dict) -> None:
         lines.append("")
     main_rows = [r for r in BENCH if "sweep" not in r]
     if main_rows:
-        cols = ["U8", "U8_p90", "kv_fwd", "union_lists", "union_fwd", "kv_bwd", "kv_dkdv_only", "union_dq", "union_bwd",
+        cols = ["U8", "U8_p90", "kv_fwd", "union_lists", "union_lists_triton", "union_fwd", "kv_bwd", "kv_dkdv_only", "union_dq", "union_bwd",
                 "kl_separate", "union_dq_kl", "kv_main_fwdbwd", "union_main_fwdbwd", "kv_op_fwdbwd", "union_op_fwdbwd",
                 "index_select", "flex_fwd", "flex_fwdbwd"]
         lines += ["## Timing (ms, do_bench median)", "",

@@ -109,6 +109,7 @@ class KernelConfig:
     union_dq_stages: int = 2  # study: 2 stages 25.5 ms vs 1 stage 31.3 ms at U8 = 16
     union_kl_stages: int = 2  # the dQ pass with the KL fused; sm_90a AOT (bf16, d = di = 128): 255 regs, 0 B spills, 150 KB smem at 2 stages vs 108 B spills at 1
     union_heavy_first: bool = True  # launch tiles with the largest unions first
+    union_lists_kernel: bool = False  # build the union lists with the Triton kernel (one program per tile) instead of torch ops; off until GPU-verified
 
     def __post_init__(self) -> None:
         if self.fwd_impl not in ("kv", "q"):
@@ -152,7 +153,8 @@ class KernelConfig:
                 raise ValueError(f"kernel config: unknown field {name!r}; fields: {', '.join(types)}")
             if name in ("fwd_impl", "main_impl"):
                 kw[name] = value
-            elif name in ("lpt_order", "dq_partial_lowp", "bwd_split", "kl_fused", "union_heavy_first"):
+            elif name in ("lpt_order", "dq_partial_lowp", "bwd_split", "kl_fused", "union_heavy_first",
+                          "union_lists_kernel"):
                 kw[name] = value.lower() in ("1", "true", "yes")
             elif name in ("union_max_blocks", "union_max_blocks_fwd"):
                 kw[name] = float(value)

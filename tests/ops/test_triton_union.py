@@ -193,6 +193,22 @@ def test_union_lists_match_python_sets():
     assert sorted(L.cnt[L.order.long()].tolist(), reverse=True) == L.cnt[L.order.long()].tolist()
 
 
+def test_union_lists_triton_kernel_equals_torch():
+    gen = torch.Generator().manual_seed(2)
+    b, g, sq, K, nb, P = 1, 2, 21, 3, 7, 8
+    sel = torch.rand(b, g, sq, nb, generator=gen).argsort(-1)[..., :K].to(torch.int32)
+    sel = torch.where(torch.rand(sel.shape, generator=gen) < 0.25, -1, sel)
+    for dup in (False, True):
+        if dup:
+            sel[0, 1, 9, :2] = 5
+        a, t = U.build_union_lists(sel, P), U.build_union_lists_triton(sel, P)
+        for name in ("blk", "msk", "cnt", "off", "order"):
+            assert torch.equal(getattr(a, name), getattr(t, name)), name
+        assert bool(a.dups) == bool(t.dups) == dup and a.mean.item() == t.mean.item()
+    kc = T.KernelConfig(main_impl="union", union_lists_kernel=True)
+    assert U.union_lists_for(sel, 16, torch.bfloat16, kc).blk.shape == (b * g * 3, 8 * K)  # G = 16: P = 8
+
+
 def test_dispatch_auto_union_kv_and_errors():
     b, s, hq, g, d, block, K = 1, 96, 4, 2, 16, 16, 3
     tile = selection("tile", b, g, s, s, block, K, None, 7)
