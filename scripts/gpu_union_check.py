@@ -237,7 +237,7 @@ def check_pair(L: int, kind: str) -> None:
     dq3, res3 = U.union_attention_dq(do, q, k, v, o2, l2, sel, B, config=un, kl=fk)
     record("check", L, kind, "dq+KL bit-equal rerun", 0.0, 0.0, ok=torch.equal(dq2, dq3) and torch.equal(
         res.d_iq, res3.d_iq) and torch.equal(res.d_ik, res3.d_ik) and torch.equal(res.kl, res3.kl))
-    record("check", L, kind, "dq (KL pass) vs dq", rel(dq2, g2[0]), 1e-6)
+    record("check", L, kind, "dq (KL pass) vs dq", rel(dq2, g2[0]), 5e-3)  # another compiled kernel: bf16 roundings may differ
     record("check", L, kind, "kl", abs(res.kl.item() - kl1.item()) / max(1.0, abs(kl1.item())), TOL["kl"])
     record("check", L, kind, "d_iq", rel(res.d_iq, diq1), TOL["d_iq"])
     record("check", L, kind, "d_ik", rel(res.d_ik, dik1), TOL["d_ik"])
