@@ -449,7 +449,8 @@ def sweep_selection(L: int, kind: str) -> None:
                "union_fwd_stages=3", "union_fwd_warps=4"]
     specs_b = ["union_block_n=64,union_dq_warps=8,union_dq_stages=2", "union_dq_stages=1", "union_dq_stages=3",
                "union_block_n=128"]
-    specs_k = ["union_kl_stages=1", "union_kl_stages=2", "union_kl_stages=3"]
+    specs_k = ["union_kl_stages=1", "union_kl_stages=2", "union_kl_stages=3", "union_dik_item_entries=0",
+               "union_dik_item_entries=1024"]
     for spec in specs_f:
         c = T.KernelConfig.from_spec("main_impl=union," + spec)
         _sweep(L, kind, "union_fwd", spec, lambda: U.union_attention_fwd(q, k, v, sel, B, config=c, lists=lists))
@@ -561,9 +562,14 @@ def aot_report(arch: int = 90, spec: str = "") -> int:
                         cfg.union_dq_warps, cfg.union_dq_stages))
         kernels.append((f"union_dq+KL [{sp}]", U._union_dq_kernel, io, dict(common, KL=True, DI=DI, DIP=DI, PPAD=16),
                         cfg.union_dq_warps, cfg.union_kl_stages))
-    kernels.append(("union_dik", U._union_dik_kernel, dict(DSBUF=P, IQ=P, DIK=F, ENT_ORD="*i64", SEG_ORD="*i64", SEG_OFF="*i64",
-                                                           SEG_CNT="*i64", UOFF="*i64"),
+    L64 = "*i64"
+    kernels.append(("union_dik", U._union_dik_kernel, dict(DSBUF=P, IQ=P, DIK=F, DIKPART=F, ENT_ORD=L64, IT_ORD=L64,
+                                                           IT_SEG=L64, IT_START=L64, IT_END=L64, IT_PSLOT=L64,
+                                                           NTOT=L64, UOFF=L64),
                     dict(UMAX=8 * K, P=8, PK=16, BLOCK=B, BN=64, DI=DI, DIP=DI, DOT_PREC=None, UPCAST=False), 4, 2))
+    kernels.append(("union_dik_reduce", U._union_dik_reduce_kernel, dict(DIKPART=F, DIK=F, SEG_FIRST=L64, SEG_NIT=L64,
+                                                                         IT_PSLOT=L64),
+                    dict(BLOCK=B, BN=64, DI=DI, DIP=DI), 4, 1))
     kernels.append(("union_lists (P=8, K=16)", U._union_lists_kernel, dict(BIDX=I, SCR=I, UBLK=I, UMSK=I, UCNT=I, DUPS=I),
                     dict(P=8, KSEL=K, UMAX=8 * K, UP=8 * K), 4, 1))
     cfg = T.KernelConfig()

@@ -109,6 +109,7 @@ class KernelConfig:
     union_dq_stages: int = 2  # study: 2 stages 25.5 ms vs 1 stage 31.3 ms at U8 = 16
     union_kl_stages: int = 2  # the dQ pass with the KL fused; sm_90a AOT (bf16, d = di = 128): 255 regs, 0 B spills, 150 KB smem at 2 stages vs 108 B spills at 1
     union_heavy_first: bool = True  # launch tiles with the largest unions first
+    union_dik_item_entries: int = 256  # owner-side d_ik pass: union entries per work item (hot blocks split, partials reduced in order); 0 = one program per block
     union_lists_kernel: bool = False  # build the union lists with the Triton kernel (one program per tile) instead of torch ops; off until GPU-verified
 
     def __post_init__(self) -> None:
@@ -126,6 +127,8 @@ class KernelConfig:
         for name in ("union_fwd_warps", "union_dq_warps"):
             if getattr(self, name) not in (1, 2, 4, 8, 16):
                 raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be 1, 2, 4, 8 or 16")
+        if self.union_dik_item_entries < 0:
+            raise ValueError(f"KernelConfig.union_dik_item_entries={self.union_dik_item_entries}: must be >= 0")
         for name in ("union_fwd_stages", "union_dq_stages", "union_kl_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be >= 1")

@@ -474,51 +474,85 @@ def _union_dq_kernel(
 
 @triton.jit
 def _union_dik_kernel(
-    DSBUF, IQ, DIK, ENT_ORD, SEG_ORD, SEG_OFF, SEG_CNT, UOFF,
+    DSBUF, IQ, DIK, DIKPART, ENT_ORD, IT_ORD, IT_SEG, IT_START, IT_END, IT_PSLOT, NTOT, UOFF,
     stride_iqb, stride_iqt, stride_iqg,
     sq, sk, n_groups, nt, nb, w0, off0,
     UMAX: tl.constexpr, P: tl.constexpr, PK: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
     DI: tl.constexpr, DIP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Owner-side d_ik: one program = (batch, key block, BN-key sub-tile); loops over the union
-    entries (of this chunk) that contain the block, in a fixed order (groups, tiles
-    ascending), d_ik += dS_student^T . iq (K = PK >= 16 rows, P live); adds to DIK once.
-    Segments run most-entries first (SEG_ORD) so hot blocks (sinks, popular early blocks) start early."""
-    seg = tl.load(SEG_ORD + tl.program_id(0))
+    """Owner-side d_ik: one program = (work item, BN-key sub-tile). A work item is a run of at
+    most ``union_dik_item_entries`` union entries (of this chunk) that contain one (batch, key
+    block), in a fixed order (groups, tiles ascending): d_ik += dS_student^T . iq (K = PK >= 16
+    rows, P live). A block's only item adds to DIK itself; items of a hot block (sinks, popular
+    early blocks) write fp32 partials that ``_union_dik_reduce_kernel`` adds in item order.
+    Launched largest items first (IT_ORD); items past NTOT (the padded grid) do nothing."""
+    i = tl.load(IT_ORD + tl.program_id(0))
     sub = tl.program_id(1)
-    bi = seg // nb
-    blk = seg % nb
-    start = tl.load(SEG_OFF + seg)
-    count = tl.load(SEG_CNT + seg)
-    kk = sub * BN + tl.arange(0, BN)
-    kpos = blk * BLOCK + kk
-    kin = (kpos < sk) & (kk < BLOCK)
-    offs_i = tl.arange(0, DIP)
-    imask = offs_i < DI
-    rp = tl.arange(0, PK)
-    acc = tl.zeros([BN, DIP], tl.float32)
-    for e in range(start, start + count):
-        slot = tl.load(ENT_ORD + e).to(tl.int64)  # (w - w0) * UMAX + u
-        wl = slot // UMAX
-        u = slot % UMAX
-        w = w0 + wl
-        bg = w // nt
-        tile = w % nt
-        gi = bg % n_groups
-        ent = tl.load(UOFF + w) - off0 + u
-        t = tile * P + rp
-        live = (rp < P) & (t < sq)
-        dsT = tl.load(DSBUF + (ent * P + rp.to(tl.int64))[None, :] * BLOCK + kk[:, None],
-                      mask=live[None, :] & kin[:, None], other=0.0)
-        iqr = tl.load(IQ + (bi.to(tl.int64) * stride_iqb + t.to(tl.int64) * stride_iqt + gi * stride_iqg)[:, None]
-                      + offs_i[None, :], mask=live[:, None] & imask[None, :], other=0.0)
-        if UPCAST:
-            dsT = dsT.to(tl.float32)
-            iqr = iqr.to(tl.float32)
-        acc += tl.dot(dsT, iqr, input_precision=DOT_PREC)
-    off = (bi.to(tl.int64) * sk + kpos.to(tl.int64))[:, None] * DI + offs_i[None, :]
-    m = kin[:, None] & imask[None, :]
-    tl.store(DIK + off, tl.load(DIK + off, mask=m, other=0.0) + acc, mask=m)
+    if i < tl.load(NTOT):
+        seg = tl.load(IT_SEG + i)
+        start = tl.load(IT_START + i)
+        end = tl.load(IT_END + i)
+        pslot = tl.load(IT_PSLOT + i)
+        bi = seg // nb
+        blk = seg % nb
+        kk = sub * BN + tl.arange(0, BN)
+        kpos = blk * BLOCK + kk
+        kin = (kpos < sk) & (kk < BLOCK)
+        offs_i = tl.arange(0, DIP)
+        imask = offs_i < DI
+        rp = tl.arange(0, PK)
+        acc = tl.zeros([BN, DIP], tl.float32)
+        for e in range(start, end):
+            slot = tl.load(ENT_ORD + e).to(tl.int64)  # (w - w0) * UMAX + u
+            wl = slot // UMAX
+            u = slot % UMAX
+            w = w0 + wl
+            bg = w // nt
+            tile = w % nt
+            gi = bg % n_groups
+            ent = tl.load(UOFF + w) - off0 + u
+            t = tile * P + rp
+            live = (rp < P) & (t < sq)
+            dsT = tl.load(DSBUF + (ent * P + rp.to(tl.int64))[None, :] * BLOCK + kk[:, None],
+                          mask=live[None, :] & kin[:, None], other=0.0)
+            iqr = tl.load(IQ + (bi.to(tl.int64) * stride_iqb + t.to(tl.int64) * stride_iqt + gi * stride_iqg)[:, None]
+                          + offs_i[None, :], mask=live[:, None] & imask[None, :], other=0.0)
+            if UPCAST:
+                dsT = dsT.to(tl.float32)
+                iqr = iqr.to(tl.float32)
+            acc += tl.dot(dsT, iqr, input_precision=DOT_PREC)
+        m = kin[:, None] & imask[None, :]
+        if pslot < 0:
+            off = (bi.to(tl.int64) * sk + kpos.to(tl.int64))[:, None] * DI + offs_i[None, :]
+            tl.store(DIK + off, tl.load(DIK + off, mask=m, other=0.0) + acc, mask=m)
+        else:
+            poff = (pslot.to(tl.int64) * BLOCK + kk)[:, None] * DI + offs_i[None, :]
+            tl.store(DIKPART + poff, acc, mask=m)
+
+
+@triton.jit
+def _union_dik_reduce_kernel(
+    DIKPART, DIK, SEG_FIRST, SEG_NIT, IT_PSLOT, sk, nb,
+    BLOCK: tl.constexpr, BN: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+):
+    """d_ik of a hot (batch, key block): the sum of its work items' partials, in item order."""
+    seg = tl.program_id(0)
+    sub = tl.program_id(1)
+    n = tl.load(SEG_NIT + seg)
+    if n > 1:
+        f = tl.load(SEG_FIRST + seg)
+        bi = seg // nb
+        blk = seg % nb
+        kk = sub * BN + tl.arange(0, BN)
+        kpos = blk * BLOCK + kk
+        offs_i = tl.arange(0, DIP)
+        m = ((kpos < sk) & (kk < BLOCK))[:, None] & (offs_i < DI)[None, :]
+        acc = tl.zeros([BN, DIP], tl.float32)
+        for j in range(f, f + n):
+            ps = tl.load(IT_PSLOT + j).to(tl.int64)
+            acc += tl.load(DIKPART + (ps * BLOCK + kk)[:, None] * DI + offs_i[None, :], mask=m, other=0.0)
+        off = (bi.to(tl.int64) * sk + kpos.to(tl.int64))[:, None] * DI + offs_i[None, :]
+        tl.store(DIK + off, tl.load(DIK + off, mask=m, other=0.0) + acc, mask=m)
 
 
 # ----------------------------------------------------------------------------- host wrappers
@@ -580,6 +614,34 @@ def _dsbuf_chunks(lists: UnionLists, bytes_per_entry: int, budget: int):
     ends = torch.cat([lists.off, (lists.off[-1:] + lists.cnt[-1:].to(torch.int64))])
     offs = ends[torch.tensor(bounds, device=ends.device)].tolist()
     return [(bounds[i], bounds[i + 1], int(offs[i]), int(offs[i + 1])) for i in range(nch) if bounds[i + 1] > bounds[i]]
+
+
+def _dik_items(seg_cnt: Tensor, n_entries: int, cap: int) -> dict:
+    """Work items of the owner-side d_ik pass, on the device without a host sync: each
+    (batch, block) segment of ``seg_cnt`` entries is cut into runs of at most ``cap`` entries
+    (0: one item per segment). The grid is padded to an upper bound (``n_max``; items past
+    ``total`` exit); partial slots (``pslot``, -1 for a segment's only item) are bounded by
+    2 * n_entries / cap (a split segment has more than cap entries)."""
+    dev = seg_cnt.device
+    nseg = seg_cnt.numel()
+    if cap <= 0:
+        cap_t, n_max, n_part = seg_cnt.clamp_min(1), nseg, 0
+    else:
+        cap_t, n_max, n_part = torch.full_like(seg_cnt, cap), nseg + -(-n_entries // cap), 2 * -(-n_entries // cap)
+    n_it = (seg_cnt + cap_t - 1) // cap_t  # 0 for empty segments
+    cum = torch.cumsum(n_it, 0)
+    first = cum - n_it
+    seg_off = torch.cumsum(seg_cnt, 0) - seg_cnt
+    i = torch.arange(n_max, device=dev)
+    iseg = torch.searchsorted(cum, i, right=True).clamp_max(nseg - 1)
+    start = seg_off[iseg] + (i - first[iseg]) * cap_t[iseg]
+    end = torch.minimum(start + cap_t[iseg], seg_off[iseg] + seg_cnt[iseg])
+    total = cum[-1:].clone()
+    split = (n_it[iseg] > 1) & (i < total)
+    pslot = torch.where(split, torch.cumsum(split.long(), 0) - 1, torch.full_like(i, -1))
+    order = torch.argsort(torch.where(i < total, end - start, -1), descending=True, stable=True)
+    return dict(n_max=n_max, n_part=n_part if cap > 0 else 0, order=order, seg=iseg, start=start, end=end,
+                pslot=pslot, total=total, seg_first=first, seg_nit=n_it)
 
 
 def union_attention_dq(
@@ -659,23 +721,31 @@ def union_attention_dq(
         )
         kl_parts.append(klpart)
         # owner-side d_ik: reverse index of this chunk's union entries by (batch, block)
-        wl = torch.arange(nwc, device=q.device, dtype=torch.int64)
         ublk = lists.blk[w0:w1].to(torch.int64)
         bidx_of_w = (torch.arange(w0, w1, device=q.device) // lists.nt) // g
-        seg = torch.where(ublk >= 0, bidx_of_w[:, None] * nb + ublk, torch.full_like(ublk, b * nb))
+        nseg = b * nb
+        seg = torch.where(ublk >= 0, bidx_of_w[:, None] * nb + ublk, torch.full_like(ublk, nseg))
+        del ublk
         ent_ord = torch.sort(seg.view(-1), stable=True).indices  # (w - w0) * UMAX + u, fixed order
-        seg_cnt = torch.bincount(seg.view(-1), minlength=b * nb + 1)[: b * nb]
-        seg_off = torch.cumsum(seg_cnt, 0) - seg_cnt
-        seg_ord = torch.argsort(seg_cnt, descending=True, stable=True)
-        del wl
-        _union_dik_kernel[(b * nb, triton.cdiv(block_size, bn_ik))](
-            dsbuf, kiq, d_ik32, ent_ord, seg_ord, seg_off, seg_cnt, lists.off,
+        seg_cnt = torch.bincount(seg.view(-1), minlength=nseg + 1)[:nseg]
+        del seg
+        items = _dik_items(seg_cnt, o1 - o0, cfg.union_dik_item_entries)
+        grid_n = triton.cdiv(block_size, bn_ik)
+        dikpart = torch.empty((max(1, items["n_part"]), block_size, di), dtype=torch.float32, device=q.device)
+        _union_dik_kernel[(items["n_max"], grid_n)](
+            dsbuf, kiq, d_ik32, dikpart, ent_ord, items["order"], items["seg"], items["start"], items["end"],
+            items["pslot"], items["total"], lists.off,
             kiq.stride(0), kiq.stride(1), kiq.stride(2),
             sq, sk, g, lists.nt, nb, w0, o0,
             UMAX=lists.umax, P=P, PK=max(16, _tsa._next_pow2(P)), BLOCK=block_size, BN=bn_ik, DI=di, DIP=DIP,
             DOT_PREC=_tsa._dot_prec(kik.dtype), UPCAST=up, num_warps=4, num_stages=2,
         )
-        del dsbuf, ent_ord, seg, seg_cnt, seg_off
+        if items["n_part"]:
+            _union_dik_reduce_kernel[(nseg, grid_n)](
+                dikpart, d_ik32, items["seg_first"], items["seg_nit"], items["pslot"], sk, nb,
+                BLOCK=block_size, BN=bn_ik, DI=di, DIP=DIP, num_warps=4,
+            )
+        del dsbuf, ent_ord, seg_cnt, items, dikpart
     sums = torch.cat(kl_parts).sum(0)
     stats = {"index_entropy": -sums[1] / kl_norm, "main_entropy": -LN2 * sums[2] / (kl_norm * G)}
     return dq, UnionKLResult(sums[0] / kl_norm, d_iq32, d_ik32, stats)

@@ -96,7 +96,7 @@ def check_against_reference(q, k, v, do, iq, ik, sel, block, q_pos, cfg, kc=UNIO
     out, lse, dq, dk, dv, res = run_union(q, k, v, do, iq, ik, sel, block, q_pos, cfg, kc)
     for name, t in dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv, d_iq=res.d_iq, d_ik=res.d_ik).items():
         assert not torch.isnan(t).any(), f"{name}: unwritten element (NaN poison) or NaN"
-    qf, kf, vf = (x.float().requires_grad_() for x in (q, k, v))
+    qf, kf, vf = (x.detach().float().clone().requires_grad_() for x in (q, k, v))
     r_out, r_lse = R.sparse_attention(qf, kf, vf, sel, block, q_pos)
     r_dq, r_dk, r_dv = torch.autograd.grad(r_out, [qf, kf, vf], do.float())
     errs = dict(out=rel(out, r_out), lse=rel(lse, r_lse), dq=rel(dq, r_dq), dk=rel(dk, r_dk), dv=rel(dv, r_dv))
@@ -104,7 +104,7 @@ def check_against_reference(q, k, v, do, iq, ik, sel, block, q_pos, cfg, kc=UNIO
     assert not bad, f"relative errors above {TOL[dtype]}: {bad} (all: {errs})"
     if not with_kl:
         return res
-    iq_r, ik_r = iq.float().requires_grad_(), ik.float().requires_grad_()
+    iq_r, ik_r = (x.detach().float().clone().requires_grad_() for x in (iq, ik))
     terms = R.sparse_kl_terms(q.float(), k.float(), iq_r, ik_r, sel, cfg, q_pos)
     (terms.kl / terms.rows).backward()
     ref_kl = terms.kl.item() / terms.rows
@@ -149,10 +149,27 @@ def test_unsorted_positions_several_chunks_and_heavy_order():
     q, k, v, do, iq, ik = tensors(b, sq, sk, hq, g, d, di, torch.float32, 4)
     cfg = MSAConfig(block_size=block, topk=K, index_dim=di)
     sel = selection("index", b, g, sq, sk, block, K, q_pos, 4, iq, ik, cfg)
-    kc = T.KernelConfig(main_impl="union", partial_bytes=3 * 16 * block * 4, union_block_n=32, union_heavy_first=False)
-    L = U.union_lists_for(sel, hq // g, q.dtype, kc)
-    assert len(U._dsbuf_chunks(L, L.P * block * 4, kc.partial_bytes)) > 2
-    check_against_reference(q, k, v, do, iq, ik, sel, block, q_pos, cfg, kc)
+    for items in (2, 0):  # d_ik work items of <= 2 union entries (hot blocks split + ordered reduce) / one per block
+        kc = T.KernelConfig(main_impl="union", partial_bytes=3 * 16 * block * 4, union_block_n=32,
+                            union_heavy_first=False, union_dik_item_entries=items)
+        L = U.union_lists_for(sel, hq // g, q.dtype, kc)
+        assert len(U._dsbuf_chunks(L, L.P * block * 4, kc.partial_bytes)) > 2
+        check_against_reference(q, k, v, do, iq, ik, sel, block, q_pos, cfg, kc)
+
+
+def test_dik_work_items():
+    seg_cnt = torch.tensor([0, 5, 1, 0, 9, 2])
+    it = U._dik_items(seg_cnt, int(seg_cnt.sum()), 4)
+    n = int(it["total"])
+    assert n == 2 + 1 + 3 + 1
+    spans = sorted((int(s), int(a), int(b)) for s, a, b in zip(it["seg"][:n], it["start"][:n], it["end"][:n]))
+    assert spans == [(1, 0, 4), (1, 4, 5), (2, 5, 6), (4, 6, 10), (4, 10, 14), (4, 14, 15), (5, 15, 17)]
+    split = [int(p) for s, p in zip(it["seg"][:n], it["pslot"][:n]) if int(s) in (1, 4)]
+    assert sorted(split) == list(range(5)) and it["n_part"] >= 5
+    assert all(int(p) == -1 for s, p in zip(it["seg"][:n], it["pslot"][:n]) if int(s) in (2, 5))
+    assert int(it["end"][it["order"][0]] - it["start"][it["order"][0]]) == 4  # largest first
+    one = U._dik_items(seg_cnt, int(seg_cnt.sum()), 0)
+    assert int(one["total"]) == 4 and one["n_part"] == 0 and (one["pslot"] == -1).all()
 
 
 def test_deterministic_bit_equal():
