@@ -643,7 +643,7 @@ def write_report(out_dir: Path, meta: dict) -> None:
         lines += ["## Sweep (pool 20)", "", "| kernel | config | ms |", "|---|---|---:|"]
         lines += [f"| {r['sweep']} | {r['spec']} | {r['ms']:.2f} |" for r in sw]
         lines.append("")
-    for pr in PROFILES:
+    for pr in (p_ for p_ in PROFILES if p_["kernels"]):
         lines += [f"## Kernel split: {pr['path']} (L={pr['L']}, {pr['sel']}; torch.profiler, ms)", "",
                   "| kernel | ms |", "|---|---:|"] + [f"| `{k}` | {v:.2f} |" for k, v in pr["kernels"].items()] + [""]
     if MEM:

@@ -260,7 +260,7 @@ def _union_kl_lists(mode: str, backend: str, need_grad: bool, compute_kl: bool, 
 
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return None
-    impl, lists = _tu.resolve_main_impl(kc, block_idx, q.shape[2] // k.shape[2], q.dtype, d=q.shape[3])
+    impl, lists = _tu.resolve_main_impl(kc, block_idx, q.shape[2] // k.shape[2], q.dtype, d=q.shape[3], with_kl=True)
     if impl != "union":
         return None
     _announce("kl-union", "MSA: indexer KL fused into the union-tile dQ pass (main_impl union): aux.kl and the "

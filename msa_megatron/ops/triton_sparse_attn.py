@@ -101,6 +101,7 @@ class KernelConfig:
     main_impl: str = "auto"  # "auto" | "union" | "kv": union tile (fwd + dQ [+ KL]) vs KV-outer; auto decides per call by the mean union size
     union_max_blocks: float = 32.0  # auto: union path when the mean union per tile < this x K/16 (kernel_study.md 6.1/6.3: break-even of fwd + split bwd, U8 ~ 32 at K = 16, P = 8)
     union_max_blocks_fwd: float = 40.0  # the same for calls without a backward (prefill/eval): the study's forward-only crossover, U8 ~ 40 (6.1)
+    union_max_blocks_kl: float = 48.0  # the same for the op's training path (the union dQ pass also replaces the separate 59-64 ms KL kernel): estimate from the study's slopes, see triton_union.resolve_main_impl
     union_rows: int = 128  # MMA rows of a union tile: P positions x next_pow2(G) heads (P = 8 at G = 16)
     union_block_n: int = 64  # keys per step (study prototype: 64 beat 128, 23.6 vs 24.8 ms at 128K)
     union_fwd_warps: int = 8
@@ -117,7 +118,7 @@ class KernelConfig:
             raise ValueError(f"KernelConfig.fwd_impl={self.fwd_impl!r}: allowed values are 'kv', 'q'")
         if self.main_impl not in MAIN_IMPLS:
             raise ValueError(f"KernelConfig.main_impl={self.main_impl!r}: allowed values are 'auto', 'union', 'kv'")
-        for name in ("union_max_blocks", "union_max_blocks_fwd"):
+        for name in ("union_max_blocks", "union_max_blocks_fwd", "union_max_blocks_kl"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be > 0")
         for name in ("union_rows", "union_block_n"):
@@ -159,7 +160,7 @@ class KernelConfig:
             elif name in ("lpt_order", "dq_partial_lowp", "bwd_split", "kl_fused", "union_heavy_first",
                           "union_lists_kernel"):
                 kw[name] = value.lower() in ("1", "true", "yes")
-            elif name in ("union_max_blocks", "union_max_blocks_fwd"):
+            elif name in ("union_max_blocks", "union_max_blocks_fwd", "union_max_blocks_kl"):
                 kw[name] = float(value)
             else:
                 kw[name] = int(value)

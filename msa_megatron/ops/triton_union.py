@@ -225,29 +225,40 @@ def union_stats(block_idx: Tensor, P: int = 8) -> dict:
 
 
 # ----------------------------------------------------------------------------- dispatch
-_last_kv: Optional[tuple] = None  # the last selection auto sent to the KV-outer path (no second union build)
+_last_stats: Optional[tuple] = None  # (selection key, mean union, repeats) of the last auto decision: no second build
+
 
 def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: torch.dtype,
                       lists: Optional[UnionLists] = None, d: int = 128,
-                      fwd_only: bool = False) -> Tuple[str, Optional[UnionLists]]:
+                      fwd_only: bool = False, with_kl: bool = False) -> Tuple[str, Optional[UnionLists]]:
     """'union' or 'kv' for this call, plus the union lists when 'union' (reused by the
-    backward). ``auto``: the union path when the mean union per tile is below
-    ``union_max_blocks * K / 16`` (default 32 at K = 16: the study's measured break-even of
-    the split backward + forward, kernel_study.md 6.1/6.3; ``union_max_blocks_fwd`` = 40, the
-    forward-only crossover, for calls without a backward) and no row repeats a block; one
-    host sync for that number. Logged once per reason."""
-    global _last_kv
+    backward). ``auto``: the union path when the mean union per tile is below ``limit x K/16``
+    and no row repeats a block; one host sync for that number; logged once per reason. The
+    limit (blocks per tile at K = 16, P = 8; kernel_study.md 6.1/6.3/6.4):
+    ``union_max_blocks`` = 32 for a main branch with a backward (measured break-even: union
+    fwd 1.45 ms x U8 + dQ 1.57 ms x U8 + dK/dV 62 ms vs KV-outer 60 + 98 ms at 128K);
+    ``union_max_blocks_fwd`` = 40 without a backward (the forward-only crossover);
+    ``union_max_blocks_kl`` = 48 for the op's training path, where the union dQ pass also
+    replaces the separate KL kernel (59-64 ms; estimate: +8% on the dQ pass)."""
+    global _last_stats
     impl = cfg.main_impl
     if impl == "kv" or block_idx.shape[2] == 0:
         if impl == "kv":
             _tsa._announce("main-kv", "MSA main branch: KV-outer kernels (kernel_config main_impl=kv)")
         return "kv", None
-    max_blocks = cfg.union_max_blocks_fwd if fwd_only else cfg.union_max_blocks
-    key = (_union_key(block_idx, union_positions(G, dtype, cfg, d)), max_blocks)
-    if impl == "auto" and lists is None and key == _last_kv:
-        return "kv", None  # decided for this very selection a moment ago (the op, then SparseAttentionFn)
-    lists = union_lists_for(block_idx, G, dtype, cfg, lists, d)
+    if fwd_only:
+        max_blocks, knob = cfg.union_max_blocks_fwd, "union_max_blocks_fwd"
+    elif with_kl:
+        max_blocks, knob = cfg.union_max_blocks_kl, "union_max_blocks_kl"
+    else:
+        max_blocks, knob = cfg.union_max_blocks, "union_max_blocks"
     K = block_idx.shape[-1]
+    limit = max_blocks * K / 16.0
+    key = _union_key(block_idx, union_positions(G, dtype, cfg, d))
+    if impl == "auto" and lists is None and _last_stats is not None and _last_stats[0] == key \
+            and (_last_stats[2] or _last_stats[1] >= limit):
+        return "kv", None  # this very selection was measured a moment ago (the op, then SparseAttentionFn)
+    lists = union_lists_for(block_idx, G, dtype, cfg, lists, d)
     if impl == "union":
         if bool(lists.dups):
             raise ValueError("kernel_config main_impl=union: block_idx repeats a block within a row; the union path "
@@ -255,11 +266,9 @@ def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: 
         _tsa._announce("main-union", "MSA main branch: union-tile kernels (kernel_config main_impl=union)")
         return "union", lists
     mean, dups = torch.stack([lists.mean, lists.dups.float()]).tolist()
-    limit = max_blocks * K / 16.0
-    knob = "union_max_blocks_fwd" if fwd_only else "union_max_blocks"
+    _last_stats = (key, mean, bool(dups))
     if dups:
         _tsa._announce("main-auto-dups", "MSA main branch auto: a row repeats a block -> KV-outer kernels")
-        _last_kv = key
         return "kv", None
     if mean < limit:
         _tsa._announce(f"main-auto-union-{knob}", f"MSA main branch auto: mean union {mean:.1f} blocks per {lists.P}-"
@@ -267,7 +276,6 @@ def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: 
         return "union", lists
     _tsa._announce(f"main-auto-kv-{knob}", f"MSA main branch auto: mean union {mean:.1f} blocks per {lists.P}-position "
                                            f"tile >= {limit:g} ({knob}) -> KV-outer kernels")
-    _last_kv = key
     return "kv", None
 
 

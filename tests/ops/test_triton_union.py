@@ -240,6 +240,9 @@ def test_dispatch_auto_union_kv_and_errors():
     assert U.resolve_main_impl(auto, rnd, G, torch.float32)[0] == "kv"
     fwd_wide = T.KernelConfig(main_impl="auto", union_max_blocks=thr, union_max_blocks_fwd=mean_rnd * 2 * 16 / K)
     assert U.resolve_main_impl(fwd_wide, rnd, G, torch.float32, fwd_only=True)[0] == "union"  # prefill threshold
+    kl_wide = T.KernelConfig(main_impl="auto", union_max_blocks=thr, union_max_blocks_kl=mean_rnd * 2 * 16 / K)
+    assert U.resolve_main_impl(kl_wide, rnd, G, torch.float32, with_kl=True)[0] == "union"  # op training threshold
+    assert U.resolve_main_impl(kl_wide, rnd, G, torch.float32)[0] == "kv"  # same selection, cached stats
     assert U.resolve_main_impl(T.KernelConfig(main_impl="kv"), tile, G, torch.float32) == ("kv", None)
     dup = tile.clone()
     dup[0, 0, 20, 0] = dup[0, 0, 20, 1]
