@@ -210,6 +210,71 @@ class _SparseAttentionKLFn(torch.autograd.Function):
         return dq, dk, dv, d_iq, d_ik, None, None, None, None, None, None, None, None
 
 
+class _UnionAttentionKLFn(torch.autograd.Function):
+    """v2 training path (mode msa with gradients, main_impl union/auto->union): union-tile
+    forward; backward = KV-outer dK/dV (no dQ half) + union-tile dQ with the indexer KL fused
+    (teacher = head mean of the tile's P, student over the same tokens, d_iq in registers,
+    d_ik by a deterministic owner-side pass): (q, k, v, iq, ik) -> (out, lse, kl, index_entropy,
+    main_entropy). No separate KL pass. As with ``_SparseAttentionKLFn``, kl and the entropies
+    are NaN placeholders until the backward has run (it fills them in place); kl depends on
+    iq, ik only, out on q, k, v only."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, iq, ik, block_idx, block_size, q_pos, scale, config, lists, index_lse, index_scale):
+        from . import triton_union as _tu
+
+        cfg = config or _tsa.default_config()
+        block_idx = block_idx.contiguous()
+        out, lse = _tu.union_attention_fwd(q, k, v, block_idx, block_size, q_pos, scale, config=cfg, lists=lists)
+        holder = torch.full((3,), float("nan"), dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse, block_idx, q_pos, iq, ik, index_lse)
+        ctx.holder = holder.data  # filled by the backward; .data: no version bump on the outputs
+        ctx.block_size, ctx.scale, ctx.cfg, ctx.lists, ctx.iscale = block_size, scale, cfg, lists, index_scale
+        kl, ent_i, ent_m = holder.unbind(0)
+        ctx.mark_non_differentiable(lse, ent_i, ent_m)
+        return out, lse, kl, ent_i, ent_m
+
+    @staticmethod
+    def backward(ctx, dout, dlse, dkl, d_ent_i, d_ent_m):
+        from . import triton_union as _tu
+
+        q, k, v, out, lse, block_idx, q_pos, iq, ik, index_lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, res = _tu.union_attention_bwd(
+            dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos, ctx.scale, config=ctx.cfg, lists=ctx.lists,
+            kl=_tsa.FusedKL(iq, ik, index_lse, ctx.iscale))
+        ctx.holder.copy_(torch.stack([res.kl, res.stats["index_entropy"], res.stats["main_entropy"]]))
+        d_iq = d_ik = None
+        if dkl is not None:  # in place on the fp32 gradients: no second fp32 copy (2 GiB at 1M)
+            if ctx.needs_input_grad[3]:
+                d_iq = res.d_iq.mul_(dkl).to(iq.dtype)
+            if ctx.needs_input_grad[4]:
+                d_ik = res.d_ik.mul_(dkl).to(ik.dtype)
+        return dq, dk, dv, d_iq, d_ik, None, None, None, None, None, None, None, None
+
+
+def _union_kl_lists(mode: str, backend: str, need_grad: bool, compute_kl: bool, q: Tensor, k: Tensor,
+                    block_idx: Tensor, kernel_config: Optional[KernelConfig]):
+    """The union lists when the v2 union path with the fused KL runs (mode msa, Triton index
+    backend, iq/ik needing gradients, main_impl resolving to union), else None."""
+    kc = kernel_config or _tsa.default_config()
+    if not (compute_kl and mode == "msa" and backend == "triton" and need_grad) or kc.fwd_impl != "kv":
+        return None
+    if kc.kl_fused and kc.main_impl == "auto":
+        return None  # an explicit kl_fused=1 keeps the KV-outer fused KL unless main_impl=union is asked for
+    from . import triton_union as _tu
+
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None
+    impl, lists = _tu.resolve_main_impl(kc, block_idx, q.shape[2] // k.shape[2], q.dtype, d=q.shape[3], with_kl=True)
+    if impl != "union":
+        return None
+    _announce("kl-union", "MSA: indexer KL fused into the union-tile dQ pass (main_impl union): aux.kl and the "
+                          "entropy stats are NaN until the backward has run")
+    return lists
+
+
 def _kl_path(mode: str, backend: str, need_grad: bool, kernel_config: Optional[KernelConfig]) -> str:
     """'fused' (KL inside the main backward) or 'separate' (the KL kernel, in the forward);
     logged once per path and reason, so a run's log says which one it uses."""
@@ -452,6 +517,16 @@ def msa_attention_triton(
     block_idx, index_lse, index_plan = _select(iq_d, ik_d, cfg, pos, backend, given=block_idx, need_lse=compute_kl)
     aux.block_idx = block_idx
     need_grad = torch.is_grad_enabled() and (iq.requires_grad or ik.requires_grad)
+    lists = _union_kl_lists(mode, backend, need_grad, compute_kl, q, k, block_idx, kernel_config)
+    if lists is not None:  # v2: union tile, KL inside its dQ pass (docs/kernels_main.md "v2: union tile")
+        out, aux.lse, aux.kl, ent_i, ent_m = _UnionAttentionKLFn.apply(
+            q, k, v, iq, ik, block_idx, cfg.block_size, pos, scale, kernel_config, lists, index_lse,
+            cfg.index_softmax_scale)
+        if cfg.track_entropy:
+            aux.stats.update(index_entropy=ent_i, main_entropy=ent_m)
+        if compute_recall:
+            aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale)
+        return out, aux
     if compute_kl and _kl_path(mode, backend, need_grad, kernel_config) == "fused":
         out, aux.lse, aux.kl, ent_i, ent_m = _SparseAttentionKLFn.apply(
             q, k, v, iq, ik, block_idx, cfg.block_size, pos, scale, kernel_config, deterministic, index_lse,

@@ -32,6 +32,7 @@ partial buffers keep their real dtypes. On CUDA ``UPCAST`` is always off.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 from dataclasses import dataclass, fields, replace
@@ -51,6 +52,22 @@ LN2 = 0.6931471805599453
 POISON_OUTPUTS = os.environ.get("MSA_POISON_OUTPUTS", "0") == "1"
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+#: Validate block_idx ranges with a host-side check (one sync per call) instead of the
+#: asynchronous device assert (MSA_DEBUG_CHECKS=1; the tests turn it on for clear errors).
+DEBUG_CHECKS = os.environ.get("MSA_DEBUG_CHECKS", "0") == "1"
+
+MAIN_IMPLS = ("auto", "union", "kv")
+
+log = logging.getLogger("msa_megatron.ops")
+_announced: set = set()
+
+
+def _announce(key: str, message: str) -> None:
+    """Log ``message`` once per process and key (which path runs, and why)."""
+    if key not in _announced:
+        _announced.add(key)
+        log.warning(message)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -80,10 +97,42 @@ class KernelConfig:
     lpt_order: bool = True  # launch the largest work items first
     kl_fused: bool = False  # msa op: indexer KL inside the main backward (one pass; values known after backward)
     kl_bwd_stages: int = 1  # pipeline depth of the backward with the fused KL (sm_90a: 2 stages = 225 KB of 227 KB smem)
+    # --- v2: union-tile path (ops/triton_union.py; docs/kernels_main.md "v2: union tile")
+    main_impl: str = "auto"  # "auto" | "union" | "kv": union tile (fwd + dQ [+ KL]) vs KV-outer; auto decides per call by the mean union size
+    union_max_blocks: float = 32.0  # auto: union path when the mean union per tile < this x K/16 (kernel_study.md 6.1/6.3: break-even of fwd + split bwd, U8 ~ 32 at K = 16, P = 8)
+    union_max_blocks_fwd: float = 40.0  # the same for calls without a backward (prefill/eval): the study's forward-only crossover, U8 ~ 40 (6.1)
+    union_max_blocks_kl: float = 48.0  # the same for the op's training path (the union dQ pass also replaces the separate 59-64 ms KL kernel): estimate from the study's slopes, see triton_union.resolve_main_impl
+    union_rows: int = 128  # MMA rows of a union tile: P positions x next_pow2(G) heads (P = 8 at G = 16)
+    union_block_n: int = 64  # keys per step (study prototype: 64 beat 128, 23.6 vs 24.8 ms at 128K)
+    union_fwd_warps: int = 8
+    union_fwd_stages: int = 2
+    union_dq_warps: int = 8
+    union_dq_stages: int = 2  # study: 2 stages 25.5 ms vs 1 stage 31.3 ms at U8 = 16
+    union_kl_stages: int = 2  # the dQ pass with the KL fused; sm_90a AOT (bf16, d = di = 128): 255 regs, 0 B spills, 150 KB smem at 2 stages vs 108 B spills at 1
+    union_heavy_first: bool = True  # launch tiles with the largest unions first
+    union_dik_item_entries: int = 256  # owner-side d_ik pass: union entries per work item (hot blocks split, partials reduced in order); 0 = one program per block
+    union_lists_kernel: bool = False  # build the union lists with the Triton kernel (one program per tile) instead of torch ops; off until GPU-verified
 
     def __post_init__(self) -> None:
         if self.fwd_impl not in ("kv", "q"):
             raise ValueError(f"KernelConfig.fwd_impl={self.fwd_impl!r}: allowed values are 'kv', 'q'")
+        if self.main_impl not in MAIN_IMPLS:
+            raise ValueError(f"KernelConfig.main_impl={self.main_impl!r}: allowed values are 'auto', 'union', 'kv'")
+        for name in ("union_max_blocks", "union_max_blocks_fwd", "union_max_blocks_kl"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be > 0")
+        for name in ("union_rows", "union_block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"KernelConfig.{name}={v}: must be a power of 2 >= 16")
+        for name in ("union_fwd_warps", "union_dq_warps"):
+            if getattr(self, name) not in (1, 2, 4, 8, 16):
+                raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be 1, 2, 4, 8 or 16")
+        if self.union_dik_item_entries < 0:
+            raise ValueError(f"KernelConfig.union_dik_item_entries={self.union_dik_item_entries}: must be >= 0")
+        for name in ("union_fwd_stages", "union_dq_stages", "union_kl_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be >= 1")
         for name in ("fwd_rows", "bwd_rows", "fwd_block_n", "bwd_block_n", "q_block_n"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
@@ -106,10 +155,13 @@ class KernelConfig:
             name, value = name.strip(), value.strip()
             if name not in types:
                 raise ValueError(f"kernel config: unknown field {name!r}; fields: {', '.join(types)}")
-            if name == "fwd_impl":
+            if name in ("fwd_impl", "main_impl"):
                 kw[name] = value
-            elif name in ("lpt_order", "dq_partial_lowp", "bwd_split", "kl_fused"):
+            elif name in ("lpt_order", "dq_partial_lowp", "bwd_split", "kl_fused", "union_heavy_first",
+                          "union_lists_kernel"):
                 kw[name] = value.lower() in ("1", "true", "yes")
+            elif name in ("union_max_blocks", "union_max_blocks_fwd", "union_max_blocks_kl"):
+                kw[name] = float(value)
             else:
                 kw[name] = int(value)
         return replace(base or cls(), **kw)
@@ -330,12 +382,13 @@ def _bwd_kv_kernel(
     KSEL: tl.constexpr, NSUB: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
     GP: tl.constexpr, QP: tl.constexpr, DP: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, PART: tl.constexpr,
-    KL: tl.constexpr, KLJ: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+    KL: tl.constexpr, KLJ: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, DIRECT: tl.constexpr = False,
 ):
     """KV-outer backward for one work item x one BN-key sub-tile: dK/dV in registers over the
     item's queries; dQ per (pair, sub-tile, head) into a partial buffer (or fp32 atomics into
     the chunk's dQ accumulator [b, cq, hq, d]). PART 0: all of it (5 dots); 1: dV only;
-    2: dK and dQ only (split mode: one accumulator per program, 6 dots in all).
+    2: dK and dQ only (split mode: one accumulator per program, 6 dots in all); 3: dK and dV
+    without dQ (the v2 split backward: dQ comes from the union-tile kernel).
 
     KL (fused indexer KL backward, in PART 0 or 1): the tile already holds every head's P_h
     for its QP pairs, so the teacher P-bar = mean_h P_h is a reduction over the tile's heads.
@@ -448,13 +501,14 @@ def _bwd_kv_kernel(
             dpT = tl.dot(vt, tl.trans(dot_), input_precision=DOT_PREC)
             dsT = (pT * (dpT - delta[None, :])).to(qt.dtype)
             dk += tl.dot(dsT, qt, input_precision=DOT_PREC)
-            dq = tl.dot(tl.trans(dsT), kt, input_precision=DOT_PREC) * sm_scale
-            if DQ_ATOMIC:
-                dq_rows = ((bi.to(tl.int64) * cq + tloc) * hq + head) * D
-                tl.atomic_add(DQ + dq_rows[:, None] + offs_d[None, :], dq, mask=rmask, sem="relaxed")
-            else:
-                prow = (pair * NSUB + sub) * G + h
-                tl.store(DQ + prow[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask)
+            if PART != 3:
+                dq = tl.dot(tl.trans(dsT), kt, input_precision=DOT_PREC) * sm_scale
+                if DQ_ATOMIC:
+                    dq_rows = ((bi.to(tl.int64) * cq + tloc) * hq + head) * D
+                    tl.atomic_add(DQ + dq_rows[:, None] + offs_d[None, :], dq, mask=rmask, sem="relaxed")
+                else:
+                    prow = (pair * NSUB + sub) * G + h
+                    tl.store(DQ + prow[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask)
     if KLON:
         tl.atomic_add(DIK + (bi.to(tl.int64) * sk + kpos.to(tl.int64))[:, None] * DI + offs_i[None, :], dik,
                       mask=kin[:, None] & imask[None, :], sem="relaxed")
@@ -468,9 +522,15 @@ def _bwd_kv_kernel(
         # sole program of this (block, sub-tile) in this launch: accumulate in place
         acc_off = ((bi.to(tl.int64) * sk + kpos.to(tl.int64)[:, None]) * n_groups + gi) * D + offs_d[None, :]
         if PART != 1:
-            tl.store(DKACC + acc_off, tl.load(DKACC + acc_off, mask=kmask, other=0.0) + dk, mask=kmask)
+            if DIRECT:  # one chunk: this program is the only writer -> the output dtype, no fp32 accumulator
+                tl.store(DKACC + acc_off, dk.to(DKACC.dtype.element_ty), mask=kmask)
+            else:
+                tl.store(DKACC + acc_off, tl.load(DKACC + acc_off, mask=kmask, other=0.0) + dk, mask=kmask)
         if PART != 2:
-            tl.store(DVACC + acc_off, tl.load(DVACC + acc_off, mask=kmask, other=0.0) + dv, mask=kmask)
+            if DIRECT:
+                tl.store(DVACC + acc_off, dv.to(DVACC.dtype.element_ty), mask=kmask)
+            else:
+                tl.store(DVACC + acc_off, tl.load(DVACC + acc_off, mask=kmask, other=0.0) + dv, mask=kmask)
     else:
         part_off = (pslot.to(tl.int64) * BLOCK + sub * BN + tl.arange(0, BN))[:, None] * D + offs_d[None, :]
         pmask = (tl.arange(0, BN) < BN)[:, None] & dmask[None, :]
@@ -483,7 +543,7 @@ def _bwd_kv_kernel(
 @triton.jit
 def _bwd_reduce_kernel(
     DKPART, DVPART, DKACC, DVACC, SG_BG, SG_BLK, SG_P0, SG_P1,
-    sk, n_groups, D, BLOCK: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
+    sk, n_groups, D, BLOCK: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, DIRECT: tl.constexpr = False,
 ):
     """Adds the partial dK/dV of a split block's work items, in item order (deterministic);
     one program = BN rows of the block."""
@@ -507,10 +567,14 @@ def _bwd_reduce_kernel(
         sdk += tl.load(DKPART + off, mask=pmask, other=0.0)
         sdv += tl.load(DVPART + off, mask=pmask, other=0.0)
     kpos = blk * BLOCK + rows
-    kmask = (kpos < sk)[:, None] & dmask[None, :]
+    kmask = ((kpos < sk) & (rows < BLOCK))[:, None] & dmask[None, :]  # rows past the block belong to the next one
     acc_off = ((bi.to(tl.int64) * sk + kpos.to(tl.int64)[:, None]) * n_groups + gi) * D + offs_d[None, :]
-    tl.store(DKACC + acc_off, tl.load(DKACC + acc_off, mask=kmask, other=0.0) + sdk, mask=kmask)
-    tl.store(DVACC + acc_off, tl.load(DVACC + acc_off, mask=kmask, other=0.0) + sdv, mask=kmask)
+    if DIRECT:  # one chunk: the block's only writer -> the output dtype
+        tl.store(DKACC + acc_off, sdk.to(DKACC.dtype.element_ty), mask=kmask)
+        tl.store(DVACC + acc_off, sdv.to(DVACC.dtype.element_ty), mask=kmask)
+    else:
+        tl.store(DKACC + acc_off, tl.load(DKACC + acc_off, mask=kmask, other=0.0) + sdk, mask=kmask)
+        tl.store(DVACC + acc_off, tl.load(DVACC + acc_off, mask=kmask, other=0.0) + sdv, mask=kmask)
 
 
 @triton.jit
@@ -639,17 +703,34 @@ def kv_tiles(kind: str, dtype: torch.dtype, d: int, G: int, block_size: int, cfg
     return qp, bn
 
 
-def _partial_budget(device: torch.device, cfg: KernelConfig) -> int:
+def _partial_budget(device: torch.device, cfg: KernelConfig, reserve_bytes: int = 0) -> int:
     """Bytes the partial buffers of one chunk may take: the configured value, else a quarter
     of the memory free for tensors (CUDA driver free + the caching allocator's unused
-    reserve), between 256 MiB and 8 GiB; 64 MiB off CUDA."""
+    reserve) after ``reserve_bytes`` (outputs the caller allocates after sizing the chunks:
+    dq + fp32 dK/dV accumulators are 20 GiB at 1M), between 256 MiB and 8 GiB; 64 MiB off CUDA."""
     if cfg.partial_bytes > 0:
         return cfg.partial_bytes
     if device.type != "cuda":
         return 64 << 20
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(min(8 << 30, max(256 << 20, free // 4)))
+    return int(min(8 << 30, max(256 << 20, (free - reserve_bytes) // 4)))
+
+
+def _plan_fits(plan: Plan, bytes_per_pos: int, device: torch.device, cfg: KernelConfig,
+               reserve_bytes: int = 0) -> bool:
+    """Whether the plan's chunks keep ``bytes_per_pos`` partial buffers under the budget
+    taken now (always true when it is already one position per chunk)."""
+    if not plan.chunks or bytes_per_pos <= 0:
+        return True
+    cq = plan.chunks[0].cq
+    return cq <= 1 or cq * bytes_per_pos <= _partial_budget(device, cfg, reserve_bytes)
+
+
+def _out_bytes(q: Tensor) -> int:
+    """out + lse of a forward (allocated after its chunks are sized)."""
+    b, sq, hq, _ = q.shape
+    return q.numel() * q.element_size() + b * hq * sq * 4
 
 
 def _num_sms(device: torch.device) -> int:
@@ -659,7 +740,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 def build_plan(block_idx: Tensor, sk: int, block_size: int, bytes_per_pos: int,
-               config: Optional[KernelConfig] = None) -> Plan:
+               config: Optional[KernelConfig] = None, reserve_bytes: int = 0) -> Plan:
     """Reverse index of ``block_idx`` [b, g, sq, K]: for each (b, g, block) the (query, slot)
     pairs that chose it, split into work items of at most ``item_pairs`` pairs; the queries cut
     into chunks whose partial buffers (``bytes_per_pos`` per query position, see
@@ -670,7 +751,7 @@ def build_plan(block_idx: Tensor, sk: int, block_size: int, bytes_per_pos: int,
     dev = block_idx.device
     nb = math.ceil(sk / block_size)
     nseg = b * g * nb
-    cq = max(1, min(sq, _partial_budget(dev, cfg) // max(1, bytes_per_pos)))
+    cq = max(1, min(sq, _partial_budget(dev, cfg, reserve_bytes) // max(1, bytes_per_pos)))
     if cfg.chunk_queries > 0:
         cq = min(cq, cfg.chunk_queries)
     nch = -(-sq // cq) if sq else 0
@@ -825,9 +906,14 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size
     K = block_idx.shape[3]
     nb = math.ceil(sk / block_size)
     if block_idx.numel():
-        lo, hi = torch.stack([block_idx.min(), block_idx.max()]).tolist()
-        if lo < -1 or hi >= nb:
-            raise ValueError(f"block_idx entries must lie in [-1, {nb - 1}] (nb = ceil({sk} / {block_size})); got [{lo}, {hi}]")
+        if DEBUG_CHECKS or block_idx.device.type != "cuda":
+            lo, hi = torch.stack([block_idx.min(), block_idx.max()]).tolist()
+            if lo < -1 or hi >= nb:
+                raise ValueError(f"block_idx entries must lie in [-1, {nb - 1}] (nb = ceil({sk} / {block_size})); "
+                                 f"got [{lo}, {hi}]")
+        else:  # no host sync per call: a device-side assert (MSA_DEBUG_CHECKS=1 for the host check)
+            torch._assert_async(((block_idx >= -1) & (block_idx < nb)).all(),
+                                f"block_idx entries must lie in [-1, {nb - 1}] (nb = ceil({sk} / {block_size}))")
     return b, sq, hq, d, sk, g, K
 
 
@@ -909,7 +995,8 @@ def sparse_attention_fwd(
         )
         return (out, lse, plan) if return_plan else (out, lse)
     if plan is None or plan.key != _plan_key(block_idx, sk, block_size):
-        plan = build_plan(block_idx, sk, block_size, partial_bytes_per_pos(q, g, K, block_size, config=cfg), cfg)
+        plan = build_plan(block_idx, sk, block_size, partial_bytes_per_pos(q, g, K, block_size, config=cfg), cfg,
+                          reserve_bytes=_out_bytes(q))
     GP = _next_pow2(G)
     TQ = _combine_tq(GP, DP)
     part_dtype = q.dtype
@@ -954,9 +1041,14 @@ def sparse_attention_bwd(
     q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
     *, deterministic: bool = True, dq_partial_dtype: Optional[torch.dtype] = None,
     config: Optional[KernelConfig] = None, plan: Optional[Plan] = None, kl: Optional[FusedKL] = None,
+    compute_dq: bool = True, return_delta: bool = False,
 ):
     """Sparse main-branch backward: (dq, dk, dv) in the inputs' dtypes; dK/dV of a KV head sum
     over its group's query heads.
+
+    ``compute_dq=False``: dK/dV only (the kernel without its dQ half, no dQ partials, no
+    combine): dq is returned as None (the v2 split backward takes dQ from the union tile).
+    ``return_delta``: also return delta = rowsum(out * dout) (fp32 [b, hq, sq]) as a 4th item.
 
     ``kl``: also the indexer KL over the same selection, fused into the same tiles (the teacher
     is the head-mean of the P the backward recomputes): returns ``(dq, dk, dv, FusedKLResult)``.
@@ -986,12 +1078,18 @@ def sparse_attention_bwd(
     block_idx = block_idx.contiguous()
     DP = _next_pow2(d)
     if kl is not None:
+        if not compute_dq:
+            raise ValueError("sparse_attention_bwd: kl= needs compute_dq=True (the fused KL lives in the dQ kernel)")
         kiq, kik, kilse, di, kl_norm = _check_fused_kl(kl, q, sk, g)
-    if plan is None or plan.key != _plan_key(block_idx, sk, block_size):
-        need = partial_bytes_per_pos(q, g, K, block_size, fwd=False, bwd=True, deterministic=deterministic,
-                                     dq_partial_dtype=dq_partial_dtype, config=cfg,
-                                     kl_di=di if kl is not None else 0)
-        plan = build_plan(block_idx, sk, block_size, need, cfg)
+    need = partial_bytes_per_pos(q, g, K, block_size, fwd=False, bwd=compute_dq, deterministic=deterministic,
+                                 dq_partial_dtype=dq_partial_dtype, config=cfg, kl_di=di if kl is not None else 0)
+    # outputs allocated after the chunks are sized: dq, fp32 dK/dV accumulators (worst case), delta
+    reserve = (q.numel() * q.element_size() if compute_dq else 0) + 2 * k.numel() * 4 + b * hq * sq * 4
+    if (plan is None or plan.key != _plan_key(block_idx, sk, block_size)
+            or not _plan_fits(plan, need, q.device, cfg, reserve)):
+        # partial buffers are sized now, at use time (a plan from the forward may have been cut
+        # for the memory free then: the 1M fwd+bwd OOM of kernel_study.md section 3)
+        plan = build_plan(block_idx, sk, block_size, need, cfg, reserve_bytes=reserve)
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     if kl is not None:
         DIP = max(16, _next_pow2(di))
@@ -1012,21 +1110,30 @@ def sparse_attention_bwd(
     nsub = block_size // bn
     GP = _next_pow2(G)
     prec, up = _dot_prec(q.dtype), _upcast(q)
-    dq = _alloc((b, sq, hq, d), q.dtype, q.device)
-    dk_acc = torch.zeros((b, sk, g, d), dtype=torch.float32, device=q.device)
-    dv_acc = torch.zeros((b, sk, g, d), dtype=torch.float32, device=q.device)
+    dq = _alloc((b, sq, hq, d), q.dtype, q.device) if compute_dq else None
+    # One chunk: every (block, sub-tile) has one writer (its item, or the reduce of its split
+    # items), so dK/dV are stored in the output dtype from registers (zeros where no query
+    # selected the block): no fp32 accumulators (4 GiB + 2 GiB of casts at 1M, paper layout).
+    direct = len(plan.chunks) <= 1
+    acc_dtype = (k.dtype, v.dtype) if direct else (torch.float32, torch.float32)
+    dk_acc = torch.zeros((b, sk, g, d), dtype=acc_dtype[0], device=q.device)
+    dv_acc = torch.zeros((b, sk, g, d), dtype=acc_dtype[1], device=q.device)
     if sq == 0:
         if kl is not None:
             zero = torch.zeros((), dtype=torch.float32, device=q.device)
             res = FusedKLResult(zero, d_iq32, d_ik32, {"index_entropy": zero.clone(), "main_entropy": zero.clone()})
             return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype), res
+        if return_delta:
+            return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype), torch.zeros((b, hq, 0), dtype=torch.float32, device=q.device)
         return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
     delta = _delta(out, do)
     TQ = _combine_tq(GP, DP)
     for ch in plan.chunks:
         cq, nt = ch.cq, ch.t1 - ch.t0
         npairs = ch.bidx.numel()
-        if deterministic:
+        if not compute_dq:
+            dqbuf = dummy
+        elif deterministic:
             dqbuf = _alloc((npairs * nsub * G, d), dq_partial_dtype, q.device)
         else:
             dqbuf = torch.zeros((b, cq, hq, d), dtype=torch.float32, device=q.device)
@@ -1039,7 +1146,7 @@ def sparse_attention_bwd(
         if kl is not None and ch.n_items:  # (KL, sum Q ln Q, sum P log2 P) per (item, sub-tile)
             klpart = _alloc((ch.n_items * nsub, 3), torch.float32, q.device)
             kl_parts.append(klpart)
-        for part in ((1, 2) if cfg.bwd_split else (0,)):
+        for part in ((3,) if not compute_dq else (1, 2) if cfg.bwd_split else (0,)):
             if not ch.n_items:
                 break
             _bwd_kv_kernel[(ch.n_items, nsub)](
@@ -1049,7 +1156,7 @@ def sparse_attention_bwd(
                 do.stride(0), do.stride(1), do.stride(2), *kl_strides,
                 ch.t0, cq, sq, sk, g, G, d, scale, scale * LOG2E, *kl_scalars,
                 KSEL=K, NSUB=nsub, BLOCK=block_size, BN=bn, GP=GP, QP=QP, DP=DP,
-                DQ_ATOMIC=not deterministic, DOT_PREC=prec, UPCAST=up, PART=part,
+                DQ_ATOMIC=not deterministic, DOT_PREC=prec, UPCAST=up, PART=part, DIRECT=direct,
                 KL=kl is not None, KLJ=_kl_group(QP), DI=di, DIP=DIP,
                 num_warps=cfg.bwd_warps, num_stages=stages,
             )
@@ -1057,9 +1164,11 @@ def sparse_attention_bwd(
             rb = min(32, _next_pow2(block_size))  # rows per reduce program: no register spills
             _bwd_reduce_kernel[(ch.n_split_segs, triton.cdiv(block_size, rb))](
                 dkpart, dvpart, dk_acc, dv_acc, ch.sg_bg, ch.sg_blk, ch.sg_p0, ch.sg_p1,
-                sk, g, d, BLOCK=block_size, BN=rb, DP=DP, num_warps=8,
+                sk, g, d, BLOCK=block_size, BN=rb, DP=DP, DIRECT=direct, num_warps=8,
             )
-        if deterministic:
+        if not compute_dq:
+            pass
+        elif deterministic:
             _dq_combine_kernel[(triton.cdiv(nt, TQ), b * g)](
                 dqbuf, ch.bidx, dq, dq.stride(0), dq.stride(1), dq.stride(2),
                 ch.t0, cq, nt, g, G, d, KSEL=K, NSUB=nsub, GP=GP, TQ=TQ, DP=DP, num_warps=8,
@@ -1068,6 +1177,8 @@ def sparse_attention_bwd(
             dq[:, ch.t0:ch.t1] = dqbuf[:, :nt].to(q.dtype)
         del dqbuf, dkpart, dvpart
     if kl is None:
+        if return_delta:
+            return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype), delta
         return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
     sums = torch.cat(kl_parts).sum(0) if kl_parts else torch.zeros(3, dtype=torch.float32, device=q.device)
     stats = {"index_entropy": -sums[1] / kl_norm, "main_entropy": -LN2 * sums[2] / (kl_norm * G)}
@@ -1076,7 +1187,11 @@ def sparse_attention_bwd(
 
 # ----------------------------------------------------------------------------- autograd
 class SparseAttentionFn(torch.autograd.Function):
-    """out, lse = sparse attention; differentiable w.r.t. q, k, v (lse is not differentiable)."""
+    """out, lse = sparse attention; differentiable w.r.t. q, k, v (lse is not differentiable).
+
+    ``config.main_impl`` picks the kernels per call (``auto``: by the mean union size, see
+    ``triton_union.resolve_main_impl``): ``union`` = union-tile forward + split backward
+    (KV-outer dK/dV without dQ, union-tile dQ); ``kv`` = the KV-outer forward and backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, block_idx, block_size, q_pos, softmax_scale, config, deterministic):
@@ -1085,12 +1200,27 @@ class SparseAttentionFn(torch.autograd.Function):
         block_idx = block_idx.contiguous()
         grad = any(ctx.needs_input_grad[:3])
         plan = None
+        ctx.lists = None
+        if cfg.fwd_impl == "kv" and sq:
+            from . import triton_union as _tu
+
+            _check_inputs(q, k, v, block_idx, block_size)
+            impl, lists = _tu.resolve_main_impl(cfg, block_idx, hq // k.shape[2], q.dtype, d=d, fwd_only=not grad)
+            if impl == "union":
+                out, lse = _tu.union_attention_fwd(q, k, v, block_idx, block_size, q_pos, softmax_scale, config=cfg,
+                                                   lists=lists)
+                ctx.save_for_backward(q, k, v, out, lse, block_idx, q_pos if q_pos is not None else torch.empty(0))
+                ctx.has_pos = q_pos is not None
+                ctx.block_size, ctx.scale, ctx.cfg, ctx.plan, ctx.det = block_size, softmax_scale, cfg, None, deterministic
+                ctx.lists = lists
+                ctx.mark_non_differentiable(lse)
+                return out, lse
         if grad and sq:  # one reverse index for the forward and the backward
             _check_inputs(q, k, v, block_idx, block_size)
             need = partial_bytes_per_pos(q, k.shape[2], block_idx.shape[-1], block_size, fwd=cfg.fwd_impl == "kv", bwd=True,
                                          deterministic=deterministic, config=cfg,
                                          dq_partial_dtype=q.dtype if cfg.dq_partial_lowp else torch.float32)
-            plan = build_plan(block_idx, k.shape[1], block_size, need, cfg)
+            plan = build_plan(block_idx, k.shape[1], block_size, need, cfg, reserve_bytes=_out_bytes(q))
         out, lse = sparse_attention_fwd(q, k, v, block_idx, block_size, q_pos, softmax_scale, config=cfg, plan=plan)
         ctx.save_for_backward(q, k, v, out, lse, block_idx, q_pos if q_pos is not None else torch.empty(0))
         ctx.has_pos = q_pos is not None
@@ -1103,6 +1233,13 @@ class SparseAttentionFn(torch.autograd.Function):
         q, k, v, out, lse, block_idx, q_pos = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
+        if ctx.lists is not None:
+            from . import triton_union as _tu
+
+            dq, dk, dv = _tu.union_attention_bwd(
+                dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos if ctx.has_pos else None, ctx.scale,
+                config=ctx.cfg, lists=ctx.lists)
+            return dq, dk, dv, None, None, None, None, None, None
         dq, dk, dv = sparse_attention_bwd(
             dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos if ctx.has_pos else None, ctx.scale,
             deterministic=ctx.det, config=ctx.cfg, plan=ctx.plan,

@@ -171,6 +171,7 @@ def test_op_accepts_precomputed_selection():
     cfg = MSAConfig(block_size=16, topk=2, index_dim=16)
     blk = R.select(iq.detach(), ik.detach(), cfg)
     out, aux = msa_attention_triton(q, k, v, iq, ik, cfg, block_idx=blk)
+    aux.kl.backward()  # main_impl auto -> union path: the KL value is filled in by the backward
     ref, raux = R.msa_attention(q, k, v, iq, ik, cfg, block_idx=blk)
     assert torch.equal(aux.block_idx, blk)
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)

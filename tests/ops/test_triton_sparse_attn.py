@@ -13,6 +13,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import math  # noqa: E402
+from dataclasses import replace  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -61,6 +62,8 @@ def reference_grads(q, k, v, do, block_idx, block, q_pos, dense=False):
 
 def check(q, k, v, do, block_idx, block, q_pos=None, config=None, deterministic=True, dense_too=False):
     tol = TOL[q.dtype]
+    # these tests are about the KV-outer kernels: pin them (tests/ops/test_triton_union.py covers main_impl=union)
+    config = replace(config or T.KernelConfig(), main_impl="kv")
     out, lse = T.sparse_attention(q, k, v, block_idx, block, q_pos, config=config, deterministic=deterministic)
     dq, dk, dv = torch.autograd.grad(out, [q, k, v], do)
     for t in (out, lse, dq, dk, dv):
@@ -273,3 +276,45 @@ def test_fused_kl_input_errors():
             T.sparse_attention_bwd(do, q, k, v, out, lse, sel, 16, kl=kl)
     with pytest.raises(TypeError, match="q's dtype"):
         T.sparse_attention_bwd(do, q, k, v, out, lse, sel, 16, kl=T.FusedKL(iq.bfloat16(), ik.bfloat16(), ilse, 0.25))
+
+
+# ----------------------------------------------------------------------------- v2 split backward / memory hygiene
+def test_dkdv_only_backward_is_bit_identical():
+    """compute_dq=False (the KV-outer half of the v2 split backward): dK/dV bit-identical to
+    the full backward's, no dQ, and delta returned on request."""
+    b, s, hq, g, d = 1, 100, 8, 2, 16
+    q, k, v, do = (x.detach() for x in make(b, s, s, hq, g, d, torch.float32, seed=31))
+    bidx = selection(b, s, s, g, 16, 3, None, seed=31)
+    out, lse = T.sparse_attention_fwd(q, k, v, bidx, 16)
+    full = T.sparse_attention_bwd(do, q, k, v, out, lse, bidx, 16)
+    dq, dk, dv, delta = T.sparse_attention_bwd(do, q, k, v, out, lse, bidx, 16, compute_dq=False, return_delta=True)
+    assert dq is None and torch.equal(dk, full[1]) and torch.equal(dv, full[2])
+    ref_delta = (out.float() * do.float()).sum(-1).transpose(1, 2)
+    assert rel(delta, ref_delta) < 1e-6
+    with pytest.raises(ValueError, match="compute_dq"):
+        T.sparse_attention_bwd(do, q, k, v, out, lse, bidx, 16, compute_dq=False,
+                               kl=T.FusedKL(torch.zeros(b, s, g, 16), torch.zeros(b, s, 16), torch.zeros(b, g, s), 0.25))
+
+
+def test_backward_resizes_forward_plan_at_use_time(monkeypatch):
+    """A plan cut for a large budget (as in a forward with much free memory) is rebuilt in the
+    backward when its dQ partial buffers exceed the budget at that time (the 1M OOM fix)."""
+    b, s, hq, g, d, K = 1, 120, 4, 2, 16, 3
+    q, k, v, do = (x.detach() for x in make(b, s, s, hq, g, d, torch.float32, seed=33))
+    bidx = selection(b, s, s, g, 16, K, None, seed=33)
+    per_pos = T.partial_bytes_per_pos(q, g, K, 16, fwd=False, bwd=True)
+    big = T.build_plan(bidx, s, 16, per_pos, T.KernelConfig(partial_bytes=per_pos * s))
+    assert len(big.chunks) == 1
+    small = T.KernelConfig(partial_bytes=per_pos * 40)
+    assert not T._plan_fits(big, per_pos, q.device, small) and T._plan_fits(big, per_pos, q.device, T.KernelConfig())
+    out, lse = T.sparse_attention_fwd(q, k, v, bidx, 16)
+    ref = T.sparse_attention_bwd(do, q, k, v, out, lse, bidx, 16)
+    built = []
+    orig = T.build_plan
+    monkeypatch.setattr(T, "build_plan", lambda *a, **kw: built.append(orig(*a, **kw)) or built[-1])
+    got = T.sparse_attention_bwd(do, q, k, v, out, lse, bidx, 16, plan=big, config=small)
+    assert len(built) == 1 and len(built[0].chunks) == 3  # rebuilt for the budget at use time
+    for a, r in zip(got, ref):
+        assert rel(a, r) < 1e-6
+    T.sparse_attention_bwd(do, q, k, v, out, lse, bidx, 16, plan=big)  # fits: reused, not rebuilt
+    assert len(built) == 1

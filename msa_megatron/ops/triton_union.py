@@ -1,0 +1,787 @@
+"""Main-branch kernels v2: the GQA-packed query-tile "union" path (forward, dQ, indexer KL).
+
+Semantics are those of :func:`msa_megatron.reference.sparse_attention` (and of
+``reference.sparse_kl_terms`` for the KL): identical results to the KV-outer kernels of
+:mod:`.triton_sparse_attn`, computed in another order.
+
+Why (docs/kernels_main.md "v2: union tile", ../shared/kernel_study.md section 6): with
+G = 16 query heads per KV group, one 128-row MMA tile holds ``P = 8`` consecutive query
+positions x the 16 heads. Such a program loops over the *union* of the blocks its P
+positions selected (sorted, de-duplicated, with a P-bit membership mask per entry), masks
+the rows whose position did not select the block, and keeps the softmax state in
+registers: out and LSE are written once, no partial buffers, no combine kernel. The cost is
+linear in the union size U (measured 1.45 ms x U8 at 128K on H100): it wins while the P
+positions share most of their blocks (U8 <~ 32 of K = 16), and loses to the KV-outer path
+for locality-free selections (random: U8 ~ 100). :func:`resolve_main_impl` picks per call.
+
+The backward is split: dK/dV by the KV-outer kernel without its dQ half
+(``sparse_attention_bwd(..., compute_dq=False)``), dQ by the union tile (written once,
+deterministic). The indexer KL runs inside the union dQ pass (``kl=``): the tile holds P_h
+of P positions x G heads, so the teacher (head mean) and the student softmax over the same
+tokens stay in registers; d_iq is accumulated in registers and written once; d_ik is
+reduced owner-side (one program per (batch, key block) over the union entries that contain
+it, in a fixed order) from a per-(tile, union entry) buffer of the student's logit
+gradient: deterministic without atomics, and the expensive teacher is never recomputed.
+
+Under ``TRITON_INTERPRET=1`` bf16 operands are upcast after loading (``UPCAST``), as in
+:mod:`.triton_sparse_attn`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import triton_sparse_attn as _tsa
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------- union lists
+@dataclass
+class UnionLists:
+    """Per (b*g, tile of P consecutive query positions): the sorted union of the blocks the
+    tile's positions selected (``blk`` [nbg * nt, UMAX] int32, -1 after ``cnt``), a P-bit
+    membership mask per entry (``msk``, int32: bit p = position p of the tile selected it),
+    the entry count ``cnt`` [nbg * nt] int32, the exclusive prefix sum of counts ``off``
+    (int64; compact per-entry buffers) and the launch order ``order`` (largest unions
+    first). ``mean`` (device 0-dim fp32): mean union size per tile; ``dups`` (device bool):
+    some row selected a block twice (the union path counts it once, the reference twice)."""
+
+    P: int
+    nt: int
+    umax: int
+    blk: Tensor
+    msk: Tensor
+    cnt: Tensor
+    off: Tensor
+    order: Tensor
+    mean: Tensor
+    dups: Tensor
+    key: tuple
+
+
+def union_positions(G: int, dtype: torch.dtype, cfg: _tsa.KernelConfig, d: int = 128) -> int:
+    """P, the query positions per union tile: P x next_pow2(G) = ``union_rows`` MMA rows
+    (128 by default: P = 8 at G = 16), at most 32 (the membership mask is an int32), at
+    least 1; fp32 inputs and head dims above 128 use proportionally fewer rows (registers)."""
+    GP = _tsa._next_pow2(G)
+    rows = cfg.union_rows if dtype != torch.float32 else cfg.union_rows // 2
+    rows = max(16, rows * 128 // max(128, _tsa._next_pow2(d)))
+    return max(1, min(32, rows // GP)) if GP < rows else 1
+
+
+def _union_key(block_idx: Tensor, P: int) -> tuple:
+    return (tuple(block_idx.shape), P, str(block_idx.device), block_idx.data_ptr(), block_idx._version)
+
+
+def build_union_lists(block_idx: Tensor, P: int, heavy_first: bool = True) -> UnionLists:
+    """Union lists of ``block_idx`` [b, g, sq, K] for tiles of P positions, on the device
+    with torch ops (one segmented sort of P*K int32 keys per tile, no host sync).
+
+    Sort key = block * P + position: sorted keys give the union ascending, each block's
+    positions adjacent; a run start is a new union entry, its bits are OR-ed (summed, the
+    (block, position) pairs being de-duplicated first) by a scatter-add."""
+    b, g, sq, K = block_idx.shape
+    dev = block_idx.device
+    nt = max(1, -(-sq // P))
+    umax = P * K
+    nbg = b * g
+    pad = nt * P - sq
+    bi = block_idx.contiguous()
+    if pad:
+        bi = torch.nn.functional.pad(bi, (0, 0, 0, pad), value=-1)
+    bi = bi.view(nbg * nt, umax)
+    pidx = torch.arange(P, device=dev, dtype=torch.int32).repeat_interleave(K).view(1, umax)
+    sent = torch.iinfo(torch.int32).max
+    key = torch.where(bi >= 0, bi * P + pidx, torch.full_like(bi, sent))
+    del bi
+    key = torch.sort(key, dim=-1).values  # (temporaries are freed early: ~1 GiB each at 1M tokens)
+    valid = key != sent
+    blk = torch.div(key, P, rounding_mode="floor")
+    pos = key - blk * P
+    new_pair = valid & (key != torch.nn.functional.pad(key[:, :-1], (1, 0), value=-1))
+    del key
+    new_entry = valid & (blk != torch.nn.functional.pad(blk[:, :-1], (1, 0), value=-1))
+    dups = (valid & ~new_pair).any()
+    cnt = new_entry.sum(-1, dtype=torch.int32)
+    slot = torch.cumsum(new_entry, -1, dtype=torch.int32) - 1
+    bits = torch.where(new_pair, torch.ones_like(pos) << pos, torch.zeros_like(pos))
+    del pos, new_pair
+    slot = torch.where(valid, slot, umax).long()  # invalid -> spill column
+    del valid
+    msk = torch.zeros(nbg * nt, umax + 1, dtype=torch.int32, device=dev).scatter_add_(-1, slot, bits)
+    del bits
+    ublk = torch.full((nbg * nt, umax + 1), -1, dtype=torch.int32, device=dev)
+    ublk.scatter_(-1, torch.where(new_entry, slot, umax), blk)
+    del slot, blk, new_entry
+    ublk, msk = ublk[:, :umax].contiguous(), msk[:, :umax].contiguous()
+    ublk = torch.where(torch.arange(umax, device=dev)[None, :] < cnt[:, None], ublk, torch.full_like(ublk, -1))
+    off = torch.cumsum(cnt.to(torch.int64), 0) - cnt.to(torch.int64)
+    if heavy_first and cnt.numel() > 1:
+        order = torch.argsort(cnt, descending=True, stable=True).to(torch.int32)
+    else:
+        order = torch.arange(cnt.numel(), device=dev, dtype=torch.int32)
+    mean = cnt.float().mean() if cnt.numel() else torch.zeros((), device=dev)
+    return UnionLists(P, nt, umax, ublk, msk, cnt, off, order.contiguous(), mean, dups, _union_key(block_idx, P))
+
+
+@triton.jit
+def _union_lists_kernel(
+    BIDX, SCR, UBLK, UMSK, UCNT, DUPS, sq, nt,
+    P: tl.constexpr, KSEL: tl.constexpr, UMAX: tl.constexpr, UP: tl.constexpr,
+):
+    """One program = one (b*g, tile): sort the tile's P*K keys block*P + position (tl.sort),
+    find run starts by comparing with the previous key (through a scratch row: Triton has no
+    in-register shift), scatter the entries to their slots (cumsum of run starts) and OR the
+    positions' bits into the zeroed mask row (atomic_or: order-free, so deterministic)."""
+    w = tl.program_id(0).to(tl.int64)
+    bg = w // nt
+    tile = w % nt
+    offs = tl.arange(0, UP)
+    p = offs // KSEL
+    t = tile * P + p
+    inb = (offs < UMAX) & (t < sq)
+    blk = tl.load(BIDX + (bg * sq + t) * KSEL + offs % KSEL, mask=inb, other=-1)
+    SENT: tl.constexpr = 2147483647
+    key = tl.where(blk >= 0, blk * P + p, SENT)
+    key = tl.sort(key)
+    tl.store(SCR + w * UP + offs, key)
+    tl.debug_barrier()
+    prev = tl.load(SCR + w * UP + offs - 1, mask=offs > 0, other=-1)
+    valid = key != SENT
+    kb = key // P  # keys are >= 0 here (SENT rows are masked by ``valid``)
+    pb = tl.where(prev >= 0, prev // P, -1)
+    new_entry = valid & (kb != pb)
+    new_pair = valid & (key != prev)
+    slot = tl.cumsum(new_entry.to(tl.int32), 0) - 1
+    cnt = tl.sum(new_entry.to(tl.int32), 0)
+    tl.store(UBLK + w * UMAX + slot, kb, mask=new_entry)
+    tl.store(UBLK + w * UMAX + offs, tl.full([UP], -1, tl.int32), mask=(offs >= cnt) & (offs < UMAX))
+    bits = tl.where(new_pair, 1 << (key - kb * P), 0)
+    tl.atomic_or(UMSK + w * UMAX + slot, bits, mask=new_pair, sem="relaxed")
+    tl.store(UCNT + w, cnt)
+    tl.store(DUPS + w, tl.sum((valid & ~new_pair).to(tl.int32), 0))
+
+
+def build_union_lists_triton(block_idx: Tensor, P: int, heavy_first: bool = True) -> UnionLists:
+    """:func:`build_union_lists` by one small Triton kernel (one program per tile; the
+    temporaries of the torch version, ~1 GiB each at 1M tokens, are not needed); same result."""
+    b, g, sq, K = block_idx.shape
+    dev = block_idx.device
+    nt = max(1, -(-sq // P))
+    umax = P * K
+    n = b * g * nt
+    UP = triton.next_power_of_2(umax)
+    bi = block_idx.contiguous()
+    ublk = torch.empty((n, umax), dtype=torch.int32, device=dev)
+    msk = torch.zeros((n, umax), dtype=torch.int32, device=dev)
+    cnt = torch.empty((n,), dtype=torch.int32, device=dev)
+    dup = torch.empty((n,), dtype=torch.int32, device=dev)
+    scr = torch.empty((n, UP), dtype=torch.int32, device=dev)
+    if sq:
+        _union_lists_kernel[(n,)](bi, scr, ublk, msk, cnt, dup, sq, nt, P=P, KSEL=K, UMAX=umax, UP=UP, num_warps=4)
+    else:
+        ublk.fill_(-1)
+        cnt.zero_()
+        dup.zero_()
+    del scr
+    off = torch.cumsum(cnt.to(torch.int64), 0) - cnt.to(torch.int64)
+    if heavy_first and n > 1:
+        order = torch.argsort(cnt, descending=True, stable=True).to(torch.int32)
+    else:
+        order = torch.arange(n, device=dev, dtype=torch.int32)
+    mean = cnt.float().mean()
+    return UnionLists(P, nt, umax, ublk, msk, cnt, off, order.contiguous(), mean, (dup > 0).any(),
+                      _union_key(block_idx, P))
+
+
+def union_lists_for(block_idx: Tensor, G: int, dtype: torch.dtype, cfg: Optional[_tsa.KernelConfig] = None,
+                    lists: Optional[UnionLists] = None, d: int = 128) -> UnionLists:
+    """The union lists the kernels use for this layout (``lists`` reused when it matches)."""
+    cfg = cfg or _tsa.default_config()
+    P = union_positions(G, dtype, cfg, d)
+    if lists is not None and lists.key == _union_key(block_idx, P):
+        return lists
+    if cfg.union_lists_kernel:
+        return build_union_lists_triton(block_idx, P, heavy_first=cfg.union_heavy_first)
+    return build_union_lists(block_idx, P, heavy_first=cfg.union_heavy_first)
+
+
+def union_stats(block_idx: Tensor, P: int = 8) -> dict:
+    """Mean / p90 / max union size per tile of P positions (host floats; one sync): the
+    locality measure the dispatch and the benchmarks report (U8 at P = 8)."""
+    L = build_union_lists(block_idx, P, heavy_first=False)
+    c = L.cnt.float()
+    return {"mean": float(c.mean()), "p90": float(torch.quantile(c, 0.9)) if c.numel() else 0.0,
+            "max": float(c.max()) if c.numel() else 0.0}
+
+
+# ----------------------------------------------------------------------------- dispatch
+_last_stats: Optional[tuple] = None  # (selection key, mean union, repeats) of the last auto decision: no second build
+
+
+def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: torch.dtype,
+                      lists: Optional[UnionLists] = None, d: int = 128,
+                      fwd_only: bool = False, with_kl: bool = False) -> Tuple[str, Optional[UnionLists]]:
+    """'union' or 'kv' for this call, plus the union lists when 'union' (reused by the
+    backward). ``auto``: the union path when the mean union per tile is below ``limit x K/16``
+    and no row repeats a block; one host sync for that number; logged once per reason. The
+    limit (blocks per tile at K = 16, P = 8; kernel_study.md 6.1/6.3/6.4):
+    ``union_max_blocks`` = 32 for a main branch with a backward (measured break-even: union
+    fwd 1.45 ms x U8 + dQ 1.57 ms x U8 + dK/dV 62 ms vs KV-outer 60 + 98 ms at 128K);
+    ``union_max_blocks_fwd`` = 40 without a backward (the forward-only crossover);
+    ``union_max_blocks_kl`` = 48 for the op's training path, where the union dQ pass also
+    replaces the separate KL kernel (59-64 ms; estimate: +8% on the dQ pass)."""
+    global _last_stats
+    impl = cfg.main_impl
+    if impl == "kv" or block_idx.shape[2] == 0:
+        if impl == "kv":
+            _tsa._announce("main-kv", "MSA main branch: KV-outer kernels (kernel_config main_impl=kv)")
+        return "kv", None
+    if fwd_only:
+        max_blocks, knob = cfg.union_max_blocks_fwd, "union_max_blocks_fwd"
+    elif with_kl:
+        max_blocks, knob = cfg.union_max_blocks_kl, "union_max_blocks_kl"
+    else:
+        max_blocks, knob = cfg.union_max_blocks, "union_max_blocks"
+    K = block_idx.shape[-1]
+    limit = max_blocks * K / 16.0
+    key = _union_key(block_idx, union_positions(G, dtype, cfg, d))
+    if impl == "auto" and lists is None and _last_stats is not None and _last_stats[0] == key \
+            and (_last_stats[2] or _last_stats[1] >= limit):
+        return "kv", None  # this very selection was measured a moment ago (the op, then SparseAttentionFn)
+    lists = union_lists_for(block_idx, G, dtype, cfg, lists, d)
+    if impl == "union":
+        if bool(lists.dups):
+            raise ValueError("kernel_config main_impl=union: block_idx repeats a block within a row; the union path "
+                             "counts it once (use main_impl=kv or auto, which count it twice like the reference)")
+        _tsa._announce("main-union", "MSA main branch: union-tile kernels (kernel_config main_impl=union)")
+        return "union", lists
+    mean, dups = torch.stack([lists.mean, lists.dups.float()]).tolist()
+    _last_stats = (key, mean, bool(dups))
+    if dups:
+        _tsa._announce("main-auto-dups", "MSA main branch auto: a row repeats a block -> KV-outer kernels")
+        return "kv", None
+    if mean < limit:
+        _tsa._announce(f"main-auto-union-{knob}", f"MSA main branch auto: mean union {mean:.1f} blocks per {lists.P}-"
+                                                  f"position tile < {limit:g} ({knob}) -> union-tile kernels")
+        return "union", lists
+    _tsa._announce(f"main-auto-kv-{knob}", f"MSA main branch auto: mean union {mean:.1f} blocks per {lists.P}-position "
+                                           f"tile >= {limit:g} ({knob}) -> KV-outer kernels")
+    return "kv", None
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _union_fwd_kernel(
+    Q, K, V, QPOS, ORD, UBLK, UMSK, UCNT, OUT, LSE,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_ob, stride_ot, stride_oh,
+    sq, sk, n_groups, nt, G, D, qk_scale,
+    UMAX: tl.constexpr, P: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
+    NSUB: tl.constexpr, DP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One program = P positions x the G heads of one group (P*GP rows); online softmax over
+    the tile's union in BN-key steps; out and LSE (natural log, -inf if no key) written once."""
+    w = tl.load(ORD + tl.program_id(0)).to(tl.int64)
+    bg = w // nt
+    tile = w % nt
+    bi = bg // n_groups
+    gi = bg % n_groups
+    r = tl.arange(0, P * GP)
+    p = r // GP
+    h = r % GP
+    t = tile * P + p
+    tin = t < sq
+    rvalid = tin & (h < G)
+    qpos = tl.load(QPOS + t, mask=tin, other=-1)
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    head = (gi * G + h).to(tl.int64)
+    q_rows = bi.to(tl.int64) * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh
+    qt = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=rvalid[:, None] & dmask[None, :], other=0.0)
+    if UPCAST:
+        qt = qt.to(tl.float32)
+    m = tl.full([P * GP], float("-inf"), tl.float32)
+    l = tl.zeros([P * GP], tl.float32)
+    acc = tl.zeros([P * GP, DP], tl.float32)
+    cnt = tl.load(UCNT + w)
+    kv_base = bi.to(tl.int64) * stride_kb + gi * stride_kh
+    for j in range(0, cnt * NSUB):
+        u = j // NSUB
+        n = j % NSUB
+        blk = tl.load(UBLK + w * UMAX + u)
+        bits = tl.load(UMSK + w * UMAX + u)
+        sel = ((bits >> p) & 1) != 0
+        kpos = blk * BLOCK + n * BN + tl.arange(0, BN)
+        kin = kpos < sk
+        kv_off = kv_base + kpos.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]
+        kmask = kin[:, None] & dmask[None, :]
+        kt = tl.load(K + kv_off, mask=kmask, other=0.0)
+        vt = tl.load(V + kv_off, mask=kmask, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
+        valid = (sel & rvalid)[:, None] & kin[None, :] & (kpos[None, :] <= qpos[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        pr = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(pr, 1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=DOT_PREC)
+        m = m_new
+    l_safe = tl.where(l > 0, l, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l > 0, (m + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    o_rows = bi.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot + head * stride_oh
+    tl.store(OUT + o_rows[:, None] + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=rvalid[:, None] & dmask[None, :])
+    hq = n_groups * G
+    tl.store(LSE + (bi.to(tl.int64) * hq + head) * sq + t, lse, mask=rvalid)
+
+
+@triton.jit
+def _union_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, QPOS, ORD, UBLK, UMSK, UCNT, UOFF, DQ,
+    IQ, IK, ILSE, DIQ, DSBUF, KLPART,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_db, stride_dt, stride_dh, stride_gb, stride_gt, stride_gh,
+    stride_iqb, stride_iqt, stride_iqg, stride_ikb, stride_ikt, stride_ilb, stride_ilg,
+    sq, sk, n_groups, nt, G, D, sm_scale, qk_scale, iscale, kl_coef, w0, w1, off0,
+    UMAX: tl.constexpr, P: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
+    NSUB: tl.constexpr, DP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    KL: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, PPAD: tl.constexpr,
+):
+    """Union-tile dQ: recompute S, P = exp(S - lse), dP = dO V^T, dS = P (dP - delta) per
+    BN-key step of the union; dQ += dS K in registers, written once.
+
+    KL: the indexer KL over the same tokens. Teacher P-bar [P, BN] = head mean of the tile's
+    P (a reshape-sum), broadcast to PPAD >= 16 student rows (row j <-> position j // R,
+    only j % R == 0 live); student log Q = iq . ik * iscale - index_lse; KL, sum Q ln Q,
+    sum P_h log2 P_h accumulated per row; dS_student = (Q - P-bar) * kl_coef gives
+    d_iq += dS_student . ik in registers (written once) and is stored per (tile, union entry)
+    in DSBUF [entries, P, BLOCK] for the owner-side d_ik pass. KL runs only on the tiles
+    [w0, w1) of the current chunk (natural order: DSBUF is indexed by UOFF - off0)."""
+    if KL:
+        w = (w0 + tl.program_id(0)).to(tl.int64)
+    else:
+        w = tl.load(ORD + tl.program_id(0)).to(tl.int64)
+    bg = w // nt
+    tile = w % nt
+    bi = bg // n_groups
+    gi = bg % n_groups
+    hq = n_groups * G
+    r = tl.arange(0, P * GP)
+    p = r // GP
+    h = r % GP
+    t = tile * P + p
+    tin = t < sq
+    rvalid = tin & (h < G)
+    qpos = tl.load(QPOS + t, mask=tin, other=-1)
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    rmask = rvalid[:, None] & dmask[None, :]
+    head = (gi * G + h).to(tl.int64)
+    t64 = t.to(tl.int64)
+    qt = tl.load(Q + (bi.to(tl.int64) * stride_qb + t64 * stride_qt + head * stride_qh)[:, None] + offs_d[None, :],
+                 mask=rmask, other=0.0)
+    dot_ = tl.load(DO + (bi.to(tl.int64) * stride_db + t64 * stride_dt + head * stride_dh)[:, None] + offs_d[None, :],
+                   mask=rmask, other=0.0)
+    if UPCAST:
+        qt = qt.to(tl.float32)
+        dot_ = dot_.to(tl.float32)
+    stat = (bi.to(tl.int64) * hq + head) * sq + t
+    lse2 = tl.load(LSE + stat, mask=rvalid, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + stat, mask=rvalid, other=0.0)
+    dq = tl.zeros([P * GP, DP], tl.float32)
+    cnt = tl.load(UCNT + w)
+    kv_base = bi.to(tl.int64) * stride_kb + gi * stride_kh
+    if KL:
+        R: tl.constexpr = PPAD // P
+        jr = tl.arange(0, PPAD)
+        sp = jr // R
+        st = tile * P + sp
+        slive = ((jr % R) == 0) & (st < sq)
+        spos = tl.load(QPOS + st, mask=st < sq, other=-1)
+        offs_i = tl.arange(0, DIP)
+        imask = offs_i < DI
+        iq_off = bi.to(tl.int64) * stride_iqb + st.to(tl.int64) * stride_iqt + gi * stride_iqg
+        iqt = tl.load(IQ + iq_off[:, None] + offs_i[None, :], mask=slive[:, None] & imask[None, :], other=0.0)
+        if UPCAST:
+            iqt = iqt.to(tl.float32)
+        ilse = tl.load(ILSE + bi.to(tl.int64) * stride_ilb + gi * stride_ilg + st, mask=slive, other=0.0)
+        diq = tl.zeros([PPAD, DIP], tl.float32)
+        kl_acc = tl.zeros([PPAD], tl.float32)
+        ent_i = tl.zeros([PPAD], tl.float32)
+        ent_m = tl.zeros([P * GP], tl.float32)
+        ent_base = tl.load(UOFF + w) - off0
+    for j in range(0, cnt * NSUB):
+        u = j // NSUB
+        n = j % NSUB
+        blk = tl.load(UBLK + w * UMAX + u)
+        bits = tl.load(UMSK + w * UMAX + u)
+        sel = ((bits >> p) & 1) != 0
+        kpos = blk * BLOCK + n * BN + tl.arange(0, BN)
+        kin = kpos < sk
+        kv_off = kv_base + kpos.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]
+        kmask = kin[:, None] & dmask[None, :]
+        kt = tl.load(K + kv_off, mask=kmask, other=0.0)
+        vt = tl.load(V + kv_off, mask=kmask, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
+        valid = (sel & rvalid)[:, None] & kin[None, :] & (kpos[None, :] <= qpos[:, None])
+        pr = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(dot_, tl.trans(vt), input_precision=DOT_PREC)
+        ds = (pr * (dp - delta[:, None])).to(qt.dtype)
+        dq += tl.dot(ds, kt, input_precision=DOT_PREC)
+        if KL:
+            ent_m += tl.sum(tl.where(valid, pr * (s - lse2[:, None]), 0.0), 1)
+            pbar = tl.sum(tl.reshape(pr, (P, GP, BN)), 1) / G
+            if R > 1:
+                pbar = tl.reshape(tl.broadcast_to(pbar[:, None, :], (P, R, BN)), (PPAD, BN))
+            ikb = tl.load(IK + bi.to(tl.int64) * stride_ikb + kpos.to(tl.int64)[:, None] * stride_ikt + offs_i[None, :],
+                          mask=kin[:, None] & imask[None, :], other=0.0)
+            if UPCAST:
+                ikb = ikb.to(tl.float32)
+            ssel = ((bits >> sp) & 1) != 0
+            sv = (slive & ssel)[:, None] & kin[None, :] & (kpos[None, :] <= spos[:, None])
+            logq = tl.dot(iqt, tl.trans(ikb), input_precision=DOT_PREC) * iscale - ilse[:, None]
+            qs = tl.where(sv, tl.exp(logq), 0.0)
+            pos_t = sv & (pbar > 0)
+            kl_acc += tl.sum(tl.where(pos_t, pbar * (tl.log(tl.where(pos_t, pbar, 1.0)) - logq), 0.0), 1)
+            ent_i += tl.sum(tl.where(sv, qs * logq, 0.0), 1)
+            dsk = tl.where(sv, (qs - pbar) * kl_coef, 0.0).to(IK.dtype.element_ty)
+            if UPCAST:
+                dsk = dsk.to(tl.float32)
+            diq += tl.dot(dsk, ikb, input_precision=DOT_PREC)
+            col = n * BN + tl.arange(0, BN)
+            ds_off = ((ent_base + u) * P + sp.to(tl.int64))[:, None] * BLOCK + col[None, :]
+            tl.store(DSBUF + ds_off, dsk.to(DSBUF.dtype.element_ty), mask=slive[:, None] & (col < BLOCK)[None, :])
+    dq = dq * sm_scale
+    tl.store(DQ + (bi.to(tl.int64) * stride_gb + t64 * stride_gt + head * stride_gh)[:, None] + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=rmask)
+    if KL:
+        diq_off = ((bi.to(tl.int64) * sq + st) * n_groups + gi) * DI
+        tl.store(DIQ + diq_off[:, None] + offs_i[None, :], diq, mask=slive[:, None] & imask[None, :])
+        prog = tl.program_id(0) * 3
+        tl.store(KLPART + prog, tl.sum(kl_acc, 0))
+        tl.store(KLPART + prog + 1, tl.sum(ent_i, 0))
+        tl.store(KLPART + prog + 2, tl.sum(ent_m, 0))
+
+
+@triton.jit
+def _union_dik_kernel(
+    DSBUF, IQ, DIK, DIKPART, ENT_ORD, IT_ORD, IT_SEG, IT_START, IT_END, IT_PSLOT, NTOT, UOFF,
+    stride_iqb, stride_iqt, stride_iqg,
+    sq, sk, n_groups, nt, nb, w0, off0,
+    UMAX: tl.constexpr, P: tl.constexpr, PK: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
+    DI: tl.constexpr, DIP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Owner-side d_ik: one program = (work item, BN-key sub-tile). A work item is a run of at
+    most ``union_dik_item_entries`` union entries (of this chunk) that contain one (batch, key
+    block), in a fixed order (groups, tiles ascending): d_ik += dS_student^T . iq (K = PK >= 16
+    rows, P live). A block's only item adds to DIK itself; items of a hot block (sinks, popular
+    early blocks) write fp32 partials that ``_union_dik_reduce_kernel`` adds in item order.
+    Launched largest items first (IT_ORD); items past NTOT (the padded grid) do nothing."""
+    i = tl.load(IT_ORD + tl.program_id(0))
+    sub = tl.program_id(1)
+    if i < tl.load(NTOT):
+        seg = tl.load(IT_SEG + i)
+        start = tl.load(IT_START + i)
+        end = tl.load(IT_END + i)
+        pslot = tl.load(IT_PSLOT + i)
+        bi = seg // nb
+        blk = seg % nb
+        kk = sub * BN + tl.arange(0, BN)
+        kpos = blk * BLOCK + kk
+        kin = (kpos < sk) & (kk < BLOCK)
+        offs_i = tl.arange(0, DIP)
+        imask = offs_i < DI
+        rp = tl.arange(0, PK)
+        acc = tl.zeros([BN, DIP], tl.float32)
+        for e in range(start, end):
+            slot = tl.load(ENT_ORD + e).to(tl.int64)  # (w - w0) * UMAX + u
+            wl = slot // UMAX
+            u = slot % UMAX
+            w = w0 + wl
+            bg = w // nt
+            tile = w % nt
+            gi = bg % n_groups
+            ent = tl.load(UOFF + w) - off0 + u
+            t = tile * P + rp
+            live = (rp < P) & (t < sq)
+            dsT = tl.load(DSBUF + (ent * P + rp.to(tl.int64))[None, :] * BLOCK + kk[:, None],
+                          mask=live[None, :] & kin[:, None], other=0.0)
+            iqr = tl.load(IQ + (bi.to(tl.int64) * stride_iqb + t.to(tl.int64) * stride_iqt + gi * stride_iqg)[:, None]
+                          + offs_i[None, :], mask=live[:, None] & imask[None, :], other=0.0)
+            if UPCAST:
+                dsT = dsT.to(tl.float32)
+                iqr = iqr.to(tl.float32)
+            acc += tl.dot(dsT, iqr, input_precision=DOT_PREC)
+        m = kin[:, None] & imask[None, :]
+        if pslot < 0:
+            off = (bi.to(tl.int64) * sk + kpos.to(tl.int64))[:, None] * DI + offs_i[None, :]
+            tl.store(DIK + off, tl.load(DIK + off, mask=m, other=0.0) + acc, mask=m)
+        else:
+            poff = (pslot.to(tl.int64) * BLOCK + kk)[:, None] * DI + offs_i[None, :]
+            tl.store(DIKPART + poff, acc, mask=m)
+
+
+@triton.jit
+def _union_dik_reduce_kernel(
+    DIKPART, DIK, SEG_FIRST, SEG_NIT, IT_PSLOT, sk, nb,
+    BLOCK: tl.constexpr, BN: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+):
+    """d_ik of a hot (batch, key block): the sum of its work items' partials, in item order."""
+    seg = tl.program_id(0)
+    sub = tl.program_id(1)
+    n = tl.load(SEG_NIT + seg)
+    if n > 1:
+        f = tl.load(SEG_FIRST + seg)
+        bi = seg // nb
+        blk = seg % nb
+        kk = sub * BN + tl.arange(0, BN)
+        kpos = blk * BLOCK + kk
+        offs_i = tl.arange(0, DIP)
+        m = ((kpos < sk) & (kk < BLOCK))[:, None] & (offs_i < DI)[None, :]
+        acc = tl.zeros([BN, DIP], tl.float32)
+        for j in range(f, f + n):
+            ps = tl.load(IT_PSLOT + j).to(tl.int64)
+            acc += tl.load(DIKPART + (ps * BLOCK + kk)[:, None] * DI + offs_i[None, :], mask=m, other=0.0)
+        off = (bi.to(tl.int64) * sk + kpos.to(tl.int64))[:, None] * DI + offs_i[None, :]
+        tl.store(DIK + off, tl.load(DIK + off, mask=m, other=0.0) + acc, mask=m)
+
+
+# ----------------------------------------------------------------------------- host wrappers
+def _bn(block_size: int, cfg: _tsa.KernelConfig, dtype: torch.dtype) -> int:
+    cap = cfg.union_block_n if dtype != torch.float32 else min(cfg.union_block_n, 32)
+    return _tsa._block_n(block_size, cap)
+
+
+def union_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
+    q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
+    *, config: Optional[_tsa.KernelConfig] = None, lists: Optional[UnionLists] = None, return_lists: bool = False,
+):
+    """Union-tile forward: (out [b, sq, hq, d], lse [b, hq, sq] fp32), the contract of
+    ``sparse_attention_fwd`` (rows with no visible key: out 0, lse -inf). Rows must not
+    repeat a block (checked by the dispatch; the union counts it once)."""
+    cfg = config or _tsa.default_config()
+    b, sq, hq, d, sk, g, K = _tsa._check_inputs(q, k, v, block_idx, block_size)
+    G = hq // g
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    pos = _tsa._positions(q_pos, sq, sk, q.device)
+    out = _tsa._alloc((b, sq, hq, d), q.dtype, q.device)
+    lse = _tsa._alloc((b, hq, sq), torch.float32, q.device)
+    if sq == 0:
+        return (out, lse, lists) if return_lists else (out, lse)
+    block_idx = block_idx.contiguous()
+    lists = union_lists_for(block_idx, G, q.dtype, cfg, lists, d)
+    bn = _bn(block_size, cfg, q.dtype)
+    _union_fwd_kernel[(lists.cnt.numel(),)](
+        q, k, v, pos, lists.order, lists.blk, lists.msk, lists.cnt, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        sq, sk, g, lists.nt, G, d, scale * LOG2E,
+        UMAX=lists.umax, P=lists.P, GP=_tsa._next_pow2(G), BLOCK=block_size, BN=bn, NSUB=block_size // bn,
+        DP=_tsa._next_pow2(d), DOT_PREC=_tsa._dot_prec(q.dtype), UPCAST=_tsa._upcast(q),
+        num_warps=cfg.union_fwd_warps, num_stages=cfg.union_fwd_stages,
+    )
+    return (out, lse, lists) if return_lists else (out, lse)
+
+
+@dataclass
+class UnionKLResult:
+    """As ``FusedKLResult``: kl (mean, fp32 0-dim), d_iq [b, sq, g, di] / d_ik [b, sk, di]
+    fp32 gradients of that mean, stats (index_entropy, main_entropy means)."""
+
+    kl: Tensor
+    d_iq: Tensor
+    d_ik: Tensor
+    stats: dict
+
+
+def _dsbuf_chunks(lists: UnionLists, bytes_per_entry: int, budget: int):
+    """Tile ranges [w0, w1) (natural order) whose dS_student buffers fit ``budget`` bytes:
+    one small host sync (the chunk boundaries' entry offsets)."""
+    n = lists.cnt.numel()
+    total = int(lists.off[-1] + lists.cnt[-1]) if n else 0
+    nch = max(1, -(-total * bytes_per_entry // max(1, budget)))
+    bounds = [min(n, (i * n) // nch) for i in range(nch + 1)]
+    ends = torch.cat([lists.off, (lists.off[-1:] + lists.cnt[-1:].to(torch.int64))])
+    offs = ends[torch.tensor(bounds, device=ends.device)].tolist()
+    return [(bounds[i], bounds[i + 1], int(offs[i]), int(offs[i + 1])) for i in range(nch) if bounds[i + 1] > bounds[i]]
+
+
+def _dik_items(seg_cnt: Tensor, n_entries: int, cap: int) -> dict:
+    """Work items of the owner-side d_ik pass, on the device without a host sync: each
+    (batch, block) segment of ``seg_cnt`` entries is cut into runs of at most ``cap`` entries
+    (0: one item per segment). The grid is padded to an upper bound (``n_max``; items past
+    ``total`` exit); partial slots (``pslot``, -1 for a segment's only item) are bounded by
+    2 * n_entries / cap (a split segment has more than cap entries)."""
+    dev = seg_cnt.device
+    nseg = seg_cnt.numel()
+    if cap <= 0:
+        cap_t, n_max, n_part = seg_cnt.clamp_min(1), nseg, 0
+    else:
+        cap_t, n_max, n_part = torch.full_like(seg_cnt, cap), nseg + -(-n_entries // cap), 2 * -(-n_entries // cap)
+    n_it = (seg_cnt + cap_t - 1) // cap_t  # 0 for empty segments
+    cum = torch.cumsum(n_it, 0)
+    first = cum - n_it
+    seg_off = torch.cumsum(seg_cnt, 0) - seg_cnt
+    i = torch.arange(n_max, device=dev)
+    iseg = torch.searchsorted(cum, i, right=True).clamp_max(nseg - 1)
+    start = seg_off[iseg] + (i - first[iseg]) * cap_t[iseg]
+    end = torch.minimum(start + cap_t[iseg], seg_off[iseg] + seg_cnt[iseg])
+    total = cum[-1:].clone()
+    split = (n_it[iseg] > 1) & (i < total)
+    pslot = torch.where(split, torch.cumsum(split.long(), 0) - 1, torch.full_like(i, -1))
+    order = torch.argsort(torch.where(i < total, end - start, -1), descending=True, stable=True)
+    return dict(n_max=n_max, n_part=n_part if cap > 0 else 0, order=order, seg=iseg, start=start, end=end,
+                pslot=pslot, total=total, seg_first=first, seg_nit=n_it)
+
+
+def union_attention_dq(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, block_idx: Tensor, block_size: int,
+    q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
+    *, config: Optional[_tsa.KernelConfig] = None, lists: Optional[UnionLists] = None,
+    delta: Optional[Tensor] = None, kl: Optional[_tsa.FusedKL] = None,
+):
+    """Union-tile dQ (deterministic, written once), optionally with the indexer KL fused
+    (``kl=FusedKL(iq, ik, index_lse, index_scale)``): returns dq, or (dq, UnionKLResult)."""
+    cfg = config or _tsa.default_config()
+    b, sq, hq, d, sk, g, K = _tsa._check_inputs(q, k, v, block_idx, block_size)
+    G = hq // g
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    pos = _tsa._positions(q_pos, sq, sk, q.device)
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    if do.dtype != q.dtype:
+        do = do.to(q.dtype)
+    lse = lse.contiguous()
+    dq = _tsa._alloc((b, sq, hq, d), q.dtype, q.device)
+    dummy = torch.empty(1, dtype=torch.float32, device=q.device)
+    if kl is not None:
+        kiq, kik, kilse, di, kl_norm = _tsa._check_fused_kl(kl, q, sk, g)
+        d_iq32 = _tsa._alloc((b, sq, g, di), torch.float32, q.device)
+        d_ik32 = torch.zeros((b, sk, di), dtype=torch.float32, device=q.device)
+    if sq == 0:
+        if kl is None:
+            return dq
+        zero = torch.zeros((), dtype=torch.float32, device=q.device)
+        return dq, UnionKLResult(zero, d_iq32, d_ik32, {"index_entropy": zero.clone(), "main_entropy": zero.clone()})
+    block_idx = block_idx.contiguous()
+    lists = union_lists_for(block_idx, G, q.dtype, cfg, lists, d)
+    if delta is None:
+        delta = _tsa._delta(out, do)
+    bn = _bn(block_size, cfg, q.dtype)
+    P, GP, DP = lists.P, _tsa._next_pow2(G), _tsa._next_pow2(d)
+    prec, up = _tsa._dot_prec(q.dtype), _tsa._upcast(q)
+    common = dict(UMAX=lists.umax, P=P, GP=GP, BLOCK=block_size, BN=bn, NSUB=block_size // bn, DP=DP,
+                  DOT_PREC=prec, UPCAST=up)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2))
+    n_w = lists.cnt.numel()
+    if kl is None:
+        _union_dq_kernel[(n_w,)](
+            q, k, v, do, lse, delta, pos, lists.order, lists.blk, lists.msk, lists.cnt, lists.off, dq,
+            dummy, dummy, dummy, dummy, dummy, dummy,
+            *strides, *(0,) * 7,
+            sq, sk, g, lists.nt, G, d, scale, scale * LOG2E, 1.0, 1.0, 0, n_w, 0,
+            KL=False, DI=16, DIP=16, PPAD=max(16, P), **common,
+            num_warps=cfg.union_dq_warps, num_stages=cfg.union_dq_stages,
+        )
+        return dq
+    DIP = max(16, _tsa._next_pow2(di))
+    if bn > 64:  # the KL's index-key and student tiles: 128-key steps exceed sm_90's 227 KB smem (AOT)
+        bn = _tsa._block_n(block_size, 64)
+        common.update(BN=bn, NSUB=block_size // bn)
+    iscale = float(kl.index_scale)
+    nb = math.ceil(sk / block_size)
+    ds_dtype = kik.dtype
+    per_entry = P * block_size * torch.empty((), dtype=ds_dtype).element_size()
+    budget = _tsa._partial_budget(q.device, cfg)  # taken now, at use time
+    chunks = _dsbuf_chunks(lists, per_entry, budget)
+    kl_parts = []
+    bn_ik = _tsa._block_n(block_size, 64)
+    for w0, w1, o0, o1 in chunks:
+        nwc = w1 - w0
+        dsbuf = _tsa._alloc((max(1, o1 - o0), P, block_size), ds_dtype, q.device)
+        klpart = torch.empty((nwc, 3), dtype=torch.float32, device=q.device)
+        _union_dq_kernel[(nwc,)](
+            q, k, v, do, lse, delta, pos, lists.order, lists.blk, lists.msk, lists.cnt, lists.off, dq,
+            kiq, kik, kilse, d_iq32, dsbuf, klpart,
+            *strides, kiq.stride(0), kiq.stride(1), kiq.stride(2), kik.stride(0), kik.stride(1),
+            kilse.stride(0), kilse.stride(1),
+            sq, sk, g, lists.nt, G, d, scale, scale * LOG2E, iscale, iscale / kl_norm, w0, w1, o0,
+            KL=True, DI=di, DIP=DIP, PPAD=max(16, P), **common,
+            num_warps=cfg.union_dq_warps, num_stages=cfg.union_kl_stages,
+        )
+        kl_parts.append(klpart)
+        # owner-side d_ik: reverse index of this chunk's union entries by (batch, block)
+        ublk = lists.blk[w0:w1].to(torch.int64)
+        bidx_of_w = (torch.arange(w0, w1, device=q.device) // lists.nt) // g
+        nseg = b * nb
+        seg = torch.where(ublk >= 0, bidx_of_w[:, None] * nb + ublk, torch.full_like(ublk, nseg))
+        del ublk
+        ent_ord = torch.sort(seg.view(-1), stable=True).indices  # (w - w0) * UMAX + u, fixed order
+        seg_cnt = torch.bincount(seg.view(-1), minlength=nseg + 1)[:nseg]
+        del seg
+        items = _dik_items(seg_cnt, o1 - o0, cfg.union_dik_item_entries)
+        grid_n = triton.cdiv(block_size, bn_ik)
+        dikpart = torch.empty((max(1, items["n_part"]), block_size, di), dtype=torch.float32, device=q.device)
+        _union_dik_kernel[(items["n_max"], grid_n)](
+            dsbuf, kiq, d_ik32, dikpart, ent_ord, items["order"], items["seg"], items["start"], items["end"],
+            items["pslot"], items["total"], lists.off,
+            kiq.stride(0), kiq.stride(1), kiq.stride(2),
+            sq, sk, g, lists.nt, nb, w0, o0,
+            UMAX=lists.umax, P=P, PK=max(16, _tsa._next_pow2(P)), BLOCK=block_size, BN=bn_ik, DI=di, DIP=DIP,
+            DOT_PREC=_tsa._dot_prec(kik.dtype), UPCAST=up, num_warps=4, num_stages=2,
+        )
+        if items["n_part"]:
+            _union_dik_reduce_kernel[(nseg, grid_n)](
+                dikpart, d_ik32, items["seg_first"], items["seg_nit"], items["pslot"], sk, nb,
+                BLOCK=block_size, BN=bn_ik, DI=di, DIP=DIP, num_warps=4,
+            )
+        del dsbuf, ent_ord, seg_cnt, items, dikpart
+    sums = torch.cat(kl_parts).sum(0)
+    stats = {"index_entropy": -sums[1] / kl_norm, "main_entropy": -LN2 * sums[2] / (kl_norm * G)}
+    return dq, UnionKLResult(sums[0] / kl_norm, d_iq32, d_ik32, stats)
+
+
+def union_attention_bwd(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, block_idx: Tensor, block_size: int,
+    q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
+    *, config: Optional[_tsa.KernelConfig] = None, lists: Optional[UnionLists] = None, plan=None,
+    kl: Optional[_tsa.FusedKL] = None,
+):
+    """Split backward: dK/dV by the KV-outer kernel without its dQ half, dQ (+ the KL) by the
+    union tile. Returns (dq, dk, dv) or (dq, dk, dv, UnionKLResult)."""
+    cfg = config or _tsa.default_config()
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    if do.dtype != q.dtype:
+        do = do.to(q.dtype)
+    _, dk, dv, delta = _tsa.sparse_attention_bwd(do, q, k, v, out, lse, block_idx, block_size, q_pos, softmax_scale,
+                                                 config=cfg, plan=plan, compute_dq=False, return_delta=True)
+    res = union_attention_dq(do, q, k, v, out, lse, block_idx, block_size, q_pos, softmax_scale, config=cfg,
+                             lists=lists, delta=delta, kl=kl)
+    if kl is None:
+        return res, dk, dv
+    dq, klres = res
+    return dq, dk, dv, klres
+
+
+__all__ = [
+    "UnionKLResult", "UnionLists", "build_union_lists", "build_union_lists_triton", "resolve_main_impl", "union_attention_bwd",
+    "union_attention_dq", "union_attention_fwd", "union_lists_for", "union_positions", "union_stats",
+]
