@@ -43,7 +43,7 @@ def plan(kinds: List[str], new_path: bool, flex_union: bool = False) -> List[Tup
     the non-Flex selections at 128K (per-tile union + token mask; one more Flex compile)."""
     main_old = "msa-main-kv" if new_path else "msa-main"
     op_old = "msa-op-kv" if new_path else "msa-op"
-    sparse = ["fla-nsa", main_old, "msa-main-auto", op_old, "msa-op-auto"]
+    sparse = ["fla-nsa", main_old, "msa-main-union", "msa-main-auto", op_old, "msa-op-auto"]
     def at(L: int) -> List[Tuple[str, int, str, bool]]:
         out = [("cudnn-dense", L, "-", False)]
         for kind in kinds:
