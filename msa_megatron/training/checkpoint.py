@@ -13,6 +13,15 @@ directories are never read and are swept at the next start. Old checkpoints beyo
 ``keep_last`` are renamed to ``.trash-*`` before deletion, so a half-deleted one never
 carries a checkpoint name. A shared filesystem across nodes is assumed (as Megatron-LM).
 
+Integrity: every step directory holds ``manifest.json`` (size and sha256 of each file),
+written inside ``.tmp-step_N`` before the rename, and checked before any file of the
+checkpoint is opened by torch: the distributed checkpoint's ``.metadata`` and shard
+objects are pickles, which run code when loaded. The manifest detects damage (a torn
+copy, a full disk, bit rot), not malice: whoever can write a checkpoint can write its
+manifest, so load only checkpoints you trust. When the newest checkpoint of a run fails
+its check or its load, the run says so in one line, sets it aside as ``damaged-step_N``
+and resumes from the newest older complete one (``checkpoint.fallback=false`` refuses).
+
 Contents: model (sharded tensors), distributed-optimizer state in Megatron's
 'fully_reshardable' format (resharding across TP/PP/DP; see OPTIM_FORMAT), the LR scheduler, the train state (step,
 consumed samples, tokens, skipped steps, wandb run id) and every rank's RNG states
@@ -22,6 +31,7 @@ restored only when the parallel layout is unchanged; otherwise they are re-seede
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -43,6 +53,16 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 STEP_PREFIX = "step_"
+MANIFEST = "manifest.json"
+DAMAGED_PREFIX = "damaged-"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used: ``<field>=<path>: <what failed>`` (exit code 2)."""
+
+    def __init__(self, path: str, value: Any, problem: str):
+        self.path, self.value, self.allowed = path, value, problem
+        ValueError.__init__(self, f"{path}={value}: {problem}")
 #: Distributed-optimizer checkpoint format. 'fully_sharded_model_space' raises in
 #: megatron-core 0.19 ("ShardedTensor.flattened_range is not supported"): 'fully_reshardable'
 #: is its replacement (per-parameter canonical state, reshards across TP/PP/DP).
@@ -85,16 +105,104 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """A step directory, or a checkpoints directory whose `latest` names one."""
+def resolve_checkpoint(path: str, field: str = "checkpoint.load") -> Path:
+    """A step directory, or a checkpoints (or run) directory whose `latest` names one.
+    Anything else is one :class:`CheckpointError` naming ``field`` and what is missing."""
     p = Path(path)
-    if (p / LATEST).is_file():
-        p = p / (p / LATEST).read_text().strip()
-    elif (p / "checkpoints" / LATEST).is_file():
-        p = p / "checkpoints" / (p / "checkpoints" / LATEST).read_text().strip()
+    for marker in (p / LATEST, p / "checkpoints" / LATEST):
+        if marker.is_file():
+            p = marker.parent / marker.read_text().strip()
+            break
+    if not p.is_dir():
+        raise CheckpointError(field, path, f"not a checkpoint: {p} does not exist")
     if not (p / "metadata.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no metadata.json in {p})")
+        raise CheckpointError(field, path, f"not a complete checkpoint (no metadata.json in {p}); expected a step "
+                                           "directory, or a checkpoints/ or run directory whose `latest` names one")
     return p
+
+
+# --------------------------------------------------------------------------- manifest
+def _files_of(path: Path) -> List[str]:
+    """Every regular file under a checkpoint directory (relative, sorted), less the manifest."""
+    out = []
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), path)
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _describe(path: Path, names: List[str]) -> Dict[str, Dict[str, Any]]:
+    """Size and sha256 of ``names``; with a process group the files are shared out over
+    the ranks (a large checkpoint is hashed in parallel) and every rank gets the union."""
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    mine: Dict[str, Dict[str, Any]] = {}
+    for name in names[rank::world]:
+        f = path / name
+        try:
+            mine[name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+        except OSError as e:
+            mine[name] = {"error": f"{type(e).__name__}: {e.strerror or e}"}
+    if world == 1:
+        return mine
+    parts: List[Any] = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def write_manifest(path: Path) -> None:
+    """manifest.json of a checkpoint directory (collective with a process group; rank 0 writes)."""
+    files = _describe(path, _files_of(path))
+    bad = {k: v["error"] for k, v in files.items() if "error" in v}
+    if bad:
+        raise OSError(f"cannot read back the checkpoint being saved in {path}: {bad}")
+    if _rank() == 0:
+        _write_atomic(path / MANIFEST, json.dumps({"version": 1, "files": files}, indent=0, sort_keys=True))
+
+
+def verify_checkpoint(path: Path) -> Optional[str]:
+    """None if every file of ``path`` matches its manifest, else what does not (one line).
+    Reads only file sizes, bytes and the manifest's JSON: nothing is unpickled. Same answer
+    on every rank (collective with a process group)."""
+    if not path.is_dir():
+        return "the directory does not exist"
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        expected = manifest["files"]
+        if not isinstance(expected, dict):
+            raise ValueError("'files' is not a mapping")
+    except FileNotFoundError:
+        return (f"no {MANIFEST} (not saved by this version of msa-train); "
+                "checkpoint.verify=false loads it unchecked, if you trust it")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} unreadable ({type(e).__name__}: {e})"
+    present = _files_of(path)
+    missing = sorted(set(expected) - set(present))
+    extra = sorted(set(present) - set(expected))
+    if missing:
+        return f"{missing[0]} is missing" + (f" (and {len(missing) - 1} more files)" if len(missing) > 1 else "")
+    if extra:
+        return f"{extra[0]} is not in the manifest" + (f" (and {len(extra) - 1} more files)" if len(extra) > 1 else "")
+    for name in present:  # cheap checks first: a truncated file needs no hashing
+        size = (path / name).stat().st_size
+        if size != expected[name].get("size"):
+            return f"{name} is {size} bytes, the manifest says {expected[name].get('size')} (truncated or overwritten)"
+    got = _describe(path, present)
+    for name in present:
+        if "error" in got[name]:
+            return f"{name} cannot be read ({got[name]['error']})"
+        if got[name]["sha256"] != expected[name].get("sha256"):
+            return f"{name} does not match its sha256 in the manifest (damaged)"
+    return None
 
 
 def layout_signature() -> Dict[str, int]:
@@ -276,13 +384,18 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ queries
     def latest(self) -> Optional[Path]:
+        """The complete checkpoint `latest` names, else None (no marker, or it names a step
+        directory that is missing or incomplete)."""
+        name = self._latest_name()
+        path = self.root / name if name else None
+        return path if path is not None and (path / "metadata.json").is_file() else None
+
+    def _latest_name(self) -> Optional[str]:
         marker = self.root / LATEST
-        if not marker.is_file():
+        try:
+            return marker.read_text().strip() or None
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        path = self.root / marker.read_text().strip()
-        if not (path / "metadata.json").is_file():
-            raise RuntimeError(f"{marker} names {path.name}, which is not a complete checkpoint")
-        return path
 
     def completed(self) -> List[Tuple[int, Path]]:
         out = []
@@ -293,20 +406,81 @@ class CheckpointManager:
                 continue
         return sorted(out)
 
+    def candidates(self) -> List[Tuple[Path, Optional[str]]]:
+        """This run's checkpoints, most wanted first, each with a known problem or None:
+        the one `latest` names, then older complete step directories, newest first."""
+        out: List[Tuple[Path, Optional[str]]] = []
+        name = self._latest_name()
+        newest = None
+        if name:
+            path = self.root / name
+            if not path.is_dir():
+                out.append((path, f"`latest` names {name}, which does not exist"))
+            elif not (path / "metadata.json").is_file():
+                out.append((path, f"`latest` names {name}, which is incomplete (no metadata.json)"))
+            else:
+                out.append((path, None))
+            try:
+                newest = int(name[len(STEP_PREFIX):])
+            except ValueError:
+                newest = None
+        for step, path in reversed(self.completed()):
+            if any(path == p for p, _ in out) or (newest is not None and step > newest):
+                continue  # a step directory newer than `latest` was never committed
+            if (path / "metadata.json").is_file():
+                out.append((path, None))
+        return out
+
+    def check(self, path: Path) -> Optional[str]:
+        """What is wrong with a checkpoint before it is loaded (None: fine or not checked)."""
+        return verify_checkpoint(path) if self.cfg.checkpoint.verify else None
+
+    def reject(self, path: Path, problem: str) -> None:
+        """The newest checkpoint cannot be used: one line, then set it aside (fallback) or stop."""
+        if not self.cfg.checkpoint.fallback:
+            raise CheckpointError("checkpoint (resume)", path, f"{problem}; checkpoint.fallback=false: not falling "
+                                  "back to an older checkpoint (move it away, or set checkpoint.fallback=true)")
+        if _rank() == 0:
+            log.error("checkpoint %s: %s; falling back to the newest older complete checkpoint (this one is kept "
+                      "as %s%s)", path, problem, DAMAGED_PREFIX, path.name)
+            if path.is_dir():
+                aside = self.root / f"{DAMAGED_PREFIX}{path.name}"
+                shutil.rmtree(aside, ignore_errors=True)
+                os.rename(path, aside)
+                _fsync_dir(self.root)
+        _barrier()
+
     def resume_source(self) -> Tuple[str, Optional[Path]]:
-        """('resume', path) | ('load', path) | ('init', path) | ('fresh', None)."""
+        """('resume', path) | ('load', path) | ('init', path) | ('fresh', None); the path
+        has passed :meth:`check`. A damaged newest checkpoint of this run is set aside
+        (:meth:`reject`); a damaged ``load``/``init_from`` is one CheckpointError."""
         ck = self.cfg.checkpoint
-        own = self.latest()
-        if own is not None:
+        own = self.candidates()
+        if own:
             if ck.resume == "never":
                 raise ConfigError("checkpoint.resume", "never",
-                                  f"auto: {self.cfg.run_dir} already holds checkpoints (latest {own.name}); "
+                                  f"auto: {self.cfg.run_dir} already holds checkpoints (newest {own[0][0].name}); "
                                   "use a new run_dir to start fresh")
-            return "resume", own
-        if ck.load:
-            return "load", resolve_checkpoint(ck.load)
-        if ck.init_from:
-            return "init", resolve_checkpoint(ck.init_from)
+            rejected = False
+            for path, problem in own:
+                problem = problem or self.check(path)
+                if problem is None:
+                    if rejected and _rank() == 0:
+                        _write_atomic(self.root / LATEST, path.name + "\n")
+                    _barrier()
+                    return "resume", path
+                self.reject(path, problem)
+                rejected = True
+            raise CheckpointError("checkpoint (resume)", self.root,
+                                  "no usable checkpoint left (every one failed its check, see above); "
+                                  "start a new run_dir, or checkpoint.load= a checkpoint you trust")
+        for kind, field, value in (("load", "checkpoint.load", ck.load), ("init", "checkpoint.init_from", ck.init_from)):
+            if value:
+                path = resolve_checkpoint(value, field)
+                problem = self.check(path)
+                if problem is not None:
+                    raise CheckpointError(field, value, f"{path.name}: {problem}")
+                return kind, path
         return "fresh", None
 
     # ------------------------------------------------------------------ save
@@ -333,6 +507,9 @@ class CheckpointManager:
         _barrier()
         if _rank() == 0:
             _write_atomic(tmp / "train_state.json", json.dumps(dict(state, saved_at=time.time()), indent=1, default=str))
+        _barrier()
+        write_manifest(tmp)
+        if _rank() == 0:
             if final.exists():  # a stale, unreferenced directory of the same step
                 trash = self.root / f".trash-{final.name}"
                 os.rename(final, trash)
@@ -416,4 +593,5 @@ class CheckpointManager:
                     raise RuntimeError(f"checkpoint/model mismatch: missing {bad[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
-__all__ = ["CheckpointManager", "LATEST", "layout_signature", "resolve_checkpoint", "step_dir_name"]
+__all__ = ["CheckpointError", "CheckpointManager", "LATEST", "MANIFEST", "layout_signature", "resolve_checkpoint",
+           "step_dir_name", "verify_checkpoint", "write_manifest"]

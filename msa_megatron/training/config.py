@@ -309,6 +309,12 @@ class CheckpointConfig:
     #: Index branch of a dense checkpoint loaded into an MSA model: mean (from the dense
     #: q/k projections, the backend's init_index_from_dense) | megatron (fresh init_method).
     index_init: str = _f("mean", *_one_of("mean", "megatron"))
+    #: Check every file of a checkpoint against its manifest.json (sizes + sha256) before
+    #: anything in it is read (torch's .metadata is a pickle: see docs/training.md).
+    verify: bool = True
+    #: resume=auto: when the newest checkpoint fails its check or its load, say so in one
+    #: line and resume from the newest older complete one (false: stop with that line).
+    fallback: bool = True
 
 
 # --------------------------------------------------------------------------- root

@@ -13,13 +13,13 @@ import math
 import os
 import time
 from functools import partial
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from . import msa_adapter
-from .checkpoint import CheckpointManager, prepare_writer_queue, shutdown_writer_queue
+from .checkpoint import CheckpointError, CheckpointManager, prepare_writer_queue, shutdown_writer_queue
 from .config import Config, ConfigError, validate
 from .data import build_datasets, ensure_dataset_helpers, make_loader, resolve_sources, samples_needed
 from .hooks import MSASchedule
@@ -97,12 +97,23 @@ class Trainer:
 
         # ---- state: resume / load / init / fresh
         self.ckpt = CheckpointManager(cfg)
-        kind, path = self.ckpt.resume_source()
         self.state: Dict[str, Any] = {"consumed_train_samples": 0, "tokens": 0, "skipped_steps": 0, "wandb_id": None}
         self.start_step = 0
-        if kind in ("resume", "load"):
+        while True:  # a resume whose load fails falls back to the next older checkpoint
+            kind, path = self.ckpt.resume_source()
+            if kind not in ("resume", "load"):
+                break
             load_opt = kind == "resume" or cfg.checkpoint.load_optimizer
-            saved = self.ckpt.load(path, self.model, self.optimizer, self.scheduler, load_optimizer=load_opt)
+            box: Dict[str, Any] = {}
+            failure = self._outcome(lambda: box.update(saved=self.ckpt.load(
+                path, self.model, self.optimizer, self.scheduler, load_optimizer=load_opt)))
+            if failure is None:
+                saved = box["saved"]
+                break
+            if kind == "load":
+                raise CheckpointError("checkpoint.load", cfg.checkpoint.load, f"{path.name} failed to load: {failure}")
+            self.ckpt.reject(path, f"failed to load: {failure}")
+        if kind in ("resume", "load"):
             if load_opt:
                 self.start_step = int(saved["step"])
                 for key in self.state:
@@ -228,7 +239,7 @@ class Trainer:
         try:
             fn()
         except ConfigError as e:
-            error = ("config", e.path, e.value, e.allowed)
+            error = ("config", e.path, e.value, e.allowed, type(e).__name__)
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
             error = ("other", f"{type(e).__name__}: {e}")
             local = e
@@ -240,8 +251,22 @@ class Trainer:
         if error is not None and error[0] == "other":
             raise local
         if first[0] == "config":
-            raise ConfigError(*first[1:])
+            raise (CheckpointError if first[4] == "CheckpointError" else ConfigError)(*first[1:4])
         raise RuntimeError(f"another rank failed during set-up: {first[1]}")
+
+    def _outcome(self, fn) -> Optional[str]:
+        """Run ``fn`` on every rank; None if it succeeded everywhere, else the first failure
+        (one line), the same on every rank."""
+        error = None
+        try:
+            fn()
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - reported, then the caller decides
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        errors: List[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        return next((e for e in errors if e is not None), None)
 
     def _broadcast_obj(self, obj):
         box = [obj]
