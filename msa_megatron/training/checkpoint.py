@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from . import msa_adapter
-from .config import Config, ConfigError
+from .config import Config, ConfigError, UsageError
 from .model import unwrap
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,8 @@ MANIFEST = "manifest.json"
 DAMAGED_PREFIX = "damaged-"
 
 
-class CheckpointError(ConfigError):
+class CheckpointError(UsageError):
     """A checkpoint that cannot be used: ``<field>=<path>: <what failed>`` (exit code 2)."""
-
-    def __init__(self, path: str, value: Any, problem: str):
-        self.path, self.value, self.allowed = path, value, problem
-        ValueError.__init__(self, f"{path}={value}: {problem}")
 #: Distributed-optimizer checkpoint format. 'fully_sharded_model_space' raises in
 #: megatron-core 0.19 ("ShardedTensor.flattened_range is not supported"): 'fully_reshardable'
 #: is its replacement (per-parameter canonical state, reshards across TP/PP/DP).

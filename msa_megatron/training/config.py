@@ -29,6 +29,15 @@ class ConfigError(ValueError):
         super().__init__(f"{path}={value!r} is invalid: allowed values are {allowed}")
 
 
+class UsageError(ConfigError):
+    """A setting that names something unusable (a run directory in use, a damaged
+    checkpoint): ``<field>=<value>: <what is wrong>``; exit code 2 like a ConfigError."""
+
+    def __init__(self, path: str, value: Any, problem: str):
+        self.path, self.value, self.allowed = path, value, problem
+        ValueError.__init__(self, f"{path}={value}: {problem}")
+
+
 def _check(check, allowed: str) -> Dict[str, Any]:
     """Field metadata: a predicate on the (type-checked) value and the words for the error."""
     return {"check": check, "allowed": allowed}

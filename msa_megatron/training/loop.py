@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from . import msa_adapter
 from .checkpoint import CheckpointError, CheckpointManager, prepare_writer_queue, shutdown_writer_queue
-from .config import Config, ConfigError, validate
+from .config import Config, ConfigError, UsageError, validate
 from .data import build_datasets, ensure_dataset_helpers, make_loader, resolve_sources, samples_needed
 from .hooks import MSASchedule
 from .logging import RunLogger, format_summary, setup_python_logging, summarize
@@ -29,6 +29,7 @@ from .model import build_model, count_parameters, make_transformer_config, padde
 from .numerics import NonFiniteError, bad_msa_layers, check_step, inject_nan_grad
 from .optim import BACKBONE_KEY, build_optimizer, build_scheduler, current_lr, param_groups
 from .preemption import PreemptionFlag
+from .rundir import RunDirLock
 
 log = logging.getLogger("msa_megatron.training")
 
@@ -48,6 +49,7 @@ class Trainer:
     def __init__(self, cfg: Config, config_yaml: str = ""):
         self.cfg = cfg
         self.config_yaml = config_yaml
+        self.lock = RunDirLock(cfg.run_dir)
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -65,6 +67,10 @@ class Trainer:
         self.device = init_distributed(ParallelLayout(p.tp, p.pp, p.cp, p.ep, p.sp), seed=cfg.train.seed)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         setup_python_logging(self.rank, cfg.logging.level)
+        # one owner per run directory, before anything in it is written or swept
+        self._agree(lambda: self.lock.acquire() if self.rank == 0 else None)
+        if self.lock.stale:
+            log.warning("run_dir %s: took over a stale lock (%s, no longer running)", cfg.run_dir, self.lock.stale)
         os.makedirs(cfg.run_dir, exist_ok=True)
         if self.rank == 0 and self.config_yaml:
             with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
@@ -239,7 +245,7 @@ class Trainer:
         try:
             fn()
         except ConfigError as e:
-            error = ("config", e.path, e.value, e.allowed, type(e).__name__)
+            error = ("config", e.path, e.value, e.allowed, isinstance(e, UsageError))
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
             error = ("other", f"{type(e).__name__}: {e}")
             local = e
@@ -251,7 +257,7 @@ class Trainer:
         if error is not None and error[0] == "other":
             raise local
         if first[0] == "config":
-            raise (CheckpointError if first[4] == "CheckpointError" else ConfigError)(*first[1:4])
+            raise (UsageError if first[4] else ConfigError)(*first[1:4])
         raise RuntimeError(f"another rank failed during set-up: {first[1]}")
 
     def _outcome(self, fn) -> Optional[str]:
@@ -553,6 +559,7 @@ def run(cfg: Config, config_yaml: str = "") -> int:
             pass
         shutdown_writer_queue()
         shutdown_distributed()
+        trainer.lock.release()
 
 
 __all__ = ["Trainer", "run"]
