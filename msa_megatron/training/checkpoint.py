@@ -19,8 +19,9 @@ checkpoint is opened by torch: the distributed checkpoint's ``.metadata`` and sh
 objects are pickles, which run code when loaded. The manifest detects damage (a torn
 copy, a full disk, bit rot), not malice: whoever can write a checkpoint can write its
 manifest, so load only checkpoints you trust. When the newest checkpoint of a run fails
-its check or its load, the run says so in one line, sets it aside as ``damaged-step_N``
-and resumes from the newest older complete one (``checkpoint.fallback=false`` refuses).
+its check or its load, the run says so in one line and resumes from the newest older
+complete one, which then sets the failed one aside as ``damaged-step_N``
+(``checkpoint.fallback=false`` refuses).
 
 Contents: model (sharded tensors), distributed-optimizer state in Megatron's
 'fully_reshardable' format (resharding across TP/PP/DP; see OPTIM_FORMAT), the LR scheduler, the train state (step,
@@ -372,6 +373,7 @@ class CheckpointManager:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.root = Path(cfg.run_dir) / "checkpoints"
+        self._rejected: List[Tuple[Path, str]] = []
         if _rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in list(self.root.glob(".tmp-*")) + list(self.root.glob(".trash-*")):
@@ -432,24 +434,40 @@ class CheckpointManager:
         return verify_checkpoint(path) if self.cfg.checkpoint.verify else None
 
     def reject(self, path: Path, problem: str) -> None:
-        """The newest checkpoint cannot be used: one line, then set it aside (fallback) or stop."""
+        """The newest usable-looking checkpoint cannot be used: one line, then look further
+        (fallback) or stop. Nothing is moved until an older one has loaded (:meth:`commit`):
+        a failure that every checkpoint shares leaves the directory as it was."""
         if not self.cfg.checkpoint.fallback:
             raise CheckpointError("checkpoint (resume)", path, f"{problem}; checkpoint.fallback=false: not falling "
                                   "back to an older checkpoint (move it away, or set checkpoint.fallback=true)")
         if _rank() == 0:
-            log.error("checkpoint %s: %s; falling back to the newest older complete checkpoint (this one is kept "
-                      "as %s%s)", path, problem, DAMAGED_PREFIX, path.name)
-            if path.is_dir():
-                aside = self.root / f"{DAMAGED_PREFIX}{path.name}"
-                shutil.rmtree(aside, ignore_errors=True)
-                os.rename(path, aside)
-                _fsync_dir(self.root)
+            log.error("checkpoint %s: %s; trying the newest older complete checkpoint", path, problem)
+        self._rejected.append((path, problem))
+
+    def commit(self, used: Path) -> None:
+        """``used`` has loaded: keep rejected newer checkpoints aside as ``damaged-step_N``
+        (for inspection; never resumed again) and point `latest` at ``used``."""
+        if not self._rejected:
+            return
+        if _rank() == 0:
+            moved = []
+            for path, _problem in self._rejected:
+                if path.is_dir():
+                    aside = self.root / f"{DAMAGED_PREFIX}{path.name}"
+                    shutil.rmtree(aside, ignore_errors=True)
+                    os.rename(path, aside)
+                    moved.append(aside.name)
+            _write_atomic(self.root / LATEST, used.name + "\n")
+            log.warning("resumed from the older checkpoint %s%s", used.name,
+                        f"; set aside: {', '.join(moved)}" if moved else "")
+        self._rejected = []
         _barrier()
 
     def resume_source(self) -> Tuple[str, Optional[Path]]:
         """('resume', path) | ('load', path) | ('init', path) | ('fresh', None); the path
-        has passed :meth:`check`. A damaged newest checkpoint of this run is set aside
-        (:meth:`reject`); a damaged ``load``/``init_from`` is one CheckpointError."""
+        has passed :meth:`check`. A newest checkpoint of this run that fails it is named in
+        one line and the next older one tried (:meth:`reject`); a damaged
+        ``load``/``init_from`` is one CheckpointError."""
         ck = self.cfg.checkpoint
         own = self.candidates()
         if own:
@@ -457,19 +475,17 @@ class CheckpointManager:
                 raise ConfigError("checkpoint.resume", "never",
                                   f"auto: {self.cfg.run_dir} already holds checkpoints (newest {own[0][0].name}); "
                                   "use a new run_dir to start fresh")
-            rejected = False
+            rejected = {p for p, _ in self._rejected}
             for path, problem in own:
+                if path in rejected:
+                    continue
                 problem = problem or self.check(path)
                 if problem is None:
-                    if rejected and _rank() == 0:
-                        _write_atomic(self.root / LATEST, path.name + "\n")
-                    _barrier()
                     return "resume", path
                 self.reject(path, problem)
-                rejected = True
             raise CheckpointError("checkpoint (resume)", self.root,
-                                  "no usable checkpoint left (every one failed its check, see above); "
-                                  "start a new run_dir, or checkpoint.load= a checkpoint you trust")
+                                  "no usable checkpoint (each one failed, see above); nothing was changed: start a new "
+                                  "run_dir, or checkpoint.load= a checkpoint you trust")
         for kind, field, value in (("load", "checkpoint.load", ck.load), ("init", "checkpoint.init_from", ck.init_from)):
             if value:
                 path = resolve_checkpoint(value, field)

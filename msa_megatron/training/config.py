@@ -307,7 +307,8 @@ class CheckpointConfig:
     save_on_sigterm: bool = True
     #: auto: continue from <run_dir>/checkpoints/latest if present; never: start fresh
     #: (refused if the run directory already holds checkpoints).
-    resume: str = _f("auto", *_one_of("auto", "never"))
+    #: last: with run_dir unset, continue the newest runs/<model>-<attention>-* run.
+    resume: str = _f("auto", *_one_of("auto", "never", "last"))
     #: Resume the full training state from another checkpoint (a step dir, or a
     #: checkpoints dir with a `latest` marker) when the run directory has none.
     load: Optional[str] = None
@@ -329,7 +330,8 @@ class CheckpointConfig:
 # --------------------------------------------------------------------------- root
 @dataclass
 class Config:
-    run_dir: str = "runs/default"
+    #: null: a new runs/<model>-<attention>-<timestamp> (chosen by rank 0 at start-up).
+    run_dir: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

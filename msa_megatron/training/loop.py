@@ -29,7 +29,7 @@ from .model import build_model, count_parameters, make_transformer_config, padde
 from .numerics import NonFiniteError, bad_msa_layers, check_step, inject_nan_grad
 from .optim import BACKBONE_KEY, build_optimizer, build_scheduler, current_lr, param_groups
 from .preemption import PreemptionFlag
-from .rundir import RunDirLock
+from .rundir import LR_FIELDS, RunDirLock, config_changes, new_run_dir
 
 log = logging.getLogger("msa_megatron.training")
 
@@ -46,10 +46,11 @@ def _moe_track_names(cfg: Config) -> List[str]:
 class Trainer:
     """One training run. ``run()`` returns the process exit code."""
 
-    def __init__(self, cfg: Config, config_yaml: str = ""):
+    def __init__(self, cfg: Config, config_yaml: str = "", run_suffix: str = ""):
         self.cfg = cfg
         self.config_yaml = config_yaml
-        self.lock = RunDirLock(cfg.run_dir)
+        self.run_suffix = run_suffix
+        self.lock = RunDirLock(cfg.run_dir or ".")
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -67,14 +68,25 @@ class Trainer:
         self.device = init_distributed(ParallelLayout(p.tp, p.pp, p.cp, p.ep, p.sp), seed=cfg.train.seed)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         setup_python_logging(self.rank, cfg.logging.level)
+        if cfg.run_dir is None:  # a new directory (or checkpoint.resume=last), chosen once by rank 0
+            box: Dict[str, Any] = {}
+            self._agree(lambda: box.update(d=choose_run_dir(cfg, self.run_suffix)) if self.rank == 0 else None)
+            cfg.run_dir = self._broadcast_obj(box.get("d"))
+            self.lock = RunDirLock(cfg.run_dir)
+        if self.config_yaml:
+            self.config_yaml = _with_run_dir(self.config_yaml, cfg.run_dir)
         # one owner per run directory, before anything in it is written or swept
         self._agree(lambda: self.lock.acquire() if self.rank == 0 else None)
         if self.lock.stale:
             log.warning("run_dir %s: took over a stale lock (%s, no longer running)", cfg.run_dir, self.lock.stale)
         os.makedirs(cfg.run_dir, exist_ok=True)
+        self.ckpt = CheckpointManager(cfg)
+        # a resumed run must be the run its checkpoints came from: compare before writing anything
+        box = {}
+        self._agree(lambda: box.update(c=self._resume_changes()) if self.rank == 0 else None)
+        self.changes: Dict[str, Any] = self._broadcast_obj(box.get("c", {}))
         if self.rank == 0 and self.config_yaml:
-            with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
-                f.write(self.config_yaml)
+            _write_text(os.path.join(cfg.run_dir, "config.yaml"), self.config_yaml)
 
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
@@ -92,8 +104,11 @@ class Trainer:
         # ---- model, optimizer, scheduler
         self.tf_config = make_transformer_config(cfg)
         self.model = build_model(cfg, self.tf_config, self.sources.vocab_size)
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.scheduler = build_scheduler(cfg, self.optimizer)
+        # resumed with a changed learning rate / schedule: build as saved (Megatron keys the
+        # optimizer's param groups by lr), load, then apply the new values (_apply_changes)
+        saved_cfg = _with_saved(cfg, self.changes, LR_FIELDS + ("train.steps", "train.tokens"))
+        self.optimizer = build_optimizer(saved_cfg, self.model)
+        self.scheduler = build_scheduler(saved_cfg, self.optimizer)
         self.tf_config.grad_scale_func = self.optimizer.scale_loss
         self.tf_config.finalize_model_grads_func = finalize_model_grads
         self.tf_config.no_sync_func = self.model[0].no_sync
@@ -102,7 +117,6 @@ class Trainer:
         self.params = count_parameters(cfg, self.model)
 
         # ---- state: resume / load / init / fresh
-        self.ckpt = CheckpointManager(cfg)
         self.state: Dict[str, Any] = {"consumed_train_samples": 0, "tokens": 0, "skipped_steps": 0, "wandb_id": None}
         self.start_step = 0
         while True:  # a resume whose load fails falls back to the next older checkpoint
@@ -115,6 +129,8 @@ class Trainer:
                 path, self.model, self.optimizer, self.scheduler, load_optimizer=load_opt)))
             if failure is None:
                 saved = box["saved"]
+                if kind == "resume":
+                    self.ckpt.commit(path)
                 break
             if kind == "load":
                 raise CheckpointError("checkpoint.load", cfg.checkpoint.load, f"{path.name} failed to load: {failure}")
@@ -135,6 +151,7 @@ class Trainer:
             self.resumed_from = "fresh start"
         if kind != "resume":
             self.state["wandb_id"] = None
+        self._apply_changes(kind)
 
         # ---- data
         train_samples, valid_samples = samples_needed(cfg)
@@ -150,6 +167,68 @@ class Trainer:
         self.logger = RunLogger(cfg, self.rank == 0, self.start_step, self.total_steps, self.state["wandb_id"])
         self.state["wandb_id"] = self._broadcast_obj(self.logger.wandb_id)
         self._announce()
+
+    def _resume_changes(self) -> Dict[str, Any]:
+        """Rank 0: {field: (old, new)} that may change on a resume of this run directory;
+        any other difference from its config.yaml is one UsageError listing them all."""
+        import yaml
+
+        cfg = self.cfg
+        if cfg.checkpoint.resume == "never" or not self.ckpt.candidates():
+            return {}
+        path = os.path.join(cfg.run_dir, "config.yaml")
+        if not os.path.isfile(path):
+            log.warning("run_dir %s holds checkpoints but no config.yaml: the configuration is not compared", cfg.run_dir)
+            return {}
+        with open(path) as f:
+            saved = yaml.safe_load(f) or {}
+        current = yaml.safe_load(self.config_yaml) if self.config_yaml else cfg.to_dict()
+        refused, allowed = config_changes(saved, current)
+        if refused:
+            raise UsageError("run_dir", cfg.run_dir,
+                             f"resuming it with a configuration that differs from its config.yaml in {len(refused)} "
+                             f"field(s) that define the run: {'; '.join(refused)}. Resume with the same values, or "
+                             "start a new run (no run_dir) with checkpoint.load=" + os.path.join(cfg.run_dir, "checkpoints")
+                             + " to continue its weights under the new configuration")
+        return allowed
+
+    def _apply_changes(self, kind: str) -> None:
+        """Resumed with allowed changes: say what changed; LR fields go into the restored
+        scheduler (which otherwise continues exactly as saved, also when train.steps grew)."""
+        if not self.changes or kind != "resume":
+            return
+        cfg, sch = self.cfg, self.scheduler
+        listed = ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in self.changes.items() if k != "run_dir")
+        if listed:
+            log.warning("resume: changed %s", listed)
+        lr_changed = [k for k in self.changes if k in LR_FIELDS]
+        if "train.lr" in self.changes:
+            sch.max_lr = cfg.train.lr
+        if "train.min_lr" in self.changes:
+            sch.min_lr = cfg.train.min_lr
+        if "train.lr_warmup_steps" in self.changes or "train.lr_warmup_fraction" in self.changes:
+            sch.lr_warmup_steps = cfg.lr_warmup_steps()
+        if "train.lr_decay_steps" in self.changes:
+            sch.lr_decay_steps = cfg.lr_decay_steps()
+        if "train.lr_decay_style" in self.changes:
+            sch.lr_decay_style = cfg.train.lr_decay_style
+        if "train.lr_wsd_decay_steps" in self.changes:
+            sch.wsd_decay_steps = cfg.train.lr_wsd_decay_steps
+        if "train.lr_wsd_decay_style" in self.changes:
+            sch.lr_wsd_decay_style = cfg.train.lr_wsd_decay_style
+        if "train.weight_decay" in self.changes:
+            sch.start_wd = sch.end_wd = cfg.train.weight_decay
+        for group in param_groups(self.optimizer):  # Megatron's groups carry their own max/min lr
+            for key, name in (("max_lr", "train.lr"), ("min_lr", "train.min_lr")):
+                if name in self.changes and key in group:
+                    old, new = self.changes[name]
+                    group[key] = group[key] * new / old if old else new
+        if lr_changed:
+            sch.step(0)  # the new values take effect at the current step
+        if ("train.steps" in self.changes or "train.tokens" in self.changes) and "train.lr_decay_steps" not in self.changes:
+            log.warning("resume: the LR schedule continues as saved (warmup %d, %s decay over %d steps to min_lr %g, "
+                        "then constant); set train.lr_decay_steps to decay over the new length", sch.lr_warmup_steps,
+                        sch.lr_decay_style, sch.lr_decay_steps, sch.min_lr)
 
     def _setup_assoc_recall(self) -> None:
         """data.assoc_recall: recall examples mixed into training; held-out recall batches."""
@@ -542,11 +621,49 @@ class Trainer:
         return exit_code
 
 
-def run(cfg: Config, config_yaml: str = "") -> int:
+def choose_run_dir(cfg: Config, suffix: str = "") -> str:
+    """run_dir unset: a new runs/<model>-<attention>-<timestamp>[suffix]; with
+    checkpoint.resume=last the newest existing one of that model and attention."""
+    if cfg.checkpoint.resume == "last":
+        import glob
+
+        prefix = os.path.join("runs", f"{cfg.model.name}-{cfg.attention.type}-")
+        runs = sorted(d for d in glob.glob(prefix + "*") if os.path.isfile(os.path.join(d, "checkpoints", "latest")))
+        if not runs:
+            raise UsageError("checkpoint.resume", "last", f"no earlier run with checkpoints matches {prefix}* "
+                             "(relative to this directory); name the run with run_dir=<dir>")
+        return runs[-1]
+    return new_run_dir(cfg.model.name, cfg.attention.type, suffix)
+
+
+def _with_run_dir(config_yaml: str, run_dir: str) -> str:
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.create(config_yaml)
+    conf.run_dir = run_dir
+    return OmegaConf.to_yaml(conf)
+
+
+def _with_saved(cfg: Config, changes: Dict[str, Any], fields) -> Config:
+    """``cfg`` with the saved (old) values of the changed ``train.*`` ``fields``."""
+    import dataclasses
+
+    old = {k.split(".", 1)[1]: o for k, (o, _n) in changes.items() if k in fields and k.startswith("train.")}
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **old)) if old else cfg
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def run(cfg: Config, config_yaml: str = "", run_suffix: str = "") -> int:
     """Set up, train, shut down. Returns the exit code; NonFiniteError propagates."""
     from ..megatron.parallel import shutdown_distributed
 
-    trainer = Trainer(cfg, config_yaml)
+    trainer = Trainer(cfg, config_yaml, run_suffix)
     try:
         trainer.setup()
         return trainer.run()

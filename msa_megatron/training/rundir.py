@@ -1,6 +1,14 @@
 """Run directories: one owner at a time (an advisory lock), fresh directories for new
 runs, and the check that a resumed run is the run its checkpoint came from.
 
+A launch without ``run_dir`` gets a new ``runs/<model>-<attention>-<YYYYmmdd-HHMMSS>``;
+resuming is explicit: ``run_dir=<existing>``. The resumed run's configuration is compared
+with the ``config.yaml`` it was started with: fields that define the run (model, data,
+sequence length, batch, parallel sizes, the MSA schedule...) must match, or the launch
+is one error listing the differences before anything is written; the fields of
+:data:`RESUME_MAY_CHANGE` (length, learning rate, intervals, logging...) may change and
+are applied deliberately (the log lists them; the LR schedule continues, see loop.py).
+
 Lock: ``<run_dir>/.lock`` holds ``host pid start-time`` of the process (global rank 0)
 that owns the directory, under ``fcntl.flock``. The kernel drops the flock when that
 process dies however it dies, so a lock file nobody holds is stale: it is taken over and
@@ -15,7 +23,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .config import UsageError
 
@@ -86,4 +94,61 @@ def holder_of(run_dir: str) -> Tuple[bool, str]:
         os.close(fd)
 
 
-__all__ = ["LOCK_NAME", "RunDirLock", "holder_of"]
+#: Dotted config paths (or their prefixes) that may differ from the run's config.yaml when
+#: it is resumed; any other difference is refused.
+RESUME_MAY_CHANGE = (
+    "run_dir", "train.steps", "train.tokens", "train.lr", "train.min_lr", "train.lr_warmup_steps",
+    "train.lr_warmup_fraction", "train.lr_decay_style", "train.lr_decay_steps", "train.lr_wsd_decay_steps",
+    "train.lr_wsd_decay_style", "train.weight_decay", "train.clip_grad", "train.eval_interval", "train.eval_iters",
+    "train.nan_policy", "train.max_consecutive_skips", "train.debug", "logging", "checkpoint", "data.num_workers",
+    "attention.msa.recall_interval", "attention.recall_sweep", "parallel.overlap_grad_reduce",
+    "parallel.overlap_param_gather",
+)
+#: Allowed changes that the LR scheduler takes (the rest act by themselves).
+LR_FIELDS = ("train.lr", "train.min_lr", "train.lr_warmup_steps", "train.lr_warmup_fraction", "train.lr_decay_style",
+             "train.lr_decay_steps", "train.lr_wsd_decay_steps", "train.lr_wsd_decay_style", "train.weight_decay")
+
+
+def new_run_dir(model: str, attention: str, suffix: str = "", root: str = "runs") -> str:
+    """``runs/<model>-<attention>-<timestamp><suffix>``, never an existing directory."""
+    base = os.path.join(root, f"{model}-{attention}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}")
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _may_change(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE)
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Tuple[List[str], Dict[str, Tuple[Any, Any]]]:
+    """(refused differences as 'key old -> new' lines, allowed {key: (old, new)})."""
+    a, b = flatten(saved), flatten(current)
+    refused: List[str] = []
+    allowed: Dict[str, Tuple[Any, Any]] = {}
+    for key in sorted(set(a) | set(b)):
+        old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if old == new:
+            continue
+        if _may_change(key):
+            allowed[key] = (old, new)
+        else:
+            refused.append(f"{key} {old!r} -> {new!r}")
+    return refused, allowed
+
+
+__all__ = ["LOCK_NAME", "LR_FIELDS", "RESUME_MAY_CHANGE", "RunDirLock", "config_changes", "flatten", "holder_of",
+           "new_run_dir"]

@@ -85,15 +85,20 @@ def test_latest_naming_a_missing_step_and_damage_fall_back_to_the_older_checkpoi
     (ck / "latest").write_text("step_00000006\n")  # the step directory is gone
     mgr = CheckpointManager(cfg_of(f"run_dir={run}"))
     assert mgr.resume_source() == ("resume", ck / "step_00000004")
-    assert (ck / "latest").read_text().strip() == "step_00000004"  # re-pointed at what was used
+    mgr.commit(ck / "step_00000004")  # it loaded: `latest` re-pointed at what was used
+    assert (ck / "latest").read_text().strip() == "step_00000004"
 
     (ck / "step_00000004" / "__0_0.distcp").write_bytes(b"\x02" * 4096)  # same size, other bytes
     assert mgr.resume_source() == ("resume", ck / "step_00000002")
+    assert (ck / "step_00000004").is_dir()  # nothing moves before the older one has loaded
+    mgr.commit(ck / "step_00000002")
     assert (ck / "damaged-step_00000004").is_dir() and not (ck / "step_00000004").exists()
+    assert (ck / "latest").read_text().strip() == "step_00000002"
 
     (ck / "step_00000002" / "__0_0.distcp").unlink()
-    with pytest.raises(CheckpointError, match=r"no usable checkpoint left"):
-        mgr.resume_source()
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint \(each one failed, see above\); nothing was changed"):
+        CheckpointManager(cfg_of(f"run_dir={run}")).resume_source()
+    assert (ck / "step_00000002").is_dir()
 
 
 def test_fallback_can_be_refused_and_load_paths_are_checked(tmp_path):
@@ -133,7 +138,7 @@ def test_damaged_newest_checkpoint_is_named_and_the_older_one_resumes_bit_exact(
         f.write(os.urandom(4096))
     again = server.run(run, common + ["train.steps=4"], world=1)
     assert again.ok(), again.logs[-4000:]
-    line = [ln for ln in again.logs.splitlines() if "step_00000004" in ln and "falling back" in ln]
+    line = [ln for ln in again.logs.splitlines() if "step_00000004" in ln and "trying the newest older complete checkpoint" in ln]
     assert len(line) == 1 and "does not match its sha256" in line[0], again.logs[-4000:]
     steps = again.steps()
     assert sorted(steps) == [1, 2, 3, 4]
@@ -145,7 +150,8 @@ def test_damaged_newest_checkpoint_is_named_and_the_older_one_resumes_bit_exact(
     third = server.run(run, common + ["train.steps=4"], world=1)
     assert third.ok(), third.logs[-4000:]
     assert not sentinel.exists()
-    assert any("step_00000004: .metadata" in ln and "falling back" in ln for ln in third.logs.splitlines())
+    assert (ck / "damaged-step_00000004").is_dir() and (ck / "latest").read_text().strip() == "step_00000004"
+    assert any("step_00000004: .metadata" in ln and "trying the newest older complete checkpoint" in ln for ln in third.logs.splitlines())
 
 
 def test_msa_convert_load_is_checked_before_reading(tmp_path, capsys):
