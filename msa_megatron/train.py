@@ -4,7 +4,9 @@
 
 Composes configs/ (at the repository root; $MSA_CONFIG_DIR overrides), checks it into the
 typed schema (one clear error per bad value, before anything heavy is imported), prints
-the resolved config on rank 0 and hands over to :mod:`msa_megatron.training.loop`.
+the command-line overrides on rank 0 (the resolved config goes to <run_dir>/config.yaml;
+logging.print_config=true prints it) and hands over to :mod:`msa_megatron.training.loop`.
+Errors are one line per node (see _fail); ``msa-train -m`` runs every job of a sweep.
 Hydra neither changes directory nor writes files of its own.
 """
 
@@ -106,6 +108,16 @@ def _task(cfg) -> None:
         print(f"msa-train: multirun job {job} exit code {code}", file=sys.stderr, flush=True)
 
 
+def _overrides() -> list:
+    """The command-line overrides of this job (what differs from the defaults)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - not under hydra
+        return []
+
+
 def _run_job(cfg, multirun: bool, job: int) -> int:
     from omegaconf import OmegaConf
 
@@ -128,8 +140,11 @@ def _run_job(cfg, multirun: bool, job: int) -> int:
     except ConfigError as e:
         _fail(str(e), EXIT_CONFIG_ERROR)
     yaml_text = OmegaConf.to_yaml(OmegaConf.create(resolved))
-    if _rank0():
-        print("resolved configuration:\n" + yaml_text, flush=True)
+    if _rank0():  # the whole configuration goes to <run_dir>/config.yaml; the console shows the overrides
+        if config.logging.print_config:
+            print("resolved configuration:\n" + yaml_text, flush=True)
+        else:
+            print("msa-train " + (" ".join(_overrides()) or "(all defaults)"), flush=True)
 
     from .training.loop import run
     from .training.numerics import NonFiniteError

@@ -118,6 +118,24 @@ def resolve_checkpoint(path: str, field: str = "checkpoint.load") -> Path:
     return p
 
 
+def disk_full(error: BaseException, path: Path) -> Optional[str]:
+    """'no space left on the device of <path>: N bytes free' if ``error`` is a full disk, else
+    None. torch's writer reports it as 'inline_container.cc:... unexpected pos' (no errno),
+    so that message counts when the device is (nearly) full."""
+    import errno
+
+    text = f"{type(error).__name__}: {error}"
+    try:
+        usage = shutil.disk_usage(path if path.exists() else path.parent)
+    except OSError:
+        return None
+    nearly_full = usage.free < max(64 << 20, usage.total // 1000)
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left" in text \
+            or ("unexpected pos" in text and nearly_full):
+        return f"no space left on the device of {path}: {usage.free:,} bytes free"
+    return None
+
+
 # --------------------------------------------------------------------------- manifest
 def _files_of(path: Path) -> List[str]:
     """Every regular file under a checkpoint directory (relative, sorted), less the manifest."""
@@ -497,6 +515,24 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, model_chunks, optimizer, scheduler, train_state: Dict[str, Any]) -> Path:
+        """Save atomically; a full disk is one UsageError naming the directory and the bytes
+        free (the previous checkpoint stays intact)."""
+        try:
+            return self._save(step, model_chunks, optimizer, scheduler, train_state)
+        except UsageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - classified, re-raised unchanged unless the disk is full
+            problem = disk_full(e, self.root)
+            if problem is None:
+                raise
+            if _rank() == 0:
+                shutil.rmtree(self.root / f".tmp-{step_dir_name(step)}", ignore_errors=True)
+            latest = self.latest()
+            raise UsageError("run_dir", self.cfg.run_dir, f"{problem} while saving checkpoint step {step} (not saved; "
+                             f"{'the previous one, ' + latest.name + ', is intact' if latest else 'no earlier checkpoint'});"
+                             " free space or use a run_dir on another disk") from None
+
+    def _save(self, step: int, model_chunks, optimizer, scheduler, train_state: Dict[str, Any]) -> Path:
         from megatron.core import dist_checkpointing
 
         final = self.root / step_dir_name(step)

@@ -268,6 +268,8 @@ class TrainConfig:
     #: What a non-finite loss or gradient does: stop (exit 1, last good checkpoint kept)
     #: or skip (drop the update, continue; stop after max_consecutive_skips).
     nan_policy: str = _f("stop", *_one_of("stop", "skip"))
+    #: Refuse to start without a CUDA GPU (set by the GPU presets, e.g. train=gpu).
+    requires_gpu: bool = False
     max_consecutive_skips: int = _f(5, *_POS)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
@@ -291,8 +293,12 @@ class LoggingConfig:
     progress_bar: bool = True
     jsonl: bool = True
     per_layer: bool = True
-    #: Peak dense TFLOP/s of one device for MFU; null: known GPUs from a table, CPU measured.
+    #: Peak dense TFLOP/s of one device for MFU; null: known GPUs from a table; on CPU no
+    #: MFU unless set (a measured CPU peak on a shared machine gave MFUs over 100%).
     peak_tflops: Optional[float] = _f(None, *_POSF)
+    #: Print the whole resolved configuration at start (it is always in <run_dir>/config.yaml;
+    #: by default the console shows the command-line overrides only).
+    print_config: bool = False
     level: str = _f("INFO", *_one_of("DEBUG", "INFO", "WARNING", "ERROR"))
     wandb: WandbConfig = field(default_factory=WandbConfig)
 

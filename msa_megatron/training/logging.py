@@ -40,18 +40,63 @@ _CONSOLE = (
 )
 
 
+class _BarAwareHandler(_logging.StreamHandler):
+    """Log records printed above the progress bar (tqdm.write), not through it."""
+
+    def emit(self, record: _logging.LogRecord) -> None:
+        bar = _active_bar
+        if bar is not None and not bar.disable:
+            try:
+                bar.write(self.format(record), file=sys.stderr)
+            except Exception:  # noqa: BLE001 - logging must not raise
+                self.handleError(record)
+        else:
+            super().emit(record)
+
+
+#: The progress bar of the running RunLogger (rank 0), if any.
+_active_bar = None
+
+#: Expected every run on this kind of machine, said once: INFO, not WARNING (message prefix ->
+#: shorter text or None to keep it).
+_DEMOTED = {
+    "MSA: no CUDA device; Megatron-Core runs on CPU": "MSA: no CUDA device: Megatron-Core runs on CPU (gloo) with the "
+                                                       "compatibility layer (logging.level=DEBUG lists the patched calls)",
+    "MSA: registered with Megatron-Core": None,
+    "MSA: Triton kernels cannot run": None,
+}
+
+
+def _demote(rank_level: int):
+    def keep(record: _logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(m in message for m in _KNOWN_NOISE):
+            return False
+        for prefix, short in _DEMOTED.items():
+            if message.startswith(prefix) and record.levelno == _logging.WARNING:
+                if rank_level > _logging.INFO:
+                    return False
+                record.levelno, record.levelname = _logging.INFO, "INFO"
+                if short is not None and rank_level > _logging.DEBUG:
+                    record.msg, record.args = short, ()
+        return True
+    return keep
+
+
 def setup_python_logging(rank: int, level: str) -> None:
-    """Rank 0 logs at ``level``; other ranks only warnings. Megatron's INFO chatter is muted."""
+    """Rank 0 logs at ``level``; other ranks only warnings. Megatron's INFO chatter is muted,
+    lines that every run on a machine prints are INFO (:data:`_DEMOTED`), and records print
+    above the progress bar."""
     root = _logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = _logging.StreamHandler(sys.stderr)
+    handler = _BarAwareHandler(sys.stderr)
     handler.setFormatter(_logging.Formatter(f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level if rank == 0 else "WARNING")
     for noisy in ("megatron.core", "megatron"):
         _logging.getLogger(noisy).setLevel("WARNING")
-    handler.addFilter(lambda record: not any(m in record.getMessage() for m in _KNOWN_NOISE))
+    handler.addFilter(_demote(root.level))
 
 
 #: Megatron-Core start-up messages that are expected here and say nothing actionable.
@@ -122,14 +167,29 @@ class RunLogger:
             else:
                 self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                                  disable=None, file=sys.stderr)
+                global _active_bar
+                _active_bar = self._bar
 
     # ------------------------------------------------------------------ sinks
     def _truncate_jsonl(self, start_step: int) -> None:
+        """Keep the records up to the resumed step; a torn line (a run killed mid-write, a
+        full disk) is dropped with a warning instead of blocking every resume."""
         if not self.jsonl_path.exists():
             return
-        lines = self.jsonl_path.read_text().splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
-        if len(kept) != len([ln for ln in lines if ln.strip()]):
+        text = self.jsonl_path.read_text(errors="replace")
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        kept, torn = [], 0
+        for ln in lines:
+            try:
+                record = json.loads(ln)
+            except json.JSONDecodeError:
+                torn += 1
+                continue
+            if record.get("step", 0) <= start_step:
+                kept.append(ln)
+        if torn:
+            log.warning("%s: dropped %d unreadable (torn) line%s", self.jsonl_path, torn, "s" if torn > 1 else "")
+        if len(kept) != len(lines) or (text and not text.endswith("\n")):
             tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(ln + "\n" for ln in kept))
             os.replace(tmp, self.jsonl_path)
@@ -159,8 +219,8 @@ class RunLogger:
             self._write(message)
 
     def _write(self, message: str) -> None:
-        if self._bar is not None and not self._bar.disable:
-            self._bar.write(message, file=sys.stdout)
+        if self._bar is not None and not self._bar.disable:  # above the bar, on the bar's stream
+            self._bar.write(message, file=sys.stderr)
         else:
             print(message, flush=True)
 
@@ -176,7 +236,7 @@ class RunLogger:
             return
         record = {"step": step, **{k: _clean(v) for k, v in scalars.items()}}
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps(record) + "\n")
+            self._append(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in scalars.items() if v is not None}, step=step)
         self._write(self._console_line(step, scalars))
@@ -186,10 +246,23 @@ class RunLogger:
         if not self.active:
             return
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps({"step": step, "event": kind, "message": message}) + "\n")
+            self._append(json.dumps({"step": step, "event": kind, "message": message}) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.summary[f"event/{kind}"] = f"step {step}: {message}"
         self._write(f"[{kind}] step {step}: {message}")
+
+    def _append(self, line: str) -> None:
+        """One metrics.jsonl line; a full disk is one error naming the directory."""
+        try:
+            self._jsonl.write(line)
+        except OSError as e:
+            from .checkpoint import disk_full
+            from .config import UsageError
+
+            problem = disk_full(e, self.run_dir)
+            if problem is None:
+                raise
+            raise UsageError("run_dir", str(self.run_dir), f"{problem} while writing metrics.jsonl") from None
 
     def _console_line(self, step: int, s: Dict[str, Any]) -> str:
         parts = [f"step {step}/{self.total}"]
@@ -208,6 +281,8 @@ class RunLogger:
         if not self.active:
             return
         if self._bar is not None:
+            global _active_bar
+            _active_bar = None
             self._bar.close()
         if self._jsonl is not None:
             self._jsonl.close()
@@ -219,7 +294,15 @@ class RunLogger:
 
 
 def read_jsonl(path: Path) -> list:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """Records of a metrics.jsonl; torn lines are skipped."""
+    out = []
+    for ln in Path(path).read_text(errors="replace").splitlines():
+        if ln.strip():
+            try:
+                out.append(json.loads(ln))
+            except json.JSONDecodeError:
+                continue
+    return out
 
 
 def summarize(path: Path) -> Dict[str, Any]:

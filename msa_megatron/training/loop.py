@@ -63,6 +63,12 @@ class Trainer:
         cfg = self.cfg
         world = int(os.environ.get("WORLD_SIZE", "1"))
         validate(cfg, world)
+        if cfg.train.requires_gpu and not torch.cuda.is_available():
+            raise ConfigError("train.requires_gpu", True,
+                              "false on a machine without a CUDA GPU (torch.cuda.is_available() is False): this preset "
+                              "(train=gpu) is sized for one GPU; use train=cpu, or train.requires_gpu=false to run it "
+                              "on the CPU anyway")
+        setup_python_logging(int(os.environ.get("RANK", "0")), cfg.logging.level)  # before the CPU-compat notice
         prepare_writer_queue()
         p = cfg.parallel
         self.device = init_distributed(ParallelLayout(p.tp, p.pp, p.cp, p.ep, p.sp), seed=cfg.train.seed)
@@ -380,10 +386,19 @@ class Trainer:
             lg.info(f"msa          block {s.msa.block_size} x top-{s.msa.topk} = {s.msa.budget_tokens} of {cfg.train.seq_length} "
                     f"tokens; {warm}"
                     + (f"; indexer-only steps 1-{s.indexer_only_steps}" if s.indexer_only_steps else ""))
+        if self.schedule.msa is not None and self.schedule.msa.budget_tokens >= cfg.train.seq_length:
+            log.warning("attention.msa: block %d x top-%d = %d tokens >= train.seq_length %d: every query selects every "
+                        "key, so MSA computes dense attention here (raise train.seq_length or lower attention.msa.topk)",
+                        self.schedule.msa.block_size, self.schedule.msa.topk, self.schedule.msa.budget_tokens,
+                        cfg.train.seq_length)
+        lg.info(f"config       {os.path.abspath(os.path.join(cfg.run_dir, 'config.yaml'))}")
         lg.info(f"parallel     world {self.world}: tp {p.tp} pp {p.pp} cp {p.cp} ep {p.ep} sp {p.sp} dp {self.dp_size}; "
                 f"{self.num_microbatches} x {cfg.train.micro_batch_size} sequences per step and rank")
         lg.info(f"data         {self.sources.description}; {cfg.tokens_per_step()} tokens/step; helpers {self.helpers or 'ok'}")
-        lg.info(f"mfu peak     {self.peak / 1e12:.3f} TFLOP/s per device ({self.peak_source})")
+        if self.peak == self.peak:
+            lg.info(f"mfu peak     {self.peak / 1e12:.3f} TFLOP/s per device ({self.peak_source})")
+        else:
+            lg.info(f"mfu          off ({self.peak_source})")
 
     # ------------------------------------------------------------------ step pieces
     def _forward_step(self, data_iterator: Iterator, model):
@@ -552,7 +567,8 @@ class Trainer:
             if (ckpt_every and step % ckpt_every == 0) or preempted:
                 self.save(step)
             if preempted:
-                self.logger.event(step, "preempted", f"SIGTERM received: checkpoint saved at step {step}, exiting")
+                self.logger.event(step, "preempted", f"{self.preempt.name} received: checkpoint saved at step {step}, "
+                                  "exiting")
                 exit_code = EXIT_PREEMPTED
                 break
         else:

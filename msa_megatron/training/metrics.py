@@ -78,7 +78,7 @@ def peak_flops_per_device(cfg: Config) -> Tuple[float, str]:
                 peak = tf32 if cfg.train.precision == "fp32" else half
                 return peak * 1e12, f"{name} datasheet ({'tf32' if cfg.train.precision == 'fp32' else 'bf16/fp16'})"
         return float("nan"), f"unknown GPU {name!r}: set logging.peak_tflops"
-    return measure_cpu_gemm_flops(), "measured CPU fp32 GEMM"
+    return float("nan"), "no MFU on CPU: set logging.peak_tflops to report one"
 
 
 def measure_cpu_gemm_flops(sizes=(256, 512), seconds: float = 0.4) -> float:
@@ -136,7 +136,8 @@ class Throughput:
         achieved = self.flops / self.seconds
         out = {"tokens_per_s": tokens / self.seconds, "step_time_s": self.seconds / self.steps,
                "tflops_per_device": achieved / self.world / 1e12}
-        out["mfu"] = achieved / (self.peak * self.world) if self.peak == self.peak and self.peak > 0 else float("nan")
+        if self.peak == self.peak and self.peak > 0:  # no peak (CPU, unknown GPU): no MFU at all
+            out["mfu"] = achieved / (self.peak * self.world)
         return out
 
 

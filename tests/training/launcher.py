@@ -70,7 +70,7 @@ class RunServer:
 
     def run(self, run_dir: Path, overrides: List[str], world: int = 2, timeout: float = 240,
             sigterm_after_records: Optional[int] = None, env: Optional[Dict[str, str]] = None,
-            cwd: Optional[Path] = None) -> RunResult:
+            cwd: Optional[Path] = None, signal_name: str = "SIGTERM") -> RunResult:
         """One run. ``run_dir=None``: the trainer picks a new directory under ``cwd``/runs (as
         ``msa-train`` without run_dir); logs then go to ``cwd``, the result names the new directory."""
         explicit = [f"run_dir={run_dir}"] if run_dir is not None else []
@@ -81,7 +81,7 @@ class RunServer:
                 (log_dir / f"rank{r}.log").unlink(missing_ok=True)
         request = {"run_dir": str(log_dir), "overrides": explicit + list(overrides), "world": world,
                    "timeout": timeout, "sigterm_after_records": sigterm_after_records, "port": _free_port(),
-                   "env": env or {}, "cwd": str(cwd) if cwd else None}
+                   "env": env or {}, "cwd": str(cwd) if cwd else None, "signal": signal_name}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -184,7 +184,7 @@ def _serve_one(request: dict) -> dict:
         if n and not signalled and jsonl.exists() and len(jsonl.read_text().splitlines()) >= n:
             for pid in pids:
                 if pid not in codes:
-                    os.kill(pid, signal.SIGTERM)
+                    os.kill(pid, getattr(signal, request.get("signal", "SIGTERM")))
             signalled = True
         if time.time() - t0 > request["timeout"]:
             timed_out = True

@@ -42,7 +42,8 @@ def test_torchrun_tp2_sigterm_saves_then_resumes(server, tmp_path, cache_dir):
         if proc.poll() is None:
             proc.kill()
     output = (tmp_path / "torchrun.log").read_text()
-    assert "resolved configuration:" in output and "tp: 2" in output
+    assert "msa-train " in output and "parallel=tp2" in output and "resolved configuration:" not in output
+    assert "tp: 2" in (run / "config.yaml").read_text()
     events = [line for line in jsonl.read_text().splitlines() if '"preempted"' in line]
     assert len(events) == 1, output[-5000:]
     step = int(events[0].split('"step": ')[1].split(",")[0])
