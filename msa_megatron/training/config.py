@@ -292,7 +292,12 @@ class LoggingConfig:
     log_interval: int = _f(1, *_POS)
     progress_bar: bool = True
     jsonl: bool = True
-    per_layer: bool = True
+    #: Per-layer MSA panels (indexer_kl/layer_i, ...): opt-in, dozens of panels on large models.
+    per_layer: bool = False
+    #: TensorBoard event files in <run_dir>/tensorboard (torch.utils.tensorboard; needs `tensorboard`).
+    tensorboard: bool = True
+    #: PNG plots (loss, KL, recall, entropy) in <run_dir>/plots at the end of every run.
+    plots: bool = True
     #: Peak dense TFLOP/s of one device for MFU; null: known GPUs from a table; on CPU no
     #: MFU unless set (a measured CPU peak on a shared machine gave MFUs over 100%).
     peak_tflops: Optional[float] = _f(None, *_POSF)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from .config import Config
+from .metrics import public_scalars
 
 log = _logging.getLogger("msa_megatron.training")
 
@@ -159,6 +160,16 @@ class RunLogger:
         else:
             self._jsonl = None
         self._start_wandb()
+        self._tb = None
+        if cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard, or "
+                            "logging.tensorboard=false)")
+            else:  # purge_step: a resumed run drops the interrupted run's events past the checkpoint
+                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
+                                         purge_step=start_step + 1 if start_step else None)
         if cfg.logging.progress_bar:
             try:
                 from tqdm import tqdm
@@ -237,8 +248,12 @@ class RunLogger:
         record = {"step": step, **{k: _clean(v) for k, v in scalars.items()}}
         if self._jsonl is not None:
             self._append(json.dumps(record) + "\n")
+        public = public_scalars(scalars)
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in scalars.items() if v is not None}, step=step)
+            self.wandb_run.log(public, step=step)
+        if self._tb is not None:
+            for name, value in public.items():
+                self._tb.add_scalar(name, value, step)
         self._write(self._console_line(step, scalars))
 
     def event(self, step: int, kind: str, message: str) -> None:
@@ -286,6 +301,8 @@ class RunLogger:
             self._bar.close()
         if self._jsonl is not None:
             self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
         if self.wandb_run is not None:
             if summary:
                 for k, v in summary.items():
@@ -343,4 +360,47 @@ def format_summary(summary: Dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["RunLogger", "format_duration", "format_summary", "read_jsonl", "setup_python_logging", "summarize"]
+#: The panels of :func:`write_plots`: file name -> (title, [(metrics.jsonl key, label)]).
+PLOTS = {
+    "loss.png": ("LM loss", [("lm_loss", "train"), ("val_lm_loss", "held-out")]),
+    "kl.png": ("indexer KL", [("indexer_kl", "train"), ("val/indexer_kl", "held-out")]),
+    "recall.png": ("selection recall", [("recall", "train (sampled)"), ("val/recall", "held-out")]),
+    "entropy.png": ("attention entropy", [("index_entropy", "index"), ("main_entropy", "main")]),
+}
+
+
+def write_plots(jsonl_path: Path, out_dir: Path) -> list:
+    """PNG plots of a run's metrics.jsonl (the panels of :data:`PLOTS` that have data; the
+    switch to sparse attention is a dashed line). Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    records = [r for r in read_jsonl(jsonl_path) if "event" not in r]
+    modes = [(r["step"], r.get("attention_mode")) for r in records if r.get("attention_mode")]
+    switch = next((s for (s, m), (_, prev) in zip(modes[1:], modes[:-1]) if m != prev), None)
+    written = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, (title, series) in PLOTS.items():
+        lines = [(label, [(r["step"], r[key]) for r in records if r.get(key) is not None]) for key, label in series]
+        lines = [(label, pts) for label, pts in lines if pts]
+        if not lines:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for label, pts in lines:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None, label=label)
+        if switch is not None:
+            ax.axvline(switch, color="grey", linestyle="--", linewidth=1, label=f"sparse from step {switch}")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        written.append(out_dir / name)
+    return written
+
+
+__all__ = ["PLOTS", "write_plots", "RunLogger", "format_duration", "format_summary", "read_jsonl", "setup_python_logging", "summarize"]

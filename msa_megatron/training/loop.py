@@ -614,6 +614,22 @@ class Trainer:
         s["mem_kind"] = what
         return s
 
+    def _plots(self) -> None:
+        """PNG plots of the run (rank 0, the end of every run); a failure is one warning."""
+        try:
+            from .logging import write_plots
+
+            files = write_plots(self.logger.jsonl_path, os.path.join(self.cfg.run_dir, "plots"))
+        except ImportError as e:
+            log.warning("no plots: %s (pip install matplotlib, or logging.plots=false)", e)
+            return
+        except Exception as e:  # noqa: BLE001 - the run is done; plots must not fail it
+            log.warning("no plots: %s: %s", type(e).__name__, e)
+            return
+        if files:
+            where = os.path.abspath(os.path.dirname(files[0]))
+            print(f"plots: {where}/ ({', '.join(os.path.basename(f) for f in files)})", flush=True)
+
     def save(self, step: int) -> None:
         self.ckpt.save(step, self.model, self.optimizer, self.scheduler, dict(self.state))
 
@@ -630,7 +646,11 @@ class Trainer:
         if self.rank == 0 and summary:
             print(format_summary(summary), flush=True)
             print(f"logs: {os.path.abspath(self.logger.jsonl_path)}"
-                  + (f" | wandb: {self.logger.wandb_dir}" if self.logger.wandb_dir else ""), flush=True)
+                  + (f" | wandb: {self.logger.wandb_dir}" if self.logger.wandb_dir else "")
+                  + (f" | tensorboard: {os.path.abspath(os.path.join(self.cfg.run_dir, 'tensorboard'))}"
+                     if self.logger._tb is not None else ""), flush=True)
+            if self.cfg.logging.plots:
+                self._plots()
         self.preempt.restore()
         if exit_code == EXIT_NONFINITE:
             raise NonFiniteError(f"training stopped on a non-finite value at step {step} (see {self.logger.jsonl_path})")

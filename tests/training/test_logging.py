@@ -86,3 +86,32 @@ def test_throughput_and_mfu_arithmetic():
     unknown_peak = Throughput(cfg, 10**6, 1, float("nan"))  # CPU, or an unlisted GPU, without logging.peak_tflops
     unknown_peak.add(1.0, "dense")
     assert "mfu" not in unknown_peak.scalars() and "tokens_per_s" in unknown_peak.scalars()
+
+
+def test_tensorboard_uses_megatron_names_and_plots_are_drawn(tmp_path, capsys):
+    """Issue 18.10: one vocabulary with Megatron-LM (lm loss, learning-rate, grad-norm,
+    throughput, msa/...) in the shared sinks; a TensorBoard sink; PNG plots at the end."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from msa_megatron.training.logging import write_plots
+    from msa_megatron.training.metrics import public_scalars
+
+    lg = _logger(tmp_path, **{"logging.wandb.enabled": "false"})
+    for step in (1, 2, 3):
+        mode = "msa_warmup" if step < 3 else "msa"
+        lg.log_step(step, {"lm_loss": 3.0 / step, "attention_mode": mode, "lr": 1e-3, "grad_norm": 0.5,
+                           "tflops_per_device": 1.5, "indexer_kl": 0.1 * step, "indexer_kl/layer_1": 0.2,
+                           "recall": 0.5, "index_entropy": 2.0, "main_entropy": 2.5, "val/recall": 0.6})
+    lg.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"lm loss", "learning-rate", "grad-norm", "throughput", "msa/indexer_kl", "msa/indexer_kl/layer_1",
+            "msa/recall", "msa/val/recall", "msa/sparse"} <= tags
+    assert [e.value for e in events.Scalars("msa/sparse")] == [0.0, 0.0, 1.0]
+    assert public_scalars({"val_lm_loss": 2.0, "mem_kind": "cpu_rss", "mfu": float("nan")}) == {"lm loss validation": 2.0}
+
+    files = write_plots(tmp_path / "metrics.jsonl", tmp_path / "plots")
+    assert [f.name for f in files] == ["loss.png", "kl.png", "recall.png", "entropy.png"]
+    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
