@@ -355,7 +355,7 @@ def format_summary(summary: Dict[str, Any]) -> str:
             rows.append(f"  {label:<18} {s['first']:.4f} (step {s['first_step']}){mid} -> {s['last']:.4f} (step {s['last_step']})")
     if "attention_mode" in summary:
         m = summary["attention_mode"]
-        where = f"first logged at step {m['switched_at_steps'][0]}" if m["switched_at_steps"] else "no switch"
+        where = f"from step {m['switched_at_steps'][0]}" if m["switched_at_steps"] else "no switch"
         rows.append(f"  attention mode     {m['first']} -> {m['last']} ({where})")
     return "\n".join(rows)
 

@@ -555,7 +555,8 @@ class Trainer:
                 time.sleep(cfg.train.debug.step_sleep_s)
 
             is_eval = eval_every > 0 and (step % eval_every == 0 or step == self.total_steps)
-            if step % log_every == 0 or is_eval or step in (self.start_step + 1, self.total_steps):
+            switch = self.schedule.msa is not None and step == self.schedule.warmup_steps + 1  # first sparse step
+            if step % log_every == 0 or is_eval or switch or step in (self.start_step + 1, self.total_steps):
                 scalars = self._interval_scalars(out, interval_losses, interval_norms, steps_since_log)
                 if is_eval:
                     scalars.update(self.evaluate())

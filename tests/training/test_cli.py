@@ -4,6 +4,7 @@ scheduler would), then resumed from the checkpoint it saved."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -43,7 +44,7 @@ def test_torchrun_tp2_sigterm_saves_then_resumes(server, tmp_path, cache_dir):
             proc.kill()
     output = (tmp_path / "torchrun.log").read_text()
     assert "msa-train " in output and "parallel=tp2" in output and "resolved configuration:" not in output
-    assert "tp: 2" in (run / "config.yaml").read_text()
+    assert "tp: 2" in (run / "config.yaml").read_text() and "sp True" in output  # parallel=tp2 is TP=2 + SP
     events = [line for line in jsonl.read_text().splitlines() if '"preempted"' in line]
     assert len(events) == 1, output[-5000:]
     step = int(events[0].split('"step": ')[1].split(",")[0])
@@ -90,6 +91,8 @@ def test_multirun_runs_every_job_in_its_own_run_dir_and_fails_if_one_failed(tmp_
     assert runs[1].startswith("tiny-swa-") and runs[1].endswith("-job1")
     for name in runs:
         assert (tmp_path / "runs" / name / "checkpoints" / "step_00000001" / "manifest.json").is_file()
+    swa = json.loads((tmp_path / "runs" / runs[1] / "metrics.jsonl").read_text().splitlines()[0])
+    assert swa["attention_mode"] == "swa"  # was logged as "dense"
 
     r = subprocess.run([sys.executable, "-m", "msa_megatron.train", "-m", "train.steps=1,0", f"run_dir={tmp_path / 'sw'}",
                         *small[:1], *small[2:]], cwd=tmp_path, env=_env(cache_dir), capture_output=True, text=True,

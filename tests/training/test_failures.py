@@ -5,6 +5,7 @@ sequence, MFU on CPU, and the per-run notices that are INFO, not WARNING."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 from pathlib import Path
@@ -42,9 +43,12 @@ def test_second_ctrl_c_aborts():
 @pytest.mark.slow
 def test_torn_metrics_line_resumes_and_ctrl_c_saves(server, tmp_path):
     run = tmp_path / "run"
-    first = server.run(run, QUIET + SHORT + ["train.steps=2", "checkpoint.interval=1", "logging.peak_tflops=null"],
-                       world=1)
+    first = server.run(run, QUIET + SHORT + ["train.steps=4", "checkpoint.interval=1", "logging.peak_tflops=null",
+                                             "logging.log_interval=3"], world=1)
     assert first.ok(), first.logs[-3000:]
+    # the switch to sparse (after warmup step 1) is logged at step 2, not at the next log interval
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["attention_mode"]["switched_at_steps"] == [2] and "msa_warmup -> msa (from step 2)" in first.logs
     # MSA budget = whole sequence: said once; no MFU on CPU unless asked; per-run notices are INFO
     assert "block 16 x top-4 = 64 tokens >= train.seq_length 64: every query selects every key" in first.logs
     assert all("mfu" not in r for r in first.steps().values()) and "mfu          off (no MFU on CPU" in first.logs
@@ -57,7 +61,7 @@ def test_torn_metrics_line_resumes_and_ctrl_c_saves(server, tmp_path):
         f.write('{"step": 3, "lm_lo')
     # issue 18.8: the torn line blocked every resume (JSONDecodeError); Ctrl-C gave tracebacks, no save
     resumed = server.run(run, QUIET + SHORT + ["train.steps=400", "checkpoint.interval=0", "train.debug.step_sleep_s=0.2"],
-                         world=1, sigterm_after_records=4, signal_name="SIGINT")
+                         world=1, sigterm_after_records=7, signal_name="SIGINT")
     assert resumed.ok(), resumed.logs[-3000:]
     assert "dropped 1 unreadable (torn) line" in resumed.logs
     events = [r for r in resumed.records() if r.get("event") == "preempted"]

@@ -56,7 +56,7 @@ def test_summary_reports_start_switch_and_end(tmp_path):
     assert "before_switch" not in s["recall"]  # its first value is already the last before the switch
     text = format_summary(s)
     assert "indexer KL         1.0000 (step 1) -> 0.2000 (step 2) -> 0.3000 (step 3)" in text
-    assert "msa_warmup -> msa (first logged at step 3)" in text
+    assert "msa_warmup -> msa (from step 3)" in text
 
 
 def test_attention_flops_follow_eq12_per_mode():
