@@ -292,7 +292,8 @@ class LoggingConfig:
     log_interval: int = _f(1, *_POS)
     progress_bar: bool = True
     jsonl: bool = True
-    #: Per-layer MSA panels (indexer_kl/layer_i, ...): opt-in, dozens of panels on large models.
+    #: Per-layer MSA panels (msa/indexer_kl/layer_i, ...) in wandb / TensorBoard: opt-in, dozens
+    #: of panels on large models. metrics.jsonl always holds them.
     per_layer: bool = False
     #: TensorBoard event files in <run_dir>/tensorboard (torch.utils.tensorboard; needs `tensorboard`).
     tensorboard: bool = True

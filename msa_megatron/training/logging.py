@@ -249,6 +249,8 @@ class RunLogger:
         if self._jsonl is not None:
             self._append(json.dumps(record) + "\n")
         public = public_scalars(scalars)
+        if not self.cfg.logging.per_layer:  # per-layer panels are opt-in; metrics.jsonl keeps them
+            public = {k: v for k, v in public.items() if "/layer_" not in k}
         if self.wandb_run is not None:
             self.wandb_run.log(public, step=step)
         if self._tb is not None:

@@ -601,10 +601,7 @@ class Trainer:
         backbone_lrs = [g["lr"] for g in param_groups(self.optimizer) if g.get(BACKBONE_KEY)]
         if backbone_lrs:
             s["lr_backbone"] = float(backbone_lrs[0])
-        msa = msa_adapter.collect_metrics(reset=True)
-        if not self.cfg.logging.per_layer:
-            msa = {k: v for k, v in msa.items() if "/layer_" not in k}
-        s.update(msa)
+        s.update(msa_adapter.collect_metrics(reset=True))  # per layer too: the sinks choose (logging.per_layer)
         s.update(self._moe_scalars(steps))
         s.update(self.throughput.scalars())
         self.throughput.reset()

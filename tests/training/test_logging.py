@@ -97,7 +97,7 @@ def test_tensorboard_uses_megatron_names_and_plots_are_drawn(tmp_path, capsys):
     from msa_megatron.training.logging import write_plots
     from msa_megatron.training.metrics import public_scalars
 
-    lg = _logger(tmp_path, **{"logging.wandb.enabled": "false"})
+    lg = _logger(tmp_path, **{"logging.wandb.enabled": "false", "logging.per_layer": "true"})
     for step in (1, 2, 3):
         mode = "msa_warmup" if step < 3 else "msa"
         lg.log_step(step, {"lm_loss": 3.0 / step, "attention_mode": mode, "lr": 1e-3, "grad_norm": 0.5,
@@ -111,6 +111,15 @@ def test_tensorboard_uses_megatron_names_and_plots_are_drawn(tmp_path, capsys):
             "msa/recall", "msa/val/recall", "msa/sparse"} <= tags
     assert [e.value for e in events.Scalars("msa/sparse")] == [0.0, 0.0, 1.0]
     assert public_scalars({"val_lm_loss": 2.0, "mem_kind": "cpu_rss", "mfu": float("nan")}) == {"lm loss validation": 2.0}
+
+    (tmp_path / "default").mkdir()
+    quiet = _logger(tmp_path / "default", **{"logging.wandb.enabled": "false"})  # per-layer panels are opt-in
+    quiet.log_step(1, {"lm_loss": 1.0, "indexer_kl": 0.1, "indexer_kl/layer_1": 0.2})
+    quiet.close()
+    default = EventAccumulator(str(tmp_path / "default" / "tensorboard"))
+    default.Reload()
+    assert set(default.Tags()["scalars"]) == {"lm loss", "msa/indexer_kl"}
+    assert read_jsonl(tmp_path / "default" / "metrics.jsonl")[0]["indexer_kl/layer_1"] == 0.2  # the file keeps them
 
     files = write_plots(tmp_path / "metrics.jsonl", tmp_path / "plots")
     assert [f.name for f in files] == ["loss.png", "kl.png", "recall.png", "entropy.png"]
