@@ -29,7 +29,7 @@ from .model import build_model, count_parameters, make_transformer_config, padde
 from .numerics import NonFiniteError, bad_msa_layers, check_step, inject_nan_grad
 from .optim import BACKBONE_KEY, build_optimizer, build_scheduler, current_lr, param_groups
 from .preemption import PreemptionFlag
-from .rundir import LR_FIELDS, RunDirLock, config_changes, new_run_dir
+from .rundir import LR_FIELDS, RunDirLock, config_changes, flatten, new_run_dir
 
 log = logging.getLogger("msa_megatron.training")
 
@@ -189,7 +189,7 @@ class Trainer:
         with open(path) as f:
             saved = yaml.safe_load(f) or {}
         current = yaml.safe_load(self.config_yaml) if self.config_yaml else cfg.to_dict()
-        refused, allowed = config_changes(saved, current)
+        refused, allowed = config_changes(saved, current, flatten(Config().to_dict()))
         if refused:
             raise UsageError("run_dir", cfg.run_dir,
                              f"resuming it with a configuration that differs from its config.yaml in {len(refused)} "

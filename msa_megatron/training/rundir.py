@@ -102,7 +102,7 @@ RESUME_MAY_CHANGE = (
     "train.lr_wsd_decay_style", "train.weight_decay", "train.clip_grad", "train.eval_interval", "train.eval_iters",
     "train.nan_policy", "train.max_consecutive_skips", "train.debug", "logging", "checkpoint", "data.num_workers",
     "attention.msa.recall_interval", "attention.recall_sweep", "parallel.overlap_grad_reduce",
-    "parallel.overlap_param_gather",
+    "parallel.overlap_param_gather", "train.requires_gpu",
 )
 #: Allowed changes that the LR scheduler takes (the rest act by themselves).
 LR_FIELDS = ("train.lr", "train.min_lr", "train.lr_warmup_steps", "train.lr_warmup_fraction", "train.lr_decay_style",
@@ -134,14 +134,18 @@ def _may_change(key: str) -> bool:
     return any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE)
 
 
-def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Tuple[List[str], Dict[str, Tuple[Any, Any]]]:
-    """(refused differences as 'key old -> new' lines, allowed {key: (old, new)})."""
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
+                   defaults: Optional[Mapping[str, Any]] = None) -> Tuple[List[str], Dict[str, Tuple[Any, Any]]]:
+    """(refused differences as 'key old -> new' lines, allowed {key: (old, new)}). A field
+    missing from the saved config (added to the schema since) counts as unchanged when the
+    current value is its default (``defaults``: flattened)."""
     a, b = flatten(saved), flatten(current)
+    defaults = defaults or {}
     refused: List[str] = []
     allowed: Dict[str, Tuple[Any, Any]] = {}
     for key in sorted(set(a) | set(b)):
         old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
-        if old == new:
+        if old == new or (key not in a and key in defaults and defaults[key] == new):
             continue
         if _may_change(key):
             allowed[key] = (old, new)

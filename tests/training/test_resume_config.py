@@ -5,6 +5,7 @@ error before anything is written; allowed changes are applied, the LR schedule c
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import yaml
@@ -13,7 +14,6 @@ from msa_megatron.training.rundir import config_changes
 
 from .conftest import QUIET
 
-pytestmark = pytest.mark.slow
 
 SMALL = QUIET + ["attention=dense", "train.seq_length=64", "train.global_batch_size=2", "train.micro_batch_size=2",
                  "checkpoint.interval=0"]
@@ -30,6 +30,34 @@ def test_config_changes_split_refused_and_allowed():
                        "train.steps": (4, 8)}
 
 
+def test_a_field_added_to_the_schema_since_the_run_started_is_no_change():
+    saved = {"train": {"steps": 4}}
+    current = {"train": {"steps": 4, "new_knob": 0, "other": 1}}
+    refused, allowed = config_changes(saved, current, {"train.new_knob": 0, "train.other": 0})
+    assert refused == ["train.other '<absent>' -> 1"] and allowed == {}
+
+
+def test_resume_last_picks_the_newest_run_of_this_model_and_attention(tmp_path, monkeypatch):
+    from msa_megatron.training.config import UsageError
+    from msa_megatron.training.loop import choose_run_dir
+
+    from .test_config import cfg_of
+
+    monkeypatch.chdir(tmp_path)
+    cfg = cfg_of("checkpoint.resume=last", "attention=dense")
+    with pytest.raises(UsageError, match=r"^checkpoint\.resume=last: no earlier run with checkpoints matches "
+                                         r"runs/tiny-dense-\*"):
+        choose_run_dir(cfg)
+    for name in ("tiny-dense-20260101-000000", "tiny-dense-20260102-000000", "tiny-msa-20260103-000000"):
+        (tmp_path / "runs" / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / "runs" / name / "checkpoints" / "latest").write_text("step_00000001\n")
+    (tmp_path / "runs" / "tiny-dense-20260104-000000").mkdir()  # no checkpoint: not resumable
+    assert choose_run_dir(cfg) == "runs/tiny-dense-20260102-000000"
+    fresh = choose_run_dir(cfg_of("attention=dense"), "-job3")
+    assert fresh.startswith("runs/tiny-dense-2") and fresh.endswith("-job3") and not os.path.exists(fresh)
+
+
+@pytest.mark.slow
 def test_new_dirs_by_default_refused_changes_and_a_continuing_lr_schedule(server, tmp_path):
     # two launches without run_dir: two runs (the second trained, not "nothing to do")
     first = server.run(None, SMALL + ["train.steps=4"], world=1, cwd=tmp_path)
