@@ -124,3 +124,36 @@ def test_tensorboard_uses_megatron_names_and_plots_are_drawn(tmp_path, capsys):
     files = write_plots(tmp_path / "metrics.jsonl", tmp_path / "plots")
     assert [f.name for f in files] == ["loss.png", "kl.png", "recall.png", "entropy.png"]
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
+
+
+def test_log_records_go_above_the_progress_bar_and_cpu_notices_are_info(monkeypatch):
+    """Log lines and the tqdm bar shared stderr and overwrote each other; the per-run
+    CPU-compatibility notice was a WARNING listing 33 patched calls on every rank."""
+    from msa_megatron.training import logging as run_logging
+
+    class Bar:
+        disable = False
+        lines = []
+
+        def write(self, text, file=None):
+            self.lines.append(text)
+
+    bar = Bar()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        run_logging.setup_python_logging(0, "INFO")
+        monkeypatch.setattr(run_logging, "_active_bar", bar)
+        logging.getLogger("msa_megatron.compat").warning(
+            "MSA: no CUDA device; Megatron-Core runs on CPU (gloo) with the compatibility layer (x): %s", "a, b, c")
+        assert len(bar.lines) == 1 and " INFO msa_megatron.compat: MSA: no CUDA device: Megatron-Core runs on CPU" \
+            in bar.lines[0] and "a, b, c" not in bar.lines[0]
+        run_logging.setup_python_logging(1, "INFO")  # other ranks: warnings only, so not at all
+        logging.getLogger("msa_megatron.compat").warning("MSA: no CUDA device; Megatron-Core runs on CPU ...")
+        assert len(bar.lines) == 1
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
