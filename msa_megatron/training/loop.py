@@ -180,8 +180,10 @@ class Trainer:
         import yaml
 
         cfg = self.cfg
-        if cfg.checkpoint.resume == "never" or not self.ckpt.candidates():
+        if not self.ckpt.candidates():
             return {}
+        if cfg.checkpoint.resume == "never":  # refused before config.yaml is rewritten
+            self.ckpt.resume_source()
         path = os.path.join(cfg.run_dir, "config.yaml")
         if not os.path.isfile(path):
             log.warning("run_dir %s holds checkpoints but no config.yaml: the configuration is not compared", cfg.run_dir)
@@ -205,7 +207,7 @@ class Trainer:
             return
         cfg, sch = self.cfg, self.scheduler
         listed = ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in self.changes.items() if k != "run_dir")
-        if listed:
+        if listed and self.rank == 0:
             log.warning("resume: changed %s", listed)
         lr_changed = [k for k in self.changes if k in LR_FIELDS]
         if "train.lr" in self.changes:
@@ -231,7 +233,8 @@ class Trainer:
                     group[key] = group[key] * new / old if old else new
         if lr_changed:
             sch.step(0)  # the new values take effect at the current step
-        if ("train.steps" in self.changes or "train.tokens" in self.changes) and "train.lr_decay_steps" not in self.changes:
+        if self.rank == 0 and ("train.steps" in self.changes or "train.tokens" in self.changes) \
+                and "train.lr_decay_steps" not in self.changes:
             log.warning("resume: the LR schedule continues as saved (warmup %d, %s decay over %d steps to min_lr %g, "
                         "then constant); set train.lr_decay_steps to decay over the new length", sch.lr_warmup_steps,
                         sch.lr_decay_style, sch.lr_decay_steps, sch.min_lr)
@@ -386,7 +389,7 @@ class Trainer:
             lg.info(f"msa          block {s.msa.block_size} x top-{s.msa.topk} = {s.msa.budget_tokens} of {cfg.train.seq_length} "
                     f"tokens; {warm}"
                     + (f"; indexer-only steps 1-{s.indexer_only_steps}" if s.indexer_only_steps else ""))
-        if self.schedule.msa is not None and self.schedule.msa.budget_tokens >= cfg.train.seq_length:
+        if self.rank == 0 and self.schedule.msa is not None and self.schedule.msa.budget_tokens >= cfg.train.seq_length:
             log.warning("attention.msa: block %d x top-%d = %d tokens >= train.seq_length %d: every query selects every "
                         "key, so MSA computes dense attention here (raise train.seq_length or lower attention.msa.topk)",
                         self.schedule.msa.block_size, self.schedule.msa.topk, self.schedule.msa.budget_tokens,
