@@ -76,6 +76,9 @@ def test_new_dirs_by_default_refused_changes_and_a_continuing_lr_schedule(server
     (line,) = [ln for ln in bad.logs.splitlines() if ln.startswith("msa-train: error:")]
     assert "model.hidden_size 128 -> 64; train.seq_length 64 -> 128" in line and "checkpoint.load=" in line
     assert (run / "config.yaml").read_text() == config and sorted(first.steps()) == [1, 2, 3, 4]
+    never = server.run(run, SMALL + ["train.steps=4", "checkpoint.resume=never", "train.seed=7"], world=1)
+    assert never.codes == [2] and "already holds checkpoints" in never.logs
+    assert (run / "config.yaml").read_text() == config
 
     # extending the finished run: the LR schedule continues at min_lr (cosine ended at step 4)
     longer = server.run(run, SMALL + ["train.steps=6"], world=1)
