@@ -86,7 +86,8 @@ def test_multirun_runs_every_job_in_its_own_run_dir_and_fails_if_one_failed(tmp_
     r = subprocess.run([sys.executable, "-m", "msa_megatron.train", "-m", "attention=dense,swa", *small[1:]],
                        cwd=tmp_path, env=_env(cache_dir), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-4000:]
-    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"]  # nothing of hydra's in the working directory
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir())
     assert len(runs) == 2 and runs[0].startswith("tiny-dense-") and runs[0].endswith("-job0")
     assert runs[1].startswith("tiny-swa-") and runs[1].endswith("-job1")
     for name in runs:
