@@ -36,15 +36,29 @@ class PrepareError(RuntimeError):
     """A bad input or option, reported as one line."""
 
 
-def iter_documents(paths: List[str], json_key: str, text_docs: str) -> Iterator[Tuple[str, str]]:
+def _decode(data: bytes, where: str, errors: str) -> str:
+    """UTF-8 text of ``data``; invalid bytes are one PrepareError (errors=strict) or
+    replaced by U+FFFD with a note naming the file (errors=replace)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if errors != "replace":
+            raise PrepareError(f"{where}: not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                               "convert it to UTF-8, or pass --errors replace to substitute U+FFFD") from None
+        print(f"prepare_data: note: {where}: invalid UTF-8 replaced by U+FFFD (--errors replace)", file=sys.stderr)
+        return data.decode("utf-8", errors="replace")
+
+
+def iter_documents(paths: List[str], json_key: str, text_docs: str, errors: str = "strict") -> Iterator[Tuple[str, str]]:
     """(source, text) for every document of every input, in argument order."""
     for raw in paths:
         path = Path(raw)
         if not path.is_file():
             raise PrepareError(f"--input {raw}: no such file")
         if path.suffix in (".jsonl", ".json"):
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
+            with open(path, "rb") as f:
+                for n, data in enumerate(f, 1):
+                    line = _decode(data, f"{raw}:{n}", errors)
                     if not line.strip():
                         continue
                     try:
@@ -55,7 +69,7 @@ def iter_documents(paths: List[str], json_key: str, text_docs: str) -> Iterator[
                         raise PrepareError(f"{raw}:{n}: no string field {json_key!r} (set --json-key)")
                     yield f"{raw}:{n}", record[json_key]
         else:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = _decode(path.read_bytes(), raw, errors)
             if text_docs == "file":
                 parts = [text]
             elif text_docs == "line":
@@ -88,7 +102,7 @@ def file_tokenizer(path: str, eod_token: Optional[str]) -> Tuple[Callable[[str],
 
 
 def build(inputs: List[str], output_prefix: str, tokenizer: str = "byte", eod_token: Optional[str] = None,
-          json_key: str = "text", text_docs: str = "file") -> dict:
+          json_key: str = "text", text_docs: str = "file", errors: str = "strict") -> dict:
     """Tokenize every document and write the dataset atomically. Returns the metadata."""
     missing = [p for p in inputs if not Path(p).is_file()]
     if missing:
@@ -104,7 +118,7 @@ def build(inputs: List[str], output_prefix: str, tokenizer: str = "byte", eod_to
         tmp = tmp_dir / out.name
         builder = IndexedDatasetBuilder(str(tmp) + ".bin", dtype=dtype)
         docs = tokens = 0
-        for _, text in iter_documents(inputs, json_key, text_docs):
+        for _, text in iter_documents(inputs, json_key, text_docs, errors):
             ids = encode(text)
             ids.append(eod)
             builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
@@ -133,9 +147,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json-key", default="text")
     p.add_argument("--text-docs", choices=("file", "line", "paragraph"), default="file",
                    help="documents of a text file: the whole file, each line, or blank-line-separated paragraphs")
+    p.add_argument("--errors", choices=("strict", "replace"), default="strict",
+                   help="input that is not valid UTF-8: strict (default) stops naming the file and byte; replace "
+                        "substitutes U+FFFD and says so once per file or line")
     a = p.parse_args(argv)
     try:
-        meta = build(a.input, a.output_prefix, a.tokenizer, a.eod_token, a.json_key, a.text_docs)
+        meta = build(a.input, a.output_prefix, a.tokenizer, a.eod_token, a.json_key, a.text_docs, a.errors)
     except PrepareError as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,9 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/setup_env.sh"
 PY=${MSA_VENV:-$ROOT/.venv}/bin/python
-RUN_DIR=${MSA_RUN_DIR:-$ROOT/runs/default-$(date +%Y%m%d-%H%M%S)}
+# msa-train picks a new runs/<model>-<attention>-<timestamp> itself; MSA_RUN_DIR names one
+RUN_ARGS=()
+if [ -n "${MSA_RUN_DIR:-}" ]; then RUN_ARGS=("run_dir=$MSA_RUN_DIR"); fi
 NPROC=${MSA_NPROC:-1}
 export PYTHONUNBUFFERED=1 WANDB_SILENT=true
 cd "$ROOT"
@@ -20,6 +22,6 @@ if [ "$NPROC" -gt 1 ]; then
 else
   LAUNCH=("$PY" -m msa_megatron.train)
 fi
-echo "[default job] ${LAUNCH[*]} run_dir=$RUN_DIR $*"
-"${LAUNCH[@]}" "run_dir=$RUN_DIR" "$@"
-echo "[default job] done: $RUN_DIR (config.yaml, metrics.jsonl, summary.json, checkpoints/, wandb/)"
+echo "[default job] ${LAUNCH[*]} ${RUN_ARGS[*]} $*"
+"${LAUNCH[@]}" "${RUN_ARGS[@]}" "$@"
+echo "[default job] done: the run directory is printed above (config.yaml, metrics.jsonl, summary.json, plots/, checkpoints/, wandb/, tensorboard/)"

@@ -268,6 +268,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     for key in ("model", "msa", "vocab_size", "max_sequence_length"):
         if key not in spec:
             parser.error(f"--config {args.config}: missing key {key!r}")
+    if not os.path.isfile(os.path.join(args.load, "metadata.json")):
+        parser.error(f"--load {args.load}: not a distributed checkpoint directory (no metadata.json)")
+    if os.path.isfile(os.path.join(args.load, "manifest.json")):  # saved by msa-train: check before unpickling
+        from pathlib import Path
+
+        from ..training.checkpoint import verify_checkpoint
+
+        problem = verify_checkpoint(Path(args.load))
+        if problem:
+            parser.error(f"--load {args.load}: {problem}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     init_distributed(ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep))
     try:

@@ -62,13 +62,20 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_s: int = 
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        store = None
+        if world == 1 and "MASTER_PORT" not in os.environ:
+            # one process and no launcher: an in-memory store, no TCP port (two single-process
+            # runs on one machine used to collide on a fixed port 29500)
+            store = dist.HashStore()
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(seconds=timeout_s),
+            store=store,
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

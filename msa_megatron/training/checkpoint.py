@@ -13,6 +13,16 @@ directories are never read and are swept at the next start. Old checkpoints beyo
 ``keep_last`` are renamed to ``.trash-*`` before deletion, so a half-deleted one never
 carries a checkpoint name. A shared filesystem across nodes is assumed (as Megatron-LM).
 
+Integrity: every step directory holds ``manifest.json`` (size and sha256 of each file),
+written inside ``.tmp-step_N`` before the rename, and checked before any file of the
+checkpoint is opened by torch: the distributed checkpoint's ``.metadata`` and shard
+objects are pickles, which run code when loaded. The manifest detects damage (a torn
+copy, a full disk, bit rot), not malice: whoever can write a checkpoint can write its
+manifest, so load only checkpoints you trust. When the newest checkpoint of a run fails
+its check or its load, the run says so in one line and resumes from the newest older
+complete one, which then sets the failed one aside as ``damaged-step_N``
+(``checkpoint.fallback=false`` refuses).
+
 Contents: model (sharded tensors), distributed-optimizer state in Megatron's
 'fully_reshardable' format (resharding across TP/PP/DP; see OPTIM_FORMAT), the LR scheduler, the train state (step,
 consumed samples, tokens, skipped steps, wandb run id) and every rank's RNG states
@@ -22,6 +32,7 @@ restored only when the parallel layout is unchanged; otherwise they are re-seede
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,13 +47,19 @@ import torch
 import torch.distributed as dist
 
 from . import msa_adapter
-from .config import Config, ConfigError
+from .config import Config, ConfigError, UsageError
 from .model import unwrap
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 STEP_PREFIX = "step_"
+MANIFEST = "manifest.json"
+DAMAGED_PREFIX = "damaged-"
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be used: ``<field>=<path>: <what failed>`` (exit code 2)."""
 #: Distributed-optimizer checkpoint format. 'fully_sharded_model_space' raises in
 #: megatron-core 0.19 ("ShardedTensor.flattened_range is not supported"): 'fully_reshardable'
 #: is its replacement (per-parameter canonical state, reshards across TP/PP/DP).
@@ -85,16 +102,122 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """A step directory, or a checkpoints directory whose `latest` names one."""
+def resolve_checkpoint(path: str, field: str = "checkpoint.load") -> Path:
+    """A step directory, or a checkpoints (or run) directory whose `latest` names one.
+    Anything else is one :class:`CheckpointError` naming ``field`` and what is missing."""
     p = Path(path)
-    if (p / LATEST).is_file():
-        p = p / (p / LATEST).read_text().strip()
-    elif (p / "checkpoints" / LATEST).is_file():
-        p = p / "checkpoints" / (p / "checkpoints" / LATEST).read_text().strip()
+    for marker in (p / LATEST, p / "checkpoints" / LATEST):
+        if marker.is_file():
+            p = marker.parent / marker.read_text().strip()
+            break
+    if not p.is_dir():
+        raise CheckpointError(field, path, f"not a checkpoint: {p} does not exist")
     if not (p / "metadata.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no metadata.json in {p})")
+        raise CheckpointError(field, path, f"not a complete checkpoint (no metadata.json in {p}); expected a step "
+                                           "directory, or a checkpoints/ or run directory whose `latest` names one")
     return p
+
+
+def disk_full(error: BaseException, path: Path) -> Optional[str]:
+    """'no space left on the device of <path>: N bytes free' if ``error`` is a full disk, else
+    None. torch's writer reports it as 'inline_container.cc:... unexpected pos' (no errno),
+    so that message counts when the device is (nearly) full."""
+    import errno
+
+    text = f"{type(error).__name__}: {error}"
+    try:
+        usage = shutil.disk_usage(path if path.exists() else path.parent)
+    except OSError:
+        return None
+    nearly_full = usage.free < max(64 << 20, usage.total // 1000)
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left" in text \
+            or ("unexpected pos" in text and nearly_full):
+        return f"no space left on the device of {path}: {usage.free:,} bytes free"
+    return None
+
+
+# --------------------------------------------------------------------------- manifest
+def _files_of(path: Path) -> List[str]:
+    """Every regular file under a checkpoint directory (relative, sorted), less the manifest."""
+    out = []
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), path)
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _describe(path: Path, names: List[str]) -> Dict[str, Dict[str, Any]]:
+    """Size and sha256 of ``names``; with a process group the files are shared out over
+    the ranks (a large checkpoint is hashed in parallel) and every rank gets the union."""
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    mine: Dict[str, Dict[str, Any]] = {}
+    for name in names[rank::world]:
+        f = path / name
+        try:
+            mine[name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+        except OSError as e:
+            mine[name] = {"error": f"{type(e).__name__}: {e.strerror or e}"}
+    if world == 1:
+        return mine
+    parts: List[Any] = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def write_manifest(path: Path) -> None:
+    """manifest.json of a checkpoint directory (collective with a process group; rank 0 writes)."""
+    files = _describe(path, _files_of(path))
+    bad = {k: v["error"] for k, v in files.items() if "error" in v}
+    if bad:
+        raise OSError(f"cannot read back the checkpoint being saved in {path}: {bad}")
+    if _rank() == 0:
+        _write_atomic(path / MANIFEST, json.dumps({"version": 1, "files": files}, indent=0, sort_keys=True))
+
+
+def verify_checkpoint(path: Path) -> Optional[str]:
+    """None if every file of ``path`` matches its manifest, else what does not (one line).
+    Reads only file sizes, bytes and the manifest's JSON: nothing is unpickled. Same answer
+    on every rank (collective with a process group)."""
+    if not path.is_dir():
+        return "the directory does not exist"
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        expected = manifest["files"]
+        if not isinstance(expected, dict):
+            raise ValueError("'files' is not a mapping")
+    except FileNotFoundError:
+        return (f"no {MANIFEST} (not saved by this version of msa-train); "
+                "checkpoint.verify=false loads it unchecked, if you trust it")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} unreadable ({type(e).__name__}: {e})"
+    present = _files_of(path)
+    missing = sorted(set(expected) - set(present))
+    extra = sorted(set(present) - set(expected))
+    if missing:
+        return f"{missing[0]} is missing" + (f" (and {len(missing) - 1} more files)" if len(missing) > 1 else "")
+    if extra:
+        return f"{extra[0]} is not in the manifest" + (f" (and {len(extra) - 1} more files)" if len(extra) > 1 else "")
+    for name in present:  # cheap checks first: a truncated file needs no hashing
+        size = (path / name).stat().st_size
+        if size != expected[name].get("size"):
+            return f"{name} is {size} bytes, the manifest says {expected[name].get('size')} (truncated or overwritten)"
+    got = _describe(path, present)
+    for name in present:
+        if "error" in got[name]:
+            return f"{name} cannot be read ({got[name]['error']})"
+        if got[name]["sha256"] != expected[name].get("sha256"):
+            return f"{name} does not match its sha256 in the manifest (damaged)"
+    return None
 
 
 def layout_signature() -> Dict[str, int]:
@@ -268,6 +391,7 @@ class CheckpointManager:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.root = Path(cfg.run_dir) / "checkpoints"
+        self._rejected: List[Tuple[Path, str]] = []
         if _rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in list(self.root.glob(".tmp-*")) + list(self.root.glob(".trash-*")):
@@ -276,13 +400,18 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ queries
     def latest(self) -> Optional[Path]:
+        """The complete checkpoint `latest` names, else None (no marker, or it names a step
+        directory that is missing or incomplete)."""
+        name = self._latest_name()
+        path = self.root / name if name else None
+        return path if path is not None and (path / "metadata.json").is_file() else None
+
+    def _latest_name(self) -> Optional[str]:
         marker = self.root / LATEST
-        if not marker.is_file():
+        try:
+            return marker.read_text().strip() or None
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        path = self.root / marker.read_text().strip()
-        if not (path / "metadata.json").is_file():
-            raise RuntimeError(f"{marker} names {path.name}, which is not a complete checkpoint")
-        return path
 
     def completed(self) -> List[Tuple[int, Path]]:
         out = []
@@ -293,24 +422,117 @@ class CheckpointManager:
                 continue
         return sorted(out)
 
+    def candidates(self) -> List[Tuple[Path, Optional[str]]]:
+        """This run's checkpoints, most wanted first, each with a known problem or None:
+        the one `latest` names, then older complete step directories, newest first."""
+        out: List[Tuple[Path, Optional[str]]] = []
+        name = self._latest_name()
+        newest = None
+        if name:
+            path = self.root / name
+            if not path.is_dir():
+                out.append((path, f"`latest` names {name}, which does not exist"))
+            elif not (path / "metadata.json").is_file():
+                out.append((path, f"`latest` names {name}, which is incomplete (no metadata.json)"))
+            else:
+                out.append((path, None))
+            try:
+                newest = int(name[len(STEP_PREFIX):])
+            except ValueError:
+                newest = None
+        for step, path in reversed(self.completed()):
+            if any(path == p for p, _ in out) or (newest is not None and step > newest):
+                continue  # a step directory newer than `latest` was never committed
+            if (path / "metadata.json").is_file():
+                out.append((path, None))
+        return out
+
+    def check(self, path: Path) -> Optional[str]:
+        """What is wrong with a checkpoint before it is loaded (None: fine or not checked)."""
+        return verify_checkpoint(path) if self.cfg.checkpoint.verify else None
+
+    def reject(self, path: Path, problem: str) -> None:
+        """The newest usable-looking checkpoint cannot be used: one line, then look further
+        (fallback) or stop. Nothing is moved until an older one has loaded (:meth:`commit`):
+        a failure that every checkpoint shares leaves the directory as it was."""
+        if not self.cfg.checkpoint.fallback:
+            raise CheckpointError("checkpoint (resume)", path, f"{problem}; checkpoint.fallback=false: not falling "
+                                  "back to an older checkpoint (move it away, or set checkpoint.fallback=true)")
+        if _rank() == 0:
+            log.error("checkpoint %s: %s; trying the newest older complete checkpoint", path, problem)
+        self._rejected.append((path, problem))
+
+    def commit(self, used: Path) -> None:
+        """``used`` has loaded: keep rejected newer checkpoints aside as ``damaged-step_N``
+        (for inspection; never resumed again) and point `latest` at ``used``."""
+        if not self._rejected:
+            return
+        if _rank() == 0:
+            moved = []
+            for path, _problem in self._rejected:
+                if path.is_dir():
+                    aside = self.root / f"{DAMAGED_PREFIX}{path.name}"
+                    shutil.rmtree(aside, ignore_errors=True)
+                    os.rename(path, aside)
+                    moved.append(aside.name)
+            _write_atomic(self.root / LATEST, used.name + "\n")
+            log.warning("resumed from the older checkpoint %s%s", used.name,
+                        f"; set aside: {', '.join(moved)}" if moved else "")
+        self._rejected = []
+        _barrier()
+
     def resume_source(self) -> Tuple[str, Optional[Path]]:
-        """('resume', path) | ('load', path) | ('init', path) | ('fresh', None)."""
+        """('resume', path) | ('load', path) | ('init', path) | ('fresh', None); the path
+        has passed :meth:`check`. A newest checkpoint of this run that fails it is named in
+        one line and the next older one tried (:meth:`reject`); a damaged
+        ``load``/``init_from`` is one CheckpointError."""
         ck = self.cfg.checkpoint
-        own = self.latest()
-        if own is not None:
+        own = self.candidates()
+        if own:
             if ck.resume == "never":
                 raise ConfigError("checkpoint.resume", "never",
-                                  f"auto: {self.cfg.run_dir} already holds checkpoints (latest {own.name}); "
+                                  f"auto: {self.cfg.run_dir} already holds checkpoints (newest {own[0][0].name}); "
                                   "use a new run_dir to start fresh")
-            return "resume", own
-        if ck.load:
-            return "load", resolve_checkpoint(ck.load)
-        if ck.init_from:
-            return "init", resolve_checkpoint(ck.init_from)
+            rejected = {p for p, _ in self._rejected}
+            for path, problem in own:
+                if path in rejected:
+                    continue
+                problem = problem or self.check(path)
+                if problem is None:
+                    return "resume", path
+                self.reject(path, problem)
+            raise CheckpointError("checkpoint (resume)", self.root,
+                                  "no usable checkpoint (each one failed, see above); nothing was changed: start a new "
+                                  "run_dir, or checkpoint.load= a checkpoint you trust")
+        for kind, field, value in (("load", "checkpoint.load", ck.load), ("init", "checkpoint.init_from", ck.init_from)):
+            if value:
+                path = resolve_checkpoint(value, field)
+                problem = self.check(path)
+                if problem is not None:
+                    raise CheckpointError(field, value, f"{path.name}: {problem}")
+                return kind, path
         return "fresh", None
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, model_chunks, optimizer, scheduler, train_state: Dict[str, Any]) -> Path:
+        """Save atomically; a full disk is one UsageError naming the directory and the bytes
+        free (the previous checkpoint stays intact)."""
+        try:
+            return self._save(step, model_chunks, optimizer, scheduler, train_state)
+        except UsageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - classified, re-raised unchanged unless the disk is full
+            problem = disk_full(e, self.root)
+            if problem is None:
+                raise
+            if _rank() == 0:
+                shutil.rmtree(self.root / f".tmp-{step_dir_name(step)}", ignore_errors=True)
+            latest = self.latest()
+            raise UsageError("run_dir", self.cfg.run_dir, f"{problem} while saving checkpoint step {step} (not saved; "
+                             f"{'the previous one, ' + latest.name + ', is intact' if latest else 'no earlier checkpoint'});"
+                             " free space or use a run_dir on another disk") from None
+
+    def _save(self, step: int, model_chunks, optimizer, scheduler, train_state: Dict[str, Any]) -> Path:
         from megatron.core import dist_checkpointing
 
         final = self.root / step_dir_name(step)
@@ -333,6 +555,9 @@ class CheckpointManager:
         _barrier()
         if _rank() == 0:
             _write_atomic(tmp / "train_state.json", json.dumps(dict(state, saved_at=time.time()), indent=1, default=str))
+        _barrier()
+        write_manifest(tmp)
+        if _rank() == 0:
             if final.exists():  # a stale, unreferenced directory of the same step
                 trash = self.root / f".trash-{final.name}"
                 os.rename(final, trash)
@@ -416,4 +641,5 @@ class CheckpointManager:
                     raise RuntimeError(f"checkpoint/model mismatch: missing {bad[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
-__all__ = ["CheckpointManager", "LATEST", "layout_signature", "resolve_checkpoint", "step_dir_name"]
+__all__ = ["CheckpointError", "CheckpointManager", "LATEST", "MANIFEST", "layout_signature", "resolve_checkpoint",
+           "step_dir_name", "verify_checkpoint", "write_manifest"]

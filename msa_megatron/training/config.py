@@ -29,6 +29,15 @@ class ConfigError(ValueError):
         super().__init__(f"{path}={value!r} is invalid: allowed values are {allowed}")
 
 
+class UsageError(ConfigError):
+    """A setting that names something unusable (a run directory in use, a damaged
+    checkpoint): ``<field>=<value>: <what is wrong>``; exit code 2 like a ConfigError."""
+
+    def __init__(self, path: str, value: Any, problem: str):
+        self.path, self.value, self.allowed = path, value, problem
+        ValueError.__init__(self, f"{path}={value}: {problem}")
+
+
 def _check(check, allowed: str) -> Dict[str, Any]:
     """Field metadata: a predicate on the (type-checked) value and the words for the error."""
     return {"check": check, "allowed": allowed}
@@ -259,6 +268,8 @@ class TrainConfig:
     #: What a non-finite loss or gradient does: stop (exit 1, last good checkpoint kept)
     #: or skip (drop the update, continue; stop after max_consecutive_skips).
     nan_policy: str = _f("stop", *_one_of("stop", "skip"))
+    #: Refuse to start without a CUDA GPU (set by the GPU presets, e.g. train=gpu).
+    requires_gpu: bool = False
     max_consecutive_skips: int = _f(5, *_POS)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
@@ -281,9 +292,19 @@ class LoggingConfig:
     log_interval: int = _f(1, *_POS)
     progress_bar: bool = True
     jsonl: bool = True
-    per_layer: bool = True
-    #: Peak dense TFLOP/s of one device for MFU; null: known GPUs from a table, CPU measured.
+    #: Per-layer MSA panels (msa/indexer_kl/layer_i, ...) in wandb / TensorBoard: opt-in, dozens
+    #: of panels on large models. metrics.jsonl always holds them.
+    per_layer: bool = False
+    #: TensorBoard event files in <run_dir>/tensorboard (torch.utils.tensorboard; needs `tensorboard`).
+    tensorboard: bool = True
+    #: PNG plots (loss, KL, recall, entropy) in <run_dir>/plots at the end of every run.
+    plots: bool = True
+    #: Peak dense TFLOP/s of one device for MFU; null: known GPUs from a table; on CPU no
+    #: MFU unless set (a measured CPU peak on a shared machine gave MFUs over 100%).
     peak_tflops: Optional[float] = _f(None, *_POSF)
+    #: Print the whole resolved configuration at start (it is always in <run_dir>/config.yaml;
+    #: by default the console shows the command-line overrides only).
+    print_config: bool = False
     level: str = _f("INFO", *_one_of("DEBUG", "INFO", "WARNING", "ERROR"))
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -298,7 +319,8 @@ class CheckpointConfig:
     save_on_sigterm: bool = True
     #: auto: continue from <run_dir>/checkpoints/latest if present; never: start fresh
     #: (refused if the run directory already holds checkpoints).
-    resume: str = _f("auto", *_one_of("auto", "never"))
+    #: last: with run_dir unset, continue the newest runs/<model>-<attention>-* run.
+    resume: str = _f("auto", *_one_of("auto", "never", "last"))
     #: Resume the full training state from another checkpoint (a step dir, or a
     #: checkpoints dir with a `latest` marker) when the run directory has none.
     load: Optional[str] = None
@@ -309,12 +331,19 @@ class CheckpointConfig:
     #: Index branch of a dense checkpoint loaded into an MSA model: mean (from the dense
     #: q/k projections, the backend's init_index_from_dense) | megatron (fresh init_method).
     index_init: str = _f("mean", *_one_of("mean", "megatron"))
+    #: Check every file of a checkpoint against its manifest.json (sizes + sha256) before
+    #: anything in it is read (torch's .metadata is a pickle: see docs/training.md).
+    verify: bool = True
+    #: resume=auto: when the newest checkpoint fails its check or its load, say so in one
+    #: line and resume from the newest older complete one (false: stop with that line).
+    fallback: bool = True
 
 
 # --------------------------------------------------------------------------- root
 @dataclass
 class Config:
-    run_dir: str = "runs/default"
+    #: null: a new runs/<model>-<attention>-<timestamp> (chosen by rank 0 at start-up).
+    run_dir: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

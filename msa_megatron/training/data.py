@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
+import numpy as np
 import torch
 
 from . import corpus
-from .config import Config, ConfigError
+from .config import Config, ConfigError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,61 @@ def ensure_dataset_helpers() -> str:
     return f"compiled into {build_dir}"
 
 
+# --------------------------------------------------------------------------- checks
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+#: Megatron's indexed-dataset dtype codes.
+_IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+               8: np.uint16}
+
+
+def check_indexed(prefix: str, vocab_size: int, field: str, samples: int = 64, chunk: int = 4096) -> int:
+    """Before megatron.core opens a dataset (it fails deep inside, naming no file): the .idx
+    header and arrays parse, the .bin has exactly the size the index describes, and token ids
+    in ``samples`` evenly spaced chunks of the .bin are < ``vocab_size``. Each problem is one
+    UsageError naming ``field`` and the file. Returns the number of tokens."""
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    try:
+        with open(idx, "rb") as f:
+            head = f.read(34)
+            if len(head) < 34 or head[:9] != _IDX_MAGIC:
+                raise UsageError(field, prefix, f"{idx}: not a Megatron indexed-dataset index (bad header)")
+            version, code, n_seq, n_doc = struct.unpack("<QBQQ", head[9:34])
+            if version != 1 or code not in _IDX_DTYPES:
+                raise UsageError(field, prefix, f"{idx}: unsupported index (version {version}, dtype code {code})")
+            want = 34 + 4 * n_seq + 8 * n_seq + 8 * n_doc
+            size = os.path.getsize(idx)
+            if size != want:
+                raise UsageError(field, prefix, f"{idx}: {size} bytes, its header describes {want} "
+                                                f"({n_seq} sequences, {n_doc} documents): truncated or damaged")
+            lengths = np.frombuffer(f.read(4 * n_seq), dtype=np.int32)
+            pointers = np.frombuffer(f.read(8 * n_seq), dtype=np.int64)
+    except OSError as e:
+        raise UsageError(field, prefix, f"{idx}: cannot be read ({e.strerror or e})") from None
+    dtype = np.dtype(_IDX_DTYPES[code])
+    tokens = int(lengths.astype(np.int64).sum())
+    expected = tokens * dtype.itemsize
+    if n_seq and (int(pointers[-1]) + int(lengths[-1]) * dtype.itemsize != expected or (lengths < 0).any()):
+        raise UsageError(field, prefix, f"{idx}: sequence offsets and lengths disagree (damaged index)")
+    try:
+        got = os.path.getsize(bin_)
+    except OSError as e:
+        raise UsageError(field, prefix, f"{bin_}: cannot be read ({e.strerror or e})") from None
+    if got != expected:
+        raise UsageError(field, prefix, f"{bin_}: {got} bytes, the index describes {expected} "
+                                        f"({tokens} tokens of {dtype.name}): truncated, or not the .bin of this .idx")
+    if tokens:
+        data = np.memmap(bin_, dtype=dtype, mode="r")
+        starts = np.linspace(0, max(0, tokens - chunk), num=min(samples, max(1, tokens // chunk))).astype(np.int64)
+        top = max(int(data[s:s + chunk].max()) for s in starts)
+        low = min(int(data[s:s + chunk].min()) for s in starts)
+        del data
+        if top >= vocab_size or low < 0:
+            raise UsageError(field, prefix, f"{bin_}: token id {top if top >= vocab_size else low} is outside the "
+                                            f"vocabulary 0..{vocab_size - 1} (sampled): the dataset was tokenized "
+                                            "for another vocabulary (check data.vocab_size / <prefix>.meta.json)")
+    return tokens
+
+
 # --------------------------------------------------------------------------- sources
 def resolve_sources(cfg: Config) -> DataSources:
     """Dataset prefixes, weights and token ids; builds the corpus cache when needed
@@ -85,6 +142,7 @@ def resolve_sources(cfg: Config) -> DataSources:
     if d.source == "corpus":
         c = d.corpus
         info = corpus.build_corpus(c.cache_dir, c.include_tests, c.min_doc_bytes)
+        check_indexed(info.prefix, info.vocab_size, "data.corpus.cache_dir")
         return DataSources([info.prefix], [1.0], info.vocab_size, info.eod_id,
                            f"embedded corpus: {info.documents} stdlib files, {info.tokens / 1e6:.1f}M byte tokens")
     prefixes = [e.path for e in d.blend]
@@ -102,6 +160,8 @@ def resolve_sources(cfg: Config) -> DataSources:
         if len(set(ids)) != 1:
             raise ConfigError("data.blend", prefixes, f"datasets sharing one tokenizer (found {sorted(set(ids), key=str)})")
         vocab, eod = ids[0][0], ids[0][1]
+    for i, p in enumerate(prefixes):
+        check_indexed(p, vocab, f"data.blend[{i}].path")
     return DataSources(prefixes, weights, vocab, eod,
                        "blend: " + ", ".join(f"{w:g} x {p}" for p, w in zip(prefixes, weights)))
 

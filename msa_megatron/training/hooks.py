@@ -45,8 +45,8 @@ class MSASchedule:
         self._applied: Optional[StepPlan] = None
 
     def plan(self, step: int) -> StepPlan:
-        if self.msa is None:
-            return StepPlan("dense", False, None, False, 1.0)
+        if self.msa is None:  # dense or swa: the attention type is the mode, the whole run
+            return StepPlan(self.cfg.attention.type, False, None, False, 1.0)
         mode = "msa_warmup" if step <= self.warmup_steps else self.final_mode
         interval = self.msa.recall_interval
         recall = interval > 0 and (step % interval == 0 or step == 1) and mode != "dense"  # step 1: the start value

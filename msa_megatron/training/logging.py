@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from .config import Config
+from .metrics import public_scalars
 
 log = _logging.getLogger("msa_megatron.training")
 
@@ -40,18 +41,63 @@ _CONSOLE = (
 )
 
 
+class _BarAwareHandler(_logging.StreamHandler):
+    """Log records printed above the progress bar (tqdm.write), not through it."""
+
+    def emit(self, record: _logging.LogRecord) -> None:
+        bar = _active_bar
+        if bar is not None and not bar.disable:
+            try:
+                bar.write(self.format(record), file=sys.stderr)
+            except Exception:  # noqa: BLE001 - logging must not raise
+                self.handleError(record)
+        else:
+            super().emit(record)
+
+
+#: The progress bar of the running RunLogger (rank 0), if any.
+_active_bar = None
+
+#: Expected every run on this kind of machine, said once: INFO, not WARNING (message prefix ->
+#: shorter text or None to keep it).
+_DEMOTED = {
+    "MSA: no CUDA device; Megatron-Core runs on CPU": "MSA: no CUDA device: Megatron-Core runs on CPU (gloo) with the "
+                                                       "compatibility layer (logging.level=DEBUG lists the patched calls)",
+    "MSA: registered with Megatron-Core": None,
+    "MSA: Triton kernels cannot run": None,
+}
+
+
+def _demote(rank_level: int):
+    def keep(record: _logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(m in message for m in _KNOWN_NOISE):
+            return False
+        for prefix, short in _DEMOTED.items():
+            if message.startswith(prefix) and record.levelno == _logging.WARNING:
+                if rank_level > _logging.INFO:
+                    return False
+                record.levelno, record.levelname = _logging.INFO, "INFO"
+                if short is not None and rank_level > _logging.DEBUG:
+                    record.msg, record.args = short, ()
+        return True
+    return keep
+
+
 def setup_python_logging(rank: int, level: str) -> None:
-    """Rank 0 logs at ``level``; other ranks only warnings. Megatron's INFO chatter is muted."""
+    """Rank 0 logs at ``level``; other ranks only warnings. Megatron's INFO chatter is muted,
+    lines that every run on a machine prints are INFO (:data:`_DEMOTED`), and records print
+    above the progress bar."""
     root = _logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = _logging.StreamHandler(sys.stderr)
+    handler = _BarAwareHandler(sys.stderr)
     handler.setFormatter(_logging.Formatter(f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level if rank == 0 else "WARNING")
     for noisy in ("megatron.core", "megatron"):
         _logging.getLogger(noisy).setLevel("WARNING")
-    handler.addFilter(lambda record: not any(m in record.getMessage() for m in _KNOWN_NOISE))
+    handler.addFilter(_demote(root.level))
 
 
 #: Megatron-Core start-up messages that are expected here and say nothing actionable.
@@ -114,6 +160,16 @@ class RunLogger:
         else:
             self._jsonl = None
         self._start_wandb()
+        self._tb = None
+        if cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard, or "
+                            "logging.tensorboard=false)")
+            else:  # purge_step: a resumed run drops the interrupted run's events past the checkpoint
+                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
+                                         purge_step=start_step + 1 if start_step else None)
         if cfg.logging.progress_bar:
             try:
                 from tqdm import tqdm
@@ -122,14 +178,29 @@ class RunLogger:
             else:
                 self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                                  disable=None, file=sys.stderr)
+                global _active_bar
+                _active_bar = self._bar
 
     # ------------------------------------------------------------------ sinks
     def _truncate_jsonl(self, start_step: int) -> None:
+        """Keep the records up to the resumed step; a torn line (a run killed mid-write, a
+        full disk) is dropped with a warning instead of blocking every resume."""
         if not self.jsonl_path.exists():
             return
-        lines = self.jsonl_path.read_text().splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
-        if len(kept) != len([ln for ln in lines if ln.strip()]):
+        text = self.jsonl_path.read_text(errors="replace")
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        kept, torn = [], 0
+        for ln in lines:
+            try:
+                record = json.loads(ln)
+            except json.JSONDecodeError:
+                torn += 1
+                continue
+            if record.get("step", 0) <= start_step:
+                kept.append(ln)
+        if torn:
+            log.warning("%s: dropped %d unreadable (torn) line%s", self.jsonl_path, torn, "s" if torn > 1 else "")
+        if len(kept) != len(lines) or (text and not text.endswith("\n")):
             tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(ln + "\n" for ln in kept))
             os.replace(tmp, self.jsonl_path)
@@ -159,8 +230,8 @@ class RunLogger:
             self._write(message)
 
     def _write(self, message: str) -> None:
-        if self._bar is not None and not self._bar.disable:
-            self._bar.write(message, file=sys.stdout)
+        if self._bar is not None and not self._bar.disable:  # above the bar, on the bar's stream
+            self._bar.write(message, file=sys.stderr)
         else:
             print(message, flush=True)
 
@@ -176,9 +247,15 @@ class RunLogger:
             return
         record = {"step": step, **{k: _clean(v) for k, v in scalars.items()}}
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps(record) + "\n")
+            self._append(json.dumps(record) + "\n")
+        public = public_scalars(scalars)
+        if not self.cfg.logging.per_layer:  # per-layer panels are opt-in; metrics.jsonl keeps them
+            public = {k: v for k, v in public.items() if "/layer_" not in k}
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in scalars.items() if v is not None}, step=step)
+            self.wandb_run.log(public, step=step)
+        if self._tb is not None:
+            for name, value in public.items():
+                self._tb.add_scalar(name, value, step)
         self._write(self._console_line(step, scalars))
 
     def event(self, step: int, kind: str, message: str) -> None:
@@ -186,10 +263,23 @@ class RunLogger:
         if not self.active:
             return
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps({"step": step, "event": kind, "message": message}) + "\n")
+            self._append(json.dumps({"step": step, "event": kind, "message": message}) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.summary[f"event/{kind}"] = f"step {step}: {message}"
         self._write(f"[{kind}] step {step}: {message}")
+
+    def _append(self, line: str) -> None:
+        """One metrics.jsonl line; a full disk is one error naming the directory."""
+        try:
+            self._jsonl.write(line)
+        except OSError as e:
+            from .checkpoint import disk_full
+            from .config import UsageError
+
+            problem = disk_full(e, self.run_dir)
+            if problem is None:
+                raise
+            raise UsageError("run_dir", str(self.run_dir), f"{problem} while writing metrics.jsonl") from None
 
     def _console_line(self, step: int, s: Dict[str, Any]) -> str:
         parts = [f"step {step}/{self.total}"]
@@ -208,9 +298,13 @@ class RunLogger:
         if not self.active:
             return
         if self._bar is not None:
+            global _active_bar
+            _active_bar = None
             self._bar.close()
         if self._jsonl is not None:
             self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
         if self.wandb_run is not None:
             if summary:
                 for k, v in summary.items():
@@ -219,7 +313,15 @@ class RunLogger:
 
 
 def read_jsonl(path: Path) -> list:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """Records of a metrics.jsonl; torn lines are skipped."""
+    out = []
+    for ln in Path(path).read_text(errors="replace").splitlines():
+        if ln.strip():
+            try:
+                out.append(json.loads(ln))
+            except json.JSONDecodeError:
+                continue
+    return out
 
 
 def summarize(path: Path) -> Dict[str, Any]:
@@ -258,11 +360,54 @@ def format_summary(summary: Dict[str, Any]) -> str:
             rows.append(f"  {label:<18} {s['first']:.4f} (step {s['first_step']}){mid} -> {s['last']:.4f} (step {s['last_step']})")
     if "attention_mode" in summary:
         m = summary["attention_mode"]
-        where = f"first logged at step {m['switched_at_steps'][0]}" if m["switched_at_steps"] else "no switch"
+        where = f"from step {m['switched_at_steps'][0]}" if m["switched_at_steps"] else "no switch"
         rows.append(f"  attention mode     {m['first']} -> {m['last']} ({where})")
     if "peak_mem_gib" in summary:
         rows.append(f"  peak GPU memory    {summary['peak_mem_gib']:.2f} GiB (max allocated)")
     return "\n".join(rows)
 
 
-__all__ = ["RunLogger", "format_duration", "format_summary", "read_jsonl", "setup_python_logging", "summarize"]
+#: The panels of :func:`write_plots`: file name -> (title, [(metrics.jsonl key, label)]).
+PLOTS = {
+    "loss.png": ("LM loss", [("lm_loss", "train"), ("val_lm_loss", "held-out")]),
+    "kl.png": ("indexer KL", [("indexer_kl", "train"), ("val/indexer_kl", "held-out")]),
+    "recall.png": ("selection recall", [("recall", "train (sampled)"), ("val/recall", "held-out")]),
+    "entropy.png": ("attention entropy", [("index_entropy", "index"), ("main_entropy", "main")]),
+}
+
+
+def write_plots(jsonl_path: Path, out_dir: Path) -> list:
+    """PNG plots of a run's metrics.jsonl (the panels of :data:`PLOTS` that have data; the
+    switch to sparse attention is a dashed line). Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    records = [r for r in read_jsonl(jsonl_path) if "event" not in r]
+    modes = [(r["step"], r.get("attention_mode")) for r in records if r.get("attention_mode")]
+    switch = next((s for (s, m), (_, prev) in zip(modes[1:], modes[:-1]) if m != prev), None)
+    written = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, (title, series) in PLOTS.items():
+        lines = [(label, [(r["step"], r[key]) for r in records if r.get(key) is not None]) for key, label in series]
+        lines = [(label, pts) for label, pts in lines if pts]
+        if not lines:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for label, pts in lines:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None, label=label)
+        if switch is not None:
+            ax.axvline(switch, color="grey", linestyle="--", linewidth=1, label=f"sparse from step {switch}")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        written.append(out_dir / name)
+    return written
+
+
+__all__ = ["PLOTS", "write_plots", "RunLogger", "format_duration", "format_summary", "read_jsonl", "setup_python_logging", "summarize"]

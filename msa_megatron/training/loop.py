@@ -13,14 +13,14 @@ import math
 import os
 import time
 from functools import partial
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from . import msa_adapter
-from .checkpoint import CheckpointManager, prepare_writer_queue, shutdown_writer_queue
-from .config import Config, ConfigError, validate
+from .checkpoint import CheckpointError, CheckpointManager, prepare_writer_queue, shutdown_writer_queue
+from .config import Config, ConfigError, UsageError, validate
 from .data import build_datasets, ensure_dataset_helpers, make_loader, resolve_sources, samples_needed
 from .hooks import MSASchedule
 from .logging import RunLogger, format_summary, setup_python_logging, summarize
@@ -29,6 +29,7 @@ from .model import build_model, count_parameters, make_transformer_config, padde
 from .numerics import NonFiniteError, bad_msa_layers, check_step, inject_nan_grad
 from .optim import BACKBONE_KEY, build_optimizer, build_scheduler, current_lr, param_groups
 from .preemption import PreemptionFlag
+from .rundir import LR_FIELDS, RunDirLock, config_changes, flatten, new_run_dir
 
 log = logging.getLogger("msa_megatron.training")
 
@@ -45,9 +46,11 @@ def _moe_track_names(cfg: Config) -> List[str]:
 class Trainer:
     """One training run. ``run()`` returns the process exit code."""
 
-    def __init__(self, cfg: Config, config_yaml: str = ""):
+    def __init__(self, cfg: Config, config_yaml: str = "", run_suffix: str = ""):
         self.cfg = cfg
         self.config_yaml = config_yaml
+        self.run_suffix = run_suffix
+        self.lock = RunDirLock(cfg.run_dir or ".")
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -60,15 +63,36 @@ class Trainer:
         cfg = self.cfg
         world = int(os.environ.get("WORLD_SIZE", "1"))
         validate(cfg, world)
+        if cfg.train.requires_gpu and not torch.cuda.is_available():
+            raise ConfigError("train.requires_gpu", True,
+                              "false on a machine without a CUDA GPU (torch.cuda.is_available() is False): this preset "
+                              "(train=gpu) is sized for one GPU; use train=cpu, or train.requires_gpu=false to run it "
+                              "on the CPU anyway")
+        setup_python_logging(int(os.environ.get("RANK", "0")), cfg.logging.level)  # before the CPU-compat notice
         prepare_writer_queue()
         p = cfg.parallel
         self.device = init_distributed(ParallelLayout(p.tp, p.pp, p.cp, p.ep, p.sp), seed=cfg.train.seed)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         setup_python_logging(self.rank, cfg.logging.level)
+        if cfg.run_dir is None:  # a new directory (or checkpoint.resume=last), chosen once by rank 0
+            box: Dict[str, Any] = {}
+            self._agree(lambda: box.update(d=choose_run_dir(cfg, self.run_suffix)) if self.rank == 0 else None)
+            cfg.run_dir = self._broadcast_obj(box.get("d"))
+            self.lock = RunDirLock(cfg.run_dir)
+        if self.config_yaml:
+            self.config_yaml = _with_run_dir(self.config_yaml, cfg.run_dir)
+        # one owner per run directory, before anything in it is written or swept
+        self._agree(lambda: self.lock.acquire() if self.rank == 0 else None)
+        if self.lock.stale:
+            log.warning("run_dir %s: took over a stale lock (%s, no longer running)", cfg.run_dir, self.lock.stale)
         os.makedirs(cfg.run_dir, exist_ok=True)
+        self.ckpt = CheckpointManager(cfg)
+        # a resumed run must be the run its checkpoints came from: compare before writing anything
+        box = {}
+        self._agree(lambda: box.update(c=self._resume_changes()) if self.rank == 0 else None)
+        self.changes: Dict[str, Any] = self._broadcast_obj(box.get("c", {}))
         if self.rank == 0 and self.config_yaml:
-            with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
-                f.write(self.config_yaml)
+            _write_text(os.path.join(cfg.run_dir, "config.yaml"), self.config_yaml)
 
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
@@ -86,8 +110,11 @@ class Trainer:
         # ---- model, optimizer, scheduler
         self.tf_config = make_transformer_config(cfg)
         self.model = build_model(cfg, self.tf_config, self.sources.vocab_size)
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.scheduler = build_scheduler(cfg, self.optimizer)
+        # resumed with a changed learning rate / schedule: build as saved (Megatron keys the
+        # optimizer's param groups by lr), load, then apply the new values (_apply_changes)
+        saved_cfg = _with_saved(cfg, self.changes, LR_FIELDS + ("train.steps", "train.tokens"))
+        self.optimizer = build_optimizer(saved_cfg, self.model)
+        self.scheduler = build_scheduler(saved_cfg, self.optimizer)
         self.tf_config.grad_scale_func = self.optimizer.scale_loss
         self.tf_config.finalize_model_grads_func = finalize_model_grads
         self.tf_config.no_sync_func = self.model[0].no_sync
@@ -96,13 +123,25 @@ class Trainer:
         self.params = count_parameters(cfg, self.model)
 
         # ---- state: resume / load / init / fresh
-        self.ckpt = CheckpointManager(cfg)
-        kind, path = self.ckpt.resume_source()
         self.state: Dict[str, Any] = {"consumed_train_samples": 0, "tokens": 0, "skipped_steps": 0, "wandb_id": None}
         self.start_step = 0
-        if kind in ("resume", "load"):
+        while True:  # a resume whose load fails falls back to the next older checkpoint
+            kind, path = self.ckpt.resume_source()
+            if kind not in ("resume", "load"):
+                break
             load_opt = kind == "resume" or cfg.checkpoint.load_optimizer
-            saved = self.ckpt.load(path, self.model, self.optimizer, self.scheduler, load_optimizer=load_opt)
+            box: Dict[str, Any] = {}
+            failure = self._outcome(lambda: box.update(saved=self.ckpt.load(
+                path, self.model, self.optimizer, self.scheduler, load_optimizer=load_opt)))
+            if failure is None:
+                saved = box["saved"]
+                if kind == "resume":
+                    self.ckpt.commit(path)
+                break
+            if kind == "load":
+                raise CheckpointError("checkpoint.load", cfg.checkpoint.load, f"{path.name} failed to load: {failure}")
+            self.ckpt.reject(path, f"failed to load: {failure}")
+        if kind in ("resume", "load"):
             if load_opt:
                 self.start_step = int(saved["step"])
                 for key in self.state:
@@ -118,6 +157,7 @@ class Trainer:
             self.resumed_from = "fresh start"
         if kind != "resume":
             self.state["wandb_id"] = None
+        self._apply_changes(kind)
 
         # ---- data
         train_samples, valid_samples = samples_needed(cfg)
@@ -133,6 +173,71 @@ class Trainer:
         self.logger = RunLogger(cfg, self.rank == 0, self.start_step, self.total_steps, self.state["wandb_id"])
         self.state["wandb_id"] = self._broadcast_obj(self.logger.wandb_id)
         self._announce()
+
+    def _resume_changes(self) -> Dict[str, Any]:
+        """Rank 0: {field: (old, new)} that may change on a resume of this run directory;
+        any other difference from its config.yaml is one UsageError listing them all."""
+        import yaml
+
+        cfg = self.cfg
+        if not self.ckpt.candidates():
+            return {}
+        if cfg.checkpoint.resume == "never":  # refused before config.yaml is rewritten
+            self.ckpt.resume_source()
+        path = os.path.join(cfg.run_dir, "config.yaml")
+        if not os.path.isfile(path):
+            log.warning("run_dir %s holds checkpoints but no config.yaml: the configuration is not compared", cfg.run_dir)
+            return {}
+        with open(path) as f:
+            saved = yaml.safe_load(f) or {}
+        current = yaml.safe_load(self.config_yaml) if self.config_yaml else cfg.to_dict()
+        refused, allowed = config_changes(saved, current, flatten(Config().to_dict()))
+        if refused:
+            raise UsageError("run_dir", cfg.run_dir,
+                             f"resuming it with a configuration that differs from its config.yaml in {len(refused)} "
+                             f"field(s) that define the run: {'; '.join(refused)}. Resume with the same values, or "
+                             "start a new run (no run_dir) with checkpoint.load=" + os.path.join(cfg.run_dir, "checkpoints")
+                             + " to continue its weights under the new configuration")
+        return allowed
+
+    def _apply_changes(self, kind: str) -> None:
+        """Resumed with allowed changes: say what changed; LR fields go into the restored
+        scheduler (which otherwise continues exactly as saved, also when train.steps grew)."""
+        if not self.changes or kind != "resume":
+            return
+        cfg, sch = self.cfg, self.scheduler
+        listed = ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in self.changes.items() if k != "run_dir")
+        if listed and self.rank == 0:
+            log.warning("resume: changed %s", listed)
+        lr_changed = [k for k in self.changes if k in LR_FIELDS]
+        if "train.lr" in self.changes:
+            sch.max_lr = cfg.train.lr
+        if "train.min_lr" in self.changes:
+            sch.min_lr = cfg.train.min_lr
+        if "train.lr_warmup_steps" in self.changes or "train.lr_warmup_fraction" in self.changes:
+            sch.lr_warmup_steps = cfg.lr_warmup_steps()
+        if "train.lr_decay_steps" in self.changes:
+            sch.lr_decay_steps = cfg.lr_decay_steps()
+        if "train.lr_decay_style" in self.changes:
+            sch.lr_decay_style = cfg.train.lr_decay_style
+        if "train.lr_wsd_decay_steps" in self.changes:
+            sch.wsd_decay_steps = cfg.train.lr_wsd_decay_steps
+        if "train.lr_wsd_decay_style" in self.changes:
+            sch.lr_wsd_decay_style = cfg.train.lr_wsd_decay_style
+        if "train.weight_decay" in self.changes:
+            sch.start_wd = sch.end_wd = cfg.train.weight_decay
+        for group in param_groups(self.optimizer):  # Megatron's groups carry their own max/min lr
+            for key, name in (("max_lr", "train.lr"), ("min_lr", "train.min_lr")):
+                if name in self.changes and key in group:
+                    old, new = self.changes[name]
+                    group[key] = group[key] * new / old if old else new
+        if lr_changed:
+            sch.step(0)  # the new values take effect at the current step
+        if self.rank == 0 and ("train.steps" in self.changes or "train.tokens" in self.changes) \
+                and "train.lr_decay_steps" not in self.changes:
+            log.warning("resume: the LR schedule continues as saved (warmup %d, %s decay over %d steps to min_lr %g, "
+                        "then constant); set train.lr_decay_steps to decay over the new length", sch.lr_warmup_steps,
+                        sch.lr_decay_style, sch.lr_decay_steps, sch.min_lr)
 
     def _setup_assoc_recall(self) -> None:
         """data.assoc_recall: recall examples mixed into training; held-out recall batches."""
@@ -228,7 +333,7 @@ class Trainer:
         try:
             fn()
         except ConfigError as e:
-            error = ("config", e.path, e.value, e.allowed)
+            error = ("config", e.path, e.value, e.allowed, isinstance(e, UsageError))
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
             error = ("other", f"{type(e).__name__}: {e}")
             local = e
@@ -240,8 +345,22 @@ class Trainer:
         if error is not None and error[0] == "other":
             raise local
         if first[0] == "config":
-            raise ConfigError(*first[1:])
+            raise (UsageError if first[4] else ConfigError)(*first[1:4])
         raise RuntimeError(f"another rank failed during set-up: {first[1]}")
+
+    def _outcome(self, fn) -> Optional[str]:
+        """Run ``fn`` on every rank; None if it succeeded everywhere, else the first failure
+        (one line), the same on every rank."""
+        error = None
+        try:
+            fn()
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - reported, then the caller decides
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        errors: List[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        return next((e for e in errors if e is not None), None)
 
     def _broadcast_obj(self, obj):
         box = [obj]
@@ -270,10 +389,19 @@ class Trainer:
             lg.info(f"msa          block {s.msa.block_size} x top-{s.msa.topk} = {s.msa.budget_tokens} of {cfg.train.seq_length} "
                     f"tokens; {warm}"
                     + (f"; indexer-only steps 1-{s.indexer_only_steps}" if s.indexer_only_steps else ""))
+        if self.rank == 0 and self.schedule.msa is not None and self.schedule.msa.budget_tokens >= cfg.train.seq_length:
+            log.warning("attention.msa: block %d x top-%d = %d tokens >= train.seq_length %d: every query selects every "
+                        "key, so MSA computes dense attention here (raise train.seq_length or lower attention.msa.topk)",
+                        self.schedule.msa.block_size, self.schedule.msa.topk, self.schedule.msa.budget_tokens,
+                        cfg.train.seq_length)
+        lg.info(f"config       {os.path.abspath(os.path.join(cfg.run_dir, 'config.yaml'))}")
         lg.info(f"parallel     world {self.world}: tp {p.tp} pp {p.pp} cp {p.cp} ep {p.ep} sp {p.sp} dp {self.dp_size}; "
                 f"{self.num_microbatches} x {cfg.train.micro_batch_size} sequences per step and rank")
         lg.info(f"data         {self.sources.description}; {cfg.tokens_per_step()} tokens/step; helpers {self.helpers or 'ok'}")
-        lg.info(f"mfu peak     {self.peak / 1e12:.3f} TFLOP/s per device ({self.peak_source})")
+        if self.peak == self.peak:
+            lg.info(f"mfu peak     {self.peak / 1e12:.3f} TFLOP/s per device ({self.peak_source})")
+        else:
+            lg.info(f"mfu          off ({self.peak_source})")
 
     # ------------------------------------------------------------------ step pieces
     def _forward_step(self, data_iterator: Iterator, model):
@@ -430,7 +558,8 @@ class Trainer:
                 time.sleep(cfg.train.debug.step_sleep_s)
 
             is_eval = eval_every > 0 and (step % eval_every == 0 or step == self.total_steps)
-            if step % log_every == 0 or is_eval or step in (self.start_step + 1, self.total_steps):
+            switch = self.schedule.msa is not None and step == self.schedule.warmup_steps + 1  # first sparse step
+            if step % log_every == 0 or is_eval or switch or step in (self.start_step + 1, self.total_steps):
                 scalars = self._interval_scalars(out, interval_losses, interval_norms, steps_since_log)
                 if is_eval:
                     scalars.update(self.evaluate())
@@ -442,7 +571,8 @@ class Trainer:
             if (ckpt_every and step % ckpt_every == 0) or preempted:
                 self.save(step)
             if preempted:
-                self.logger.event(step, "preempted", f"SIGTERM received: checkpoint saved at step {step}, exiting")
+                self.logger.event(step, "preempted", f"{self.preempt.name} received: checkpoint saved at step {step}, "
+                                  "exiting")
                 exit_code = EXIT_PREEMPTED
                 break
         else:
@@ -474,10 +604,7 @@ class Trainer:
         backbone_lrs = [g["lr"] for g in param_groups(self.optimizer) if g.get(BACKBONE_KEY)]
         if backbone_lrs:
             s["lr_backbone"] = float(backbone_lrs[0])
-        msa = msa_adapter.collect_metrics(reset=True)
-        if not self.cfg.logging.per_layer:
-            msa = {k: v for k, v in msa.items() if "/layer_" not in k}
-        s.update(msa)
+        s.update(msa_adapter.collect_metrics(reset=True))  # per layer too: the sinks choose (logging.per_layer)
         s.update(self._moe_scalars(steps))
         s.update(self.throughput.scalars())
         self.throughput.reset()
@@ -490,6 +617,22 @@ class Trainer:
             self.peak_mem_gib = max(getattr(self, "peak_mem_gib", 0.0), mem_t.item() * 1e9 / 2**30)
             s["peak_mem_gib"] = self.peak_mem_gib
         return s
+
+    def _plots(self) -> None:
+        """PNG plots of the run (rank 0, the end of every run); a failure is one warning."""
+        try:
+            from .logging import write_plots
+
+            files = write_plots(self.logger.jsonl_path, os.path.join(self.cfg.run_dir, "plots"))
+        except ImportError as e:
+            log.warning("no plots: %s (pip install matplotlib, or logging.plots=false)", e)
+            return
+        except Exception as e:  # noqa: BLE001 - the run is done; plots must not fail it
+            log.warning("no plots: %s: %s", type(e).__name__, e)
+            return
+        if files:
+            where = os.path.abspath(os.path.dirname(files[0]))
+            print(f"plots: {where}/ ({', '.join(os.path.basename(f) for f in files)})", flush=True)
 
     def save(self, step: int) -> None:
         self.ckpt.save(step, self.model, self.optimizer, self.scheduler, dict(self.state))
@@ -507,18 +650,60 @@ class Trainer:
         if self.rank == 0 and summary:
             print(format_summary(summary), flush=True)
             print(f"logs: {os.path.abspath(self.logger.jsonl_path)}"
-                  + (f" | wandb: {self.logger.wandb_dir}" if self.logger.wandb_dir else ""), flush=True)
+                  + (f" | wandb: {self.logger.wandb_dir}" if self.logger.wandb_dir else "")
+                  + (f" | tensorboard: {os.path.abspath(os.path.join(self.cfg.run_dir, 'tensorboard'))}"
+                     if self.logger._tb is not None else ""), flush=True)
+            if self.cfg.logging.plots:
+                self._plots()
         self.preempt.restore()
         if exit_code == EXIT_NONFINITE:
             raise NonFiniteError(f"training stopped on a non-finite value at step {step} (see {self.logger.jsonl_path})")
         return exit_code
 
 
-def run(cfg: Config, config_yaml: str = "") -> int:
+def choose_run_dir(cfg: Config, suffix: str = "") -> str:
+    """run_dir unset: a new runs/<model>-<attention>-<timestamp>[suffix]; with
+    checkpoint.resume=last the newest existing one of that model and attention."""
+    if cfg.checkpoint.resume == "last":
+        import glob
+
+        prefix = os.path.join("runs", f"{cfg.model.name}-{cfg.attention.type}-")
+        runs = sorted(d for d in glob.glob(prefix + "*") if os.path.isfile(os.path.join(d, "checkpoints", "latest")))
+        if not runs:
+            raise UsageError("checkpoint.resume", "last", f"no earlier run with checkpoints matches {prefix}* "
+                             "(relative to this directory); name the run with run_dir=<dir>")
+        return runs[-1]
+    return new_run_dir(cfg.model.name, cfg.attention.type, suffix)
+
+
+def _with_run_dir(config_yaml: str, run_dir: str) -> str:
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.create(config_yaml)
+    conf.run_dir = run_dir
+    return OmegaConf.to_yaml(conf)
+
+
+def _with_saved(cfg: Config, changes: Dict[str, Any], fields) -> Config:
+    """``cfg`` with the saved (old) values of the changed ``train.*`` ``fields``."""
+    import dataclasses
+
+    old = {k.split(".", 1)[1]: o for k, (o, _n) in changes.items() if k in fields and k.startswith("train.")}
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **old)) if old else cfg
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def run(cfg: Config, config_yaml: str = "", run_suffix: str = "") -> int:
     """Set up, train, shut down. Returns the exit code; NonFiniteError propagates."""
     from ..megatron.parallel import shutdown_distributed
 
-    trainer = Trainer(cfg, config_yaml)
+    trainer = Trainer(cfg, config_yaml, run_suffix)
     try:
         trainer.setup()
         return trainer.run()
@@ -531,6 +716,7 @@ def run(cfg: Config, config_yaml: str = "") -> int:
             pass
         shutdown_writer_queue()
         shutdown_distributed()
+        trainer.lock.release()
 
 
 __all__ = ["Trainer", "run"]

@@ -78,7 +78,7 @@ def peak_flops_per_device(cfg: Config) -> Tuple[float, str]:
                 peak = tf32 if cfg.train.precision == "fp32" else half
                 return peak * 1e12, f"{name} datasheet ({'tf32' if cfg.train.precision == 'fp32' else 'bf16/fp16'})"
         return float("nan"), f"unknown GPU {name!r}: set logging.peak_tflops"
-    return measure_cpu_gemm_flops(), "measured CPU fp32 GEMM"
+    return float("nan"), "no MFU on CPU: set logging.peak_tflops to report one"
 
 
 def measure_cpu_gemm_flops(sizes=(256, 512), seconds: float = 0.4) -> float:
@@ -136,9 +136,60 @@ class Throughput:
         achieved = self.flops / self.seconds
         out = {"tokens_per_s": tokens / self.seconds, "step_time_s": self.seconds / self.steps,
                "tflops_per_device": achieved / self.world / 1e12}
-        out["mfu"] = achieved / (self.peak * self.world) if self.peak == self.peak and self.peak > 0 else float("nan")
+        if self.peak == self.peak and self.peak > 0:  # no peak (CPU, unknown GPU): no MFU at all
+            out["mfu"] = achieved / (self.peak * self.world)
         return out
 
 
-__all__ = ["Throughput", "attention_flops_per_token", "measure_cpu_gemm_flops", "memory_gb",
+# --------------------------------------------------------------------------- names
+#: metrics.jsonl key -> the name in wandb / TensorBoard: Megatron-LM's own names for what it
+#: logs too, MSA statistics under ``msa/`` (as msa_megatron/megatron_lm/hooks.py writes them),
+#: so msa-train runs and Megatron-LM runs overlay in one wandb project or TensorBoard.
+PUBLIC_NAMES = {
+    "lm_loss": "lm loss",
+    "val_lm_loss": "lm loss validation",
+    "val_ppl": "lm loss validation ppl",
+    "lr": "learning-rate",
+    "lr_backbone": "learning-rate backbone",
+    "grad_norm": "grad-norm",
+    "tflops_per_device": "throughput",  # Megatron-LM: TFLOP/s per GPU
+    "step_time_s": "iteration-time",
+    "tokens_per_s": "tokens-per-second",
+    "consumed_samples": "consumed-samples",
+    "tokens": "consumed-tokens",
+    "skipped_steps": "skipped-iterations",
+    "mem_gb": "mem-max-gigabytes",
+    "mfu": "mfu",
+    "moe_aux_loss": "load_balancing_loss",
+    "kl_coeff": "msa/kl_coeff",
+    "indexer_only": "msa/indexer_only",
+    "val_assoc_recall_acc": "msa/val/assoc_recall_acc",
+}
+#: MSA statistics (and their /layer_i variants), written as msa/<name>.
+MSA_STATS = ("indexer_kl", "index_entropy", "main_entropy", "recall")
+
+
+def public_scalars(scalars: Dict[str, object]) -> Dict[str, float]:
+    """The numeric scalars of one step under their public names (strings dropped; the
+    attention mode becomes ``msa/sparse``: 1 sparse, 0 otherwise, as in Megatron-LM)."""
+    out: Dict[str, float] = {}
+    for key, value in scalars.items():
+        if key == "attention_mode":
+            out["msa/sparse"] = 1.0 if value == "msa" else 0.0
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+            continue
+        if key in PUBLIC_NAMES:
+            name = PUBLIC_NAMES[key]
+        elif key.split("/")[0] in MSA_STATS or key.startswith("recall_sweep/"):
+            name = "msa/" + key
+        elif key.startswith("val/") and key.split("/")[1] in MSA_STATS:
+            name = "msa/val/" + key[4:]
+        else:
+            name = key
+        out[name] = float(value)
+    return out
+
+
+__all__ = ["MSA_STATS", "PUBLIC_NAMES", "public_scalars", "Throughput", "attention_flops_per_token", "measure_cpu_gemm_flops", "memory_gb",
            "peak_flops_per_device", "step_flops"]

@@ -69,18 +69,30 @@ class RunServer:
             raise RuntimeError(f"test launcher failed to start: {ready!r}")
 
     def run(self, run_dir: Path, overrides: List[str], world: int = 2, timeout: float = 240,
-            sigterm_after_records: Optional[int] = None, env: Optional[Dict[str, str]] = None) -> RunResult:
-        request = {"run_dir": str(run_dir), "overrides": [f"run_dir={run_dir}"] + list(overrides), "world": world,
+            sigterm_after_records: Optional[int] = None, env: Optional[Dict[str, str]] = None,
+            cwd: Optional[Path] = None, signal_name: str = "SIGTERM") -> RunResult:
+        """One run. ``run_dir=None``: the trainer picks a new directory under ``cwd``/runs (as
+        ``msa-train`` without run_dir); logs then go to ``cwd``, the result names the new directory."""
+        explicit = [f"run_dir={run_dir}"] if run_dir is not None else []
+        log_dir = Path(run_dir) if run_dir is not None else Path(cwd)
+        before = set((log_dir / "runs").glob("*")) if run_dir is None else set()
+        if run_dir is None:  # the logs in cwd: this run's only
+            for r in range(world):
+                (log_dir / f"rank{r}.log").unlink(missing_ok=True)
+        request = {"run_dir": str(log_dir), "overrides": explicit + list(overrides), "world": world,
                    "timeout": timeout, "sigterm_after_records": sigterm_after_records, "port": _free_port(),
-                   "env": env or {}}
+                   "env": env or {}, "cwd": str(cwd) if cwd else None, "signal": signal_name}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError("test launcher died")
         reply = json.loads(line)
-        logs = "\n".join(f"--- rank {r} ---\n" + (Path(run_dir) / f"rank{r}.log").read_text(errors="replace")
-                         for r in range(world) if (Path(run_dir) / f"rank{r}.log").exists())
+        logs = "\n".join(f"--- rank {r} ---\n" + (log_dir / f"rank{r}.log").read_text(errors="replace")
+                         for r in range(world) if (log_dir / f"rank{r}.log").exists())
+        if run_dir is None:
+            new = sorted(set((log_dir / "runs").glob("*")) - before)
+            run_dir = new[-1] if new else log_dir / "runs" / "<none>"
         return RunResult(reply["codes"], reply["timed_out"], reply["seconds"], Path(run_dir), logs)
 
     def close(self) -> None:
@@ -108,6 +120,8 @@ def _compose(overrides: List[str]):
 
 def _rank_main(rank: int, world: int, port: int, request: dict) -> int:
     os.setpgid(0, 0)
+    if request.get("cwd"):
+        os.chdir(request["cwd"])
     run_dir = Path(request["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     log = open(run_dir / f"rank{rank}.log", "a", buffering=1)
@@ -170,7 +184,7 @@ def _serve_one(request: dict) -> dict:
         if n and not signalled and jsonl.exists() and len(jsonl.read_text().splitlines()) >= n:
             for pid in pids:
                 if pid not in codes:
-                    os.kill(pid, signal.SIGTERM)
+                    os.kill(pid, getattr(signal, request.get("signal", "SIGTERM")))
             signalled = True
         if time.time() - t0 > request["timeout"]:
             timed_out = True

@@ -67,7 +67,7 @@ def test_tiny_msa_is_sparse_at_its_length():
     (("parallel.tp=2", "model.num_attention_heads=3", "model.num_query_groups=1"), 2, "model.num_attention_heads", "multiples of parallel.tp=2"),
     (("model.num_query_groups=3",), 1, "model.num_query_groups", "divisors of model.num_attention_heads"),
     (("parallel=ep2",), 2, "parallel.ep", "model without experts"),
-    (("model=tiny_moe", "parallel=tp2"), 2, "parallel.sp", "true for an MoE model"),
+    (("model=tiny_moe", "parallel=tp2", "parallel.sp=false"), 2, "parallel.sp", "true for an MoE model"),
     (("attention.msa.topk=0",), 1, "attention.msa.topk", "integer >= 1"),
     (("attention.msa.block_size=30",), 1, "attention.msa.block_size", "multiple of 16"),
     (("attention.msa.msa_layers=[0,9]",), 1, "attention.msa.msa_layers", "layer indices in [0, 3]"),

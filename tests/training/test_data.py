@@ -172,3 +172,44 @@ def test_prepare_data_tokenizer_file_without_the_library(tmp_path, monkeypatch):
         prepare_data.build([str(tmp_path / "in.jsonl")], str(tmp_path / "o"), tokenizer=str(tmp_path / "tokenizer.json"))
     with pytest.raises(prepare_data.PrepareError, match="no such file"):
         prepare_data.build([str(tmp_path / "in.jsonl")], str(tmp_path / "o"), tokenizer=str(tmp_path / "missing.json"))
+
+
+# ------------------------------------------------------------------ damaged or unsuitable data (issue 18.7)
+def test_damaged_or_foreign_datasets_are_one_line_naming_the_file(tmp_path):
+    from msa_megatron.training.config import UsageError
+    from msa_megatron.training.data import check_indexed
+
+    prefix = _prepared(tmp_path, "ok", "z", 40)
+    assert check_indexed(prefix, 257, "data.blend[0].path") == 40 * 701
+    # data.vocab_size smaller than the data's token ids (EOD 256): trained silently before
+    with pytest.raises(UsageError, match=r"^data\.blend\[0\]\.path=.*ok: .*ok\.bin: token id 256 is outside the "
+                                         r"vocabulary 0\.\.99 \(sampled\)"):
+        check_indexed(prefix, 100, "data.blend[0].path")
+    cfg = cfg_of("data=indexed", f"data.blend=[{{path:{prefix},weight:1}}]", "data.vocab_size=100", "data.eod_id=99")
+    with pytest.raises(UsageError, match="token id 256 is outside"):
+        resolve_sources(cfg)
+    bin_, idx = Path(prefix + ".bin"), Path(prefix + ".idx")
+    good_bin, good_idx = bin_.read_bytes(), idx.read_bytes()
+    bin_.write_bytes(good_bin[:1000])  # truncated .bin
+    with pytest.raises(UsageError, match=r"ok\.bin: 1000 bytes, the index describes 56080 \(28040 tokens of uint16\): "
+                                         r"truncated"):
+        check_indexed(prefix, 257, "data.blend[0].path")
+    bin_.write_bytes(good_bin)
+    idx.write_bytes(good_idx[:-8])  # truncated .idx
+    with pytest.raises(UsageError, match=r"ok\.idx: \d+ bytes, its header describes \d+ \(40 sequences, 41 documents\)"):
+        check_indexed(prefix, 257, "data.blend[0].path")
+    idx.write_bytes(os.urandom(len(good_idx)))  # garbage .idx
+    with pytest.raises(UsageError, match=r"ok\.idx: not a Megatron indexed-dataset index \(bad header\)"):
+        check_indexed(prefix, 257, "data.blend[0].path")
+
+
+def test_prepare_data_non_utf8_input(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_data.py"), "--input", str(tmp_path / "latin1.jsonl"),
+                        "--output-prefix", str(tmp_path / "o")], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"prepare_data: error: {tmp_path / 'latin1.jsonl'}:2: not valid UTF-8 (byte 13: b'\\xe9'); convert it to "
+        "UTF-8, or pass --errors replace to substitute U+FFFD"), r.stderr
+    meta = prepare_data.build([str(tmp_path / "latin1.jsonl")], str(tmp_path / "o"), errors="replace")
+    assert meta["documents"] == 2 and meta["tokens"] == 3 + len("caf\ufffd".encode()) + 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 
 import pytest
@@ -57,7 +56,7 @@ def test_summary_reports_start_switch_and_end(tmp_path):
     assert "before_switch" not in s["recall"]  # its first value is already the last before the switch
     text = format_summary(s)
     assert "indexer KL         1.0000 (step 1) -> 0.2000 (step 2) -> 0.3000 (step 3)" in text
-    assert "msa_warmup -> msa (first logged at step 3)" in text
+    assert "msa_warmup -> msa (from step 3)" in text
 
 
 def test_attention_flops_follow_eq12_per_mode():
@@ -84,6 +83,77 @@ def test_throughput_and_mfu_arithmetic():
     assert s["step_time_s"] == 3.0
     tp.reset()
     assert tp.scalars() == {}
-    unknown_peak = Throughput(cfg, 10**6, 1, float("nan"))  # e.g. an unlisted GPU without logging.peak_tflops
+    unknown_peak = Throughput(cfg, 10**6, 1, float("nan"))  # CPU, or an unlisted GPU, without logging.peak_tflops
     unknown_peak.add(1.0, "dense")
-    assert math.isnan(unknown_peak.scalars()["mfu"])
+    assert "mfu" not in unknown_peak.scalars() and "tokens_per_s" in unknown_peak.scalars()
+
+
+def test_tensorboard_uses_megatron_names_and_plots_are_drawn(tmp_path, capsys):
+    """Issue 18.10: one vocabulary with Megatron-LM (lm loss, learning-rate, grad-norm,
+    throughput, msa/...) in the shared sinks; a TensorBoard sink; PNG plots at the end."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from msa_megatron.training.logging import write_plots
+    from msa_megatron.training.metrics import public_scalars
+
+    lg = _logger(tmp_path, **{"logging.wandb.enabled": "false", "logging.per_layer": "true"})
+    for step in (1, 2, 3):
+        mode = "msa_warmup" if step < 3 else "msa"
+        lg.log_step(step, {"lm_loss": 3.0 / step, "attention_mode": mode, "lr": 1e-3, "grad_norm": 0.5,
+                           "tflops_per_device": 1.5, "indexer_kl": 0.1 * step, "indexer_kl/layer_1": 0.2,
+                           "recall": 0.5, "index_entropy": 2.0, "main_entropy": 2.5, "val/recall": 0.6})
+    lg.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"lm loss", "learning-rate", "grad-norm", "throughput", "msa/indexer_kl", "msa/indexer_kl/layer_1",
+            "msa/recall", "msa/val/recall", "msa/sparse"} <= tags
+    assert [e.value for e in events.Scalars("msa/sparse")] == [0.0, 0.0, 1.0]
+    assert public_scalars({"val_lm_loss": 2.0, "mem_kind": "cpu_rss", "mfu": float("nan")}) == {"lm loss validation": 2.0}
+
+    (tmp_path / "default").mkdir()
+    quiet = _logger(tmp_path / "default", **{"logging.wandb.enabled": "false"})  # per-layer panels are opt-in
+    quiet.log_step(1, {"lm_loss": 1.0, "indexer_kl": 0.1, "indexer_kl/layer_1": 0.2})
+    quiet.close()
+    default = EventAccumulator(str(tmp_path / "default" / "tensorboard"))
+    default.Reload()
+    assert set(default.Tags()["scalars"]) == {"lm loss", "msa/indexer_kl"}
+    assert read_jsonl(tmp_path / "default" / "metrics.jsonl")[0]["indexer_kl/layer_1"] == 0.2  # the file keeps them
+
+    files = write_plots(tmp_path / "metrics.jsonl", tmp_path / "plots")
+    assert [f.name for f in files] == ["loss.png", "kl.png", "recall.png", "entropy.png"]
+    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
+
+
+def test_log_records_go_above_the_progress_bar_and_cpu_notices_are_info(monkeypatch):
+    """Log lines and the tqdm bar shared stderr and overwrote each other; the per-run
+    CPU-compatibility notice was a WARNING listing 33 patched calls on every rank."""
+    from msa_megatron.training import logging as run_logging
+
+    class Bar:
+        disable = False
+        lines = []
+
+        def write(self, text, file=None):
+            self.lines.append(text)
+
+    bar = Bar()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        run_logging.setup_python_logging(0, "INFO")
+        monkeypatch.setattr(run_logging, "_active_bar", bar)
+        logging.getLogger("msa_megatron.compat").warning(
+            "MSA: no CUDA device; Megatron-Core runs on CPU (gloo) with the compatibility layer (x): %s", "a, b, c")
+        assert len(bar.lines) == 1 and " INFO msa_megatron.compat: MSA: no CUDA device: Megatron-Core runs on CPU" \
+            in bar.lines[0] and "a, b, c" not in bar.lines[0]
+        run_logging.setup_python_logging(1, "INFO")  # other ranks: warnings only, so not at all
+        logging.getLogger("msa_megatron.compat").warning("MSA: no CUDA device; Megatron-Core runs on CPU ...")
+        assert len(bar.lines) == 1
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])

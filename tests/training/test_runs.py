@@ -85,7 +85,8 @@ def test_tp2_msa_run_switches_at_the_configured_step_and_logs_everything(server,
     constant_lr = ["train.lr_decay_style=constant", "train.lr_warmup_fraction=null", "train.lr_warmup_steps=0"]
     r = server.run(run, QUIET + constant_lr + ["parallel=tp2", "train.steps=6", "attention.warmup.steps=3",
                                                "attention.msa.recall_interval=2", "train.eval_interval=6",
-                                               "logging.wandb.enabled=true", "checkpoint.interval=0"])
+                                               "logging.wandb.enabled=true", "checkpoint.interval=0",
+                                               "logging.per_layer=true"])
     _check(r)
     steps = r.steps()
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]
@@ -112,12 +113,16 @@ def test_tp2_msa_run_switches_at_the_configured_step_and_logs_everything(server,
         assert ("recall" in rec) == sampled and all((f"recall/layer_{i}" in rec) == sampled for i in MSA_LAYERS)
         assert rec["mem_kind"] == "cpu_rss" and 0 < rec["mfu"] < 10
     assert "val_lm_loss" in steps[6] and "val/indexer_kl" in steps[6] and "val/recall" in steps[6]
-    # the same scalars reached wandb (offline run files)
+    # the same scalars reached wandb (offline run files), under Megatron-LM's names and msa/...
     history = {row["_step"]: row for row in read_wandb_history(run)}
     for s in range(1, 7):
-        assert history[s]["lm_loss"] == steps[s]["lm_loss"]
-        assert history[s]["attention_mode"] == steps[s]["attention_mode"]
-        assert history[s]["index_entropy/layer_3"] == steps[s]["index_entropy/layer_3"]
+        assert history[s]["lm loss"] == steps[s]["lm_loss"] and history[s]["grad-norm"] == steps[s]["grad_norm"]
+        assert history[s]["learning-rate"] == steps[s]["lr"]
+        assert history[s]["msa/sparse"] == (1.0 if steps[s]["attention_mode"] == "msa" else 0.0)
+        assert history[s]["msa/index_entropy/layer_3"] == steps[s]["index_entropy/layer_3"]
+        assert history[s]["msa/indexer_kl"] == steps[s]["indexer_kl"]
+    assert {"loss.png", "kl.png", "recall.png", "entropy.png"} <= {p.name for p in (run / "plots").iterdir()}
+    assert f"plots: {run / 'plots'}/ (loss.png, kl.png, recall.png, entropy.png)" in r.logs
     # run directory: resolved config, summary, final checkpoint
     assert "tp: 2" in (run / "config.yaml").read_text()
     summary = json.loads((run / "summary.json").read_text())
