@@ -610,7 +610,7 @@ def run_throughput(a, rec: Recorder) -> bool:
     MSA then dense mode: ``--warmup-steps`` untimed steps (compilation), then
     ``--timed-steps`` timed ones. MFU uses the trainer's model-FLOPs formula."""
     from msa_megatron.megatron import collect_msa_metrics, set_attention_mode
-    from msa_megatron.training.metrics import peak_flops_per_device, step_flops
+    from msa_megatron.training.metrics import measure_cpu_gemm_flops, peak_flops_per_device, step_flops
     from msa_megatron.training.model import count_parameters
     from msa_megatron.training.optim import build_optimizer
 
@@ -625,6 +625,10 @@ def run_throughput(a, rec: Recorder) -> bool:
     tf.grad_scale_func = optimizer.scale_loss
     counts = count_parameters(cfg, [model])
     peak, peak_src = peak_flops_per_device(cfg)
+    import torch
+
+    if not math.isfinite(peak) and not torch.cuda.is_available():  # the CPU smoke: MFU against this process's measured GEMM rate
+        peak, peak_src = measure_cpu_gemm_flops(), "measured fp32 GEMM of this CPU process"
     log(f"throughput: {cfg.model.name} {cfg.model.num_layers} layers, {counts.total / 1e6:.1f}M params, "
         f"{counts.active_matmul / 1e6:.1f}M active (matmul); CP={cp} DP={dp}; MSA block {a.block_size} top-{a.topk}; "
         f"recompute {'full' if a.throughput_recompute else 'none'}; peak {peak / 1e12:.1f} TFLOP/s ({peak_src})")

@@ -150,7 +150,7 @@ class SDPADotProductAttention(CPDotProductAttention):
         tag = f"sdpa-{query.device.type}-{query.dtype}"
         if tag not in _announced:
             _announced.add(tag)
-            log.warning("dense attention: torch SDPA on %s %s (%s, GQA %d:%d, head dim %d); fused kernels eligible: %s",
+            log.info("dense attention: torch SDPA on %s %s (%s, GQA %d:%d, head dim %d); fused kernels eligible: %s",
                         query.device.type, str(query.dtype).replace("torch.", ""),
                         "causal" if is_causal else mask_type.name, hq, g, d,
                         fused_kernels_eligible(q, k, v, is_causal, sdpa_mask, dropout_p))

@@ -232,6 +232,7 @@ class _UnionAttentionKLFn(torch.autograd.Function):
         ctx.block_size, ctx.scale, ctx.cfg, ctx.lists, ctx.iscale = block_size, scale, cfg, lists, index_scale
         kl, ent_i, ent_m = holder.unbind(0)
         ctx.mark_non_differentiable(lse, ent_i, ent_m)
+        ctx.set_materialize_grads(False)  # a gradient of the KL alone sends none to q, k, v (and vice versa)
         return out, lse, kl, ent_i, ent_m
 
     @staticmethod
@@ -239,6 +240,7 @@ class _UnionAttentionKLFn(torch.autograd.Function):
         from . import triton_union as _tu
 
         q, k, v, out, lse, block_idx, q_pos, iq, ik, index_lse = ctx.saved_tensors
+        lm_grad = dout is not None
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv, res = _tu.union_attention_bwd(
@@ -251,6 +253,8 @@ class _UnionAttentionKLFn(torch.autograd.Function):
                 d_iq = res.d_iq.mul_(dkl).to(iq.dtype)
             if ctx.needs_input_grad[4]:
                 d_ik = res.d_ik.mul_(dkl).to(ik.dtype)
+        if not lm_grad:
+            dq = dk = dv = None
         return dq, dk, dv, d_iq, d_ik, None, None, None, None, None, None, None, None
 
 
