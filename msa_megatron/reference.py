@@ -130,6 +130,18 @@ def doc_start_from_doc_ids(doc_ids: Tensor) -> Tensor:
     return torch.cummax(torch.where(new, pos, torch.zeros_like(pos)), dim=1).values
 
 
+def doc_start_from_position_ids(position_ids: Tensor) -> Tensor:
+    """[b, s] position ids that restart at 0 with every document (Megatron's GPTDataset with
+    ``reset_position_ids=True``) -> doc_start [b, s] = t - position_ids[t] (int64)."""
+    if position_ids.dim() != 2:
+        raise ValueError(f"position_ids must be [b, s]; got shape {tuple(position_ids.shape)}")
+    t = torch.arange(position_ids.shape[1], device=position_ids.device)
+    ds = t[None, :] - position_ids.to(torch.long)
+    if bool((ds < 0).any()) or bool((ds[:, 1:] < ds[:, :-1]).any()):
+        raise ValueError("position_ids must restart at 0 per document and count up by 1 inside it")
+    return ds
+
+
 def _invisible(key_pos: Tensor, qp: Tensor, ds: Optional[Tensor]) -> Tensor:
     """Masked keys [c, sk] (no documents) or [b, c, sk]: future keys and, with documents,
     keys before the query's document start."""
@@ -720,7 +732,7 @@ def msa_attention(
 
 __all__: Sequence[str] = (
     "MSAAux", "KLTerms", "apply_partial_rope", "dense_attention", "dense_kl_loss", "dense_kl_terms",
-    "doc_start_from_cu_seqlens", "doc_start_from_doc_ids", "forced_block_mask", "visible_block_mask", "index_block_scores", "index_projections", "msa_attention", "rms_norm", "rope_angles",
+    "doc_start_from_cu_seqlens", "doc_start_from_doc_ids", "doc_start_from_position_ids", "forced_block_mask", "visible_block_mask", "index_block_scores", "index_projections", "msa_attention", "rms_norm", "rope_angles",
     "select", "select_blocks", "selected_index_lse", "selected_token_index", "selection_recall",
     "sliding_window_attention", "sparse_attention", "sparse_kl_loss", "sparse_kl_terms",
 )

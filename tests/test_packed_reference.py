@@ -233,6 +233,10 @@ def test_converters_and_bad_inputs():
     assert R.doc_start_from_cu_seqlens(cu, torch.tensor([11, 2, 5])).tolist() == [10, 0, 3]
     ids = torch.tensor([[0, 0, 1, 1, 1, 2], [5, 5, 5, 5, 5, 5]])
     assert R.doc_start_from_doc_ids(ids).tolist() == [[0, 0, 2, 2, 2, 5], [0] * 6]
+    pos_ids = torch.tensor([[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]])  # GPTDataset reset_position_ids
+    assert torch.equal(R.doc_start_from_position_ids(pos_ids), R.doc_start_from_doc_ids(ids))
+    with pytest.raises(ValueError, match="position_ids"):
+        R.doc_start_from_position_ids(torch.tensor([[0, 1, 3]]))
     with pytest.raises(ValueError, match="cu_seqlens"):
         R.doc_start_from_cu_seqlens(torch.tensor([1, 4]), 4)
     gen = _gen()
