@@ -155,21 +155,42 @@ def test_packed_equals_documents_one_by_one(mode):
     cu = torch.tensor([0] + lens).cumsum(0)
     ds = R.doc_start_from_cu_seqlens(cu, s)
     out, aux = R.msa_attention(q, k, v, iq, ik, cfg, mode=mode, doc_start=ds)
-    kl_sum = aux.kl * g * s if aux.kl is not None else None
-    loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum() + (kl_sum if kl_sum is not None else 0)
-    grads = torch.autograd.grad(loss, (q, k, v, iq, ik), allow_unused=True)
+    kl_sum = aux.kl * g * s if aux.kl is not None else 0.0
+    w = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    grads = torch.autograd.grad((out * w).sum() + kl_sum, (q, k, v, iq, ik), allow_unused=True)
     kl_parts = 0.0
     for a, n in zip(cu[:-1].tolist(), lens):
         sl = slice(a, a + n)
         parts = [x[:, sl].detach().requires_grad_() for x in (q, k, v, iq, ik)]
         o_i, aux_i = R.msa_attention(*parts, cfg, mode=mode)
         torch.testing.assert_close(o_i, out[:, sl], rtol=1e-10, atol=1e-10)
+        kl_i = aux_i.kl * g * n if aux_i.kl is not None else 0.0
         if mode != "dense":
             assert torch.equal(torch.where(aux_i.block_idx >= 0, aux_i.block_idx + a // B, -1), aux.block_idx[:, :, sl])
-            kl_parts = kl_parts + aux_i.kl * g * n
+            kl_parts = kl_parts + kl_i
+        grads_i = torch.autograd.grad((o_i * w[:, sl]).sum() + kl_i, parts, allow_unused=True)
+        for name, gp, gi in zip("q k v iq ik".split(), grads, grads_i):
+            assert (gp is None) == (gi is None), name
+            if gi is not None:  # documents are independent: the packed gradient restricted to one
+                torch.testing.assert_close(gp[:, sl], gi, rtol=1e-10, atol=1e-10, msg=name)
     if mode != "dense":
         torch.testing.assert_close(kl_sum, kl_parts, rtol=1e-10, atol=1e-10)
-    assert all(gr is not None for gr in grads[:3])
+    assert all(gr is not None for gr in grads[:3]) and (mode == "dense" or grads[3] is not None)
+
+
+def test_sliding_window_with_documents_matches_masked_softmax():
+    gen = _gen()
+    b, s, hq, g, window = 2, 60, 4, 2, 9
+    q, k, v, _, _ = rand_inputs(gen, b, s, hq, g, 8, 16)
+    ds = R.doc_start_from_doc_ids(random_doc_ids(gen, b, s, "mixed"))
+    out, _ = R.sliding_window_attention(q, k, v, window, doc_start=ds)
+    key, qp = torch.arange(s), torch.arange(s)
+    mask = (key[None, None] <= qp[None, :, None]) & (key[None, None] > qp[None, :, None] - window)
+    mask = mask & (key[None, None] >= ds[:, :, None])
+    G = hq // g
+    qf, kf, vf = (x.double().transpose(1, 2) for x in (q, k.repeat_interleave(G, 2), v.repeat_interleave(G, 2)))
+    logits = (qf @ kf.transpose(-1, -2) / math.sqrt(8)).masked_fill(~mask[:, None], float("-inf"))
+    torch.testing.assert_close(out.double(), (torch.softmax(logits, -1) @ vf).transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 
 def test_no_document_information_is_todays_behaviour_exactly():
