@@ -50,11 +50,11 @@ def aot_compile(arch: int = 90) -> int:
 
     from msa_megatron.ops import triton_index as TI
 
-    ptr_types = {"qpos_ptr": "*i64", "out_ptr": "*i32", "order_ptr": "*i64", "ikey_ptr": "*i64",
+    ptr_types = {"qpos_ptr": "*i64", "ds_ptr": "*i64", "out_ptr": "*i32", "order_ptr": "*i64", "ikey_ptr": "*i64",
                  "istart_ptr": "*i64", "iend_ptr": "*i64"}
     floats = {"iscale_log2", "scale_log2", "iscale", "coef"}
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    base = dict(DI=128, DIP=128, BLOCK=128, BLOCK_N=128, NSUB=1, DOT_PREC="tf32", UPCAST=False)
+    base = dict(DI=128, DIP=128, BLOCK=128, BLOCK_N=128, NSUB=1, DOT_PREC="tf32", UPCAST=False, HAS_DOC=False)
     sel = dict(base, K=16, KP=16, INIT_BLOCKS=0, LOCAL_BLOCKS=1, BLOCK_M=128, LAZY=True, SCORE_ONLY=False)
     kl = dict(base, K=16, G=16, D=128, DP=128, BLOCK_Q=64, CHUNK=256, DENSE=False, STATS=False)
     variants = [
@@ -72,6 +72,12 @@ def aot_compile(arch: int = 90) -> int:
         ("kl-dense", TI._kl_kernel, dict(kl, DENSE=True, K=1, CHUNK=1024), 8, 2, "bf16"),
         ("kl-dense-stats", TI._kl_kernel, dict(kl, DENSE=True, K=1, CHUNK=1024, STATS=True), 8, 2, "bf16"),
         ("kl-sparse-fp32", TI._kl_kernel, dict(kl, DOT_PREC="ieee"), 8, 2, "fp32"),
+        # packed documents (per-query doc_start lower bound)
+        ("select-doc", TI._select_kernel, dict(sel, HAS_DOC=True), 8, 2, "bf16"),
+        ("selected-lse-doc", TI._selected_lse_kernel, dict(base, K=16, BLOCK_Q=64, HAS_DOC=True), 8, 1, "bf16"),
+        ("dense-lse-doc", TI._dense_lse_kernel, dict(base, BLOCK_M=128, HAS_DOC=True), 8, 3, "bf16"),
+        ("kl-sparse-doc", TI._kl_kernel, dict(kl, HAS_DOC=True), 8, 2, "bf16"),
+        ("kl-dense-doc", TI._kl_kernel, dict(kl, DENSE=True, K=1, CHUNK=1024, HAS_DOC=True), 8, 2, "bf16"),
     ]
     failed = False
     for name, fn, consts, warps, stages, dt in variants:

@@ -227,22 +227,60 @@ def _positions(q_pos: Optional[Tensor], sq: int, sk: int, device: torch.device) 
     return q_pos
 
 
+@dataclass(frozen=True)
+class _Docs:
+    """Kernel arguments for the per-query document lower bound (``HAS_DOC=False``: the
+    pointer is a dummy that no compiled instruction reads)."""
+
+    ptr: Tensor
+    stride_b: int
+    on: bool
+
+
+def _doc_start(doc_start: Optional[Tensor], b: int, sq: int, q_pos: Tensor) -> _Docs:
+    """doc_start [b, sq] or [sq] (shared by the batch) -> int64 kernel argument, checked
+    0 <= doc_start <= q_pos on CPU and when MSA_CHECK_POSITIONS=1 (a device sync)."""
+    if doc_start is None:
+        return _Docs(q_pos, 0, False)
+    if doc_start.dtype.is_floating_point or doc_start.dtype == torch.bool:
+        raise UnsupportedInputError(f"doc_start must hold integers, got {doc_start.dtype}")
+    if tuple(doc_start.shape) not in ((b, sq), (sq,)):
+        raise UnsupportedInputError(f"doc_start must have shape [{b}, {sq}] or [{sq}], got {tuple(doc_start.shape)}")
+    if doc_start.device != q_pos.device:
+        raise UnsupportedInputError(f"doc_start is on {doc_start.device}, the index inputs on {q_pos.device}")
+    ds = doc_start.to(torch.int64)
+    ds = ds.view(1, sq) if ds.dim() == 1 else ds
+    ds = ds if ds.stride(-1) == 1 else ds.contiguous()
+    if sq and (ds.device.type == "cpu" or os.environ.get("MSA_CHECK_POSITIONS", "0") == "1"):
+        if bool((ds < 0).any()) or bool((ds > q_pos[None, :]).any()):
+            raise UnsupportedInputError("doc_start must satisfy 0 <= doc_start[b, t] <= q_pos[t] "
+                                        "(its document starts at or before the query)")
+    return _Docs(ds, ds.stride(0) if ds.shape[0] > 1 else 0, True)
+
+
 # ----------------------------------------------------------------------------- kernel 1: streaming top-k selection
 # Bodies are written inline (no nested @triton.jit helpers in hot loops): the interpreter
 # pays milliseconds per helper call, and the two loop phases (all keys visible / masked
 # edge) are one source loop unrolled by ``tl.static_range(2)``, compiled twice.
 @triton.jit
 def _select_kernel(
-    iq_ptr, ik_ptr, qpos_ptr, out_ptr, best_ptr,
+    iq_ptr, ik_ptr, qpos_ptr, ds_ptr, out_ptr, best_ptr,
     sq, sk, NG,
     s_iq_b, s_iq_s, s_iq_g,
     s_ik_b, s_ik_s,
-    s_o_b, s_o_g, s_o_s,
+    s_o_b, s_o_g, s_o_s, s_ds_b,
     DI: tl.constexpr, DIP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, NSUB: tl.constexpr,
     K: tl.constexpr, KP: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, LAZY: tl.constexpr, SCORE_ONLY: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DOC: tl.constexpr,
 ):
-    """Rows = flattened (query t, group h) pairs of batch pid_b; one tile of BLOCK_M rows."""
+    """Rows = flattened (query t, group h) pairs of batch pid_b; one tile of BLOCK_M rows.
+
+    Key blocks are streamed in ascending order in three ranges (phases): 0, the head
+    [n_lo, f_lo) where some row's document starts (masked by doc start and causality;
+    only with HAS_DOC), 1, the body [f_lo, f_hi) where every key is visible to every row
+    (no mask), 2, the causal edge [f_hi, n_end) (masked by causality). Without documents
+    phase 0 is not compiled and the kernel is the plain causal one."""
     num_m = tl.num_programs(0)
     pid_m = num_m - 1 - tl.program_id(0)  # heaviest (latest) query tiles first
     pid_b = tl.program_id(1).to(tl.int64)
@@ -263,8 +301,20 @@ def _select_kernel(
     own = pos // BLOCK
     min_pos = tl.min(tl.where(row_ok, pos, 2147483647), axis=0)
     max_pos = tl.max(tl.where(row_ok, pos, 0), axis=0)
-    n_full = (min_pos + 1) // BLOCK  # blocks [0, n_full): every key visible to every row
+    n_full = (min_pos + 1) // BLOCK  # blocks [.., n_full): every key <= every row's position
     n_end = max_pos // BLOCK + 1  # blocks [n_full, n_end): causal edge, masked
+    if HAS_DOC:  # per-row lower bound: keys < doc_start[t] are invisible
+        dlo = tl.load(ds_ptr + pid_b * s_ds_b + t, mask=row_ok, other=0).to(tl.int32)
+        first = dlo // BLOCK  # the row's document's first block
+        lo_min = tl.min(tl.where(row_ok, dlo, 2147483647), axis=0)
+        lo_max = tl.max(tl.where(row_ok, dlo, 0), axis=0)
+        n_lo = lo_min // BLOCK
+        f_lo = tl.minimum((lo_max + BLOCK - 1) // BLOCK, n_end)  # blocks >= f_lo: no row's doc starts after them
+        f_hi = tl.maximum(n_full, f_lo)
+    else:
+        n_lo = 0
+        f_lo = 0
+        f_hi = n_full
 
     slot = tl.arange(0, KP)
     topi = tl.zeros([BLOCK_M, KP], dtype=tl.int32) - 1 - slot[None, :]  # distinct empty-slot ids < 0
@@ -274,15 +324,22 @@ def _select_kernel(
     evict = tl.full([BLOCK_M], -1, tl.int32)  # id of the slot to evict: highest id among the minima
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
 
-    for phase in tl.static_range(2):
-        lo = n_full * phase
-        hi = n_full + (n_end - n_full) * phase
+    for phase in tl.static_range(0 if HAS_DOC else 1, 3):
+        if phase == 0:
+            lo = n_lo
+            hi = f_lo
+        elif phase == 1:
+            lo = f_lo
+            hi = f_hi
+        else:
+            lo = f_hi
+            hi = n_end
         for n in range(lo, hi):
             score = tl.full([BLOCK_M], float("-inf"), tl.float32)
             for sub in tl.static_range(NSUB):
                 kk = n * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
                 k_ptrs = ik_base + kk[:, None].to(tl.int64) * s_ik_s + offs_d[None, :]
-                if phase == 0:  # whole block inside [0, sk): no key mask (keeps loads vectorised)
+                if phase == 1:  # whole block inside [0, sk): no key mask (keeps loads vectorised)
                     if DI == DIP:
                         ikb = tl.load(k_ptrs)
                     else:
@@ -292,13 +349,19 @@ def _select_kernel(
                 if UPCAST:
                     ikb = ikb.to(tl.float32)
                 s = tl.dot(iq_t, tl.trans(ikb), input_precision=DOT_PREC)
-                if phase == 1:
+                if phase == 0:
+                    s = tl.where((kk[None, :] <= pos[:, None]) & (kk[None, :] < sk) & (kk[None, :] >= dlo[:, None]),
+                                 s, float("-inf"))
+                if phase == 2:
                     s = tl.where((kk[None, :] <= pos[:, None]) & (kk[None, :] < sk), s, float("-inf"))
                 score = tl.maximum(score, tl.max(s, axis=1))
             if SCORE_ONLY:
                 best = tl.maximum(best, score)
             else:
-                forced = ((n > own - LOCAL_BLOCKS) & (n <= own)) | ((n < INIT_BLOCKS) & (n <= own))
+                if HAS_DOC:  # forced blocks: own + local (if visible), init blocks from the document's first
+                    forced = (((n > own - LOCAL_BLOCKS) | (n < first + INIT_BLOCKS)) & (n <= own)) & (n >= first)
+                else:
+                    forced = ((n > own - LOCAL_BLOCKS) & (n <= own)) | ((n < INIT_BLOCKS) & (n <= own))
                 score = tl.where(forced, float("inf"), score)
                 # Strictly greater than the current minimum -> replace it (ties keep the
                 # lower, earlier block); the evicted slot is the highest index among minima.
@@ -392,11 +455,11 @@ def build_reverse_index(block_idx: Tensor, nb: int, chunk: int) -> ReverseIndex:
 # ----------------------------------------------------------------------------- kernel 2: per-(row, block) index LSE
 @triton.jit
 def _selected_lse_kernel(
-    iq_ptr, ik_ptr, qpos_ptr, order_ptr, ikey_ptr, istart_ptr, iend_ptr, part_ptr,
+    iq_ptr, ik_ptr, qpos_ptr, ds_ptr, order_ptr, ikey_ptr, istart_ptr, iend_ptr, part_ptr,
     sq, sk, NG, nb, iscale_log2,
-    s_iq_b, s_iq_s, s_iq_g, s_ik_b, s_ik_s,
+    s_iq_b, s_iq_s, s_iq_g, s_ik_b, s_ik_s, s_ds_b,
     K: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-    NSUB: tl.constexpr, BLOCK_Q: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    NSUB: tl.constexpr, BLOCK_Q: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, HAS_DOC: tl.constexpr,
 ):
     """part[e] = log2-sum-exp2 of entry e's row's scaled index scores over its block's
     visible keys (one work item of the reverse index per program)."""
@@ -415,6 +478,8 @@ def _selected_lse_kernel(
         e = tl.load(order_ptr + off + ar, mask=rm, other=0).to(tl.int64)  # int32 in memory
         t = (e // K) % sq
         pos = tl.load(qpos_ptr + t, mask=rm, other=0)
+        if HAS_DOC:
+            dlo = tl.load(ds_ptr + bi * s_ds_b + t, mask=rm, other=0)
         iq_r = tl.load(iq_ptr + bi * s_iq_b + t[:, None] * s_iq_s + gi * s_iq_g + offs_d[None, :],
                        mask=rm[:, None] & (offs_d[None, :] < DI), other=0.0)
         if UPCAST:
@@ -429,6 +494,8 @@ def _selected_lse_kernel(
                 ikb = ikb.to(tl.float32)
             s = tl.dot(iq_r, tl.trans(ikb), input_precision=DOT_PREC) * iscale_log2
             s = tl.where((kk[None, :] <= pos[:, None]) & (kk[None, :] < sk), s, float("-inf"))
+            if HAS_DOC:
+                s = tl.where(kk[None, :] >= dlo[:, None], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
@@ -439,13 +506,14 @@ def _selected_lse_kernel(
 # ----------------------------------------------------------------------------- kernel 3: dense index LSE (warmup)
 @triton.jit
 def _dense_lse_kernel(
-    iq_ptr, ik_ptr, qpos_ptr, lse_ptr,
+    iq_ptr, ik_ptr, qpos_ptr, ds_ptr, lse_ptr,
     sq, sk, NG, iscale_log2,
-    s_iq_b, s_iq_s, s_iq_g, s_ik_b, s_ik_s, s_l_b, s_l_g,
+    s_iq_b, s_iq_s, s_iq_g, s_ik_b, s_ik_s, s_l_b, s_l_g, s_ds_b,
     DI: tl.constexpr, DIP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, NSUB: tl.constexpr,
-    BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, HAS_DOC: tl.constexpr,
 ):
-    """Natural-log LSE of the scaled index scores over every causal key (tiles as kernel 1)."""
+    """Natural-log LSE of the scaled index scores over every causal (same-document) key
+    (tiles and the three block ranges as kernel 1)."""
     num_m = tl.num_programs(0)
     pid_m = num_m - 1 - tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -467,16 +535,34 @@ def _dense_lse_kernel(
     max_pos = tl.max(tl.where(row_ok, pos, 0), axis=0)
     n_full = (min_pos + 1) // BLOCK
     n_end = max_pos // BLOCK + 1
+    if HAS_DOC:
+        dlo = tl.load(ds_ptr + pid_b * s_ds_b + t, mask=row_ok, other=0).to(tl.int32)
+        lo_min = tl.min(tl.where(row_ok, dlo, 2147483647), axis=0)
+        lo_max = tl.max(tl.where(row_ok, dlo, 0), axis=0)
+        n_lo = lo_min // BLOCK
+        f_lo = tl.minimum((lo_max + BLOCK - 1) // BLOCK, n_end)
+        f_hi = tl.maximum(n_full, f_lo)
+    else:
+        n_lo = 0
+        f_lo = 0
+        f_hi = n_full
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for phase in tl.static_range(2):
-        lo = n_full * phase
-        hi = n_full + (n_end - n_full) * phase
+    for phase in tl.static_range(0 if HAS_DOC else 1, 3):
+        if phase == 0:
+            lo = n_lo
+            hi = f_lo
+        elif phase == 1:
+            lo = f_lo
+            hi = f_hi
+        else:
+            lo = f_hi
+            hi = n_end
         for n in range(lo, hi):
             for sub in tl.static_range(NSUB):
                 kk = n * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
                 k_ptrs = ik_base + kk[:, None].to(tl.int64) * s_ik_s + offs_d[None, :]
-                if phase == 0:  # whole block inside [0, sk): no key mask (keeps loads vectorised)
+                if phase == 1:  # whole block inside [0, sk): no key mask (keeps loads vectorised)
                     if DI == DIP:
                         ikb = tl.load(k_ptrs)
                     else:
@@ -486,7 +572,10 @@ def _dense_lse_kernel(
                 if UPCAST:
                     ikb = ikb.to(tl.float32)
                 s = tl.dot(iq_t, tl.trans(ikb), input_precision=DOT_PREC) * iscale_log2
-                if phase == 1:
+                if phase == 0:
+                    s = tl.where((kk[None, :] <= pos[:, None]) & (kk[None, :] < sk) & (kk[None, :] >= dlo[:, None]),
+                                 s, float("-inf"))
+                if phase == 2:
                     s = tl.where((kk[None, :] <= pos[:, None]) & (kk[None, :] < sk), s, float("-inf"))
                 m_new = tl.maximum(m, tl.max(s, axis=1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -499,14 +588,14 @@ def _dense_lse_kernel(
 # ----------------------------------------------------------------------------- kernel 4: KL backward
 @triton.jit
 def _kl_kernel(
-    q_ptr, k_ptr, iq_ptr, ik_ptr, mlse_ptr, ilse_ptr, qpos_ptr, diq_ptr, dik_ptr, kl_ptr, ent_ptr,
+    q_ptr, k_ptr, iq_ptr, ik_ptr, mlse_ptr, ilse_ptr, qpos_ptr, ds_ptr, diq_ptr, dik_ptr, kl_ptr, ent_ptr,
     order_ptr, ikey_ptr, istart_ptr, iend_ptr,
     sq, sk, NG, nb, scale_log2, iscale, coef,
     s_q_b, s_q_s, s_q_h, s_k_b, s_k_s, s_k_g, s_iq_b, s_iq_s, s_iq_g, s_ik_b, s_ik_s,
-    s_ml_b, s_ml_h, s_il_b, s_il_g, s_d_b, s_d_s, s_d_g, s_dk_b, s_dk_s,
+    s_ml_b, s_ml_h, s_il_b, s_il_g, s_d_b, s_d_s, s_d_g, s_dk_b, s_dk_s, s_ds_b,
     K: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, NSUB: tl.constexpr, BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr,
-    DENSE: tl.constexpr, STATS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DENSE: tl.constexpr, STATS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, HAS_DOC: tl.constexpr,
 ):
     """KV-outer KL backward. A program owns one (b, g, key block) and a set of rows:
     sparse -> one reverse-index item (rows that selected the block); dense -> query chunk
@@ -521,7 +610,10 @@ def _kl_kernel(
     STATS: also the entropy sums of the tile's valid entries, -sum Q ln Q (student) and
     -sum_h sum P_h ln P_h (each head's main softmax): ent[prog] = (index, main). Entropy
     is additive over the disjoint token sets of a row, so per-program partial sums of the
-    per-entry terms add up to the row entropies (no per-row state needed)."""
+    per-entry terms add up to the row entropies (no per-row state needed).
+
+    HAS_DOC: keys before the row's document start (ds_ptr [b, sq]) are invalid too, and a
+    tile no row can see (all rows' documents start after it) is skipped."""
     if DENSE:
         pid = tl.program_id(0)
         n = pid % nb
@@ -564,8 +656,16 @@ def _kl_kernel(
                 e = tl.load(order_ptr + off + ar, mask=rm, other=0).to(tl.int64)  # int32 in memory
                 t = (e // K) % sq
             pos = tl.load(qpos_ptr + t, mask=rm, other=-1)
-            if tl.max(pos, axis=0) >= n * BLOCK + sub * BLOCK_N:  # some row sees a key of the tile
+            if HAS_DOC:
+                dlo = tl.load(ds_ptr + bi * s_ds_b + t, mask=rm, other=2147483647)
+                sees = (pos >= n * BLOCK + sub * BLOCK_N) & (dlo < n * BLOCK + (sub + 1) * BLOCK_N)
+                seen = tl.max(sees.to(tl.int32), axis=0) > 0
+            else:
+                seen = tl.max(pos, axis=0) >= n * BLOCK + sub * BLOCK_N
+            if seen:  # some row sees a key of the tile
                 valid = (kk[None, :] <= pos[:, None]) & kmask[None, :] & rm[:, None]
+                if HAS_DOC:
+                    valid = valid & (kk[None, :] >= dlo[:, None])
                 p = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
                 for hh in range(G):
                     head = gi * G + hh
@@ -631,7 +731,8 @@ def _stages(stages: int, x: Tensor) -> int:
     return min(stages, 2) if x.element_size() == 4 else stages
 
 
-def _launch_select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, score_only: bool) -> Tensor:
+def _launch_select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, score_only: bool,
+                   docs: Optional[_Docs] = None) -> Tensor:
     b, sq, g, di = iq.shape
     sk = ik.shape[1]
     lc = _launch_config(iq.device)
@@ -643,11 +744,12 @@ def _launch_select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, score_
         out = _poisoned(torch.empty(b, g, sq, K, device=iq.device, dtype=torch.int32), -7)
         best = torch.empty(1, device=iq.device, dtype=torch.float32)
     grid = (triton.cdiv(sq * g, lc.sel_block_m), b)
+    docs = docs or _Docs(q_pos, 0, False)
     _select_kernel[grid](
-        iq, ik, q_pos, out, best, sq, sk, g,
+        iq, ik, q_pos, docs.ptr, out, best, sq, sk, g,
         iq.stride(0), iq.stride(1), iq.stride(2), ik.stride(0), ik.stride(1),
         out.stride(0) if not score_only else 0, out.stride(1) if not score_only else 0,
-        out.stride(2) if not score_only else 0,
+        out.stride(2) if not score_only else 0, docs.stride_b, HAS_DOC=docs.on,
         K=K, KP=max(2, triton.next_power_of_2(K)), INIT_BLOCKS=cfg.init_blocks, LOCAL_BLOCKS=cfg.local_blocks,
         BLOCK_M=lc.sel_block_m, LAZY=lc.lazy_topk, SCORE_ONLY=score_only,
         num_warps=lc.sel_warps, num_stages=_stages(lc.sel_stages, iq), **_index_constants(cfg, di, iq.dtype),
@@ -678,18 +780,19 @@ def fp8_index_inputs(iq: Tensor, ik: Tensor) -> Tuple[Tensor, Tensor, Tensor, Te
     return iq8, ik8, iq_scale, ik_scale
 
 
-def index_select_fp8(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None) -> Tensor:
+def index_select_fp8(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None, *,
+                     doc_start: Optional[Tensor] = None) -> Tensor:
     """Opt-in FP8 (e4m3) selection, block_idx [b, g, sq, K] int32 only (prefill: no LSE).
 
     Scores iq8 . ik8 run on FP8 tensor cores (H100: 1.5x the bf16 selection, kernel study
     section 4); the ranking differs from bf16 only where block scores are within FP8
     rounding of each other (near-ties). Scaling: see :func:`fp8_index_inputs`."""
-    return index_select(iq, ik, cfg, q_pos, with_lse=False, fp8=True)[0]
+    return index_select(iq, ik, cfg, q_pos, with_lse=False, fp8=True, doc_start=doc_start)[0]
 
 
 def index_select(
     iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None, *, return_plan: bool = False,
-    with_lse: bool = True, fp8: Optional[bool] = None,
+    with_lse: bool = True, fp8: Optional[bool] = None, doc_start: Optional[Tensor] = None,
 ):
     """Fused index branch: causal raw scores -> per-block max -> forced + top-K blocks.
 
@@ -701,6 +804,8 @@ def index_select(
             positions). Context parallelism passes its chunk's positions with all keys.
         return_plan: also return the :class:`ReverseIndex` (key block -> rows), which
             :func:`sparse_kl_backward` accepts to skip rebuilding it.
+        doc_start: optional int [b, sq] (or [sq]) packed documents: keys before each
+            query's document start are invisible (``reference.select(doc_start=...)``).
 
     Returns:
         block_idx [b, g, sq, K] int32, ascending, unused slots -1 (fewer than K visible
@@ -726,6 +831,7 @@ def index_select(
     if return_plan and not with_lse:
         raise UnsupportedInputError("index_select(return_plan=True) needs with_lse=True (the plan is built for the LSE)")
     q_pos = _positions(q_pos, sq, sk, iq.device)
+    docs = _doc_start(doc_start, b, sq, q_pos)
     iq, ik = _last_dim_contiguous(iq.detach()), _last_dim_contiguous(ik.detach())
     if sq == 0:
         block_idx = torch.empty(b, g, 0, cfg.topk, device=iq.device, dtype=torch.int32)
@@ -736,61 +842,71 @@ def index_select(
         return (block_idx, lse, plan) if return_plan else (block_idx, lse)
     if fp8:
         iq8, ik8 = fp8_index_inputs(iq, ik)[:2]
-        return _launch_select(iq8, ik8, cfg, q_pos, score_only=False), None
-    block_idx = _launch_select(iq, ik, cfg, q_pos, score_only=False)
+        return _launch_select(iq8, ik8, cfg, q_pos, score_only=False, docs=docs), None
+    block_idx = _launch_select(iq, ik, cfg, q_pos, score_only=False, docs=docs)
     if not with_lse:
         return block_idx, None
     plan = build_reverse_index(block_idx, triton.cdiv(sk, cfg.block_size), _launch_config(iq.device).items_chunk)
-    lse = _selected_lse(iq, ik, cfg, q_pos, plan)
+    lse = _selected_lse(iq, ik, cfg, q_pos, plan, docs)
     return (block_idx, lse, plan) if return_plan else (block_idx, lse)
 
 
-def index_block_max(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None) -> Tensor:
+def index_block_max(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None, *,
+                    doc_start: Optional[Tensor] = None) -> Tensor:
     """Benchmark aid: the selection kernel without its top-K (max block score per row,
     [b, sq * g] fp32). Its time vs :func:`index_select`'s selection part is the top-K cost."""
     b, sq, g, di, sk = _check_index_inputs(iq, ik, cfg)
     q_pos = _positions(q_pos, sq, sk, iq.device)
-    return _launch_select(_last_dim_contiguous(iq.detach()), _last_dim_contiguous(ik.detach()), cfg, q_pos, True)
+    return _launch_select(_last_dim_contiguous(iq.detach()), _last_dim_contiguous(ik.detach()), cfg, q_pos, True,
+                          _doc_start(doc_start, b, sq, q_pos))
 
 
-def _selected_lse(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, plan: ReverseIndex) -> Tensor:
+def _selected_lse(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, plan: ReverseIndex,
+                  docs: Optional[_Docs] = None) -> Tensor:
     b, g, sq, K = plan.shape
     di, sk = iq.shape[3], ik.shape[1]
     lc = _launch_config(iq.device)
     part = torch.full((b, g, sq, K), float("-inf"), device=iq.device, dtype=torch.float32)
     n_items = plan.item_key.numel()
+    docs = docs or _Docs(q_pos, 0, False)
     if n_items:
         _selected_lse_kernel[(n_items,)](
-            iq, ik, q_pos, plan.order, plan.item_key, plan.item_start, plan.item_end, part,
+            iq, ik, q_pos, docs.ptr, plan.order, plan.item_key, plan.item_start, plan.item_end, part,
             sq, sk, g, plan.nb, cfg.index_softmax_scale * LOG2E,
-            iq.stride(0), iq.stride(1), iq.stride(2), ik.stride(0), ik.stride(1),
+            iq.stride(0), iq.stride(1), iq.stride(2), ik.stride(0), ik.stride(1), docs.stride_b, HAS_DOC=docs.on,
             K=K, BLOCK_Q=lc.items_block_q, num_warps=lc.lse_warps, num_stages=1,
             **_index_constants(cfg, di, iq.dtype),
         )
     return torch.logsumexp(part / LOG2E, dim=-1)  # parts are log2-sum-exp2: to ln first
 
 
-def selected_lse(iq: Tensor, ik: Tensor, block_idx: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None) -> Tensor:
+def selected_lse(iq: Tensor, ik: Tensor, block_idx: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None, *,
+                 doc_start: Optional[Tensor] = None) -> Tensor:
     """Index LSE [b, g, sq] fp32 over the tokens of a given selection (as
     ``reference.selected_index_lse``); :func:`index_select` already returns it."""
     b, sq, g, di, sk = _check_index_inputs(iq, ik, cfg)
     _check_block_idx(block_idx, b, g, sq, iq.device)
     q_pos = _positions(q_pos, sq, sk, iq.device)
+    docs = _doc_start(doc_start, b, sq, q_pos)
     plan = build_reverse_index(block_idx, triton.cdiv(sk, cfg.block_size), _launch_config(iq.device).items_chunk)
-    return _selected_lse(_last_dim_contiguous(iq.detach()), _last_dim_contiguous(ik.detach()), cfg, q_pos, plan)
+    return _selected_lse(_last_dim_contiguous(iq.detach()), _last_dim_contiguous(ik.detach()), cfg, q_pos, plan, docs)
 
 
-def dense_index_lse(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None) -> Tensor:
-    """Index LSE [b, g, sq] fp32 over every causal key (the warmup student's normaliser)."""
+def dense_index_lse(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None, *,
+                    doc_start: Optional[Tensor] = None) -> Tensor:
+    """Index LSE [b, g, sq] fp32 over every causal (same-document) key (the warmup
+    student's normaliser)."""
     b, sq, g, di, sk = _check_index_inputs(iq, ik, cfg)
     q_pos = _positions(q_pos, sq, sk, iq.device)
+    docs = _doc_start(doc_start, b, sq, q_pos)
     iq, ik = _last_dim_contiguous(iq.detach()), _last_dim_contiguous(ik.detach())
     lc = _launch_config(iq.device)
     lse = _poisoned(torch.empty(b, g, sq, device=iq.device, dtype=torch.float32), float("nan"))
     if sq:
         _dense_lse_kernel[(triton.cdiv(sq * g, lc.sel_block_m), b)](
-            iq, ik, q_pos, lse, sq, sk, g, cfg.index_softmax_scale * LOG2E,
+            iq, ik, q_pos, docs.ptr, lse, sq, sk, g, cfg.index_softmax_scale * LOG2E,
             iq.stride(0), iq.stride(1), iq.stride(2), ik.stride(0), ik.stride(1), lse.stride(0), lse.stride(1),
+            docs.stride_b, HAS_DOC=docs.on,
             BLOCK_M=lc.sel_block_m, num_warps=lc.sel_warps, num_stages=_stages(lc.sel_stages, iq),
             **_index_constants(cfg, di, iq.dtype),
         )
@@ -891,6 +1007,7 @@ def sparse_kl_backward(
     q: Tensor, k: Tensor, iq: Tensor, ik: Tensor, block_idx: Tensor, main_lse: Tensor, index_lse: Tensor,
     cfg: MSAConfig, q_pos: Optional[Tensor] = None, grad_scale=1.0, *, softmax_scale: Optional[float] = None,
     normalizer: Optional[float] = None, plan: Optional[ReverseIndex] = None, return_stats: bool = False,
+    doc_start: Optional[Tensor] = None,
 ):
     """KL(teacher || student) over each row's selected tokens: its value and its gradient
     w.r.t. iq and ik in one pass (no separate KL forward), as ``reference.sparse_kl_loss``.
@@ -912,6 +1029,9 @@ def sparse_kl_backward(
         plan: the reverse index returned by ``index_select(..., return_plan=True)``.
         return_stats: also return the entropy statistics, by-products of the same pass
             (a few extra element-wise ops per tile; off: the kernel compiles without them).
+        doc_start: optional int [b, sq] / [sq] packed documents (as :func:`index_select`):
+            keys before a row's document start are not among its tokens; ``main_lse`` and
+            ``index_lse`` must be over the same document-masked tokens.
 
     Returns:
         kl: fp32 scalar, sum of P (log P - log Q) / normalizer (for logging; detached);
@@ -928,6 +1048,7 @@ def sparse_kl_backward(
     main_lse, index_lse = _lse_rows_contiguous(main_lse), _lse_rows_contiguous(index_lse)
     _check_block_idx(block_idx, b, g, sq, iq.device)
     q_pos = _positions(q_pos, sq, sk, iq.device)
+    docs = _doc_start(doc_start, b, sq, q_pos)
     lc = _launch_config(iq.device)
     nb = triton.cdiv(sk, cfg.block_size)
     if plan is None or plan.shape != tuple(block_idx.shape) or plan.nb != nb:
@@ -938,10 +1059,10 @@ def sparse_kl_backward(
     qc, kc, iqc, ikc = tens
     if n_items:
         _kl_kernel[(n_items,)](
-            qc, kc, iqc, ikc, main_lse, index_lse, q_pos, d_iq32, d_ik32, kl_part, ent_part,
+            qc, kc, iqc, ikc, main_lse, index_lse, q_pos, docs.ptr, d_iq32, d_ik32, kl_part, ent_part,
             plan.order, plan.item_key, plan.item_start, plan.item_end,
-            sq, sk, g, nb, *scalars, *_strides(qc, kc, iqc, ikc, main_lse, index_lse, d_iq32, d_ik32),
-            K=block_idx.shape[-1], BLOCK_Q=lc.items_block_q, CHUNK=plan.chunk, DENSE=False, STATS=return_stats,
+            sq, sk, g, nb, *scalars, *_strides(qc, kc, iqc, ikc, main_lse, index_lse, d_iq32, d_ik32), docs.stride_b,
+            HAS_DOC=docs.on, K=block_idx.shape[-1], BLOCK_Q=lc.items_block_q, CHUNK=plan.chunk, DENSE=False, STATS=return_stats,
             num_warps=lc.kl_warps, num_stages=lc.kl_stages, **consts,
         )
     return _finish(kl_part, norm, d_iq32, d_ik32, iq, ik, grad_scale, ent_part if return_stats else None, hq // g)
@@ -951,6 +1072,7 @@ def dense_kl_backward(
     q: Tensor, k: Tensor, iq: Tensor, ik: Tensor, main_lse: Tensor, cfg: MSAConfig,
     q_pos: Optional[Tensor] = None, grad_scale=1.0, *, softmax_scale: Optional[float] = None,
     normalizer: Optional[float] = None, index_lse: Optional[Tensor] = None, return_stats: bool = False,
+    doc_start: Optional[Tensor] = None,
 ):
     """Warmup-phase KL over all causal tokens (``reference.dense_kl_loss``): value and
     gradients w.r.t. iq, ik.
@@ -961,15 +1083,17 @@ def dense_kl_backward(
     the index scores (:func:`dense_index_lse`) unless ``index_lse`` is given. The gradient
     pass costs about one dense QK^T pass over all query heads (no PV), i.e. about half a
     dense attention forward. Arguments and returns (``return_stats`` included: entropies over all
-    causal tokens) as :func:`sparse_kl_backward`."""
+    causal tokens; ``doc_start``: all causal same-document tokens, ``main_lse`` with the
+    document mask) as :func:`sparse_kl_backward`."""
     tens, d_iq32, d_ik32, consts, scalars, norm, dims = _kl_common(
         q, k, iq, ik, main_lse,
         index_lse if index_lse is not None else torch.empty(iq.shape[0], iq.shape[2], iq.shape[1], device=iq.device),
         cfg, softmax_scale, normalizer, grad_scale)
     b, sq, g, di, sk, hq, d = dims
     q_pos = _positions(q_pos, sq, sk, iq.device)
+    docs = _doc_start(doc_start, b, sq, q_pos)
     if index_lse is None:
-        index_lse = dense_index_lse(iq, ik, cfg, q_pos)
+        index_lse = dense_index_lse(iq, ik, cfg, q_pos, doc_start=doc_start)
     main_lse, index_lse = _lse_rows_contiguous(main_lse), _lse_rows_contiguous(index_lse)
     lc = _launch_config(iq.device)
     nb = triton.cdiv(sk, cfg.block_size)
@@ -980,31 +1104,33 @@ def dense_kl_backward(
     qc, kc, iqc, ikc = tens
     if n_chunks:
         _kl_kernel[(b * g * nb, n_chunks)](
-            qc, kc, iqc, ikc, main_lse, index_lse, q_pos, d_iq32, d_ik32, kl_part, ent_part,
+            qc, kc, iqc, ikc, main_lse, index_lse, q_pos, docs.ptr, d_iq32, d_ik32, kl_part, ent_part,
             q_pos, q_pos, q_pos, q_pos,  # no reverse index in dense mode (unused pointers)
-            sq, sk, g, nb, *scalars, *_strides(qc, kc, iqc, ikc, main_lse, index_lse, d_iq32, d_ik32),
-            K=1, BLOCK_Q=lc.items_block_q, CHUNK=chunk, DENSE=True, STATS=return_stats,
+            sq, sk, g, nb, *scalars, *_strides(qc, kc, iqc, ikc, main_lse, index_lse, d_iq32, d_ik32), docs.stride_b,
+            HAS_DOC=docs.on, K=1, BLOCK_Q=lc.items_block_q, CHUNK=chunk, DENSE=True, STATS=return_stats,
             num_warps=lc.kl_warps, num_stages=lc.kl_stages, **consts,
         )
     return _finish(kl_part, norm, d_iq32, d_ik32, iq, ik, grad_scale, ent_part if return_stats else None, hq // g)
 
 
-def dense_main_lse(q: Tensor, k: Tensor, q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None) -> Tensor:
+def dense_main_lse(q: Tensor, k: Tensor, q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None, *,
+                   doc_start: Optional[Tensor] = None) -> Tensor:
     """Dense causal main-branch LSE [b, hq, sq] fp32 (natural log).
 
-    CUDA, sq == sk and default positions: torch's flash-attention op (GQA keys repeated
-    per query head; values are a dummy, only the LSE is used). Otherwise the reference
-    (slow: for tests and CPU)."""
+    CUDA, sq == sk, default positions and no documents: torch's flash-attention op (GQA
+    keys repeated per query head; values are a dummy, only the LSE is used). Otherwise the
+    reference (slow: for tests and CPU; with ``doc_start`` the document-masked LSE)."""
     b, sq, hq, d = q.shape
     sk, g = k.shape[1], k.shape[2]
-    if q.is_cuda and q_pos is None and sq == sk and q.dtype in (torch.bfloat16, torch.float16):
+    if (q.is_cuda and q_pos is None and doc_start is None and sq == sk
+            and q.dtype in (torch.bfloat16, torch.float16)):
         qh = q.detach().transpose(1, 2)
         kh = k.detach().transpose(1, 2).repeat_interleave(hq // g, dim=1)
         out = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, kh, 0.0, True, False, scale=softmax_scale)
         return out[1].float()[:, :, :sq]
     from .. import reference
 
-    _, lse = reference.dense_attention(q.detach(), k.detach(), k.detach(), q_pos, softmax_scale)
+    _, lse = reference.dense_attention(q.detach(), k.detach(), k.detach(), q_pos, softmax_scale, doc_start=doc_start)
     return lse
 
 

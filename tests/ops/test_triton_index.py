@@ -411,3 +411,179 @@ def test_op_prefill_skips_index_lse(request, monkeypatch):
     out2, aux2 = triton_op.msa_attention_triton(q, k, v, iq, ik, cfg, mode="msa", compute_kl=False,
                                                 block_idx=aux.block_idx)
     assert torch.equal(out2, out) and aux2.kl is None
+
+
+# ----------------------------------------------------------------------------- packed documents (doc_start)
+# Same tolerances as above. Layouts: "short" = documents of 1..12 tokens (shorter than a
+# block; blocks split by several boundaries), "mixed" = 1..60 tokens, "one" = a single
+# document spanning everything. Each batch row draws its own layout.
+def _doc_start(gen, b, sk, layout, q_pos):
+    ids = torch.zeros(b, sk, dtype=torch.long)
+    if layout != "one":
+        hi = {"short": 13, "mixed": 61}[layout]
+        for bi in range(b):
+            p, doc = 0, 0
+            while p < sk:
+                n = int(torch.randint(1, hi, (1,), generator=gen))
+                ids[bi, p:p + n] = doc
+                p, doc = p + n, doc + 1
+    ds = R.doc_start_from_doc_ids(ids)  # [b, sk] per key position
+    qp = R._positions(q_pos, q_pos.numel() if q_pos is not None else sk, sk, "cpu")
+    return ds[:, qp]
+
+
+def assert_doc_selection_ok(sel, iq, ik, cfg, q_pos, ds, tol=SCORE_GAP_TOL):
+    """assert_selection_ok with documents: visible blocks are [doc block, own block]."""
+    b, sq, g, _ = iq.shape
+    sk = ik.shape[1]
+    ref = R.select(iq, ik, cfg, q_pos, doc_start=ds)
+    assert sel.dtype == torch.int32 and sel.shape == ref.shape
+    qp = R._positions(q_pos, sq, sk, iq.device)
+    nb = math.ceil(sk / cfg.block_size)
+    own = (qp // cfg.block_size).view(1, 1, sq, 1)
+    first = (ds // cfg.block_size).view(b, 1, sq, 1)
+    valid = sel >= 0
+    assert bool((sel >= -1).all()) and bool((sel <= own).all()), "future or garbage block selected"
+    assert bool((~valid | (sel >= first)).all()), "a block before the query's document was selected"
+    assert bool((valid[..., :-1] | ~valid[..., 1:]).all()), "-1 padding must come last"
+    v = torch.where(valid, sel, torch.full_like(sel, nb + 1))
+    assert bool(((v[..., 1:] > v[..., :-1]) | ~valid[..., 1:]).all()), "selection must be strictly ascending"
+    n_expect = torch.clamp(own - first + 1, max=cfg.topk).squeeze(-1).expand(b, g, sq)
+    assert torch.equal(valid.sum(-1), n_expect.to(valid.sum(-1).dtype))
+    forced = R.forced_block_mask(qp, nb, cfg, doc_start=ds)[:, None]  # [b, 1, sq, nb]
+    onehot = torch.zeros(b, g, sq, nb + 1, dtype=torch.bool)
+    onehot.scatter_(-1, torch.where(valid, sel, torch.full_like(sel, nb)).long(), True)
+    onehot = onehot[..., :nb]
+    assert bool((onehot | ~forced).all()), "a forced (own / local / init) block is missing"
+    diff_rows = (sel != ref).any(-1)
+    if bool(diff_rows.any()):
+        scores = R.index_block_scores(iq, ik, cfg.block_size, q_pos, doc_start=ds)
+        ref_hot = torch.zeros(b, g, sq, nb + 1, dtype=torch.bool)
+        ref_hot.scatter_(-1, torch.where(ref >= 0, ref, torch.full_like(ref, nb)).long(), True)
+        ref_hot = ref_hot[..., :nb]
+        hi = scores.masked_fill(~(ref_hot & ~onehot), float("-inf")).amax(-1)
+        lo = scores.masked_fill(~(onehot & ~ref_hot), float("inf")).amin(-1)
+        gap = (hi - lo)[diff_rows]
+        assert bool((gap <= tol).all()), f"selection differs beyond near-ties: max score gap {gap.max().item():.3g}"
+    return int(diff_rows.sum())
+
+
+# (dtype, b, sq, sk, g, G, di, d, block, K, init, local, q_pos kind, layout)
+DOC_CASES = [
+    (torch.float32, 1, 150, 150, 1, 1, 16, 16, 16, 4, 0, 1, "default", "short"),
+    (torch.float32, 2, 130, 130, 2, 3, 32, 16, 16, 3, 1, 2, "default", "mixed"),
+    (torch.bfloat16, 2, 131, 131, 2, 4, 16, 16, 16, 4, 0, 1, "default", "mixed"),
+    (torch.float32, 1, 60, 237, 4, 1, 16, 16, 16, 5, 2, 2, "subset", "mixed"),
+    (torch.bfloat16, 1, 64, 250, 1, 2, 32, 32, 32, 3, 0, 1, "zigzag", "short"),
+    (torch.float32, 1, 120, 120, 2, 1, 16, 16, 48, 2, 1, 1, "default", "one"),  # block 48: 3 sub-tiles of 16
+]
+
+
+@pytest.mark.parametrize("case", DOC_CASES, ids=lambda c: _case_id(c) + "-" + c[13])
+def test_documents_select_lse_and_sparse_kl_match_reference(case, request):
+    dtype, b, sq, sk, g, G, di, d, block, K, init, local, qk, layout = case
+    gen = _gen(request)
+    cfg = MSAConfig(block_size=block, topk=K, index_dim=di, init_blocks=init, local_blocks=local)
+    iq, ik = _randn(gen, b, sq, g, di, dtype=dtype), _randn(gen, b, sk, di, dtype=dtype)
+    q, k = _randn(gen, b, sq, g * G, d, dtype=dtype), _randn(gen, b, sk, g, d, dtype=dtype)
+    q_pos = _make_q_pos(qk, sq, sk, gen)
+    ds = _doc_start(gen, b, sk, layout, q_pos)
+
+    sel, lse, plan = TI.index_select(iq, ik, cfg, q_pos, return_plan=True, doc_start=ds)
+    assert_doc_selection_ok(sel, iq, ik, cfg, q_pos, ds)
+    ref_lse = R.selected_index_lse(iq, ik, sel, cfg, q_pos, doc_start=ds)
+    assert torch.isfinite(lse).all()
+    assert (lse - ref_lse).abs().max().item() <= LSE_TOL * max(1.0, ref_lse.abs().max().item())
+    # the score-only variant sees the same visible keys: its max equals the reference's
+    best = TI.index_block_max(iq, ik, cfg, q_pos, doc_start=ds).view(b, sq, g)
+    ref_best = R.index_block_scores(iq, ik, block, q_pos, doc_start=ds).amax(-1).permute(0, 2, 1)
+    assert (best - ref_best).abs().max().item() <= 1e-4 * max(1.0, ref_best.abs().max().item())
+
+    _, main_lse = R.sparse_attention(q, k, k, sel, block, q_pos, doc_start=ds)
+    kl, d_iq, d_ik, stats = TI.sparse_kl_backward(q, k, iq, ik, sel, main_lse, lse, cfg, q_pos, plan=plan,
+                                                  return_stats=True, doc_start=ds)
+    iq_r, ik_r = iq.detach().clone().requires_grad_(), ik.detach().clone().requires_grad_()
+    terms = R.sparse_kl_terms(q, k, iq_r, ik_r, sel, cfg, q_pos, doc_start=ds)
+    ref_kl = terms.kl / terms.rows
+    ref_kl.backward()
+    assert_stats_match(stats, terms, G)
+    assert abs(kl.item() - ref_kl.item()) <= 1e-4 * max(1.0, abs(ref_kl.item())), (kl.item(), ref_kl.item())
+    assert _rel(d_iq, iq_r.grad) <= KL_RTOL[dtype], _rel(d_iq, iq_r.grad)
+    assert _rel(d_ik, ik_r.grad) <= KL_RTOL[dtype], _rel(d_ik, ik_r.grad)
+
+
+@pytest.mark.parametrize("dtype,G,qk,layout", [(torch.float32, 4, "default", "short"),
+                                               (torch.bfloat16, 3, "subset", "mixed")])
+def test_documents_dense_lse_and_dense_kl_match_reference(dtype, G, qk, layout, request):
+    gen = _gen(request)
+    b, g, di, d = 2, 2, 16, 16
+    sq, sk = (90, 90) if qk == "default" else (50, 150)
+    cfg = MSAConfig(block_size=16, topk=2, index_dim=di)
+    iq, ik = _randn(gen, b, sq, g, di, dtype=dtype), _randn(gen, b, sk, di, dtype=dtype)
+    q, k = _randn(gen, b, sq, g * G, d, dtype=dtype), _randn(gen, b, sk, g, d, dtype=dtype)
+    q_pos = _make_q_pos(qk, sq, sk, gen)
+    ds = _doc_start(gen, b, sk, layout, q_pos)
+    qp = R._positions(q_pos, sq, sk, "cpu")
+    ilse = TI.dense_index_lse(iq, ik, cfg, q_pos, doc_start=ds)
+    s = torch.einsum("bqgd,bkd->bgqk", iq.float(), ik.float()) * cfg.index_softmax_scale
+    key = torch.arange(sk)
+    hidden = (key[None, None] > qp[None, :, None]) | (key[None, None] < ds[:, :, None])  # [b, sq, sk]
+    ref_ilse = torch.logsumexp(s.masked_fill(hidden[:, None], float("-inf")), -1)
+    assert (ilse - ref_ilse).abs().max().item() <= LSE_TOL * max(1.0, ref_ilse.abs().max().item())
+
+    main_lse = TI.dense_main_lse(q, k, q_pos, doc_start=ds)
+    kl, d_iq, d_ik, stats = TI.dense_kl_backward(q, k, iq, ik, main_lse, cfg, q_pos, grad_scale=0.7,
+                                                 return_stats=True, doc_start=ds)
+    iq_r, ik_r = iq.detach().clone().requires_grad_(), ik.detach().clone().requires_grad_()
+    terms = R.dense_kl_terms(q, k, iq_r, ik_r, cfg, q_pos, doc_start=ds)
+    ref_kl = terms.kl / terms.rows
+    (ref_kl * 0.7).backward()
+    assert_stats_match(stats, terms, G)
+    assert abs(kl.item() - ref_kl.item()) <= 1e-4 * max(1.0, abs(ref_kl.item()))
+    assert _rel(d_iq, iq_r.grad) <= KL_RTOL[dtype], _rel(d_iq, iq_r.grad)
+    assert _rel(d_ik, ik_r.grad) <= KL_RTOL[dtype], _rel(d_ik, ik_r.grad)
+
+
+def test_documents_full_budget_and_single_document_reduce_exactly(request):
+    """K >= blocks: every visible block is selected and the selected LSE equals the dense
+    document-masked one. One document (doc_start = 0, [sq] broadcast form) gives results
+    bit-identical to doc_start=None (the plain causal kernels)."""
+    gen = _gen(request)
+    b, sq, g, G, di = 2, 100, 2, 2, 16
+    cfg = MSAConfig(block_size=16, topk=7, index_dim=di, init_blocks=1)
+    iq, ik = _randn(gen, b, sq, g, di), _randn(gen, b, sq, di)
+    q, k = _randn(gen, b, sq, g * G, 16), _randn(gen, b, sq, g, 16)
+    ds = _doc_start(gen, b, sq, "mixed", None)
+    sel, lse = TI.index_select(iq, ik, cfg, doc_start=ds)
+    t = torch.arange(sq)
+    first, own = (ds // 16)[:, None, :, None], (t // 16)[None, None, :, None]
+    blk = torch.arange(7)[None, None, None, :] + first
+    assert torch.equal(sel, torch.where(blk <= own, blk, -1).int().expand_as(sel))
+    assert (lse - TI.dense_index_lse(iq, ik, cfg, doc_start=ds)).abs().max().item() <= LSE_TOL * 10
+
+    zeros = torch.zeros(sq, dtype=torch.long)
+    cfg = cfg.replace(topk=3)
+    s0, l0, p0 = TI.index_select(iq, ik, cfg, return_plan=True)
+    s1, l1 = TI.index_select(iq, ik, cfg, doc_start=zeros)
+    assert torch.equal(s0, s1) and torch.equal(l0, l1)
+    _, main_lse = R.sparse_attention(q, k, k, s0, 16)
+    r0 = TI.sparse_kl_backward(q, k, iq, ik, s0, main_lse, l0, cfg, plan=p0)
+    r1 = TI.sparse_kl_backward(q, k, iq, ik, s0, main_lse, l0, cfg, plan=p0, doc_start=zeros)
+    assert all(torch.equal(x, y) for x, y in zip(r0, r1))
+    d_lse = R.dense_attention(q, k, k)[1]
+    assert torch.equal(TI.dense_index_lse(iq, ik, cfg), TI.dense_index_lse(iq, ik, cfg, doc_start=zeros))
+    r0 = TI.dense_kl_backward(q, k, iq, ik, d_lse, cfg)
+    r1 = TI.dense_kl_backward(q, k, iq, ik, d_lse, cfg, doc_start=zeros)
+    assert all(torch.equal(x, y) for x, y in zip(r0, r1))
+
+
+def test_documents_bad_doc_start_raises(request):
+    gen = _gen(request)
+    cfg = MSAConfig(block_size=16, topk=2, index_dim=16)
+    iq, ik = _randn(gen, 1, 20, 1, 16), _randn(gen, 1, 20, 16)
+    with pytest.raises(TI.UnsupportedInputError, match="doc_start must satisfy"):
+        TI.index_select(iq, ik, cfg, doc_start=torch.full((20,), 5))
+    with pytest.raises(TI.UnsupportedInputError, match="doc_start must have shape"):
+        TI.index_select(iq, ik, cfg, doc_start=torch.zeros(3, 20, dtype=torch.long))
+    with pytest.raises(TI.UnsupportedInputError, match="integers"):
+        TI.dense_index_lse(iq, ik, cfg, doc_start=torch.zeros(20))
