@@ -99,9 +99,9 @@ class KernelConfig:
     kl_bwd_stages: int = 1  # pipeline depth of the backward with the fused KL (sm_90a: 2 stages = 225 KB of 227 KB smem)
     # --- v2: union-tile path (ops/triton_union.py; docs/kernels_main.md "v2: union tile")
     main_impl: str = "auto"  # "auto" | "union" | "kv": union tile (fwd + dQ [+ KL]) vs KV-outer; auto decides per call by the mean union size
-    union_max_blocks: float = 32.0  # auto: union path when the mean union per tile < this x K/16 (kernel_study.md 6.1/6.3: break-even of fwd + split bwd, U8 ~ 32 at K = 16, P = 8)
-    union_max_blocks_fwd: float = 40.0  # the same for calls without a backward (prefill/eval): the study's forward-only crossover, U8 ~ 40 (6.1)
-    union_max_blocks_kl: float = 48.0  # the same for the op's training path (the union dQ pass also replaces the separate 59-64 ms KL kernel): estimate from the study's slopes, see triton_union.resolve_main_impl
+    union_max_blocks: float = 24.0  # auto: union path when the mean union per tile < this x K/16; measured break-even of main fwd+bwd at 128K, H100 (docs/gpu_logs/run8_h100/union_check.md: union 125.5/144.0/189.3 ms at U8 16/21/32 vs KV-outer ~160)
+    union_max_blocks_fwd: float = 32.0  # the same for calls without a backward (prefill/eval): measured forward crossover (union 30.4/38.4/59.7 ms at U8 16/21/32 vs KV-outer ~60, run 8)
+    union_max_blocks_kl: float = 22.0  # the same for the op's training path (union dQ + fused KL): measured break-even of the op fwd+bwd (union 187/222/302 ms at U8 16/21/32 vs KV-outer ~232, run 8; the fused KL costs ~56 ms there, not the study's ~8)
     union_rows: int = 128  # MMA rows of a union tile: P positions x next_pow2(G) heads (P = 8 at G = 16)
     union_block_n: int = 64  # keys per step (study prototype: 64 beat 128, 23.6 vs 24.8 ms at 128K)
     union_fwd_warps: int = 8

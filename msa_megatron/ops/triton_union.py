@@ -234,12 +234,12 @@ def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: 
     """'union' or 'kv' for this call, plus the union lists when 'union' (reused by the
     backward). ``auto``: the union path when the mean union per tile is below ``limit x K/16``
     and no row repeats a block; one host sync for that number; logged once per reason. The
-    limit (blocks per tile at K = 16, P = 8; kernel_study.md 6.1/6.3/6.4):
-    ``union_max_blocks`` = 32 for a main branch with a backward (measured break-even: union
-    fwd 1.45 ms x U8 + dQ 1.57 ms x U8 + dK/dV 62 ms vs KV-outer 60 + 98 ms at 128K);
-    ``union_max_blocks_fwd`` = 40 without a backward (the forward-only crossover);
-    ``union_max_blocks_kl`` = 48 for the op's training path, where the union dQ pass also
-    replaces the separate KL kernel (59-64 ms; estimate: +8% on the dQ pass)."""
+    limits (blocks per tile at K = 16, P = 8) are the break-evens measured at 128K on one H100
+    (docs/gpu_logs/run8_h100/union_check.md, pool selections with U8 = 16 / 21 / 32):
+    ``union_max_blocks`` = 24 for a main branch with a backward (union fwd+bwd 125.5 / 144.0 /
+    189.3 ms vs KV-outer ~160); ``union_max_blocks_fwd`` = 32 without a backward (union fwd
+    30.4 / 38.4 / 59.7 ms vs ~60); ``union_max_blocks_kl`` = 22 for the op's training path, where
+    the union dQ pass also computes the indexer KL (op fwd+bwd 187 / 222 / 302 ms vs ~232)."""
     global _last_stats
     impl = cfg.main_impl
     if impl == "kv" or block_idx.shape[2] == 0:
