@@ -281,7 +281,7 @@ class MSACoreAttention(MegatronModule):
         self.tp_size = self.tp_group.size()
         self.cp_group = pg_collection.cp
         self.cp_size = self.cp_group.size()
-        self.cp_select_first = False  # select-first overlap under CP (context_parallel.set_cp_select_overlap)
+        self.cp_select_first = False  # select-first overlap under CP (modes.set_cp_select_overlap)
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         if submodules is None or submodules.dense_attention is None:
             raise ValueError("MSACoreAttention needs submodules.dense_attention (Megatron's core attention)")

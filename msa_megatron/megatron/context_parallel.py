@@ -15,7 +15,8 @@ of the op, independent of the attention module:
    function's backward), with the inverse reordering.
 
 The Megatron backend calls :func:`gather_kv_for_cp` from ``MSACoreAttention`` (or
-:func:`gather_kv_and_select_for_cp`, which overlaps the selection with the K/V transfer);
+:func:`gather_kv_and_select_for_cp`, which overlaps the selection with the K/V transfer;
+``modes.set_cp_select_overlap`` switches it);
 :func:`validate_cp_sequence_length` checks a training length up front.
 
 ``kv_exchange='selected'`` replaces step 2 for K/V by fetching only the blocks this rank's
@@ -316,7 +317,7 @@ def gather_kv_and_select_for_cp(k: Tensor, v: Tensor, iq: Tensor, ik: Tensor, cf
     if not ok:
         raise NotImplementedError(
             f"CP select-first overlap needs ops.msa_attention to accept block_idx, which this {backend} op does "
-            "not: disable it (set_cp_select_overlap(model, False))")
+            "not: disable it (msa_megatron.megatron.modes.set_cp_select_overlap(model, False))")
     if k.dtype != v.dtype:
         raise ValueError(f"CP: k and v must share a dtype for the packed all-gather (got {k.dtype}, {v.dtype})")
     check_cp_sequence(k.shape[1], cp, block_size=1)
@@ -329,21 +330,6 @@ def gather_kv_and_select_for_cp(k: Tensor, v: Tensor, iq: Tensor, ik: Tensor, cf
 
     k_full, v_full = _ZigzagAllGather.apply(group, cp, select_now, k, v)
     return k_full, v_full, ik_full, q_pos, found["block_idx"]
-
-
-def set_cp_select_overlap(model_or_chunks, enabled: bool) -> int:
-    """Turn the select-first overlap (:func:`gather_kv_and_select_for_cp`) on or off in every
-    MSA core attention of a model (or list of chunks); returns how many were switched. Off by
-    default; it only acts under CP."""
-    from .modes import msa_core_attentions
-
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {enabled!r}")
-    n = 0
-    for core in msa_core_attentions(model_or_chunks):
-        core.cp_select_first = enabled
-        n += 1
-    return n
 
 
 def validate_cp_sequence_length(seq_len: int, cp: int, msa: Optional[MSAConfig] = None, tp: int = 1,
@@ -672,5 +658,5 @@ __all__ = [
     "format_comm_table", "gather_kv_for_cp", "gather_sequence", "kl_weight_for_cp", "measured_selected_volume",
     "merge_from_cp",
     "msa_attention_cp", "reduce_aux_over_cp", "split_for_cp", "zigzag_chunks", "zigzag_positions",
-    "gather_kv_and_select_for_cp", "set_cp_select_overlap", "validate_cp_sequence_length",
+    "gather_kv_and_select_for_cp", "validate_cp_sequence_length",
 ]
