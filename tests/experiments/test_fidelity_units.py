@@ -187,7 +187,7 @@ def test_every_run_of_the_matrix_composes_and_validates(preset, tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from msa_megatron.fidelity.matrix import PRESETS, RUN_NAMES, plan
+    from msa_megatron.experiments.fidelity.matrix import PRESETS, RUN_NAMES, plan
     from msa_megatron.train import CONFIG_DIR
     from msa_megatron.training.config import load_config, validate
 
