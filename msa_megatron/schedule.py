@@ -13,7 +13,8 @@ The rules (one set for both loops):
   step).
 * Full-attention warmup: a step runs ``msa_warmup`` (dense main branch, index branch distilled
   from the dense teacher over all causal tokens) while ``step <= warmup_steps``, or, when
-  the warmup is given in tokens, while ``consumed_tokens < warmup_tokens``; afterwards
+  the warmup is given in tokens only, while ``consumed_tokens < warmup_tokens`` (steps win
+  when both are given, as msa-train's ``Config.steps_from``); afterwards
   ``msa.mode`` (normally ``msa``: sparse). With a constant batch the token rule is
   ``ceil(warmup_tokens / tokens_per_step)`` steps, which is what msa-train computed before.
 * Selection recall (an extra dense pass per MSA layer, measured against the dense top-k) is
@@ -73,8 +74,6 @@ def _check_phase(name: str, steps: Optional[int], tokens: Optional[int]) -> None
     for suffix, value in (("steps", steps), ("tokens", tokens)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ConfigError(f"{name}.{suffix}", value, "an integer >= 0, or null")
-    if steps is not None and tokens is not None:
-        raise ConfigError(f"{name}.tokens", tokens, f"null when {name}.steps is set (give steps or tokens, not both)")
 
 
 @dataclass(frozen=True)

@@ -84,8 +84,10 @@ def test_kl_coeff_at():
 
 
 def test_bad_settings_name_the_field():
-    with pytest.raises(ConfigError, match=r"warmup.tokens=5 is invalid: allowed values are null when warmup.steps"):
-        Schedule(MSAConfig(), warmup_steps=1, warmup_tokens=5)
+    # steps win over tokens (msa-train's Config.steps_from); the Megatron-LM flags refuse both
+    assert Schedule(MSAConfig(), warmup_steps=1, warmup_tokens=10 * TPS).plan(2, TPS).mode == "msa"
+    with pytest.raises(ValueError, match="not both"):
+        MSASchedule(MSAConfig(), warmup_iters=1, warmup_tokens=5, seq_length=SEQ)
     with pytest.raises(ConfigError, match=r"indexer_only.steps=-1 is invalid"):
         Schedule(MSAConfig(), indexer_only_steps=-1)
     with pytest.raises(ConfigError, match=r"step=0 is invalid: allowed values are an integer >= 1"):
