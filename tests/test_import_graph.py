@@ -5,7 +5,9 @@ Module-level imports (run when a module is imported) and function-level imports 
 function is called: lazy imports of optional dependencies, CLI mains) are listed separately.
 A circle of module-level imports is an error; a circle closed by a function-level import is
 an error too unless it is listed in KNOWN_LAZY_CYCLES (each with why it is still there).
-The layer rule applies to both kinds: a lazy import is still a dependency.
+The layer rule applies to both kinds: a lazy import is still a dependency. Imports by name
+through ``importlib`` (the lazy export tables of megatron/__init__.py and megatron_lm/__init__.py)
+are not seen: keep those within the importing package's own group.
 
 The layer table (also in docs/architecture.md), bottom first; a module may import its own
 group and groups of lower layers, never a higher layer or a sibling group of its own layer:
