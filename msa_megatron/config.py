@@ -43,8 +43,12 @@ class ConfigError(ValueError):
 
     @property
     def path(self) -> str:
-        """The dotted field path (the name msa-train's config uses)."""
+        """The dotted field path (the name msa-train's config uses); an alias of ``field``."""
         return self.field
+
+    @path.setter
+    def path(self, value: str) -> None:
+        self.field = value
 
     @property
     def field_name(self) -> str:
