@@ -4,7 +4,7 @@
 backend registers itself through :func:`register` (imported lazily, so the reference and
 the kernels stay usable without megatron-core)."""
 
-from .config import ATTENTION_MODES, MSAConfig, MSAConfigError
+from .config import ATTENTION_MODES, ConfigError, MSAConfig, MSAConfigError
 from .versions import warn_if_untested
 
 __version__ = "0.1.0"
@@ -19,4 +19,4 @@ def register() -> None:
     _register()
 
 
-__all__ = ["ATTENTION_MODES", "MSAConfig", "MSAConfigError", "__version__", "register"]
+__all__ = ["ATTENTION_MODES", "ConfigError", "MSAConfig", "MSAConfigError", "__version__", "register"]

@@ -1,8 +1,8 @@
 """Validated MSA settings: the one source of truth read by the reference, the kernels,
 the Megatron-Core backend, the hydra launcher and the Megatron-LM flags.
 
-Every invalid value raises :class:`MSAConfigError`, whose message names the field and
-the values it accepts, so a bad YAML key or CLI flag fails with one readable line.
+Every invalid value raises :class:`MSAConfigError` (a :class:`ConfigError`, the package's
+one config error), whose message names the field and the values it accepts, so a bad YAML key or CLI flag fails with one readable line.
 """
 
 from __future__ import annotations
@@ -23,14 +23,45 @@ ATTENTION_MODES = ("dense", "msa_warmup", "msa")
 BACKENDS = ("auto", "reference", "triton")
 
 
-class MSAConfigError(ValueError):
-    """A field of the MSA configuration holds a value it does not accept."""
+class ConfigError(ValueError):
+    """The package's one error for an invalid setting, one readable line:
+    ``<field>=<value> is invalid: allowed values are <allowed>``.
 
-    def __init__(self, field_name: str, value: Any, allowed: str):
-        self.field_name = field_name
+    ``field`` is the name as the user wrote it (a YAML path such as ``data.seq_length``, a
+    flag such as ``--msa-topk``). Every other config error of the package is this class or a
+    subclass of it (``MSAConfigError``, ``megatron_lm.args.MSAArgumentError``), so callers
+    catch one type."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field = field
         self.value = value
         self.allowed = allowed
-        super().__init__(f"msa.{field_name}={value!r} is invalid: allowed values are {allowed}")
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        return f"{self.field}={self.value!r} is invalid: allowed values are {self.allowed}"
+
+    @property
+    def path(self) -> str:
+        """The dotted field path (the name msa-train's config uses); an alias of ``field``."""
+        return self.field
+
+    @path.setter
+    def path(self, value: str) -> None:
+        self.field = value
+
+    @property
+    def field_name(self) -> str:
+        """The last component of the field path (``msa.topk`` -> ``topk``)."""
+        return self.field.rsplit(".", 1)[-1]
+
+
+class MSAConfigError(ConfigError):
+    """A field of :class:`MSAConfig` holds a value it does not accept; the message says
+    ``msa.<field>`` (kept under its old name; ``except ConfigError`` catches it)."""
+
+    def __init__(self, field_name: str, value: Any, allowed: str):
+        super().__init__(f"msa.{field_name}", value, allowed)
 
 
 @dataclass
@@ -176,4 +207,5 @@ def msa_layer_pattern(cfg: MSAConfig, num_layers: int) -> List[bool]:
     return [cfg.is_msa_layer(i) for i in range(num_layers)]
 
 
-__all__: Sequence[str] = ("ATTENTION_MODES", "BACKENDS", "MSAConfig", "MSAConfigError", "msa_layer_pattern")
+__all__: Sequence[str] = ("ATTENTION_MODES", "BACKENDS", "ConfigError", "MSAConfig", "MSAConfigError",
+                          "msa_layer_pattern")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fidelity report (issue 10): does our MSA train like the paper says?
 
-Trains the seven runs of msa_megatron/fidelity/matrix.py through the trainer (one
+Trains the seven runs of msa_megatron/experiments/fidelity/matrix.py through the trainer (one
 subprocess each, identical data, tokens, seed and model), collects DIR/results.json, and
 (separately, where matplotlib is) writes docs/fidelity.md and docs/fidelity/*.png.
 
@@ -32,8 +32,8 @@ from typing import Dict, List, Optional
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from msa_megatron.fidelity.collect import collect, conversion_summary  # noqa: E402
-from msa_megatron.fidelity.matrix import PRESETS, RUN_NAMES, RunSpec, plan  # noqa: E402
+from msa_megatron.experiments.fidelity.collect import collect, conversion_summary  # noqa: E402
+from msa_megatron.experiments.fidelity.matrix import PRESETS, RUN_NAMES, RunSpec, plan  # noqa: E402
 
 
 def _commit() -> str:
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     p.add_argument("--plots", default=str(REPO / "docs" / "fidelity"), help="with --report: the PNG directory")
     args = p.parse_args(argv)
     if args.report:
-        from msa_megatron.fidelity.report import report
+        from msa_megatron.experiments.fidelity.report import report
 
         results = Path(args.report) / "results.json"
         if not results.is_file():

@@ -58,3 +58,24 @@ def test_from_dict_rejects_unknown_keys_and_roundtrips():
     assert MSAConfig.from_dict(c.to_dict()) == c
     with pytest.raises(MSAConfigError, match="msa.top_k.*existing field"):
         MSAConfig.from_dict({"top_k": 8})
+
+
+def test_one_config_error_family():
+    """config.ConfigError is the package's one config error: MSAConfigError and the Megatron-LM
+    flag error are subclasses with the same fields, so one ``except ConfigError`` catches all."""
+    from msa_megatron.config import ConfigError
+    from msa_megatron.megatron_lm.args import MSAArgumentError
+
+    with pytest.raises(ConfigError) as info:
+        MSAConfig(topk=0)
+    e = info.value
+    assert isinstance(e, MSAConfigError) and isinstance(e, ValueError)
+    assert (e.field, e.path, e.field_name, e.value) == ("msa.topk", "msa.topk", "topk", 0)
+    assert str(e).startswith("msa.topk=0 is invalid: allowed values are ")
+    flag = MSAArgumentError("--msa-topk", 0, "an integer >= 1", "topk")
+    assert isinstance(flag, ConfigError) and flag.field == "--msa-topk" and flag.msa_field == "topk"
+    assert str(flag) == "--msa-topk=0 is invalid (MSAConfig.topk): allowed values are an integer >= 1"
+    plain = ConfigError("data.seq_length", -1, "an integer > 0")
+    assert str(plain) == "data.seq_length=-1 is invalid: allowed values are an integer > 0"
+    plain.path = "data.seq_len"  # subclasses that set .path (msa-train's UsageError) keep working
+    assert plain.field == "data.seq_len"

@@ -35,7 +35,7 @@ _EXPORTS = {
     "MSASelfAttention": "attention",
     "MSACoreAttention": "attention",
     "MSAIndexer": "attention",
-    "get_decoder_block_spec": "specs",
+    "get_decoder_block_spec": "registry",
     "msa_layer_specs": "specs",
     "save_model_checkpoint": "checkpoint",
     "load_model_checkpoint": "checkpoint",

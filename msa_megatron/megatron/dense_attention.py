@@ -6,7 +6,7 @@ cannot train at the context lengths MSA is for. :class:`SDPADotProductAttention`
 module (same constructor, same (empty) state dict, so checkpoints are unchanged) whose CP = 1
 forward is ``torch.nn.functional.scaled_dot_product_attention``: flash / cuDNN / memory-efficient
 kernels on CUDA, O(s) memory. Under context parallelism it is exactly the inherited
-:class:`~msa_megatron.megatron.attention.CPDotProductAttention` path.
+:class:`~msa_megatron.megatron.cp_dense_attention.CPDotProductAttention` path.
 
 What runs is logged once per (device, dtype). Settings SDPA cannot express (a sliding window
 from ``config.window_size``, ``softmax_type`` other than 'vanilla') run Megatron's unfused
@@ -27,7 +27,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.utils import is_layer_window_attention
 
-from .attention import CPDotProductAttention
+from .cp_dense_attention import CPDotProductAttention
 
 log = logging.getLogger("msa_megatron.megatron")
 _announced: set = set()

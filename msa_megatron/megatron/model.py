@@ -17,7 +17,8 @@ from megatron.core.models.gpt import GPTModel
 
 from ..config import MSAConfig
 from .kl_loss import MSAKLAutoScaler
-from .specs import get_decoder_block_spec, te_available
+from .registry import get_decoder_block_spec
+from .specs import te_available
 from .transformer_config import MSA_VARIANT, MSATransformerConfig
 
 log = logging.getLogger("msa_megatron.megatron")

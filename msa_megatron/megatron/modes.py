@@ -1,6 +1,6 @@
-"""Run-time switches of MSA layers: attention mode and recall sampling.
+"""Run-time switches of MSA layers: attention mode, recall sampling, CP select-first overlap.
 
-Both act on every MSA core attention in a model (or a list of model chunks, as Megatron's
+They act on every MSA core attention in a model (or a list of model chunks, as Megatron's
 schedules use with pipeline / virtual pipeline parallelism), without rebuilding anything.
 Dense layers of an MSA model are unaffected. Modes:
 
@@ -64,4 +64,20 @@ def set_recall_sampling(model_or_chunks: ModelOrChunks, enabled: bool) -> int:
     return n
 
 
-__all__ = ["as_chunks", "get_attention_modes", "msa_core_attentions", "set_attention_mode", "set_recall_sampling"]
+def set_cp_select_overlap(model_or_chunks: ModelOrChunks, enabled: bool) -> int:
+    """Turn the select-first overlap under CP
+    (:func:`~msa_megatron.megatron.context_parallel.gather_kv_and_select_for_cp`) on or off in
+    every MSA core attention of a model (or list of chunks); returns how many were switched.
+    Off by default; it only acts under CP. (Here, not in context_parallel.py, which the
+    attention module imports: no import circle.)"""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    n = 0
+    for core in msa_core_attentions(model_or_chunks):
+        core.cp_select_first = enabled
+        n += 1
+    return n
+
+
+__all__ = ["as_chunks", "get_attention_modes", "msa_core_attentions", "set_attention_mode", "set_cp_select_overlap",
+           "set_recall_sampling"]

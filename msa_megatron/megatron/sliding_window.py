@@ -101,7 +101,8 @@ def build_swa_gpt_model(config, window: int, swa_layers: Iterable[int], vocab_si
                         use_te: bool = False, **gpt_kwargs) -> GPTModel:
     """Dense GPTModel (local backend) with sliding-window attention in the 0-based global
     layers ``swa_layers`` and full causal attention elsewhere."""
-    from .specs import get_decoder_block_spec, local_layer_ids
+    from .registry import get_decoder_block_spec
+    from .specs import local_layer_ids
 
     if use_te:
         raise ValueError("use_te=True is invalid for sliding-window attention: allowed value is False (local backend)")

@@ -4,7 +4,8 @@ The per-layer list (:func:`msa_layer_specs`) mixes MSA and dense attention per
 ``MSAConfig.is_msa_layer`` and MoE/dense MLPs per ``moe_layer_freq``. Megatron-Core's own
 ``get_transformer_block_with_experimental_attention_variant_spec`` reaches it once
 ``register()`` has run (``experimental_attention_variant='msa'``); that is the path
-Megatron-LM takes, and :func:`get_decoder_block_spec` takes it too.
+Megatron-LM takes, and :func:`~msa_megatron.megatron.registry.get_decoder_block_spec` takes it too.
+This module never imports the registry or the patches (they import it: no import circle).
 
 Backends:
 * local: :class:`MSALocalSpecProvider` = Megatron's LocalSpecProvider with norms that
@@ -33,7 +34,7 @@ from megatron.core.transformer.enums import AttnMaskType, LayerType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import L2Norm
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     TransformerLayerSubmodules,
@@ -49,7 +50,6 @@ from .attention import (
     MSASelfAttentionSubmodules,
 )
 from .layers import IndexLinear, SequenceParallelTorchNorm
-from .transformer_config import MSA_VARIANT
 
 log = logging.getLogger("msa_megatron.megatron")
 _announced: set = set()
@@ -227,38 +227,7 @@ def local_layer_ids(config, vp_stage: Optional[int] = None, pp_rank: Optional[in
     return list(range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)))
 
 
-def get_decoder_block_spec(config, use_te: Optional[bool] = None, vp_stage: Optional[int] = None,
-                           pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
-    """Decoder block spec of this pipeline stage, dense or MSA.
-
-    MSA configs go through Megatron-Core's experimental-variant builder (after register());
-    dense configs on TE use Megatron's stock GPT block spec; dense configs on the local
-    backend use :func:`msa_layer_specs` (same modules as the stock local spec, plus
-    sequence-parallel support)."""
-    if getattr(config, "experimental_attention_variant", None) == MSA_VARIANT:
-        from megatron.core.models.gpt.experimental_attention_variant_module_specs import (
-            get_transformer_block_with_experimental_attention_variant_spec,
-        )
-
-        from .registry import register
-
-        register()
-        return get_transformer_block_with_experimental_attention_variant_spec(config, vp_stage=vp_stage,
-                                                                               pp_rank=pp_rank)
-    backend = select_backend(config, use_te)
-    if not _is_local(backend):
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
-        return get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization=config.normalization,
-                                          qk_l2_norm=config.qk_l2_norm, vp_stage=vp_stage, pp_rank=pp_rank)
-    specs = msa_layer_specs(config, backend)
-    return TransformerBlockSubmodules(
-        layer_specs=[specs[i] for i in local_layer_ids(config, vp_stage, pp_rank)],
-        layer_norm=backend.layer_norm(rms_norm=config.normalization == "RMSNorm", for_qk=False),
-    )
-
-
 __all__ = [
-    "LOCAL_KEYS_MAP", "MSALocalSpecProvider", "get_decoder_block_spec", "get_dense_attention_module_spec",
+    "LOCAL_KEYS_MAP", "MSALocalSpecProvider", "get_dense_attention_module_spec",
     "get_msa_attention_module_spec", "local_layer_ids", "msa_layer_specs", "select_backend", "te_available",
 ]

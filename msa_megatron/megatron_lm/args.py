@@ -28,7 +28,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..config import ATTENTION_MODES, BACKENDS, MSAConfig, MSAConfigError
+from ..config import ATTENTION_MODES, BACKENDS, ConfigError, MSAConfig, MSAConfigError
 from ..upstream_names import ALIASES, UPSTREAM_PR, alias_origin, fold_upstream
 
 #: Value of ``--experimental-attention-variant`` that selects MSA.
@@ -39,14 +39,19 @@ VARIANT_DEST = "experimental_attention_variant"
 _CHOICES = {"mode": ATTENTION_MODES, "backend": BACKENDS}
 
 
-class MSAArgumentError(ValueError):
-    """An MSA setting given to Megatron-LM (flag or YAML key) holds a value it does not accept."""
+class MSAArgumentError(ConfigError):
+    """An MSA setting given to Megatron-LM (flag or YAML key) holds a value it does not accept.
+    ``field`` (as in every :class:`~msa_megatron.config.ConfigError`) is the flag or key;
+    ``msa_field`` the MSAConfig field behind it, if any (named in the message)."""
 
     def __init__(self, name: str, value: Any, allowed: str, field: Optional[str] = None):
-        self.name, self.value, self.allowed, self.field = name, value, allowed, field
-        known = field is not None and field in {f.name for f in dataclasses.fields(MSAConfig)}
-        where = f" (MSAConfig.{field})" if known else ""
-        super().__init__(f"{name}={value!r} is invalid{where}: allowed values are {allowed}")
+        self.name, self.msa_field = name, field
+        super().__init__(name, value, allowed)
+
+    def _message(self) -> str:
+        known = self.msa_field is not None and self.msa_field in {f.name for f in dataclasses.fields(MSAConfig)}
+        where = f" (MSAConfig.{self.msa_field})" if known else ""
+        return f"{self.name}={self.value!r} is invalid{where}: allowed values are {self.allowed}"
 
 
 @dataclass(frozen=True)

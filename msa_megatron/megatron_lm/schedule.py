@@ -1,32 +1,20 @@
-"""What MSA layers do on each Megatron-LM training iteration: attention mode and recall sampling.
+"""The MSA schedule of a Megatron-LM run: :class:`msa_megatron.schedule.Schedule` fed from
+Megatron-LM's arguments and loop counters.
 
-* Full-attention warmup: iterations 1..W run ``msa_warmup`` (dense main branch, index branch
-  distilled from the dense teacher over all causal tokens); from W+1 on, ``msa.mode``
-  (normally ``msa``: sparse). W is ``--msa-warmup-iters``, or the iterations until
-  ``--msa-warmup-tokens`` tokens were consumed (consumed samples x sequence length, so batch
-  size ramp-up is counted right).
-* Selection recall (an extra dense pass per MSA layer) on iterations that are multiples of
-  ``msa.recall_interval`` (0: never), not in ``dense`` mode.
-
-Iterations are 1-based, as Megatron-LM logs them. The plan is a pure function of the loop's
-counters (iteration, consumed samples), both restored from checkpoints, so a resumed run
-re-derives the same schedule. Same semantics as the hydra trainer's schedule.
+The rules (warmup by iterations or tokens, selection recall at iteration 1 and every
+``msa.recall_interval`` iterations, ...) are those of :mod:`msa_megatron.schedule`, shared
+with msa-train. This adapter only converts Megatron-LM's counters: ``train_step(iteration=k)``
+runs the 1-based step k + 1, and the tokens consumed before it are the loop's consumed samples
+x ``--seq-length`` (so batch-size ramp-up is counted right). Both counters are restored from
+checkpoints, so a resumed run re-derives the same plan.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 from ..config import MSAConfig
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """The MSA settings of one iteration."""
-
-    mode: str
-    recall: bool
+from ..schedule import Schedule, StepPlan
 
 
 class MSASchedule:
@@ -40,6 +28,7 @@ class MSASchedule:
         self.warmup_iters = warmup_iters
         self.warmup_tokens = warmup_tokens
         self.seq_length = seq_length
+        self.schedule = Schedule(self.msa, warmup_steps=warmup_iters, warmup_tokens=warmup_tokens)
 
     @classmethod
     def from_args(cls, args) -> Optional["MSASchedule"]:
@@ -51,21 +40,13 @@ class MSASchedule:
         return cls(msa, getattr(args, "msa_warmup_iters", None), getattr(args, "msa_warmup_tokens", None),
                    args.seq_length)
 
-    def in_warmup(self, step: int, consumed_samples: int) -> bool:
-        if self.warmup_iters is not None:
-            return step <= self.warmup_iters
-        if self.warmup_tokens is not None:
-            return consumed_samples * self.seq_length < self.warmup_tokens
-        return False
+    def consumed_tokens(self, consumed_samples: int) -> int:
+        return consumed_samples * self.seq_length if self.seq_length else 0
 
     def plan(self, iteration: int, consumed_samples: int = 0) -> StepPlan:
         """Plan of the step Megatron-LM runs after ``iteration`` completed iterations (its
         ``train_step(iteration=...)`` argument), having consumed ``consumed_samples`` samples."""
-        step = iteration + 1
-        mode = "msa_warmup" if self.in_warmup(step, consumed_samples) else self.msa.mode
-        interval = self.msa.recall_interval
-        recall = interval > 0 and step % interval == 0 and mode != "dense"
-        return StepPlan(mode, recall)
+        return self.schedule.plan(iteration + 1, self.consumed_tokens(consumed_samples))
 
 
 __all__ = ["MSASchedule", "StepPlan"]

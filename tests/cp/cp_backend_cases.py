@@ -165,7 +165,7 @@ def run_layout(tp: int, cp: int, sp: bool, full: Optional[Dict[str, torch.Tensor
 
     from mcore_helpers import ddp, full_params, gpt, load_full_state
     from msa_megatron.megatron import set_attention_mode, set_recall_sampling
-    from msa_megatron.megatron.context_parallel import set_cp_select_overlap
+    from msa_megatron.megatron.modes import set_cp_select_overlap
 
     start(tp=tp, cp=cp, sp=sp, seed=seed)
     config = model_config(tp=tp, cp=cp, sp=sp, calculate_per_token_loss=per_token_loss)

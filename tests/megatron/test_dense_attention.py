@@ -223,7 +223,7 @@ def test_logs_what_runs_once(memory_buffer, caplog):
     ours, _ = _pair(_config(4, 2))
     qkv = _qkv(11, 1, 4, 2, 24, torch.float32, seed=4)
     dense_attention._announced.discard("sdpa-cpu-torch.float32")
-    with caplog.at_level(logging.WARNING, logger="msa_megatron.megatron"):
+    with caplog.at_level(logging.INFO, logger="msa_megatron.megatron"):
         _run(ours, qkv)
         _run(ours, qkv)
     lines = [r.getMessage() for r in caplog.records if "torch SDPA on cpu float32" in r.getMessage()]
@@ -347,7 +347,7 @@ def test_gpu_sdpa_uses_a_fused_kernel_and_no_s_by_s_memory(monkeypatch, caplog):
         return out.detach().float(), grads, torch.cuda.max_memory_allocated() - base
 
     dense_attention._announced.discard("sdpa-cuda-torch.bfloat16")
-    with caplog.at_level(logging.WARNING, logger="msa_megatron.megatron"):
+    with caplog.at_level(logging.INFO, logger="msa_megatron.megatron"):
         out, grads, ours_peak = peak(ours)
     out_ref, grads_ref, stock_peak = peak(stock)
     line = next(r.getMessage() for r in caplog.records if "torch SDPA on cuda" in r.getMessage())

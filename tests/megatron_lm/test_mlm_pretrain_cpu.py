@@ -74,7 +74,7 @@ def test_pretrain_warmup_metrics_checkpoint_resume(tmp_path):
     assert "[MSA] iteration 1: attention mode msa_warmup (2 MSA layers on rank 0)" in first  # layer 0 dense
     assert sorted(log1.iterations) == [1, 2, 3, 4] and log1.saved == [4]
     assert log2.loaded == 4 and sorted(log2.iterations) == [5, 6]
-    assert sorted(log1.recall) == [3] and sorted(log2.recall) == [6]
+    assert sorted(log1.recall) == [1, 3] and sorted(log2.recall) == [6]  # 1: start value
     for it, values in {**log1.iterations, **log2.iterations}.items():
         assert {"lm loss", "msa indexer kl", "msa index entropy", "msa main entropy", "load_balancing_loss"} <= set(values)
         assert values["msa indexer kl"] > 0
@@ -83,7 +83,7 @@ def test_pretrain_warmup_metrics_checkpoint_resume(tmp_path):
     assert [s for s, _ in tb1["msa/indexer_kl"]] == [1, 2, 3, 4] and [s for s, _ in tb2["msa/indexer_kl"]] == [5, 6]
     assert [v for _, v in tb1["msa/sparse"]] == [0.0, 0.0, 1.0, 1.0]
     assert {"msa/indexer_kl/layer_1", "msa/indexer_kl/layer_2"} <= set(tb1) and "msa/indexer_kl/layer_0" not in tb1
-    assert [s for s, _ in tb1["msa/recall"]] == [3] and [s for s, _ in tb2["msa/recall/layer_2"]] == [6]
+    assert [s for s, _ in tb1["msa/recall"]] == [1, 3] and [s for s, _ in tb2["msa/recall/layer_2"]] == [6]
     assert "lm loss" in tb1 and "load_balancing_loss" in tb1  # Megatron's own scalars beside ours
 
     wandb_runs = read_wandb_offline(str(tmp_path / "wandb"))

@@ -42,9 +42,10 @@ def test_resume_re_derives_the_plan():
     assert [resumed.plan(it) for it in range(30, 50)] == fresh[30:]
 
 
-def test_recall_on_multiples_of_the_interval_not_in_dense_mode():
+def test_recall_at_iteration_1_and_multiples_of_the_interval_not_in_dense_mode():
+    # msa_megatron.schedule's rule, shared with msa-train: iteration 1 gives the start value
     s = MSASchedule(MSAConfig(recall_interval=3), warmup_iters=2)
-    assert [it + 1 for it in range(9) if s.plan(it).recall] == [3, 6, 9]
+    assert [it + 1 for it in range(9) if s.plan(it).recall] == [1, 3, 6, 9]
     assert not any(MSASchedule(MSAConfig(recall_interval=0)).plan(it).recall for it in range(9))
     assert not any(MSASchedule(MSAConfig(recall_interval=1, mode="dense")).plan(it).recall for it in range(3))
 
@@ -83,8 +84,8 @@ def test_before_train_step_applies_only_changes(monkeypatch):
     hooks = MSATrainingHooks(MSASchedule(MSAConfig(recall_interval=2), warmup_iters=2), printer=said.append)
     for it in range(5):
         hooks.before_train_step(["chunk"], it, consumed_samples=0)
-    assert rec.calls == [("mode", "msa_warmup"), ("recall", False),  # iteration 1
-                         ("recall", True),  # 2
+    assert rec.calls == [("mode", "msa_warmup"), ("recall", True),  # iteration 1 (recall's start value)
+                         # 2: recall sampled again, unchanged: no call
                          ("mode", "msa"), ("recall", False),  # 3
                          ("recall", True),  # 4
                          ("recall", False)]  # 5

@@ -46,15 +46,15 @@ class Preset:
     warmup_steps: int           # MSA full-attention warmup (runs 2, 4, 6)
     eval_interval: int
     eval_iters: int
-    recall_interval: int
-    recall_eval_batches: int
-    recall_train_fraction: float
-    recall_pairs: int
+    recall_interval: int        # selection recall (indexer vs dense top-k) every N steps
+    assoc_recall_eval_batches: int
+    assoc_recall_train_fraction: float
+    assoc_recall_pairs: int     # associative recall (MQAR task): key-value pairs per sequence
     convert_steps: int          # run 7: length of the continued training
     convert_warmup_steps: int
     convert_eval_interval: int
     convert_lr: float
-    recall_sweep: List[List[int]] = field(default_factory=list)
+    recall_sweep: List[List[int]] = field(default_factory=list)  # selection recall at other (block, top-k)
     extra: List[str] = field(default_factory=list)
 
 
@@ -62,7 +62,7 @@ PRESETS: Dict[str, Preset] = {
     # Tiny model on the CPU: a smoke run of the whole pipeline (numbers mean little).
     "cpu": Preset(model="tiny", train="cpu", steps=12, seq_length=256, global_batch_size=8, micro_batch_size=4,
                   lr=3e-3, min_lr=3e-4, warmup_steps=3, eval_interval=6, eval_iters=1, recall_interval=3,
-                  recall_eval_batches=1, recall_train_fraction=0.5, recall_pairs=8, convert_steps=4,
+                  assoc_recall_eval_batches=1, assoc_recall_train_fraction=0.5, assoc_recall_pairs=8, convert_steps=4,
                   convert_warmup_steps=1, convert_eval_interval=2, convert_lr=3e-4,
                   recall_sweep=[[16, 1], [16, 2], [16, 4], [16, 8], [32, 2], [32, 4]]),
     # One H100: configs/model/fidelity_gpt.yaml (~17M params), seq 4096, block 64 x top-8
@@ -70,7 +70,8 @@ PRESETS: Dict[str, Preset] = {
     # run, MSA warmup 15 steps (10%); conversion: 16 steps (10.7% of the tokens), warmup 3.
     "gpu": Preset(model="fidelity_gpt", train="gpu", steps=150, seq_length=4096, global_batch_size=8,
                   micro_batch_size=4, lr=1.5e-3, min_lr=1.5e-4, warmup_steps=15, eval_interval=25, eval_iters=2,
-                  recall_interval=25, recall_eval_batches=4, recall_train_fraction=0.5, recall_pairs=32,
+                  recall_interval=25, assoc_recall_eval_batches=4, assoc_recall_train_fraction=0.5,
+                  assoc_recall_pairs=32,
                   convert_steps=16, convert_warmup_steps=3, convert_eval_interval=2, convert_lr=3e-4,
                   recall_sweep=[[64, 2], [64, 4], [64, 8], [64, 16], [128, 4], [128, 8], [128, 16]]),
 }
@@ -92,9 +93,9 @@ def _common(p: Preset, run_dir: str, steps: int) -> List[str]:
         f"train.eval_iters={p.eval_iters}", "train.seed=1234",
         "logging.log_interval=1", "logging.progress_bar=false", "logging.wandb.enabled=false",
         "checkpoint.interval=0", "checkpoint.keep_last=1",
-        f"data.assoc_recall.train_fraction={p.recall_train_fraction}",
-        f"data.assoc_recall.eval_batches={p.recall_eval_batches}",
-        f"data.assoc_recall.num_pairs={p.recall_pairs}", f"data.assoc_recall.num_queries={p.recall_pairs}",
+        f"data.assoc_recall.train_fraction={p.assoc_recall_train_fraction}",
+        f"data.assoc_recall.eval_batches={p.assoc_recall_eval_batches}",
+        f"data.assoc_recall.num_pairs={p.assoc_recall_pairs}", f"data.assoc_recall.num_queries={p.assoc_recall_pairs}",
         *p.extra,
     ]
 

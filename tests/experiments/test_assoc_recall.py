@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from msa_megatron.tasks.assoc_recall import AssocRecallSpec, make_batch, make_example, recall_accuracy
+from msa_megatron.experiments.assoc_recall import AssocRecallSpec, make_batch, make_example, recall_accuracy
 
 
 def test_layout_pairs_early_queries_late():

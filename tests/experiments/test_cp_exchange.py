@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msa_megatron.megatron import context_parallel as cpl
+from msa_megatron.experiments import cp_exchange as cpx
 
 from tests.dist_harness import run_distributed
-from tests.cp.cp_cases import op_worker
+from tests.experiments.cp_exchange_cases import op_worker
 
 SMALL = dict(b=2, hq=4, g=2, d=16, di=16)
 CP4 = [[0, 1, 2, 3]]
@@ -105,7 +105,7 @@ def test_allgather_bytes_match_model(results):
     """The bytes the collectives moved equal the volume model used in docs/context_parallel.md."""
     case = _case("cp4_msa")
     for r in results["cp4_msa"]:
-        m = cpl.CommModel(seq_len=case["s"], cp=4, num_kv_heads=case["g"], head_dim=case["d"],
+        m = cpx.CommModel(seq_len=case["s"], cp=4, num_kv_heads=case["g"], head_dim=case["d"],
                           index_dim=case["di"], bytes_per_element=8)
         model = m.allgather()
         assert r["comm"]["allgather"] == pytest.approx(case["b"] * model["fwd"])
@@ -136,32 +136,11 @@ def test_bad_layout_errors(results, name):
 
 
 def test_check_cp_sequence_messages():
-    with pytest.raises(cpl.CPLayoutError, match=r"sequence length 30 .*cp=2.*multiples of 2\*cp=4"):
-        cpl.check_cp_sequence(15, 2, 16)
-    with pytest.raises(cpl.CPLayoutError, match=r"msa.block_size=128.*multiples of 2\*cp\*block_size=1024"):
-        cpl.check_cp_sequence(200, 4, 128, kv_exchange="selected")
-    with pytest.raises(cpl.CPLayoutError, match="kv_exchange='ring' is invalid: allowed values are allgather, selected"):
-        cpl.check_cp_sequence(256, 2, 16, kv_exchange="ring")
-    assert cpl.check_cp_sequence(200, 4, 128) == 100  # all-gather: any even local length
-    assert cpl.check_cp_sequence(256, 2, 128, kv_exchange="selected") == 128
-
-
-def test_zigzag_matches_megatron_split():
-    """Positions and splitting agree with Megatron-Core's get_batch_on_this_cp_rank layout
-    (chunks r and 2cp-1-r), written out independently here."""
-    s, cp = 48, 3
-    x = torch.arange(s).view(1, s)
-    chunks = x.view(1, 2 * cp, s // (2 * cp))
-    for r in range(cp):
-        expect = torch.cat([chunks[:, r], chunks[:, 2 * cp - 1 - r]], dim=1)
-        assert torch.equal(cpl.split_for_cp(x, cp, r), expect)
-        assert torch.equal(cpl.zigzag_positions(s // cp, cp, r), expect[0])
-
-
-def test_merge_inverts_split():
-    """merge_from_cp (the all-gather's reordering, used by the GPU check) inverts the split."""
-    for cp in (1, 2, 3, 4):
-        x = torch.randn(2, 4 * cp * 2, 3)
-        assert torch.equal(cpl.merge_from_cp([cpl.split_for_cp(x, cp, r) for r in range(cp)]), x)
-    with pytest.raises(cpl.CPLayoutError, match="must be even"):
-        cpl.merge_from_cp([torch.zeros(1, 3), torch.zeros(1, 3)])
+    with pytest.raises(cpx.CPLayoutError, match=r"sequence length 30 .*cp=2.*multiples of 2\*cp=4"):
+        cpx.check_cp_sequence(15, 2, 16)
+    with pytest.raises(cpx.CPLayoutError, match=r"msa.block_size=128.*multiples of 2\*cp\*block_size=1024"):
+        cpx.check_cp_sequence(200, 4, 128, kv_exchange="selected")
+    with pytest.raises(cpx.CPLayoutError, match="kv_exchange='ring' is invalid: allowed values are allgather, selected"):
+        cpx.check_cp_sequence(256, 2, 16, kv_exchange="ring")
+    assert cpx.check_cp_sequence(200, 4, 128) == 100  # all-gather: any even local length
+    assert cpx.check_cp_sequence(256, 2, 128, kv_exchange="selected") == 128

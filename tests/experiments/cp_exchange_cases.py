@@ -1,4 +1,5 @@
-"""Worker side of the CP tests: run in spawned gloo processes by tests/cp/test_*.py.
+"""Worker side of the op-level CP tests: run in spawned gloo processes by
+tests/experiments/test_cp_exchange.py.
 
 Every rank builds the same full-sequence inputs (seeded), computes the CP=1 result with the
 reference op on the whole sequence, then its CP piece with ``msa_attention_cp`` on its
@@ -14,6 +15,7 @@ import torch.distributed as dist
 
 from msa_megatron import reference
 from msa_megatron.config import MSAConfig
+from msa_megatron.experiments import cp_exchange as cpx
 from msa_megatron.megatron import context_parallel as cpl
 
 
@@ -88,7 +90,7 @@ def run_case(case: Dict, group, cp: int, rank: int, data_seed: int) -> Dict:
     # CP: this rank's chunks
     loc = {k: cpl.split_for_cp(v, cp, rank).clone().requires_grad_() for k, v in full.items()}
     cpl.COMM_COUNTER = {}
-    out, aux = cpl.msa_attention_cp(loc["q"], loc["k"], loc["v"], loc.get("iq"), loc.get("ik"), cfg, group=group,
+    out, aux = cpx.msa_attention_cp(loc["q"], loc["k"], loc["v"], loc.get("iq"), loc.get("ik"), cfg, group=group,
                                     mode=mode, compute_recall=recall, kv_exchange=case.get("kv_exchange", "allgather"))
     kl_term = aux.kl * cpl.kl_weight_for_cp(cp) if aux.kl is not None else 0.0
     loss = (out.to(acc) * cpl.split_for_cp(w, cp, rank).to(acc)).sum() + kl_term
@@ -114,7 +116,7 @@ def run_case(case: Dict, group, cp: int, rank: int, data_seed: int) -> Dict:
         res["remote_selected"] = int(((blk >= 0) & (owner != rank)).sum())
         own_start = (q_pos // cfg.block_size) * cfg.block_size
         res["local_block_straddles"] = int((cpl._chunk_owner(own_start // c, cp) != rank).sum())
-        res["union"] = cpl.measured_selected_volume(aux.block_idx, cp, rank, max(1, c // cfg.block_size),
+        res["union"] = cpx.measured_selected_volume(aux.block_idx, cp, rank, max(1, c // cfg.block_size),
                                                     cfg.block_size, d, torch.finfo(dtype).bits // 8) \
             if c % cfg.block_size == 0 else None
     if aux1.kl is not None:

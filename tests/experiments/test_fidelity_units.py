@@ -11,7 +11,7 @@ from msa_megatron.config import MSAConfig, MSAConfigError
 from msa_megatron.flops import (AttentionShape, flop_matched_window, flop_matched_window_for, msa_flops_per_token,
                                 sliding_window_flops_per_token)
 from msa_megatron.reference import dense_attention, sliding_window_attention
-from msa_megatron.tasks.assoc_recall import AssocRecallSpec
+from msa_megatron.experiments.assoc_recall import AssocRecallSpec
 
 
 # --------------------------------------------------------------------------- sliding window
@@ -187,7 +187,7 @@ def test_every_run_of_the_matrix_composes_and_validates(preset, tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from msa_megatron.fidelity.matrix import PRESETS, RUN_NAMES, plan
+    from msa_megatron.experiments.fidelity.matrix import PRESETS, RUN_NAMES, plan
     from msa_megatron.train import CONFIG_DIR
     from msa_megatron.training.config import load_config, validate
 

@@ -1,1 +1,0 @@
-"""Synthetic tasks that probe long-range retrieval (used by the fidelity experiments)."""
