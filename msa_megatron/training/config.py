@@ -16,17 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from ..config import ATTENTION_MODES, MSAConfig, MSAConfigError
-
-
-class ConfigError(ValueError):
-    """One invalid configuration value: ``<field>=<value> is invalid: allowed values are ...``."""
-
-    def __init__(self, path: str, value: Any, allowed: str):
-        self.path = path
-        self.value = value
-        self.allowed = allowed
-        super().__init__(f"{path}={value!r} is invalid: allowed values are {allowed}")
+from ..config import ATTENTION_MODES, ConfigError, MSAConfig, MSAConfigError
 
 
 class UsageError(ConfigError):
@@ -194,7 +184,7 @@ class CorpusConfig:
 
 @dataclass
 class AssocRecallConfig:
-    """Multi-query associative recall (msa_megatron.tasks.assoc_recall): key-value pairs at
+    """Multi-query associative recall (msa_megatron.experiments.assoc_recall): key-value pairs at
     the start of a sequence, queries at its end, ordinary text in between."""
 
     #: Fraction of training sequences replaced by recall examples (their own text as filler).
@@ -379,7 +369,7 @@ class Config:
 
     def assoc_recall_spec(self):
         """The recall task's spec over one training sample (seq_length + 1 tokens)."""
-        from ..tasks.assoc_recall import AssocRecallSpec
+        from ..experiments.assoc_recall import AssocRecallSpec
 
         r = self.data.assoc_recall
         return AssocRecallSpec(seq_len=self.train.seq_length + 1, num_pairs=r.num_pairs, num_queries=r.num_queries)

@@ -15,23 +15,12 @@ Everything is a pure function of the step, so a resumed run re-derives the same 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, Optional
 
+from ..schedule import Schedule, StepPlan
 from . import msa_adapter
-from .config import Config, kl_coeff_at
+from .config import Config
 from .optim import BACKBONE_KEY, param_groups
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """What the schedule wants for one (1-based) step."""
-
-    attention_mode: str
-    recall: bool
-    kl_coeff: Optional[float]
-    indexer_only: bool
-    backbone_lr_scale: float
 
 
 class MSASchedule:
@@ -43,18 +32,17 @@ class MSASchedule:
         self.indexer_only_steps = cfg.steps_from(a.indexer_only.steps, a.indexer_only.tokens) if self.msa else 0
         self.final_mode = self.msa.mode if self.msa else "dense"
         self._applied: Optional[StepPlan] = None
+        self.tokens_per_step = cfg.tokens_per_step()
+        # The one schedule rule shared with the Megatron-LM loop (msa_megatron/schedule.py).
+        self.schedule = Schedule(self.msa, warmup_steps=a.warmup.steps, warmup_tokens=a.warmup.tokens,
+                                 indexer_only_steps=a.indexer_only.steps, indexer_only_tokens=a.indexer_only.tokens,
+                                 backbone_lr_scale=a.indexer_only.backbone_lr_scale,
+                                 kl_schedule=a.kl_schedule or None) if self.msa else None
 
     def plan(self, step: int) -> StepPlan:
         if self.msa is None:  # dense or swa: the attention type is the mode, the whole run
             return StepPlan(self.cfg.attention.type, False, None, False, 1.0)
-        mode = "msa_warmup" if step <= self.warmup_steps else self.final_mode
-        interval = self.msa.recall_interval
-        recall = interval > 0 and (step % interval == 0 or step == 1) and mode != "dense"  # step 1: the start value
-        a = self.cfg.attention
-        kl = kl_coeff_at(a.kl_schedule, step) if a.kl_schedule else self.msa.kl_coeff
-        io = step <= self.indexer_only_steps
-        scale = a.indexer_only.backbone_lr_scale if io else 1.0
-        return StepPlan(mode, recall, kl, io, scale)
+        return self.schedule.plan(step, (step - 1) * self.tokens_per_step)
 
     def apply(self, step: int, model_chunks: List, optimizer, scheduler) -> StepPlan:
         """Push this step's plan into the model and the optimizer (only what changed)."""

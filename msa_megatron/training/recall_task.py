@@ -18,7 +18,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from ..tasks.assoc_recall import AssocRecallSpec, make_example, recall_accuracy
+from ..experiments.assoc_recall import AssocRecallSpec, make_example, recall_accuracy
 
 
 class AssocRecallMix(torch.utils.data.Dataset):
