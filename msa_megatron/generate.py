@@ -192,8 +192,8 @@ def load_model(path: str, mode: str = "checkpoint", precision: Optional[str] = N
     import yaml
     from megatron.core import dist_checkpointing
 
+    from .megatron import build_gpt_model, set_attention_mode
     from .megatron.parallel import ParallelLayout, init_distributed
-    from .training import msa_adapter
     from .training.config import load_config
     from .training.model import make_transformer_config
 
@@ -217,7 +217,7 @@ def load_model(path: str, mode: str = "checkpoint", precision: Optional[str] = N
     init_distributed(ParallelLayout(), seed=cfg.train.seed)
     tf_config = make_transformer_config(cfg)
     m = cfg.model
-    model = msa_adapter.build_gpt_model(
+    model = build_gpt_model(
         tf_config, vocab_size=_padded_vocab(step), max_sequence_length=cfg.train.seq_length, use_te=m.use_te,
         position_embedding_type="rope", rotary_percent=m.rotary_percent, rotary_base=m.rotary_base,
         share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights)
@@ -235,7 +235,7 @@ def load_model(path: str, mode: str = "checkpoint", precision: Optional[str] = N
     if cfg.msa is None and chosen != "dense":
         raise ValueError(f"mode={mode!r} needs MSA layers; {run_dir} trained dense attention (allowed: dense, checkpoint)")
     if cfg.msa is not None:
-        msa_adapter.set_attention_mode([model], chosen)
+        set_attention_mode([model], chosen)
     info = {"run_dir": str(run_dir), "checkpoint": str(step), "mode": chosen, "precision": cfg.train.precision,
             "device": "cuda" if cuda else "cpu", "byte_tokens": _byte_tokens(cfg),
             "eod_id": BYTE_EOD if _byte_tokens(cfg) else cfg.data.eod_id}

@@ -165,7 +165,7 @@ def build(cfg, distributed_optimizer: bool):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.transformer.module import Float16Module
 
-    from msa_megatron.training import msa_adapter
+    from msa_megatron.megatron import build_gpt_model
     from msa_megatron.training.model import build_model, make_transformer_config, padded_vocab_size
 
     tf = make_transformer_config(cfg)
@@ -173,7 +173,7 @@ def build(cfg, distributed_optimizer: bool):
         model = build_model(cfg, tf, BYTE_VOCAB)[0]
     else:
         m = cfg.model
-        gpt = msa_adapter.build_gpt_model(
+        gpt = build_gpt_model(
             tf, vocab_size=padded_vocab_size(BYTE_VOCAB, cfg), max_sequence_length=cfg.train.seq_length,
             use_te=False, position_embedding_type="rope", rotary_percent=m.rotary_percent,
             rotary_base=m.rotary_base, share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights)

@@ -105,12 +105,12 @@ def build_model(cfg, vocab_size: int):
     built like training.model.build_model but without DDP / Float16Module."""
     from megatron.core import parallel_state
 
-    from ..training import msa_adapter
+    from ..megatron import build_gpt_model
     from ..training.model import make_transformer_config, padded_vocab_size
 
     tf = make_transformer_config(cfg)
     m = cfg.model
-    return msa_adapter.build_gpt_model(
+    return build_gpt_model(
         tf, vocab_size=padded_vocab_size(vocab_size, cfg), max_sequence_length=cfg.train.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
         use_te=False, position_embedding_type="rope", rotary_percent=m.rotary_percent, rotary_base=m.rotary_base,

@@ -1,4 +1,4 @@
-"""Run-time switches of MSA layers: attention mode, recall sampling, CP select-first overlap.
+"""Run-time switches of MSA layers: attention mode, recall sampling, KL coefficient, CP select-first overlap.
 
 They act on every MSA core attention in a model (or a list of model chunks, as Megatron's
 schedules use with pipeline / virtual pipeline parallelism), without rebuilding anything.
@@ -64,6 +64,17 @@ def set_recall_sampling(model_or_chunks: ModelOrChunks, enabled: bool) -> int:
     return n
 
 
+def set_kl_coeff(model_or_chunks: ModelOrChunks, coeff: float) -> int:
+    """Set the KL coefficient of every MSA layer at run time (a KL schedule). Each core
+    attention reads ``self.msa.kl_coeff`` on every forward, so it gets a copy of its
+    MSAConfig with the new value (validated by MSAConfig). Returns how many were set."""
+    n = 0
+    for core in msa_core_attentions(model_or_chunks):
+        core.msa = core.msa.replace(kl_coeff=float(coeff))
+        n += 1
+    return n
+
+
 def set_cp_select_overlap(model_or_chunks: ModelOrChunks, enabled: bool) -> int:
     """Turn the select-first overlap under CP
     (:func:`~msa_megatron.megatron.context_parallel.gather_kv_and_select_for_cp`) on or off in
@@ -80,4 +91,4 @@ def set_cp_select_overlap(model_or_chunks: ModelOrChunks, enabled: bool) -> int:
 
 
 __all__ = ["as_chunks", "get_attention_modes", "msa_core_attentions", "set_attention_mode", "set_cp_select_overlap",
-           "set_recall_sampling"]
+           "set_kl_coeff", "set_recall_sampling"]

@@ -1,10 +1,12 @@
 """The msa_megatron trainer (``msa-train``), one module per job:
 
-config (typed schema + validation), msa_adapter (the only door to the MSA backend),
-model (TransformerConfig, GPT chunks, DDP), optim (distributed optimizer, LR schedule),
-corpus (the embedded stdlib corpus), data (megatron.core.datasets + sampler), hooks
-(MSA schedule: warmup, KL coefficient, indexer-only phase), numerics (non-finite
-detection), checkpoint (atomic dist_checkpointing), metrics (FLOPs, MFU, memory),
-logging (console, JSONL, wandb), preemption (SIGTERM), loop (the run).
+config (typed schema + validation), model (TransformerConfig, GPT chunks, DDP), optim
+(distributed optimizer, LR schedule), corpus (the embedded stdlib corpus), data
+(megatron.core.datasets + sampler), hooks (MSA schedule: warmup, KL coefficient,
+indexer-only phase), numerics (non-finite detection), checkpoint (atomic
+dist_checkpointing), metrics (FLOPs, MFU, memory), logging (console, JSONL, wandb),
+preemption (SIGTERM), loop (the run).
 
-Importing this package is light; Megatron-Core is imported when a run starts."""
+Models are built and switched by the MSA backend (msa_megatron.megatron), which these
+modules import directly, inside the functions that need it: importing this package is
+light (the config is checked first); Megatron-Core is imported when a run starts."""

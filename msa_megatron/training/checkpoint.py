@@ -46,9 +46,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import msa_adapter
 from .config import Config, ConfigError, UsageError
-from .model import unwrap
+from .model import is_index_param, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -613,7 +612,7 @@ class CheckpointManager:
 
         sd = _model_sd(model_chunks)
         state, _missing, unexpected = dist_checkpointing.load(sd, str(path), strict=StrictHandling.RETURN_ALL)
-        not_index = sorted(k for k in unexpected if not msa_adapter.is_index_param(k))
+        not_index = sorted(k for k in unexpected if not is_index_param(k))
         if dist.is_initialized():  # every rank decides alike (pipeline stages see different keys)
             parts: List[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(parts, not_index)
@@ -624,8 +623,9 @@ class CheckpointManager:
                               "a dense checkpoint with stacked layer keys or TE extra state: convert it with msa-convert)")
         self._load_model(state, model_chunks, allow_missing=bool(unexpected))
         if unexpected:
-            added = msa_adapter.init_index_from_dense(
-                [unwrap(c) for c in model_chunks], self.cfg.checkpoint.index_init)
+            from ..megatron import init_index_from_dense
+
+            added = init_index_from_dense([unwrap(c) for c in model_chunks], self.cfg.checkpoint.index_init)
             how = sorted({a["init"] for a in added})
             log.warning("init_from %s: %d index-branch tensors were not in the checkpoint; initialised with %s",
                         path, len(unexpected), "; ".join(how))
@@ -636,7 +636,7 @@ class CheckpointManager:
             key = "model" if len(model_chunks) == 1 else f"model{i}"
             result = unwrap(chunk).load_state_dict(state[key], strict=not allow_missing)
             if allow_missing:
-                bad = [k for k in result.missing_keys if not msa_adapter.is_index_param(k)]
+                bad = [k for k in result.missing_keys if not is_index_param(k)]
                 if bad or result.unexpected_keys:
                     raise RuntimeError(f"checkpoint/model mismatch: missing {bad[:5]}, unexpected {result.unexpected_keys[:5]}")
 

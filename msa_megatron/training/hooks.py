@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import List, Optional
 
 from ..schedule import Schedule, StepPlan
-from . import msa_adapter
 from .config import Config
 from .optim import BACKBONE_KEY, param_groups
 
@@ -49,12 +48,14 @@ class MSASchedule:
         plan = self.plan(step)
         prev = self._applied
         if self.msa is not None:
+            from ..megatron import set_attention_mode, set_kl_coeff, set_recall_sampling
+
             if prev is None or prev.attention_mode != plan.attention_mode:
-                msa_adapter.set_attention_mode(model_chunks, plan.attention_mode)
+                set_attention_mode(model_chunks, plan.attention_mode)
             if prev is None or prev.recall != plan.recall:
-                msa_adapter.set_recall_sampling(model_chunks, plan.recall)
+                set_recall_sampling(model_chunks, plan.recall)
             if self.cfg.attention.kl_schedule and (prev is None or prev.kl_coeff != plan.kl_coeff):
-                msa_adapter.set_kl_coeff(model_chunks, plan.kl_coeff)
+                set_kl_coeff(model_chunks, plan.kl_coeff)
         if prev is None or prev.backbone_lr_scale != plan.backbone_lr_scale:
             self._scale_backbone_lr(optimizer, scheduler, plan.backbone_lr_scale)
         self._applied = plan

@@ -18,7 +18,6 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
-from . import msa_adapter
 from .checkpoint import CheckpointError, CheckpointManager, prepare_writer_queue, shutdown_writer_queue
 from .config import Config, ConfigError, UsageError, validate
 from .data import build_datasets, ensure_dataset_helpers, make_loader, resolve_sources, samples_needed
@@ -265,14 +264,15 @@ class Trainer:
         these passes record are discarded."""
         if not self.recall_batches:
             return {}
+        from ..megatron import collect_msa_metrics, set_recall_sampling
         from .recall_task import recall_accuracy_of_model
 
         for chunk in self.model:
             chunk.eval()
-        msa_adapter.set_recall_sampling(self.model, False)
+        set_recall_sampling(self.model, False)
         acc = recall_accuracy_of_model(self.model[0], self.recall_batches, self.device, self.sources.vocab_size)
-        msa_adapter.collect_metrics(reset=True)
-        msa_adapter.set_recall_sampling(self.model, self.schedule._applied.recall if self.schedule._applied else False)
+        collect_msa_metrics(reset=True)
+        set_recall_sampling(self.model, self.schedule._applied.recall if self.schedule._applied else False)
         for chunk in self.model:
             chunk.train()
         return {"val_assoc_recall_acc": acc}
@@ -284,21 +284,21 @@ class Trainer:
         sweep = self.cfg.attention.recall_sweep
         if not sweep or self.valid_ds is None:
             return {}
-        import importlib
+        from ..megatron import collect_msa_metrics, set_attention_mode, set_recall_sampling
+        from ..megatron.modes import msa_core_attentions
 
-        modes = importlib.import_module(msa_adapter.backend_name() + ".modes")
-        cores = list(modes.msa_core_attentions(self.model))
+        cores = list(msa_core_attentions(self.model))
         saved = [(c.msa, c.mode) for c in cores]
         out: Dict[str, float] = {}
         for chunk in self.model:
             chunk.eval()
-        msa_adapter.collect_metrics(reset=True)
+        collect_msa_metrics(reset=True)
         try:
             for block, topk in sweep:
                 for c in cores:
                     c.msa = c.msa.replace(block_size=int(block), topk=int(topk))
-                msa_adapter.set_attention_mode(self.model, "msa_warmup")
-                msa_adapter.set_recall_sampling(self.model, True)
+                set_attention_mode(self.model, "msa_warmup")
+                set_recall_sampling(self.model, True)
                 it = iter(make_loader(self.valid_ds, 0, self.cfg, self.dp_rank, self.dp_size))
                 try:
                     with torch.no_grad():
@@ -308,15 +308,15 @@ class Trainer:
                     self.logger.event(self.total_steps, "recall_sweep_failed", f"block {block} top-{topk}: "
                                       f"{type(e).__name__}: {e}")
                     log.error("recall sweep block %s top-%s failed: %s", block, topk, e)
-                    msa_adapter.collect_metrics(reset=True)
+                    collect_msa_metrics(reset=True)
                     continue
-                m = msa_adapter.collect_metrics(reset=True)
+                m = collect_msa_metrics(reset=True)
                 if "recall" in m:
                     out[f"recall_sweep/B{block}_k{topk}"] = m["recall"]
         finally:
             for c, (msa, mode) in zip(cores, saved):
                 c.msa, c.mode = msa, mode
-            msa_adapter.set_recall_sampling(self.model, False)
+            set_recall_sampling(self.model, False)
             for chunk in self.model:
                 chunk.train()
         return out
@@ -381,7 +381,7 @@ class Trainer:
                 f"{cfg.checkpoint.keep_last}); {self.resumed_from}")
         lg.info(f"model        {cfg.model.name}: {self.params.total / 1e6:.2f}M params, {self.params.active_matmul / 1e6:.2f}M "
                 f"active (matmul); vocab {self.sources.vocab_size} (padded {padded_vocab_size(self.sources.vocab_size, cfg)}); "
-                f"attention {cfg.attention.type} via {msa_adapter.backend_name()}")
+                f"attention {cfg.attention.type} via msa_megatron.megatron")
         if self.schedule.msa is not None:
             s = self.schedule
             warm = (f"warmup (msa_warmup) steps 1-{s.warmup_steps}, then {s.final_mode}" if s.warmup_steps < self.total_steps
@@ -469,7 +469,9 @@ class Trainer:
         if plan.indexer_only:
             out["indexer_only"] = 1.0
         if not report.ok:
-            report.bad_layers = bad_msa_layers(msa_adapter.collect_metrics(reset=False))
+            from ..megatron import collect_msa_metrics
+
+            report.bad_layers = bad_msa_layers(collect_msa_metrics(reset=False))
             out["_nonfinite"] = report
             return out
         update_ok, grad_norm, _ = self.optimizer.step()
@@ -484,20 +486,22 @@ class Trainer:
         """Held-out LM loss (and MSA statistics, recall sampled) on the same batches each time."""
         if self.valid_ds is None:
             return {}
+        from ..megatron import collect_msa_metrics, set_recall_sampling
+
         for chunk in self.model:
             chunk.eval()
-        msa_adapter.set_recall_sampling(self.model, True)
+        set_recall_sampling(self.model, True)
         it = iter(make_loader(self.valid_ds, 0, self.cfg, self.dp_rank, self.dp_size))
         total = 0.0
         with torch.no_grad():
             for _ in range(self.cfg.train.eval_iters):
                 total += self._reduce_loss(self._forward_backward(it, True, self.num_microbatches))
-        msa_adapter.set_recall_sampling(self.model, self.schedule._applied.recall if self.schedule._applied else False)
+        set_recall_sampling(self.model, self.schedule._applied.recall if self.schedule._applied else False)
         for chunk in self.model:
             chunk.train()
         out = {"val_lm_loss": total / self.cfg.train.eval_iters}
         out["val_ppl"] = math.exp(min(out["val_lm_loss"], 50.0))
-        out.update({f"val/{k}": v for k, v in msa_adapter.collect_metrics(reset=True).items()})
+        out.update({f"val/{k}": v for k, v in collect_msa_metrics(reset=True).items()})
         out.update(self.assoc_recall_accuracy())
         return out
 
@@ -589,6 +593,8 @@ class Trainer:
         return self.finish(exit_code, step)
 
     def _interval_scalars(self, out: Dict[str, Any], losses: List[float], norms: List[float], steps: int) -> Dict[str, Any]:
+        from ..megatron import collect_msa_metrics
+
         s: Dict[str, Any] = {
             "lm_loss": sum(losses) / len(losses) if losses else float("nan"),
             "attention_mode": out["attention_mode"],
@@ -604,7 +610,7 @@ class Trainer:
         backbone_lrs = [g["lr"] for g in param_groups(self.optimizer) if g.get(BACKBONE_KEY)]
         if backbone_lrs:
             s["lr_backbone"] = float(backbone_lrs[0])
-        s.update(msa_adapter.collect_metrics(reset=True))  # per layer too: the sinks choose (logging.per_layer)
+        s.update(collect_msa_metrics(reset=True))  # per layer too: the sinks choose (logging.per_layer)
         s.update(self._moe_scalars(steps))
         s.update(self.throughput.scalars())
         self.throughput.reset()

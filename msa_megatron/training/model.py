@@ -1,6 +1,7 @@
-"""Model construction: TransformerConfig from the typed config, GPT model chunks through
-the MSA adapter, mixed-precision wrapping and Megatron-Core DDP (distributed optimizer
-buffers). Also counts parameters for the MFU estimate."""
+"""Model construction: TransformerConfig from the typed config, GPT model chunks built by
+the MSA backend (msa_megatron.megatron, imported when first used so the config is checked
+before Megatron-Core loads), mixed-precision wrapping and Megatron-Core DDP (distributed
+optimizer buffers). Also counts parameters for the MFU estimate."""
 
 from __future__ import annotations
 
@@ -11,10 +12,17 @@ from typing import Any, Dict, List
 import torch
 import torch.nn.functional as F
 
-from . import msa_adapter
 from .config import Config, ConfigError
 
 log = logging.getLogger(__name__)
+
+#: Parameters of the MSA index branch are recognised by name (index_q, index_k, their norms).
+INDEX_PARAM_MARKER = "index_"
+
+
+def is_index_param(name: str) -> bool:
+    """Whether a parameter (or state-dict key) belongs to the MSA index branch."""
+    return INDEX_PARAM_MARKER in name
 
 
 def padded_vocab_size(vocab_size: int, cfg: Config) -> int:
@@ -95,10 +103,15 @@ def transformer_config_kwargs(cfg: Config) -> Dict[str, Any]:
 
 
 def make_transformer_config(cfg: Config):
-    """The TransformerConfig (MSA-aware through the adapter). Megatron's own validation
-    errors are re-raised as one ConfigError naming the model section."""
+    """The backend's (MSA-aware) TransformerConfig. Megatron's own validation errors are
+    re-raised as one ConfigError naming the model section. Registers MSA with Megatron-Core
+    first (and its upstream fixes, e.g. for MoE experts with biases), for every model built
+    from this config, dense or MSA."""
+    from ..megatron import make_transformer_config as backend_transformer_config, register
+
+    register()
     try:
-        config = msa_adapter.make_transformer_config(cfg.msa, **transformer_config_kwargs(cfg))
+        config = backend_transformer_config(cfg.msa, **transformer_config_kwargs(cfg))
     except ConfigError:
         raise
     except (ValueError, AssertionError, TypeError) as e:
@@ -130,9 +143,13 @@ def build_model(cfg: Config, tf_config, vocab_size: int) -> List[torch.nn.Module
         share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
     )
     if cfg.attention.type == "swa":
-        model = msa_adapter.build_swa_gpt_model(tf_config, cfg.swa_window(), cfg.swa_layers(), **kwargs)
+        from ..megatron.sliding_window import build_swa_gpt_model
+
+        model = build_swa_gpt_model(tf_config, cfg.swa_window(), cfg.swa_layers(), **kwargs)
     else:
-        model = msa_adapter.build_gpt_model(tf_config, **kwargs)
+        from ..megatron import build_gpt_model
+
+        model = build_gpt_model(tf_config, **kwargs)
     freeze_backbone(cfg, [model])
     freeze_indexer(cfg, [model])
     if _reduce_device().type == "cuda":
@@ -159,7 +176,7 @@ def freeze_backbone(cfg: Config, chunks: List[torch.nn.Module]) -> None:
     n_index = 0
     for chunk in chunks:
         for name, param in chunk.named_parameters():
-            keep = msa_adapter.is_index_param(name)
+            keep = is_index_param(name)
             param.requires_grad_(keep)
             n_index += keep
     if n_index == 0:
@@ -175,7 +192,7 @@ def freeze_indexer(cfg: Config, chunks: List[torch.nn.Module]) -> None:
     n_index = 0
     for chunk in chunks:
         for name, param in chunk.named_parameters():
-            if msa_adapter.is_index_param(name):
+            if is_index_param(name):
                 param.requires_grad_(False)
                 n_index += 1
     log.info("attention.freeze_indexer: %d index parameters frozen at initialisation", n_index)
@@ -240,5 +257,5 @@ def _reduce_device() -> torch.device:
     return torch.device("cpu")
 
 
-__all__ = ["ParamCounts", "build_model", "count_parameters", "make_transformer_config", "padded_vocab_size",
-           "transformer_config_kwargs", "unwrap"]
+__all__ = ["INDEX_PARAM_MARKER", "ParamCounts", "build_model", "count_parameters", "is_index_param",
+           "make_transformer_config", "padded_vocab_size", "transformer_config_kwargs", "unwrap"]

@@ -10,9 +10,8 @@ from typing import List
 
 import torch
 
-from . import msa_adapter
 from .config import Config
-from .model import PRECISION_DTYPES
+from .model import PRECISION_DTYPES, is_index_param
 
 #: Param-group key marking the backbone (non-index) groups.
 BACKBONE_KEY = "msa_backbone"
@@ -55,7 +54,7 @@ def build_optimizer(cfg: Config, model_chunks: List[torch.nn.Module]):
     overrides = get_standard_config_overrides(ocfg)
     if needs_backbone_groups(cfg):
         backbone = ParamKey(with_name_predicate=ParamWithNamePredicate(
-            name="msa_backbone", fn=lambda param, name: not msa_adapter.is_index_param(name)))
+            name="msa_backbone", fn=lambda param, name: not is_index_param(name)))
         overrides[backbone] = {BACKBONE_KEY: True}
     return get_megatron_optimizer(ocfg, model_chunks, config_overrides=overrides)
 

@@ -95,6 +95,26 @@ def test_set_attention_mode_rejects_unknown_modes():
         set_attention_mode(torch.nn.Linear(2, 2), "fast")
 
 
+def test_set_kl_coeff_replaces_each_layers_msa_config():
+    """The run-time KL coefficient (attention.kl_schedule) reaches every MSA core attention,
+    other MSA fields kept; a bad value fails MSAConfig's check. Bare core attentions: no
+    model build needed."""
+    from msa_megatron.megatron import MSACoreAttention, set_kl_coeff
+
+    cores = []
+    for topk in (2, 3):
+        core = MSACoreAttention.__new__(MSACoreAttention)
+        torch.nn.Module.__init__(core)
+        core.msa = MSAConfig(topk=topk)
+        cores.append(core)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), *cores)
+    assert set_kl_coeff(model, 0.25) == 2
+    assert [(c.msa.kl_coeff, c.msa.topk) for c in cores] == [(0.25, 2), (0.25, 3)]
+    assert set_kl_coeff([torch.nn.Linear(2, 2)], 0.5) == 0  # no MSA layer on this stage: legal
+    with pytest.raises(MSAConfigError, match="kl_coeff"):
+        set_kl_coeff(model, -1.0)
+
+
 def test_metric_names_and_means_without_distributed():
     from msa_megatron.megatron.metrics import TRACKER, collect_msa_metrics
 
