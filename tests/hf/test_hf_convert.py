@@ -82,7 +82,7 @@ def _round_trips(tmp: str):
     """CLI: bf16 HF -> ours -> HF (bit-equal), then the export -> ours -> HF (bit-equal, index included)."""
     from hf_cases import make_hf_model
 
-    from msa_megatron.megatron.convert import main
+    from msa_megatron.convert_cli import main
 
     out = {}
     for family in ("qwen2", "glm", "qwen2_moe", "qwen3_moe"):

@@ -183,7 +183,7 @@ def _check_cli(tmp: str, rank: int):
     """msa-convert on the dense TP=2 checkpoint, at TP=2 (last: the CLI shuts the process group down)."""
     import json
 
-    from msa_megatron.megatron.convert import main
+    from msa_megatron.convert_cli import main
 
     path = os.path.join(tmp, "model.yaml")
     if rank == 0:

@@ -155,7 +155,7 @@ def test_damaged_newest_checkpoint_is_named_and_the_older_one_resumes_bit_exact(
 
 
 def test_msa_convert_load_is_checked_before_reading(tmp_path, capsys):
-    from msa_megatron.megatron.convert import main
+    from msa_megatron.convert_cli import main
 
     spec = tmp_path / "spec.yaml"
     spec.write_text("model: {}\nmsa: {}\nvocab_size: 16\nmax_sequence_length: 8\n")
