@@ -298,7 +298,7 @@ def piece(args) -> int:
     device = _device()
     commit = _commit()
     res = run_piece(preset, work, args.budget_s, done, sys.executable, REPO, device, commit, only=only,
-                    dry_run=args.dry_run, log=lambda m: print(m, flush=True))
+                    dry_run=args.dry_run, grace_s=args.grace_s, log=lambda m: print(m, flush=True))
     remaining = [n for n, s in res["status"].items() if s != "complete"]
     print(f"[piece] ran {', '.join(res['ran']) or 'nothing'}; not complete yet: {', '.join(remaining) or 'none'}",
           flush=True)
@@ -335,6 +335,8 @@ def main(argv=None) -> int:
                    "(kept between calls on a warm machine)")
     p.add_argument("--done", help="with --piece: comma-separated directories of complete runs copied back "
                    f"(default {DEFAULT_DONE.relative_to(REPO)})")
+    p.add_argument("--grace-s", type=float, default=60.0, help="with --piece: seconds of the budget kept for the "
+                   "SIGTERM checkpoint and packing (default 60)")
     p.add_argument("--dry-run", action="store_true", help="with --piece: list what would run, run nothing")
     p.add_argument("--scale-report", metavar="DIRS", help="report of the scale matrix from these comma-separated "
                    "result directories (default preset scale)")

@@ -39,7 +39,12 @@ def last_step(run_dir: Path) -> int:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return 0
-    steps = [json.loads(ln).get("step", 0) for ln in path.read_text().splitlines() if ln.strip()]
+    steps = []
+    for ln in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(ln).get("step", 0))
+        except ValueError:  # a line torn by a kill: not a step
+            continue
     return max([s for s in steps if isinstance(s, int)], default=0)
 
 
@@ -100,24 +105,33 @@ def _update_run_json(run_dir: Path, name: str, total_steps: int, segment: Dict, 
 
 def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[Path], python: str, repo: Path,
               device: str, commit: str, only: Optional[List[str]] = None, dry_run: bool = False,
-              min_slice_s: float = 90.0, grace_s: float = 150.0, log: Callable[[str], None] = print) -> Dict:
+              min_slice_s: float = 60.0, grace_s: float = 60.0, log: Callable[[str], None] = print) -> Dict:
     """Run ``todo`` in order until ``budget_s`` is spent; returns {"ran": [...], "status": {...}}.
     ``grace_s`` of the budget is kept for the SIGTERM checkpoint and packing."""
     work = Path(work)
     t_end = time.time() + budget_s
     plan = todo(preset, work, done_dirs, only)
     ran: List[str] = []
+    sim = budget_s - grace_s  # dry run: the budget spent by the planned estimates
     for name in plan:
         left = t_end - time.time() - grace_s
         s = spec(preset, name, str(work))
         if dry_run:
-            log(f"[piece] would run {name} (~{estimate_s(preset, name) / 60:.1f} min planned): "
-                + " ".join(s.overrides))
+            est = estimate_s(preset, name)
+            when = "this call" if sim >= min_slice_s and (est <= sim or sim == budget_s - grace_s) else "a later call"
+            log(f"[piece] {when}: {name} (~{est / 60:.1f} min planned): " + " ".join(s.overrides))
+            if when == "this call":
+                sim -= est
             continue
         if left < min_slice_s:
             log(f"[piece] {left:.0f}s left: stopping before {name}")
             break
         run_dir = work / "runs" / name
+        if ran and not has_checkpoint(run_dir) and estimate_s(preset, name) > left:
+            # a fresh run that would not finish in this call: leave it for a call of its own
+            # (resuming needs the same warm machine)
+            log(f"[piece] skip {name} for now: ~{estimate_s(preset, name):.0f}s planned, {left:.0f}s left")
+            continue
         run_dir.mkdir(parents=True, exist_ok=True)
         if is_complete(run_dir):  # a dependency re-run whose checkpoint is present
             continue
