@@ -27,6 +27,7 @@ DONE=${DONE:-$PWD/results/fidelity_scale}
 RUNS=${RUNS:-}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 # a copied tree may carry no (or a stale) .git: name the commit when it is known
 if [ -z "${MSA_COMMIT:-}" ] && [ -f .msa_commit ]; then export MSA_COMMIT=$(cat .msa_commit); fi
 args=(--piece "$PRESET" --budget-s "$BUDGET_S" --work "$WORK" --done "$DONE" --export "$OUT")
