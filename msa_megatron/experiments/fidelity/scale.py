@@ -75,6 +75,7 @@ class ScalePreset:
     #: (context tag, variant, seeds) in launch order
     entries: Tuple[Tuple[str, str, Tuple[int, ...]], ...] = ()
     startup_s: float = 60.0
+    about: str = ""             # the scale, in words, for the report
 
 
 _ENTRIES = (("8k", "dense", (1,)), ("8k", "msa", (1,)), ("8k", "swa", (1,)),
@@ -96,7 +97,10 @@ SCALE_PRESETS: Dict[str, ScalePreset] = {
         convert_steps=96, convert_warmup_steps=8, convert_lr=3.0e-4,
         contexts={"8k": Context("8k", 8192, 16, 2, (32, 1024, 2048, 3200, 4096, 6144, 8160), 180e3),
                   "32k": Context("32k", 32768, 4, 1, (32, 2048, 4096, 8192, 16384, 24576, 32736), 75e3)},
-        entries=_ENTRIES),
+        entries=_ENTRIES,
+        about="Scale: 55M-parameter dense-MLP GPT (8 layers, hidden 768, 12/4 heads of 64), byte vocabulary, "
+              "embedded corpus, bf16; MSA block 128 top-16, index dim 64; 384 steps x 131,072 tokens = 50.3M "
+              "tokens per run at 8K and 32K."),
     # the same matrix, tiny, on the CPU: tests and smoke runs only (numbers mean nothing)
     "scale_cpu": ScalePreset(
         model="tiny", model_overrides=(), train="cpu", steps=4, lr=3e-3, min_lr=3e-4, warmup_steps=1,
@@ -104,7 +108,8 @@ SCALE_PRESETS: Dict[str, ScalePreset] = {
         recall_train_fraction=0.5, recall_eval_batches=1, convert_steps=2, convert_warmup_steps=1, convert_lr=3e-4,
         contexts={"8k": Context("8k", 256, 4, 2, (8, 64, 120, 160, 248), 2e3),
                   "32k": Context("32k", 512, 2, 1, (8, 128, 256, 400, 504), 1e3)},
-        entries=_ENTRIES, startup_s=10.0),
+        entries=_ENTRIES, startup_s=10.0,
+        about="Scale: the tiny CPU model, 4 steps: a smoke test, not evidence."),
 }
 
 
