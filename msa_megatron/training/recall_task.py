@@ -81,7 +81,7 @@ def recall_accuracy_of_model(model, batches, device, vocab_size: int, edges=None
 
     tp = ps.get_tensor_model_parallel_world_size() if dist.is_initialized() and ps.model_parallel_is_initialized() else 1
     accs, counts = [], {}
-    for tokens, mask, *dist in batches:
+    for tokens, mask, *distance in batches:
         tokens = tokens.to(device)
         pos = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
         logits = model(tokens, pos, None)  # [b, s, V/tp]
@@ -89,8 +89,8 @@ def recall_accuracy_of_model(model, batches, device, vocab_size: int, edges=None
             logits = gather_from_tensor_model_parallel_region(logits)
         logits = logits[..., :vocab_size]
         accs.append(recall_accuracy(logits.float(), tokens, mask.to(device)))
-        if edges and dist:
-            for k, (c, n) in bucket_counts(logits, tokens, mask.to(device), dist[0].to(device), edges).items():
+        if edges and distance:
+            for k, (c, n) in bucket_counts(logits, tokens, mask.to(device), distance[0].to(device), edges).items():
                 counts[k] = [counts.get(k, [0, 0])[0] + c, counts.get(k, [0, 0])[1] + n]
     mean = sum(accs) / len(accs)
     if not edges:
