@@ -10,6 +10,13 @@ subprocess each, identical data, tokens, seed and model), collects DIR/results.j
     python scripts/fidelity.py --preset gpu --gpus 0,1,0,1 --out /tmp/fid --export $OUT/fidelity  # two GPUs
     python scripts/fidelity.py --report runs/fidelity-cpu                       # table + plots into docs/
 
+Scale matrix (issue 19; msa_megatron/experiments/fidelity/scale.py), piecewise over GPU lendings:
+
+    python scripts/fidelity.py --piece scale --budget-s 480 --work /tmp/fid_scale \
+        --done results/fidelity_scale --export $OUT          # next missing runs, one tarball in $OUT
+    python scripts/fidelity.py --piece scale --dry-run      # what the next call would run
+    python scripts/fidelity.py --scale-report results/fidelity_scale   # table, plots, statement
+
 ``--gpus`` lists one slot per concurrent run (a GPU id may repeat: small models leave an
 H100 mostly idle). Runs wait for their dependency (the conversion run for the dense run's
 checkpoint). Finished runs (summary.json present) are skipped on a re-run unless --force.
@@ -254,6 +261,58 @@ def _sweep(text: str) -> List[List[int]]:
     return pairs
 
 
+DEFAULT_DONE = REPO / "results" / "fidelity_scale"
+
+
+def piece(args) -> int:
+    """One slice of the scale matrix: the next missing runs within --budget-s, then a tarball."""
+    from msa_megatron.experiments.fidelity.piece import matrix_status, pack, run_piece
+    from msa_megatron.experiments.fidelity.scale import SCALE_PRESETS, estimate_s, run_names, tokens_per_run
+
+    preset = SCALE_PRESETS[args.piece]
+    work = Path(args.work).resolve()
+    done = [Path(d).resolve() for d in (args.done.split(",") if args.done else [str(DEFAULT_DONE)]) if d]
+    only = args.runs.split(",") if args.runs else None
+    if only:
+        bad = [n for n in only if n not in run_names(preset)]
+        if bad:
+            print(f"fidelity: error: --runs {bad[0]!r} is invalid: allowed values are {', '.join(run_names(preset))}",
+                  file=sys.stderr)
+            return 2
+    st = matrix_status(preset, work, done)
+    print(f"[piece] preset {args.piece}: " + ", ".join(f"{n}={s}" for n, s in st.items()), flush=True)
+    for ctx in preset.contexts:
+        print(f"[piece] {ctx}: {tokens_per_run(preset, ctx) / 1e6:.1f}M tokens per run, planned "
+              f"~{estimate_s(preset, run_names(preset)[0] if ctx == '8k' else f'c{ctx}_dense_s1') / 60:.1f} min "
+              f"(at {preset.contexts[ctx].est_tokens_per_s / 1e3:.0f}K tokens/s, start-up included)", flush=True)
+    if not args.dry_run and args.piece != "scale_cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("fidelity: error: --piece scale needs a CUDA GPU (use --dry-run, or --piece scale_cpu)", file=sys.stderr)
+            return 2
+    if not args.dry_run:
+        from msa_megatron.training.corpus import build_corpus
+
+        build_corpus()  # once, not by each run
+    device = _device()
+    commit = _commit()
+    res = run_piece(preset, work, args.budget_s, done, sys.executable, REPO, device, commit, only=only,
+                    dry_run=args.dry_run, grace_s=args.grace_s, log=lambda m: print(m, flush=True))
+    remaining = [n for n, s in res["status"].items() if s != "complete"]
+    print(f"[piece] ran {', '.join(res['ran']) or 'nothing'}; not complete yet: {', '.join(remaining) or 'none'}",
+          flush=True)
+    if args.export and not args.dry_run:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
+        tar = pack(work, res["ran"], Path(args.export) / f"fidelity_piece_{stamp}.tar.gz",
+                   {"preset": args.piece, "device": device, "commit": commit, "ran": res["ran"],
+                    "status": res["status"], "date": stamp})
+        print(f"[piece] packed {tar} ({tar.stat().st_size / 1e3:.0f} KB): extract with "
+              f"tar xzf {tar.name} -C results/fidelity_scale", flush=True)
+    failed = [n for n in res["ran"] if n in remaining and res["status"][n] == "missing"]
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     import signal
 
@@ -269,10 +328,43 @@ def main(argv=None) -> int:
     p.add_argument("--export", metavar="DIR", help="at the end, copy results.json, logs and metrics (no checkpoints) "
                    "to DIR (e.g. $OUT on a GPU host)")
     p.add_argument("--force", action="store_true", help="rerun finished runs")
+    p.add_argument("--piece", metavar="PRESET", help="scale matrix: run the next missing runs of this scale preset "
+                   "(scale, scale_cpu) within --budget-s, pack metrics into --export")
+    p.add_argument("--budget-s", type=float, default=480.0, help="with --piece: seconds for this slice (default 480)")
+    p.add_argument("--work", default="/tmp/fid_scale", help="with --piece: run directories and checkpoints "
+                   "(kept between calls on a warm machine)")
+    p.add_argument("--done", help="with --piece: comma-separated directories of complete runs copied back "
+                   f"(default {DEFAULT_DONE.relative_to(REPO)})")
+    p.add_argument("--grace-s", type=float, default=60.0, help="with --piece: seconds of the budget kept for the "
+                   "SIGTERM checkpoint and packing (default 60)")
+    p.add_argument("--dry-run", action="store_true", help="with --piece: list what would run, run nothing")
+    p.add_argument("--scale-report", metavar="DIRS", help="report of the scale matrix from these comma-separated "
+                   "result directories (default preset scale)")
+    p.add_argument("--scale-preset", default="scale", help="with --scale-report: the scale preset")
     p.add_argument("--report", metavar="DIR", help="write the table and plots from DIR/results.json")
     p.add_argument("--doc", default=str(REPO / "docs" / "fidelity.md"), help="with --report: the markdown file")
     p.add_argument("--plots", default=str(REPO / "docs" / "fidelity"), help="with --report: the PNG directory")
     args = p.parse_args(argv)
+    if args.piece:
+        from msa_megatron.experiments.fidelity.scale import SCALE_PRESETS
+
+        if args.piece not in SCALE_PRESETS:
+            p.error(f"--piece {args.piece!r} is invalid: allowed values are {', '.join(SCALE_PRESETS)}")
+        return piece(args)
+    if args.scale_report:
+        from msa_megatron.experiments.fidelity.scale import SCALE_PRESETS
+        from msa_megatron.experiments.fidelity.scale_report import scale_report
+
+        if args.scale_preset not in SCALE_PRESETS:
+            p.error(f"--scale-preset {args.scale_preset!r} is invalid: allowed values are {', '.join(SCALE_PRESETS)}")
+        out = scale_report([Path(d) for d in args.scale_report.split(",") if d], SCALE_PRESETS[args.scale_preset],
+                           args.scale_preset, Path(args.doc), Path(args.plots))
+        col = out["collected"]
+        print(f"scale report: {len(col['runs'])} complete runs; unfinished: {', '.join(col['unfinished']) or 'none'}; "
+              f"missing: {', '.join(col['missing']) or 'none'}")
+        for path in out["written"] + [args.doc]:
+            print(f"wrote {path}")
+        return 0
     if args.report:
         from msa_megatron.experiments.fidelity.report import report
 

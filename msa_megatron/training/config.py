@@ -194,6 +194,9 @@ class AssocRecallConfig:
     eval_batches: int = _f(0, *_NONNEG)
     num_pairs: int = _f(16, *_POS)
     num_queries: int = _f(16, *_POS)
+    #: Distance-bucket edges (issue 19): each queried pair planted at a distance from its query
+    #: drawn from one bucket; eval logs val_assoc_recall_acc/d<lo>_<hi> per bucket. []: pairs at the start.
+    distance_buckets: List[int] = _f([])
 
 
 @dataclass
@@ -372,7 +375,8 @@ class Config:
         from ..experiments.assoc_recall import AssocRecallSpec
 
         r = self.data.assoc_recall
-        return AssocRecallSpec(seq_len=self.train.seq_length + 1, num_pairs=r.num_pairs, num_queries=r.num_queries)
+        return AssocRecallSpec(seq_len=self.train.seq_length + 1, num_pairs=r.num_pairs, num_queries=r.num_queries,
+                               distance_buckets=tuple(r.distance_buckets or ()))
 
     def data_parallel_size(self, world_size: int) -> int:
         p = self.parallel
@@ -588,7 +592,8 @@ def validate(cfg: Config, world_size: int) -> Config:
         try:
             cfg.assoc_recall_spec().validate()
         except ValueError as e:
-            raise ConfigError("data.assoc_recall", {"num_pairs": r.num_pairs, "num_queries": r.num_queries},
+            raise ConfigError("data.assoc_recall", {"num_pairs": r.num_pairs, "num_queries": r.num_queries,
+                                                    "distance_buckets": list(r.distance_buckets or [])},
                               f"a task that fits train.seq_length={t.seq_length} ({e})") from None
         if r.eval_batches > 0 and (p.pp > 1 or p.cp > 1):
             raise ConfigError("data.assoc_recall.eval_batches", r.eval_batches, "0 with parallel.pp > 1 or parallel.cp > 1")

@@ -270,12 +270,18 @@ class Trainer:
         for chunk in self.model:
             chunk.eval()
         set_recall_sampling(self.model, False)
-        acc = recall_accuracy_of_model(self.model[0], self.recall_batches, self.device, self.sources.vocab_size)
+        edges = list(self.cfg.data.assoc_recall.distance_buckets or [])
+        acc = recall_accuracy_of_model(self.model[0], self.recall_batches, self.device, self.sources.vocab_size,
+                                       edges or None)
+        buckets = {}
+        if edges:  # issue 19: accuracy per query-to-pair distance bucket
+            acc, per = acc
+            buckets = {f"val_assoc_recall_acc/{k}": v for k, v in per.items() if v is not None}
         collect_msa_metrics(reset=True)
         set_recall_sampling(self.model, self.schedule._applied.recall if self.schedule._applied else False)
         for chunk in self.model:
             chunk.train()
-        return {"val_assoc_recall_acc": acc}
+        return {"val_assoc_recall_acc": acc, **buckets}
 
     def recall_sweep(self) -> Dict[str, float]:
         """attention.recall_sweep: held-out selection recall of the trained model for each

@@ -18,7 +18,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from ..experiments.assoc_recall import AssocRecallSpec, make_example, recall_accuracy
+from ..experiments.assoc_recall import AssocRecallSpec, bucket_counts, make_example, make_example_with_distance, recall_accuracy
 
 
 class AssocRecallMix(torch.utils.data.Dataset):
@@ -48,36 +48,40 @@ class AssocRecallMix(torch.utils.data.Dataset):
 
 
 def eval_batches(spec: AssocRecallSpec, n_batches: int, micro_batch: int, seed: int, valid_ds=None
-                 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+                 ) -> List[Tuple[torch.Tensor, ...]]:
     """``n_batches`` held-out (tokens [b, s], answer_mask [b, s]) pairs, s = spec.seq_len (the
     training length: every query and its answer inside the window the model sees); filler
-    from ``valid_ds`` samples when given, else random bytes."""
+    from ``valid_ds`` samples when given, else random bytes. With ``spec.distance_buckets``
+    each item also carries distance [b, s] (see assoc_recall.make_example_with_distance)."""
     out = []
     gen = torch.Generator().manual_seed(seed + 4242)
     for i in range(n_batches):
-        toks, masks = [], []
+        toks, masks, dists = [], [], []
         for j in range(micro_batch):
             filler = None
             if valid_ds is not None and len(valid_ds) > 0:
                 s = valid_ds[(i * micro_batch + j) % len(valid_ds)]
                 filler = torch.cat([s["tokens"], s["labels"][-1:]])
-            t, m = make_example(spec, gen, filler=filler)
+            t, m, d = make_example_with_distance(spec, gen, filler=filler)
             toks.append(t)
             masks.append(m)
-        out.append((torch.stack(toks), torch.stack(masks)))
+            dists.append(d)
+        item = (torch.stack(toks), torch.stack(masks))
+        out.append(item + (torch.stack(dists),) if spec.distance_buckets else item)
     return out
 
 
 @torch.no_grad()
-def recall_accuracy_of_model(model, batches, device, vocab_size: int) -> float:
-    """Mean accuracy over the batches (every rank computes all of them: PP=1, CP=1)."""
+def recall_accuracy_of_model(model, batches, device, vocab_size: int, edges=None):
+    """Mean accuracy over the batches (every rank computes all of them: PP=1, CP=1). With
+    ``edges`` (and batches carrying distances): (mean, {"d<lo>_<hi>": accuracy or None})."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     tp = ps.get_tensor_model_parallel_world_size() if dist.is_initialized() and ps.model_parallel_is_initialized() else 1
-    accs = []
-    for tokens, mask in batches:
+    accs, counts = [], {}
+    for tokens, mask, *distance in batches:
         tokens = tokens.to(device)
         pos = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
         logits = model(tokens, pos, None)  # [b, s, V/tp]
@@ -85,7 +89,13 @@ def recall_accuracy_of_model(model, batches, device, vocab_size: int) -> float:
             logits = gather_from_tensor_model_parallel_region(logits)
         logits = logits[..., :vocab_size]
         accs.append(recall_accuracy(logits.float(), tokens, mask.to(device)))
-    return sum(accs) / len(accs)
+        if edges and distance:
+            for k, (c, n) in bucket_counts(logits, tokens, mask.to(device), distance[0].to(device), edges).items():
+                counts[k] = [counts.get(k, [0, 0])[0] + c, counts.get(k, [0, 0])[1] + n]
+    mean = sum(accs) / len(accs)
+    if not edges:
+        return mean
+    return mean, {k: (c / n if n else None) for k, (c, n) in counts.items()}
 
 
 __all__ = ["AssocRecallMix", "eval_batches", "recall_accuracy_of_model"]

@@ -1,0 +1,202 @@
+"""The scale matrix (issue 19): fidelity at a size that decides, completed piecewise.
+
+Runs are keyed by name ``c<ctx>_<variant>_s<seed>`` (e.g. ``c8k_msa_s2``) so a partial matrix
+reports what exists and lists what is missing. Each run is one ``python -m msa_megatron.train``
+with hydra overrides, like the small matrix (matrix.py):
+
+* 8K context, seeds 1-3: ``dense``, ``msa`` (warmup then sparse), ``swa`` (FLOP-matched window);
+* 32K context, seed 1: ``dense``, ``msa``;
+* 8K ablations, seed 1: ``msa_no_stopgrad``, ``msa_no_warmup``, ``msa_no_teacher`` (frozen
+  indexer), and ``dense_to_msa`` (``c8k_dense_s1``'s checkpoint converted, continued with warmup).
+
+Every run mixes the distance-bucketed associative-recall task into training (a fraction of
+the sequences) and evaluates accuracy per query-to-pair distance bucket, with bucket edges
+around the FLOP-matched window, so the sliding window's blind spot is visible.
+
+Sizing (one H100, preset ``scale``): a 55M-parameter dense-MLP GPT (8 layers, hidden 768,
+12 query / 4 KV heads of 64, SwiGLU 2304, byte vocabulary, embedded corpus), MSA block 128
+top-16 (2,048 keys = 1/4 of 8K, 1/16 of 32K), index dim 64. 384 steps x 131,072 tokens =
+50.3M tokens per run at both lengths. Time estimate from the measured 74.4K tokens/s of
+small_moe at 32K on one H100 (docs/backend.md): that is ~3.1 GFLOP/token (6 x 111M active
+parameters + causal attention 12 layers x 3 x 2 x 32K x 1024) -> ~230 TFLOP/s achieved. This
+model needs ~0.63 GFLOP/token at 8K and ~1.5 at 32K, so ~365K / ~150K tokens/s at that rate;
+assuming half of it (small matrices, MSA's extra recall/indexer passes): ~180K / ~75K
+tokens/s, i.e. ~4.7 min + ~1 min start-up per 8K run (one call) and ~11 min per 32K run
+(two calls of 8 minutes, resumed from the checkpoint the trainer saves on SIGTERM). See
+:data:`EST_TOKENS_PER_S`; the driver records the real numbers per run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from .matrix import RunSpec
+
+VARIANTS = ("dense", "msa", "swa", "msa_no_stopgrad", "msa_no_warmup", "msa_no_teacher", "dense_to_msa")
+LABELS = {"dense": "dense", "msa": "MSA (warmup + sparse)", "swa": "sliding window (FLOP-matched)",
+          "msa_no_stopgrad": "MSA, no stop-gradient", "msa_no_warmup": "MSA, no warmup",
+          "msa_no_teacher": "MSA, frozen indexer (no KL teacher)", "dense_to_msa": "dense -> MSA conversion"}
+
+
+@dataclass(frozen=True)
+class Context:
+    """One context length of a scale preset."""
+
+    tag: str                    # "8k"
+    seq_length: int
+    global_batch_size: int
+    micro_batch_size: int
+    distance_buckets: Tuple[int, ...]
+    est_tokens_per_s: float     # planning estimate (see the module docstring)
+
+
+@dataclass(frozen=True)
+class ScalePreset:
+    model: str
+    model_overrides: Tuple[str, ...]
+    train: str
+    steps: int
+    lr: float
+    min_lr: float
+    warmup_steps: int           # MSA full-attention warmup
+    eval_interval: int
+    eval_iters: int
+    recall_interval: int
+    log_interval: int
+    recall_pairs: int
+    recall_queries: int
+    recall_train_fraction: float
+    recall_eval_batches: int
+    convert_steps: int
+    convert_warmup_steps: int
+    convert_lr: float
+    contexts: Dict[str, Context] = field(default_factory=dict)
+    #: (context tag, variant, seeds) in launch order
+    entries: Tuple[Tuple[str, str, Tuple[int, ...]], ...] = ()
+    startup_s: float = 60.0
+    about: str = ""             # the scale, in words, for the report
+
+
+_ENTRIES = (("8k", "dense", (1,)), ("8k", "msa", (1,)), ("8k", "swa", (1,)),
+            ("8k", "dense", (2, 3)), ("8k", "msa", (2, 3)), ("8k", "swa", (2, 3)),
+            ("8k", "dense_to_msa", (1,)),
+            ("8k", "msa_no_stopgrad", (1,)), ("8k", "msa_no_warmup", (1,)), ("8k", "msa_no_teacher", (1,)),
+            ("32k", "dense", (1,)), ("32k", "msa", (1,)))
+
+_GPT55M = ("model.name=fidelity_gpt55m", "model.num_layers=8", "model.hidden_size=768", "model.ffn_hidden_size=2304",
+           "model.num_attention_heads=12", "model.num_query_groups=4", "model.kv_channels=64",
+           "model.msa_block_size=128", "model.msa_topk=16", "model.msa_index_dim=64", "model.msa_dense_layers=1")
+
+SCALE_PRESETS: Dict[str, ScalePreset] = {
+    # one H100 per call; see the module docstring for the sizing and the time estimate
+    "scale": ScalePreset(
+        model="fidelity_gpt", model_overrides=_GPT55M, train="gpu", steps=384, lr=1.0e-3, min_lr=1.0e-4,
+        warmup_steps=38, eval_interval=48, eval_iters=4, recall_interval=48, log_interval=4,
+        recall_pairs=32, recall_queries=16, recall_train_fraction=0.25, recall_eval_batches=8,
+        convert_steps=96, convert_warmup_steps=8, convert_lr=3.0e-4,
+        contexts={"8k": Context("8k", 8192, 16, 2, (32, 1024, 2048, 3200, 4096, 6144, 8160), 180e3),
+                  "32k": Context("32k", 32768, 4, 1, (32, 2048, 4096, 8192, 16384, 24576, 32736), 75e3)},
+        entries=_ENTRIES,
+        about="Scale: 55M-parameter dense-MLP GPT (8 layers, hidden 768, 12/4 heads of 64), byte vocabulary, "
+              "embedded corpus, bf16; MSA block 128 top-16, index dim 64; 384 steps x 131,072 tokens = 50.3M "
+              "tokens per run at 8K and 32K."),
+    # the same matrix, tiny, on the CPU: tests and smoke runs only (numbers mean nothing)
+    "scale_cpu": ScalePreset(
+        model="tiny", model_overrides=(), train="cpu", steps=4, lr=3e-3, min_lr=3e-4, warmup_steps=1,
+        eval_interval=2, eval_iters=1, recall_interval=2, log_interval=1, recall_pairs=4, recall_queries=4,
+        recall_train_fraction=0.5, recall_eval_batches=1, convert_steps=2, convert_warmup_steps=1, convert_lr=3e-4,
+        contexts={"8k": Context("8k", 256, 4, 2, (8, 64, 120, 160, 248), 2e3),
+                  "32k": Context("32k", 512, 2, 1, (8, 128, 256, 400, 504), 1e3)},
+        entries=_ENTRIES, startup_s=10.0,
+        about="Scale: the tiny CPU model, 4 steps: a smoke test, not evidence."),
+}
+
+
+def run_name(ctx: str, variant: str, seed: int) -> str:
+    return f"c{ctx}_{variant}_s{seed}"
+
+
+def parse_name(name: str) -> Tuple[str, str, int]:
+    """``c8k_msa_no_warmup_s1`` -> ("8k", "msa_no_warmup", 1)."""
+    try:
+        head, seed = name.rsplit("_s", 1)
+        ctx, variant = head[1:].split("_", 1)
+    except ValueError:
+        ctx, variant, seed = "", "", ""
+    if not name.startswith("c") or variant not in VARIANTS or not seed.isdigit():
+        raise ValueError(f"run name {name!r} is invalid: allowed values are c<ctx>_<variant>_s<seed>, variant in "
+                         f"{', '.join(VARIANTS)}")
+    return ctx, variant, int(seed)
+
+
+def run_names(p: ScalePreset) -> List[str]:
+    return [run_name(c, v, s) for c, v, seeds in p.entries for s in seeds]
+
+
+def tokens_per_run(p: ScalePreset, ctx: str, variant: str = "dense") -> int:
+    c = p.contexts[ctx]
+    steps = p.convert_steps if variant == "dense_to_msa" else p.steps
+    return steps * c.global_batch_size * c.seq_length
+
+
+def estimate_s(p: ScalePreset, name: str) -> float:
+    """Planned wall time of one run (start-up included), from the preset's throughput estimate."""
+    ctx, variant, _ = parse_name(name)
+    return p.startup_s + tokens_per_run(p, ctx, variant) / p.contexts[ctx].est_tokens_per_s
+
+
+def _msa(p: ScalePreset, warmup: int, recall_interval: Optional[int] = None) -> List[str]:
+    return ["attention=msa", f"attention.warmup.steps={warmup}",
+            f"attention.msa.recall_interval={recall_interval or p.recall_interval}"]
+
+
+def spec(p: ScalePreset, name: str, out_dir: str) -> RunSpec:
+    """The trainer overrides of one run (run directory ``<out_dir>/runs/<name>``)."""
+    ctx, variant, seed = parse_name(name)
+    if ctx not in p.contexts:
+        raise ValueError(f"run {name!r}: context {ctx!r} is invalid: allowed values are {', '.join(p.contexts)}")
+    c = p.contexts[ctx]
+    rd = f"{out_dir}/runs/{name}"
+    steps = p.convert_steps if variant == "dense_to_msa" else p.steps
+    common = [
+        f"model={p.model}", *p.model_overrides, f"train={p.train}", f"run_dir={rd}",
+        f"train.steps={steps}", f"train.seq_length={c.seq_length}",
+        f"train.global_batch_size={c.global_batch_size}", f"train.micro_batch_size={c.micro_batch_size}",
+        f"train.lr={p.lr}", f"train.min_lr={p.min_lr}", f"train.eval_interval={p.eval_interval}",
+        f"train.eval_iters={p.eval_iters}", f"train.seed={seed}",
+        f"logging.log_interval={p.log_interval}", "logging.progress_bar=false", "logging.wandb.enabled=false",
+        "logging.plots=false",
+        # a checkpoint every ~quarter run, and on SIGTERM: the driver's time slices resume from it
+        f"checkpoint.interval={max(1, steps // 4)}", "checkpoint.keep_last=1",
+        f"data.assoc_recall.train_fraction={p.recall_train_fraction}",
+        f"data.assoc_recall.eval_batches={p.recall_eval_batches}",
+        f"data.assoc_recall.num_pairs={p.recall_pairs}", f"data.assoc_recall.num_queries={p.recall_queries}",
+        "data.assoc_recall.distance_buckets=[" + ",".join(str(e) for e in c.distance_buckets) + "]",
+    ]
+    if variant == "dense":
+        return RunSpec(name, common + ["attention=dense"])
+    if variant == "swa":
+        return RunSpec(name, common + ["attention=swa"])
+    if variant == "msa":
+        return RunSpec(name, common + _msa(p, p.warmup_steps))
+    if variant == "msa_no_stopgrad":
+        return RunSpec(name, common + _msa(p, p.warmup_steps) + ["attention.msa.index_stop_gradient=false"])
+    if variant == "msa_no_warmup":
+        return RunSpec(name, common + _msa(p, 0))
+    if variant == "msa_no_teacher":
+        return RunSpec(name, common + _msa(p, p.warmup_steps) + ["attention.freeze_indexer=true"])
+    dep = run_name(ctx, "dense", seed)
+    return RunSpec(name, common + [
+        f"checkpoint.init_from={out_dir}/runs/{dep}/checkpoints", "checkpoint.index_init=mean",
+        f"train.lr={p.convert_lr}", f"train.min_lr={p.convert_lr}", "train.lr_decay_style=constant",
+        "train.lr_warmup_fraction=null", "train.lr_warmup_steps=1",
+    ] + _msa(p, p.convert_warmup_steps), depends_on=dep)
+
+
+def plan(p: ScalePreset, out_dir: str) -> List[RunSpec]:
+    return [spec(p, n, out_dir) for n in run_names(p)]
+
+
+__all__ = ["LABELS", "SCALE_PRESETS", "ScalePreset", "VARIANTS", "estimate_s", "parse_name", "plan", "run_name",
+           "run_names", "spec", "tokens_per_run"]

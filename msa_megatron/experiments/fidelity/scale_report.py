@@ -1,0 +1,284 @@
+"""Report of the scale matrix (issue 19) from whatever runs exist.
+
+Reads run directories (``<dir>/<run name>/metrics.jsonl`` + ``run.json``, as the piece driver
+packs them), groups them by (context, variant), gives mean and spread over seeds, the
+accuracy-vs-distance table and plot, the loss curves, and a plain statement of each claim:
+confirmed / not confirmed / not measured (with the runs that are missing). Only complete runs
+count; unfinished ones are listed. Rewrites only the block between SCALE markers of the doc.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from .collect import conversion_summary, run_results
+from .piece import read_run_json
+from .scale import LABELS, ScalePreset, parse_name, run_names
+
+BEGIN, END = "<!-- BEGIN SCALE (scripts/fidelity.py --scale-report) -->", "<!-- END SCALE -->"
+CHANCE = 1 / 48  # values drawn from 48 bytes
+#: dense must reach this accuracy where the window fails for the retrieval comparison to count
+SOLVED = 0.5
+
+
+def _read(path: Path) -> List[Dict[str, Any]]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+def bucket_curves(run_dir: Path) -> Dict[str, List[List[float]]]:
+    """{"d<lo>_<hi>": [[step, acc], ...]} from val_assoc_recall_acc/<bucket> records."""
+    out: Dict[str, List[List[float]]] = {}
+    for r in _read(Path(run_dir) / "metrics.jsonl"):
+        for k, v in r.items():
+            if k.startswith("val_assoc_recall_acc/") and isinstance(v, (int, float)):
+                out.setdefault(k.split("/", 1)[1], []).append([r.get("step"), v])
+    return out
+
+
+def collect_scale(dirs: List[Path], preset: ScalePreset) -> Dict[str, Any]:
+    """{"runs": {name: results}, "unfinished": {name: step/total}, "missing": [names]}; the first
+    directory holding a complete run of a name wins."""
+    runs, unfinished, missing = {}, {}, []
+    for name in run_names(preset):
+        found = None
+        for d in dirs:
+            rd = Path(d) / name
+            info = read_run_json(rd)
+            if info.get("complete"):
+                found = rd
+                break
+            if info:
+                unfinished[name] = f"{info.get('step')}/{info.get('total_steps')}"
+        if found is None:
+            if name not in unfinished:
+                missing.append(name)
+            continue
+        unfinished.pop(name, None)
+        r = run_results(found)
+        r["run"] = read_run_json(found)
+        r["buckets"] = bucket_curves(found)
+        r["final"]["buckets"] = {k: v[-1][1] for k, v in r["buckets"].items() if v}
+        r.pop("config_yaml", None)
+        runs[name] = r
+    return {"runs": runs, "unfinished": unfinished, "missing": missing}
+
+
+def _stats(xs: List[float]) -> Dict[str, Optional[float]]:
+    xs = [x for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
+    if not xs:
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+    return {"n": len(xs), "mean": m, "std": sd, "min": min(xs), "max": max(xs)}
+
+
+def groups(col: Dict[str, Any]) -> Dict[Tuple[str, str], Dict[str, Any]]:
+    """(ctx, variant) -> stats over seeds of the final held-out loss, recall accuracy, selection
+    recall and each distance bucket's accuracy."""
+    by: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
+    for name, r in col["runs"].items():
+        ctx, variant, _ = parse_name(name)
+        by.setdefault((ctx, variant), []).append(r)
+    out = {}
+    for key, rs in by.items():
+        buckets = sorted({b for r in rs for b in r["final"]["buckets"]}, key=lambda b: int(b[1:].split("_")[0]))
+        out[key] = {"seeds": len(rs), "val_loss": _stats([r["final"]["val_loss"] for r in rs]),
+                    "assoc": _stats([r["final"]["assoc_recall"] for r in rs]),
+                    "sel_recall": _stats([r["final"]["mean_recall"] for r in rs]),
+                    "buckets": {b: _stats([r["final"]["buckets"].get(b) for r in rs]) for b in buckets}}
+    return out
+
+
+def _ms(s: Dict[str, Any], spec: str = ".4f", pct: bool = False) -> str:
+    if s["mean"] is None:
+        return "-"
+    f = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: format(v, spec))  # noqa: E731
+    return f(s["mean"]) + (f" ± {f(s['std'])}" if s["std"] is not None else "") + f" (n={s['n']})"
+
+
+def claims(g: Dict[Tuple[str, str], Dict[str, Any]], col: Dict[str, Any]) -> List[str]:
+    """The issue's goals, each confirmed / not confirmed / not measured, with the numbers."""
+    out = []
+    d, m, w = g.get(("8k", "dense")), g.get(("8k", "msa")), g.get(("8k", "swa"))
+    three = lambda *xs: all(x and x["val_loss"]["n"] >= 3 for x in xs)  # noqa: E731
+    have3 = three(d, m)
+    if d and m and d["val_loss"]["mean"] and m["val_loss"]["mean"]:
+        rel = m["val_loss"]["mean"] / d["val_loss"]["mean"] - 1
+        verdict = ("confirmed" if rel <= 0.01 else "not confirmed") if have3 else \
+            ("met, but with fewer than 3 seeds" if rel <= 0.01 else "not met, with fewer than 3 seeds")
+        out.append(f"MSA held-out loss within 1% of dense at 8K: **{verdict}**"
+                   f" (MSA {_ms(m['val_loss'])} vs dense {_ms(d['val_loss'])}: {100 * rel:+.2f}%).")
+    else:
+        out.append("MSA held-out loss within 1% of dense at 8K: **not measured** (8K dense or MSA runs missing).")
+    if m and w and m["val_loss"]["mean"] and w["val_loss"]["mean"]:
+        have3 = three(m, w)
+        spread = (m["val_loss"]["std"] or 0) + (w["val_loss"]["std"] or 0)
+        beyond = m["val_loss"]["mean"] < w["val_loss"]["mean"] - spread
+        verdict = "confirmed" if beyond and have3 else ("not confirmed" if have3 else
+                                                       ("indicated" if beyond else "not indicated") + " (fewer than 3 seeds)")
+        out.append(f"MSA below the FLOP-matched window beyond the seed spread at 8K: **{verdict}** "
+                   f"(MSA {_ms(m['val_loss'])} vs window {_ms(w['val_loss'])}).")
+    else:
+        out.append("MSA below the FLOP-matched window at 8K: **not measured** (8K MSA or window runs missing).")
+    for ctx in ("8k", "32k"):
+        dd, mm, ww = g.get((ctx, "dense")), g.get((ctx, "msa")), g.get((ctx, "swa"))
+        if not (dd and mm):
+            out.append(f"Retrieval at {ctx}, MSA within 5 points of dense: **not measured** (runs missing).")
+            continue
+        far = [b for b in mm["buckets"] if ww and ww["buckets"].get(b, {}).get("mean") is not None
+               and ww["buckets"][b]["mean"] <= CHANCE + 0.05] if ww else list(mm["buckets"])
+        gaps = {b: (dd["buckets"][b]["mean"] or 0) - (mm["buckets"][b]["mean"] or 0) for b in far
+                if b in dd["buckets"] and dd["buckets"][b]["mean"] is not None and mm["buckets"][b]["mean"] is not None}
+        where = "buckets where the window is near chance" if ww else "all buckets (no window run at this length)"
+        solved = {b: dd["buckets"][b]["mean"] for b in gaps}
+        if gaps and sum(solved.values()) / len(solved) < SOLVED:
+            out.append(f"Retrieval at {ctx}: **not measured**: dense did not learn the task (mean accuracy "
+                       f"{100 * sum(solved.values()) / len(solved):.1f}% in {', '.join(gaps)}; needs >= "
+                       f"{100 * SOLVED:.0f}%): train longer or on more recall sequences.")
+            continue
+        if not gaps:
+            out.append(f"Retrieval at {ctx}: **not measured** (no bucket where the window is near chance "
+                       f"{'' if ww else 'and no window run'}).")
+            continue
+        worst = max(gaps.values())
+        verdict = "confirmed" if worst <= 0.05 else "not confirmed"
+        out.append(f"Retrieval at {ctx}, MSA within 5 points of dense in {where} ({', '.join(gaps)}): **{verdict}** "
+                   f"(largest gap {100 * worst:.1f} points; dense mean accuracy there "
+                   f"{100 * sum(dd['buckets'][b]['mean'] for b in gaps) / len(gaps):.1f}%).")
+    sel = [r["final"]["mean_recall"] for n, r in col["runs"].items() if parse_name(n)[1] == "msa"
+           and r["final"]["mean_recall"] is not None]
+    if sel:
+        mean = sum(sel) / len(sel)
+        out.append(f"Trained selection recall >= 95% at k=16 (MSA runs, mean over sparse steps): "
+                   f"**{'confirmed' if mean >= 0.95 else 'not confirmed'}** ({100 * mean:.1f}%, {len(sel)} runs).")
+    else:
+        out.append("Trained selection recall >= 95% at k=16: **not measured** (no complete MSA run).")
+    return out
+
+
+def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str = "") -> str:
+    g = groups(col)
+    lines = [BEGIN, "", f"Scale matrix, preset `{preset_name}` (generated "
+             f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
+             f"{len(col['runs'])} complete runs). {about}", ""]
+    lines += ["| context | run | seeds | held-out loss (mean ± sd) | recall acc. (all distances) | selection recall |",
+              "|---|---|---:|---:|---:|---:|"]
+    for (ctx, v), s in sorted(g.items(), key=lambda kv: (int(kv[0][0][:-1]), list(LABELS).index(kv[0][1]))):
+        lines.append(f"| {ctx} | {LABELS[v]} | {s['seeds']} | {_ms(s['val_loss'])} | {_ms(s['assoc'], pct=True)} | "
+                     f"{_ms(s['sel_recall'], pct=True)} |")
+    lines += ["", "Per run (tokens, wall time, device, commit):", "",
+              "| run | steps | tokens | wall (s) | tokens/s (incl. start-up) | device | commit | final held-out loss |",
+              "|---|---:|---:|---:|---:|---|---|---:|"]
+    for n, r in col["runs"].items():
+        info = r["run"]
+        tps = (info.get("tokens") or 0) / info["wall_s"] if info.get("wall_s") else None
+        lines.append(f"| `{n}` | {info.get('step')} | {info.get('tokens') or 0:,} | {info.get('wall_s')} | "
+                     f"{'-' if tps is None else f'{tps:,.0f}'} | "
+                     f"{', '.join(info.get('devices', []))} | {', '.join(info.get('commits', []))} | "
+                     f"{r['final']['val_loss'] if r['final']['val_loss'] is None else format(r['final']['val_loss'], '.4f')} |")
+    for ctx in ("8k", "32k"):
+        rows = [(v, s) for (c, v), s in g.items() if c == ctx and s["buckets"]]
+        if not rows:
+            continue
+        buckets = sorted({b for _, s in rows for b in s["buckets"]}, key=lambda b: int(b[1:].split("_")[0]))
+        lines += ["", f"Accuracy vs query-to-pair distance at {ctx} (chance {100 * CHANCE:.1f}%):", "",
+                  "| run | " + " | ".join(b[1:].replace("_", "-") for b in buckets) + " |",
+                  "|---|" + "---:|" * len(buckets)]
+        for v, s in rows:
+            lines.append(f"| {LABELS[v]} | " + " | ".join(
+                "-" if s["buckets"].get(b, {}).get("mean") is None else f"{100 * s['buckets'][b]['mean']:.1f}%"
+                for b in buckets) + " |")
+    if "c8k_dense_s1" in col["runs"] and "c8k_dense_to_msa_s1" in col["runs"]:
+        c = conversion_summary(col["runs"]["c8k_dense_s1"], col["runs"]["c8k_dense_to_msa_s1"])
+        lines += ["", f"Dense -> MSA conversion (8K, seed 1): dense final held-out loss {c['dense_final_val_loss']:.4f}; "
+                  + (f"within 1% after {c['reached_at_tokens']:,} tokens ({100 * c['reached_fraction']:.1f}% of the "
+                     "dense run's)" if c["reached_at_tokens"] else "not within 1% by the end of the conversion run") + "."]
+    lines += ["", f"![held-out loss vs tokens]({plot_rel}/scale_loss.png)",
+              f"![accuracy vs distance]({plot_rel}/scale_accuracy_vs_distance.png)", "", "### Statement (generated)", ""]
+    lines += [f"* {c}" for c in claims(g, col)]
+    if col["unfinished"] or col["missing"]:
+        lines += ["", "Not yet in the matrix: "
+                  + ", ".join([f"`{n}` (unfinished, step {s})" for n, s in col["unfinished"].items()]
+                              + [f"`{n}`" for n in col["missing"]]) + "."]
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def plots(col: Dict[str, Any], plot_dir: Path) -> List[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    colors = {"dense": "k", "msa": "tab:blue", "swa": "tab:red", "msa_no_stopgrad": "tab:orange",
+              "msa_no_warmup": "tab:green", "msa_no_teacher": "tab:purple", "dense_to_msa": "tab:brown"}
+    written = []
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, ctx in zip(axes, ("8k", "32k")):
+        seen = set()
+        for n, r in col["runs"].items():
+            c, v, _ = parse_name(n)
+            if c != ctx or not r["val_loss"]:
+                continue
+            ax.plot([t / 1e6 for _, t, _ in r["val_loss"]], [x for _, _, x in r["val_loss"]], color=colors[v],
+                    alpha=0.8, label=None if v in seen else LABELS[v])
+            seen.add(v)
+        ax.set(title=f"held-out loss, {ctx}", xlabel="tokens (M)", ylabel="loss")
+        if seen:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(plot_dir / "scale_loss.png", dpi=110)
+    plt.close(fig)
+    written.append(plot_dir / "scale_loss.png")
+    g = groups(col)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, ctx in zip(axes, ("8k", "32k")):
+        for (c, v), s in g.items():
+            if c != ctx or not s["buckets"] or v not in ("dense", "msa", "swa"):
+                continue
+            bs = list(s["buckets"])
+            mid = [(int(b[1:].split("_")[0]) + int(b.split("_")[1])) / 2 for b in bs]
+            mean = [s["buckets"][b]["mean"] for b in bs]
+            err = [s["buckets"][b]["std"] or 0 for b in bs]
+            ax.errorbar(mid, mean, yerr=err, marker="o", color=colors[v], label=f"{LABELS[v]} (n={s['seeds']})",
+                        capsize=3)
+        ax.axhline(CHANCE, ls=":", color="gray", label="chance")
+        ax.set(title=f"associative recall vs distance, {ctx}", xlabel="query-to-pair distance (tokens)",
+               ylabel="accuracy", ylim=(-0.02, 1.02))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(plot_dir / "scale_accuracy_vs_distance.png", dpi=110)
+    plt.close(fig)
+    written.append(plot_dir / "scale_accuracy_vs_distance.png")
+    return written
+
+
+def write_doc(block: str, doc: Path) -> None:
+    text = doc.read_text() if doc.is_file() else ""
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n## Scale matrix: results (generated)\n\n" + block + "\n"
+    doc.write_text(text)
+
+
+def scale_report(dirs: List[Path], preset: ScalePreset, preset_name: str, doc: Path, plot_dir: Path,
+                 make_plots: bool = True) -> Dict[str, Any]:
+    col = collect_scale(dirs, preset)
+    written = plots(col, plot_dir) if make_plots else []
+    rel = str(plot_dir.resolve().relative_to(doc.resolve().parent)) \
+        if plot_dir.resolve().is_relative_to(doc.resolve().parent) else str(plot_dir)
+    write_doc(scale_block(col, preset_name, rel, preset.about), doc)
+    (plot_dir / "scale_results.json").write_text(json.dumps(
+        {"missing": col["missing"], "unfinished": col["unfinished"],
+         "groups": {f"{c}/{v}": s for (c, v), s in groups(col).items()}}, indent=1)) if make_plots else None
+    return {"collected": col, "written": written}
+
+
+__all__ = ["BEGIN", "CHANCE", "END", "bucket_curves", "claims", "collect_scale", "groups", "plots", "scale_block",
+           "scale_report", "write_doc"]

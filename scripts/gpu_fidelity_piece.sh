@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One slice of the fidelity scale matrix (issue 19) on one GPU: runs the next runs of
+# `scripts/fidelity.py --piece scale` that are not complete yet, within BUDGET_S seconds, and
+# packs their small results (metrics.jsonl, summary.json, config.yaml, run.json, log tails;
+# no checkpoints) into one tarball $OUT/fidelity_piece_<UTC stamp>.tar.gz (KBs).
+#
+# Completed runs are skipped when their run.json (complete: true) is in DONE (the tarballs of
+# earlier calls extracted into results/fidelity_scale in the repo). At the budget the running
+# trainer gets SIGTERM, saves a checkpoint in WORK and exits; the next call on the same warm
+# machine resumes it (a fresh machine starts it again: checkpoints never travel).
+#
+# Prerequisite on a bare GPU machine: megatron-core / hydra-core / omegaconf / antlr4 wheels in
+# /tmp/site. From the repository root:
+#   export PYTHONPATH=/tmp/site; OUT=$OUT BUDGET_S=480 bash scripts/gpu_fidelity_piece.sh
+# Afterwards, here: tar xzf <files_at>/fidelity_piece_*.tar.gz -C results/fidelity_scale
+#                   python scripts/fidelity.py --scale-report results/fidelity_scale
+# Knobs: BUDGET_S=480 (keep ~1.5 min below the call's limit), PRESET=scale, WORK=/tmp/fid_scale,
+#   DONE=results/fidelity_scale, RUNS= (comma-separated subset), DRY_RUN=1 (list what would run).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-$PWD/runs/gpu_fidelity_piece}
+BUDGET_S=${BUDGET_S:-480}
+PRESET=${PRESET:-scale}
+WORK=${WORK:-/tmp/fid_scale}
+DONE=${DONE:-$PWD/results/fidelity_scale}
+RUNS=${RUNS:-}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+# a copied tree may carry no (or a stale) .git: name the commit when it is known
+if [ -z "${MSA_COMMIT:-}" ] && [ -f .msa_commit ]; then export MSA_COMMIT=$(cat .msa_commit); fi
+args=(--piece "$PRESET" --budget-s "$BUDGET_S" --work "$WORK" --done "$DONE" --export "$OUT")
+[ -n "$RUNS" ] && args+=(--runs "$RUNS")
+[ "${DRY_RUN:-0}" = 1 ] && args+=(--dry-run)
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+"$PY" scripts/fidelity.py "${args[@]}" 2>&1 | tee "$OUT/piece.log"
+rc=${PIPESTATUS[0]}
+echo "[gpu_fidelity_piece] exit $rc; files in $OUT:"; ls -la "$OUT"
+exit $rc

@@ -1,0 +1,329 @@
+"""Issue 19 on the CPU: the scale presets compose and validate, the distance-bucketed recall
+task, piecewise collection of a partial matrix, the piece driver (budget, SIGTERM, resume) and
+its dry run."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from msa_megatron.experiments.assoc_recall import (AssocRecallSpec, bucket_counts, make_example,
+                                                   make_example_with_distance)
+from msa_megatron.experiments.fidelity.scale import (SCALE_PRESETS, estimate_s, parse_name, run_names, spec,
+                                                     tokens_per_run)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# --------------------------------------------------------------------------- presets
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from msa_megatron.train import CONFIG_DIR
+    from msa_megatron.training.config import load_config, validate
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        raw = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+    raw.pop("hydra", None)
+    return validate(load_config(raw), 1)
+
+
+def _params(m) -> int:
+    """Transformer parameters of a dense-MLP GPT (no embeddings, no norms, no index branch)."""
+    d, h = m.hidden_size, m.num_attention_heads * m.kv_channels
+    kv = 2 * m.num_query_groups * m.kv_channels * d
+    mlp = (3 if m.swiglu else 2) * d * m.ffn_hidden_size
+    return m.num_layers * (d * h + kv + h * d + mlp)
+
+
+@pytest.mark.parametrize("preset", ["scale", "scale_cpu"])
+def test_scale_matrix_composes_and_validates(preset, tmp_path):
+    p = SCALE_PRESETS[preset]
+    names = run_names(p)
+    assert len(names) == len(set(names)) == 15
+    for v in ("dense", "msa", "swa"):
+        assert {parse_name(n)[2] for n in names if parse_name(n)[:2] == ("8k", v)} == {1, 2, 3}
+    assert {parse_name(n)[1] for n in names if parse_name(n)[0] == "32k"} == {"dense", "msa"}
+    (tmp_path / "runs" / "c8k_dense_s1" / "checkpoints").mkdir(parents=True)
+    cfgs = {n: _compose(spec(p, n, str(tmp_path)).overrides) for n in names}
+    same = lambda c: (c.model, c.train.seq_length, c.tokens_per_step(), c.total_steps(), c.data)  # noqa: E731
+    for ctx in ("8k", "32k"):
+        base = cfgs[f"c{ctx}_dense_s1"]
+        for n in names:
+            c, v, seed = parse_name(n)
+            if c == ctx and v != "dense_to_msa":
+                assert same(cfgs[n]) == same(base), n  # identical model, data, tokens
+                assert cfgs[n].train.seed == seed
+    m, s = cfgs["c8k_msa_s1"], cfgs["c8k_swa_s1"]
+    assert m.attention.warmup.steps > 0 and cfgs["c8k_msa_no_warmup_s1"].attention.warmup.steps == 0
+    assert cfgs["c8k_msa_no_stopgrad_s1"].msa.index_stop_gradient is False and m.msa.index_stop_gradient
+    assert cfgs["c8k_msa_no_teacher_s1"].attention.freeze_indexer and not m.attention.freeze_indexer
+    conv = cfgs["c8k_dense_to_msa_s1"]
+    assert conv.checkpoint.init_from.endswith("runs/c8k_dense_s1/checkpoints") and conv.attention.type == "msa"
+    assert spec(p, "c8k_dense_to_msa_s1", str(tmp_path)).depends_on == "c8k_dense_s1"
+    # the recall buckets straddle the FLOP-matched window: some distances inside it, some beyond
+    for ctx in ("8k", "32k"):
+        c = cfgs[f"c{ctx}_msa_s1"]
+        edges = list(c.data.assoc_recall.distance_buckets)
+        dense = spec(p, f"c{ctx}_dense_s1", str(tmp_path)).overrides
+        w = _compose([o for o in dense if o != "attention=dense"] + ["attention=swa"]).swa_window()
+        assert edges[1] <= w < edges[-2], (ctx, edges, w)
+        assert c.msa.topk * c.msa.block_size <= c.train.seq_length // 4
+    if preset == "scale":
+        assert _params(m.model) >= 50_000_000
+        assert (m.train.seq_length, m.msa.block_size, m.msa.topk, m.train.precision) == (8192, 128, 16, "bf16")
+        assert cfgs["c32k_msa_s1"].train.seq_length == 32768
+        assert tokens_per_run(p, "8k") >= 50_000_000 and tokens_per_run(p, "32k") >= 50_000_000
+        assert estimate_s(p, "c8k_msa_s1") < 600  # one call per 8K run (planning estimate)
+        assert 2048 < s.swa_window() < 8192 // 2
+
+
+def test_run_names_errors():
+    assert parse_name("c8k_msa_no_stopgrad_s1") == ("8k", "msa_no_stopgrad", 1)
+    for bad in ("c8k_msa", "8k_msa_s1", "c8k_foo_s1", "c8k_msa_sx"):
+        with pytest.raises(ValueError, match="allowed values"):
+            parse_name(bad)
+    with pytest.raises(ValueError, match="context '64k'"):
+        spec(SCALE_PRESETS["scale_cpu"], "c64k_msa_s1", "/tmp/x")
+
+
+# --------------------------------------------------------------------------- distance task
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_distance_layout(seed):
+    sp = AssocRecallSpec(seq_len=1025, num_pairs=12, num_queries=8, distance_buckets=(16, 100, 300, 600, 993))
+    toks, mask, dist = make_example_with_distance(sp, torch.Generator().manual_seed(seed))
+    assert toks.shape == mask.shape == dist.shape == (1025,)
+    q = mask.nonzero().flatten()
+    assert q.tolist() == list(range(1025 - 16, 1025, 2))
+    d = dist[q]
+    assert ((d >= 16) & (d < 993)).all() and (dist[~mask] == 0).all()
+    # every bucket is asked (queries cycle through the 4 buckets)
+    assert sorted({int(torch.bucketize(x, torch.tensor([100, 300, 600]), right=True)) for x in d}) == [0, 1, 2, 3]
+    for pos, dd in zip(q.tolist(), d.tolist()):
+        k = pos - dd  # the planted pair: same key, then the value the query must predict
+        assert toks[k] == toks[pos] and toks[k + 1] == toks[pos + 1]
+        assert 160 <= toks[k] < 208 and 208 <= toks[k + 1] < 256
+    keys = toks[(toks >= 160) & (toks < 208)]
+    assert keys.numel() == 12 + 8  # 12 planted pairs (no overlap) + 8 queries
+    assert (toks[(toks < 160)] >= 0).all()
+
+
+def test_classic_layout_unchanged_and_distance():
+    sp = AssocRecallSpec(seq_len=257, num_pairs=8, num_queries=4)
+    t1, m1 = make_example(sp, torch.Generator().manual_seed(5))
+    t2, m2, d2 = make_example_with_distance(sp, torch.Generator().manual_seed(5))
+    assert torch.equal(t1, t2) and torch.equal(m1, m2)
+    for pos in m2.nonzero().flatten().tolist():
+        assert t2[pos - d2[pos]] == t2[pos] and t2[pos - d2[pos] + 1] == t2[pos + 1]
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"distance_buckets": (16,)}, "distance_buckets"),
+    ({"distance_buckets": (16, 16, 40)}, "distance_buckets"),
+    ({"distance_buckets": (4, 40)}, "2\\*num_queries"),
+    ({"distance_buckets": (16, 1020)}, "seq_len - 2\\*num_queries"),
+    ({"distance_buckets": (16, 100), "num_pairs": 48, "num_queries": 8}, "num_pairs"),
+])
+def test_distance_spec_errors(kw, field):
+    base = dict(seq_len=193 if kw.get("num_pairs") == 48 else 1025, num_pairs=12, num_queries=8)
+    base.update(kw)
+    with pytest.raises(ValueError, match=field):
+        AssocRecallSpec(**base).validate()
+
+
+def test_bucket_counts_oracle_and_window():
+    sp = AssocRecallSpec(seq_len=513, num_pairs=8, num_queries=8, distance_buckets=(16, 128, 256, 497))
+    g = torch.Generator().manual_seed(0)
+    ex = [make_example_with_distance(sp, g) for _ in range(6)]
+    toks, mask, dist = (torch.stack(x) for x in zip(*ex))
+    oracle = torch.nn.functional.one_hot(torch.roll(toks, -1, 1), 256).float()
+    c = bucket_counts(oracle, toks, mask, dist, sp.distance_buckets)
+    assert list(c) == ["d16_128", "d128_256", "d256_497"]
+    assert sum(n for _, n in c.values()) == 48 and all(k == n and n > 0 for k, n in c.values())
+    # a "window" model: right only where the pair is within 128 tokens, wrong beyond
+    wrong = torch.roll(toks, -1, 1).clone()
+    wrong[mask & (dist >= 128)] = 0
+    c = bucket_counts(torch.nn.functional.one_hot(wrong, 256).float(), toks, mask, dist, sp.distance_buckets)
+    assert c["d16_128"][0] == c["d16_128"][1] and c["d128_256"][0] == 0 and c["d256_497"][0] == 0
+    with pytest.raises(ValueError, match="shapes disagree"):
+        bucket_counts(oracle, toks, mask, dist[:, :-1], sp.distance_buckets)
+
+
+def test_eval_batches_with_distance_and_model_buckets():
+    from msa_megatron.training.recall_task import eval_batches, recall_accuracy_of_model
+
+    sp = AssocRecallSpec(seq_len=256, num_pairs=4, num_queries=4, distance_buckets=(8, 64, 128, 248))
+    batches = eval_batches(sp, 2, micro_batch=3, seed=0)
+    assert len(batches[0]) == 3 and batches[0][2].shape == (3, 256)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, tokens, pos, mask):
+            return torch.nn.functional.one_hot(torch.roll(tokens, -1, 1), 320).float()
+
+    mean, per = recall_accuracy_of_model(Oracle(), batches, "cpu", 257, sp.distance_buckets)
+    assert mean == 1.0 and set(per) == {"d8_64", "d64_128", "d128_248"} and all(v == 1.0 for v in per.values())
+
+
+# --------------------------------------------------------------------------- piecewise collection
+def _fake_run(root: Path, name: str, val_loss: float, buckets: dict, complete=True, steps=4, recall=None):
+    d = root / name
+    d.mkdir(parents=True)
+    recs = []
+    for s in range(1, steps + 1):
+        r = {"step": s, "lm_loss": val_loss + 1 / s, "tokens": s * 1000, "grad_norm": 1.0}
+        if s % 2 == 0:
+            r.update(val_lm_loss=val_loss + 0.5 / s, val_assoc_recall_acc=sum(buckets.values()) / len(buckets),
+                     **{f"val_assoc_recall_acc/{k}": v for k, v in buckets.items()})
+        if recall is not None:
+            r.update(recall=recall, attention_mode="msa")
+        recs.append(r)
+    last = steps if complete else steps // 2
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs[:last]) + "\n")
+    (d / "run.json").write_text(json.dumps({"name": name, "complete": complete, "step": last, "total_steps": steps,
+                                            "tokens": last * 1000, "wall_s": 12.5, "devices": ["1 x H100"],
+                                            "commits": ["abc123"]}))
+
+
+def test_partial_matrix_reports_what_is_missing(tmp_path):
+    from msa_megatron.experiments.fidelity.scale_report import BEGIN, END, claims, collect_scale, groups, scale_block, write_doc
+
+    p = SCALE_PRESETS["scale_cpu"]
+    near, far = {"d8_64": 1.0, "d64_120": 0.9}, {"d120_160": 0.8, "d160_248": 0.7}
+    for seed, dl, ml in ((1, 2.00, 2.01), (2, 2.02, 2.02), (3, 2.01, 2.03)):
+        _fake_run(tmp_path, f"c8k_dense_s{seed}", dl, {**near, **far})
+        _fake_run(tmp_path, f"c8k_msa_s{seed}", ml, {**near, **far}, recall=0.97)
+    _fake_run(tmp_path, "c8k_swa_s1", 2.10, {**near, "d120_160": 0.02, "d160_248": 0.0})
+    _fake_run(tmp_path, "c8k_swa_s2", 2.12, {**near, "d120_160": 0.03, "d160_248": 0.01}, complete=False)
+    col = collect_scale([tmp_path], p)
+    assert set(col["runs"]) == {f"c8k_{v}_s{s}" for v in ("dense", "msa") for s in (1, 2, 3)} | {"c8k_swa_s1"}
+    assert col["unfinished"] == {"c8k_swa_s2": "2/4"}
+    assert "c8k_swa_s3" in col["missing"] and "c32k_msa_s1" in col["missing"] and "c8k_swa_s2" not in col["missing"]
+    g = groups(col)
+    d = g[("8k", "dense")]["val_loss"]
+    assert d["n"] == 3 and abs(d["mean"] - (2.00 + 2.02 + 2.01 + 3 * 0.125) / 3) < 1e-9 and d["std"] > 0
+    assert g[("8k", "swa")]["val_loss"]["std"] is None  # one seed: no spread
+    text = "\n".join(claims(g, col))
+    assert "within 1% of dense at 8K: **confirmed**" in text  # 3 seeds each
+    assert "beyond the seed spread at 8K: **indicated (fewer than 3 seeds)**" in text  # the window has 1 seed
+    assert "Retrieval at 8k, MSA within 5 points" in text and "d120_160, d160_248): **confirmed**" in text
+    assert "Retrieval at 32k" in text and "not measured" in text
+    assert "selection recall >= 95% at k=16" in text and "**confirmed** (97.0%" in text
+    block = scale_block(col, "scale_cpu", "fidelity")
+    assert "`c8k_swa_s2` (unfinished, step 2/4)" in block and "`c32k_dense_s1`" in block and "1 x H100" in block
+    doc = tmp_path / "doc.md"
+    doc.write_text("# keep me\n")
+    write_doc(block, doc)
+    write_doc(block.replace("keep", "x"), doc)  # a second report replaces the block only
+    t = doc.read_text()
+    assert t.startswith("# keep me") and t.count(BEGIN) == 1 and t.count(END) == 1
+
+
+def test_scale_report_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from msa_megatron.experiments.fidelity.scale_report import scale_report
+
+    _fake_run(tmp_path / "res", "c8k_dense_s1", 2.0, {"d8_64": 1.0, "d160_248": 0.8})
+    _fake_run(tmp_path / "res", "c8k_swa_s1", 2.1, {"d8_64": 1.0, "d160_248": 0.0})
+    out = scale_report([tmp_path / "res"], SCALE_PRESETS["scale_cpu"], "scale_cpu", tmp_path / "doc.md",
+                       tmp_path / "plots")
+    assert {p.name for p in out["written"]} == {"scale_loss.png", "scale_accuracy_vs_distance.png"}
+    assert all(p.stat().st_size > 1000 for p in out["written"])
+    assert "MSA held-out loss within 1% of dense at 8K: **not measured**" in (tmp_path / "doc.md").read_text()
+
+
+# --------------------------------------------------------------------------- the piece driver
+_FAKE_TRAINER = r"""#!/usr/bin/env python3
+# Stands in for `python -m msa_megatron.train`: one step per 0.2 s, appends metrics; on
+# SIGTERM writes a checkpoint marker and exits 0 (as the trainer does); resumes from it.
+import json, os, signal, sys, time
+args = dict(a.split("=", 1) for a in sys.argv[3:] if "=" in a)
+rd, steps = args["run_dir"], int(args["train.steps"])
+os.makedirs(rd + "/checkpoints", exist_ok=True)
+latest = rd + "/checkpoints/latest"
+start = int(open(latest).read()) if os.path.exists(latest) else 0
+state = {"step": start}
+def stop(*_):
+    open(latest, "w").write(str(state["step"])); sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+with open(rd + "/metrics.jsonl", "a") as f:
+    for s in range(start + 1, steps + 1):
+        time.sleep(float(os.environ.get("FAKE_STEP_S", "0.2")))
+        state["step"] = s
+        f.write(json.dumps({"step": s, "lm_loss": 1.0, "tokens": s}) + "\n"); f.flush()
+open(latest, "w").write(str(steps))
+"""
+
+
+def test_piece_budget_sigterm_resume_and_pack(tmp_path, monkeypatch):
+    import dataclasses
+    import tarfile
+
+    from msa_megatron.experiments.fidelity import piece
+
+    fake = tmp_path / "fakepy"
+    fake.write_text(_FAKE_TRAINER)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    p = dataclasses.replace(SCALE_PRESETS["scale_cpu"], steps=20, convert_steps=3, startup_s=0.1,
+                            entries=(("8k", "dense", (1,)), ("8k", "msa", (1,)), ("8k", "dense_to_msa", (1,))))
+    work, done = tmp_path / "work", tmp_path / "done"
+    monkeypatch.setenv("FAKE_STEP_S", "0.2")
+    # 20 steps x 0.2 s = 4 s per run: a 2.5 s slice stops the first run midway (SIGTERM), resumable
+    r = piece.run_piece(p, work, 2.5, [done], str(fake), REPO, "cpu", "c0ffee", grace_s=0.0, min_slice_s=0.5,
+                        log=lambda m: None)
+    assert r["ran"] == ["c8k_dense_s1"] and r["status"]["c8k_dense_s1"] == "partial"
+    info = json.loads((work / "runs" / "c8k_dense_s1" / "run.json").read_text())
+    assert not info["complete"] and info["segments"][0]["stopped"] and 0 < info["step"] < 20
+    # next call on the same machine: the partial run resumes first and finishes, then the others
+    r = piece.run_piece(p, work, 30, [done], str(fake), REPO, "cpu", "c0ffee", grace_s=0.0, min_slice_s=0.5,
+                        log=lambda m: None)
+    assert r["ran"] == ["c8k_dense_s1", "c8k_msa_s1", "c8k_dense_to_msa_s1"]
+    assert set(r["status"].values()) == {"complete"}
+    info = json.loads((work / "runs" / "c8k_dense_s1" / "run.json").read_text())
+    assert info["complete"] and len(info["segments"]) == 2 and info["step"] == 20
+    assert info["segments"][1]["from_step"] == info["segments"][0]["to_step"]
+    steps = [json.loads(ln)["step"] for ln in (work / "runs" / "c8k_dense_s1" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21))  # the curve continues, no step twice
+    tar = piece.pack(work, r["ran"], tmp_path / "out" / "piece.tar.gz", {"ran": r["ran"]})
+    with tarfile.open(tar) as t:
+        names = set(t.getnames())
+        t.extractall(done)
+    assert "c8k_msa_s1/run.json" in names and "piece.json" in names and not any("checkpoints" in n for n in names)
+    # a fresh machine with the results copied back: nothing left to do
+    assert piece.todo(p, tmp_path / "fresh", [done]) == []
+    # ... except the conversion, if its result were lost: then its dense run comes again first
+    import shutil
+
+    shutil.rmtree(done / "c8k_dense_to_msa_s1")
+    assert piece.todo(p, tmp_path / "fresh", [done]) == ["c8k_dense_s1", "c8k_dense_to_msa_s1"]
+
+
+def test_driver_dry_run(tmp_path):
+    env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path / "out"), PYTHON=sys.executable, WORK=str(tmp_path / "w"),
+               DONE=str(tmp_path / "none"), BUDGET_S="480")
+    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_fidelity_piece.sh")], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "8k: 50.3M tokens per run" in out and "32k: 50.3M tokens per run" in out
+    assert "this call: c8k_dense_s1" in out and "a later call: c32k_msa_s1" in out
+    assert (tmp_path / "out" / "piece.log").is_file() and not list((tmp_path / "out").glob("*.tar.gz"))
+    assert not (tmp_path / "w").exists() or not list((tmp_path / "w").rglob("metrics.jsonl"))
+
+
+def test_retrieval_claim_needs_dense_to_solve_the_task(tmp_path):
+    from msa_megatron.experiments.fidelity.scale_report import claims, collect_scale, groups
+
+    chance = {"d8_64": 0.02, "d160_248": 0.0}
+    _fake_run(tmp_path, "c8k_dense_s1", 2.0, chance)
+    _fake_run(tmp_path, "c8k_msa_s1", 2.0, chance)
+    _fake_run(tmp_path, "c8k_swa_s1", 2.0, chance)
+    col = collect_scale([tmp_path], SCALE_PRESETS["scale_cpu"])
+    text = "\n".join(claims(groups(col), col))
+    assert "Retrieval at 8k: **not measured**: dense did not learn the task" in text
+    assert "met, but with fewer than 3 seeds" in text
