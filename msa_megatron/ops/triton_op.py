@@ -580,7 +580,7 @@ def msa_attention_triton(
             aux.stats.update(index_entropy=ent_i, main_entropy=ent_m)
         if compute_recall:
             aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale,
-                                                                doc_start=ds)
+                                                             doc_start=ds)
         return out, aux
     if compute_kl and _kl_path(mode, backend, need_grad, kernel_config) == "fused":
         out, aux.lse, aux.kl, ent_i, ent_m = _SparseAttentionKLFn.apply(
@@ -590,7 +590,7 @@ def msa_attention_triton(
             aux.stats.update(index_entropy=ent_i, main_entropy=ent_m)
         if compute_recall:
             aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale,
-                                                                doc_start=ds)
+                                                             doc_start=ds)
         return out, aux
     if mode == "msa":
         out, lse = sparse_attention(q, k, v, block_idx, cfg.block_size, pos, scale,
@@ -601,7 +601,7 @@ def msa_attention_triton(
     if not compute_kl:
         if compute_recall:
             aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale,
-                                                                doc_start=ds)
+                                                             doc_start=ds)
         return out, aux
     qd, kd = q.detach(), k.detach()
     if backend == "reference":

@@ -17,7 +17,6 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import math  # noqa: E402
-from dataclasses import replace  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
