@@ -202,10 +202,19 @@ def aot_report(arch: int = 90) -> int:
             ("dq_combine", T._dq_combine_kernel, dict(DQPART=F, DQ=P),
              dict(KSEL=K, NSUB=B // bnb, GP=GP, TQ=T._combine_tq(GP, DP), DP=DP), 8, 2),
         ]
+    # packed documents (docs/packed.md): the plain variants compile with HAS_DOC=False (must
+    # match the numbers before the switch existed); the HAS_DOC=True variants of the bf16 d=128
+    # kernels are listed after them as "+doc"
+    plain = [(n, fn, t, dict(c, HAS_DOC=False) if "HAS_DOC" in fn.arg_names else c, nw, ns)
+             for n, fn, t, c, nw, ns in kernels]
+    docs = [(n + " +doc", fn, t, dict(c, HAS_DOC=True), nw, ns) for n, fn, t, c, nw, ns in kernels
+            if "HAS_DOC" in fn.arg_names and ("bfloat16 d=128" in n or n == "fwd_q") and "atomic=1" not in n]
+    kernels = plain + docs
     print(f"AOT compile for sm_{arch}a, triton {triton.__version__}, config {cfg}")
     bad = 0
     for name, fn, types, consts, nw, ns in kernels:
         is_ptr = lambda n: n.isupper() and n not in ("D", "G")  # noqa: E731  (kernel naming convention)
+        types = dict(types, DS="*i64")
         sig = {n: ("constexpr" if n in consts else types.get(n, I if is_ptr(n) else "i32")) for n in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
                  if n not in consts and (sig[n].startswith("*") or n.startswith("stride") or n in div16)}

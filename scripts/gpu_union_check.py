@@ -580,10 +580,18 @@ def aot_report(arch: int = 90, spec: str = "") -> int:
                     dict(KSEL=K, BLOCK=B, GP=16, DP=D, DOT_PREC=None, UPCAST=False, NSUB=B // bnb, BN=bnb, QP=qpb,
                          DQ_ATOMIC=False, PART=3, KL=False, KLJ=1, DI=16, DIP=16, DIRECT=True), cfg.bwd_warps,
                     cfg.bwd_stages))
+    # packed documents (docs/packed.md): plain variants with HAS_DOC=False (unchanged numbers),
+    # then the HAS_DOC=True variants of the default-config kernels as "+doc"
+    plain = [(n, fn, t, dict(c, HAS_DOC=False) if "HAS_DOC" in fn.arg_names else c, nw, ns)
+             for n, fn, t, c, nw, ns in kernels]
+    docs = [(n + " +doc", fn, t, dict(c, HAS_DOC=True), nw, ns) for n, fn, t, c, nw, ns in kernels
+            if "HAS_DOC" in fn.arg_names and ("[]" in n or n.startswith("bwd_kv"))]
+    kernels = plain + docs
     print(f"AOT compile for sm_{arch}a, triton {triton.__version__}")
     bad = 0
     for name, fn, types, consts, nw, ns in kernels:
         is_ptr = lambda n: n.isupper() and n not in ("D", "G")  # noqa: E731
+        types = dict(types, DS="*i64")
         sig = {n: ("constexpr" if n in consts else types.get(n, I if is_ptr(n) else "i32")) for n in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
                  if n not in consts and (sig[n].startswith("*") or n.startswith("stride") or n in div16)}

@@ -81,7 +81,7 @@ def _backend(index_backend: Optional[str]) -> str:
 
 
 def _select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, backend: str, given: Optional[Tensor] = None,
-            need_lse: bool = True):
+            need_lse: bool = True, doc_start: Optional[Tensor] = None):
     """(block_idx [b, g, sq, K] int32, index LSE over the selection [b, g, sq] or None, the
     index kernels' reverse index or None: reused by the KL backward). ``given``: a selection
     computed earlier (context parallelism selects before gathering K/V). ``need_lse=False``
@@ -93,12 +93,29 @@ def _select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, backend: str,
             raise ValueError(f"block_idx must be int32 {expected}; got {given.dtype} {tuple(given.shape)}")
         if backend == "reference" or not need_lse:
             return given, None, None
-        return given, _index_module().selected_lse(iq, ik, given, cfg, q_pos), None
+        return given, _index_module().selected_lse(iq, ik, given, cfg, q_pos, doc_start=doc_start), None
     if backend == "reference":
-        return reference.select(iq, ik, cfg, q_pos), None, None
+        return reference.select(iq, ik, cfg, q_pos, doc_start=doc_start), None, None
     if not need_lse:
-        return _index_module().index_select(iq, ik, cfg, q_pos, with_lse=False)[0], None, None
-    return _index_module().index_select(iq, ik, cfg, q_pos, return_plan=True)
+        return _index_module().index_select(iq, ik, cfg, q_pos, with_lse=False, doc_start=doc_start)[0], None, None
+    return _index_module().index_select(iq, ik, cfg, q_pos, return_plan=True, doc_start=doc_start)
+
+
+def _check_docs(doc_start: Optional[Tensor], b: int, sq: int, q_pos: Tensor) -> Optional[Tensor]:
+    """doc_start [b, sq] or [sq] (any integer dtype) -> int64 on q's device, checked once:
+    0 <= doc_start <= q_pos on CPU and with MSA_CHECK_POSITIONS=1 (on CUDA a device sync)."""
+    if doc_start is None:
+        return None
+    if doc_start.dtype.is_floating_point or doc_start.dtype == torch.bool:
+        raise ValueError(f"doc_start must hold integers, got {doc_start.dtype}")
+    if tuple(doc_start.shape) not in ((b, sq), (sq,)):
+        raise ValueError(f"doc_start must have shape [{b}, {sq}] or [{sq}], got {tuple(doc_start.shape)}")
+    ds = doc_start.to(device=q_pos.device, dtype=torch.int64).contiguous()
+    if sq and (ds.device.type == "cpu" or os.environ.get("MSA_CHECK_POSITIONS", "0") == "1"):
+        if bool((ds < 0).any()) or bool((ds > q_pos.view(*([1] * (ds.dim() - 1)), sq)).any()):
+            raise ValueError("doc_start must satisfy 0 <= doc_start[b, t] <= q_pos[t] "
+                             "(its document starts at or before the query)")
+    return ds
 
 
 @dataclass
@@ -109,14 +126,14 @@ class _KLResult:
     stats: Dict[str, Tensor]  # index_entropy, main_entropy (means), when available
 
 
-def _kl_reference(mode: str, q, k, iq, ik, block_idx, cfg, q_pos, scale, need_grad: bool) -> _KLResult:
+def _kl_reference(mode: str, q, k, iq, ik, block_idx, cfg, q_pos, scale, need_grad: bool, doc_start=None) -> _KLResult:
     with torch.enable_grad():
         iq_ = iq.detach().requires_grad_(need_grad)
         ik_ = ik.detach().requires_grad_(need_grad)
         if mode == "msa":
-            terms = reference.sparse_kl_terms(q, k, iq_, ik_, block_idx, cfg, q_pos, scale)
+            terms = reference.sparse_kl_terms(q, k, iq_, ik_, block_idx, cfg, q_pos, scale, doc_start=doc_start)
         else:
-            terms = reference.dense_kl_terms(q, k, iq_, ik_, cfg, q_pos, scale)
+            terms = reference.dense_kl_terms(q, k, iq_, ik_, cfg, q_pos, scale, doc_start=doc_start)
         kl = terms.kl / terms.rows
         d_iq = d_ik = None
         if need_grad:
@@ -126,11 +143,12 @@ def _kl_reference(mode: str, q, k, iq, ik, block_idx, cfg, q_pos, scale, need_gr
     return _KLResult(kl.detach(), d_iq, d_ik, stats)
 
 
-def _kl_triton(mode: str, q, k, iq, ik, block_idx, main_lse, index_lse, index_plan, cfg, q_pos, scale) -> _KLResult:
+def _kl_triton(mode: str, q, k, iq, ik, block_idx, main_lse, index_lse, index_plan, cfg, q_pos, scale,
+               doc_start=None) -> _KLResult:
     """The KL kernel's one pass gives the value, d_iq, d_ik and (``cfg.track_entropy``) the
     entropy statistics: no reference pass on this path."""
     ti = _index_module()
-    stats_kw = dict(grad_scale=1.0, softmax_scale=scale, return_stats=bool(cfg.track_entropy))
+    stats_kw = dict(grad_scale=1.0, softmax_scale=scale, return_stats=bool(cfg.track_entropy), doc_start=doc_start)
     if mode == "msa":
         res = ti.sparse_kl_backward(q, k, iq, ik, block_idx, main_lse, index_lse, cfg, q_pos, plan=index_plan, **stats_kw)
     else:
@@ -170,7 +188,7 @@ class _SparseAttentionKLFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, iq, ik, block_idx, block_size, q_pos, scale, config, deterministic, index_lse,
-                index_scale):
+                index_scale, doc_start=None):
         cfg = config or _tsa.default_config()
         block_idx = block_idx.contiguous()
         b, sq, hq, d = q.shape
@@ -182,7 +200,9 @@ class _SparseAttentionKLFn(torch.autograd.Function):
                 deterministic=deterministic, config=cfg, kl_di=iq.shape[-1],
                 dq_partial_dtype=q.dtype if cfg.dq_partial_lowp else torch.float32)
             plan = _tsa.build_plan(block_idx, k.shape[1], block_size, need, cfg)
-        out, lse = _tsa.sparse_attention_fwd(q, k, v, block_idx, block_size, q_pos, scale, config=cfg, plan=plan)
+        out, lse = _tsa.sparse_attention_fwd(q, k, v, block_idx, block_size, q_pos, scale, config=cfg, plan=plan,
+                                             doc_start=doc_start)
+        ctx.doc_start = doc_start
         holder = torch.full((3,), float("nan"), dtype=torch.float32, device=q.device)
         ctx.save_for_backward(q, k, v, out, lse, block_idx, q_pos, iq, ik, index_lse)
         ctx.holder = holder.data  # filled by the backward; .data: no version bump on the outputs
@@ -199,7 +219,7 @@ class _SparseAttentionKLFn(torch.autograd.Function):
             dout = torch.zeros_like(out)
         dq, dk, dv, res = _tsa.sparse_attention_bwd(
             dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos, ctx.scale, deterministic=ctx.det,
-            config=ctx.cfg, plan=ctx.plan, kl=_tsa.FusedKL(iq, ik, index_lse, ctx.iscale))
+            config=ctx.cfg, plan=ctx.plan, kl=_tsa.FusedKL(iq, ik, index_lse, ctx.iscale), doc_start=ctx.doc_start)
         ctx.holder.copy_(torch.stack([res.kl, res.stats["index_entropy"], res.stats["main_entropy"]]))
         d_iq = d_ik = None
         if dkl is not None:
@@ -207,7 +227,7 @@ class _SparseAttentionKLFn(torch.autograd.Function):
                 d_iq = (res.d_iq * dkl).to(iq.dtype)
             if ctx.needs_input_grad[4]:
                 d_ik = (res.d_ik * dkl).to(ik.dtype)
-        return dq, dk, dv, d_iq, d_ik, None, None, None, None, None, None, None, None
+        return dq, dk, dv, d_iq, d_ik, None, None, None, None, None, None, None, None, None
 
 
 class _UnionAttentionKLFn(torch.autograd.Function):
@@ -220,12 +240,15 @@ class _UnionAttentionKLFn(torch.autograd.Function):
     iq, ik only, out on q, k, v only."""
 
     @staticmethod
-    def forward(ctx, q, k, v, iq, ik, block_idx, block_size, q_pos, scale, config, lists, index_lse, index_scale):
+    def forward(ctx, q, k, v, iq, ik, block_idx, block_size, q_pos, scale, config, lists, index_lse, index_scale,
+                doc_start=None):
         from . import triton_union as _tu
 
         cfg = config or _tsa.default_config()
         block_idx = block_idx.contiguous()
-        out, lse = _tu.union_attention_fwd(q, k, v, block_idx, block_size, q_pos, scale, config=cfg, lists=lists)
+        out, lse = _tu.union_attention_fwd(q, k, v, block_idx, block_size, q_pos, scale, config=cfg, lists=lists,
+                                           doc_start=doc_start)
+        ctx.doc_start = doc_start
         holder = torch.full((3,), float("nan"), dtype=torch.float32, device=q.device)
         ctx.save_for_backward(q, k, v, out, lse, block_idx, q_pos, iq, ik, index_lse)
         ctx.holder = holder.data  # filled by the backward; .data: no version bump on the outputs
@@ -245,7 +268,7 @@ class _UnionAttentionKLFn(torch.autograd.Function):
             dout = torch.zeros_like(out)
         dq, dk, dv, res = _tu.union_attention_bwd(
             dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos, ctx.scale, config=ctx.cfg, lists=ctx.lists,
-            kl=_tsa.FusedKL(iq, ik, index_lse, ctx.iscale))
+            kl=_tsa.FusedKL(iq, ik, index_lse, ctx.iscale), doc_start=ctx.doc_start)
         ctx.holder.copy_(torch.stack([res.kl, res.stats["index_entropy"], res.stats["main_entropy"]]))
         d_iq = d_ik = None
         if dkl is not None:  # in place on the fp32 gradients: no second fp32 copy (2 GiB at 1M)
@@ -255,7 +278,7 @@ class _UnionAttentionKLFn(torch.autograd.Function):
                 d_ik = res.d_ik.mul_(dkl).to(ik.dtype)
         if not lm_grad:
             dq = dk = dv = None
-        return dq, dk, dv, d_iq, d_ik, None, None, None, None, None, None, None, None
+        return dq, dk, dv, d_iq, d_ik, None, None, None, None, None, None, None, None, None
 
 
 def _union_kl_lists(mode: str, backend: str, need_grad: bool, compute_kl: bool, q: Tensor, k: Tensor,
@@ -421,17 +444,27 @@ def _sdpa_dense(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, plan: DensePlan,
     return out.transpose(1, 2).contiguous(), lse[:, :, :sq].detach().float().contiguous()
 
 
-def full_selection(b: int, g: int, q_pos: Tensor, sk: int, block_size: int) -> Tensor:
-    """block_idx selecting every causally visible block: [b, g, sq, nb] int32 (-1 = future)."""
+def full_selection(b: int, g: int, q_pos: Tensor, sk: int, block_size: int,
+                   doc_start: Optional[Tensor] = None) -> Tensor:
+    """block_idx selecting every causally visible block: [b, g, sq, nb] int32 (-1 = future).
+    ``doc_start`` [b, sq] / [sq]: the blocks doc_start // B .. own block (the document's), in
+    ascending order, -1 padding last."""
     nb = math.ceil(sk / block_size)
     blk = torch.arange(nb, device=q_pos.device, dtype=torch.int64)
-    sel = torch.where(blk[None, :] <= (q_pos.long() // block_size)[:, None], blk[None, :], -1)
-    return sel.to(torch.int32).expand(b, g, -1, -1).contiguous()
+    own = (q_pos.long() // block_size)[:, None]
+    if doc_start is None:
+        sel = torch.where(blk[None, :] <= own, blk[None, :], -1)
+        return sel.to(torch.int32).expand(b, g, -1, -1).contiguous()
+    first = (doc_start.long() // block_size).expand(b, -1)[..., None]  # [b, sq, 1]
+    cand = first + blk  # the document's blocks first, first + 1, ... up to the own block
+    sel = torch.where(cand <= own[None], cand, -1)
+    return sel.to(torch.int32)[:, None].expand(b, g, -1, -1).contiguous()
 
 
 def dense_attention_triton(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, default_pos: bool, scale: float,
                            block_size: int, kernel_config: Optional[KernelConfig] = None,
-                           deterministic: bool = True, impl: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+                           deterministic: bool = True, impl: Optional[str] = None,
+                           doc_start: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Dense causal main branch: (out, lse [b, hq, sq] fp32 natural log, detached);
     out differentiable w.r.t. q, k, v, and the graph may be retained (retain_graph=True).
 
@@ -439,10 +472,22 @@ def dense_attention_triton(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, defau
     reason are logged once. With "auto", a torch op that rejects the inputs at launch (a
     RuntimeError, e.g. a kernel missing for this GPU) is logged and replaced by the Triton
     kernel; a forced impl raises instead. ``deterministic`` applies to the Triton kernel; the
-    torch ops follow ``torch.use_deterministic_algorithms``."""
+    torch ops follow ``torch.use_deterministic_algorithms``.
+
+    ``doc_start`` (packed documents, checked by the caller): always the Triton kernel with every
+    visible same-document block selected (exact; no torch SDPA document mask yet), logged once."""
     impl = impl or DENSE_IMPL
     b, sq, hq, d = q.shape
     sk = k.shape[1]
+    if doc_start is not None:
+        if impl not in ("auto", "triton"):
+            raise ValueError(f"dense impl {impl!r} cannot run with doc_start (packed documents): allowed values "
+                             "are auto, triton")
+        _announce("dense-docs", "MSA dense main branch with packed documents: Triton kernel with every visible "
+                                "same-document block selected (exact; torch SDPA has no document mask here yet)")
+        sel = full_selection(b, k.shape[2], q_pos, sk, block_size, doc_start)
+        return sparse_attention(q, k, v, sel, block_size, q_pos, scale, config=kernel_config,
+                                deterministic=deterministic, doc_start=doc_start)
     cuda = q.device.type == "cuda"
     square = cuda and sq > 0 and _square_causal(q_pos, default_pos, sq, sk)
     cap = torch.cuda.get_device_capability(q.device) if cuda else (0, 0)
@@ -482,6 +527,7 @@ def msa_attention_triton(
     deterministic: bool = True,
     index_backend: Optional[str] = None,
     compute_kl: bool = True,
+    doc_start: Optional[Tensor] = None,
 ) -> Tuple[Tensor, MSAAux]:
     """(q, k, v, iq, ik, cfg) -> (out, MSAAux), as :func:`msa_megatron.reference.msa_attention`.
 
@@ -493,7 +539,9 @@ def msa_attention_triton(
     ``compute_kl=False`` (inference / prefill, not in the reference) skips the KL and the
     entropy statistics: ``aux.kl`` is None. ``kernel_config.kl_fused`` (mode msa, iq/ik needing
     gradients): the KL is computed inside the main backward; ``aux.kl`` and the entropy stats
-    are then NaN until that backward has run (logged once; see docs/kernels_main.md)."""
+    are then NaN until that backward has run (logged once; see docs/kernels_main.md).
+    ``doc_start`` [b, sq] or [sq] (int): packed documents (docs/packed.md), keys before each
+    query's document start are invisible to selection, main branch and KL in every mode."""
     mode = mode or cfg.mode
     if mode not in ATTENTION_MODES:
         raise ValueError(f"mode={mode!r} is invalid: allowed values are dense, msa_warmup, msa")
@@ -506,8 +554,9 @@ def msa_attention_triton(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     default_pos = q_pos is None
     pos = reference._positions(q_pos, sq, sk, q.device)
+    ds = _check_docs(doc_start, b, sq, pos)
     aux = MSAAux()
-    dense_kw = dict(block_size=cfg.block_size, kernel_config=kernel_config, deterministic=deterministic)
+    dense_kw = dict(block_size=cfg.block_size, kernel_config=kernel_config, deterministic=deterministic, doc_start=ds)
     if mode == "dense" or iq is None:
         if mode != "dense":
             raise ValueError(f"mode {mode!r} needs the index branch inputs iq and ik")
@@ -518,47 +567,52 @@ def msa_attention_triton(
     if iq.shape[2] != g:
         raise ValueError(f"index heads ({iq.shape[2]}) must equal KV heads ({g}): one per GQA group")
     iq_d, ik_d = iq.detach(), ik.detach()
-    block_idx, index_lse, index_plan = _select(iq_d, ik_d, cfg, pos, backend, given=block_idx, need_lse=compute_kl)
+    block_idx, index_lse, index_plan = _select(iq_d, ik_d, cfg, pos, backend, given=block_idx, need_lse=compute_kl,
+                                               doc_start=ds)
     aux.block_idx = block_idx
     need_grad = torch.is_grad_enabled() and (iq.requires_grad or ik.requires_grad)
     lists = _union_kl_lists(mode, backend, need_grad, compute_kl, q, k, block_idx, kernel_config)
     if lists is not None:  # v2: union tile, KL inside its dQ pass (docs/kernels_main.md "v2: union tile")
         out, aux.lse, aux.kl, ent_i, ent_m = _UnionAttentionKLFn.apply(
             q, k, v, iq, ik, block_idx, cfg.block_size, pos, scale, kernel_config, lists, index_lse,
-            cfg.index_softmax_scale)
+            cfg.index_softmax_scale, ds)
         if cfg.track_entropy:
             aux.stats.update(index_entropy=ent_i, main_entropy=ent_m)
         if compute_recall:
-            aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale)
+            aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale,
+                                                             doc_start=ds)
         return out, aux
     if compute_kl and _kl_path(mode, backend, need_grad, kernel_config) == "fused":
         out, aux.lse, aux.kl, ent_i, ent_m = _SparseAttentionKLFn.apply(
             q, k, v, iq, ik, block_idx, cfg.block_size, pos, scale, kernel_config, deterministic, index_lse,
-            cfg.index_softmax_scale)
+            cfg.index_softmax_scale, ds)
         if cfg.track_entropy:
             aux.stats.update(index_entropy=ent_i, main_entropy=ent_m)
         if compute_recall:
-            aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale)
+            aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale,
+                                                             doc_start=ds)
         return out, aux
     if mode == "msa":
         out, lse = sparse_attention(q, k, v, block_idx, cfg.block_size, pos, scale,
-                                    config=kernel_config, deterministic=deterministic)
+                                    config=kernel_config, deterministic=deterministic, doc_start=ds)
     else:
         out, lse = dense_attention_triton(q, k, v, pos, default_pos, scale, **dense_kw)
     aux.lse = lse
     if not compute_kl:
         if compute_recall:
-            aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale)
+            aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale,
+                                                             doc_start=ds)
         return out, aux
     qd, kd = q.detach(), k.detach()
     if backend == "reference":
-        res = _kl_reference(mode, qd, kd, iq_d, ik_d, block_idx, cfg, pos, scale, need_grad)
+        res = _kl_reference(mode, qd, kd, iq_d, ik_d, block_idx, cfg, pos, scale, need_grad, doc_start=ds)
     else:
-        res = _kl_triton(mode, qd, kd, iq_d, ik_d, block_idx, lse, index_lse, index_plan, cfg, pos, scale)
+        res = _kl_triton(mode, qd, kd, iq_d, ik_d, block_idx, lse, index_lse, index_plan, cfg, pos, scale,
+                         doc_start=ds)
     aux.kl = _KLFromGrads.apply(iq, ik, res.kl, res.d_iq, res.d_ik) if need_grad else res.kl
     aux.stats.update(res.stats)
     if compute_recall:
-        aux.stats["recall"] = reference.selection_recall(qd, kd, block_idx, cfg.block_size, pos, scale)
+        aux.stats["recall"] = reference.selection_recall(qd, kd, block_idx, cfg.block_size, pos, scale, doc_start=ds)
     return out, aux
 
 

@@ -179,12 +179,13 @@ def default_config() -> KernelConfig:
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _fwd_q_kernel(
-    Q, K, V, QPOS, BIDX, OUT, LSE,
+    Q, K, V, QPOS, BIDX, OUT, LSE, DS,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    stride_ob, stride_ot, stride_oh,
+    stride_ob, stride_ot, stride_oh, stride_dsb,
     sq, sk, n_groups, G, D, qk_scale,
     KSEL: tl.constexpr, NSUB: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
     RP: tl.constexpr, DP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DOC: tl.constexpr = False,
 ):
     """Query-outer forward: one program = one query position x the G heads of one group,
     online softmax over its selected blocks."""
@@ -197,6 +198,8 @@ def _fwd_q_kernel(
     offs_d = tl.arange(0, DP)
     dmask = offs_d < D
     qpos = tl.load(QPOS + t)
+    if HAS_DOC:  # packed documents: keys before the query's document start are invisible
+        dlo = tl.load(DS + bi.to(tl.int64) * stride_dsb + t)
     q_rows = bi.to(tl.int64) * stride_qb + t.to(tl.int64) * stride_qt + (gi * G + h).to(tl.int64) * stride_qh
     qt = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=hmask[:, None] & dmask[None, :], other=0.0)
     if UPCAST:
@@ -210,9 +213,14 @@ def _fwd_q_kernel(
         if blk >= 0:
             for n in range(NSUB):
                 kstart = blk * BLOCK + n * BN
-                if kstart <= qpos:
+                go = kstart <= qpos
+                if HAS_DOC:
+                    go = go & (kstart + BN > dlo)
+                if go:
                     kpos = kstart + tl.arange(0, BN)
                     kvalid = (kpos <= qpos) & (kpos < sk)
+                    if HAS_DOC:
+                        kvalid = kvalid & (kpos >= dlo)
                     kv_off = bi.to(tl.int64) * stride_kb + kpos.to(tl.int64)[:, None] * stride_kt + gi * stride_kh
                     kmask = kvalid[:, None] & dmask[None, :]
                     kt = tl.load(K + kv_off + offs_d[None, :], mask=kmask, other=0.0)
@@ -241,11 +249,12 @@ def _fwd_q_kernel(
 
 @triton.jit
 def _fwd_kv_kernel(
-    Q, K, V, QPOS, PERM, IT_BG, IT_BLK, IT_START, IT_END, OPART, LPART,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    Q, K, V, QPOS, PERM, IT_BG, IT_BLK, IT_START, IT_END, OPART, LPART, DS,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_dsb,
     t0, cq, sk, n_groups, G, D, qk_scale,
     KSEL: tl.constexpr, NSUB: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
     GP: tl.constexpr, QP: tl.constexpr, DP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DOC: tl.constexpr = False,
 ):
     """KV-outer forward: one program = one work item (a run of the (query, slot) pairs that
     chose one block) x one BN-key sub-tile of the block. Writes, per pair and head, the
@@ -285,6 +294,9 @@ def _fwd_kv_kernel(
             qt = qt.to(tl.float32)
         sc = tl.dot(qt, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
         valid = rvalid[:, None] & kin[None, :] & (kpos[None, :] <= qpos[:, None])
+        if HAS_DOC:
+            dlo = tl.load(DS + bi.to(tl.int64) * stride_dsb + t, mask=rvalid, other=0)
+            valid = valid & (kpos[None, :] >= dlo[:, None])
         sc = tl.where(valid, sc, float("-inf"))
         m = tl.max(sc, 1)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -374,15 +386,16 @@ def _delta_kernel(
 def _bwd_kv_kernel(
     Q, K, V, DO, LSE, DELTA, QPOS, PERM, IT_BG, IT_BLK, IT_START, IT_END, IT_PSLOT,
     DQ, DKACC, DVACC, DKPART, DVPART,
-    IQ, IK, ILSE, DIQ, DIK, KLPART,
+    IQ, IK, ILSE, DIQ, DIK, KLPART, DS,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_db, stride_dt, stride_dh,
-    stride_iqb, stride_iqt, stride_iqg, stride_ikb, stride_ikt, stride_ilb, stride_ilg,
+    stride_iqb, stride_iqt, stride_iqg, stride_ikb, stride_ikt, stride_ilb, stride_ilg, stride_dsb,
     t0, cq, sq, sk, n_groups, G, D, sm_scale, qk_scale, iscale, kl_coef,
     KSEL: tl.constexpr, NSUB: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
     GP: tl.constexpr, QP: tl.constexpr, DP: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, PART: tl.constexpr,
     KL: tl.constexpr, KLJ: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, DIRECT: tl.constexpr = False,
+    HAS_DOC: tl.constexpr = False,
 ):
     """KV-outer backward for one work item x one BN-key sub-tile: dK/dV in registers over the
     item's queries; dQ per (pair, sub-tile, head) into a partial buffer (or fp32 atomics into
@@ -462,6 +475,9 @@ def _bwd_kv_kernel(
         # dS^T are the A operands of the dV / dK updates straight from registers.
         sT = tl.dot(kt, tl.trans(qt), input_precision=DOT_PREC) * qk_scale
         validT = rvalid[None, :] & kin[:, None] & (kpos[:, None] <= qpos[None, :])
+        if HAS_DOC:  # keys before the row's document start are invisible
+            dlo = tl.load(DS + bi.to(tl.int64) * stride_dsb + t, mask=rvalid, other=0)
+            validT = validT & (kpos[:, None] >= dlo[None, :])
         pT = tl.where(validT, tl.exp2(sT - lse2[None, :]), 0.0)
         if KLON:
             ent_m += tl.sum(tl.where(validT, pT * (sT - lse2[None, :]), 0.0), 1)
@@ -482,6 +498,9 @@ def _bwd_kv_kernel(
                 ilse = tl.load(ILSE + bi.to(tl.int64) * stride_ilb + gi * stride_ilg + ct, mask=cvalid, other=0.0)
                 pbar = tl.reshape(pbar3, (BN, QP * KLJ)) / G
                 cv = cvalid[None, :] & kin[:, None] & (kpos[:, None] <= cpos[None, :])
+                if HAS_DOC:
+                    cdlo = tl.load(DS + bi.to(tl.int64) * stride_dsb + ct, mask=cvalid, other=0)
+                    cv = cv & (kpos[:, None] >= cdlo[None, :])
                 logq = tl.dot(ikb, tl.trans(iqc), input_precision=DOT_PREC) * iscale - ilse[None, :]
                 qs = tl.where(cv, tl.exp(logq), 0.0)
                 kl_acc += tl.sum(tl.where(cv & (pbar > 0), pbar * (tl.log(tl.where(pbar > 0, pbar, 1.0)) - logq), 0.0), 1)
@@ -925,6 +944,14 @@ def _positions(q_pos: Optional[Tensor], sq: int, sk: int, device) -> Tensor:
     return q_pos.to(device=device, dtype=torch.int32).contiguous()
 
 
+def _docs(doc_start: Optional[Tensor], b: int, sq: int, pos: Tensor):
+    """The checked per-query document lower bound as kernel arguments (shared with the index
+    kernels: same shapes, dtypes and 0 <= doc_start <= q_pos check)."""
+    from .triton_index import _doc_start
+
+    return _doc_start(doc_start, b, sq, pos)
+
+
 def _combine_tq(GP: int, DP: int) -> int:
     """Query positions per combine program: about 8K partial elements per step."""
     return max(1, min(64, 8192 // (GP * DP)))
@@ -963,16 +990,20 @@ def sparse_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
     q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
     *, config: Optional[KernelConfig] = None, plan: Optional[Plan] = None, return_plan: bool = False,
+    doc_start: Optional[Tensor] = None,
 ):
     """Sparse main-branch forward. Returns (out [b, sq, hq, d] in q's dtype, lse [b, hq, sq]
     fp32), plus the reverse-index plan when ``return_plan`` (reused by the backward).
 
+    ``doc_start``: optional int [b, sq] / [sq] packed documents (``reference.sparse_attention``):
+    keys before each query's document start are invisible (``None``: the plain kernels).
     Rows with no visible selected key get out 0 and lse -inf (the reference gives NaN)."""
     cfg = config or default_config()
     b, sq, hq, d, sk, g, K = _check_inputs(q, k, v, block_idx, block_size)
     G = hq // g
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     pos = _positions(q_pos, sq, sk, q.device)
+    docs = _docs(doc_start, b, sq, pos)
     out = _alloc((b, sq, hq, d), q.dtype, q.device)
     lse = _alloc((b, hq, sq), torch.float32, q.device)
     DP = _next_pow2(d)
@@ -986,12 +1017,12 @@ def sparse_attention_fwd(
         bn = _block_n(block_size, cfg.q_block_n)
         nsub = block_size // bn
         _fwd_q_kernel[(sq, b * g)](
-            q, k, v, pos, block_idx, out, lse,
+            q, k, v, pos, block_idx, out, lse, docs.ptr,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
+            out.stride(0), out.stride(1), out.stride(2), docs.stride_b,
             sq, sk, g, G, d, scale * LOG2E,
             KSEL=K, NSUB=nsub, BLOCK=block_size, BN=bn, RP=max(16, _next_pow2(G)), DP=DP,
-            DOT_PREC=prec, UPCAST=up, num_warps=cfg.q_warps, num_stages=cfg.q_stages,
+            DOT_PREC=prec, UPCAST=up, HAS_DOC=docs.on, num_warps=cfg.q_warps, num_stages=cfg.q_stages,
         )
         return (out, lse, plan) if return_plan else (out, lse)
     if plan is None or plan.key != _plan_key(block_idx, sk, block_size):
@@ -1007,11 +1038,11 @@ def sparse_attention_fwd(
         lpart = _alloc((npairs * nsub * G,), torch.float32, q.device)
         if ch.n_items:
             _fwd_kv_kernel[(ch.n_items, nsub)](
-                q, k, v, pos, plan.perm, ch.it_bg, ch.it_blk, ch.it_start, ch.it_end, opart, lpart,
-                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                q, k, v, pos, plan.perm, ch.it_bg, ch.it_blk, ch.it_start, ch.it_end, opart, lpart, docs.ptr,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), docs.stride_b,
                 ch.t0, cq, sk, g, G, d, scale * LOG2E,
                 KSEL=K, NSUB=nsub, BLOCK=block_size, BN=bn, GP=GP, QP=QP, DP=DP,
-                DOT_PREC=prec, UPCAST=up, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+                DOT_PREC=prec, UPCAST=up, HAS_DOC=docs.on, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
             )
         _fwd_combine_kernel[(triton.cdiv(nt, TQ), b * g)](
             opart, lpart, ch.bidx, out, lse,
@@ -1041,7 +1072,7 @@ def sparse_attention_bwd(
     q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
     *, deterministic: bool = True, dq_partial_dtype: Optional[torch.dtype] = None,
     config: Optional[KernelConfig] = None, plan: Optional[Plan] = None, kl: Optional[FusedKL] = None,
-    compute_dq: bool = True, return_delta: bool = False,
+    compute_dq: bool = True, return_delta: bool = False, doc_start: Optional[Tensor] = None,
 ):
     """Sparse main-branch backward: (dq, dk, dv) in the inputs' dtypes; dK/dV of a KV head sum
     over its group's query heads.
@@ -1057,7 +1088,9 @@ def sparse_attention_bwd(
     ``deterministic=True`` (default): dQ partials per (query, slot) in ``dq_partial_dtype``
     (default fp32, or q's dtype with ``KernelConfig.dq_partial_lowp``: half the memory traffic
     at one extra rounding) summed in slot order; bitwise reproducible. ``False``: fp32 atomics into a dQ accumulator (faster, order
-    of additions varies run to run)."""
+    of additions varies run to run).
+
+    ``doc_start``: packed documents, as :func:`sparse_attention_fwd` (also masks the fused KL)."""
     cfg = config or default_config()
     b, sq, hq, d, sk, g, K = _check_inputs(q, k, v, block_idx, block_size)
     if do.shape != q.shape or out.shape != q.shape:
@@ -1067,6 +1100,7 @@ def sparse_attention_bwd(
     G = hq // g
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     pos = _positions(q_pos, sq, sk, q.device)
+    docs = _docs(doc_start, b, sq, pos)
     if dq_partial_dtype is None:
         dq_partial_dtype = q.dtype if cfg.dq_partial_lowp else torch.float32
     if dq_partial_dtype not in _DTYPES:
@@ -1151,13 +1185,13 @@ def sparse_attention_bwd(
                 break
             _bwd_kv_kernel[(ch.n_items, nsub)](
                 q, k, v, do, lse, delta, pos, plan.perm, ch.it_bg, ch.it_blk, ch.it_start, ch.it_end, ch.it_pslot,
-                dqbuf, dk_acc, dv_acc, dkpart, dvpart, *kl_args, klpart,
+                dqbuf, dk_acc, dv_acc, dkpart, dvpart, *kl_args, klpart, docs.ptr,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                do.stride(0), do.stride(1), do.stride(2), *kl_strides,
+                do.stride(0), do.stride(1), do.stride(2), *kl_strides, docs.stride_b,
                 ch.t0, cq, sq, sk, g, G, d, scale, scale * LOG2E, *kl_scalars,
                 KSEL=K, NSUB=nsub, BLOCK=block_size, BN=bn, GP=GP, QP=QP, DP=DP,
                 DQ_ATOMIC=not deterministic, DOT_PREC=prec, UPCAST=up, PART=part, DIRECT=direct,
-                KL=kl is not None, KLJ=_kl_group(QP), DI=di, DIP=DIP,
+                KL=kl is not None, KLJ=_kl_group(QP), DI=di, DIP=DIP, HAS_DOC=docs.on,
                 num_warps=cfg.bwd_warps, num_stages=stages,
             )
         if ch.n_split_segs:
@@ -1194,7 +1228,7 @@ class SparseAttentionFn(torch.autograd.Function):
     (KV-outer dK/dV without dQ, union-tile dQ); ``kv`` = the KV-outer forward and backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, block_size, q_pos, softmax_scale, config, deterministic):
+    def forward(ctx, q, k, v, block_idx, block_size, q_pos, softmax_scale, config, deterministic, doc_start=None):
         cfg = config or default_config()
         b, sq, hq, d = q.shape
         block_idx = block_idx.contiguous()
@@ -1208,11 +1242,12 @@ class SparseAttentionFn(torch.autograd.Function):
             impl, lists = _tu.resolve_main_impl(cfg, block_idx, hq // k.shape[2], q.dtype, d=d, fwd_only=not grad)
             if impl == "union":
                 out, lse = _tu.union_attention_fwd(q, k, v, block_idx, block_size, q_pos, softmax_scale, config=cfg,
-                                                   lists=lists)
+                                                   lists=lists, doc_start=doc_start)
                 ctx.save_for_backward(q, k, v, out, lse, block_idx, q_pos if q_pos is not None else torch.empty(0))
                 ctx.has_pos = q_pos is not None
                 ctx.block_size, ctx.scale, ctx.cfg, ctx.plan, ctx.det = block_size, softmax_scale, cfg, None, deterministic
                 ctx.lists = lists
+                ctx.doc_start = doc_start
                 ctx.mark_non_differentiable(lse)
                 return out, lse
         if grad and sq:  # one reverse index for the forward and the backward
@@ -1221,7 +1256,9 @@ class SparseAttentionFn(torch.autograd.Function):
                                          deterministic=deterministic, config=cfg,
                                          dq_partial_dtype=q.dtype if cfg.dq_partial_lowp else torch.float32)
             plan = build_plan(block_idx, k.shape[1], block_size, need, cfg, reserve_bytes=_out_bytes(q))
-        out, lse = sparse_attention_fwd(q, k, v, block_idx, block_size, q_pos, softmax_scale, config=cfg, plan=plan)
+        out, lse = sparse_attention_fwd(q, k, v, block_idx, block_size, q_pos, softmax_scale, config=cfg, plan=plan,
+                                        doc_start=doc_start)
+        ctx.doc_start = doc_start
         ctx.save_for_backward(q, k, v, out, lse, block_idx, q_pos if q_pos is not None else torch.empty(0))
         ctx.has_pos = q_pos is not None
         ctx.block_size, ctx.scale, ctx.cfg, ctx.plan, ctx.det = block_size, softmax_scale, cfg, plan, deterministic
@@ -1238,22 +1275,24 @@ class SparseAttentionFn(torch.autograd.Function):
 
             dq, dk, dv = _tu.union_attention_bwd(
                 dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos if ctx.has_pos else None, ctx.scale,
-                config=ctx.cfg, lists=ctx.lists)
-            return dq, dk, dv, None, None, None, None, None, None
+                config=ctx.cfg, lists=ctx.lists, doc_start=ctx.doc_start)
+            return dq, dk, dv, None, None, None, None, None, None, None
         dq, dk, dv = sparse_attention_bwd(
             dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos if ctx.has_pos else None, ctx.scale,
-            deterministic=ctx.det, config=ctx.cfg, plan=ctx.plan,
+            deterministic=ctx.det, config=ctx.cfg, plan=ctx.plan, doc_start=ctx.doc_start,
         )
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
     q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
-    *, config: Optional[KernelConfig] = None, deterministic: bool = True,
+    *, config: Optional[KernelConfig] = None, deterministic: bool = True, doc_start: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Autograd-aware sparse main branch: (out, lse), same contract as the reference."""
-    return SparseAttentionFn.apply(q, k, v, block_idx, block_size, q_pos, softmax_scale, config, deterministic)
+    """Autograd-aware sparse main branch: (out, lse), same contract as the reference
+    (``doc_start``: packed documents, keys before each query's document start invisible)."""
+    return SparseAttentionFn.apply(q, k, v, block_idx, block_size, q_pos, softmax_scale, config, deterministic,
+                                   doc_start)
 
 
 __all__ = [

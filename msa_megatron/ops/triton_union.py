@@ -282,12 +282,13 @@ def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _union_fwd_kernel(
-    Q, K, V, QPOS, ORD, UBLK, UMSK, UCNT, OUT, LSE,
+    Q, K, V, QPOS, ORD, UBLK, UMSK, UCNT, OUT, LSE, DS,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    stride_ob, stride_ot, stride_oh,
+    stride_ob, stride_ot, stride_oh, stride_dsb,
     sq, sk, n_groups, nt, G, D, qk_scale,
     UMAX: tl.constexpr, P: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
     NSUB: tl.constexpr, DP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DOC: tl.constexpr = False,
 ):
     """One program = P positions x the G heads of one group (P*GP rows); online softmax over
     the tile's union in BN-key steps; out and LSE (natural log, -inf if no key) written once."""
@@ -303,6 +304,8 @@ def _union_fwd_kernel(
     tin = t < sq
     rvalid = tin & (h < G)
     qpos = tl.load(QPOS + t, mask=tin, other=-1)
+    if HAS_DOC:  # packed documents: keys before the row's document start are invisible
+        dlo = tl.load(DS + bi.to(tl.int64) * stride_dsb + t, mask=tin, other=0)
     offs_d = tl.arange(0, DP)
     dmask = offs_d < D
     head = (gi * G + h).to(tl.int64)
@@ -332,6 +335,8 @@ def _union_fwd_kernel(
             vt = vt.to(tl.float32)
         s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
         valid = (sel & rvalid)[:, None] & kin[None, :] & (kpos[None, :] <= qpos[:, None])
+        if HAS_DOC:
+            valid = valid & (kpos[None, :] >= dlo[:, None])
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -352,14 +357,15 @@ def _union_fwd_kernel(
 @triton.jit
 def _union_dq_kernel(
     Q, K, V, DO, LSE, DELTA, QPOS, ORD, UBLK, UMSK, UCNT, UOFF, DQ,
-    IQ, IK, ILSE, DIQ, DSBUF, KLPART,
+    IQ, IK, ILSE, DIQ, DSBUF, KLPART, DS,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_db, stride_dt, stride_dh, stride_gb, stride_gt, stride_gh,
-    stride_iqb, stride_iqt, stride_iqg, stride_ikb, stride_ikt, stride_ilb, stride_ilg,
+    stride_iqb, stride_iqt, stride_iqg, stride_ikb, stride_ikt, stride_ilb, stride_ilg, stride_dsb,
     sq, sk, n_groups, nt, G, D, sm_scale, qk_scale, iscale, kl_coef, w0, w1, off0,
     UMAX: tl.constexpr, P: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
     NSUB: tl.constexpr, DP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     KL: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, PPAD: tl.constexpr,
+    HAS_DOC: tl.constexpr = False,
 ):
     """Union-tile dQ: recompute S, P = exp(S - lse), dP = dO V^T, dS = P (dP - delta) per
     BN-key step of the union; dQ += dS K in registers, written once.
@@ -387,6 +393,8 @@ def _union_dq_kernel(
     tin = t < sq
     rvalid = tin & (h < G)
     qpos = tl.load(QPOS + t, mask=tin, other=-1)
+    if HAS_DOC:  # packed documents: keys before the row's document start are invisible
+        dlo = tl.load(DS + bi.to(tl.int64) * stride_dsb + t, mask=tin, other=0)
     offs_d = tl.arange(0, DP)
     dmask = offs_d < D
     rmask = rvalid[:, None] & dmask[None, :]
@@ -412,6 +420,8 @@ def _union_dq_kernel(
         st = tile * P + sp
         slive = ((jr % R) == 0) & (st < sq)
         spos = tl.load(QPOS + st, mask=st < sq, other=-1)
+        if HAS_DOC:
+            sdlo = tl.load(DS + bi.to(tl.int64) * stride_dsb + st, mask=st < sq, other=0)
         offs_i = tl.arange(0, DIP)
         imask = offs_i < DI
         iq_off = bi.to(tl.int64) * stride_iqb + st.to(tl.int64) * stride_iqt + gi * stride_iqg
@@ -441,6 +451,8 @@ def _union_dq_kernel(
             vt = vt.to(tl.float32)
         s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
         valid = (sel & rvalid)[:, None] & kin[None, :] & (kpos[None, :] <= qpos[:, None])
+        if HAS_DOC:
+            valid = valid & (kpos[None, :] >= dlo[:, None])
         pr = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(dot_, tl.trans(vt), input_precision=DOT_PREC)
         ds = (pr * (dp - delta[:, None])).to(qt.dtype)
@@ -456,6 +468,8 @@ def _union_dq_kernel(
                 ikb = ikb.to(tl.float32)
             ssel = ((bits >> sp) & 1) != 0
             sv = (slive & ssel)[:, None] & kin[None, :] & (kpos[None, :] <= spos[:, None])
+            if HAS_DOC:
+                sv = sv & (kpos[None, :] >= sdlo[:, None])
             logq = tl.dot(iqt, tl.trans(ikb), input_precision=DOT_PREC) * iscale - ilse[:, None]
             qs = tl.where(sv, tl.exp(logq), 0.0)
             pos_t = sv & (pbar > 0)
@@ -573,15 +587,17 @@ def union_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
     q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
     *, config: Optional[_tsa.KernelConfig] = None, lists: Optional[UnionLists] = None, return_lists: bool = False,
+    doc_start: Optional[Tensor] = None,
 ):
     """Union-tile forward: (out [b, sq, hq, d], lse [b, hq, sq] fp32), the contract of
-    ``sparse_attention_fwd`` (rows with no visible key: out 0, lse -inf). Rows must not
-    repeat a block (checked by the dispatch; the union counts it once)."""
+    ``sparse_attention_fwd`` (rows with no visible key: out 0, lse -inf; ``doc_start``: packed
+    documents). Rows must not repeat a block (checked by the dispatch; the union counts it once)."""
     cfg = config or _tsa.default_config()
     b, sq, hq, d, sk, g, K = _tsa._check_inputs(q, k, v, block_idx, block_size)
     G = hq // g
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     pos = _tsa._positions(q_pos, sq, sk, q.device)
+    docs = _tsa._docs(doc_start, b, sq, pos)
     out = _tsa._alloc((b, sq, hq, d), q.dtype, q.device)
     lse = _tsa._alloc((b, hq, sq), torch.float32, q.device)
     if sq == 0:
@@ -590,10 +606,10 @@ def union_attention_fwd(
     lists = union_lists_for(block_idx, G, q.dtype, cfg, lists, d)
     bn = _bn(block_size, cfg, q.dtype)
     _union_fwd_kernel[(lists.cnt.numel(),)](
-        q, k, v, pos, lists.order, lists.blk, lists.msk, lists.cnt, out, lse,
+        q, k, v, pos, lists.order, lists.blk, lists.msk, lists.cnt, out, lse, docs.ptr,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        sq, sk, g, lists.nt, G, d, scale * LOG2E,
+        out.stride(0), out.stride(1), out.stride(2), docs.stride_b,
+        sq, sk, g, lists.nt, G, d, scale * LOG2E, HAS_DOC=docs.on,
         UMAX=lists.umax, P=lists.P, GP=_tsa._next_pow2(G), BLOCK=block_size, BN=bn, NSUB=block_size // bn,
         DP=_tsa._next_pow2(d), DOT_PREC=_tsa._dot_prec(q.dtype), UPCAST=_tsa._upcast(q),
         num_warps=cfg.union_fwd_warps, num_stages=cfg.union_fwd_stages,
@@ -656,7 +672,7 @@ def union_attention_dq(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, block_idx: Tensor, block_size: int,
     q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
     *, config: Optional[_tsa.KernelConfig] = None, lists: Optional[UnionLists] = None,
-    delta: Optional[Tensor] = None, kl: Optional[_tsa.FusedKL] = None,
+    delta: Optional[Tensor] = None, kl: Optional[_tsa.FusedKL] = None, doc_start: Optional[Tensor] = None,
 ):
     """Union-tile dQ (deterministic, written once), optionally with the indexer KL fused
     (``kl=FusedKL(iq, ik, index_lse, index_scale)``): returns dq, or (dq, UnionKLResult)."""
@@ -665,6 +681,7 @@ def union_attention_dq(
     G = hq // g
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     pos = _tsa._positions(q_pos, sq, sk, q.device)
+    docs = _tsa._docs(doc_start, b, sq, pos)
     do = do if do.stride(-1) == 1 else do.contiguous()
     if do.dtype != q.dtype:
         do = do.to(q.dtype)
@@ -688,15 +705,15 @@ def union_attention_dq(
     P, GP, DP = lists.P, _tsa._next_pow2(G), _tsa._next_pow2(d)
     prec, up = _tsa._dot_prec(q.dtype), _tsa._upcast(q)
     common = dict(UMAX=lists.umax, P=P, GP=GP, BLOCK=block_size, BN=bn, NSUB=block_size // bn, DP=DP,
-                  DOT_PREC=prec, UPCAST=up)
+                  DOT_PREC=prec, UPCAST=up, HAS_DOC=docs.on)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2))
     n_w = lists.cnt.numel()
     if kl is None:
         _union_dq_kernel[(n_w,)](
             q, k, v, do, lse, delta, pos, lists.order, lists.blk, lists.msk, lists.cnt, lists.off, dq,
-            dummy, dummy, dummy, dummy, dummy, dummy,
-            *strides, *(0,) * 7,
+            dummy, dummy, dummy, dummy, dummy, dummy, docs.ptr,
+            *strides, *(0,) * 7, docs.stride_b,
             sq, sk, g, lists.nt, G, d, scale, scale * LOG2E, 1.0, 1.0, 0, n_w, 0,
             KL=False, DI=16, DIP=16, PPAD=max(16, P), **common,
             num_warps=cfg.union_dq_warps, num_stages=cfg.union_dq_stages,
@@ -720,9 +737,9 @@ def union_attention_dq(
         klpart = torch.empty((nwc, 3), dtype=torch.float32, device=q.device)
         _union_dq_kernel[(nwc,)](
             q, k, v, do, lse, delta, pos, lists.order, lists.blk, lists.msk, lists.cnt, lists.off, dq,
-            kiq, kik, kilse, d_iq32, dsbuf, klpart,
+            kiq, kik, kilse, d_iq32, dsbuf, klpart, docs.ptr,
             *strides, kiq.stride(0), kiq.stride(1), kiq.stride(2), kik.stride(0), kik.stride(1),
-            kilse.stride(0), kilse.stride(1),
+            kilse.stride(0), kilse.stride(1), docs.stride_b,
             sq, sk, g, lists.nt, G, d, scale, scale * LOG2E, iscale, iscale / kl_norm, w0, w1, o0,
             KL=True, DI=di, DIP=DIP, PPAD=max(16, P), **common,
             num_warps=cfg.union_dq_warps, num_stages=cfg.union_kl_stages,
@@ -763,7 +780,7 @@ def union_attention_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, block_idx: Tensor, block_size: int,
     q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
     *, config: Optional[_tsa.KernelConfig] = None, lists: Optional[UnionLists] = None, plan=None,
-    kl: Optional[_tsa.FusedKL] = None,
+    kl: Optional[_tsa.FusedKL] = None, doc_start: Optional[Tensor] = None,
 ):
     """Split backward: dK/dV by the KV-outer kernel without its dQ half, dQ (+ the KL) by the
     union tile. Returns (dq, dk, dv) or (dq, dk, dv, UnionKLResult)."""
@@ -772,9 +789,10 @@ def union_attention_bwd(
     if do.dtype != q.dtype:
         do = do.to(q.dtype)
     _, dk, dv, delta = _tsa.sparse_attention_bwd(do, q, k, v, out, lse, block_idx, block_size, q_pos, softmax_scale,
-                                                 config=cfg, plan=plan, compute_dq=False, return_delta=True)
+                                                 config=cfg, plan=plan, compute_dq=False, return_delta=True,
+                                                 doc_start=doc_start)
     res = union_attention_dq(do, q, k, v, out, lse, block_idx, block_size, q_pos, softmax_scale, config=cfg,
-                             lists=lists, delta=delta, kl=kl)
+                             lists=lists, delta=delta, kl=kl, doc_start=doc_start)
     if kl is None:
         return res, dk, dv
     dq, klres = res
