@@ -180,10 +180,15 @@ def flex_blocksparse(case: Case) -> Bench:
     timed once per length; ``flex-union`` runs Flex on the other selections."""
     _need_cuda(case)
     case = replace(case, selection="flex")
+    return _flex_bench(case, tile_block_mask(case), note="same budget, blocks shared by a 128-query tile and all heads",
+                       selection="flex", u8=sel_mod.measured_u8(case))
+
+
+def _flex_bench(case: Case, mask, note: str, selection: str, u8: float) -> Bench:
+    """FlexAttention (compiled) fwd / fwd+bwd with ``mask``, on the case's q/k/v."""
     grad = not case.fwd_only
     q, k, v = (x.transpose(1, 2) for x in _qkv(case, False))  # [b, h, L, d] views
     q, k, v = (x.contiguous().requires_grad_(grad) for x in (q, k, v))
-    mask = tile_block_mask(case)
     flex = _compiled_flex()
 
     def fwd():
@@ -197,8 +202,7 @@ def flex_blocksparse(case: Case) -> Bench:
 
     return Bench(fwd=fwd, fwdbwd=fwdbwd if grad else None, fwd_flops=case.sparse_fwd_flops(),
                  fwdbwd_flops=case.sparse_fwd_flops() + case.sparse_bwd_flops(), grad_to_none=[q, k, v],
-                 note="same budget, blocks shared by a 128-query tile and all heads",
-                 selection="flex", u8=sel_mod.measured_u8(case))
+                 note=note, selection=selection, u8=u8)
 
 
 #: Membership buffers of flex-union, one per shape: mask_mod reads the buffer, whose data is
@@ -249,24 +253,8 @@ def flex_union(case: Case) -> Bench:
     _need_cuda(case)
     sel = sel_mod.make_selection(case)
     mask, u128 = union_block_mask(case, sel)
-    grad = not case.fwd_only
-    q, k, v = (x.transpose(1, 2) for x in _qkv(case, False))
-    q, k, v = (x.contiguous().requires_grad_(grad) for x in (q, k, v))
-    flex = _compiled_flex()
-
-    def fwd():
-        with torch.no_grad():
-            return flex(q, k, v, block_mask=mask, enable_gqa=True)
-
-    do = torch.randn_like(q) if grad else None
-
-    def fwdbwd():
-        flex(q, k, v, block_mask=mask, enable_gqa=True).backward(do)
-
-    return Bench(fwd=fwd, fwdbwd=fwdbwd if grad else None, fwd_flops=case.sparse_fwd_flops(),
-                 fwdbwd_flops=case.sparse_fwd_flops() + case.sparse_bwd_flops(), grad_to_none=[q, k, v],
-                 note=f"per-tile union: {u128:.0f} blocks per 128 queries (U128), all partial",
-                 selection=sel_mod.describe(case), u8=sel_mod.measured_u8(case, sel))
+    return _flex_bench(case, mask, note=f"per-tile union: {u128:.0f} blocks per 128 queries (U128), all partial",
+                       selection=sel_mod.describe(case), u8=sel_mod.measured_u8(case, sel))
 
 
 # ----------------------------------------------------------------------------- the sparse main branch

@@ -572,47 +572,35 @@ def msa_attention_triton(
     aux.block_idx = block_idx
     need_grad = torch.is_grad_enabled() and (iq.requires_grad or ik.requires_grad)
     lists = _union_kl_lists(mode, backend, need_grad, compute_kl, q, k, block_idx, kernel_config)
+    fused = None
     if lists is not None:  # v2: union tile, KL inside its dQ pass (docs/kernels_main.md "v2: union tile")
-        out, aux.lse, aux.kl, ent_i, ent_m = _UnionAttentionKLFn.apply(
-            q, k, v, iq, ik, block_idx, cfg.block_size, pos, scale, kernel_config, lists, index_lse,
-            cfg.index_softmax_scale, ds)
+        fused = _UnionAttentionKLFn.apply(q, k, v, iq, ik, block_idx, cfg.block_size, pos, scale, kernel_config, lists,
+                                          index_lse, cfg.index_softmax_scale, ds)
+    elif compute_kl and _kl_path(mode, backend, need_grad, kernel_config) == "fused":
+        fused = _SparseAttentionKLFn.apply(q, k, v, iq, ik, block_idx, cfg.block_size, pos, scale, kernel_config,
+                                           deterministic, index_lse, cfg.index_softmax_scale, ds)
+    if fused is not None:  # KL and its stats come from the main backward (NaN until it has run)
+        out, aux.lse, aux.kl, ent_i, ent_m = fused
         if cfg.track_entropy:
             aux.stats.update(index_entropy=ent_i, main_entropy=ent_m)
-        if compute_recall:
-            aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale,
-                                                             doc_start=ds)
-        return out, aux
-    if compute_kl and _kl_path(mode, backend, need_grad, kernel_config) == "fused":
-        out, aux.lse, aux.kl, ent_i, ent_m = _SparseAttentionKLFn.apply(
-            q, k, v, iq, ik, block_idx, cfg.block_size, pos, scale, kernel_config, deterministic, index_lse,
-            cfg.index_softmax_scale, ds)
-        if cfg.track_entropy:
-            aux.stats.update(index_entropy=ent_i, main_entropy=ent_m)
-        if compute_recall:
-            aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale,
-                                                             doc_start=ds)
-        return out, aux
-    if mode == "msa":
-        out, lse = sparse_attention(q, k, v, block_idx, cfg.block_size, pos, scale,
-                                    config=kernel_config, deterministic=deterministic, doc_start=ds)
     else:
-        out, lse = dense_attention_triton(q, k, v, pos, default_pos, scale, **dense_kw)
-    aux.lse = lse
-    if not compute_kl:
-        if compute_recall:
-            aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale,
-                                                             doc_start=ds)
-        return out, aux
-    qd, kd = q.detach(), k.detach()
-    if backend == "reference":
-        res = _kl_reference(mode, qd, kd, iq_d, ik_d, block_idx, cfg, pos, scale, need_grad, doc_start=ds)
-    else:
-        res = _kl_triton(mode, qd, kd, iq_d, ik_d, block_idx, lse, index_lse, index_plan, cfg, pos, scale,
-                         doc_start=ds)
-    aux.kl = _KLFromGrads.apply(iq, ik, res.kl, res.d_iq, res.d_ik) if need_grad else res.kl
-    aux.stats.update(res.stats)
+        if mode == "msa":
+            out, aux.lse = sparse_attention(q, k, v, block_idx, cfg.block_size, pos, scale,
+                                            config=kernel_config, deterministic=deterministic, doc_start=ds)
+        else:
+            out, aux.lse = dense_attention_triton(q, k, v, pos, default_pos, scale, **dense_kw)
+        if compute_kl:
+            qd, kd = q.detach(), k.detach()
+            if backend == "reference":
+                res = _kl_reference(mode, qd, kd, iq_d, ik_d, block_idx, cfg, pos, scale, need_grad, doc_start=ds)
+            else:
+                res = _kl_triton(mode, qd, kd, iq_d, ik_d, block_idx, aux.lse, index_lse, index_plan, cfg, pos, scale,
+                                 doc_start=ds)
+            aux.kl = _KLFromGrads.apply(iq, ik, res.kl, res.d_iq, res.d_ik) if need_grad else res.kl
+            aux.stats.update(res.stats)
     if compute_recall:
-        aux.stats["recall"] = reference.selection_recall(qd, kd, block_idx, cfg.block_size, pos, scale, doc_start=ds)
+        aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale,
+                                                         doc_start=ds)
     return out, aux
 
 
