@@ -380,7 +380,12 @@ def bench_selection(L: int, kind: str) -> None:
     row["kv_dkdv_only"] = bench_ms(lambda: T.sparse_attention_bwd(do, q, k, v, o1, l1, sel, B, config=kv, plan=plan,
                                                                   compute_dq=False))
     row["union_dq"] = bench_ms(lambda: U.union_attention_dq(do, q, k, v, o2, l2, sel, B, config=un, lists=lists))
+    delta = T._delta(o2, do)
+    row["union_dkdv"] = bench_ms(lambda: U.union_attention_dkdv(do, q, k, v, l2, delta, sel, B, config=un, lists=lists))
     row["union_bwd"] = bench_ms(lambda: U.union_attention_bwd(do, q, k, v, o2, l2, sel, B, config=un, lists=lists))
+    un_kv = T.KernelConfig(main_impl="union", union_dkdv="kv")
+    row["union_bwd_kvdkdv"] = bench_ms(lambda: U.union_attention_bwd(do, q, k, v, o2, l2, sel, B, config=un_kv,
+                                                                      lists=lists))
     ilse = TI.selected_lse(iq, ik, sel, cfg)
     fk = T.FusedKL(iq, ik, ilse, cfg.index_softmax_scale)
     row["kl_separate"] = bench_ms(lambda: TI.sparse_kl_backward(q, k, iq, ik, sel, l1, ilse, cfg))
@@ -408,9 +413,10 @@ def bench_selection(L: int, kind: str) -> None:
 
     row["kv_main_fwdbwd"] = bench_ms(main_fb(kv))
     row["union_main_fwdbwd"] = bench_ms(main_fb(un))
+    row["union_main_fwdbwd_kvdkdv"] = bench_ms(main_fb(un_kv))
     row["kv_op_fwdbwd"] = bench_ms(op_fb(kv))
     row["union_op_fwdbwd"] = bench_ms(op_fb(un))
-    if kind == "pool20":  # where the time goes (one call each)
+    if kind in ("pool15", "pool32"):  # where the time goes (one call each)
         for name, kc in (("kv", kv), ("union", un)):
             try:
                 prof = profile_kernels(op_fb(kc))
@@ -451,6 +457,14 @@ def sweep_selection(L: int, kind: str) -> None:
                "union_block_n=128"]
     specs_k = ["union_kl_stages=1", "union_kl_stages=2", "union_kl_stages=3", "union_dik_item_entries=0",
                "union_dik_item_entries=1024"]
+    specs_kv = ["union_dkdv_block_n=128,union_dkdv_rows=32,union_dkdv_warps=8,union_dkdv_stages=2",
+                "union_dkdv_stages=3", "union_dkdv_block_n=64,union_dkdv_warps=4", "union_dkdv_rows=16",
+                "union_dkdv_item_entries=8", "union_dkdv_item_entries=128", "union_dkdv_item_entries=0"]
+    delta = T._delta(o2, do)
+    for spec in specs_kv:
+        c = T.KernelConfig.from_spec("main_impl=union," + spec)
+        _sweep(L, kind, "union_dkdv", spec, lambda: U.union_attention_dkdv(do, q, k, v, l2, delta, sel, B, config=c,
+                                                                          lists=lists))
     for spec in specs_f:
         c = T.KernelConfig.from_spec("main_impl=union," + spec)
         _sweep(L, kind, "union_fwd", spec, lambda: U.union_attention_fwd(q, k, v, sel, B, config=c, lists=lists))
@@ -556,12 +570,24 @@ def aot_report(arch: int = 90, spec: str = "") -> int:
         bn = U._bn(B, cfg, torch.bfloat16)
         common = dict(UMAX=Pn * K, P=Pn, GP=16, BLOCK=B, BN=bn, NSUB=B // bn, DP=D, DOT_PREC=None, UPCAST=False)
         io = dict(Q=P, K=P, V=P, DO=P, OUT=P, LSE=F, DELTA=F, DQ=P, IQ=P, IK=P, ILSE=F, DIQ=F, DSBUF=P, KLPART=F,
-                  UOFF="*i64", qk_scale="fp32", sm_scale="fp32", iscale="fp32", kl_coef="fp32")
+                  PBUF=F, ENTM=F, UOFF="*i64", qk_scale="fp32", sm_scale="fp32", iscale="fp32", kl_coef="fp32")
         kernels.append((f"union_fwd [{sp}]", U._union_fwd_kernel, io, common, cfg.union_fwd_warps, cfg.union_fwd_stages))
-        kernels.append((f"union_dq [{sp}]", U._union_dq_kernel, io, dict(common, KL=False, DI=16, DIP=16, PPAD=16),
+        kernels.append((f"union_dq [{sp}]", U._union_dq_kernel, io, dict(common, KL=False),
                         cfg.union_dq_warps, cfg.union_dq_stages))
-        kernels.append((f"union_dq+KL [{sp}]", U._union_dq_kernel, io, dict(common, KL=True, DI=DI, DIP=DI, PPAD=16),
-                        cfg.union_dq_warps, cfg.union_kl_stages))
+        kernels.append((f"union_dq + KL teacher [{sp}]", U._union_dq_kernel, io, dict(common, KL=True),
+                        cfg.union_dq_warps, cfg.union_dq_stages))
+    kernels.append(("union_kl (student, 16 rows x 64 keys)", U._union_kl_kernel, io,
+                    dict(UMAX=8 * K, P=8, BLOCK=B, BN=64, NSUB=B // 64, DI=DI, DIP=DI, PPAD=16, DOT_PREC=None,
+                         UPCAST=False), 4, cfg.union_kl_stages))
+    L64_ = "*i64"
+    dkdv_io = dict(io, DK=P, DV=P, DKVPART=F, ENT_ORD=L64_, IT_ORD=L64_, IT_SEG=L64_, IT_START=L64_, IT_END=L64_,
+                   IT_PSLOT=L64_, NTOT=L64_)
+    for sp in (spec.split(";") if spec else ["", "union_dkdv_block_n=64,union_dkdv_warps=4",
+                                             "union_dkdv_rows=64", "union_dkdv_stages=3"]):
+        cfg = T.KernelConfig.from_spec(sp)
+        kernels.append((f"union_dkdv [{sp}]", U._union_dkdv_kernel, dkdv_io,
+                        dict(UMAX=8 * K, P=8, GP=16, RM=cfg.union_dkdv_rows, BLOCK=B, BN=cfg.union_dkdv_block_n, DP=D,
+                             DOT_PREC=None, UPCAST=False), cfg.union_dkdv_warps, cfg.union_dkdv_stages))
     L64 = "*i64"
     kernels.append(("union_dik", U._union_dik_kernel, dict(DSBUF=P, IQ=P, DIK=F, DIKPART=F, ENT_ORD=L64, IT_ORD=L64,
                                                            IT_SEG=L64, IT_START=L64, IT_END=L64, IT_PSLOT=L64,
@@ -632,8 +658,9 @@ def write_report(out_dir: Path, meta: dict) -> None:
         lines.append("")
     main_rows = [r for r in BENCH if "sweep" not in r]
     if main_rows:
-        cols = ["U8", "U8_p90", "kv_fwd", "union_lists", "union_lists_triton", "union_fwd", "kv_bwd", "kv_dkdv_only", "union_dq", "union_bwd",
-                "kl_separate", "union_dq_kl", "kv_main_fwdbwd", "union_main_fwdbwd", "kv_op_fwdbwd", "union_op_fwdbwd",
+        cols = ["U8", "U8_p90", "kv_fwd", "union_lists", "union_lists_triton", "union_fwd", "kv_bwd", "kv_dkdv_only", "union_dkdv", "union_dq",
+                "union_bwd", "union_bwd_kvdkdv", "kl_separate", "union_dq_kl", "kv_main_fwdbwd", "union_main_fwdbwd",
+                "union_main_fwdbwd_kvdkdv", "kv_op_fwdbwd", "union_op_fwdbwd",
                 "index_select", "flex_fwd", "flex_fwdbwd"]
         lines += ["## Timing (ms, do_bench median)", "",
                   "kv = today's KV-outer path; union = v2. op = msa_attention_triton fwd+bwd with the selection given "
@@ -694,8 +721,9 @@ def main() -> int:
     T.POISON_OUTPUTS = a.cpu_smoke  # NaN-poison outputs in the smoke run (unwritten elements show up)
     import subprocess
 
+    commit = os.environ.get("MSA_COMMIT", "")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).resolve().parent.parent).stdout.strip() or "unknown"
     except Exception:
         commit = "unknown"

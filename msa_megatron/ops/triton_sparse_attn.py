@@ -108,7 +108,13 @@ class KernelConfig:
     union_fwd_stages: int = 2
     union_dq_warps: int = 8
     union_dq_stages: int = 2  # study: 2 stages 25.5 ms vs 1 stage 31.3 ms at U8 = 16
-    union_kl_stages: int = 2  # the dQ pass with the KL fused; sm_90a AOT (bf16, d = di = 128): 255 regs, 0 B spills, 150 KB smem at 2 stages vs 108 B spills at 1
+    union_kl_stages: int = 2  # the union KL kernel (student side of the indexer KL, 16 rows, 4 warps)
+    union_dkdv: str = "union"  # dK/dV of the union backward: "union" (union-tile entries per key block) | "kv" (KV-outer, dK/dV only)
+    union_dkdv_block_n: int = 128  # union dK/dV: keys per program (sub-tile of a block)
+    union_dkdv_rows: int = 32  # union dK/dV: query rows per step (a tile's P x G rows in steps of this); sm_90a AOT (bf16, d 128): 128 keys x 32 rows, 8 warps = 246 regs, 0 spills, 99 KB smem; 64 rows spill
+    union_dkdv_warps: int = 8
+    union_dkdv_stages: int = 2
+    union_dkdv_item_entries: int = 32  # union dK/dV: union entries per work item (hot blocks split, partials reduced in order); 0 = one program per block
     union_heavy_first: bool = True  # launch tiles with the largest unions first
     union_dik_item_entries: int = 256  # owner-side d_ik pass: union entries per work item (hot blocks split, partials reduced in order); 0 = one program per block
     union_lists_kernel: bool = False  # build the union lists with the Triton kernel (one program per tile) instead of torch ops; off until GPU-verified
@@ -121,16 +127,19 @@ class KernelConfig:
         for name in ("union_max_blocks", "union_max_blocks_fwd", "union_max_blocks_kl"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be > 0")
-        for name in ("union_rows", "union_block_n"):
+        if self.union_dkdv not in ("union", "kv"):
+            raise ValueError(f"KernelConfig.union_dkdv={self.union_dkdv!r}: allowed values are 'union', 'kv'")
+        for name in ("union_rows", "union_block_n", "union_dkdv_block_n", "union_dkdv_rows"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"KernelConfig.{name}={v}: must be a power of 2 >= 16")
-        for name in ("union_fwd_warps", "union_dq_warps"):
+        for name in ("union_fwd_warps", "union_dq_warps", "union_dkdv_warps"):
             if getattr(self, name) not in (1, 2, 4, 8, 16):
                 raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be 1, 2, 4, 8 or 16")
-        if self.union_dik_item_entries < 0:
-            raise ValueError(f"KernelConfig.union_dik_item_entries={self.union_dik_item_entries}: must be >= 0")
-        for name in ("union_fwd_stages", "union_dq_stages", "union_kl_stages"):
+        for name in ("union_dik_item_entries", "union_dkdv_item_entries"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be >= 0")
+        for name in ("union_fwd_stages", "union_dq_stages", "union_kl_stages", "union_dkdv_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be >= 1")
         for name in ("fwd_rows", "bwd_rows", "fwd_block_n", "bwd_block_n", "q_block_n"):
@@ -155,7 +164,7 @@ class KernelConfig:
             name, value = name.strip(), value.strip()
             if name not in types:
                 raise ValueError(f"kernel config: unknown field {name!r}; fields: {', '.join(types)}")
-            if name in ("fwd_impl", "main_impl"):
+            if name in ("fwd_impl", "main_impl", "union_dkdv"):
                 kw[name] = value
             elif name in ("lpt_order", "dq_partial_lowp", "bwd_split", "kl_fused", "union_heavy_first",
                           "union_lists_kernel"):

@@ -356,27 +356,25 @@ def _union_fwd_kernel(
 
 @triton.jit
 def _union_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, QPOS, ORD, UBLK, UMSK, UCNT, UOFF, DQ,
-    IQ, IK, ILSE, DIQ, DSBUF, KLPART, DS,
+    Q, K, V, DO, LSE, DELTA, QPOS, ORD, UBLK, UMSK, UCNT, UOFF, DQ, PBUF, ENTM, DS,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    stride_db, stride_dt, stride_dh, stride_gb, stride_gt, stride_gh,
-    stride_iqb, stride_iqt, stride_iqg, stride_ikb, stride_ikt, stride_ilb, stride_ilg, stride_dsb,
-    sq, sk, n_groups, nt, G, D, sm_scale, qk_scale, iscale, kl_coef, w0, w1, off0,
+    stride_db, stride_dt, stride_dh, stride_gb, stride_gt, stride_gh, stride_dsb,
+    sq, sk, n_groups, nt, G, D, sm_scale, qk_scale, w0, off0,
     UMAX: tl.constexpr, P: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
     NSUB: tl.constexpr, DP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    KL: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, PPAD: tl.constexpr,
-    HAS_DOC: tl.constexpr = False,
+    KL: tl.constexpr, HAS_DOC: tl.constexpr = False,
 ):
     """Union-tile dQ: recompute S, P = exp(S - lse), dP = dO V^T, dS = P (dP - delta) per
     BN-key step of the union; dQ += dS K in registers, written once.
 
-    KL: the indexer KL over the same tokens. Teacher P-bar [P, BN] = head mean of the tile's
-    P (a reshape-sum), broadcast to PPAD >= 16 student rows (row j <-> position j // R,
-    only j % R == 0 live); student log Q = iq . ik * iscale - index_lse; KL, sum Q ln Q,
-    sum P_h log2 P_h accumulated per row; dS_student = (Q - P-bar) * kl_coef gives
-    d_iq += dS_student . ik in registers (written once) and is stored per (tile, union entry)
-    in DSBUF [entries, P, BLOCK] for the owner-side d_ik pass. KL runs only on the tiles
-    [w0, w1) of the current chunk (natural order: DSBUF is indexed by UOFF - off0)."""
+    KL: also hand the indexer KL its teacher. The head mean P-bar [P, BN] of the tile's P
+    (a reshape-sum: one position's G heads are one warp's rows) is stored per (tile, union
+    entry) in PBUF [entries, P, BLOCK] (fp32) for :func:`_union_kl_kernel`, and the main
+    entropy partial sum P_h log2 P_h goes to ENTM. Only that: the student side (index dots,
+    exp/log, d_iq) costs ~3 us of dependent latency per step at one CTA per SM (run 8:
+    87.8 vs 31.5 ms at 128K), so it runs in its own light kernel where occupancy hides it.
+    KL runs only on the tiles [w0, w0 + grid) of the current chunk (natural order: PBUF is
+    indexed by UOFF - off0)."""
     if KL:
         w = (w0 + tl.program_id(0)).to(tl.int64)
     else:
@@ -414,26 +412,10 @@ def _union_dq_kernel(
     cnt = tl.load(UCNT + w)
     kv_base = bi.to(tl.int64) * stride_kb + gi * stride_kh
     if KL:
-        R: tl.constexpr = PPAD // P
-        jr = tl.arange(0, PPAD)
-        sp = jr // R
-        st = tile * P + sp
-        slive = ((jr % R) == 0) & (st < sq)
-        spos = tl.load(QPOS + st, mask=st < sq, other=-1)
-        if HAS_DOC:
-            sdlo = tl.load(DS + bi.to(tl.int64) * stride_dsb + st, mask=st < sq, other=0)
-        offs_i = tl.arange(0, DIP)
-        imask = offs_i < DI
-        iq_off = bi.to(tl.int64) * stride_iqb + st.to(tl.int64) * stride_iqt + gi * stride_iqg
-        iqt = tl.load(IQ + iq_off[:, None] + offs_i[None, :], mask=slive[:, None] & imask[None, :], other=0.0)
-        if UPCAST:
-            iqt = iqt.to(tl.float32)
-        ilse = tl.load(ILSE + bi.to(tl.int64) * stride_ilb + gi * stride_ilg + st, mask=slive, other=0.0)
-        diq = tl.zeros([PPAD, DIP], tl.float32)
-        kl_acc = tl.zeros([PPAD], tl.float32)
-        ent_i = tl.zeros([PPAD], tl.float32)
         ent_m = tl.zeros([P * GP], tl.float32)
         ent_base = tl.load(UOFF + w) - off0
+        pp = tl.arange(0, P)
+        cols = tl.arange(0, BN)
     for j in range(0, cnt * NSUB):
         u = j // NSUB
         n = j % NSUB
@@ -460,38 +442,91 @@ def _union_dq_kernel(
         if KL:
             ent_m += tl.sum(tl.where(valid, pr * (s - lse2[:, None]), 0.0), 1)
             pbar = tl.sum(tl.reshape(pr, (P, GP, BN)), 1) / G
-            if R > 1:
-                pbar = tl.reshape(tl.broadcast_to(pbar[:, None, :], (P, R, BN)), (PPAD, BN))
-            ikb = tl.load(IK + bi.to(tl.int64) * stride_ikb + kpos.to(tl.int64)[:, None] * stride_ikt + offs_i[None, :],
-                          mask=kin[:, None] & imask[None, :], other=0.0)
-            if UPCAST:
-                ikb = ikb.to(tl.float32)
-            ssel = ((bits >> sp) & 1) != 0
-            sv = (slive & ssel)[:, None] & kin[None, :] & (kpos[None, :] <= spos[:, None])
-            if HAS_DOC:
-                sv = sv & (kpos[None, :] >= sdlo[:, None])
-            logq = tl.dot(iqt, tl.trans(ikb), input_precision=DOT_PREC) * iscale - ilse[:, None]
-            qs = tl.where(sv, tl.exp(logq), 0.0)
-            pos_t = sv & (pbar > 0)
-            kl_acc += tl.sum(tl.where(pos_t, pbar * (tl.log(tl.where(pos_t, pbar, 1.0)) - logq), 0.0), 1)
-            ent_i += tl.sum(tl.where(sv, qs * logq, 0.0), 1)
-            dsk = tl.where(sv, (qs - pbar) * kl_coef, 0.0).to(IK.dtype.element_ty)
-            if UPCAST:
-                dsk = dsk.to(tl.float32)
-            diq += tl.dot(dsk, ikb, input_precision=DOT_PREC)
-            col = n * BN + tl.arange(0, BN)
-            ds_off = ((ent_base + u) * P + sp.to(tl.int64))[:, None] * BLOCK + col[None, :]
-            tl.store(DSBUF + ds_off, dsk.to(DSBUF.dtype.element_ty), mask=slive[:, None] & (col < BLOCK)[None, :])
+            pb_off = ((ent_base + u) * P + pp.to(tl.int64))[:, None] * BLOCK + (n * BN + cols)[None, :]
+            tl.store(PBUF + pb_off, pbar, mask=(n * BN + cols < BLOCK)[None, :])
     dq = dq * sm_scale
     tl.store(DQ + (bi.to(tl.int64) * stride_gb + t64 * stride_gt + head * stride_gh)[:, None] + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rmask)
     if KL:
-        diq_off = ((bi.to(tl.int64) * sq + st) * n_groups + gi) * DI
-        tl.store(DIQ + diq_off[:, None] + offs_i[None, :], diq, mask=slive[:, None] & imask[None, :])
-        prog = tl.program_id(0) * 3
-        tl.store(KLPART + prog, tl.sum(kl_acc, 0))
-        tl.store(KLPART + prog + 1, tl.sum(ent_i, 0))
-        tl.store(KLPART + prog + 2, tl.sum(ent_m, 0))
+        tl.store(ENTM + tl.program_id(0), tl.sum(ent_m, 0))
+
+
+@triton.jit
+def _union_kl_kernel(
+    QPOS, UBLK, UMSK, UCNT, UOFF, PBUF, IQ, IK, ILSE, DIQ, DSBUF, KLPART, DS,
+    stride_iqb, stride_iqt, stride_iqg, stride_ikb, stride_ikt, stride_ilb, stride_ilg, stride_dsb,
+    sq, sk, n_groups, nt, iscale, kl_coef, w0, off0,
+    UMAX: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr, NSUB: tl.constexpr,
+    DI: tl.constexpr, DIP: tl.constexpr, PPAD: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DOC: tl.constexpr = False,
+):
+    """The indexer KL of one union tile (P positions of one group) over the tokens its
+    main-branch tile visited, from the teacher P-bar the dQ pass stored in PBUF.
+
+    Student rows: PPAD >= 16 (MMA-sized), row j <-> position j // R, only j % R == 0 live
+    (R = PPAD / P). Per BN-key step of the union: log Q = iq . ik * iscale - index_lse over
+    the selected causal tokens; KL += P-bar (ln P-bar - log Q), sum Q ln Q;
+    dS_student = (Q - P-bar) * kl_coef (rounded to ik's dtype, as on the KV-outer paths):
+    d_iq += dS . ik in registers (written once), dS stored per (tile, entry) in DSBUF for the
+    owner-side d_ik pass. A light kernel (16 rows, no main-branch state), so several CTAs per
+    SM hide the latency of its small dots and transcendental steps."""
+    w = (w0 + tl.program_id(0)).to(tl.int64)
+    bg = w // nt
+    tile = w % nt
+    bi = bg // n_groups
+    gi = bg % n_groups
+    R: tl.constexpr = PPAD // P
+    jr = tl.arange(0, PPAD)
+    sp = jr // R
+    st = tile * P + sp
+    slive = ((jr % R) == 0) & (st < sq)
+    spos = tl.load(QPOS + st, mask=st < sq, other=-1)
+    if HAS_DOC:
+        sdlo = tl.load(DS + bi.to(tl.int64) * stride_dsb + st, mask=st < sq, other=0)
+    offs_i = tl.arange(0, DIP)
+    imask = offs_i < DI
+    iq_off = bi.to(tl.int64) * stride_iqb + st.to(tl.int64) * stride_iqt + gi * stride_iqg
+    iqt = tl.load(IQ + iq_off[:, None] + offs_i[None, :], mask=slive[:, None] & imask[None, :], other=0.0)
+    if UPCAST:
+        iqt = iqt.to(tl.float32)
+    ilse = tl.load(ILSE + bi.to(tl.int64) * stride_ilb + gi * stride_ilg + st, mask=slive, other=0.0)
+    diq = tl.zeros([PPAD, DIP], tl.float32)
+    kl_acc = tl.zeros([PPAD], tl.float32)
+    ent_i = tl.zeros([PPAD], tl.float32)
+    ent_base = tl.load(UOFF + w) - off0
+    cnt = tl.load(UCNT + w)
+    for j in range(0, cnt * NSUB):
+        u = j // NSUB
+        n = j % NSUB
+        blk = tl.load(UBLK + w * UMAX + u)
+        bits = tl.load(UMSK + w * UMAX + u)
+        col = n * BN + tl.arange(0, BN)
+        kpos = blk * BLOCK + col
+        kin = (kpos < sk) & (col < BLOCK)
+        ikb = tl.load(IK + bi.to(tl.int64) * stride_ikb + kpos.to(tl.int64)[:, None] * stride_ikt + offs_i[None, :],
+                      mask=kin[:, None] & imask[None, :], other=0.0)
+        if UPCAST:
+            ikb = ikb.to(tl.float32)
+        row_off = ((ent_base + u) * P + sp.to(tl.int64))[:, None] * BLOCK + col[None, :]
+        pbar = tl.load(PBUF + row_off, mask=slive[:, None] & (col < BLOCK)[None, :], other=0.0)
+        ssel = ((bits >> sp) & 1) != 0
+        sv = (slive & ssel)[:, None] & kin[None, :] & (kpos[None, :] <= spos[:, None])
+        if HAS_DOC:
+            sv = sv & (kpos[None, :] >= sdlo[:, None])
+        logq = tl.dot(iqt, tl.trans(ikb), input_precision=DOT_PREC) * iscale - ilse[:, None]
+        qs = tl.where(sv, tl.exp(logq), 0.0)
+        pos_t = sv & (pbar > 0)
+        kl_acc += tl.sum(tl.where(pos_t, pbar * (tl.log(tl.where(pos_t, pbar, 1.0)) - logq), 0.0), 1)
+        ent_i += tl.sum(tl.where(sv, qs * logq, 0.0), 1)
+        dsk = tl.where(sv, (qs - pbar) * kl_coef, 0.0).to(IK.dtype.element_ty)
+        if UPCAST:
+            dsk = dsk.to(tl.float32)
+        diq += tl.dot(dsk, ikb, input_precision=DOT_PREC)
+        tl.store(DSBUF + row_off, dsk.to(DSBUF.dtype.element_ty), mask=slive[:, None] & (col < BLOCK)[None, :])
+    diq_off = ((bi.to(tl.int64) * sq + st) * n_groups + gi) * DI
+    tl.store(DIQ + diq_off[:, None] + offs_i[None, :], diq, mask=slive[:, None] & imask[None, :])
+    tl.store(KLPART + tl.program_id(0) * 2, tl.sum(kl_acc, 0))
+    tl.store(KLPART + tl.program_id(0) * 2 + 1, tl.sum(ent_i, 0))
 
 
 @triton.jit
@@ -575,6 +610,135 @@ def _union_dik_reduce_kernel(
             acc += tl.load(DIKPART + (ps * BLOCK + kk)[:, None] * DI + offs_i[None, :], mask=m, other=0.0)
         off = (bi.to(tl.int64) * sk + kpos.to(tl.int64))[:, None] * DI + offs_i[None, :]
         tl.store(DIK + off, tl.load(DIK + off, mask=m, other=0.0) + acc, mask=m)
+
+
+@triton.jit
+def _union_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, QPOS, UBLK, UMSK, UOFF, DK, DV, DKVPART,
+    ENT_ORD, IT_ORD, IT_SEG, IT_START, IT_END, IT_PSLOT, NTOT, DS,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_db, stride_dt, stride_dh, stride_gb, stride_gt, stride_gh, stride_dsb,
+    sq, sk, n_groups, nt, nb, G, D, sm_scale, qk_scale,
+    UMAX: tl.constexpr, P: tl.constexpr, GP: tl.constexpr, RM: tl.constexpr, BLOCK: tl.constexpr,
+    BN: tl.constexpr, DP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DOC: tl.constexpr = False,
+):
+    """Union-tile dK/dV: one program = (work item, BN-key sub-tile). A work item is a run of
+    union entries (tiles ascending) that contain one (batch, group, key block): the program
+    keeps K, V of its keys and fp32 dK, dV accumulators [BN, d] resident and streams those
+    tiles' P positions x G heads in RM-row steps, in the transposed orientation of the FA
+    dK/dV loop (S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
+    dK += dS^T Q); rows whose position did not select the block are masked (entry bits).
+    A block's only item stores dK/dV in the output dtype; the items of a hot block write
+    fp32 partials [2, BN..] that ``_union_dkdv_reduce_kernel`` adds in item order: no
+    atomics, deterministic. Cost linear in the union size, like the forward."""
+    i = tl.load(IT_ORD + tl.program_id(0))
+    sub = tl.program_id(1)
+    if i < tl.load(NTOT):
+        seg = tl.load(IT_SEG + i)
+        start = tl.load(IT_START + i)
+        end = tl.load(IT_END + i)
+        pslot = tl.load(IT_PSLOT + i)
+        bg = seg // nb
+        blk = seg % nb
+        bi = bg // n_groups
+        gi = bg % n_groups
+        hq = n_groups * G
+        kk = sub * BN + tl.arange(0, BN)
+        kpos = blk * BLOCK + kk
+        kin = (kpos < sk) & (kk < BLOCK)
+        offs_d = tl.arange(0, DP)
+        dmask = offs_d < D
+        kmask = kin[:, None] & dmask[None, :]
+        kv_off = bi.to(tl.int64) * stride_kb + gi * stride_kh + kpos.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]
+        kt = tl.load(K + kv_off, mask=kmask, other=0.0)
+        vt = tl.load(V + kv_off, mask=kmask, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        dk = tl.zeros([BN, DP], tl.float32)
+        dv = tl.zeros([BN, DP], tl.float32)
+        rr = tl.arange(0, RM)
+        NRS: tl.constexpr = (P * GP) // RM
+        for e in range(0, (end - start) * NRS):
+            ee = start + e // NRS
+            rs = e % NRS
+            slot = tl.load(ENT_ORD + ee).to(tl.int64)  # w * UMAX + u
+            w = slot // UMAX
+            u = slot % UMAX
+            tile = w % nt
+            bits = tl.load(UMSK + w * UMAX + u)
+            r = rs * RM + rr
+            p = r // GP
+            h = r % GP
+            t = tile * P + p
+            tin = t < sq
+            sel = ((bits >> p) & 1) != 0
+            rvalid = tin & (h < G) & sel
+            qpos = tl.load(QPOS + t, mask=tin, other=-1)
+            head = (gi * G + h).to(tl.int64)
+            t64 = t.to(tl.int64)
+            rmask = rvalid[:, None] & dmask[None, :]
+            qr = tl.load(Q + (bi.to(tl.int64) * stride_qb + t64 * stride_qt + head * stride_qh)[:, None]
+                         + offs_d[None, :], mask=rmask, other=0.0)
+            dor = tl.load(DO + (bi.to(tl.int64) * stride_db + t64 * stride_dt + head * stride_dh)[:, None]
+                          + offs_d[None, :], mask=rmask, other=0.0)
+            if UPCAST:
+                qr = qr.to(tl.float32)
+                dor = dor.to(tl.float32)
+            stat = (bi.to(tl.int64) * hq + head) * sq + t
+            lse2 = tl.load(LSE + stat, mask=rvalid, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + stat, mask=rvalid, other=0.0)
+            st = tl.dot(kt, tl.trans(qr), input_precision=DOT_PREC) * qk_scale  # [BN, RM]
+            valid = rvalid[None, :] & kin[:, None] & (kpos[:, None] <= qpos[None, :])
+            if HAS_DOC:
+                dlo = tl.load(DS + bi.to(tl.int64) * stride_dsb + t, mask=tin, other=0)
+                valid = valid & (kpos[:, None] >= dlo[None, :])
+            pt = tl.where(valid, tl.exp2(st - lse2[None, :]), 0.0)
+            dv += tl.dot(pt.to(dor.dtype), dor, input_precision=DOT_PREC)
+            dpt = tl.dot(vt, tl.trans(dor), input_precision=DOT_PREC)
+            dst = (pt * (dpt - delta[None, :])).to(qr.dtype)
+            dk += tl.dot(dst, qr, input_precision=DOT_PREC)
+        dk = dk * sm_scale
+        if pslot < 0:
+            o_off = bi.to(tl.int64) * stride_gb + gi * stride_gh + kpos.to(tl.int64)[:, None] * stride_gt + offs_d[None, :]
+            tl.store(DK + o_off, dk.to(DK.dtype.element_ty), mask=kmask)
+            tl.store(DV + o_off, dv.to(DV.dtype.element_ty), mask=kmask)
+        else:
+            poff = ((pslot.to(tl.int64) * 2) * BLOCK + kk)[:, None] * D + offs_d[None, :]
+            tl.store(DKVPART + poff, dk, mask=kmask)
+            tl.store(DKVPART + poff + BLOCK * D, dv, mask=kmask)
+
+
+@triton.jit
+def _union_dkdv_reduce_kernel(
+    DKVPART, DK, DV, SEG_FIRST, SEG_NIT, IT_PSLOT, stride_gb, stride_gt, stride_gh, sk, nb, n_groups, D,
+    BLOCK: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
+):
+    """dK/dV of a hot (batch, group, key block): the sum of its items' partials, in item order."""
+    seg = tl.program_id(0)
+    sub = tl.program_id(1)
+    n = tl.load(SEG_NIT + seg)
+    if n > 1:
+        f = tl.load(SEG_FIRST + seg)
+        bg = seg // nb
+        blk = seg % nb
+        bi = bg // n_groups
+        gi = bg % n_groups
+        kk = sub * BN + tl.arange(0, BN)
+        kpos = blk * BLOCK + kk
+        offs_d = tl.arange(0, DP)
+        m = ((kpos < sk) & (kk < BLOCK))[:, None] & (offs_d < D)[None, :]
+        dk = tl.zeros([BN, DP], tl.float32)
+        dv = tl.zeros([BN, DP], tl.float32)
+        for j in range(f, f + n):
+            ps = tl.load(IT_PSLOT + j).to(tl.int64)
+            off = ((ps * 2) * BLOCK + kk)[:, None] * D + offs_d[None, :]
+            dk += tl.load(DKVPART + off, mask=m, other=0.0)
+            dv += tl.load(DKVPART + off + BLOCK * D, mask=m, other=0.0)
+        o_off = bi.to(tl.int64) * stride_gb + gi * stride_gh + kpos.to(tl.int64)[:, None] * stride_gt + offs_d[None, :]
+        tl.store(DK + o_off, dk.to(DK.dtype.element_ty), mask=m)
+        tl.store(DV + o_off, dv.to(DV.dtype.element_ty), mask=m)
 
 
 # ----------------------------------------------------------------------------- host wrappers
@@ -712,48 +876,50 @@ def union_attention_dq(
     if kl is None:
         _union_dq_kernel[(n_w,)](
             q, k, v, do, lse, delta, pos, lists.order, lists.blk, lists.msk, lists.cnt, lists.off, dq,
-            dummy, dummy, dummy, dummy, dummy, dummy, docs.ptr,
-            *strides, *(0,) * 7, docs.stride_b,
-            sq, sk, g, lists.nt, G, d, scale, scale * LOG2E, 1.0, 1.0, 0, n_w, 0,
-            KL=False, DI=16, DIP=16, PPAD=max(16, P), **common,
+            dummy, dummy, docs.ptr, *strides, docs.stride_b,
+            sq, sk, g, lists.nt, G, d, scale, scale * LOG2E, 0, 0, KL=False, **common,
             num_warps=cfg.union_dq_warps, num_stages=cfg.union_dq_stages,
         )
         return dq
     DIP = max(16, _tsa._next_pow2(di))
-    if bn > 64:  # the KL's index-key and student tiles: 128-key steps exceed sm_90's 227 KB smem (AOT)
-        bn = _tsa._block_n(block_size, 64)
-        common.update(BN=bn, NSUB=block_size // bn)
     iscale = float(kl.index_scale)
     nb = math.ceil(sk / block_size)
     ds_dtype = kik.dtype
-    per_entry = P * block_size * torch.empty((), dtype=ds_dtype).element_size()
+    # per union entry: the teacher P-bar (fp32) and the student's logit gradient (ik's dtype)
+    per_entry = P * block_size * (4 + torch.empty((), dtype=ds_dtype).element_size())
     budget = _tsa._partial_budget(q.device, cfg)  # taken now, at use time
     chunks = _dsbuf_chunks(lists, per_entry, budget)
-    kl_parts = []
+    kl_parts, entm_parts = [], []
     bn_ik = _tsa._block_n(block_size, 64)
+    bn_kl = _tsa._block_n(block_size, 64 if q.dtype != torch.float32 else 32)
+    PPAD = max(16, _tsa._next_pow2(P))
     for w0, w1, o0, o1 in chunks:
         nwc = w1 - w0
-        dsbuf = _tsa._alloc((max(1, o1 - o0), P, block_size), ds_dtype, q.device)
-        klpart = torch.empty((nwc, 3), dtype=torch.float32, device=q.device)
+        ne = max(1, o1 - o0)
+        pbuf = _tsa._alloc((ne, P, block_size), torch.float32, q.device)
+        dsbuf = _tsa._alloc((ne, P, block_size), ds_dtype, q.device)
+        entm = torch.empty((nwc,), dtype=torch.float32, device=q.device)
+        klpart = torch.empty((nwc, 2), dtype=torch.float32, device=q.device)
         _union_dq_kernel[(nwc,)](
             q, k, v, do, lse, delta, pos, lists.order, lists.blk, lists.msk, lists.cnt, lists.off, dq,
-            kiq, kik, kilse, d_iq32, dsbuf, klpart, docs.ptr,
-            *strides, kiq.stride(0), kiq.stride(1), kiq.stride(2), kik.stride(0), kik.stride(1),
-            kilse.stride(0), kilse.stride(1), docs.stride_b,
-            sq, sk, g, lists.nt, G, d, scale, scale * LOG2E, iscale, iscale / kl_norm, w0, w1, o0,
-            KL=True, DI=di, DIP=DIP, PPAD=max(16, P), **common,
-            num_warps=cfg.union_dq_warps, num_stages=cfg.union_kl_stages,
+            pbuf, entm, docs.ptr, *strides, docs.stride_b,
+            sq, sk, g, lists.nt, G, d, scale, scale * LOG2E, w0, o0, KL=True, **common,
+            num_warps=cfg.union_dq_warps, num_stages=cfg.union_dq_stages,
         )
+        _union_kl_kernel[(nwc,)](
+            pos, lists.blk, lists.msk, lists.cnt, lists.off, pbuf, kiq, kik, kilse, d_iq32, dsbuf, klpart, docs.ptr,
+            kiq.stride(0), kiq.stride(1), kiq.stride(2), kik.stride(0), kik.stride(1),
+            kilse.stride(0), kilse.stride(1), docs.stride_b,
+            sq, sk, g, lists.nt, iscale, iscale / kl_norm, w0, o0,
+            UMAX=lists.umax, P=P, BLOCK=block_size, BN=bn_kl, NSUB=triton.cdiv(block_size, bn_kl), DI=di, DIP=DIP,
+            PPAD=PPAD, DOT_PREC=_tsa._dot_prec(kik.dtype), UPCAST=up, HAS_DOC=docs.on,
+            num_warps=4, num_stages=cfg.union_kl_stages,
+        )
+        del pbuf
         kl_parts.append(klpart)
+        entm_parts.append(entm)
         # owner-side d_ik: reverse index of this chunk's union entries by (batch, block)
-        ublk = lists.blk[w0:w1].to(torch.int64)
-        bidx_of_w = (torch.arange(w0, w1, device=q.device) // lists.nt) // g
-        nseg = b * nb
-        seg = torch.where(ublk >= 0, bidx_of_w[:, None] * nb + ublk, torch.full_like(ublk, nseg))
-        del ublk
-        ent_ord = torch.sort(seg.view(-1), stable=True).indices  # (w - w0) * UMAX + u, fixed order
-        seg_cnt = torch.bincount(seg.view(-1), minlength=nseg + 1)[:nseg]
-        del seg
+        ent_ord, seg_cnt, nseg = _entry_segments(lists, nb, g, w0, w1)
         items = _dik_items(seg_cnt, o1 - o0, cfg.union_dik_item_entries)
         grid_n = triton.cdiv(block_size, bn_ik)
         dikpart = torch.empty((max(1, items["n_part"]), block_size, di), dtype=torch.float32, device=q.device)
@@ -772,8 +938,80 @@ def union_attention_dq(
             )
         del dsbuf, ent_ord, seg_cnt, items, dikpart
     sums = torch.cat(kl_parts).sum(0)
-    stats = {"index_entropy": -sums[1] / kl_norm, "main_entropy": -LN2 * sums[2] / (kl_norm * G)}
+    ent_m = torch.cat(entm_parts).sum()
+    stats = {"index_entropy": -sums[1] / kl_norm, "main_entropy": -LN2 * ent_m / (kl_norm * G)}
     return dq, UnionKLResult(sums[0] / kl_norm, d_iq32, d_ik32, stats)
+
+
+def _entry_segments(lists: UnionLists, nb: int, groups: int, w0: int = 0, w1: Optional[int] = None):
+    """The reverse of the union lists (no host sync): the entries ``(w - w0) * UMAX + u`` of the
+    tiles [w0, w1) sorted by key-block segment, stable (tiles ascending inside a segment: a
+    fixed order), the entry count per segment, and the segment count. Tiles are numbered
+    ``(b * g + group) * nt + tile``; segments are (w // nt // groups, block): ``groups=1`` gives
+    (b*g, block) (K/V belong to a group), ``groups=g`` gives (b, block) (the shared index key)."""
+    w1 = lists.cnt.numel() if w1 is None else w1
+    ublk = lists.blk[w0:w1].to(torch.int64)
+    owner = torch.arange(w0, w1, device=ublk.device) // lists.nt // groups
+    nseg = lists.cnt.numel() // lists.nt // groups * nb
+    seg = torch.where(ublk >= 0, owner[:, None] * nb + ublk, torch.full_like(ublk, nseg))
+    del ublk
+    ent_ord = torch.sort(seg.view(-1), stable=True).indices
+    seg_cnt = torch.bincount(seg.view(-1), minlength=nseg + 1)[:nseg]
+    return ent_ord, seg_cnt, nseg
+
+
+def union_attention_dkdv(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, block_idx: Tensor, block_size: int,
+    q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
+    *, config: Optional[_tsa.KernelConfig] = None, lists: Optional[UnionLists] = None,
+    doc_start: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Union-tile dK/dV (deterministic, no atomics): (dk, dv) [b, sk, g, d] in k's dtype;
+    ``delta`` = rowsum(out * dout) [b, hq, sq] fp32. Keys no query selected get 0."""
+    cfg = config or _tsa.default_config()
+    b, sq, hq, d, sk, g, K = _tsa._check_inputs(q, k, v, block_idx, block_size)
+    G = hq // g
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    pos = _tsa._positions(q_pos, sq, sk, q.device)
+    docs = _tsa._docs(doc_start, b, sq, pos)
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    if do.dtype != q.dtype:
+        do = do.to(q.dtype)
+    dk = torch.zeros((b, sk, g, d), dtype=k.dtype, device=k.device)
+    dv = torch.zeros((b, sk, g, d), dtype=v.dtype, device=v.device)
+    if sq == 0 or sk == 0:
+        return dk, dv
+    block_idx = block_idx.contiguous()
+    lists = union_lists_for(block_idx, G, q.dtype, cfg, lists, d)
+    lse = lse.contiguous()
+    nb = math.ceil(sk / block_size)
+    ent_ord, seg_cnt, nseg = _entry_segments(lists, nb, 1)
+    n_entries = int(ent_ord.numel())
+    items = _dik_items(seg_cnt, n_entries, cfg.union_dkdv_item_entries)
+    bn = _tsa._block_n(block_size, cfg.union_dkdv_block_n if q.dtype != torch.float32 else 32)
+    GP, DP = _tsa._next_pow2(G), _tsa._next_pow2(d)
+    rows = lists.P * GP
+    rm = min(rows, cfg.union_dkdv_rows if q.dtype != torch.float32 else 32)
+    n_part = int(items["pslot"].max().item()) + 1 if items["n_part"] else 0  # one host sync: the real count
+    part = torch.empty((max(1, n_part), 2, block_size, d), dtype=torch.float32, device=q.device)
+    grid_n = triton.cdiv(block_size, bn)
+    _union_dkdv_kernel[(items["n_max"], grid_n)](
+        q, k, v, do, lse, delta, pos, lists.blk, lists.msk, lists.off, dk, dv, part,
+        ent_ord, items["order"], items["seg"], items["start"], items["end"], items["pslot"], items["total"], docs.ptr,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), docs.stride_b,
+        sq, sk, g, lists.nt, nb, G, d, scale, scale * LOG2E,
+        UMAX=lists.umax, P=lists.P, GP=GP, RM=rm, BLOCK=block_size, BN=bn, DP=DP,
+        DOT_PREC=_tsa._dot_prec(q.dtype), UPCAST=_tsa._upcast(q), HAS_DOC=docs.on,
+        num_warps=cfg.union_dkdv_warps, num_stages=cfg.union_dkdv_stages,
+    )
+    if n_part:
+        _union_dkdv_reduce_kernel[(nseg, grid_n)](
+            part, dk, dv, items["seg_first"], items["seg_nit"], items["pslot"],
+            dk.stride(0), dk.stride(1), dk.stride(2), sk, nb, g, d,
+            BLOCK=block_size, BN=bn, DP=DP, num_warps=4,
+        )
+    return dk, dv
 
 
 def union_attention_bwd(
@@ -782,15 +1020,24 @@ def union_attention_bwd(
     *, config: Optional[_tsa.KernelConfig] = None, lists: Optional[UnionLists] = None, plan=None,
     kl: Optional[_tsa.FusedKL] = None, doc_start: Optional[Tensor] = None,
 ):
-    """Split backward: dK/dV by the KV-outer kernel without its dQ half, dQ (+ the KL) by the
-    union tile. Returns (dq, dk, dv) or (dq, dk, dv, UnionKLResult)."""
+    """Split backward: dK/dV per key block over the union entries that hold it
+    (``union_dkdv="union"``, default) or by the KV-outer kernel without its dQ half
+    (``"kv"``), dQ (+ the KL) by the union tile. Returns (dq, dk, dv) or
+    (dq, dk, dv, UnionKLResult)."""
     cfg = config or _tsa.default_config()
     do = do if do.stride(-1) == 1 else do.contiguous()
     if do.dtype != q.dtype:
         do = do.to(q.dtype)
-    _, dk, dv, delta = _tsa.sparse_attention_bwd(do, q, k, v, out, lse, block_idx, block_size, q_pos, softmax_scale,
-                                                 config=cfg, plan=plan, compute_dq=False, return_delta=True,
-                                                 doc_start=doc_start)
+    if q.shape[1] and lists is None:  # built once for both halves
+        lists = union_lists_for(block_idx.contiguous(), q.shape[2] // k.shape[2], q.dtype, cfg, None, q.shape[-1])
+    if cfg.union_dkdv == "union":
+        delta = _tsa._delta(out, do)
+        dk, dv = union_attention_dkdv(do, q, k, v, lse, delta, block_idx, block_size, q_pos, softmax_scale, config=cfg,
+                                      lists=lists, doc_start=doc_start)
+    else:
+        _, dk, dv, delta = _tsa.sparse_attention_bwd(do, q, k, v, out, lse, block_idx, block_size, q_pos,
+                                                     softmax_scale, config=cfg, plan=plan, compute_dq=False,
+                                                     return_delta=True, doc_start=doc_start)
     res = union_attention_dq(do, q, k, v, out, lse, block_idx, block_size, q_pos, softmax_scale, config=cfg,
                              lists=lists, delta=delta, kl=kl, doc_start=doc_start)
     if kl is None:
@@ -801,5 +1048,5 @@ def union_attention_bwd(
 
 __all__ = [
     "UnionKLResult", "UnionLists", "build_union_lists", "build_union_lists_triton", "resolve_main_impl", "union_attention_bwd",
-    "union_attention_dq", "union_attention_fwd", "union_lists_for", "union_positions", "union_stats",
+    "union_attention_dkdv", "union_attention_dq", "union_attention_fwd", "union_lists_for", "union_positions", "union_stats",
 ]

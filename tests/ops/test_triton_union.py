@@ -157,6 +157,21 @@ def test_unsorted_positions_several_chunks_and_heavy_order():
         check_against_reference(q, k, v, do, iq, ik, sel, block, q_pos, cfg, kc)
 
 
+@pytest.mark.parametrize("dkdv", ["union_dkdv_item_entries=1,union_dkdv_rows=16,union_dkdv_block_n=16",
+                                  "union_dkdv_item_entries=2", "union_dkdv_item_entries=0", "union_dkdv=kv"])
+def test_dkdv_hot_blocks_row_steps_and_kv_alternative(dkdv):
+    # dK/dV per key block over its union entries: items of 1-2 entries split every shared block
+    # (fp32 partials reduced in item order), 16-row steps through a tile, 16-key sub-tiles; the
+    # KV-outer dK/dV ("kv") must give the same gradients. bf16, G = 4, a q_pos subset (sq < sk).
+    b, sq, sk, hq, g, d, di, block, K = 2, 61, 97, 8, 2, 16, 16, 32, 2
+    q_pos = torch.sort(torch.randperm(sk, generator=torch.Generator().manual_seed(8))[:sq]).values
+    q, k, v, do, iq, ik = tensors(b, sq, sk, hq, g, d, di, torch.bfloat16, 9)
+    cfg = MSAConfig(block_size=block, topk=K, index_dim=di)
+    sel = selection("tile", b, g, sq, sk, block, K, q_pos, 9)
+    kc = T.KernelConfig.from_spec("main_impl=union," + dkdv)
+    check_against_reference(q, k, v, do, iq, ik, sel, block, q_pos, cfg, kc, with_kl=False)
+
+
 def test_dik_work_items():
     seg_cnt = torch.tensor([0, 5, 1, 0, 9, 2])
     it = U._dik_items(seg_cnt, int(seg_cnt.sum()), 4)
