@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import time
-from functools import partial
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
@@ -29,6 +28,7 @@ from .numerics import NonFiniteError, bad_msa_layers, check_step, inject_nan_gra
 from .optim import BACKBONE_KEY, build_optimizer, build_scheduler, current_lr, param_groups
 from .preemption import PreemptionFlag
 from .rundir import LR_FIELDS, RunDirLock, config_changes, flatten, new_run_dir
+from .step import BATCH_KEYS, forward_step, global_mean_loss, local_batch
 
 log = logging.getLogger("msa_megatron.training")
 
@@ -411,43 +411,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ step pieces
     def _forward_step(self, data_iterator: Iterator, model):
-        from megatron.core import parallel_state as ps
-
+        """Megatron's forward_step_func: the next micro-batch, this rank's CP part, on the device;
+        the forward and loss are :mod:`.step`'s, shared with the Megatron-LM loop and the validator."""
         sample = next(data_iterator)
-        batch = {k: sample[k] for k in ("tokens", "labels", "loss_mask", "position_ids")}
-        if ps.get_context_parallel_world_size() > 1:  # Megatron's load-balanced split: chunks r and 2cp-1-r
-            from megatron.core.utils import get_batch_on_this_cp_rank
-
-            batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=ps.get_context_parallel_group())
-        dev = self.device
-        tokens = batch["tokens"].to(dev, non_blocking=True)
-        labels = batch["labels"].to(dev, non_blocking=True)
-        loss_mask = batch["loss_mask"].to(dev, non_blocking=True)
-        position_ids = batch["position_ids"].to(dev, non_blocking=True)
-        output = model(tokens, position_ids, None, labels=labels)
-        return output, partial(self._loss_func, loss_mask)
-
-    @staticmethod
-    def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-        losses = output_tensor.float().view(-1)
-        mask = loss_mask.view(-1).float()
-        loss = torch.sum(losses * mask)
-        num_tokens = mask.sum().to(torch.int)
-        return loss, num_tokens, {"lm_loss": torch.stack([loss.detach(), mask.sum().detach()])}
+        batch = local_batch({k: sample[k] for k in BATCH_KEYS})
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return forward_step(batch, model)
 
     def _reduce_loss(self, losses: List[Dict[str, torch.Tensor]]) -> float:
         """Mean LM loss over the global batch, known on every rank (DP+CP, then PP)."""
-        from megatron.core import parallel_state as ps
-
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for item in losses or []:
-            total += item["lm_loss"].to(torch.float64)
-        dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            if not ps.is_pipeline_last_stage():
-                total.zero_()
-            dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
-        return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+        return global_mean_loss(losses, self.device)
 
     def _forward_backward(self, data_iterator, forward_only: bool, num_microbatches: int):
         from megatron.core.pipeline_parallel import get_forward_backward_func
