@@ -239,13 +239,13 @@ class Trainer:
                         sch.lr_decay_style, sch.lr_decay_steps, sch.min_lr)
 
     def _setup_assoc_recall(self) -> None:
-        """data.assoc_recall: recall examples mixed into training; held-out recall batches."""
+        """data.assoc_recall: associative-recall examples mixed into training; held-out batches of them."""
         import dataclasses
 
         from .recall_task import AssocRecallMix, eval_batches
 
         cfg, r = self.cfg, self.cfg.data.assoc_recall
-        self.recall_batches = None
+        self.assoc_recall_batches = None
         if r.train_fraction <= 0 and r.eval_batches <= 0:
             return
         spec = cfg.assoc_recall_spec()
@@ -256,13 +256,14 @@ class Trainer:
         if r.train_fraction > 0:
             self.train_ds = AssocRecallMix(self.train_ds, spec, r.train_fraction, cfg.train.seed)
         if r.eval_batches > 0:
-            self.recall_batches = eval_batches(dataclasses.replace(spec, seq_len=cfg.train.seq_length), r.eval_batches,
-                                               cfg.train.micro_batch_size, cfg.train.seed, self.valid_ds)
+            self.assoc_recall_batches = eval_batches(dataclasses.replace(spec, seq_len=cfg.train.seq_length),
+                                                     r.eval_batches, cfg.train.micro_batch_size, cfg.train.seed,
+                                                     self.valid_ds)
 
     def assoc_recall_accuracy(self) -> Dict[str, float]:
         """Held-out associative-recall accuracy (same batches every time); the MSA statistics
         these passes record are discarded."""
-        if not self.recall_batches:
+        if not self.assoc_recall_batches:
             return {}
         from ..megatron import collect_msa_metrics, set_recall_sampling
         from .recall_task import recall_accuracy_of_model
@@ -271,7 +272,7 @@ class Trainer:
             chunk.eval()
         set_recall_sampling(self.model, False)
         edges = list(self.cfg.data.assoc_recall.distance_buckets or [])
-        acc = recall_accuracy_of_model(self.model[0], self.recall_batches, self.device, self.sources.vocab_size,
+        acc = recall_accuracy_of_model(self.model[0], self.assoc_recall_batches, self.device, self.sources.vocab_size,
                                        edges or None)
         buckets = {}
         if edges:  # issue 19: accuracy per query-to-pair distance bucket
@@ -283,7 +284,7 @@ class Trainer:
             chunk.train()
         return {"val_assoc_recall_acc": acc, **buckets}
 
-    def recall_sweep(self) -> Dict[str, float]:
+    def selection_recall_sweep(self) -> Dict[str, float]:
         """attention.recall_sweep: held-out selection recall of the trained model for each
         [block_size, topk]; main branch dense (msa_warmup), so the mass is measured on the
         model's own dense attention, selection by its trained indexer at that budget."""
@@ -313,7 +314,7 @@ class Trainer:
                 except (RuntimeError, ValueError) as e:  # e.g. a budget the kernels refuse: record, go on
                     self.logger.event(self.total_steps, "recall_sweep_failed", f"block {block} top-{topk}: "
                                       f"{type(e).__name__}: {e}")
-                    log.error("recall sweep block %s top-%s failed: %s", block, topk, e)
+                    log.error("selection-recall sweep block %s top-%s failed: %s", block, topk, e)
                     collect_msa_metrics(reset=True)
                     continue
                 m = collect_msa_metrics(reset=True)
@@ -462,7 +463,7 @@ class Trainer:
         return out
 
     def evaluate(self) -> Dict[str, float]:
-        """Held-out LM loss (and MSA statistics, recall sampled) on the same batches each time."""
+        """Held-out LM loss (and MSA statistics, selection recall sampled) on the same batches each time."""
         if self.valid_ds is None:
             return {}
         from ..megatron import collect_msa_metrics, set_recall_sampling
@@ -561,7 +562,7 @@ class Trainer:
         else:
             if cfg.checkpoint.save_at_end and self.total_steps > self.start_step:
                 self.save(self.total_steps)
-            sweep = self.recall_sweep()
+            sweep = self.selection_recall_sweep()
             if sweep:
                 self.logger.log_step(self.total_steps, sweep)
                 if self.rank == 0:
