@@ -53,7 +53,6 @@ import signal
 import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -206,41 +205,19 @@ def make_batch(seq: int, seed: int, device) -> Dict[str, Any]:
             "position_ids": torch.arange(seq, device=device).unsqueeze(0)}
 
 
-def local_batch(full: Dict[str, Any]) -> Dict[str, Any]:
-    """This rank's part of the batch: Megatron's own CP split (what the trainer calls)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
-    if ps.get_context_parallel_world_size() == 1:
-        return full
-    local = {k: v.clone() for k, v in full.items()}
-    return get_batch_on_this_cp_rank(local, is_hybrid_cp=False, cp_group=ps.get_context_parallel_group())
-
-
-def loss_func(loss_mask, output_tensor):
-    """Megatron-LM's three-value loss (sum over local tokens, local count, report)."""
-    import torch
-
-    losses = output_tensor.float().view(-1)
-    mask = loss_mask.view(-1).float()
-    loss = torch.sum(losses * mask)
-    return loss, mask.sum().to(torch.int), {"lm_loss": torch.stack([loss.detach(), mask.sum().detach()])}
-
-
 def step(model, tf, full_batch, capture: bool = False, forward_only: bool = False) -> Dict[str, Any]:
     """One forward + backward through Megatron's schedule (grads reduced by
-    finalize_model_grads). Returns the mean LM loss over the job and, with ``capture``, this
-    rank's per-token losses [b, s_local] and logits [b, s_local, v_local]."""
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+    finalize_model_grads), with the trainer's forward step and loss (msa_megatron.training.step).
+    Returns the mean LM loss over the job and, with ``capture``, this rank's per-token losses
+    [b, s_local] and logits [b, s_local, v_local]."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from msa_megatron.megatron.kl_loss import MSAKLAutoScaler
+    from msa_megatron.training.step import forward_step, global_mean_loss, local_batch
 
     MSAKLAutoScaler.reset()
     model.zero_grad_buffer()
-    batch = local_batch(full_batch)
+    batch = local_batch(full_batch, clone=True)  # Megatron's own CP split (what the trainer calls)
     seen: Dict[str, Any] = {}
     hook = None
     if capture:
@@ -248,24 +225,18 @@ def step(model, tf, full_batch, capture: bool = False, forward_only: bool = Fals
             seen["logits"] = out[0].detach().transpose(0, 1).float().clone()  # [s, b, v] -> [b, s, v]
         hook = gpt_of(model).output_layer.register_forward_hook(keep_logits)
 
-    def forward_step(_it, mdl):
-        out = mdl(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        if capture:
-            seen["losses"] = out.detach().float().clone()
-        return out, partial(loss_func, batch["loss_mask"])
+    def keep_losses(out):
+        seen["losses"] = out.detach().float().clone()
 
     try:
         reports = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([batch]), model=[model], num_microbatches=1,
+            forward_step_func=lambda _it, mdl: forward_step(batch, mdl, on_output=keep_losses if capture else None),
+            data_iterator=iter([batch]), model=[model], num_microbatches=1,
             seq_length=full_batch["tokens"].shape[1], micro_batch_size=1, forward_only=forward_only)
     finally:
         if hook is not None:
             hook.remove()
-    total = torch.zeros(2, dtype=torch.float64, device=batch["tokens"].device)
-    for r in reports or []:
-        total += r["lm_loss"].to(torch.float64)
-    dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
-    seen["loss"] = float(total[0] / total[1])
+    seen["loss"] = global_mean_loss(reports, batch["tokens"].device)
     return seen
 
 

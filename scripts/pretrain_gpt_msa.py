@@ -30,25 +30,29 @@ import msa_megatron.megatron_lm as msa_lm  # noqa: E402
 msa_lm.install()
 
 import torch  # noqa: E402
+
+import msa_megatron.training.step as lm_step  # noqa: E402
+from msa_megatron.training.step import local_batch  # noqa: E402
 from megatron.core import parallel_state as mpu  # noqa: E402
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder  # noqa: E402
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset  # noqa: E402
 from megatron.core.enums import ModelType  # noqa: E402
-from megatron.core.rerun_state_machine import get_rerun_state_machine  # noqa: E402
-from megatron.core.utils import get_attr_wrapped_model, get_batch_on_this_cp_rank, get_batch_on_this_tp_rank  # noqa: E402
+from megatron.core.utils import get_attr_wrapped_model, get_batch_on_this_tp_rank  # noqa: E402
 from megatron.training import get_args, get_timers, get_tokenizer, pretrain, print_rank_0  # noqa: E402
 from megatron.training import inprocess_restart, set_startup_timestamps  # noqa: E402
 from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: E402
 from megatron.training.arguments import parse_and_validate_args  # noqa: E402
 from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage  # noqa: E402
 
-BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
+#: The model inputs read per micro-batch (attention_mask: None unless built by the data loader).
+BATCH_KEYS = lm_step.BATCH_KEYS + ("attention_mask",)
 
 
 def get_batch(data_iterator, vp_stage=None):
-    """This rank's micro-batch: read on TP rank 0, broadcast over TP, sliced for CP."""
+    """This rank's micro-batch (a dict of BATCH_KEYS): read on TP rank 0, broadcast over TP, sliced
+    for CP; all None on middle pipeline stages (they read no data)."""
     if not is_first_or_last_pipeline_stage(vp_stage):
-        return (None,) * len(BATCH_KEYS)
+        return dict.fromkeys(BATCH_KEYS)
     args = get_args()
     tp_rank = mpu.get_tensor_model_parallel_rank()
     batch = {}
@@ -63,35 +67,20 @@ def get_batch(data_iterator, vp_stage=None):
         mtp_on_this_rank=False, pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         is_pipeline_first_stage=mpu.is_pipeline_first_stage(), is_pipeline_last_stage=mpu.is_pipeline_last_stage(),
     )
-    if args.context_parallel_size > 1:
-        batch.setdefault("cu_seqlens", None)
-        batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=mpu.get_context_parallel_group())
-    return tuple(batch.get(k) for k in BATCH_KEYS)
-
-
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Summed token loss, token count, and the 'lm loss' report (Megatron's 3-tuple contract)."""
-    args = get_args()
-    losses = output_tensor.view(-1).float()
-    mask = loss_mask.view(-1).float()
-    loss = torch.sum(losses * mask)
-    num_tokens = mask.sum().clone().detach().to(torch.int)
-    if args.check_for_nan_in_loss_and_grad:
-        rerun = get_rerun_state_machine()
-        for reject, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
-            rerun.validate_result(result=loss, rejection_func=reject, tolerance=0.0, fatal=True,
-                                  message=f"found {what} in local forward loss calculation")
-    return loss, num_tokens, {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
+    batch = local_batch(batch)  # Megatron's load-balanced CP split (a no-op without CP)
+    return {k: batch.get(k) for k in BATCH_KEYS}
 
 
 def forward_step(data_iterator, model):
+    """The forward step and loss of msa_megatron.training.step (shared with msa-train), reported
+    under Megatron-LM's 'lm loss' key, NaN/Inf checked by the rerun state machine when
+    --check-for-nan-in-loss-and-grad is on."""
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
-    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(
-        data_iterator, get_attr_wrapped_model(model, "vp_stage"))
+    batch = get_batch(data_iterator, get_attr_wrapped_model(model, "vp_stage"))
     timers("batch-generator").stop()
-    output = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
-    return output, partial(loss_func, loss_mask)
+    return lm_step.forward_step(batch, model, report_key=lm_step.MEGATRON_LM_LOSS_KEY,
+                                rerun_check=get_args().check_for_nan_in_loss_and_grad)
 
 
 def _is_dataset_built_on_rank(vp_stage=None):

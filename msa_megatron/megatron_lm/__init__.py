@@ -5,7 +5,7 @@
 
 * ``--experimental-attention-variant msa`` and the ``--msa-*`` flags (generated from MSAConfig),
   validated with Megatron's arguments; the same settings in ``--yaml-cfg`` files;
-* the warmup schedule (``msa_warmup`` then ``msa``) and recall sampling applied before each
+* the warmup schedule (``msa_warmup`` then ``msa``) and selection-recall sampling applied before each
   ``train_step``;
 * MSA metrics in ``training_log``: TensorBoard, wandb and the iteration line;
 * ``pretrain`` starting from the megatron-core wheel (its dataset-helper build step cannot run

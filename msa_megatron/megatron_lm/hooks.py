@@ -1,14 +1,14 @@
 """What Megatron-LM's training loop does for MSA, called by ``patches/mcore_019_training_loop.py``.
 
 Before every ``train_step``: apply the iteration's :class:`~.schedule.StepPlan` (attention mode,
-recall sampling) to the model chunks, and drop statistics recorded outside training steps
+selection-recall sampling) to the model chunks, and drop statistics recorded outside training steps
 (evaluation forwards).
 
 In every ``training_log`` call (all ranks, as DSA's and MoE's metric tracking): reduce the MSA
 statistics of the step over the job (:func:`msa_megatron.megatron.collect_msa_metrics`, a
 collective) and
 * write them to TensorBoard and wandb as ``msa/<metric>`` and ``msa/<metric>/layer_<i>``
-  (``indexer_kl``, ``index_entropy``, ``main_entropy``, ``recall``) plus ``msa/sparse`` (1 in
+  (``indexer_kl``, ``index_entropy``, ``main_entropy``, ``recall`` = selection recall) plus ``msa/sparse`` (1 in
   sparse mode, 0 in warmup), every iteration, beside ``indexer loss`` and the MoE metrics;
 * add the KL and entropies to ``total_loss_dict`` (``msa indexer kl`` ...), so Megatron's
   iteration line prints their mean over the log interval, as it prints DSA's ``indexer loss``;
@@ -74,8 +74,8 @@ class MSATrainingHooks:
 
     def log(self, metrics: Dict[str, float], iteration: int, writer, wandb_writer, total_loss_dict: dict,
             loss_dict: dict, skipped_iter: int) -> Optional[str]:
-        """Write one step's metrics the way ``training_log`` writes its own; returns the recall
-        line for the console (None when recall was not sampled)."""
+        """Write one step's metrics the way ``training_log`` writes its own; returns the
+        selection-recall line for the console (None when selection recall was not sampled)."""
         if not metrics:
             return None
         scalars = {WRITER_PREFIX + key: value for key, value in metrics.items()}

@@ -26,7 +26,7 @@ Series = Dict[str, List[Tuple[int, float]]]
 _ITERATION = re.compile(r"\] iteration\s+(\d+)/\s*\d+ \|(.*)$")
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 _MODE = re.compile(r"\[MSA\] iteration (\d+): attention mode (\S+)(?: -> (\S+))?")
-_RECALL = re.compile(r"\[MSA\] iteration\s+(\d+) \| selection recall: ([0-9.]+)")
+_SELECTION_RECALL = re.compile(r"\[MSA\] iteration\s+(\d+) \| selection recall: ([0-9.]+)")
 _LOADED = re.compile(r"successfully loaded checkpoint from .* at iteration\s+(\d+)")
 _SAVED = re.compile(r"successfully saved checkpoint from iteration\s+(\d+)")
 
@@ -40,7 +40,7 @@ WRITER_KEYS = ("msa/indexer_kl", "msa/index_entropy", "msa/main_entropy", "msa/s
 class LogSummary:
     iterations: Dict[int, Dict[str, float]] = field(default_factory=dict)
     modes: List[Tuple[int, str]] = field(default_factory=list)  # (iteration, mode from then on)
-    recall: Dict[int, float] = field(default_factory=dict)
+    selection_recall: Dict[int, float] = field(default_factory=dict)  # iteration -> selection recall
     loaded: Optional[int] = None
     saved: List[int] = field(default_factory=list)
 
@@ -58,8 +58,8 @@ def parse_log(text: str) -> LogSummary:
             out.iterations[int(m.group(1))] = values
         elif m := _MODE.search(line):
             out.modes.append((int(m.group(1)), m.group(3) or m.group(2)))
-        elif m := _RECALL.search(line):
-            out.recall[int(m.group(1))] = float(m.group(2))
+        elif m := _SELECTION_RECALL.search(line):
+            out.selection_recall[int(m.group(1))] = float(m.group(2))
         if m := _LOADED.search(line):
             out.loaded = int(m.group(1))
         if m := _SAVED.search(line):
@@ -159,8 +159,8 @@ def summarise(logs: List[LogSummary], tensorboard: Optional[Series], wandb_runs:
             lines.append(f"  iteration-line MSA keys on every iteration: {keys}")
             check(all(v is not None and math.isfinite(v) for v in loss), f"run {i}: finite lm loss on every iteration")
             check(keys == list(CONSOLE_KEYS), f"run {i}: {', '.join(CONSOLE_KEYS)} on every iteration line")
-        if log.recall:
-            lines.append(f"  recall: " + ", ".join(f"{it}:{v:.3f}" for it, v in sorted(log.recall.items())))
+        if log.selection_recall:
+            lines.append("  selection recall: " + ", ".join(f"{it}:{v:.3f}" for it, v in sorted(log.selection_recall.items())))
     all_its = sorted(it for log in logs for it in log.iterations)
     check(len(all_its) == len(set(all_its)), "no iteration ran twice across invocations")
     if expect_last is not None:
@@ -186,9 +186,9 @@ def summarise(logs: List[LogSummary], tensorboard: Optional[Series], wandb_runs:
         for key in WRITER_KEYS:
             steps = sorted({s for s, _ in merged.get(key, [])})
             check(steps == all_its and bool(steps), f"{name}: {key} at every iteration")
-        recall_steps = sorted({s for s, _ in merged.get("msa/recall", [])})
-        check(recall_steps == sorted(it for log in logs for it in log.recall),
-              f"{name}: msa/recall on the iterations that printed it")
+        recall_steps = sorted({s for s, _ in merged.get("msa/recall", [])})  # msa/recall: selection recall
+        check(recall_steps == sorted(it for log in logs for it in log.selection_recall),
+              f"{name}: msa/recall (selection recall) on the iterations that printed it")
     return lines, failed
 
 

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import time
-from functools import partial
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
@@ -29,6 +28,7 @@ from .numerics import NonFiniteError, bad_msa_layers, check_step, inject_nan_gra
 from .optim import BACKBONE_KEY, build_optimizer, build_scheduler, current_lr, param_groups
 from .preemption import PreemptionFlag
 from .rundir import LR_FIELDS, RunDirLock, config_changes, flatten, new_run_dir
+from .step import BATCH_KEYS, forward_step, global_mean_loss, local_batch
 
 log = logging.getLogger("msa_megatron.training")
 
@@ -239,13 +239,13 @@ class Trainer:
                         sch.lr_decay_style, sch.lr_decay_steps, sch.min_lr)
 
     def _setup_assoc_recall(self) -> None:
-        """data.assoc_recall: recall examples mixed into training; held-out recall batches."""
+        """data.assoc_recall: associative-recall examples mixed into training; held-out batches of them."""
         import dataclasses
 
         from .recall_task import AssocRecallMix, eval_batches
 
         cfg, r = self.cfg, self.cfg.data.assoc_recall
-        self.recall_batches = None
+        self.assoc_recall_batches = None
         if r.train_fraction <= 0 and r.eval_batches <= 0:
             return
         spec = cfg.assoc_recall_spec()
@@ -256,13 +256,14 @@ class Trainer:
         if r.train_fraction > 0:
             self.train_ds = AssocRecallMix(self.train_ds, spec, r.train_fraction, cfg.train.seed)
         if r.eval_batches > 0:
-            self.recall_batches = eval_batches(dataclasses.replace(spec, seq_len=cfg.train.seq_length), r.eval_batches,
-                                               cfg.train.micro_batch_size, cfg.train.seed, self.valid_ds)
+            self.assoc_recall_batches = eval_batches(dataclasses.replace(spec, seq_len=cfg.train.seq_length),
+                                                     r.eval_batches, cfg.train.micro_batch_size, cfg.train.seed,
+                                                     self.valid_ds)
 
     def assoc_recall_accuracy(self) -> Dict[str, float]:
         """Held-out associative-recall accuracy (same batches every time); the MSA statistics
         these passes record are discarded."""
-        if not self.recall_batches:
+        if not self.assoc_recall_batches:
             return {}
         from ..megatron import collect_msa_metrics, set_recall_sampling
         from .recall_task import recall_accuracy_of_model
@@ -271,7 +272,7 @@ class Trainer:
             chunk.eval()
         set_recall_sampling(self.model, False)
         edges = list(self.cfg.data.assoc_recall.distance_buckets or [])
-        acc = recall_accuracy_of_model(self.model[0], self.recall_batches, self.device, self.sources.vocab_size,
+        acc = recall_accuracy_of_model(self.model[0], self.assoc_recall_batches, self.device, self.sources.vocab_size,
                                        edges or None)
         buckets = {}
         if edges:  # issue 19: accuracy per query-to-pair distance bucket
@@ -283,7 +284,7 @@ class Trainer:
             chunk.train()
         return {"val_assoc_recall_acc": acc, **buckets}
 
-    def recall_sweep(self) -> Dict[str, float]:
+    def selection_recall_sweep(self) -> Dict[str, float]:
         """attention.recall_sweep: held-out selection recall of the trained model for each
         [block_size, topk]; main branch dense (msa_warmup), so the mass is measured on the
         model's own dense attention, selection by its trained indexer at that budget."""
@@ -313,7 +314,7 @@ class Trainer:
                 except (RuntimeError, ValueError) as e:  # e.g. a budget the kernels refuse: record, go on
                     self.logger.event(self.total_steps, "recall_sweep_failed", f"block {block} top-{topk}: "
                                       f"{type(e).__name__}: {e}")
-                    log.error("recall sweep block %s top-%s failed: %s", block, topk, e)
+                    log.error("selection-recall sweep block %s top-%s failed: %s", block, topk, e)
                     collect_msa_metrics(reset=True)
                     continue
                 m = collect_msa_metrics(reset=True)
@@ -411,43 +412,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ step pieces
     def _forward_step(self, data_iterator: Iterator, model):
-        from megatron.core import parallel_state as ps
-
+        """Megatron's forward_step_func: the next micro-batch, this rank's CP part, on the device;
+        the forward and loss are :mod:`.step`'s, shared with the Megatron-LM loop and the validator."""
         sample = next(data_iterator)
-        batch = {k: sample[k] for k in ("tokens", "labels", "loss_mask", "position_ids")}
-        if ps.get_context_parallel_world_size() > 1:  # Megatron's load-balanced split: chunks r and 2cp-1-r
-            from megatron.core.utils import get_batch_on_this_cp_rank
-
-            batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=ps.get_context_parallel_group())
-        dev = self.device
-        tokens = batch["tokens"].to(dev, non_blocking=True)
-        labels = batch["labels"].to(dev, non_blocking=True)
-        loss_mask = batch["loss_mask"].to(dev, non_blocking=True)
-        position_ids = batch["position_ids"].to(dev, non_blocking=True)
-        output = model(tokens, position_ids, None, labels=labels)
-        return output, partial(self._loss_func, loss_mask)
-
-    @staticmethod
-    def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-        losses = output_tensor.float().view(-1)
-        mask = loss_mask.view(-1).float()
-        loss = torch.sum(losses * mask)
-        num_tokens = mask.sum().to(torch.int)
-        return loss, num_tokens, {"lm_loss": torch.stack([loss.detach(), mask.sum().detach()])}
+        batch = local_batch({k: sample[k] for k in BATCH_KEYS})
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return forward_step(batch, model)
 
     def _reduce_loss(self, losses: List[Dict[str, torch.Tensor]]) -> float:
         """Mean LM loss over the global batch, known on every rank (DP+CP, then PP)."""
-        from megatron.core import parallel_state as ps
-
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for item in losses or []:
-            total += item["lm_loss"].to(torch.float64)
-        dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            if not ps.is_pipeline_last_stage():
-                total.zero_()
-            dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
-        return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+        return global_mean_loss(losses, self.device)
 
     def _forward_backward(self, data_iterator, forward_only: bool, num_microbatches: int):
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -489,7 +463,7 @@ class Trainer:
         return out
 
     def evaluate(self) -> Dict[str, float]:
-        """Held-out LM loss (and MSA statistics, recall sampled) on the same batches each time."""
+        """Held-out LM loss (and MSA statistics, selection recall sampled) on the same batches each time."""
         if self.valid_ds is None:
             return {}
         from ..megatron import collect_msa_metrics, set_recall_sampling
@@ -588,7 +562,7 @@ class Trainer:
         else:
             if cfg.checkpoint.save_at_end and self.total_steps > self.start_step:
                 self.save(self.total_steps)
-            sweep = self.recall_sweep()
+            sweep = self.selection_recall_sweep()
             if sweep:
                 self.logger.log_step(self.total_steps, sweep)
                 if self.rank == 0:

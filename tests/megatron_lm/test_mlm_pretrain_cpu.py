@@ -74,7 +74,7 @@ def test_pretrain_warmup_metrics_checkpoint_resume(tmp_path):
     assert "[MSA] iteration 1: attention mode msa_warmup (2 MSA layers on rank 0)" in first  # layer 0 dense
     assert sorted(log1.iterations) == [1, 2, 3, 4] and log1.saved == [4]
     assert log2.loaded == 4 and sorted(log2.iterations) == [5, 6]
-    assert sorted(log1.recall) == [1, 3] and sorted(log2.recall) == [6]  # 1: start value
+    assert sorted(log1.selection_recall) == [1, 3] and sorted(log2.selection_recall) == [6]  # 1: start value
     for it, values in {**log1.iterations, **log2.iterations}.items():
         assert {"lm loss", "msa indexer kl", "msa index entropy", "msa main entropy", "load_balancing_loss"} <= set(values)
         assert values["msa indexer kl"] > 0
