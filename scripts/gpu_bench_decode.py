@@ -48,17 +48,24 @@ def aot(arch: int = 90) -> int:
 
     target = GPUTarget("cuda", arch, 32)
     P, F, I = "*bf16", "*fp32", "*i32"
-    topk = dict(K=16, KP=16, CH=8192, BLOCK=128, LOCAL=1, INIT=0)
+    topk = dict(K=16, KP=16, CH=8192, BLOCK=128, LOCAL=1, INIT=0, PER_ROW=True)
+    attend = dict(NKV=4, GQ=16, HP=16, D=128, DP=128, BLOCK=128, BN=TD.ATTEND_BN, KP=16, LOCAL=1, INIT=0,
+                  PER_ROW=True, DOT_PREC="tf32", UPCAST=False)
+    attend_types = dict(q_ptr=P, k_ptr=P, v_ptr=P, bs_ptr=F, bidx_ptr=I, lens_ptr=I, acc_ptr=F, ml_ptr=F, cnt_ptr=I,
+                        out_ptr=P, lse_ptr=F, scale_log2="fp32")
+    index = dict(G=4, DI=128, DIP=128, GP=16, BLOCK=128, BN=64, PER_ROW=True, DOT_PREC="tf32", UPCAST=False)
+    ch = TD.FUSED_TOPK_CHUNK
     kernels = [
-        ("index_block_max", TD._index_block_max, dict(iq_ptr=P, ik_ptr=P, lens_ptr=I, bs_ptr=F),
-         dict(G=4, DI=128, DIP=128, GP=16, BLOCK=128, BN=64, DOT_PREC="tf32", UPCAST=False), 4, TD.INDEX_STAGES),
+        ("index_block_max", TD._index_block_max, dict(iq_ptr=P, ik_ptr=P, lens_ptr=I, bs_ptr=F), index, 4,
+         TD.INDEX_STAGES),
+        ("index (fp8 keys)", TD._index_block_max, dict(iq_ptr=P, ik_ptr="*fp8e4nv", lens_ptr=I, bs_ptr=F), index, 4,
+         TD.INDEX_STAGES),
         ("topk (one tile)", TD._topk, dict(bs_ptr=F, lens_ptr=I, out_ptr=I), dict(topk, ONE_CHUNK=True), 8, 3),
         ("topk (streamed)", TD._topk, dict(bs_ptr=F, lens_ptr=I, out_ptr=I), dict(topk, ONE_CHUNK=False), 8, 3),
-        ("attend_partial", TD._attend_partial,
-         dict(q_ptr=P, k_ptr=P, v_ptr=P, bidx_ptr=I, lens_ptr=I, acc_ptr=F, ml_ptr=F, scale_log2="fp32"),
-         dict(NKV=4, GQ=16, HP=16, D=128, DP=128, BLOCK=128, BN=TD.ATTEND_BN, DOT_PREC="tf32", UPCAST=False), 4, 3),
-        ("combine", TD._combine, dict(acc_ptr=F, ml_ptr=F, out_ptr=P, lse_ptr=F),
-         dict(NKV=4, GQ=16, HP=16, D=128, DP=128), 4, 3),
+        ("select_attend", TD._select_attend, attend_types, dict(attend, SELECT=True, CH=ch, ONE_CHUNK=True), 8, 3),
+        ("select_attend <4K", TD._select_attend, attend_types, dict(attend, SELECT=True, CH=2048, ONE_CHUNK=True), 4, 3),
+        ("select_attend strm", TD._select_attend, attend_types, dict(attend, SELECT=True, CH=ch, ONE_CHUNK=False), 4, 3),
+        ("attend (given sel)", TD._select_attend, attend_types, dict(attend, SELECT=False, CH=16, ONE_CHUNK=True), 4, 3),
     ]
     print(f"AOT compile for sm_{arch}a, triton {triton.__version__}")
     bad = 0
