@@ -2,13 +2,14 @@
 """GPU benchmark of the MSA decode step vs dense decoding (msa_megatron/bench/decode.py).
 
     python scripts/gpu_bench_decode.py [--out DIR] [--contexts 32K,128K,1M] [--batches 1,8]
-                                       [--iters 20] [--time-budget-s 170]
+                                       [--iters 20] [--time-budget-s 150] [--no-graphs]
     python scripts/gpu_bench_decode.py --aot      # no GPU: compile the kernels for sm_90a, print regs/spills
     python scripts/gpu_bench_decode.py --model    # + megatron-core: generation through Megatron on the GPU
 
 Needs torch + triton and this checkout on PYTHONPATH (no megatron-core). Writes
 decode_bench.json and decode_bench.md to --out (default $OUT, else ./decode_bench_out) and
-prints the table. Exit status 1 if a correctness check fails or a timing record errors.
+prints the table: every implementation eager (Python launches per call) and as a replayed
+CUDA graph, side by side, from one run; the fp8 index-key variant beside the bf16 one. Exit status 1 if a correctness check fails or a timing record errors.
 
 ``--model`` (needs megatron-core) runs a small MSA GPT (4 layers, 3 MSA, block 64, top-4)
 through Megatron-Core's StaticInferenceContext on the GPU with the Triton kernels: greedy
@@ -157,7 +158,8 @@ def main() -> int:
     ap.add_argument("--contexts", default="32K,128K,1M")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--time-budget-s", type=float, default=170.0,
+    ap.add_argument("--no-graphs", action="store_true", help="eager timings only (no CUDA-graph rows)")
+    ap.add_argument("--time-budget-s", type=float, default=150.0,
                     help="timing records started after this many seconds are skipped")
     ap.add_argument("--aot", action="store_true", help="compile for sm_90a without a GPU and exit")
     ap.add_argument("--model", action="store_true", help="only the Megatron-Core generation check (needs megatron-core)")
@@ -175,7 +177,7 @@ def main() -> int:
 
     report = run(args.out, contexts=[parse_len(x) for x in args.contexts.split(",")],
                  batches=[int(x) for x in args.batches.split(",")], iters=args.iters,
-                 time_budget_s=args.time_budget_s)
+                 time_budget_s=args.time_budget_s, graphs=not args.no_graphs)
     print(markdown(report))
     failed = [c for c in report["correctness"] if not c.get("ok")]
     errors = [r for r in report["records"] if str(r.get("status", "ok")).startswith("error")]

@@ -178,15 +178,14 @@ def test_fused_select_attend_splits_and_streamed_topk(monkeypatch, dtype, hq, g)
     lens_t = torch.tensor(lens, device=DEVICE)
     out_n, lse_n, sel_n = msa_decode_naive(q, kc, vc, iq, ikc, lens_t, cfg)
     checked = 0
-    for chunk in (4, 2048):
+    for chunk, bps in ((4, 1), (2048, 1), (2048, 3)):
         monkeypatch.setattr(TD, "FUSED_TOPK_CHUNK", chunk)
-        for bps in (1, 2, 3):
-            out_k, lse_k, sel_k = TD.msa_decode_triton(q, kc, vc, iq, ikc, lens_t, cfg, blocks_per_split=bps)
-            assert_selection_close(sel_k, sel_n, iq, ikc, lens, cfg)
-            if torch.equal(sel_k, sel_n):  # otherwise a near-tie swap changed the keys
-                torch.testing.assert_close(out_k.float(), out_n.float(), **OUT_TOL[dtype])
-                torch.testing.assert_close(lse_k, lse_n.float(), rtol=0, atol=LSE_TOL[dtype])
-                checked += 1
+        out_k, lse_k, sel_k = TD.msa_decode_triton(q, kc, vc, iq, ikc, lens_t, cfg, blocks_per_split=bps)
+        assert_selection_close(sel_k, sel_n, iq, ikc, lens, cfg)
+        if torch.equal(sel_k, sel_n):  # otherwise a near-tie swap changed the keys
+            torch.testing.assert_close(out_k.float(), out_n.float(), **OUT_TOL[dtype])
+            torch.testing.assert_close(lse_k, lse_n.float(), rtol=0, atol=LSE_TOL[dtype])
+            checked += 1
     assert checked >= 3 and (sel_n[:, :, 0] == 0).all()  # outputs compared; the init block kept
 
 
@@ -242,3 +241,26 @@ def test_fp8_index_keys_select_like_their_bf16_values():
     assert_selection_close(sel_k, sel_n, iq, ik8.to(torch.bfloat16), lens, cfg)
     with pytest.raises(ValueError, match="float8_e4m3fn with bf16/fp16"):
         TD.decode_select_triton(iq.float(), ik8, 100, cfg)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_with_growing_lengths():
+    """The step captured once as a CUDA graph (lengths in a device tensor, grids sized by the
+    cache) and replayed as the sequences grow: each replay equals the naive step at the new
+    lengths, and equals the eager call bit for bit."""
+    cfg = MSAConfig(block_size=128, topk=16, index_dim=128)
+    S, b = 40_000, 3
+    q, kc, vc, iq, ikc = make_step(b, [S] * b, 64, 4, 128, 128, torch.bfloat16, seed=2, S=S)
+    lens = torch.zeros(b, dtype=torch.int32, device=DEVICE)
+    lens.fill_(1)
+    graph = TD.GraphedStep(lambda: TD.msa_decode_triton(q, kc, vc, iq, ikc, lens, cfg, max_len=S))
+    for row_lens in ([1, 129, 5000], [4099, 17_000, 39_999], [S, S - 1, 2048]):
+        lens.copy_(torch.tensor(row_lens, dtype=torch.int32))
+        out_g, lse_g, sel_g = (t.clone() for t in graph.replay())
+        out_e, lse_e, sel_e = TD.msa_decode_triton(q, kc, vc, iq, ikc, lens, cfg, max_len=S)
+        assert torch.equal(out_g, out_e) and torch.equal(lse_g, lse_e) and torch.equal(sel_g, sel_e)
+        out_n, lse_n, sel_n = msa_decode_naive(q, kc, vc, iq, ikc, lens, cfg)
+        assert_selection_close(sel_g, sel_n, iq, ikc, row_lens, cfg)
+        out_s, lse_s = TD.decode_attention_triton(q, kc, vc, sel_n, lens, 128)
+        torch.testing.assert_close(out_s.float(), out_n.float(), **OUT_TOL[torch.bfloat16])
+        torch.testing.assert_close(lse_s, lse_n.float(), rtol=0, atol=LSE_TOL[torch.bfloat16])
