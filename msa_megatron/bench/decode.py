@@ -297,6 +297,9 @@ def run(out_dir: Optional[str], contexts=CONTEXTS, batches=BATCHES, iters: int =
                     "msa_index": lambda: TD.index_block_max_triton(c.iq, c.ik, L, conf),
                     "msa_select_attend": lambda: TD.select_attend_triton(c.q, c.k_seq, c.v_seq, bs, L, conf),
                     "dense_triton": lambda: TD.dense_decode_triton(c.q, c.k_seq, c.v_seq, L, BLOCK),
+                    # the unfused form (index, standalone top-k, attention): what the fusion saves
+                    "msa_3launch": lambda: TD.decode_attention_triton(
+                        c.q, c.k_seq, c.v_seq, TD.decode_select_triton(c.iq, c.ik, L, conf), L, BLOCK),
                 }
                 if c.ik8 is not None:
                     impls["msa_fp8ik"] = lambda: TD.msa_decode_triton(c.q, c.k_seq, c.v_seq, c.iq, c.ik8, L, conf)
@@ -351,25 +354,28 @@ def markdown(report: Dict[str, object]) -> str:
              f"triton {m['triton']})", "", f"One attention layer, {m['layout']}. GPU time per decode step with a cold "
              "L2 (median); tokens/s = batch / step time. `eager`: Python launches each call; `graph`: the same "
              "call captured once as a CUDA graph and replayed (lengths as a device tensor). Speed-up: MSA vs the "
-             "faster dense implementation in the same mode. fp8-ik: the opt-in fp8 (e4m3) index-key cache.", "",
-             "| context | batch | mode | MSA ms | index ms | select+attend ms | MSA fp8-ik ms | SDPA dense ms | "
+             "faster dense implementation in the same mode. fp8-ik: the opt-in fp8 (e4m3) index-key cache. 3-launch: "
+             "index, standalone top-k, attention (the unfused form, for what the fusion saves).", "",
+             "| context | batch | mode | MSA ms | index ms | select+attend ms | 3-launch MSA ms | MSA fp8-ik ms | "
+             "SDPA dense ms | "
              "Triton dense ms | speed-up vs best dense | fp8-ik speed-up | MSA tok/s | dense tok/s | MSA back-to-back ms "
              "| peak GB |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def f(r, k, fmt="{:.3f}"):
         return fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "-"
 
     for r in report["records"]:
         if r.get("status") != "ok":
-            lines.append(f"| {fmt_len(r['L'])} | {r['b']} | - | {r.get('status')} |" + " |" * 11)
+            lines.append(f"| {fmt_len(r['L'])} | {r['b']} | - | {r.get('status')} |" + " |" * 12)
             continue
         for mode, sfx in (("eager", ""), ("graph", "_graph")):
             if mode == "graph" and not any(k.endswith("_graph_ms") for k in r):
                 continue
             lines.append(
                 f"| {fmt_len(r['L'])} | {r['b']} | {mode} | {f(r, f'msa{sfx}_ms')} | {f(r, f'msa_index{sfx}_ms')} | "
-                f"{f(r, f'msa_select_attend{sfx}_ms')} | {f(r, f'msa_fp8ik{sfx}_ms')} | {f(r, f'dense_sdpa{sfx}_ms')} | "
+                f"{f(r, f'msa_select_attend{sfx}_ms')} | {f(r, f'msa_3launch{sfx}_ms')} | {f(r, f'msa_fp8ik{sfx}_ms')} | "
+                f"{f(r, f'dense_sdpa{sfx}_ms')} | "
                 f"{f(r, f'dense_triton{sfx}_ms')} | {f(r, f'speedup{sfx}_vs_best_dense', '{:.1f}x')} | "
                 f"{f(r, f'speedup{sfx}_fp8ik_vs_best_dense', '{:.1f}x')} | {f(r, f'msa{sfx}_tokens_per_s', '{:,.0f}')} | "
                 f"{f(r, f'dense{sfx}_tokens_per_s', '{:,.0f}')} | {f(r, f'msa{sfx}_loop_ms')} | "

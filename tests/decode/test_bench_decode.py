@@ -79,7 +79,7 @@ def test_run_flow_on_cpu(monkeypatch, tmp_path):
     assert [(r["L"], r["b"], r["status"]) for r in report["records"]] == [(45, 1, "ok"), (45, 2, "ok"), (100, 1, "ok"),
                                                                          (100, 2, "ok")]
     for r in report["records"]:
-        assert {"msa_ms", "msa_index_ms", "msa_select_attend_ms", "msa_fp8ik_ms", "dense_triton_ms",
+        assert {"msa_ms", "msa_index_ms", "msa_select_attend_ms", "msa_fp8ik_ms", "msa_3launch_ms", "dense_triton_ms",
                 "speedup_vs_best_dense", "speedup_fp8ik_vs_best_dense", "msa_tokens_per_s", "msa_loop_ms"} <= set(r), r
         assert not any("graph" in k for k in r)  # CUDA graphs only on CUDA
         assert ("dense_sdpa_ms" in r) != ("sdpa_error" in r)
