@@ -72,17 +72,16 @@ def test_run_flow_on_cpu(monkeypatch, tmp_path):
     for fn in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, fn, lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
-    report = BD.run(str(tmp_path), contexts=[45, 100], batches=[1, 2], iters=2, device="cpu", log=lambda *a: None,
+    report = BD.run(str(tmp_path), contexts=[45], batches=[2, 1], iters=1, device="cpu", log=lambda *a: None,
                     correctness_cases=((45, 2),))
     assert [c["ok"] for c in report["correctness"]] == [True]
     assert 0 < report["correctness"][0]["fp8ik_block_overlap"] <= 1  # bf16 caches: the fp8 index keys compared
-    assert [(r["L"], r["b"], r["status"]) for r in report["records"]] == [(45, 1, "ok"), (45, 2, "ok"), (100, 1, "ok"),
-                                                                         (100, 2, "ok")]
+    assert [(r["L"], r["b"], r["status"]) for r in report["records"]] == [(45, 2, "ok"), (45, 1, "ok")]
     for r in report["records"]:
         assert {"msa_ms", "msa_index_ms", "msa_select_attend_ms", "msa_fp8ik_ms", "msa_3launch_ms", "dense_triton_ms",
                 "speedup_vs_best_dense", "speedup_fp8ik_vs_best_dense", "msa_tokens_per_s", "msa_loop_ms"} <= set(r), r
         assert not any("graph" in k for k in r)  # CUDA graphs only on CUDA
         assert ("dense_sdpa_ms" in r) != ("sdpa_error" in r)
     saved = json.loads((tmp_path / "decode_bench.json").read_text())
-    assert saved["meta"]["device"] == "cpu-test" and len(saved["records"]) == 4
-    assert "| 100 | 2 |" in (tmp_path / "decode_bench.md").read_text()
+    assert saved["meta"]["device"] == "cpu-test" and len(saved["records"]) == 2
+    assert "| 45 | 2 | eager |" in (tmp_path / "decode_bench.md").read_text()
