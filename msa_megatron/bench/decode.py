@@ -4,9 +4,11 @@ cache of 32K-1M tokens (``scripts/gpu_bench_decode.py`` runs it on one GPU).
 One attention layer in the paper's head layout (64 query / 4 KV heads, head dim 128, index
 dim 128, block 128, top-16), bf16, batch 1 and 8. Implementations:
 
-* ``msa``: :func:`msa_megatron.ops.triton_decode.msa_decode_triton` (index scores over the
-  cached index keys + block max, top-k, sparse attention over the 16 selected blocks,
-  combine), plus its two halves ``msa_select`` and ``msa_attend`` for the breakdown;
+* ``msa``: :func:`msa_megatron.ops.triton_decode.msa_decode_triton` (two launches: index
+  scores over the cached index keys + block max; top-k + sparse attention over the 16
+  selected blocks + merge), its launches alone (``msa_index``, ``msa_select_attend``), the
+  unfused form (``msa_3launch``: index, standalone top-k, attention) and ``msa_fp8ik`` (the
+  opt-in fp8 index-key cache);
 * ``dense_sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with GQA on the
   flash backend (flash-decoding), cuDNN if flash refuses;
 * ``dense_triton``: the decode kernel's attention over every block (split-K flash
@@ -15,10 +17,10 @@ dim 128, block 128, top-16), bf16, batch 1 and 8. Implementations:
 Caches are stored batch-first [b, L, g, d] so SDPA reads them without a copy; the MSA
 kernels see the sequence-first view [L, b, g, d] of the same storage (Megatron's layout,
 strides only) and an index-key cache [L, b, di]. Timing: median GPU time of a call with
-a cold L2 (a 256 MB buffer is rewritten before each call, which also hides the launch
-latency), and the mean of a back-to-back loop of eager calls (what a Python decode loop
-without CUDA graphs pays, launches included). Tokens/s = batch / step time of the one
-layer. A correctness pass first compares the kernels with the pure-PyTorch reference
+a cold L2 (a 256 MB buffer is rewritten before each call, which also hides part of the launch
+latency), and the mean of a back-to-back loop of calls (launches included); each impl eager
+and as a replayed CUDA graph (``graphable``: MSA with the lengths as a device tensor).
+Tokens/s = batch / step time of the one layer. A correctness pass first compares the kernels with the pure-PyTorch reference
 (ops/decode_naive.py) on the same inputs.
 """
 
@@ -33,7 +35,7 @@ import subprocess
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
