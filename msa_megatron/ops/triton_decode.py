@@ -558,6 +558,8 @@ class GraphedStep:
     calls on a side stream compile the kernels first (no compilation inside a capture)."""
 
     def __init__(self, fn, *static: Tensor, warmup: int = 2):
+        if not torch.cuda.is_available():
+            raise RuntimeError("GraphedStep needs a CUDA device (CUDA graphs); on CPU call the step directly")
         self.static = static
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

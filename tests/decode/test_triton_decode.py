@@ -226,6 +226,9 @@ def test_graph_style_call_lengths_tensor_with_max_len():
     torch.testing.assert_close(bs[2, :, :4], ref.float(), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="max_len must lie in"):
         TD.msa_decode_triton(q, kc, vc, iq, ikc, lens_t, cfg, max_len=201)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="GraphedStep needs a CUDA device"):
+            TD.GraphedStep(lambda: None)
 
 
 @pytest.mark.skipif(TD.IK_FP8 is None, reason="torch without float8_e4m3fn")
