@@ -11,8 +11,13 @@ forward per new token. ``use_cache=False`` recomputes the whole sequence every s
 Tokens: models trained on the embedded corpus (or any byte-tokenized data) read and write
 UTF-8 bytes (ids 0-255, EOD 256); other tokenizers take ``--prompt-ids`` and print ids.
 
+Megatron-LM checkpoints (``scripts/pretrain_gpt_msa.py --save DIR``: torch_dist with the
+run's args in the common state) load too: the model is rebuilt from those args with
+Megatron-LM's own builder (:func:`load_megatron_lm_model`); token ids in and out.
+
     msa-generate runs/tiny-msa --prompt "def main(" --max-new-tokens 64
     msa-generate runs/tiny-msa/checkpoints/step_00000100 --mode dense --temperature 0.8 --top-p 0.9
+    msa-generate $CKPT --prompt-ids 1,2,3 --json          # a Megatron-LM --save directory
 """
 
 from __future__ import annotations
@@ -186,7 +191,9 @@ def _padded_vocab(step: Path) -> int:
 
 def load_model(path: str, mode: str = "checkpoint", precision: Optional[str] = None, backend: Optional[str] = None):
     """(model, cfg, info) for generation on one process: the run's model with the
-    checkpoint's weights, eval mode, on CUDA when present. ``mode``: msa | dense |
+    checkpoint's weights, eval mode, on CUDA when present. ``path``: an msa-train run (its
+    config.yaml rebuilds the model) or a Megatron-LM checkpoint (:func:`load_megatron_lm_model`;
+    cfg is then its args Namespace). ``mode``: msa | dense |
     msa_warmup for every MSA layer, or ``checkpoint`` (the run's final mode: msa.mode for
     MSA runs). ``precision`` None: the run's (fp32 on CPU). ``backend``: msa.backend."""
     import yaml
@@ -201,6 +208,8 @@ def load_model(path: str, mode: str = "checkpoint", precision: Optional[str] = N
         raise ValueError(f"mode={mode!r} is invalid: allowed values are {', '.join(MODES)}")
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is invalid: allowed values are {', '.join(PRECISIONS)}")
+    if megatron_lm_checkpoint(path) is not None:
+        return load_megatron_lm_model(path, mode, precision, backend)
     run_dir, step = find_run(path)
     values = yaml.safe_load((run_dir / "config.yaml").read_text())
     values["parallel"] = {}  # one process; dist_checkpointing reshards whatever the run used
@@ -242,6 +251,116 @@ def load_model(path: str, mode: str = "checkpoint", precision: Optional[str] = N
     return model, cfg, info
 
 
+# --------------------------------------------------------------------------- Megatron-LM checkpoints
+def megatron_lm_checkpoint(path: str) -> Optional[Path]:
+    """The iteration directory of a Megatron-LM checkpoint (``--save`` dir with
+    latest_checkpointed_iteration.txt, or an ``iter_N`` / ``release`` dir of torch_dist
+    files), else None (not one: an msa-train run, or nothing)."""
+    p = Path(path)
+    tracker = p / "latest_checkpointed_iteration.txt"
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        if text == "release":
+            return p / "release"
+        if not text.isdigit():
+            raise ValueError(f"{tracker} holds {text!r}: allowed values are an iteration number or 'release'")
+        step = p / f"iter_{int(text):07d}"
+        if not step.is_dir():
+            raise FileNotFoundError(f"{tracker} names iteration {int(text)} but {step} does not exist")
+        return step
+    if (p.name.startswith("iter_") or p.name == "release") and (p / "metadata.json").is_file():
+        return p
+    return None
+
+
+def _single_process_args(args, precision: str, cuda: bool, backend: Optional[str]):
+    """A copy of a Megatron-LM run's saved args for one process: every parallel size 1 (the
+    torch_dist checkpoint is resharded on load), no sequence parallelism, the chosen dtype,
+    no Apex/TE-only fusions."""
+    import copy
+
+    a = copy.copy(args)
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                 "expert_model_parallel_size", "expert_tensor_parallel_size", "world_size", "data_parallel_size"):
+        if hasattr(a, name):
+            setattr(a, name, 1)
+    a.virtual_pipeline_model_parallel_size = None
+    a.num_layers_per_virtual_pipeline_stage = None
+    a.sequence_parallel = False
+    a.gradient_accumulation_fusion = False
+    a.use_cpu_initialization = not cuda
+    a.perform_initialization = False  # the checkpoint overwrites every weight
+    a.fp16, a.bf16 = precision == "fp16", precision == "bf16"
+    a.params_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if backend is not None and getattr(a, "msa", None):
+        a.msa = dict(a.msa, backend=backend)
+    return a
+
+
+def load_megatron_lm_model(path: str, mode: str = "checkpoint", precision: Optional[str] = None,
+                           backend: Optional[str] = None):
+    """(model, args, info) from a checkpoint saved by Megatron-LM's loop
+    (``scripts/pretrain_gpt_msa.py``, torch_dist format): the run's args come from the
+    checkpoint's common state, and the model is built from them the way ``pretrain`` built
+    it (``gpt_model_config_from_args`` + Megatron-LM's ``GPTModelBuilder``), on one process.
+    Token ids only: Megatron-LM runs name their tokenizer in args, which is not loaded here."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as mpu
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from . import megatron_lm
+    from .megatron import set_attention_mode
+    from .megatron.parallel import ParallelLayout, init_distributed
+
+    step = megatron_lm_checkpoint(path)
+    common = dist_checkpointing.load_common_state_dict(str(step))
+    args = common.get("args") if isinstance(common, dict) else None
+    if args is None:
+        raise ValueError(f"{step} has no 'args' in its common state: not a checkpoint of Megatron-LM's loop")
+    variant = getattr(args, "experimental_attention_variant", None)
+    if variant not in (None, "msa"):
+        raise ValueError(f"experimental_attention_variant={variant!r} of {step} is not supported by msa-generate: "
+                         "allowed values are msa, or none (dense)")
+    if getattr(args, "mtp_num_layers", None):
+        raise ValueError(f"mtp_num_layers={args.mtp_num_layers} of {step}: multi-token prediction layers are not "
+                         "supported by msa-generate (allowed: none)")
+    cuda = torch.cuda.is_available()
+    saved = "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
+    chosen_precision = precision or (saved if cuda else "fp32")
+    a = _single_process_args(args, chosen_precision, cuda, backend)
+    megatron_lm.install()  # registers MSA with Megatron-Core (the variant's layer specs)
+    single_process_port()
+    init_distributed(ParallelLayout(), seed=getattr(args, "seed", 1234))
+    model_cfg = megatron_lm.gpt_model_config_from_args(a)
+    from megatron.training.models.gpt import GPTModelBuilder
+
+    model = GPTModelBuilder(model_cfg).build_model(ProcessGroupCollection.use_mpu_process_groups(),
+                                                   pre_process=True, post_process=True)
+    if cuda:
+        model.cuda(torch.cuda.current_device())
+    metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
+    metadata["dp_cp_group"] = mpu.get_data_parallel_group(with_context_parallel=True)
+    state = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=metadata)}, str(step))
+    model.load_state_dict(state["model"], strict=True)
+    tf_config = model_cfg.transformer
+    if tf_config.fp16 or tf_config.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(tf_config, model)
+    model.eval()
+    msa = getattr(a, "msa", None) if variant == "msa" else None
+    final_mode = msa.get("mode", "msa") if msa else "dense"
+    chosen = final_mode if mode == "checkpoint" else mode
+    if msa is None and chosen != "dense":
+        raise ValueError(f"mode={mode!r} needs MSA layers; {step} trained dense attention (allowed: dense, checkpoint)")
+    if msa is not None:
+        set_attention_mode([model], chosen)
+    info = {"run_dir": str(step.parent), "checkpoint": str(step), "mode": chosen, "precision": chosen_precision,
+            "device": "cuda" if cuda else "cpu", "byte_tokens": False, "eod_id": None, "format": "megatron-lm",
+            "iteration": common.get("iteration"), "tokenizer": getattr(args, "tokenizer_type", None)}
+    return model, a, info
+
+
 def _byte_tokens(cfg) -> bool:
     """Whether the run's token ids are UTF-8 bytes (the embedded corpus, or byte datasets)."""
     if cfg.data.source == "corpus":
@@ -271,7 +390,8 @@ def decode_bytes(ids: List[int]) -> str:
 # --------------------------------------------------------------------------- CLI
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="msa-generate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoint", help="msa-train run dir, its checkpoints/ dir, or a step_N dir")
+    ap.add_argument("checkpoint", help="msa-train run dir, its checkpoints/ dir, or a step_N dir; or a Megatron-LM "
+                    "checkpoint (--save dir or its iter_N dir)")
     ap.add_argument("--prompt", default=None, help="prompt text (byte-tokenized models)")
     ap.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -304,6 +424,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
         elif info["byte_tokens"]:
             ids = encode_bytes(args.prompt)
+        elif info.get("format") == "megatron-lm":
+            raise ValueError(f"--prompt needs a tokenizer; this Megatron-LM checkpoint's ({info['tokenizer']}) is not "
+                             "loaded by msa-generate: pass --prompt-ids")
         else:
             raise ValueError("--prompt needs a byte-tokenized model; this run's data uses another tokenizer: "
                              "pass --prompt-ids")

@@ -2,13 +2,14 @@
 """GPU benchmark of the MSA decode step vs dense decoding (msa_megatron/bench/decode.py).
 
     python scripts/gpu_bench_decode.py [--out DIR] [--contexts 32K,128K,1M] [--batches 1,8]
-                                       [--iters 20] [--time-budget-s 170]
+                                       [--iters 20] [--time-budget-s 150] [--no-graphs]
     python scripts/gpu_bench_decode.py --aot      # no GPU: compile the kernels for sm_90a, print regs/spills
     python scripts/gpu_bench_decode.py --model    # + megatron-core: generation through Megatron on the GPU
 
 Needs torch + triton and this checkout on PYTHONPATH (no megatron-core). Writes
 decode_bench.json and decode_bench.md to --out (default $OUT, else ./decode_bench_out) and
-prints the table. Exit status 1 if a correctness check fails or a timing record errors.
+prints the table: every implementation eager (Python launches per call) and as a replayed
+CUDA graph, side by side, from one run; the fp8 index-key variant beside the bf16 one. Exit status 1 if a correctness check fails or a timing record errors.
 
 ``--model`` (needs megatron-core) runs a small MSA GPT (4 layers, 3 MSA, block 64, top-4)
 through Megatron-Core's StaticInferenceContext on the GPU with the Triton kernels: greedy
@@ -48,17 +49,24 @@ def aot(arch: int = 90) -> int:
 
     target = GPUTarget("cuda", arch, 32)
     P, F, I = "*bf16", "*fp32", "*i32"
-    topk = dict(K=16, KP=16, CH=8192, BLOCK=128, LOCAL=1, INIT=0)
+    topk = dict(K=16, KP=16, CH=8192, BLOCK=128, LOCAL=1, INIT=0, PER_ROW=True)
+    attend = dict(NKV=4, GQ=16, HP=16, D=128, DP=128, BLOCK=128, BN=TD.ATTEND_BN, KP=16, LOCAL=1, INIT=0,
+                  PER_ROW=True, DOT_PREC="tf32", UPCAST=False)
+    attend_types = dict(q_ptr=P, k_ptr=P, v_ptr=P, bs_ptr=F, bidx_ptr=I, lens_ptr=I, acc_ptr=F, ml_ptr=F, cnt_ptr=I,
+                        out_ptr=P, lse_ptr=F, scale_log2="fp32")
+    index = dict(G=4, DI=128, DIP=128, GP=16, BLOCK=128, BN=64, PER_ROW=True, DOT_PREC="tf32", UPCAST=False)
+    ch = TD.FUSED_TOPK_CHUNK
     kernels = [
-        ("index_block_max", TD._index_block_max, dict(iq_ptr=P, ik_ptr=P, lens_ptr=I, bs_ptr=F),
-         dict(G=4, DI=128, DIP=128, GP=16, BLOCK=128, BN=64, DOT_PREC="tf32", UPCAST=False), 4, TD.INDEX_STAGES),
+        ("index_block_max", TD._index_block_max, dict(iq_ptr=P, ik_ptr=P, lens_ptr=I, bs_ptr=F), index, 4,
+         TD.INDEX_STAGES),
+        ("index (fp8 keys)", TD._index_block_max, dict(iq_ptr=P, ik_ptr="*fp8e4nv", lens_ptr=I, bs_ptr=F), index, 4,
+         TD.INDEX_STAGES),
         ("topk (one tile)", TD._topk, dict(bs_ptr=F, lens_ptr=I, out_ptr=I), dict(topk, ONE_CHUNK=True), 8, 3),
         ("topk (streamed)", TD._topk, dict(bs_ptr=F, lens_ptr=I, out_ptr=I), dict(topk, ONE_CHUNK=False), 8, 3),
-        ("attend_partial", TD._attend_partial,
-         dict(q_ptr=P, k_ptr=P, v_ptr=P, bidx_ptr=I, lens_ptr=I, acc_ptr=F, ml_ptr=F, scale_log2="fp32"),
-         dict(NKV=4, GQ=16, HP=16, D=128, DP=128, BLOCK=128, BN=TD.ATTEND_BN, DOT_PREC="tf32", UPCAST=False), 4, 3),
-        ("combine", TD._combine, dict(acc_ptr=F, ml_ptr=F, out_ptr=P, lse_ptr=F),
-         dict(NKV=4, GQ=16, HP=16, D=128, DP=128), 4, 3),
+        ("select_attend", TD._select_attend, attend_types, dict(attend, SELECT=True, CH=ch, ONE_CHUNK=True), 8, 3),
+        ("select_attend <4K", TD._select_attend, attend_types, dict(attend, SELECT=True, CH=2048, ONE_CHUNK=True), 4, 3),
+        ("select_attend strm", TD._select_attend, attend_types, dict(attend, SELECT=True, CH=ch, ONE_CHUNK=False), 4, 3),
+        ("attend (given sel)", TD._select_attend, attend_types, dict(attend, SELECT=False, CH=16, ONE_CHUNK=True), 4, 3),
     ]
     print(f"AOT compile for sm_{arch}a, triton {triton.__version__}")
     bad = 0
@@ -150,7 +158,8 @@ def main() -> int:
     ap.add_argument("--contexts", default="32K,128K,1M")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--time-budget-s", type=float, default=170.0,
+    ap.add_argument("--no-graphs", action="store_true", help="eager timings only (no CUDA-graph rows)")
+    ap.add_argument("--time-budget-s", type=float, default=150.0,
                     help="timing records started after this many seconds are skipped")
     ap.add_argument("--aot", action="store_true", help="compile for sm_90a without a GPU and exit")
     ap.add_argument("--model", action="store_true", help="only the Megatron-Core generation check (needs megatron-core)")
@@ -168,7 +177,7 @@ def main() -> int:
 
     report = run(args.out, contexts=[parse_len(x) for x in args.contexts.split(",")],
                  batches=[int(x) for x in args.batches.split(",")], iters=args.iters,
-                 time_budget_s=args.time_budget_s)
+                 time_budget_s=args.time_budget_s, graphs=not args.no_graphs)
     print(markdown(report))
     failed = [c for c in report["correctness"] if not c.get("ok")]
     errors = [r for r in report["records"] if str(r.get("status", "ok")).startswith("error")]

@@ -4,9 +4,11 @@ cache of 32K-1M tokens (``scripts/gpu_bench_decode.py`` runs it on one GPU).
 One attention layer in the paper's head layout (64 query / 4 KV heads, head dim 128, index
 dim 128, block 128, top-16), bf16, batch 1 and 8. Implementations:
 
-* ``msa``: :func:`msa_megatron.ops.triton_decode.msa_decode_triton` (index scores over the
-  cached index keys + block max, top-k, sparse attention over the 16 selected blocks,
-  combine), plus its two halves ``msa_select`` and ``msa_attend`` for the breakdown;
+* ``msa``: :func:`msa_megatron.ops.triton_decode.msa_decode_triton` (two launches: index
+  scores over the cached index keys + block max; top-k + sparse attention over the 16
+  selected blocks + merge), its launches alone (``msa_index``, ``msa_select_attend``), the
+  unfused form (``msa_3launch``: index, standalone top-k, attention) and ``msa_fp8ik`` (the
+  opt-in fp8 index-key cache);
 * ``dense_sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with GQA on the
   flash backend (flash-decoding), cuDNN if flash refuses;
 * ``dense_triton``: the decode kernel's attention over every block (split-K flash
@@ -15,10 +17,10 @@ dim 128, block 128, top-16), bf16, batch 1 and 8. Implementations:
 Caches are stored batch-first [b, L, g, d] so SDPA reads them without a copy; the MSA
 kernels see the sequence-first view [L, b, g, d] of the same storage (Megatron's layout,
 strides only) and an index-key cache [L, b, di]. Timing: median GPU time of a call with
-a cold L2 (a 256 MB buffer is rewritten before each call, which also hides the launch
-latency), and the mean of a back-to-back loop of eager calls (what a Python decode loop
-without CUDA graphs pays, launches included). Tokens/s = batch / step time of the one
-layer. A correctness pass first compares the kernels with the pure-PyTorch reference
+a cold L2 (a 256 MB buffer is rewritten before each call, which also hides part of the launch
+latency), and the mean of a back-to-back loop of calls (launches included); each impl eager
+and as a replayed CUDA graph (``graphable``: MSA with the lengths as a device tensor).
+Tokens/s = batch / step time of the one layer. A correctness pass first compares the kernels with the pure-PyTorch reference
 (ops/decode_naive.py) on the same inputs.
 """
 
@@ -33,7 +35,7 @@ import subprocess
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +73,9 @@ class Caches:
         self.ik = torch.randn(L, b, DI, device=device, dtype=dtype, generator=gen)
         self.q = torch.randn(b, HQ, D, device=device, dtype=dtype, generator=gen)
         self.iq = torch.randn(b, G, DI, device=device, dtype=dtype, generator=gen)
+        fp8 = getattr(torch, "float8_e4m3fn", None)
+        #: the opt-in fp8 (e4m3) index-key cache of the same keys (bf16/fp16 runs only)
+        self.ik8 = self.ik.to(fp8) if fp8 is not None and dtype != torch.float32 else None
 
     @property
     def k_seq(self):  # Megatron's [L, b, g, d] view of the same storage
@@ -146,8 +151,26 @@ def _near_ties_only(sel_k, sel_n, c: Caches, conf: MSAConfig, rel_tol: float = 1
     return True
 
 
-def correctness(c: Caches) -> Dict[str, object]:
-    """Kernels vs the pure-PyTorch reference (fp32 math on the same bf16 values)."""
+def _mass_ratio(sel_a, sel_b, c: Caches, conf: MSAConfig) -> float:
+    """Index-softmax mass (softmax of the bf16 block scores / sqrt(di)) that selection a keeps,
+    over the mass selection b keeps, averaged over rows and groups: 1.0 = a loses nothing."""
+    from .. import reference
+
+    ratios = []
+    for i in range(c.b):
+        scores = reference.index_block_scores(c.iq[i:i + 1, None], c.ik[:c.L, i:i + 1].transpose(0, 1),
+                                              conf.block_size)[0, :, -1].float()
+        p = torch.softmax(scores / math.sqrt(DI), dim=-1)
+        for gg in range(sel_a.shape[1]):
+            pick = lambda s: p[gg, s[i, gg][s[i, gg] >= 0].long()].sum()  # noqa: E731
+            ratios.append((pick(sel_a) / pick(sel_b)).item())
+    return sum(ratios) / len(ratios)
+
+
+def correctness(c: Caches, graphs: bool = False) -> Dict[str, object]:
+    """Kernels vs the pure-PyTorch reference (fp32 math on the same bf16 values); with
+    ``graphs``, the step replayed as a CUDA graph at per-row lengths, changed between
+    replays; the fp8 index-key cache's selection vs the bf16 one."""
     from ..ops import triton_decode as TD
     from ..ops.decode_naive import dense_decode_naive, msa_decode_naive
 
@@ -160,6 +183,7 @@ def correctness(c: Caches) -> Dict[str, object]:
     out_a, lse_a = TD.decode_attention_triton(c.q, c.k_seq, c.v_seq, sel_n, c.L, BLOCK)
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
     res = {"L": c.L, "b": c.b, "selection_rows_identical": same_sel, "selection_diffs_are_near_ties": near_tie_only,
+           "standalone_topk_equals_fused": bool(torch.equal(TD.decode_select_triton(c.iq, c.ik, c.L, conf), sel_k)),
            "msa_out_rel_err": rel(out_a, out_n),
            "msa_lse_max_err": (lse_a - lse_n.float()).abs().max().item(),
            "msa_end_to_end_out_rel_err": rel(out_k, out_n)}
@@ -173,24 +197,67 @@ def correctness(c: Caches) -> Dict[str, object]:
         res[f"dense_sdpa_{name}_vs_triton_rel_err"] = rel(fn().squeeze(2), out_d)
     except RuntimeError as exc:
         res["dense_sdpa_error"] = str(exc)
-    res["ok"] = bool(near_tie_only and res["msa_out_rel_err"] < 1e-2 and res["msa_lse_max_err"] < 1e-3
+    ok = near_tie_only and res["standalone_topk_equals_fused"]
+    if graphs:  # per-row lengths in a device tensor, changed in place between replays
+        lens = torch.full((c.b,), c.L, dtype=torch.int32, device=c.q.device)
+        graph = TD.GraphedStep(lambda: TD.msa_decode_triton(c.q, c.k_seq, c.v_seq, c.iq, c.ik, lens, conf,
+                                                            max_len=c.L))
+        errs, sels = [], []
+        for shrink in (0, 1000):
+            new = torch.tensor([max(1, c.L - shrink * (i + 1) - 13 * i) for i in range(c.b)], dtype=torch.int32)
+            lens.copy_(new)
+            out_g, lse_g, sel_g = graph.replay()
+            out_r, lse_r, sel_r = msa_decode_naive(c.q, c.k_seq, c.v_seq, c.iq, c.ik, new.to(c.q.device), conf)
+            sels.append(bool(torch.equal(sel_g, sel_r)) or _near_ties_only(sel_g, sel_r, c, conf))
+            out_s, _ = TD.decode_attention_triton(c.q, c.k_seq, c.v_seq, sel_r, new.to(c.q.device), BLOCK)
+            errs.append(max(rel(out_s, out_r), rel(out_g, out_r) if torch.equal(sel_g, sel_r) else 0.0))
+        res["graph_selection_ok"] = all(sels)
+        res["graph_out_rel_err"] = max(errs)
+        ok = ok and all(sels) and max(errs) < 1e-2
+        del graph
+    if c.ik8 is not None:
+        sel_8 = TD.msa_decode_triton(c.q, c.k_seq, c.v_seq, c.iq, c.ik8, c.L, conf)[2]
+        same = [(len(set(a.tolist()) & set(b_.tolist()) - {-1}) / max(1, len(set(b_.tolist()) - {-1})))
+                for a, b_ in zip(sel_8.flatten(0, 1), sel_k.flatten(0, 1))]
+        res["fp8ik_block_overlap"] = sum(same) / len(same)
+        res["fp8ik_index_mass_ratio"] = _mass_ratio(sel_8, sel_k, c, conf)
+    res["ok"] = bool(ok and res["msa_out_rel_err"] < 1e-2 and res["msa_lse_max_err"] < 1e-3
                      and res.get("dense_triton_out_rel_err", 0.0) < 1e-2)
     return res
 
 
+def graphable(c: Caches, conf: MSAConfig, name: str) -> Optional[Callable]:
+    """The decode loop's form of impl ``name`` for CUDA-graph capture: lengths as a device
+    tensor with the cache size as bound (no host sync; a growing sequence replays the same
+    graph). None: the eager callable is captured as it is."""
+    from ..ops import triton_decode as TD
+
+    lens = torch.full((c.b,), c.L, dtype=torch.int32, device=c.q.device)
+    if name == "msa":
+        return lambda: TD.msa_decode_triton(c.q, c.k_seq, c.v_seq, c.iq, c.ik, lens, conf, max_len=c.L)
+    if name == "msa_fp8ik":
+        return lambda: TD.msa_decode_triton(c.q, c.k_seq, c.v_seq, c.iq, c.ik8, lens, conf, max_len=c.L)
+    if name == "msa_index":
+        return lambda: TD.index_block_max_triton(c.iq, c.ik, lens, conf, max_len=c.L)
+    return None
+
+
 def run(out_dir: Optional[str], contexts=CONTEXTS, batches=BATCHES, iters: int = 20,
         time_budget_s: float = 170.0, log=print, device: str = "cuda",
-        correctness_cases=((4099, 2), None)) -> Dict[str, object]:
-    """Correctness pass, then the timing grid; writes decode_bench.{json,md} to out_dir after
-    every record (a partial run keeps its results). ``correctness_cases``: (L, b) pairs, None
+        correctness_cases=((4099, 2), None), graphs: Optional[bool] = None) -> Dict[str, object]:
+    """Correctness pass, then the timing grid, each impl eager and as a replayed CUDA graph
+    (``graphs``; default: on CUDA); writes decode_bench.{json,md} to out_dir after every
+    record (a partial run keeps its results). ``correctness_cases``: (L, b) pairs, None
     meaning (longest context, 1). ``device`` other than cuda: the CPU test of this flow."""
     from ..ops import triton_decode as TD
 
+    graphs = (device == "cuda") if graphs is None else graphs
     t_start = time.time()
     props = torch.cuda.get_device_properties(0)
     meta = {"device": props.name, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": git_commit(), "torch": torch.__version__, "triton": __import__("triton").__version__,
-            "layout": f"{HQ} q / {G} KV heads, d {D}, index dim {DI}, block {BLOCK}, top-{TOPK}, bf16"}
+            "layout": f"{HQ} q / {G} KV heads, d {D}, index dim {DI}, block {BLOCK}, top-{TOPK}, bf16",
+            "graphs": graphs}
     report: Dict[str, object] = {"meta": meta, "correctness": [], "records": []}
     flush = torch.empty(256 * 1024 * 1024 // 4 if device == "cuda" else 1024, dtype=torch.float32, device=device)
     conf = cfg()
@@ -205,7 +272,7 @@ def run(out_dir: Optional[str], contexts=CONTEXTS, batches=BATCHES, iters: int =
         L, b = case if case is not None else (max(contexts), 1)
         try:
             c = Caches(L, b, seed=1, device=device)
-            res = correctness(c)
+            res = correctness(c, graphs=graphs)
             del c
         except Exception as exc:  # noqa: BLE001 - report, keep going
             res = {"L": L, "b": b, "ok": False, "error": f"{type(exc).__name__}: {exc}",
@@ -226,13 +293,18 @@ def run(out_dir: Optional[str], contexts=CONTEXTS, batches=BATCHES, iters: int =
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 c = Caches(L, b, device=device)
+                bs = TD.index_block_max_triton(c.iq, c.ik, L, conf)
                 impls = {
                     "msa": lambda: TD.msa_decode_triton(c.q, c.k_seq, c.v_seq, c.iq, c.ik, L, conf),
-                    "msa_select": lambda: TD.decode_select_triton(c.iq, c.ik, L, conf),
+                    "msa_index": lambda: TD.index_block_max_triton(c.iq, c.ik, L, conf),
+                    "msa_select_attend": lambda: TD.select_attend_triton(c.q, c.k_seq, c.v_seq, bs, L, conf),
+                    "dense_triton": lambda: TD.dense_decode_triton(c.q, c.k_seq, c.v_seq, L, BLOCK),
+                    # the unfused form (index, standalone top-k, attention): what the fusion saves
+                    "msa_3launch": lambda: TD.decode_attention_triton(
+                        c.q, c.k_seq, c.v_seq, TD.decode_select_triton(c.iq, c.ik, L, conf), L, BLOCK),
                 }
-                sel = TD.decode_select_triton(c.iq, c.ik, L, conf)
-                impls["msa_attend"] = lambda: TD.decode_attention_triton(c.q, c.k_seq, c.v_seq, sel, L, BLOCK)
-                impls["dense_triton"] = lambda: TD.dense_decode_triton(c.q, c.k_seq, c.v_seq, L, BLOCK)
+                if c.ik8 is not None:
+                    impls["msa_fp8ik"] = lambda: TD.msa_decode_triton(c.q, c.k_seq, c.v_seq, c.iq, c.ik8, L, conf)
                 try:
                     fn, name = sdpa_dense(c)
                     impls["dense_sdpa"] = fn
@@ -245,16 +317,28 @@ def run(out_dir: Optional[str], contexts=CONTEXTS, batches=BATCHES, iters: int =
                         rec[f"{name}_ms"], rec[f"{name}_loop_ms"] = t["ms"], t["loop_ms"]
                     except Exception as exc:  # noqa: BLE001
                         rec[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    if not graphs:
+                        continue
+                    try:
+                        graph = TD.GraphedStep(graphable(c, conf, name) or fn)
+                        t = timed(graph.replay, iters, flush)
+                        rec[f"{name}_graph_ms"], rec[f"{name}_graph_loop_ms"] = t["ms"], t["loop_ms"]
+                        del graph
+                    except Exception as exc:  # noqa: BLE001
+                        rec[f"{name}_graph_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 rec["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                del impls, sel, c
-                dense = [rec[k] for k in ("dense_sdpa_ms", "dense_triton_ms") if k in rec]
-                if "msa_ms" in rec and dense:
-                    rec["best_dense_ms"] = min(dense)
-                    rec["speedup_vs_best_dense"] = min(dense) / rec["msa_ms"]
-                    if "dense_sdpa_ms" in rec:
-                        rec["speedup_vs_sdpa"] = rec["dense_sdpa_ms"] / rec["msa_ms"]
-                    rec["msa_tokens_per_s"] = b / (rec["msa_ms"] * 1e-3)
-                    rec["dense_tokens_per_s"] = b / (min(dense) * 1e-3)
+                del impls, bs, c
+                for mode in ("", "_graph"):
+                    dense = [rec[k] for k in (f"dense_sdpa{mode}_ms", f"dense_triton{mode}_ms") if k in rec]
+                    if f"msa{mode}_ms" in rec and dense:
+                        rec[f"best_dense{mode}_ms"] = min(dense)
+                        rec[f"speedup{mode}_vs_best_dense"] = min(dense) / rec[f"msa{mode}_ms"]
+                        if f"dense_sdpa{mode}_ms" in rec:
+                            rec[f"speedup{mode}_vs_sdpa"] = rec[f"dense_sdpa{mode}_ms"] / rec[f"msa{mode}_ms"]
+                        rec[f"msa{mode}_tokens_per_s"] = b / (rec[f"msa{mode}_ms"] * 1e-3)
+                        rec[f"dense{mode}_tokens_per_s"] = b / (min(dense) * 1e-3)
+                    if f"msa_fp8ik{mode}_ms" in rec and dense:
+                        rec[f"speedup{mode}_fp8ik_vs_best_dense"] = min(dense) / rec[f"msa_fp8ik{mode}_ms"]
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory at 1M x 8
                 rec["status"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
             report["records"].append(rec)
@@ -270,22 +354,34 @@ def markdown(report: Dict[str, object]) -> str:
     m = report["meta"]
     lines = [f"# MSA decode step vs dense ({m['device']}, {m['date']}, commit {m['commit']}, torch {m['torch']}, "
              f"triton {m['triton']})", "", f"One attention layer, {m['layout']}. GPU time per decode step with a cold "
-             "L2 (median); tokens/s = batch / step time.", "",
-             "| context | batch | MSA ms | select ms | attend ms | SDPA dense ms | Triton dense ms | speed-up vs best dense "
-             "| MSA tok/s | dense tok/s | MSA eager-loop ms | peak GB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "L2 (median); tokens/s = batch / step time. `eager`: Python launches each call; `graph`: the same "
+             "call captured once as a CUDA graph and replayed (lengths as a device tensor). Speed-up: MSA vs the "
+             "faster dense implementation in the same mode. fp8-ik: the opt-in fp8 (e4m3) index-key cache. 3-launch: "
+             "index, standalone top-k, attention (the unfused form, for what the fusion saves).", "",
+             "| context | batch | mode | MSA ms | index ms | select+attend ms | 3-launch MSA ms | MSA fp8-ik ms | "
+             "SDPA dense ms | "
+             "Triton dense ms | speed-up vs best dense | fp8-ik speed-up | MSA tok/s | dense tok/s | MSA back-to-back ms "
+             "| peak GB |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def f(r, k, fmt="{:.3f}"):
         return fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "-"
 
     for r in report["records"]:
         if r.get("status") != "ok":
-            lines.append(f"| {fmt_len(r['L'])} | {r['b']} | {r.get('status')} |" + " |" * 9)
+            lines.append(f"| {fmt_len(r['L'])} | {r['b']} | - | {r.get('status')} |" + " |" * 12)
             continue
-        lines.append(f"| {fmt_len(r['L'])} | {r['b']} | {f(r, 'msa_ms')} | {f(r, 'msa_select_ms')} | "
-                     f"{f(r, 'msa_attend_ms')} | {f(r, 'dense_sdpa_ms')} | {f(r, 'dense_triton_ms')} | "
-                     f"{f(r, 'speedup_vs_best_dense', '{:.1f}x')} | {f(r, 'msa_tokens_per_s', '{:,.0f}')} | "
-                     f"{f(r, 'dense_tokens_per_s', '{:,.0f}')} | {f(r, 'msa_loop_ms')} | {f(r, 'peak_mem_gb', '{:.1f}')} |")
+        for mode, sfx in (("eager", ""), ("graph", "_graph")):
+            if mode == "graph" and not any(k.endswith("_graph_ms") for k in r):
+                continue
+            lines.append(
+                f"| {fmt_len(r['L'])} | {r['b']} | {mode} | {f(r, f'msa{sfx}_ms')} | {f(r, f'msa_index{sfx}_ms')} | "
+                f"{f(r, f'msa_select_attend{sfx}_ms')} | {f(r, f'msa_3launch{sfx}_ms')} | {f(r, f'msa_fp8ik{sfx}_ms')} | "
+                f"{f(r, f'dense_sdpa{sfx}_ms')} | "
+                f"{f(r, f'dense_triton{sfx}_ms')} | {f(r, f'speedup{sfx}_vs_best_dense', '{:.1f}x')} | "
+                f"{f(r, f'speedup{sfx}_fp8ik_vs_best_dense', '{:.1f}x')} | {f(r, f'msa{sfx}_tokens_per_s', '{:,.0f}')} | "
+                f"{f(r, f'dense{sfx}_tokens_per_s', '{:,.0f}')} | {f(r, f'msa{sfx}_loop_ms')} | "
+                f"{f(r, 'peak_mem_gb', '{:.1f}')} |")
     lines += ["", "Correctness (kernels vs the pure-PyTorch reference, same bf16 inputs):", ""]
     for c in report["correctness"]:
         lines.append(f"- L={fmt_len(c['L'])} b={c['b']}: " + ", ".join(
@@ -294,4 +390,4 @@ def markdown(report: Dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["BATCHES", "CONTEXTS", "Caches", "correctness", "markdown", "run", "sdpa_dense", "timed"]
+__all__ = ["BATCHES", "CONTEXTS", "Caches", "correctness", "graphable", "markdown", "run", "sdpa_dense", "timed"]

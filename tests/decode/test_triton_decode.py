@@ -164,3 +164,106 @@ def test_gpu_paper_layout(L, b):
     cfg_dense = MSAConfig(block_size=128, topk=64, index_dim=128)  # 4099 tokens = 33 blocks <= 64: dense
     if L < 64 * 128:
         check(b, [L] * b, 64, 4, 128, 128, torch.bfloat16, cfg_dense, seed=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,g", [(4, 4), (8, 2)])  # GQA 1, 4
+def test_fused_select_attend_splits_and_streamed_topk(monkeypatch, dtype, hq, g):
+    """The two-launch step with the top-k inside the attention kernel: one block per split
+    (each split runs only the rounds up to its rank; the last split to finish merges and
+    sorts the selection), and the fused top-k streamed over chunks of 4 block scores."""
+    cfg = MSAConfig(block_size=16, topk=3, index_dim=16, init_blocks=1)
+    lens = [1, 17, 100, 47]
+    q, kc, vc, iq, ikc = make_step(4, lens, hq, g, 16, 16, dtype, seed=13 + hq)
+    lens_t = torch.tensor(lens, device=DEVICE)
+    out_n, lse_n, sel_n = msa_decode_naive(q, kc, vc, iq, ikc, lens_t, cfg)
+    checked = 0
+    for chunk, bps in ((4, 1), (2048, 1), (2048, 3)):
+        monkeypatch.setattr(TD, "FUSED_TOPK_CHUNK", chunk)
+        out_k, lse_k, sel_k = TD.msa_decode_triton(q, kc, vc, iq, ikc, lens_t, cfg, blocks_per_split=bps)
+        assert_selection_close(sel_k, sel_n, iq, ikc, lens, cfg)
+        if torch.equal(sel_k, sel_n):  # otherwise a near-tie swap changed the keys
+            torch.testing.assert_close(out_k.float(), out_n.float(), **OUT_TOL[dtype])
+            torch.testing.assert_close(lse_k, lse_n.float(), rtol=0, atol=LSE_TOL[dtype])
+            checked += 1
+    assert checked >= 3 and (sel_n[:, :, 0] == 0).all()  # outputs compared; the init block kept
+
+
+def test_fused_selection_exact_ties_every_split():
+    """Integer inputs: exact ties broken toward the lower block in every split's rounds."""
+    cfg = MSAConfig(block_size=16, topk=4, index_dim=16, local_blocks=2)
+    q, kc, vc, iq, ikc = make_step(3, [130, 90, 49], 8, 2, 16, 16, torch.float32, seed=5, integer=True)
+    lens_t = torch.tensor([130, 90, 49], device=DEVICE)
+    out_n, lse_n, sel_n = msa_decode_naive(q, kc, vc, iq, ikc, lens_t, cfg)
+    for bps in (1, 4):
+        out_k, lse_k, sel_k = TD.msa_decode_triton(q, kc, vc, iq, ikc, lens_t, cfg, blocks_per_split=bps)
+        assert torch.equal(sel_k, sel_n), (sel_k, sel_n)
+        torch.testing.assert_close(out_k, out_n, **OUT_TOL[torch.float32])
+
+
+def test_graph_style_call_lengths_tensor_with_max_len():
+    """What a CUDA graph replays: lengths as a device tensor, grids sized by max_len (the
+    cache), rows far shorter than max_len spread over every index program; repeated calls
+    (the merge counters reset themselves) give the same result."""
+    cfg = MSAConfig(block_size=16, topk=2, index_dim=16)
+    lens = [5, 33, 64]
+    q, kc, vc, iq, ikc = make_step(3, lens, 8, 2, 16, 16, torch.float32, seed=21, S=200)
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    out_n, lse_n, sel_n = msa_decode_naive(q, kc, vc, iq, ikc, lens_t, cfg)
+    first = None
+    for _ in range(2):
+        res = TD.msa_decode_triton(q, kc, vc, iq, ikc, lens_t, cfg, max_len=200, blocks_per_program=3,
+                                   blocks_per_split=1)
+        assert_selection_close(res[2], sel_n, iq, ikc, lens, cfg)
+        torch.testing.assert_close(res[0], out_n, **OUT_TOL[torch.float32])
+        torch.testing.assert_close(res[1], lse_n, rtol=0, atol=2e-5)
+        if first is not None:
+            assert all(torch.equal(a, b) for a, b in zip(first, res))
+        first = res
+    bs = TD.index_block_max_triton(iq, ikc, lens_t, cfg, max_len=200, blocks_per_program=3)
+    assert bs.shape == (3, 2, 13)
+    ref = R.index_block_scores(iq[2:3, None], ikc[:64, 2:3].transpose(0, 1), 16)[0, :, -1]
+    torch.testing.assert_close(bs[2, :, :4], ref.float(), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="max_len must lie in"):
+        TD.msa_decode_triton(q, kc, vc, iq, ikc, lens_t, cfg, max_len=201)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="GraphedStep needs a CUDA device"):
+            TD.GraphedStep(lambda: None)
+
+
+@pytest.mark.skipif(TD.IK_FP8 is None, reason="torch without float8_e4m3fn")
+def test_fp8_index_keys_select_like_their_bf16_values():
+    """The opt-in fp8 (e4m3) index-key cache: the kernel's selection equals the naive
+    selection on the same fp8 values widened to bf16 (the kernel widens in registers)."""
+    cfg = MSAConfig(block_size=16, topk=3, index_dim=16)
+    lens = [100, 47]
+    q, kc, vc, iq, ikc = make_step(2, lens, 8, 2, 16, 16, torch.bfloat16, seed=17)
+    ik8 = ikc.to(TD.IK_FP8)
+    sel_k = TD.decode_select_triton(iq, ik8, torch.tensor(lens, device=DEVICE), cfg)
+    sel_n = msa_decode_naive(q, kc, vc, iq, ik8.to(torch.bfloat16), torch.tensor(lens, device=DEVICE), cfg)[2]
+    assert_selection_close(sel_k, sel_n, iq, ik8.to(torch.bfloat16), lens, cfg)
+    with pytest.raises(ValueError, match="float8_e4m3fn with bf16/fp16"):
+        TD.decode_select_triton(iq.float(), ik8, 100, cfg)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_with_growing_lengths():
+    """The step captured once as a CUDA graph (lengths in a device tensor, grids sized by the
+    cache) and replayed as the sequences grow: each replay equals the naive step at the new
+    lengths, and equals the eager call bit for bit."""
+    cfg = MSAConfig(block_size=128, topk=16, index_dim=128)
+    S, b = 40_000, 3
+    q, kc, vc, iq, ikc = make_step(b, [S] * b, 64, 4, 128, 128, torch.bfloat16, seed=2, S=S)
+    lens = torch.zeros(b, dtype=torch.int32, device=DEVICE)
+    lens.fill_(1)
+    graph = TD.GraphedStep(lambda: TD.msa_decode_triton(q, kc, vc, iq, ikc, lens, cfg, max_len=S))
+    for row_lens in ([1, 129, 5000], [4099, 17_000, 39_999], [S, S - 1, 2048]):
+        lens.copy_(torch.tensor(row_lens, dtype=torch.int32))
+        out_g, lse_g, sel_g = (t.clone() for t in graph.replay())
+        out_e, lse_e, sel_e = TD.msa_decode_triton(q, kc, vc, iq, ikc, lens, cfg, max_len=S)
+        assert torch.equal(out_g, out_e) and torch.equal(lse_g, lse_e) and torch.equal(sel_g, sel_e)
+        out_n, lse_n, sel_n = msa_decode_naive(q, kc, vc, iq, ikc, lens, cfg)
+        assert_selection_close(sel_g, sel_n, iq, ikc, row_lens, cfg)
+        out_s, lse_s = TD.decode_attention_triton(q, kc, vc, sel_n, lens, 128)
+        torch.testing.assert_close(out_s.float(), out_n.float(), **OUT_TOL[torch.bfloat16])
+        torch.testing.assert_close(lse_s, lse_n.float(), rtol=0, atol=LSE_TOL[torch.bfloat16])
