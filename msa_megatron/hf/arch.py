@@ -248,53 +248,69 @@ def split_qkv(arch: HFArch, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tens
 Get = Callable[[str], torch.Tensor]
 
 
-def hf_globals_to_megatron(arch: HFArch, get: Get) -> Iterator[Tuple[str, torch.Tensor]]:
+#: A model tensor as a function of the HF tensors (``get``): evaluated with meta tensors to
+#: check shapes and which HF tensors are used, then with real ones when the tensor is written.
+Source = Callable[[Get], torch.Tensor]
+
+
+def _one(name: str) -> Source:
+    return lambda get: get(name)
+
+
+def _cat(*names: str) -> Source:
+    return lambda get: torch.cat([get(n) for n in names], 0)
+
+
+def _qkv(arch: HFArch, a: str, what: str) -> Source:
+    return lambda get: fuse_qkv(arch, get(f"{a}q_proj.{what}"), get(f"{a}k_proj.{what}"), get(f"{a}v_proj.{what}"))
+
+
+def hf_global_sources(arch: HFArch) -> Dict[str, Source]:
     """Embedding, final norm and output layer; keys of our GPTModel's state_dict."""
-    yield "embedding.word_embeddings.weight", get("model.embed_tokens.weight")
-    yield "decoder.final_layernorm.weight", get("model.norm.weight")
+    out = {"embedding.word_embeddings.weight": _one("model.embed_tokens.weight"),
+           "decoder.final_layernorm.weight": _one("model.norm.weight")}
     if not arch.tie_embeddings:
-        yield "output_layer.weight", get("lm_head.weight")
+        out["output_layer.weight"] = _one("lm_head.weight")
+    return out
 
 
-def hf_layer_to_megatron(arch: HFArch, i: int, get: Get, has: Callable[[str], bool]) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Layer ``i``: HF tensors -> our model's state_dict keys (local spec). Index tensors
-    come only if the HF checkpoint has them (``has``)."""
+def hf_layer_sources(arch: HFArch, i: int, has: Callable[[str], bool]) -> Dict[str, Source]:
+    """Layer ``i``: our model's state_dict keys (local spec) -> how to make them from HF
+    tensors. Index tensors come only if the HF checkpoint has them (``has``)."""
     h, m = _hf_layer(i), f"decoder.layers.{i}."
     a = f"{h}self_attn."
-    yield m + "input_layernorm.weight", get(h + "input_layernorm.weight")
-    yield m + "self_attention.linear_qkv.weight", fuse_qkv(arch, get(a + "q_proj.weight"), get(a + "k_proj.weight"),
-                                                           get(a + "v_proj.weight"))
+    out: Dict[str, Source] = {m + "input_layernorm.weight": _one(h + "input_layernorm.weight"),
+                              m + "self_attention.linear_qkv.weight": _qkv(arch, a, "weight")}
     if arch.qkv_bias:
-        yield m + "self_attention.linear_qkv.bias", fuse_qkv(arch, get(a + "q_proj.bias"), get(a + "k_proj.bias"),
-                                                             get(a + "v_proj.bias"))
-    yield m + "self_attention.linear_proj.weight", get(a + "o_proj.weight")
+        out[m + "self_attention.linear_qkv.bias"] = _qkv(arch, a, "bias")
+    out[m + "self_attention.linear_proj.weight"] = _one(a + "o_proj.weight")
     if arch.qk_norm:
-        yield m + "self_attention.q_layernorm.weight", get(a + "q_norm.weight")
-        yield m + "self_attention.k_layernorm.weight", get(a + "k_norm.weight")
+        out[m + "self_attention.q_layernorm.weight"] = _one(a + "q_norm.weight")
+        out[m + "self_attention.k_layernorm.weight"] = _one(a + "k_norm.weight")
     for ours, theirs in HF_INDEX.items():
         if has(a + theirs):
-            yield f"{m}self_attention.indexer.{ours}.weight", get(a + theirs)
-    yield m + "pre_mlp_layernorm.weight", get(h + "post_attention_layernorm.weight")
+            out[f"{m}self_attention.indexer.{ours}.weight"] = _one(a + theirs)
+    out[m + "pre_mlp_layernorm.weight"] = _one(h + "post_attention_layernorm.weight")
     if arch.is_moe_layer(i):
-        yield m + "mlp.router.weight", get(_router_name(arch, i))
+        out[m + "mlp.router.weight"] = _one(_router_name(arch, i))
         for j in range(arch.num_experts):
             p, (gate, up, down) = _expert_prefix(arch, i, j)
             e = f"{m}mlp.experts.local_experts.{j}."
-            yield e + "linear_fc1.weight", torch.cat([get(f"{p}{gate}.weight"), get(f"{p}{up}.weight")], 0)
-            yield e + "linear_fc2.weight", get(f"{p}{down}.weight")
+            out[e + "linear_fc1.weight"] = _cat(f"{p}{gate}.weight", f"{p}{up}.weight")
+            out[e + "linear_fc2.weight"] = _one(f"{p}{down}.weight")
         if arch.shared_expert_ffn:
             p = f"{h}mlp.shared_expert."
-            yield m + "mlp.shared_experts.linear_fc1.weight", torch.cat([get(p + "gate_proj.weight"),
-                                                                          get(p + "up_proj.weight")], 0)
-            yield m + "mlp.shared_experts.linear_fc2.weight", get(p + "down_proj.weight")
-            yield m + "mlp.shared_experts.gate_weight", get(f"{h}mlp.shared_expert_gate.weight")
+            out[m + "mlp.shared_experts.linear_fc1.weight"] = _cat(p + "gate_proj.weight", p + "up_proj.weight")
+            out[m + "mlp.shared_experts.linear_fc2.weight"] = _one(p + "down_proj.weight")
+            out[m + "mlp.shared_experts.gate_weight"] = _one(f"{h}mlp.shared_expert_gate.weight")
     elif arch.family == "glm":  # fused gate_up_proj, already [gate; up]
-        yield m + "mlp.linear_fc1.weight", get(f"{h}mlp.gate_up_proj.weight")
-        yield m + "mlp.linear_fc2.weight", get(f"{h}mlp.down_proj.weight")
+        out[m + "mlp.linear_fc1.weight"] = _one(f"{h}mlp.gate_up_proj.weight")
+        out[m + "mlp.linear_fc2.weight"] = _one(f"{h}mlp.down_proj.weight")
     else:
         gate, up, down = _mlp_names(arch)
-        yield m + "mlp.linear_fc1.weight", torch.cat([get(f"{h}mlp.{gate}.weight"), get(f"{h}mlp.{up}.weight")], 0)
-        yield m + "mlp.linear_fc2.weight", get(f"{h}mlp.{down}.weight")
+        out[m + "mlp.linear_fc1.weight"] = _cat(f"{h}mlp.{gate}.weight", f"{h}mlp.{up}.weight")
+        out[m + "mlp.linear_fc2.weight"] = _one(f"{h}mlp.{down}.weight")
+    return out
 
 
 # Export reads the distributed checkpoint directly: its keys name layer norms the way TE
@@ -357,4 +373,4 @@ def ckpt_layer_to_hf(arch: HFArch, i: int, get: Get, has: Callable[[str], bool])
 
 
 __all__ = ["DTYPES", "FAMILIES", "MOE_FAMILIES", "HFArch", "HF_INDEX", "UnsupportedModelError", "ckpt_globals_to_hf",
-           "ckpt_layer_to_hf", "fuse_qkv", "hf_globals_to_megatron", "hf_layer_to_megatron", "split_qkv"]
+           "ckpt_layer_to_hf", "fuse_qkv", "hf_global_sources", "hf_layer_sources", "split_qkv", "Source"]

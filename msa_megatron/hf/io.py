@@ -1,7 +1,8 @@
 """Safetensors directories, read and written one tensor at a time.
 
-Reading opens every shard with ``safe_open`` (memory-mapped); a tensor is materialised
-only when asked for, so a conversion holds one tensor (or one fused group) at a time.
+Reading opens every shard with ``safe_open``; a tensor is read only when asked for (shapes
+and dtypes come from the headers), so a conversion holds one tensor (or one fused group)
+at a time.
 Writing fills shards up to ``max_shard_bytes`` and writes HF's index file when there is
 more than one shard, the layout ``from_pretrained`` expects.
 """
@@ -15,6 +16,9 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 import torch
 
 INDEX_NAME = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
 SINGLE_NAME = "model.safetensors"
 
 
@@ -66,6 +70,17 @@ class SafetensorsReader:
     def shape(self, key: str) -> Tuple[int, ...]:
         return tuple(self._handles[self.location[key]].get_slice(key).get_shape())
 
+    def meta(self, key: str) -> torch.Tensor:
+        """A meta tensor with the stored shape and dtype (read from the header only)."""
+        if key not in self.location:
+            raise KeyError(f"tensor {key!r} is not in the checkpoint")
+        sl = self._handles[self.location[key]].get_slice(key)
+        name = sl.get_dtype()
+        if name not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {key!r}: dtype {name} is not supported: allowed values are "
+                             f"{', '.join(SAFETENSORS_DTYPES)}")
+        return torch.empty(tuple(sl.get_shape()), dtype=SAFETENSORS_DTYPES[name], device="meta")
+
 
 class SafetensorsWriter:
     """Add tensors one by one; a shard is written once it reaches ``max_shard_bytes``."""
@@ -111,18 +126,36 @@ class SafetensorsWriter:
         return names
 
 
-def progress(iterable: Iterable, total: Optional[int], desc: str, enabled: bool = True):
-    """tqdm when installed and enabled; otherwise the iterable itself (the caller logs)."""
-    if not enabled:
-        return iterable
+def _tqdm(desc: str):
     try:
         from tqdm import tqdm
     except ImportError:
         import logging
 
         logging.getLogger("msa_megatron.hf").info("%s: tqdm is not installed, no progress bar", desc)
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, unit="layer")
+        return None
+    return tqdm
 
 
-__all__ = ["INDEX_NAME", "SINGLE_NAME", "SafetensorsReader", "SafetensorsWriter", "progress"]
+def progress(iterable: Iterable, total: Optional[int], desc: str, enabled: bool = True, unit: str = "layer"):
+    """tqdm when installed and enabled; otherwise the iterable itself (the caller logs)."""
+    tqdm = _tqdm(desc) if enabled else None
+    return iterable if tqdm is None else tqdm(iterable, total=total, desc=desc, unit=unit)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "tensor"):
+    """A bar updated by hand (``update``/``close``), for work driven by someone else's loop."""
+    tqdm = _tqdm(desc) if enabled else None
+    return _NoBar() if tqdm is None else tqdm(total=total, desc=desc, unit=unit)
+
+
+__all__ = ["INDEX_NAME", "SAFETENSORS_DTYPES", "SINGLE_NAME", "SafetensorsReader", "SafetensorsWriter", "progress",
+           "progress_bar"]
