@@ -11,10 +11,14 @@ parameter is produced on demand by a caller's function, the view Megatron took o
 drops it after writing. Peak memory: the parameter being written (plus its inputs and a
 copy of a view), not the model.
 
-Why not Megatron's own writer: its ``FileSystemWriterAsync.prepare_write_data`` resolves
-every item up front (for the asynchronous copy to host), so it would hold every tensor at
-once. The files written here are the same PyTorch DCP format (``__0_0.distcp`` +
-``.metadata``) and load with ``dist_checkpointing.load`` at any TP/PP/EP.
+Why not the stock writers: Megatron's ``FileSystemWriterAsync.prepare_write_data``
+resolves every item up front (for its asynchronous copy to host), and torch's
+``FileSystemWriter`` keeps every tensor of a file referenced until the file is closed (for
+its safetensors output format); either would hold the whole model. The writer here
+resolves, writes and drops one item at a time, with DCP's own ``_write_item`` and the
+torch.save serialisation Megatron uses, so the files are the same PyTorch DCP format
+(``__0_0.distcp`` + ``.metadata``) and load with ``dist_checkpointing.load`` at any
+TP/PP/EP.
 """
 
 from __future__ import annotations
@@ -103,6 +107,9 @@ def save_streamed(model: torch.nn.Module, checkpoint_dir: str, materialise: Mate
         _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, SerializationFormat, _write_item
+    from torch.distributed.checkpoint.planner import WriteItemType
+    from torch.futures import Future
 
     class LazyPlanner(MCoreSavePlanner):
         def resolve_data(self, write_item):
@@ -111,14 +118,39 @@ def save_streamed(model: torch.nn.Module, checkpoint_dir: str, materialise: Mate
                 data = materialise(data)
             return data
 
+    class StreamingWriter(FileSystemWriter):
+        """DCP's file writer, one file per rank, each item resolved, written and dropped.
+        (torch's own loop keeps every tensor of a file until the file is closed.)"""
+
+        def write_data(self, plan, planner):
+            name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+            items = [i for i in plan.items if i.type == WriteItemType.BYTE_IO] + \
+                [i for i in plan.items if i.type != WriteItemType.BYTE_IO]
+            results = []
+            with open(os.path.join(str(self.path), name), "wb") as stream:
+                for item in items:
+                    data = planner.resolve_data(item)
+                    if isinstance(data, torch.Tensor):
+                        data = data.detach().cpu()
+                        if data.untyped_storage().nbytes() != data.nbytes:  # a view: write only its elements
+                            data = data.clone()
+                    results.append(_write_item(self.transforms, stream, data, item, name, self.serialization_format))
+                    del data
+                stream.flush()
+                os.fsync(stream.fileno())
+            future = Future()
+            future.set_result(results)
+            return future
+
     class StreamingSave(TorchDistSaveShardedStrategy):
-        """Megatron's torch_dist format, written through DCP's synchronous writer."""
+        """Megatron's torch_dist format, written through DCP with the streaming writer."""
 
         def save(self, sharded_state_dict, checkpoint_dir):
             sharded, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
             state = mcore_to_pyt_state_dict(sharded, False)
             planner = LazyPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
-            writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, sync_files=True, thread_count=1)
+            writer = StreamingWriter(str(checkpoint_dir), single_file_per_rank=True, sync_files=True, thread_count=1,
+                                     serialization_format=SerializationFormat.TORCH_SAVE)
             dcp.save(state, storage_writer=writer, planner=planner)
 
     if torch.distributed.get_rank() == 0:
