@@ -12,6 +12,9 @@ pairs (Megatron's ``rotary_percent`` + ``rotary_interleaved``), q/k/v biases and
 ``gate_up_proj`` (already ``[gate; up]``). The other families apply RoPE to the whole head
 in ``transformers``; a config of theirs with ``partial_rotary_factor`` != 1 is refused
 rather than converted into another model.
+RoPE: default, or Llama 3.x's frequency scaling (``rope_type: llama3``, any family: it only
+changes the inverse frequencies), carried as ``model.extra.rope_llama3_scaling`` and applied
+by ``build_gpt_model``; other ``rope_type`` values are refused.
 
 Megatron's fused tensors: ``linear_qkv`` rows are grouped per KV head
 ``[q heads of the group, k, v]`` (TP shards are whole groups); ``linear_fc1`` is
@@ -36,6 +39,8 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: MiniMax-M3 names of the MSA index tensors (vLLM's MiniMaxM3SparseAttention, see docs/conversion.md).
 HF_INDEX = {"index_q": "index_q_proj.weight", "index_k": "index_k_proj.weight",
             "index_q_norm": "index_q_norm.weight", "index_k_norm": "index_k_norm.weight"}
+#: rope_type 'llama3' parameters (transformers' _compute_llama3_parameters); = our rope_llama3_scaling keys.
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,6 +69,8 @@ class HFArch:
     max_position_embeddings: int
     dtype: torch.dtype
     rotary_percent: float = 1.0
+    #: Llama 3.x RoPE scaling (rope_type 'llama3'): factor, low/high_freq_factor, original_max_position_embeddings.
+    rope_llama3: Optional[Dict[str, float]] = None
     #: RoPE on interleaved pairs (GLM) instead of rotate_half's halves.
     rotary_interleaved: bool = False
     num_experts: Optional[int] = None
@@ -101,11 +108,20 @@ class HFArch:
             missing.append(f"hidden_act={cfg['hidden_act']!r} (only silu / SwiGLU)")
         rope = dict(cfg.get("rope_parameters") or {})
         legacy_scaling = cfg.get("rope_scaling")
-        if legacy_scaling:
+        if legacy_scaling:  # transformers 4.x: rope_scaling ({"type" | "rope_type": ..., ...}) + rope_theta
+            legacy_scaling = dict(legacy_scaling)
+            legacy_scaling.setdefault("rope_type", legacy_scaling.pop("type", "default"))
             rope.update(legacy_scaling)
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            missing.append(f"rope_type={rope_type!r} (RoPE scaling; only default RoPE)")
+        rope_type = rope.get("rope_type", "default")
+        llama3 = None
+        if rope_type == "llama3":
+            absent = [k for k in LLAMA3_ROPE_KEYS if k not in rope]
+            if absent:
+                missing.append(f"rope_type='llama3' without {', '.join(absent)}")
+            else:
+                llama3 = {k: float(rope[k]) for k in LLAMA3_ROPE_KEYS}
+        elif rope_type != "default":
+            missing.append(f"rope_type={rope_type!r} (RoPE scaling: allowed rope_type values are default, llama3)")
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         if float(theta) != int(theta):
             missing.append(f"rope_theta={theta} (model.rotary_base is an integer)")
@@ -173,7 +189,7 @@ class HFArch:
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=attention_bias,
             qk_norm=family in ("qwen3", "qwen3_moe"), initializer_range=float(cfg.get("initializer_range", 0.02)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            rotary_percent=float(partial), rotary_interleaved=family == "glm",
+            rotary_percent=float(partial), rotary_interleaved=family == "glm", rope_llama3=llama3,
             dtype=DTYPES.get(str(dtype_name).replace("torch.", ""), torch.float32), raw=dict(cfg), **kw)
 
     # ------------------------------------------------------------------ our config
@@ -189,6 +205,8 @@ class HFArch:
             extra["add_qkv_bias"] = True
         if self.rotary_interleaved:
             extra["rotary_interleaved"] = True
+        if self.rope_llama3:
+            extra["rope_llama3_scaling"] = dict(self.rope_llama3)
         if self.moe_pre_softmax:
             extra["moe_router_pre_softmax"] = True
         if self.shared_expert_ffn:
