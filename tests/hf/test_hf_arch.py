@@ -1,4 +1,4 @@
-"""config.json parsing and the fused-tensor maps (no model, no process group: fast)."""
+"""config.json parsing, the fused-tensor maps, import planning and its refusals (no process group, no model).
 
 from __future__ import annotations
 
@@ -230,3 +230,16 @@ def test_plan_import_refusals_name_the_tensors(tmp_path, case, words):
     with pytest.raises((UnsupportedModelError, KeyError)) as e:
         _plan(tmp_path, params, extra=extra, drop=drop)
     assert words in str(e.value)
+
+
+def test_rope_llama3_scaling_field_is_checked():
+    from msa_megatron.megatron.model import make_transformer_config
+
+    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4)
+    spec = {k: v for k, v in LLAMA31_ROPE.items() if k not in ("rope_type", "rope_theta")}
+    assert make_transformer_config(None, **base, rope_llama3_scaling=spec).rope_llama3_scaling == \
+        {k: float(v) for k, v in spec.items()}
+    with pytest.raises(ValueError, match="a mapping with exactly the keys factor, low_freq_factor"):
+        make_transformer_config(None, **base, rope_llama3_scaling={"factor": 8.0})
+    with pytest.raises(ValueError, match="0 < low_freq_factor < high_freq_factor"):
+        make_transformer_config(None, **base, rope_llama3_scaling={**spec, "low_freq_factor": 4.0, "high_freq_factor": 1.0})
