@@ -1,4 +1,4 @@
-"""config.json parsing, the fused-tensor maps, import planning and its refusals (no process group, no model).
+"""config.json parsing, the fused-tensor maps, import planning and its refusals (no process group, no model)."""
 
 from __future__ import annotations
 
