@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .arch import HF_INDEX, IGNORED_SUFFIXES, HFArch, Source, UnsupportedModelError, ckpt_globals_to_hf, \
+from .arch import IGNORED_SUFFIXES, HFArch, Source, UnsupportedModelError, ckpt_globals_to_hf, \
     ckpt_layer_to_hf, hf_global_sources, hf_layer_sources
 from .io import SafetensorsReader, SafetensorsWriter, progress, progress_bar
 from .stream import Materialiser, check_meta, meta_tensors, save_streamed

@@ -25,13 +25,12 @@ SINGLE_NAME = "model.safetensors"
 
 
 def _require_safetensors():
+    """safetensors' writer (the reader below parses the format itself)."""
     try:
-        import safetensors  # noqa: F401
-        from safetensors import safe_open
         from safetensors.torch import save_file
     except ImportError:
-        raise ImportError("Hugging Face conversion needs safetensors: pip install -e .[hf]") from None
-    return safe_open, save_file
+        raise ImportError("Hugging Face export needs safetensors: pip install -e .[hf]") from None
+    return save_file
 
 
 class _Entry:
@@ -144,7 +143,7 @@ class SafetensorsWriter:
     """Add tensors one by one; a shard is written once it reaches ``max_shard_bytes``."""
 
     def __init__(self, directory: str, max_shard_bytes: int = 4 << 30):
-        _, self._save = _require_safetensors()
+        self._save = _require_safetensors()
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
         os.makedirs(directory, exist_ok=True)

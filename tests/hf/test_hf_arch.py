@@ -243,3 +243,18 @@ def test_rope_llama3_scaling_field_is_checked():
         make_transformer_config(None, **base, rope_llama3_scaling={"factor": 8.0})
     with pytest.raises(ValueError, match="0 < low_freq_factor < high_freq_factor"):
         make_transformer_config(None, **base, rope_llama3_scaling={**spec, "low_freq_factor": 4.0, "high_freq_factor": 1.0})
+
+
+def test_plan_import_megatron_index_init(tmp_path):
+    from msa_megatron.hf.convert import plan_import
+    from msa_megatron.hf.io import SafetensorsReader
+
+    _llama_dir(tmp_path)
+    reader = SafetensorsReader(str(tmp_path))
+    arch = _arch()
+    params = _params(arch, reader)
+    sources, report = plan_import(arch, reader, params, [1], "megatron", lambda t: t.normal_(0, 0.02))
+    assert [a["init"] for a in report["index_initialised"]] == ["megatron init_method (requested)"] * 2 + ["ones"] * 2
+    w = sources["decoder.layers.1.self_attention.indexer.index_q.weight"](reader.get)
+    assert w.shape == (32, 64) and 0.01 < float(w.std()) < 0.03  # init_method's normal(0, 0.02), not a copy of q
+    assert torch.equal(sources["decoder.layers.1.self_attention.indexer.index_k_norm.weight"](reader.get), torch.ones(16))
