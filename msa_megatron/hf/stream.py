@@ -24,6 +24,7 @@ TP/PP/EP.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Callable, Dict, Optional
 
 import torch
@@ -107,9 +108,15 @@ def save_streamed(model: torch.nn.Module, checkpoint_dir: str, materialise: Mate
         _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, SerializationFormat, _write_item
+    from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
     from torch.distributed.checkpoint.planner import WriteItemType
     from torch.futures import Future
+
+    try:
+        from torch.distributed.checkpoint.filesystem import SerializationFormat
+    except ImportError:  # older torch: torch.save is the only format
+        SerializationFormat = None
+    _WRITE_ARGS = inspect.signature(_write_item).parameters
 
     class LazyPlanner(MCoreSavePlanner):
         def resolve_data(self, write_item):
@@ -124,6 +131,10 @@ def save_streamed(model: torch.nn.Module, checkpoint_dir: str, materialise: Mate
 
         def write_data(self, plan, planner):
             name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+            # _write_item's signature across torch versions (as Megatron's writer calls it)
+            lead = [self.transforms] if "transforms" in _WRITE_ARGS else []
+            fmt = {"serialization_format": SerializationFormat.TORCH_SAVE} if "serialization_format" in _WRITE_ARGS \
+                else {}
             items = [i for i in plan.items if i.type == WriteItemType.BYTE_IO] + \
                 [i for i in plan.items if i.type != WriteItemType.BYTE_IO]
             results = []
@@ -134,7 +145,7 @@ def save_streamed(model: torch.nn.Module, checkpoint_dir: str, materialise: Mate
                         data = data.detach().cpu()
                         if data.untyped_storage().nbytes() != data.nbytes:  # a view: write only its elements
                             data = data.clone()
-                    results.append(_write_item(self.transforms, stream, data, item, name, self.serialization_format))
+                    results.append(_write_item(*lead, stream, data, item, name, **fmt))
                     del data
                 stream.flush()
                 os.fsync(stream.fileno())
@@ -149,8 +160,7 @@ def save_streamed(model: torch.nn.Module, checkpoint_dir: str, materialise: Mate
             sharded, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
             state = mcore_to_pyt_state_dict(sharded, False)
             planner = LazyPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
-            writer = StreamingWriter(str(checkpoint_dir), single_file_per_rank=True, sync_files=True, thread_count=1,
-                                     serialization_format=SerializationFormat.TORCH_SAVE)
+            writer = StreamingWriter(str(checkpoint_dir), single_file_per_rank=True, sync_files=True, thread_count=1)
             dcp.save(state, storage_writer=writer, planner=planner)
 
     if torch.distributed.get_rank() == 0:
