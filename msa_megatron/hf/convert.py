@@ -280,9 +280,6 @@ def import_hf(hf_dir: str, out_dir: str, *, name: Optional[str] = None, block_si
         _save_import(model, arch, model_cfg, msa, report, hf_dir, out_dir, materialise)
     finally:
         bar.close()
-    unwritten = [k for k in params if k not in materialise.produced] if torch.distributed.get_rank() == 0 else []
-    if unwritten:  # rank 0 writes every main replica at TP = PP = 1
-        raise RuntimeError(f"{len(unwritten)} model tensors were not written: {unwritten[:8]}")
     return None, report
 
 
@@ -290,10 +287,23 @@ def _save_import(model, arch: HFArch, model_cfg: Dict[str, Any], msa: Dict[str, 
                  hf_dir: str, out_dir: str, materialise: Materialiser) -> None:
     import torch.distributed as dist
 
+    from ..training.checkpoint import write_manifest
+
     save_streamed(model, out_dir, materialise)
-    if dist.get_rank() != 0:  # data-parallel replicas (a test's two-process job) write the side files once
-        dist.barrier()
-        return
+    # rank 0 holds every main replica at TP = PP = 1: it must have written every tensor
+    unwritten = [[k for k in materialise.params if k not in materialise.produced] if dist.get_rank() == 0 else []]
+    dist.broadcast_object_list(unwritten, src=0)
+    if unwritten[0]:
+        raise RuntimeError(f"{out_dir}: {len(unwritten[0])} model tensors were not written: {unwritten[0][:8]}")
+    if dist.get_rank() == 0:  # data-parallel replicas (a test's two-process job) write the side files once
+        _write_side_files(arch, model_cfg, msa, report, hf_dir, out_dir)
+    dist.barrier()
+    # msa-train's checkpoint.init_from verifies this (sizes + sha256 of every file, side files included)
+    write_manifest(Path(out_dir))
+
+
+def _write_side_files(arch: HFArch, model_cfg: Dict[str, Any], msa: Dict[str, int], report: Dict[str, Any],
+                      hf_dir: str, out_dir: str) -> None:
     cfg_dir = os.path.join(out_dir, "configs", "model")
     os.makedirs(cfg_dir, exist_ok=True)
     with open(os.path.join(cfg_dir, f"{model_cfg['name']}.yaml"), "w") as f:
@@ -308,7 +318,6 @@ def _save_import(model, arch: HFArch, model_cfg: Dict[str, Any], msa: Dict[str, 
         os.makedirs(os.path.join(out_dir, FILES_DIR), exist_ok=True)
         for n in files:
             shutil.copy2(os.path.join(hf_dir, n), os.path.join(out_dir, FILES_DIR, n))
-    dist.barrier()
 
 
 # ---------------------------------------------------------------------------- export

@@ -61,7 +61,9 @@ def check_meta(model: torch.nn.Module) -> None:
 
 class Materialiser:
     """Meta view -> real tensor: finds the parameter the view belongs to (its storage), makes
-    the parameter with ``produce(name)`` (cached until the next parameter) and takes the view."""
+    the parameter with ``produce(name)`` (cached until the next parameter) and takes the view.
+    ``produced`` counts how often each parameter was made (more than once only if the writer
+    interleaves views of different parameters); ``on_new`` is called once per parameter."""
 
     def __init__(self, params: Dict[str, torch.Tensor], produce: Callable[[str], torch.Tensor],
                  on_new: Optional[Callable[[str], None]] = None):
@@ -69,7 +71,7 @@ class Materialiser:
         if len(self._owner) != len(params):
             raise RuntimeError("two model tensors share one storage (tied weights?): the streamed writer needs one "
                                "storage per tensor")
-        self._params = params
+        self.params = params
         self._produce = produce
         self._on_new = on_new
         self._cached: Optional[str] = None
@@ -83,13 +85,14 @@ class Materialiser:
                                "model parameter")
         if name != self._cached:
             self._value = None  # free the previous parameter first
-            ref = self._params[name]
+            ref = self.params[name]
             value = self._produce(name).to(ref.dtype).contiguous()
             if value.shape != ref.shape:
                 raise RuntimeError(f"{name}: produced shape {tuple(value.shape)} != model shape {tuple(ref.shape)}")
             self._cached, self._value = name, value
+            first = name not in self.produced
             self.produced[name] = self.produced.get(name, 0) + 1
-            if self._on_new is not None:
+            if first and self._on_new is not None:
                 self._on_new(name)
         return self._value.as_strided(view.size(), view.stride(), view.storage_offset())
 

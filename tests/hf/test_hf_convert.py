@@ -105,6 +105,11 @@ def _round_trips(tmp: str):
         make_hf_model(family, src, seed=7, dtype=torch.bfloat16)
         flags = ["--msa-block-size", "16", "--msa-topk", "3", "--msa-dense-layers", "1", "--no-progress"]
         assert main(["--from-hf", src, "--save", ours, *flags]) == 0
+        from pathlib import Path
+
+        from msa_megatron.training.checkpoint import verify_checkpoint
+
+        manifest = verify_checkpoint(Path(ours))  # None: msa-train's checkpoint.init_from accepts it
         assert main(["--to-hf", ours, "--save", back, "--no-progress"]) == 0
         a, b = _tensors(src), _tensors(back)
         # a trained indexer's norms are not ones: give the exported index tensors other values
@@ -136,7 +141,7 @@ def _round_trips(tmp: str):
         assert main(["--to-hf", ours3, "--save", back3, "--no-progress"]) == 0
         d = _tensors(back3)
         out[family] = {
-            "src": src, "back": back,
+            "src": src, "back": back, "manifest": manifest,
             "src_keys": sorted(a), "same_keys": same, "extra_keys": sorted(set(b) - set(a)), "index_keys": index,
             "index_shapes": {k: list(b[k].shape) for k in index},
             "config_kept": all(cfg_back.get(k) == v for k, v in cfg_src.items() if k != "transformers_version"),
@@ -216,6 +221,7 @@ def test_unknown_hf_tensor_is_an_error(single):
 @pytest.mark.parametrize("family", ROUND_TRIPS)
 def test_round_trip_bit_equal(single, family):
     r = single["round_trips"][family]
+    assert r["manifest"] is None, r["manifest"]  # the converted directory verifies (msa-train's init_from check)
     assert r["same_keys"] == r["src_keys"], set(r["src_keys"]) - set(r["same_keys"])
     assert r["extra_keys"] == r["index_keys"] and len(r["index_keys"]) == 8  # 2 MSA layers x q, k, q_norm, k_norm
     assert r["index_shapes"]["model.layers.1.self_attn.index_q_proj.weight"] == [2 * 16, 64]  # [n_kv * d_index, hidden]
