@@ -258,3 +258,38 @@ def test_plan_import_megatron_index_init(tmp_path):
     w = sources["decoder.layers.1.self_attention.indexer.index_q.weight"](reader.get)
     assert w.shape == (32, 64) and 0.01 < float(w.std()) < 0.03  # init_method's normal(0, 0.02), not a copy of q
     assert torch.equal(sources["decoder.layers.1.self_attention.indexer.index_k_norm.weight"](reader.get), torch.ones(16))
+
+
+def test_directory_refusals(tmp_path):
+    from msa_megatron.hf.convert import _check_out_dir, read_hf_config
+    from msa_megatron.hf.io import SafetensorsReader
+
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=r"no model.safetensors or model.safetensors.index.json \(found "
+                                                r"\['pytorch_model.bin'\]: re-save with safe_serialization=True\)"):
+        SafetensorsReader(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        read_hf_config(str(tmp_path))
+    with pytest.raises(FileExistsError, match="is not empty: allowed values are a new or empty directory"):
+        _check_out_dir(str(tmp_path))
+
+
+def test_reader_refuses_unknown_dtypes_and_bad_offsets(tmp_path):
+    import json
+    import struct
+
+    from msa_megatron.hf.io import SafetensorsReader
+
+    def write(header, data=b"\0" * 16):
+        raw = json.dumps(header).encode()
+        (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+    write({"a": {"dtype": "F8_E4M3", "shape": [16], "data_offsets": [0, 16]}})
+    with pytest.raises(ValueError, match="dtype F8_E4M3 is not supported: allowed values are F64, F32"):
+        SafetensorsReader(str(tmp_path)).get("a")
+    write({"a": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}})
+    with pytest.raises(ValueError, match=r"data offsets \[0, 32\] outside the file"):
+        SafetensorsReader(str(tmp_path))
+    write({"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}, "__metadata__": {"format": "pt"}})
+    r = SafetensorsReader(str(tmp_path))
+    assert r.keys() == ["a"] and torch.equal(r.get("a"), torch.zeros(2, 2)) and r.meta("a").shape == (2, 2)
