@@ -97,6 +97,7 @@ def _round_trips(tmp: str):
     from hf_cases import make_hf_model
 
     from msa_megatron.convert_cli import main
+    from msa_megatron.training.checkpoint import verify_checkpoint
 
     out = {}
     for family in ROUND_TRIPS:
@@ -105,10 +106,6 @@ def _round_trips(tmp: str):
         make_hf_model(family, src, seed=7, dtype=torch.bfloat16)
         flags = ["--msa-block-size", "16", "--msa-topk", "3", "--msa-dense-layers", "1", "--no-progress"]
         assert main(["--from-hf", src, "--save", ours, *flags]) == 0
-        from pathlib import Path
-
-        from msa_megatron.training.checkpoint import verify_checkpoint
-
         manifest = verify_checkpoint(Path(ours))  # None: msa-train's checkpoint.init_from accepts it
         assert main(["--to-hf", ours, "--save", back, "--no-progress"]) == 0
         a, b = _tensors(src), _tensors(back)
