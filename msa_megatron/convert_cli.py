@@ -115,11 +115,9 @@ def _main_hf(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("--config applies to --load only (--from-hf writes the model YAML itself)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .hf.convert import export_hf, import_hf
-    from .training.checkpoint import prepare_writer_queue
     from .megatron.parallel import shutdown_distributed
 
-    prepare_writer_queue()  # a forked (not spawned) checkpoint writer helper on CPU: no second torch import
-    try:
+    try:  # (no checkpoint writer helper process: --from-hf writes in this process, msa_megatron.hf.stream)
         if args.from_hf:
             if args.dtype == "fp16":
                 parser.error("--from-hf --dtype: allowed values are fp32, bf16")

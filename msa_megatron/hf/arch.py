@@ -12,6 +12,9 @@ pairs (Megatron's ``rotary_percent`` + ``rotary_interleaved``), q/k/v biases and
 ``gate_up_proj`` (already ``[gate; up]``). The other families apply RoPE to the whole head
 in ``transformers``; a config of theirs with ``partial_rotary_factor`` != 1 is refused
 rather than converted into another model.
+RoPE: default, or Llama 3.x's frequency scaling (``rope_type: llama3``, any family: it only
+changes the inverse frequencies), carried as ``model.extra.rope_llama3_scaling`` and applied
+by ``build_gpt_model``; other ``rope_type`` values are refused.
 
 Megatron's fused tensors: ``linear_qkv`` rows are grouped per KV head
 ``[q heads of the group, k, v]`` (TP shards are whole groups); ``linear_fc1`` is
@@ -36,6 +39,8 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: MiniMax-M3 names of the MSA index tensors (vLLM's MiniMaxM3SparseAttention, see docs/conversion.md).
 HF_INDEX = {"index_q": "index_q_proj.weight", "index_k": "index_k_proj.weight",
             "index_q_norm": "index_q_norm.weight", "index_k_norm": "index_k_norm.weight"}
+#: rope_type 'llama3' parameters (transformers' _compute_llama3_parameters); = our rope_llama3_scaling keys.
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,6 +69,8 @@ class HFArch:
     max_position_embeddings: int
     dtype: torch.dtype
     rotary_percent: float = 1.0
+    #: Llama 3.x RoPE scaling (rope_type 'llama3'): factor, low/high_freq_factor, original_max_position_embeddings.
+    rope_llama3: Optional[Dict[str, float]] = None
     #: RoPE on interleaved pairs (GLM) instead of rotate_half's halves.
     rotary_interleaved: bool = False
     num_experts: Optional[int] = None
@@ -101,11 +108,20 @@ class HFArch:
             missing.append(f"hidden_act={cfg['hidden_act']!r} (only silu / SwiGLU)")
         rope = dict(cfg.get("rope_parameters") or {})
         legacy_scaling = cfg.get("rope_scaling")
-        if legacy_scaling:
+        if legacy_scaling:  # transformers 4.x: rope_scaling ({"type" | "rope_type": ..., ...}) + rope_theta
+            legacy_scaling = dict(legacy_scaling)
+            legacy_scaling.setdefault("rope_type", legacy_scaling.pop("type", "default"))
             rope.update(legacy_scaling)
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            missing.append(f"rope_type={rope_type!r} (RoPE scaling; only default RoPE)")
+        rope_type = rope.get("rope_type", "default")
+        llama3 = None
+        if rope_type == "llama3":
+            absent = [k for k in LLAMA3_ROPE_KEYS if k not in rope]
+            if absent:
+                missing.append(f"rope_type='llama3' without {', '.join(absent)}")
+            else:
+                llama3 = {k: float(rope[k]) for k in LLAMA3_ROPE_KEYS}
+        elif rope_type != "default":
+            missing.append(f"rope_type={rope_type!r} (RoPE scaling: allowed rope_type values are default, llama3)")
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         if float(theta) != int(theta):
             missing.append(f"rope_theta={theta} (model.rotary_base is an integer)")
@@ -173,7 +189,7 @@ class HFArch:
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=attention_bias,
             qk_norm=family in ("qwen3", "qwen3_moe"), initializer_range=float(cfg.get("initializer_range", 0.02)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            rotary_percent=float(partial), rotary_interleaved=family == "glm",
+            rotary_percent=float(partial), rotary_interleaved=family == "glm", rope_llama3=llama3,
             dtype=DTYPES.get(str(dtype_name).replace("torch.", ""), torch.float32), raw=dict(cfg), **kw)
 
     # ------------------------------------------------------------------ our config
@@ -189,6 +205,8 @@ class HFArch:
             extra["add_qkv_bias"] = True
         if self.rotary_interleaved:
             extra["rotary_interleaved"] = True
+        if self.rope_llama3:
+            extra["rope_llama3_scaling"] = dict(self.rope_llama3)
         if self.moe_pre_softmax:
             extra["moe_router_pre_softmax"] = True
         if self.shared_expert_ffn:
@@ -248,53 +266,69 @@ def split_qkv(arch: HFArch, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tens
 Get = Callable[[str], torch.Tensor]
 
 
-def hf_globals_to_megatron(arch: HFArch, get: Get) -> Iterator[Tuple[str, torch.Tensor]]:
+#: A model tensor as a function of the HF tensors (``get``): evaluated with meta tensors to
+#: check shapes and which HF tensors are used, then with real ones when the tensor is written.
+Source = Callable[[Get], torch.Tensor]
+
+
+def _one(name: str) -> Source:
+    return lambda get: get(name)
+
+
+def _cat(*names: str) -> Source:
+    return lambda get: torch.cat([get(n) for n in names], 0)
+
+
+def _qkv(arch: HFArch, a: str, what: str) -> Source:
+    return lambda get: fuse_qkv(arch, get(f"{a}q_proj.{what}"), get(f"{a}k_proj.{what}"), get(f"{a}v_proj.{what}"))
+
+
+def hf_global_sources(arch: HFArch) -> Dict[str, Source]:
     """Embedding, final norm and output layer; keys of our GPTModel's state_dict."""
-    yield "embedding.word_embeddings.weight", get("model.embed_tokens.weight")
-    yield "decoder.final_layernorm.weight", get("model.norm.weight")
+    out = {"embedding.word_embeddings.weight": _one("model.embed_tokens.weight"),
+           "decoder.final_layernorm.weight": _one("model.norm.weight")}
     if not arch.tie_embeddings:
-        yield "output_layer.weight", get("lm_head.weight")
+        out["output_layer.weight"] = _one("lm_head.weight")
+    return out
 
 
-def hf_layer_to_megatron(arch: HFArch, i: int, get: Get, has: Callable[[str], bool]) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Layer ``i``: HF tensors -> our model's state_dict keys (local spec). Index tensors
-    come only if the HF checkpoint has them (``has``)."""
+def hf_layer_sources(arch: HFArch, i: int, has: Callable[[str], bool]) -> Dict[str, Source]:
+    """Layer ``i``: our model's state_dict keys (local spec) -> how to make them from HF
+    tensors. Index tensors come only if the HF checkpoint has them (``has``)."""
     h, m = _hf_layer(i), f"decoder.layers.{i}."
     a = f"{h}self_attn."
-    yield m + "input_layernorm.weight", get(h + "input_layernorm.weight")
-    yield m + "self_attention.linear_qkv.weight", fuse_qkv(arch, get(a + "q_proj.weight"), get(a + "k_proj.weight"),
-                                                           get(a + "v_proj.weight"))
+    out: Dict[str, Source] = {m + "input_layernorm.weight": _one(h + "input_layernorm.weight"),
+                              m + "self_attention.linear_qkv.weight": _qkv(arch, a, "weight")}
     if arch.qkv_bias:
-        yield m + "self_attention.linear_qkv.bias", fuse_qkv(arch, get(a + "q_proj.bias"), get(a + "k_proj.bias"),
-                                                             get(a + "v_proj.bias"))
-    yield m + "self_attention.linear_proj.weight", get(a + "o_proj.weight")
+        out[m + "self_attention.linear_qkv.bias"] = _qkv(arch, a, "bias")
+    out[m + "self_attention.linear_proj.weight"] = _one(a + "o_proj.weight")
     if arch.qk_norm:
-        yield m + "self_attention.q_layernorm.weight", get(a + "q_norm.weight")
-        yield m + "self_attention.k_layernorm.weight", get(a + "k_norm.weight")
+        out[m + "self_attention.q_layernorm.weight"] = _one(a + "q_norm.weight")
+        out[m + "self_attention.k_layernorm.weight"] = _one(a + "k_norm.weight")
     for ours, theirs in HF_INDEX.items():
         if has(a + theirs):
-            yield f"{m}self_attention.indexer.{ours}.weight", get(a + theirs)
-    yield m + "pre_mlp_layernorm.weight", get(h + "post_attention_layernorm.weight")
+            out[f"{m}self_attention.indexer.{ours}.weight"] = _one(a + theirs)
+    out[m + "pre_mlp_layernorm.weight"] = _one(h + "post_attention_layernorm.weight")
     if arch.is_moe_layer(i):
-        yield m + "mlp.router.weight", get(_router_name(arch, i))
+        out[m + "mlp.router.weight"] = _one(_router_name(arch, i))
         for j in range(arch.num_experts):
             p, (gate, up, down) = _expert_prefix(arch, i, j)
             e = f"{m}mlp.experts.local_experts.{j}."
-            yield e + "linear_fc1.weight", torch.cat([get(f"{p}{gate}.weight"), get(f"{p}{up}.weight")], 0)
-            yield e + "linear_fc2.weight", get(f"{p}{down}.weight")
+            out[e + "linear_fc1.weight"] = _cat(f"{p}{gate}.weight", f"{p}{up}.weight")
+            out[e + "linear_fc2.weight"] = _one(f"{p}{down}.weight")
         if arch.shared_expert_ffn:
             p = f"{h}mlp.shared_expert."
-            yield m + "mlp.shared_experts.linear_fc1.weight", torch.cat([get(p + "gate_proj.weight"),
-                                                                          get(p + "up_proj.weight")], 0)
-            yield m + "mlp.shared_experts.linear_fc2.weight", get(p + "down_proj.weight")
-            yield m + "mlp.shared_experts.gate_weight", get(f"{h}mlp.shared_expert_gate.weight")
+            out[m + "mlp.shared_experts.linear_fc1.weight"] = _cat(p + "gate_proj.weight", p + "up_proj.weight")
+            out[m + "mlp.shared_experts.linear_fc2.weight"] = _one(p + "down_proj.weight")
+            out[m + "mlp.shared_experts.gate_weight"] = _one(f"{h}mlp.shared_expert_gate.weight")
     elif arch.family == "glm":  # fused gate_up_proj, already [gate; up]
-        yield m + "mlp.linear_fc1.weight", get(f"{h}mlp.gate_up_proj.weight")
-        yield m + "mlp.linear_fc2.weight", get(f"{h}mlp.down_proj.weight")
+        out[m + "mlp.linear_fc1.weight"] = _one(f"{h}mlp.gate_up_proj.weight")
+        out[m + "mlp.linear_fc2.weight"] = _one(f"{h}mlp.down_proj.weight")
     else:
         gate, up, down = _mlp_names(arch)
-        yield m + "mlp.linear_fc1.weight", torch.cat([get(f"{h}mlp.{gate}.weight"), get(f"{h}mlp.{up}.weight")], 0)
-        yield m + "mlp.linear_fc2.weight", get(f"{h}mlp.{down}.weight")
+        out[m + "mlp.linear_fc1.weight"] = _cat(f"{h}mlp.{gate}.weight", f"{h}mlp.{up}.weight")
+        out[m + "mlp.linear_fc2.weight"] = _one(f"{h}mlp.{down}.weight")
+    return out
 
 
 # Export reads the distributed checkpoint directly: its keys name layer norms the way TE
@@ -357,4 +391,4 @@ def ckpt_layer_to_hf(arch: HFArch, i: int, get: Get, has: Callable[[str], bool])
 
 
 __all__ = ["DTYPES", "FAMILIES", "MOE_FAMILIES", "HFArch", "HF_INDEX", "UnsupportedModelError", "ckpt_globals_to_hf",
-           "ckpt_layer_to_hf", "fuse_qkv", "hf_globals_to_megatron", "hf_layer_to_megatron", "split_qkv"]
+           "ckpt_layer_to_hf", "fuse_qkv", "hf_global_sources", "hf_layer_sources", "split_qkv", "Source"]

@@ -4,8 +4,9 @@
 (the model msa-train builds from the generated ``model`` YAML), saved as a Megatron-Core
 distributed checkpoint. The checkpoint is written at TP=PP=1 in one process; distributed
 checkpoints reshard on load and layers are keyed per global layer, so it loads at any
-TP/PP/EP (``checkpoint.init_from``). HF tensors are read one at a time (memory-mapped);
-peak memory is the model in ``dtype`` plus one fused tensor.
+TP/PP/EP (``checkpoint.init_from``). The model is built on the meta device and each tensor
+is read from the safetensors, fused and written when the checkpoint writer reaches it
+(:mod:`.stream`): peak memory is one tensor with its inputs, not the model.
 
 ``export_hf``: a distributed checkpoint (ours, or a training step) -> safetensors +
 config.json in the source family's layout, read layer by layer from the checkpoint
@@ -26,9 +27,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .arch import HF_INDEX, HFArch, UnsupportedModelError, ckpt_globals_to_hf, ckpt_layer_to_hf, \
-    hf_globals_to_megatron, hf_layer_to_megatron
-from .io import SafetensorsReader, SafetensorsWriter, progress
+from .arch import IGNORED_SUFFIXES, HFArch, Source, UnsupportedModelError, ckpt_globals_to_hf, \
+    ckpt_layer_to_hf, hf_global_sources, hf_layer_sources
+from .io import SafetensorsReader, SafetensorsWriter, progress, progress_bar
+from .stream import Materialiser, check_meta, meta_tensors, save_streamed
 
 log = logging.getLogger("msa_megatron.hf")
 
@@ -139,15 +141,102 @@ def model_yaml(model: Dict[str, Any], arch: HFArch, out_dir: str) -> str:
 
 
 # ---------------------------------------------------------------------------- import
+#: Index-branch initialisations (the strings of megatron.convert.init_index_from_dense's report).
+MEAN_INIT = "mean of the group's query projections / of all key projections"
+_INDEX_NORMS = ("index_q_norm.weight", "index_k_norm.weight")
+
+
+def _model_tensors(model) -> Dict[str, torch.Tensor]:
+    """The model's state_dict tensors (no ``_extra_state``), as the tensors themselves."""
+    return {k: v for k, v in model.state_dict(keep_vars=True).items()
+            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+
+
+def _index_source(key: str, arch: HFArch, params: Dict[str, torch.Tensor], sources: Dict[str, Source],
+                  index_init: str, init_method) -> Tuple[Source, str]:
+    """How an index tensor the HF checkpoint lacks starts (``checkpoint.index_init``): the
+    mean of the group's q projections / of all k projections (``mean``, index dim = head
+    dim), Megatron's ``init_method`` otherwise; norms at 1."""
+    ref = params[key]
+    shape, dtype = tuple(ref.shape), ref.dtype
+    if key.endswith(_INDEX_NORMS):
+        return (lambda get: torch.ones(shape, dtype=dtype)), "ones"
+    g, G, hn, di = arch.num_kv_heads, arch.group_size, arch.head_dim, shape[0] // (
+        arch.num_kv_heads if key.endswith("index_q.weight") else 1)
+    if index_init == "mean" and di == hn:
+        qkv = sources[key.split(".indexer.")[0] + ".linear_qkv.weight"]
+
+        def grouped(get):  # [g, G + 2, hn, hidden] in the model's dtype, as the in-model init reads it
+            return qkv(get).to(params[key.split(".indexer.")[0] + ".linear_qkv.weight"].dtype).view(g, G + 2, hn, -1)
+
+        if key.endswith("index_q.weight"):
+            return (lambda get: grouped(get)[:, :G].float().mean(1).reshape(g * di, -1)), MEAN_INIT
+        return (lambda get: grouped(get)[:, G].float().mean(0)), MEAN_INIT
+    how = "megatron init_method (requested)" if index_init != "mean" else \
+        f"megatron init_method (index_dim {di} != head dim {hn}: no mean copy)"
+
+    def draw(get):
+        t = torch.empty(shape, dtype=dtype)
+        init_method(t)
+        return t
+
+    return draw, how
+
+
+def plan_import(arch: HFArch, reader: SafetensorsReader, params: Dict[str, torch.Tensor], msa_layers: List[int],
+                index_init: str, init_method) -> Tuple[Dict[str, Source], Dict[str, Any]]:
+    """Every model tensor -> its source, checked before anything is read or written: shapes
+    (the sources evaluated on meta tensors from the safetensors headers), every HF tensor
+    used, every non-index parameter filled; an index tensor the checkpoint lacks gets
+    ``index_init``. Errors name the tensors."""
+    sources: Dict[str, Source] = dict(hf_global_sources(arch))
+    for i in range(arch.num_layers):
+        sources.update(hf_layer_sources(arch, i, reader.has))
+    norm_offset = float(arch.msa_extra.get("index_norm_offset", 0))  # 1: exported with --index-norm gemma
+    if norm_offset:
+        for key in [k for k in sources if k.endswith(_INDEX_NORMS)]:
+            sources[key] = (lambda f: lambda get: f(get) + norm_offset)(sources[key])  # Gemma-style 1 + w -> w
+    misplaced = [k for k in sources if k not in params]
+    if misplaced:
+        raise UnsupportedModelError(f"{misplaced[:4]} have no place in the model (index tensors on a dense layer? MSA "
+                                    f"layers are {msa_layers})")
+    used: set = set()
+
+    def meta_get(name: str) -> torch.Tensor:
+        used.add(name)
+        return reader.meta(name)
+
+    for key, source in sources.items():
+        shape = tuple(source(meta_get).shape)
+        if shape != tuple(params[key].shape):
+            raise UnsupportedModelError(f"{key}: HF shape {shape} != model shape {tuple(params[key].shape)}")
+    unused = [k for k in reader.keys() if k not in used and not k.endswith(IGNORED_SUFFIXES)]
+    if unused:
+        raise UnsupportedModelError(f"{len(unused)} HF tensors the {arch.family} conversion does not know (unsupported "
+                                    f"modules?): {unused[:8]}")
+    missing = [k for k in params if k not in sources and ".indexer." not in k]
+    if missing:
+        raise UnsupportedModelError(f"model parameters without an HF tensor: {missing[:8]}")
+    given = sorted(k for k in sources if ".indexer." in k)
+    initialised = []
+    for key in [k for k in params if ".indexer." in k and k not in sources]:
+        sources[key], how = _index_source(key, arch, params, sources, index_init, init_method)
+        initialised.append({"name": key, "shape": list(params[key].shape), "init": how})
+    return sources, {"index_from_checkpoint": given, "index_initialised": initialised}
+
+
 @torch.no_grad()
 def import_hf(hf_dir: str, out_dir: str, *, name: Optional[str] = None, block_size: Optional[int] = None,
               topk: Optional[int] = None, index_dim: Optional[int] = None, dense_layers: Optional[int] = None,
               index_init: str = "mean", precision: str = "fp32", seq_length: Optional[int] = None,
               show_progress: bool = True, save: bool = True):
-    """HF directory -> (model, summary); writes the checkpoint, the model YAML and
-    hf_source.json to ``out_dir`` when ``save``. Every HF tensor must be used and every
-    non-index parameter filled: anything else is an error naming the tensors."""
-    from ..megatron.convert import INIT_METHODS, init_index_from_dense
+    """HF directory -> (model, summary). ``save``: streams the checkpoint to ``out_dir``
+    (plus the model YAML and hf_source.json) one tensor at a time from a meta-device model,
+    and returns ``None`` for the model; otherwise builds and returns the filled model (for
+    tests and in-process use: memory = the model). Every HF tensor must be used and every
+    non-index parameter filled: anything else is an error naming the tensors, raised before
+    anything is written."""
+    from ..megatron.convert import INIT_METHODS
 
     if index_init not in INIT_METHODS:
         raise ValueError(f"index_init={index_init!r} is invalid: allowed values are {', '.join(INIT_METHODS)}")
@@ -167,63 +256,54 @@ def import_hf(hf_dir: str, out_dir: str, *, name: Optional[str] = None, block_si
     ensure_process_group()
     cfg.train.global_batch_size = cfg.train.micro_batch_size  # validate() checks the batch shape too
     validate(cfg, 1)
-    model = build_model(cfg, arch.vocab_size)
-    target = model.state_dict()
-    filled: set = set()
-    given_index: Dict[str, torch.Tensor] = {}
-
-    norm_offset = float(arch.msa_extra.get("index_norm_offset", 0))  # 1: exported with --index-norm gemma
-
-    def put(key: str, value: torch.Tensor) -> None:
-        if norm_offset and key.endswith(("index_q_norm.weight", "index_k_norm.weight")):
-            value = value + norm_offset  # Gemma-style 1 + w -> our scale
-        if key not in target:
-            raise UnsupportedModelError(f"{key} has no place in the model (an index tensor on a dense layer? MSA layers "
-                                        f"are {[i for i in range(arch.num_layers) if cfg.msa.is_msa_layer(i)]})")
-        if tuple(target[key].shape) != tuple(value.shape):
-            raise UnsupportedModelError(f"{key}: HF shape {tuple(value.shape)} != model shape {tuple(target[key].shape)}")
-        target[key].copy_(value)
-        filled.add(key)
-        if ".indexer." in key:
-            given_index[key] = value.to(target[key].dtype).clone()
-
-    steps = [None] + list(range(arch.num_layers))
-    for i in progress(steps, len(steps), f"import {arch.family}", show_progress):
-        pairs = hf_globals_to_megatron(arch, reader.get) if i is None else \
-            hf_layer_to_megatron(arch, i, reader.get, reader.has)
-        for key, value in pairs:
-            put(key, value)
-    unused = [k for k in reader.keys() if k not in reader.read and not k.endswith(("rotary_emb.inv_freq",))]
-    if unused:
-        raise UnsupportedModelError(f"{len(unused)} HF tensors the {arch.family} conversion does not know (unsupported "
-                                    f"modules?): {unused[:8]}")
-    missing = [k for k in target if k not in filled and not k.endswith("_extra_state") and ".indexer." not in k]
-    if missing:
-        raise UnsupportedModelError(f"model parameters without an HF tensor: {missing[:8]}")
-
-    index_keys = [k for k in target if ".indexer." in k and not k.endswith("_extra_state")]
-    added = init_index_from_dense(model, index_init) if len(given_index) < len(index_keys) else []
-    for key, value in given_index.items():  # tensors from the HF checkpoint win over the init
-        target[key].copy_(value)
-    report = {"family": arch.family, "msa": msa, "msa_layers": [i for i in range(arch.num_layers)
-                                                                if cfg.msa.is_msa_layer(i)],
-              "index_from_checkpoint": sorted(given_index),
-              "index_initialised": [a for a in added if a["name"] not in given_index]}
     if save:
-        _save_import(model, arch, model_cfg, msa, report, hf_dir, out_dir)
-    return model, report
+        with meta_tensors():
+            model = build_model(cfg, arch.vocab_size)
+        check_meta(model)
+    else:
+        model = build_model(cfg, arch.vocab_size)
+    params = _model_tensors(model)
+    msa_layers = [i for i in range(arch.num_layers) if cfg.msa.is_msa_layer(i)]
+    sources, index_report = plan_import(arch, reader, params, msa_layers, index_init, model.config.init_method)
+    report = {"family": arch.family, "msa": msa, "msa_layers": msa_layers, **index_report}
+
+    def produce(key: str) -> torch.Tensor:
+        return sources[key](reader.get)
+
+    if not save:
+        for key in progress(list(params), len(params), f"import {arch.family}", show_progress, unit="tensor"):
+            params[key].copy_(produce(key))
+        return model, report
+    bar = progress_bar(len(params), f"import {arch.family}", show_progress, unit="tensor")
+    materialise = Materialiser(params, produce, on_new=lambda _: bar.update(1))
+    try:
+        _save_import(model, arch, model_cfg, msa, report, hf_dir, out_dir, materialise)
+    finally:
+        bar.close()
+    return None, report
 
 
 def _save_import(model, arch: HFArch, model_cfg: Dict[str, Any], msa: Dict[str, int], report: Dict[str, Any],
-                 hf_dir: str, out_dir: str) -> None:
-    from ..megatron.checkpoint import save_model_checkpoint
-
+                 hf_dir: str, out_dir: str, materialise: Materialiser) -> None:
     import torch.distributed as dist
 
-    save_model_checkpoint(model, out_dir)
-    if dist.get_rank() != 0:  # data-parallel replicas (a test's two-process job) write the side files once
-        dist.barrier()
-        return
+    from ..training.checkpoint import write_manifest
+
+    save_streamed(model, out_dir, materialise)
+    # rank 0 holds every main replica at TP = PP = 1: it must have written every tensor
+    unwritten = [[k for k in materialise.params if k not in materialise.produced] if dist.get_rank() == 0 else []]
+    dist.broadcast_object_list(unwritten, src=0)
+    if unwritten[0]:
+        raise RuntimeError(f"{out_dir}: {len(unwritten[0])} model tensors were not written: {unwritten[0][:8]}")
+    if dist.get_rank() == 0:  # data-parallel replicas (a test's two-process job) write the side files once
+        _write_side_files(arch, model_cfg, msa, report, hf_dir, out_dir)
+    dist.barrier()
+    # msa-train's checkpoint.init_from verifies this (sizes + sha256 of every file, side files included)
+    write_manifest(Path(out_dir))
+
+
+def _write_side_files(arch: HFArch, model_cfg: Dict[str, Any], msa: Dict[str, int], report: Dict[str, Any],
+                      hf_dir: str, out_dir: str) -> None:
     cfg_dir = os.path.join(out_dir, "configs", "model")
     os.makedirs(cfg_dir, exist_ok=True)
     with open(os.path.join(cfg_dir, f"{model_cfg['name']}.yaml"), "w") as f:
@@ -238,7 +318,6 @@ def _save_import(model, arch: HFArch, model_cfg: Dict[str, Any], msa: Dict[str, 
         os.makedirs(os.path.join(out_dir, FILES_DIR), exist_ok=True)
         for n in files:
             shutil.copy2(os.path.join(hf_dir, n), os.path.join(out_dir, FILES_DIR, n))
-    dist.barrier()
 
 
 # ---------------------------------------------------------------------------- export

@@ -1,7 +1,8 @@
 """Safetensors directories, read and written one tensor at a time.
 
-Reading opens every shard with ``safe_open`` (memory-mapped); a tensor is materialised
-only when asked for, so a conversion holds one tensor (or one fused group) at a time.
+Reading parses the safetensors headers (shapes, dtypes) and reads a tensor's bytes only
+when asked for, into a fresh tensor (no memory map: see SafetensorsReader), so a
+conversion holds one tensor (or one fused group) at a time.
 Writing fills shards up to ``max_shard_bytes`` and writes HF's index file when there is
 more than one shard, the layout ``from_pretrained`` expects.
 """
@@ -9,30 +10,68 @@ more than one shard, the layout ``from_pretrained`` expects.
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+import sys
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 
 INDEX_NAME = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
 SINGLE_NAME = "model.safetensors"
 
 
 def _require_safetensors():
+    """safetensors' writer (the reader below parses the format itself)."""
     try:
-        import safetensors  # noqa: F401
-        from safetensors import safe_open
         from safetensors.torch import save_file
     except ImportError:
-        raise ImportError("Hugging Face conversion needs safetensors: pip install -e .[hf]") from None
-    return safe_open, save_file
+        raise ImportError("Hugging Face export needs safetensors: pip install -e .[hf]") from None
+    return save_file
+
+
+class _Entry:
+    __slots__ = ("file", "dtype", "shape", "start", "nbytes")
+
+    def __init__(self, file: str, dtype: str, shape: Tuple[int, ...], start: int, nbytes: int):
+        self.file, self.dtype, self.shape, self.start, self.nbytes = file, dtype, shape, start, nbytes
+
+
+def read_header(path: str) -> Dict[str, _Entry]:
+    """The safetensors header (8-byte little-endian length, then JSON): name -> entry, with
+    absolute byte offsets, checked against the file size."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n <= 0 or 8 + n > size:
+            raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+        header = json.loads(f.read(n))
+    out: Dict[str, _Entry] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        begin, stop = info["data_offsets"]
+        if not 0 <= begin <= stop or 8 + n + stop > size:
+            raise ValueError(f"{path}: tensor {key!r} has data offsets {info['data_offsets']} outside the file")
+        out[key] = _Entry(path, info["dtype"], tuple(info["shape"]), 8 + n + begin, stop - begin)
+    return out
 
 
 class SafetensorsReader:
-    """Tensors of an HF model directory by name; records which names were read."""
+    """Tensors of an HF model directory by name; records which names were read.
+
+    Reads with ``readinto`` into a fresh tensor rather than ``safe_open``: safetensors maps
+    the files and returns tensors over the mapping, so every page touched stays in the
+    process's resident set until the file is closed (file-backed, reclaimable, but counted
+    in RSS and cgroup limits): reading a model that way shows the whole model resident.
+    """
 
     def __init__(self, directory: str):
-        safe_open, _ = _require_safetensors()
+        if sys.byteorder != "little":
+            raise RuntimeError("safetensors data is little-endian; this reader supports little-endian hosts only")
         index = os.path.join(directory, INDEX_NAME)
         if os.path.isfile(index):
             with open(index) as f:
@@ -44,34 +83,67 @@ class SafetensorsReader:
             found = [n for n in os.listdir(directory) if n.endswith((".bin", ".pt", ".pth"))] if os.path.isdir(directory) else []
             hint = f" (found {found[:3]}: re-save with safe_serialization=True)" if found else ""
             raise FileNotFoundError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
-        self._handles = {name: safe_open(os.path.join(directory, name), framework="pt") for name in files}
-        self.location: Dict[str, str] = {}
-        for name, handle in self._handles.items():
-            for key in handle.keys():
-                self.location[key] = name
+        self._entries: Dict[str, _Entry] = {}
+        for name in files:
+            self._entries.update(read_header(os.path.join(directory, name)))
+        self.location: Dict[str, str] = {k: os.path.basename(e.file) for k, e in self._entries.items()}
+        self._files: Dict[str, Any] = {}
         self.read: Set[str] = set()
 
     def keys(self) -> List[str]:
-        return sorted(self.location)
+        return sorted(self._entries)
 
     def has(self, key: str) -> bool:
-        return key in self.location
+        return key in self._entries
+
+    def _entry(self, key: str) -> _Entry:
+        if key not in self._entries:
+            raise KeyError(f"tensor {key!r} is not in the checkpoint")
+        e = self._entries[key]
+        if e.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {key!r}: dtype {e.dtype} is not supported: allowed values are "
+                             f"{', '.join(SAFETENSORS_DTYPES)}")
+        return e
 
     def get(self, key: str) -> torch.Tensor:
-        if key not in self.location:
-            raise KeyError(f"tensor {key!r} is not in the checkpoint")
+        e = self._entry(key)
+        dtype = SAFETENSORS_DTYPES[e.dtype]
+        numel = math.prod(e.shape)
+        if numel * torch.empty((), dtype=dtype).element_size() != e.nbytes:
+            raise ValueError(f"tensor {key!r}: {e.nbytes} bytes for shape {e.shape} of {e.dtype}")
+        buf = torch.empty(e.nbytes, dtype=torch.uint8)
+        f = self._files.get(e.file)
+        if f is None:
+            f = self._files[e.file] = open(e.file, "rb", buffering=0)
+        f.seek(e.start)
+        view, done = memoryview(buf.numpy()), 0
+        while done < e.nbytes:
+            n = f.readinto(view[done:])
+            if not n:
+                raise ValueError(f"tensor {key!r}: {e.file} ended early")
+            done += n
         self.read.add(key)
-        return self._handles[self.location[key]].get_tensor(key)
+        return buf.view(dtype).reshape(e.shape)
 
     def shape(self, key: str) -> Tuple[int, ...]:
-        return tuple(self._handles[self.location[key]].get_slice(key).get_shape())
+        return self._entry(key).shape
+
+    def meta(self, key: str) -> torch.Tensor:
+        """A meta tensor with the stored shape and dtype (from the header only)."""
+        e = self._entry(key)
+        return torch.empty(e.shape, dtype=SAFETENSORS_DTYPES[e.dtype], device="meta")
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
 
 
 class SafetensorsWriter:
     """Add tensors one by one; a shard is written once it reaches ``max_shard_bytes``."""
 
     def __init__(self, directory: str, max_shard_bytes: int = 4 << 30):
-        _, self._save = _require_safetensors()
+        self._save = _require_safetensors()
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
         os.makedirs(directory, exist_ok=True)
@@ -111,18 +183,36 @@ class SafetensorsWriter:
         return names
 
 
-def progress(iterable: Iterable, total: Optional[int], desc: str, enabled: bool = True):
-    """tqdm when installed and enabled; otherwise the iterable itself (the caller logs)."""
-    if not enabled:
-        return iterable
+def _tqdm(desc: str):
     try:
         from tqdm import tqdm
     except ImportError:
         import logging
 
         logging.getLogger("msa_megatron.hf").info("%s: tqdm is not installed, no progress bar", desc)
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, unit="layer")
+        return None
+    return tqdm
 
 
-__all__ = ["INDEX_NAME", "SINGLE_NAME", "SafetensorsReader", "SafetensorsWriter", "progress"]
+def progress(iterable: Iterable, total: Optional[int], desc: str, enabled: bool = True, unit: str = "layer"):
+    """tqdm when installed and enabled; otherwise the iterable itself (the caller logs)."""
+    tqdm = _tqdm(desc) if enabled else None
+    return iterable if tqdm is None else tqdm(iterable, total=total, desc=desc, unit=unit)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "tensor"):
+    """A bar updated by hand (``update``/``close``), for work driven by someone else's loop."""
+    tqdm = _tqdm(desc) if enabled else None
+    return _NoBar() if tqdm is None else tqdm(total=total, desc=desc, unit=unit)
+
+
+__all__ = ["INDEX_NAME", "SAFETENSORS_DTYPES", "SINGLE_NAME", "SafetensorsReader", "SafetensorsWriter", "progress",
+           "progress_bar"]

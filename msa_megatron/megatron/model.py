@@ -72,7 +72,7 @@ def build_gpt_model(
                         "(make_transformer_config(msa=MSAConfig(...), ...))")
     block_spec = get_decoder_block_spec(config, use_te=use_te, vp_stage=vp_stage)
     gpt_kwargs.setdefault("position_embedding_type", "rope")
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec,
         vocab_size=vocab_size,
@@ -82,6 +82,23 @@ def build_gpt_model(
         vp_stage=vp_stage,
         **gpt_kwargs,
     )
+    apply_rope_scaling(model, config)
+    return model
 
 
-__all__ = ["build_gpt_model", "dense_config_of", "make_transformer_config"]
+def apply_rope_scaling(model: GPTModel, config) -> None:
+    """Llama 3.x RoPE scaling (``config.rope_llama3_scaling``): the model's RoPE inverse
+    frequencies go through Megatron's ``RotaryEmbedding._apply_scaling`` with all four
+    parameters (GPTModel's own ``rope_scaling`` flag passes only the factor and fixes the
+    others at Llama 3.1's 1 / 4 / 8192). The MSA index branch uses the same RoPE."""
+    spec = getattr(config, "rope_llama3_scaling", None)
+    if not spec:
+        return
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is None or not hasattr(rope, "_apply_scaling") or getattr(model, "rotary_scaling", False):
+        raise ValueError("rope_llama3_scaling needs position_embedding_type='rope' (Megatron's RotaryEmbedding) "
+                         "without GPTModel's rope_scaling flag: allowed combination is rope + rope_llama3_scaling only")
+    rope.inv_freq = rope._apply_scaling(rope.inv_freq, **{k: spec[k] for k in spec})
+
+
+__all__ = ["apply_rope_scaling", "build_gpt_model", "dense_config_of", "make_transformer_config"]

@@ -114,9 +114,13 @@ def build_swa_gpt_model(config, window: int, swa_layers: Iterable[int], vocab_si
     ids = local_layer_ids(config, vp_stage)
     block.layer_specs = [with_sliding_window(spec, window) if i in swa else spec for spec, i in zip(block.layer_specs, ids)]
     gpt_kwargs.setdefault("position_embedding_type", "rope")
-    return GPTModel(config=config, transformer_layer_spec=block, vocab_size=vocab_size,
-                    max_sequence_length=max_sequence_length, pre_process=pre_process, post_process=post_process,
-                    vp_stage=vp_stage, **gpt_kwargs)
+    from .model import apply_rope_scaling
+
+    model = GPTModel(config=config, transformer_layer_spec=block, vocab_size=vocab_size,
+                     max_sequence_length=max_sequence_length, pre_process=pre_process, post_process=post_process,
+                     vp_stage=vp_stage, **gpt_kwargs)
+    apply_rope_scaling(model, config)
+    return model
 
 
 __all__ = ["SlidingWindowAttention", "band_mask", "build_swa_gpt_model", "with_sliding_window"]

@@ -33,6 +33,8 @@ from .kl_loss import MSAKLAutoScaler
 
 #: Value of TransformerConfig.experimental_attention_variant that selects MSA.
 MSA_VARIANT = "msa"
+#: Keys of ``rope_llama3_scaling`` (Hugging Face's rope_type 'llama3' parameters).
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -46,8 +48,12 @@ class MSATransformerConfig(TransformerConfig):
     msa_indexer_head_dim: Optional[int] = None
     msa_loss_coeff: Optional[float] = None
     msa_warmup: Optional[bool] = None
+    #: Llama 3.x RoPE frequency scaling: {factor, low_freq_factor, high_freq_factor,
+    #: original_max_position_embeddings}; build_gpt_model applies it to the model's RoPE.
+    rope_llama3_scaling: Optional[Mapping[str, float]] = None
 
     def __post_init__(self) -> None:
+        self._validate_rope_scaling()
         self._fold_upstream_names()
         if isinstance(self.msa, Mapping):
             self.msa = MSAConfig.from_dict(self.msa)
@@ -65,6 +71,20 @@ class MSATransformerConfig(TransformerConfig):
         super().__post_init__()
         if self.msa is not None:
             self._validate_msa()
+
+    def _validate_rope_scaling(self) -> None:
+        spec = self.rope_llama3_scaling
+        if spec is None:
+            return
+        if not isinstance(spec, Mapping) or sorted(spec) != sorted(LLAMA3_ROPE_KEYS):
+            raise ValueError(f"rope_llama3_scaling={spec!r} is invalid: allowed values are null or a mapping with exactly "
+                             f"the keys {', '.join(LLAMA3_ROPE_KEYS)}")
+        spec = {k: float(spec[k]) for k in LLAMA3_ROPE_KEYS}
+        if not (spec["factor"] > 0 and 0 < spec["low_freq_factor"] < spec["high_freq_factor"]
+                and spec["original_max_position_embeddings"] > 0):
+            raise ValueError(f"rope_llama3_scaling={spec!r} is invalid: allowed values are factor > 0, "
+                             "0 < low_freq_factor < high_freq_factor, original_max_position_embeddings > 0")
+        self.rope_llama3_scaling = spec
 
     def _fold_upstream_names(self) -> None:
         upstream = {a.name: getattr(self, a.name) for a in ALIASES}

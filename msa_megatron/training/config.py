@@ -682,9 +682,9 @@ def _check_kl_schedule(points: List[List[float]]) -> None:
 def _check_extra(extra: Mapping[str, Any]) -> None:
     if not extra:
         return
-    from megatron.core.transformer import TransformerConfig
+    from ..megatron.transformer_config import MSATransformerConfig  # TransformerConfig + rope_llama3_scaling
 
-    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    known = {f.name for f in dataclasses.fields(MSATransformerConfig)}
     for key in extra:
         if key not in known:
             raise ConfigError(f"model.extra.{key}", extra[key], "TransformerConfig field names")

@@ -14,6 +14,11 @@ from typing import Any, Dict
 import torch
 
 VOCAB, HIDDEN, HEADS, KV, HEAD_DIM, LAYERS, SEQ = 320, 64, 4, 2, 16, 3, 40
+#: rope_type 'llama3' with non-default parameters (Megatron's GPTModel flag would fix them at
+#: 1 / 4 / 8192). Head dim 16, theta 5e4: wavelengths 6, 24, 94 (kept), 363 (between
+#: 1024/4 = 256 and 1024/1.5 = 683: smoothed), 1405 ... 81000 (divided by the factor).
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.5,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 1024}
 #: fp32 logits, ours vs transformers (eager attention): same math, different op order.
 ATOL, RTOL = 2e-5, 1e-4
 
@@ -26,6 +31,9 @@ def make_hf_model(family: str, out_dir: str, seed: int = 0, dtype=torch.float32,
                   max_position_embeddings=256, tie_word_embeddings=tie, rope_theta=50000.0)
     if family == "llama":
         cfg = T.LlamaConfig(**common)
+        cls = T.LlamaForCausalLM
+    elif family == "llama3":  # Llama 3.x RoPE scaling; every frequency regime is hit (see LLAMA3_ROPE)
+        cfg = T.LlamaConfig(**{k: v for k, v in common.items() if k != "rope_theta"}, rope_parameters=LLAMA3_ROPE)
         cls = T.LlamaForCausalLM
     elif family == "mistral":
         cfg = T.MistralConfig(**common, sliding_window=None)

@@ -32,11 +32,13 @@ sys.path.insert(0, str(HERE))  # hf_cases, also in the pytest process
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+from hf_cases import LLAMA3_ROPE  # noqa: E402
 from tests.dist_harness import run_distributed  # noqa: E402
 
 ENV = {"PYTHONPATH": str(HERE)}
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "glm", "mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "glm", "mixtral", "qwen2_moe", "qwen3_moe")
 MSA_ARGS = dict(block_size=16, topk=3, index_dim=16, dense_layers=1)
+ROUND_TRIPS = ("qwen2", "glm", "qwen2_moe", "qwen3_moe", "llama3")
 
 
 def _tensors(path: str):
@@ -75,6 +77,18 @@ def _parity(tmp: str, family: str, tie: bool = False):
         "msa_layers": report["msa_layers"],
         "index_init": sorted({a["init"] for a in report["index_initialised"]}),
     }
+    if family == "llama3":  # the same weights with plain RoPE must miss transformers' logits
+        import json
+        import shutil
+
+        plain = hf_dir + "_plain_rope"
+        shutil.copytree(hf_dir, plain)
+        cfg = json.load(open(os.path.join(plain, "config.json")))
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_parameters"]["rope_theta"]}
+        json.dump(cfg, open(os.path.join(plain, "config.json"), "w"))
+        unscaled, _ = import_hf(plain, os.path.join(tmp, "unused"), save=False, show_progress=False, **MSA_ARGS)
+        out["plain_rope_dense_long"] = err(our_logits(unscaled, long, "dense"), ref_long)
+        out["rope_extra"] = model.config.rope_llama3_scaling
     return out
 
 
@@ -83,14 +97,16 @@ def _round_trips(tmp: str):
     from hf_cases import make_hf_model
 
     from msa_megatron.convert_cli import main
+    from msa_megatron.training.checkpoint import verify_checkpoint
 
     out = {}
-    for family in ("qwen2", "glm", "qwen2_moe", "qwen3_moe"):
+    for family in ROUND_TRIPS:
         src, ours, back, ours2, back2 = (os.path.join(tmp, f"rt_{family}_{n}") for n in ("src", "ours", "back", "ours2",
                                                                                           "back2"))
         make_hf_model(family, src, seed=7, dtype=torch.bfloat16)
         flags = ["--msa-block-size", "16", "--msa-topk", "3", "--msa-dense-layers", "1", "--no-progress"]
         assert main(["--from-hf", src, "--save", ours, *flags]) == 0
+        manifest = verify_checkpoint(Path(ours))  # None: msa-train's checkpoint.init_from accepts it
         assert main(["--to-hf", ours, "--save", back, "--no-progress"]) == 0
         a, b = _tensors(src), _tensors(back)
         # a trained indexer's norms are not ones: give the exported index tensors other values
@@ -122,7 +138,7 @@ def _round_trips(tmp: str):
         assert main(["--to-hf", ours3, "--save", back3, "--no-progress"]) == 0
         d = _tensors(back3)
         out[family] = {
-            "src": src, "back": back,
+            "src": src, "back": back, "manifest": manifest,
             "src_keys": sorted(a), "same_keys": same, "extra_keys": sorted(set(b) - set(a)), "index_keys": index,
             "index_shapes": {k: list(b[k].shape) for k in index},
             "config_kept": all(cfg_back.get(k) == v for k, v in cfg_src.items() if k != "transformers_version"),
@@ -187,6 +203,9 @@ def test_dense_and_full_budget_msa_match_transformers(single, family):
     assert r["msa_sparse_maxdiff"] > 1e-3, r  # 100 tokens > 48-token budget: sparse, so not dense
     assert r["msa_layers"] == [1, 2]
     assert r["index_init"] == ["mean of the group's query projections / of all key projections", "ones"]
+    if family == "llama3":  # the scaling matters at these positions: plain RoPE is far off
+        assert r["plain_rope_dense_long"] > 10, r  # measured ~40 (a pass is <= 1)
+        assert r["rope_extra"] == {k: v for k, v in LLAMA3_ROPE.items() if k not in ("rope_type", "rope_theta")}, r
 
 
 @pytest.mark.slow
@@ -196,15 +215,16 @@ def test_unknown_hf_tensor_is_an_error(single):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ("qwen2", "glm", "qwen2_moe", "qwen3_moe"))
+@pytest.mark.parametrize("family", ROUND_TRIPS)
 def test_round_trip_bit_equal(single, family):
     r = single["round_trips"][family]
+    assert r["manifest"] is None, r["manifest"]  # the converted directory verifies (msa-train's init_from check)
     assert r["same_keys"] == r["src_keys"], set(r["src_keys"]) - set(r["same_keys"])
     assert r["extra_keys"] == r["index_keys"] and len(r["index_keys"]) == 8  # 2 MSA layers x q, k, q_norm, k_norm
     assert r["index_shapes"]["model.layers.1.self_attn.index_q_proj.weight"] == [2 * 16, 64]  # [n_kv * d_index, hidden]
     assert r["index_shapes"]["model.layers.1.self_attn.index_k_proj.weight"] == [16, 64]
     assert r["index_shapes"]["model.layers.2.self_attn.index_k_norm.weight"] == [16]
-    assert r["config_kept"]
+    assert r["config_kept"]  # every source config.json entry, rope_parameters included (llama3's scaling)
     assert r["sparse_config"] == {"sparse_num_index_heads": 2, "sparse_index_dim": 16, "sparse_attention_freq": [0, 1, 1],
                                   "sparse_disable_index_value": [0, 1, 1]}
     assert r["second_trip_equal"] and r["second_trip_config_equal"]
