@@ -96,6 +96,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         _, report = convert_dense_checkpoint(args.load, config, spec["vocab_size"], spec["max_sequence_length"],
                                              save_dir=args.save, init=args.init, use_te=bool(spec.get("use_te", False)),
                                              **(spec.get("gpt") or {}))
+        from pathlib import Path
+
+        from .training.checkpoint import write_manifest
+
+        write_manifest(Path(args.save))  # msa-train's checkpoint.init_from verifies it before unpickling
         if dist.get_rank() == 0:
             print(report.format())
             print(f"saved to {args.save}")

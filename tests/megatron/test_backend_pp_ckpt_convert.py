@@ -191,7 +191,12 @@ def _check_cli(tmp: str, rank: int):
             f.write(CLI_CONFIG)
     torch.distributed.barrier()
     out = os.path.join(tmp, "cli")
+    from pathlib import Path
+
+    from msa_megatron.training.checkpoint import verify_checkpoint
+
     assert main(["--load", os.path.join(tmp, "dense"), "--save", out, "--config", path, "--tp", "2"]) == 0
+    assert verify_checkpoint(Path(out)) is None  # a manifest msa-train's init_from accepts (no process group left)
     if rank == 0:
         with open(os.path.join(out, "msa_conversion_report.json")) as f:
             report = json.load(f)
