@@ -1,6 +1,6 @@
 """The end-to-end MSA op on the Triton kernels, with the semantics of
-:func:`msa_megatron.reference.msa_attention` (modes dense / msa_warmup / msa, same
-:class:`~msa_megatron.reference.MSAAux` fields).
+:func:`msa_megatron.ops.naive.msa_attention` (modes dense / msa_warmup / msa, same
+:class:`~msa_megatron.ops.naive.MSAAux` fields).
 
 Composition (forward):
     1. index branch on detached iq, ik: block selection (+ the student's LSE);
@@ -37,9 +37,11 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import reference
+from . import naive
 from ..config import ATTENTION_MODES, MSAConfig
-from ..reference import MSAAux
+from .common import ANNOUNCED as _announced, announce as _announce  # noqa: F401  (tests discard keys)
+from .common import check_positions_enabled, check_shapes, interpreting, positions
+from .naive import MSAAux
 from . import triton_sparse_attn as _tsa
 from .triton_sparse_attn import KernelConfig, sparse_attention
 
@@ -48,17 +50,6 @@ log = logging.getLogger("msa_megatron.ops")
 #: Index branch implementation: "triton" (ops/triton_index.py) or "reference".
 INDEX_BACKEND = os.environ.get("MSA_INDEX_BACKEND", "triton")
 
-_announced: set = set()
-
-
-def _announce(key: str, message: str) -> None:
-    if key not in _announced:
-        _announced.add(key)
-        log.warning(message)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------- index seam
@@ -95,7 +86,7 @@ def _select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, backend: str,
             return given, None, None
         return given, _index_module().selected_lse(iq, ik, given, cfg, q_pos, doc_start=doc_start), None
     if backend == "reference":
-        return reference.select(iq, ik, cfg, q_pos, doc_start=doc_start), None, None
+        return naive.select(iq, ik, cfg, q_pos, doc_start=doc_start), None, None
     if not need_lse:
         return _index_module().index_select(iq, ik, cfg, q_pos, with_lse=False, doc_start=doc_start)[0], None, None
     return _index_module().index_select(iq, ik, cfg, q_pos, return_plan=True, doc_start=doc_start)
@@ -111,7 +102,7 @@ def _check_docs(doc_start: Optional[Tensor], b: int, sq: int, q_pos: Tensor) -> 
     if tuple(doc_start.shape) not in ((b, sq), (sq,)):
         raise ValueError(f"doc_start must have shape [{b}, {sq}] or [{sq}], got {tuple(doc_start.shape)}")
     ds = doc_start.to(device=q_pos.device, dtype=torch.int64).contiguous()
-    if sq and (ds.device.type == "cpu" or os.environ.get("MSA_CHECK_POSITIONS", "0") == "1"):
+    if sq and (ds.device.type == "cpu" or check_positions_enabled()):
         if bool((ds < 0).any()) or bool((ds > q_pos.view(*([1] * (ds.dim() - 1)), sq)).any()):
             raise ValueError("doc_start must satisfy 0 <= doc_start[b, t] <= q_pos[t] "
                              "(its document starts at or before the query)")
@@ -131,9 +122,9 @@ def _kl_reference(mode: str, q, k, iq, ik, block_idx, cfg, q_pos, scale, need_gr
         iq_ = iq.detach().requires_grad_(need_grad)
         ik_ = ik.detach().requires_grad_(need_grad)
         if mode == "msa":
-            terms = reference.sparse_kl_terms(q, k, iq_, ik_, block_idx, cfg, q_pos, scale, doc_start=doc_start)
+            terms = naive.sparse_kl_terms(q, k, iq_, ik_, block_idx, cfg, q_pos, scale, doc_start=doc_start)
         else:
-            terms = reference.dense_kl_terms(q, k, iq_, ik_, cfg, q_pos, scale, doc_start=doc_start)
+            terms = naive.dense_kl_terms(q, k, iq_, ik_, cfg, q_pos, scale, doc_start=doc_start)
         kl = terms.kl / terms.rows
         d_iq = d_ik = None
         if need_grad:
@@ -529,7 +520,7 @@ def msa_attention_triton(
     compute_kl: bool = True,
     doc_start: Optional[Tensor] = None,
 ) -> Tuple[Tensor, MSAAux]:
-    """(q, k, v, iq, ik, cfg) -> (out, MSAAux), as :func:`msa_megatron.reference.msa_attention`.
+    """(q, k, v, iq, ik, cfg) -> (out, MSAAux), as :func:`msa_megatron.ops.naive.msa_attention`.
 
     ``aux.kl`` is the mean KL, differentiable w.r.t. iq and ik only; ``aux.block_idx`` the
     selection (msa and msa_warmup); ``aux.lse`` the main branch's LSE; ``aux.stats`` holds
@@ -545,15 +536,15 @@ def msa_attention_triton(
     mode = mode or cfg.mode
     if mode not in ATTENTION_MODES:
         raise ValueError(f"mode={mode!r} is invalid: allowed values are dense, msa_warmup, msa")
-    reference._check_shapes(q, k, v)
-    if q.device.type != "cuda" and not _interpreting():
+    check_shapes(q, k, v)
+    if q.device.type != "cuda" and not interpreting():
         raise RuntimeError(f"msa_attention_triton needs CUDA tensors (got {q.device}); CPU runs only under TRITON_INTERPRET=1")
     backend = _backend(index_backend)
     b, sq, hq, d = q.shape
     sk, g = k.shape[1], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     default_pos = q_pos is None
-    pos = reference._positions(q_pos, sq, sk, q.device)
+    pos = positions(q_pos, sq, sk, q.device)
     ds = _check_docs(doc_start, b, sq, pos)
     aux = MSAAux()
     dense_kw = dict(block_size=cfg.block_size, kernel_config=kernel_config, deterministic=deterministic, doc_start=ds)
@@ -599,7 +590,7 @@ def msa_attention_triton(
             aux.kl = _KLFromGrads.apply(iq, ik, res.kl, res.d_iq, res.d_ik) if need_grad else res.kl
             aux.stats.update(res.stats)
     if compute_recall:
-        aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale,
+        aux.stats["recall"] = naive.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale,
                                                          doc_start=ds)
     return out, aux
 

@@ -1,6 +1,6 @@
 """Triton kernels for MSA's main branch: exact attention over per-token selected key blocks.
 
-Semantics are those of :func:`msa_megatron.reference.sparse_attention` (layouts in the
+Semantics are those of :func:`msa_megatron.ops.naive.sparse_attention` (layouts in the
 reference's module docstring): every query head attends, with an exact softmax, to the
 keys of its group's selected blocks that are causally visible (key <= q_pos, key < sk).
 
@@ -34,8 +34,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
@@ -43,137 +42,30 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import common as _common
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 #: Fill outputs and partial buffers with NaN before the kernels run, so an element a kernel
 #: fails to write (or a partial the combine wrongly reads) shows up. Tests and
-#: scripts/gpu_check_main.py turn it on (or MSA_POISON_OUTPUTS=1).
-POISON_OUTPUTS = os.environ.get("MSA_POISON_OUTPUTS", "0") == "1"
+#: scripts/gpu_check_main.py turn it on (or MSA_POISON_OUTPUTS=1; this module's own switch).
+POISON_OUTPUTS = _common.POISON_OUTPUTS
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 #: Validate block_idx ranges with a host-side check (one sync per call) instead of the
 #: asynchronous device assert (MSA_DEBUG_CHECKS=1; the tests turn it on for clear errors).
-DEBUG_CHECKS = os.environ.get("MSA_DEBUG_CHECKS", "0") == "1"
+DEBUG_CHECKS = _common.DEBUG_CHECKS
 
-MAIN_IMPLS = ("auto", "union", "kv")
 
 log = logging.getLogger("msa_megatron.ops")
-_announced: set = set()
-
-
-def _announce(key: str, message: str) -> None:
-    """Log ``message`` once per process and key (which path runs, and why)."""
-    if key not in _announced:
-        _announced.add(key)
-        log.warning(message)
+_announce, _announced = _common.announce, _common.ANNOUNCED
 
 
 # ----------------------------------------------------------------------------- configuration
-@dataclass(frozen=True)
-class KernelConfig:
-    """Tile sizes and launch knobs. Override per call (``config=``) or for a process with
-    ``MSA_MAIN_KERNEL="fwd_rows=64,bwd_warps=4"`` (used by the benchmark sweeps)."""
-
-    fwd_impl: str = "kv"  # "kv": KV-outer + combine; "q": query-outer (one position x G heads)
-    fwd_rows: int = 64  # H100 sweep at 128K (docs/gpu_logs/run3_tune): 64 rows x 4 warps 64.5 ms vs 73.7; MMA rows per tile in the KV-outer forward (positions x padded G)
-    fwd_warps: int = 4
-    fwd_stages: int = 2
-    bwd_rows: int = 64  # MMA rows per tile in the KV-outer backward
-    bwd_warps: int = 8
-    bwd_stages: int = 2
-    q_warps: int = 4  # query-outer forward
-    q_stages: int = 2
-    q_block_n: int = 64  # keys per step of the query-outer forward
-    dq_partial_lowp: bool = True  # run3 sweep: bwd 100 ms vs 123 (fp32 partials); deterministic dQ partials in q's dtype instead of fp32 (half the traffic)
-    bwd_split: bool = False  # dV and dK+dQ by two launches: one accumulator each, 6 dots instead of 5
-    fwd_block_n: int = 128  # keys per program: largest power of 2 dividing block_size, capped here
-    bwd_block_n: int = 128  # same for the backward (64 halves the dK/dV registers, doubles dQ partials)
-    items_per_sm: int = 8  # target work items per SM when splitting hot blocks
-    item_pairs: int = 0  # (query, slot) pairs per work item; 0 = automatic
-    partial_bytes: int = 0  # memory budget of the per-chunk partial buffers; 0 = auto (see _partial_budget)
-    chunk_queries: int = 0  # cap on query positions per chunk (smaller: q rows more L2-resident); 0 = none
-    lpt_order: bool = True  # launch the largest work items first
-    kl_fused: bool = False  # msa op: indexer KL inside the main backward (one pass; values known after backward)
-    kl_bwd_stages: int = 1  # pipeline depth of the backward with the fused KL (sm_90a: 2 stages = 225 KB of 227 KB smem)
-    # --- v2: union-tile path (ops/triton_union.py; docs/kernels_main.md "v2: union tile")
-    main_impl: str = "auto"  # "auto" | "union" | "kv": union tile (fwd + dQ [+ KL]) vs KV-outer; auto decides per call by the mean union size
-    union_max_blocks: float = 24.0  # auto: union path when the mean union per tile < this x K/16; measured break-even of main fwd+bwd at 128K, H100 (docs/gpu_logs/run8_h100/union_check.md: union 125.5/144.0/189.3 ms at U8 16/21/32 vs KV-outer ~160)
-    union_max_blocks_fwd: float = 32.0  # the same for calls without a backward (prefill/eval): measured forward crossover (union 30.4/38.4/59.7 ms at U8 16/21/32 vs KV-outer ~60, run 8)
-    union_max_blocks_kl: float = 22.0  # the same for the op's training path (union dQ + fused KL): measured break-even of the op fwd+bwd (union 187/222/302 ms at U8 16/21/32 vs KV-outer ~232, run 8; the fused KL costs ~56 ms there, not the study's ~8)
-    union_rows: int = 128  # MMA rows of a union tile: P positions x next_pow2(G) heads (P = 8 at G = 16)
-    union_block_n: int = 64  # keys per step (study prototype: 64 beat 128, 23.6 vs 24.8 ms at 128K)
-    union_fwd_warps: int = 8
-    union_fwd_stages: int = 2
-    union_dq_warps: int = 8
-    union_dq_stages: int = 2  # study: 2 stages 25.5 ms vs 1 stage 31.3 ms at U8 = 16
-    union_kl_stages: int = 2  # the dQ pass with the KL fused; sm_90a AOT (bf16, d = di = 128): 255 regs, 0 B spills, 150 KB smem at 2 stages vs 108 B spills at 1
-    union_heavy_first: bool = True  # launch tiles with the largest unions first
-    union_dik_item_entries: int = 256  # owner-side d_ik pass: union entries per work item (hot blocks split, partials reduced in order); 0 = one program per block
-    union_lists_kernel: bool = False  # build the union lists with the Triton kernel (one program per tile) instead of torch ops; off until GPU-verified
-
-    def __post_init__(self) -> None:
-        if self.fwd_impl not in ("kv", "q"):
-            raise ValueError(f"KernelConfig.fwd_impl={self.fwd_impl!r}: allowed values are 'kv', 'q'")
-        if self.main_impl not in MAIN_IMPLS:
-            raise ValueError(f"KernelConfig.main_impl={self.main_impl!r}: allowed values are 'auto', 'union', 'kv'")
-        for name in ("union_max_blocks", "union_max_blocks_fwd", "union_max_blocks_kl"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be > 0")
-        for name in ("union_rows", "union_block_n"):
-            v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"KernelConfig.{name}={v}: must be a power of 2 >= 16")
-        for name in ("union_fwd_warps", "union_dq_warps"):
-            if getattr(self, name) not in (1, 2, 4, 8, 16):
-                raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be 1, 2, 4, 8 or 16")
-        if self.union_dik_item_entries < 0:
-            raise ValueError(f"KernelConfig.union_dik_item_entries={self.union_dik_item_entries}: must be >= 0")
-        for name in ("union_fwd_stages", "union_dq_stages", "union_kl_stages"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be >= 1")
-        for name in ("fwd_rows", "bwd_rows", "fwd_block_n", "bwd_block_n", "q_block_n"):
-            v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"KernelConfig.{name}={v}: must be a power of 2 >= 16")
-        for name in ("fwd_warps", "bwd_warps", "q_warps"):
-            if getattr(self, name) not in (1, 2, 4, 8, 16):
-                raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be 1, 2, 4, 8 or 16")
-        if self.kl_bwd_stages < 1:
-            raise ValueError(f"KernelConfig.kl_bwd_stages={self.kl_bwd_stages}: must be >= 1")
-
-    @classmethod
-    def from_spec(cls, spec: str, base: Optional["KernelConfig"] = None) -> "KernelConfig":
-        """``"fwd_rows=64,lpt_order=0"`` applied over ``base`` (default: the defaults)."""
-        types = {f.name: f.type for f in fields(cls)}
-        kw = {}
-        for item in spec.split(","):
-            if not item.strip():
-                continue
-            name, _, value = item.partition("=")
-            name, value = name.strip(), value.strip()
-            if name not in types:
-                raise ValueError(f"kernel config: unknown field {name!r}; fields: {', '.join(types)}")
-            if name in ("fwd_impl", "main_impl"):
-                kw[name] = value
-            elif name in ("lpt_order", "dq_partial_lowp", "bwd_split", "kl_fused", "union_heavy_first",
-                          "union_lists_kernel"):
-                kw[name] = value.lower() in ("1", "true", "yes")
-            elif name in ("union_max_blocks", "union_max_blocks_fwd", "union_max_blocks_kl"):
-                kw[name] = float(value)
-            else:
-                kw[name] = int(value)
-        return replace(base or cls(), **kw)
-
-    @classmethod
-    def from_env(cls) -> "KernelConfig":
-        """The defaults overridden by ``MSA_MAIN_KERNEL``."""
-        return cls.from_spec(os.environ.get("MSA_MAIN_KERNEL", ""))
-
-
-def default_config() -> KernelConfig:
-    return KernelConfig.from_env()
+# KernelConfig lives in ops/tuning.py (one config family, one env syntax); re-exported here.
+from .tuning import MAIN_IMPLS, KernelConfig, default_config  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -672,8 +564,7 @@ def _alloc(shape, dtype, device) -> Tensor:
     return x
 
 
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+_next_pow2 = _common.next_pow2
 
 
 def _block_n(block_size: int, cap: int) -> int:
@@ -936,20 +827,9 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size
     return b, sq, hq, d, sk, g, K
 
 
-def _positions(q_pos: Optional[Tensor], sq: int, sk: int, device) -> Tensor:
-    if q_pos is None:
-        return torch.arange(sk - sq, sk, device=device, dtype=torch.int32)
-    if q_pos.shape != (sq,):
-        raise ValueError(f"q_pos must have shape [{sq}], got {tuple(q_pos.shape)}")
-    return q_pos.to(device=device, dtype=torch.int32).contiguous()
-
-
-def _docs(doc_start: Optional[Tensor], b: int, sq: int, pos: Tensor):
-    """The checked per-query document lower bound as kernel arguments (shared with the index
-    kernels: same shapes, dtypes and 0 <= doc_start <= q_pos check)."""
-    from .triton_index import _doc_start
-
-    return _doc_start(doc_start, b, sq, pos)
+_positions = _common.kernel_positions  # int32 [sq], no sync
+#: The checked per-query document lower bound as kernel arguments (shared with the index kernels).
+_docs = _common.doc_args
 
 
 def _combine_tq(GP: int, DP: int) -> int:

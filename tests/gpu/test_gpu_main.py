@@ -11,7 +11,7 @@ then dK/dV are exactly the slice's contribution (and dq must be 0 off the slice)
 Tolerances (relative Frobenius error vs the fp32 reference on the same bf16 values): out 1e-2,
 lse 1e-4, dq/dk/dv 2e-2; the op adds kl 1e-2, d_iq 3e-2, d_ik 3e-2, the entropy statistics 1e-3
 (they inherit the main LSE's error) and >= 99% of (row, group) selections identical to
-``reference.select`` (fp32 near-ties may differ); variants (deterministic bitwise, atomic dQ,
+``naive.select`` (fp32 near-ties may differ); variants (deterministic bitwise, atomic dQ,
 query-outer forward, 64-key backward tiles) 5e-3 against the default; fp32 inputs 1e-4.
 
 Lengths: ``MSA_GPU_MAIN_LENGTHS`` (default 4096; "8K,32K,128K" for the long check), slice
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from msa_megatron import reference as R
+from msa_megatron.ops import naive as R
 from msa_megatron.config import MSAConfig
 from tests.helpers import poisoned_outputs
 

@@ -18,7 +18,7 @@ from dataclasses import replace  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from msa_megatron import reference as R  # noqa: E402
+from msa_megatron.ops import naive as R  # noqa: E402
 from msa_megatron.config import MSAConfig  # noqa: E402
 from msa_megatron.ops import triton_sparse_attn as T  # noqa: E402
 
@@ -231,7 +231,7 @@ FUSED_ENT_RTOL = 1e-5
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"{str(c[9])[6:]}-G{c[3] // c[4]}-{c[10]}-{c[11]}")
 def test_fused_kl_backward_matches_reference(case):
     """sparse_attention_bwd(kl=FusedKL): the KL value, its d_iq / d_ik and both entropy stats
-    match reference.sparse_kl_terms (+ autograd), and dq / dk / dv are bit-identical to the
+    match naive.sparse_kl_terms (+ autograd), and dq / dk / dv are bit-identical to the
     backward without the KL (the fused part only reads the tile's P)."""
     b, sq, sk, hq, g, d, di, block, K, dtype, qk, spec = case
     seed = int.from_bytes(os.urandom(4), "little")
