@@ -30,9 +30,9 @@ Design (docs/kernels_index.md has the details):
   each shared index-key block is loaded once for all groups). The program streams the
   causally visible key blocks in ascending order, S = iq_tile @ ik_blk^T on tensor cores,
   keeps the row max per block (no exp: ranking by raw score), turns forced blocks into
-  +inf, and pushes the block score into a per-row running top-K kept in registers:
+  +inf, and pushes the block score into a per-row running top-k kept in registers:
   replace the current minimum only when strictly greater; among equal minima evict the
-  highest block index. Since blocks arrive in ascending order this is exactly a top-K
+  highest block index. Since blocks arrive in ascending order this is exactly a top-k
   under the order (score desc, block index asc) -- the reference's stable-sort tie rule.
   The [s, s] score matrix never exists.
 * Index LSE and KL backward: "KV-outer" over a reverse index (key block -> rows that
@@ -57,6 +57,7 @@ from torch import Tensor
 
 from ..config import MSAConfig
 from . import common as _common
+from .csr import SelectionCSR, csr_for
 from .tuning import IndexConfig, index_env_overrides
 
 #: Fill kernel outputs with garbage (NaN / sentinel) before launching, so entries a kernel
@@ -324,7 +325,8 @@ class ReverseIndex:
     slots sort last and belong to no item). Item i covers
     ``order[item_start[i]:item_end[i]]``, all of one ``item_key[i] = (b * g + g_i) * nb +
     block``; on CUDA the item arrays have a static upper-bound length (no host sync) and
-    the surplus items are empty."""
+    the surplus items are empty. ``order`` is the selection's CSR (``csr``, ops/csr.py), which
+    the op hands on to the main kernels: one reverse index per selection."""
 
     order: Tensor
     item_key: Tensor
@@ -333,27 +335,17 @@ class ReverseIndex:
     nb: int
     chunk: int
     shape: Tuple[int, int, int, int]
+    csr: Optional[SelectionCSR] = None
 
 
-def build_reverse_index(block_idx: Tensor, nb: int, chunk: int) -> ReverseIndex:
-    """Keys and ``order`` are int32 when the entry count allows (1M tokens x 4 groups x top-16 =
-    64M entries: 256 MB per array instead of 512 MB, and no [E] int64 temporaries)."""
+def build_reverse_index(block_idx: Tensor, nb: int, chunk: int, csr: Optional[SelectionCSR] = None) -> ReverseIndex:
+    """Work items of at most ``chunk`` rows over the selection's CSR (``ops/csr.py``; ``csr``:
+    the one the op built for this selection, reused, else built here)."""
     b, g, sq, K = block_idx.shape
     dev = block_idx.device
     nkeys = b * g * nb
-    n_entries = b * g * sq * K
-    idt = torch.int32 if max(n_entries, nkeys + 1) < 2**31 else torch.int64
-    bg = torch.arange(b * g, device=dev, dtype=idt).view(b, g, 1, 1) * nb
-    blk = block_idx.to(idt)
-    key = torch.where(blk >= 0, blk + bg, torch.full_like(blk, nkeys)).reshape(-1)
-    del blk
-    sorted_key, order = torch.sort(key, stable=True)
-    del key
-    order = order.to(idt)
-    keys = torch.arange(nkeys, device=dev, dtype=idt)
-    seg_start = torch.searchsorted(sorted_key, keys, right=False)  # int64 [nkeys]
-    seg_end = torch.searchsorted(sorted_key, keys, right=True)
-    del sorted_key
+    csr = csr_for(block_idx, nb, csr)
+    order, seg_start, seg_end = csr.order, csr.seg_start, csr.seg_end
     counts = seg_end - seg_start
     items_per = (counts + chunk - 1) // chunk
     items_cum = torch.cumsum(items_per, 0)
@@ -371,7 +363,7 @@ def build_reverse_index(block_idx: Tensor, nb: int, chunk: int) -> ReverseIndex:
         n_real = int(real.sum())
         kc, start, end = kc[:n_real], start[:n_real], end[:n_real]
     return ReverseIndex(order=order, item_key=kc, item_start=start, item_end=end, nb=nb, chunk=chunk,
-                        shape=(b, g, sq, K))
+                        shape=(b, g, sq, K), csr=csr)
 
 
 # ----------------------------------------------------------------------------- kernel 2: per-(row, block) index LSE
@@ -716,7 +708,7 @@ def index_select(
     iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None, *, return_plan: bool = False,
     with_lse: bool = True, fp8: Optional[bool] = None, doc_start: Optional[Tensor] = None,
 ):
-    """Fused index branch: causal raw scores -> per-block max -> forced + top-K blocks.
+    """Fused index branch: causal raw scores -> per-block max -> forced + top-k blocks.
 
     Args:
         iq: [b, sq, g, di] index queries (one head per KV group), fp32 / bf16 / fp16.
@@ -775,8 +767,8 @@ def index_select(
 
 def index_block_max(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None, *,
                     doc_start: Optional[Tensor] = None) -> Tensor:
-    """Benchmark aid: the selection kernel without its top-K (max block score per row,
-    [b, sq * g] fp32). Its time vs :func:`index_select`'s selection part is the top-K cost."""
+    """Benchmark aid: the selection kernel without its top-k (max block score per row,
+    [b, sq * g] fp32). Its time vs :func:`index_select`'s selection part is the top-k cost."""
     b, sq, g, di, sk = _check_index_inputs(iq, ik, cfg)
     q_pos = _positions(q_pos, sq, sk, iq.device)
     return _launch_select(_last_dim_contiguous(iq.detach()), _last_dim_contiguous(ik.detach()), cfg, q_pos, True,
@@ -803,14 +795,19 @@ def _selected_lse(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, plan: R
 
 
 def selected_lse(iq: Tensor, ik: Tensor, block_idx: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None, *,
-                 doc_start: Optional[Tensor] = None) -> Tensor:
+                 doc_start: Optional[Tensor] = None, csr: Optional[SelectionCSR] = None,
+                 plan: Optional[ReverseIndex] = None) -> Tensor:
     """Index LSE [b, g, sq] fp32 over the tokens of a given selection (as
-    ``naive.selected_index_lse``); :func:`index_select` already returns it."""
+    ``naive.selected_index_lse``); :func:`index_select` already returns it. ``plan`` (work
+    items, reused by :func:`sparse_kl_backward`) or ``csr`` (the selection's reverse index,
+    ops/csr.py): what the caller already built for this selection."""
     b, sq, g, di, sk = _check_index_inputs(iq, ik, cfg)
     _check_block_idx(block_idx, b, g, sq, iq.device)
     q_pos = _positions(q_pos, sq, sk, iq.device)
     docs = _doc_start(doc_start, b, sq, q_pos)
-    plan = build_reverse_index(block_idx, triton.cdiv(sk, cfg.block_size), _launch_config(iq.device).items_chunk)
+    nb = triton.cdiv(sk, cfg.block_size)
+    if plan is None or plan.shape != tuple(block_idx.shape) or plan.nb != nb:
+        plan = build_reverse_index(block_idx, nb, _launch_config(iq.device).items_chunk, csr=csr)
     return _selected_lse(_last_dim_contiguous(iq.detach()), _last_dim_contiguous(ik.detach()), cfg, q_pos, plan, docs)
 
 
@@ -929,7 +926,7 @@ def sparse_kl_backward(
     q: Tensor, k: Tensor, iq: Tensor, ik: Tensor, block_idx: Tensor, main_lse: Tensor, index_lse: Tensor,
     cfg: MSAConfig, q_pos: Optional[Tensor] = None, grad_scale=1.0, *, softmax_scale: Optional[float] = None,
     normalizer: Optional[float] = None, plan: Optional[ReverseIndex] = None, return_stats: bool = False,
-    doc_start: Optional[Tensor] = None,
+    doc_start: Optional[Tensor] = None, csr: Optional[SelectionCSR] = None,
 ):
     """KL(teacher || student) over each row's selected tokens: its value and its gradient
     w.r.t. iq and ik in one pass (no separate KL forward), as ``naive.sparse_kl_loss``.
@@ -949,6 +946,7 @@ def sparse_kl_backward(
         normalizer: the mean's denominator (default b * g * sq rows, as the reference);
             context parallelism may pass the global row count.
         plan: the reverse index returned by ``index_select(..., return_plan=True)``.
+        csr: else the selection's CSR (ops/csr.py) when the caller has it: no sort here.
         return_stats: also return the entropy statistics, by-products of the same pass
             (a few extra element-wise ops per tile; off: the kernel compiles without them).
         doc_start: optional int [b, sq] / [sq] packed documents (as :func:`index_select`):
@@ -974,7 +972,7 @@ def sparse_kl_backward(
     lc = _launch_config(iq.device)
     nb = triton.cdiv(sk, cfg.block_size)
     if plan is None or plan.shape != tuple(block_idx.shape) or plan.nb != nb:
-        plan = build_reverse_index(block_idx, nb, lc.items_chunk)
+        plan = build_reverse_index(block_idx, nb, lc.items_chunk, csr=csr)
     n_items = plan.item_key.numel()
     kl_part = torch.zeros(max(n_items, 1), device=iq.device, dtype=torch.float32)
     ent_part = _stats_buffer(n_items, return_stats, kl_part)

@@ -183,7 +183,9 @@ def check_variants(L: int, T) -> None:
     for n, a, b in zip(("dq", "dk", "dv"), ga, g1f):
         record("atomic dq bwd", L, f"{n} vs det fp32", rel(a, b), TOL["same"])
     cfg = T.default_config()
-    oq, lq = T.sparse_attention_fwd(q, k, v, bidx, B, config=replace(cfg, fwd_impl="q"))
+    from msa_megatron.bench.qouter import qouter_attention_fwd  # the query-outer baseline (out of ops/)
+
+    oq, lq = qouter_attention_fwd(q, k, v, bidx, B, config=replace(cfg, fwd_impl="q"))
     no_nan("q-outer fwd", L, out=oq, lse=lq)
     record("q-outer fwd", L, "out vs kv", rel(oq, out), TOL["same"])
     record("q-outer fwd", L, "lse vs kv", rel(lq, lse), TOL["lse"])

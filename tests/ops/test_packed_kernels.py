@@ -73,7 +73,10 @@ def ref_grads(q, k, v, do, sel, block, q_pos, ds):
 
 def run_kernels(q, k, v, do, sel, block, q_pos, ds, config):
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    out, lse = T.sparse_attention(q, k, v, sel, block, q_pos, config=config, doc_start=ds)
+    fn = T.sparse_attention
+    if config.fwd_impl == "q":  # the query-outer baseline: msa_megatron/bench/qouter.py
+        from msa_megatron.bench.qouter import qouter_attention as fn
+    out, lse = fn(q, k, v, sel, block, q_pos, config=config, doc_start=ds)
     return (out, lse) + tuple(torch.autograd.grad(out, [q, k, v], do))
 
 
