@@ -1,7 +1,9 @@
 """Pure-PyTorch reference of MiniMax Sparse Attention (arXiv 2606.13392).
 
 This module is the ground truth: every Triton kernel and every parallel layout
-(TP, SP, CP) is tested against it. It favours clarity over speed, but stays
+(TP, SP, CP) is tested against it. It sits beside the kernels (``msa_megatron/ops/naive.py``,
+as flash-linear-attention's ``naive.py`` files) but needs only torch and ``config``, so
+base modules (``recall``, ``selection_stats``) may import it (tests/test_import_graph.py). It favours clarity over speed, but stays
 memory-bounded: work is done in chunks of queries, and chunks are recomputed in the
 backward (activation checkpointing), so a 32K-token sequence runs on a CPU without
 materialising an [s, s] matrix for all heads.
@@ -35,7 +37,7 @@ Documents (``doc_start``): a key j is visible to query t iff doc_start[t] <= j <
 Block scores are maxima over visible keys only (a block straddling a boundary counts its
 same-document part), blocks without a visible key are never selected (forced or not), and
 ``init_blocks`` counts from the block holding the document's first token. Main branch,
-KL teacher and student, dense mode and recall all use exactly the visible tokens.
+KL teacher and student, dense mode and selection recall all use exactly the visible tokens.
 """
 
 from __future__ import annotations
@@ -662,7 +664,9 @@ def msa_attention(
 
     mode ``dense``: causal attention, no index branch. ``msa_warmup``: dense main branch,
     KL over all causal tokens. ``msa``: attention over the selected blocks, KL over the
-    selected tokens. ``compute_recall`` adds ``stats['recall']`` (a dense pass).
+    selected tokens. ``compute_recall`` adds ``stats['recall']``, the *selection recall* (the
+    share of the dense attention mass the selected blocks keep; not the *associative recall*
+    task of experiments/assoc_recall.py), a dense pass.
     ``block_idx``: a selection already computed by :func:`select` for these queries (lets
     context parallelism overlap the K/V gather with the index pass); None selects here.
     ``doc_start`` [b, sq] (or [sq]): packed documents, every mode masks keys before each

@@ -79,7 +79,12 @@ class _Spec:
             if not eq:
                 raise KernelConfigError(f"{source}.{name}", item.strip(), f"{name}=<value>")
             kw[name] = _parse(cls, name, value, source)
-        return replace(base or cls(), **kw)
+        try:
+            return replace(base or cls(), **kw)
+        except KernelConfigError as exc:  # a range check: name the variable the value came from
+            if source == cls.__name__ or not exc.field.startswith(cls.__name__ + "."):
+                raise
+            raise KernelConfigError(source + exc.field[len(cls.__name__):], exc.value, exc.allowed) from None
 
     @classmethod
     def from_env(cls, base=None):
@@ -176,11 +181,11 @@ class IndexConfig(_Spec):
 
     sel_block_m: int = 128
     sel_warps: int = 8
-    #: Software-pipeline depth of the selection kernel. 2, not 3: the data-dependent top-K
+    #: Software-pipeline depth of the selection kernel. 2, not 3: the data-dependent top-k
     #: branch pipelines better with 2 stages (kernel study section 4, H100: 981 vs 1,247 ms
     #: at 1M, 15.5 vs 19.8 ms at 128K); the arithmetic is the same, so selections are identical.
     sel_stages: int = 2
-    #: Update the running top-K only when some row of the tile has a block score above its
+    #: Update the running top-k only when some row of the tile has a block score above its
     #: current K-th best (0: on every key block; same selections).
     lazy_topk: bool = True
     items_block_q: int = 64  # rows per tile in the reverse-index kernels (LSE and KL)
