@@ -621,9 +621,9 @@ def build_plan(block_idx: Tensor, sk: int, block_size: int, bytes_per_pos: int,
     if nch * (nseg + 1) >= 2**31 or max(nch * chunk_pairs, b * g * sq * K) >= 2**31:
         raise ValueError(f"selection too large for the int32 reverse index ({nch} chunks x {chunk_pairs} pairs)")
     csr = csr_for(block_idx, nb, csr)
-    if nch <= 1:  # chunk-local pair ids are the global ones
+    if nch <= 1:  # chunk-local pair ids are the global ones (no queries: no chunk, no segment)
         perm = csr.order
-        counts, seg_off = csr.counts, csr.seg_start
+        counts, seg_off = csr.counts[:nch * nseg], csr.seg_start[:nch * nseg]
     else:
         t_chunk = (torch.arange(sq, device=dev, dtype=torch.int32) // cq).view(1, 1, sq, 1)
         bg = (torch.arange(b * g, device=dev, dtype=torch.int32) * nb).view(b, g, 1, 1)
