@@ -3,7 +3,7 @@
 The selector here is an *oracle* index branch: block scores are the block max of the
 true attention logits, so the harness measures the selection mechanism itself (block
 max-pooling + top-k + forced local block), as the CPU reproduction in the notes did.
-Selection goes through :func:`msa_megatron.reference.select_blocks`, the same code the
+Selection goes through :func:`msa_megatron.ops.naive.select_blocks`, the same code the
 model uses.
 
 Two regimes:
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import MSAConfig
-from .reference import select_blocks
+from .ops.naive import select_blocks
 
 
 @dataclass(frozen=True)

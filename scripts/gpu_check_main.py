@@ -119,7 +119,12 @@ def tune(L: int, specs: str, reps: int = 5) -> None:
 
             def fwd():
                 plan = T.build_plan(bidx, L, B, plan_need, cfg)
-                box["out"], box["lse"] = T.sparse_attention_fwd(q, k, v, bidx, B, config=cfg, plan=plan)
+                if cfg.fwd_impl == "q":  # the query-outer baseline: msa_megatron/bench/qouter.py
+                    from msa_megatron.bench.qouter import qouter_attention_fwd
+
+                    box["out"], box["lse"] = qouter_attention_fwd(q, k, v, bidx, B, config=cfg)
+                else:
+                    box["out"], box["lse"] = T.sparse_attention_fwd(q, k, v, bidx, B, config=cfg, plan=plan)
                 box["plan"] = plan
 
             def bwd():
@@ -153,6 +158,7 @@ def aot_report(arch: int = 90) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from msa_megatron.bench import qouter as QO
     from msa_megatron.ops import triton_sparse_attn as T
 
     cfg = T.KernelConfig.from_env()
@@ -194,7 +200,7 @@ def aot_report(arch: int = 90) -> int:
         kernels += [
             ("fwd_combine", T._fwd_combine_kernel, dict(OPART=P, LPART=F, OUT=P, LSE=F),
              dict(KSEL=K, NSUB=B // bnf, GP=GP, TQ=T._combine_tq(GP, DP), DP=DP), 8, 2),
-            ("fwd_q", T._fwd_q_kernel, dict(io, OUT=P, LSE=F, qk_scale="fp32"),
+            ("fwd_q", QO._fwd_q_kernel, dict(io, OUT=P, LSE=F, qk_scale="fp32"),
              dict(KSEL=K, NSUB=B // bnq, BLOCK=B, BN=bnq, RP=GP, DP=DP, DOT_PREC=None, UPCAST=False), cfg.q_warps, cfg.q_stages),
             ("delta", T._delta_kernel, dict(OUT=P, DO=P, DELTA=F), dict(HP=HQ, TD=max(1, 8192 // (HQ * DP)), DP=DP), 4, 2),
             ("bwd_reduce", T._bwd_reduce_kernel, dict(DKPART=F, DVPART=F, DKACC=F, DVACC=F),

@@ -203,7 +203,7 @@ def u8(sel) -> dict:
 
 # ----------------------------------------------------------------------------- part: check
 def check_pair(L: int, kind: str) -> None:
-    from msa_megatron import reference as R
+    from msa_megatron.ops import naive as R
     from msa_megatron.ops import triton_index as TI
     from msa_megatron.ops import triton_sparse_attn as T
     from msa_megatron.ops import triton_union as U

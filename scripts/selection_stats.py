@@ -66,7 +66,7 @@ def _int_list(s: str) -> List[int]:
 def fp8_selection(iq, ik, msa_cfg, q_pos=None):
     """(block_idx, how): the FP8 (e4m3) index-score selection. CUDA: the Triton kernel's FP8
     path; elsewhere the reference on the same quantised inputs (``how`` says which)."""
-    from msa_megatron import reference
+    from msa_megatron.ops import naive
     from msa_megatron.ops import triton_index as ti
 
     note = ""
@@ -77,7 +77,7 @@ def fp8_selection(iq, ik, msa_cfg, q_pos=None):
             note = f" (the triton fp8 kernel failed: {type(exc).__name__}: {str(exc)[:200]})"
             print(f"selection_stats: FP8 kernel failed, using the reference on fp8-quantised inputs{note}", flush=True)
     iq8, ik8 = ti.fp8_index_inputs(iq, ik)[:2]
-    return reference.select(iq8.float(), ik8.float(), msa_cfg, q_pos), "reference on fp8-quantised inputs" + note
+    return naive.select(iq8.float(), ik8.float(), msa_cfg, q_pos), "reference on fp8-quantised inputs" + note
 
 
 # ----------------------------------------------------------------------------- capture
@@ -103,7 +103,7 @@ class Capture:
         self.meta: Dict = {}
 
     def hook(self, module, args, kwargs):
-        from msa_megatron import reference
+        from msa_megatron.ops import naive
         from msa_megatron.ops import msa_select
 
         t0 = time.time()
@@ -129,14 +129,14 @@ class Capture:
             self.recorded[f"layer{layer}"] = block_idx[0].to(torch.int16).cpu()
         if self.seq == 0 and layer in self.probe_layers:
             try:
-                probe = self._probe(module, args, iq, ik, block_idx, cfg, reference)
+                probe = self._probe(module, args, iq, ik, block_idx, cfg, naive)
             except Exception as exc:  # noqa: BLE001 - one failed probe must not lose the union statistics
                 probe = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
                 print(f"selection_stats: probe of layer {layer} at L={self.length} failed: {probe['error']}", flush=True)
             self.probes.setdefault(self.length, {})[layer] = probe
         self.seconds += time.time() - t0
 
-    def _probe(self, module, args, iq, ik, block_idx, cfg, reference) -> Dict:
+    def _probe(self, module, args, iq, ik, block_idx, cfg, naive) -> Dict:
         """FP8 vs bf16 agreement on the rows that choose (position >= topk * block_size) and
         attention-mass recall of both selections on --recall-queries sampled rows."""
         s = iq.shape[1]
@@ -155,9 +155,9 @@ class Capture:
         n = min(self.args.recall_queries, s - first)
         rows = torch.linspace(first, s - 1, n, device=q.device).round().long().unique()
         scale = module.softmax_scale
-        rec = reference.selection_recall(q[:, rows], k, block_idx[:, :, rows], cfg.block_size, q_pos=rows,
+        rec = naive.selection_recall(q[:, rows], k, block_idx[:, :, rows], cfg.block_size, q_pos=rows,
                                          softmax_scale=scale)
-        rec8 = reference.selection_recall(q[:, rows], k, sel8[:, :, rows], cfg.block_size, q_pos=rows,
+        rec8 = naive.selection_recall(q[:, rows], k, sel8[:, :, rows], cfg.block_size, q_pos=rows,
                                           softmax_scale=scale)
         out.update(recall_queries=int(rows.numel()), recall_bf16=float(rec), recall_fp8=float(rec8),
                    index_dtype=str(iq.dtype))

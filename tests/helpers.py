@@ -127,7 +127,7 @@ def reference_op(leaves: Sequence[Tensor], dout: Tensor, cfg, mode: str, q_pos: 
     """The pure-PyTorch reference in fp64 on the same (rounded) input values, LM and KL
     gradients taken separately. ``block_idx``: the kernel's selection, so the attention / KL
     comparison does not depend on near-tie selection differences (checked on its own)."""
-    from msa_megatron import reference as R
+    from msa_megatron.ops import naive as R
 
     f = [x.detach().double().requires_grad_() for x in leaves]
 

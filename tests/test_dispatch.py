@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from msa_megatron import MSAConfig, ops
-from msa_megatron import reference as R
+from msa_megatron.ops import naive as R
 
 
 def test_cpu_runs_reference_and_says_so_once(caplog):

@@ -14,8 +14,14 @@ group and groups of lower layers, never a higher layer or a sibling group of its
 
 ====  ============  ===========================================================================
  0    base          msa_megatron (package root), config, versions, upstream_names, flops,
-                    schedule, reference, recall, selection_stats: pure Python / PyTorch
+                    schedule, recall, selection_stats, and ops.naive (the pure-PyTorch
+                    reference) + ops.common (shared checks): pure Python / PyTorch
  1    ops           msa_megatron.ops: the op dispatch, Triton kernels
+
+ops/naive.py and ops/common.py sit beside the kernels (fla style) but depend on torch and
+``config`` only, so base modules (recall, selection_stats) may import them; importing them
+runs ops/__init__.py, which must therefore import nothing above base at module level
+(test_ops_package_is_light).
  2    megatron      msa_megatron.megatron (the Megatron-Core backend) and its upstream fixes
                     msa_megatron.patches (all but mcore_019_training_*)
  3    training      msa_megatron.training (msa-train)
@@ -40,8 +46,10 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 #: (layer, group, module prefixes). A module belongs to the group of its longest prefix.
 LAYERS: List[Tuple[int, str, Tuple[str, ...]]] = [
     (0, "base", ("msa_megatron", "msa_megatron.config", "msa_megatron.versions", "msa_megatron.upstream_names",
-                 "msa_megatron.flops", "msa_megatron.schedule", "msa_megatron.reference", "msa_megatron.recall",
-                 "msa_megatron.selection_stats")),
+                 "msa_megatron.flops", "msa_megatron.schedule", "msa_megatron.recall",
+                 "msa_megatron.selection_stats",
+                 # beside the kernels, torch-only: base may import them (the reference and its checks)
+                 "msa_megatron.ops.naive", "msa_megatron.ops.common")),
     (1, "ops", ("msa_megatron.ops",)),
     (2, "megatron", ("msa_megatron.megatron", "msa_megatron.patches")),
     (3, "training", ("msa_megatron.training",)),
@@ -206,7 +214,7 @@ def graph():
 def test_graph_is_read(graph):
     top, lazy = graph
     # a few edges that must be seen, so that an empty graph cannot pass
-    assert "msa_megatron.config" in top["msa_megatron.reference"]
+    assert "msa_megatron.config" in top["msa_megatron.ops.naive"]
     assert "msa_megatron.megatron.attention" in top["msa_megatron.megatron.specs"]
     assert "msa_megatron.megatron.registry" in lazy["msa_megatron"]
     assert len(top) > 50
@@ -229,6 +237,16 @@ def test_no_upward_imports(graph):
     assert upward_imports(top) == [], "upward module-level imports"
     assert upward_imports(lazy) == [], "upward function-level imports"
     assert all(src in top for src, _ in LAYER_EXCEPTIONS), "LAYER_EXCEPTIONS names a module that is gone"
+
+
+def test_ops_package_is_light(graph):
+    """Base modules import ops.naive, which runs ops/__init__.py first: its module-level imports
+    stay in base (the kernels, and Triton, load lazily on first use)."""
+    top, _ = graph
+    assert top["msa_megatron.ops"], "ops/__init__.py imports nothing? the graph is not read"
+    for dst in top["msa_megatron.ops"]:
+        assert group_of(dst)[1] == "base", f"ops/__init__.py imports {dst} at module level"
+    assert group_of("msa_megatron.ops.naive") == (0, "base") and group_of("msa_megatron.ops.triton_op") == (1, "ops")
 
 
 def test_every_module_has_a_layer(graph):

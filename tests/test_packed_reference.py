@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from msa_megatron import MSAConfig
-from msa_megatron import reference as R
+from msa_megatron.ops import naive as R
 
 
 def _gen(seed=None):
@@ -201,12 +201,15 @@ def test_no_document_information_is_todays_behaviour_exactly():
     q, k, v, iq, ik = rand_inputs(gen, b, s, hq, g, 8, 16)
     cfg = MSAConfig(block_size=16, topk=2, index_dim=16, init_blocks=1)
     others = []
-    main_ref = "/work/main/msa_megatron/reference.py"
-    if os.path.exists(main_ref) and os.path.realpath(main_ref) != os.path.realpath(R.__file__):
-        spec = importlib.util.spec_from_file_location("msa_megatron._main_reference", main_ref,
+    # the main checkout's reference: ops/naive.py, or reference.py before the move (issue 16)
+    main_ref, main_pkg = next(((f, pkg) for f, pkg in (("/work/main/msa_megatron/ops/naive.py", "msa_megatron.ops"),
+                                                        ("/work/main/msa_megatron/reference.py", "msa_megatron"))
+                               if os.path.exists(f)), (None, None))
+    if main_ref and os.path.realpath(main_ref) != os.path.realpath(R.__file__):
+        spec = importlib.util.spec_from_file_location(f"{main_pkg}._main_reference", main_ref,
                                                       submodule_search_locations=None)
         mod = importlib.util.module_from_spec(spec)
-        mod.__package__ = "msa_megatron"
+        mod.__package__ = main_pkg
         sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
         try:
             spec.loader.exec_module(mod)

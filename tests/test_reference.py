@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from msa_megatron import MSAConfig
-from msa_megatron import reference as R
+from msa_megatron.ops import naive as R
 
 
 def rand_inputs(b, s, hq, g, d, di, dtype=torch.float32, seed=None, sk=None):

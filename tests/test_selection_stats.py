@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from msa_megatron import reference
+from msa_megatron.ops import naive
 from msa_megatron.config import MSAConfig
 from msa_megatron.selection_stats import (
     ChurnPool, churn_pool_selection, fit_churn_pool, generator_unions, load_artifact, random_selection, save_artifact,
@@ -66,7 +66,7 @@ def test_generator_selections_are_valid(params):
 def test_random_selection_valid_and_matches_reference_shape():
     sel = random_selection(1000, 16, 4, batch=1, groups=2, seed=0)
     _check_valid(sel, 16, 4)
-    ref = reference.select(torch.randn(1, 1000, 2, 16), torch.randn(1, 1000, 16), MSAConfig(block_size=16, topk=4,
+    ref = naive.select(torch.randn(1, 1000, 2, 16), torch.randn(1, 1000, 16), MSAConfig(block_size=16, topk=4,
                                                                                            index_dim=16))
     assert (ref >= 0).sum(-1).tolist() == (sel >= 0).sum(-1).tolist()  # same number of blocks per query
 

@@ -136,10 +136,10 @@ def _near_ties_only(sel_k, sel_n, c: Caches, conf: MSAConfig, rel_tol: float = 1
     """Whether every (row, group) where the kernel's selection differs from the reference's
     only swaps blocks whose reference block scores agree within rel_tol (accumulation-order
     near-ties)."""
-    from .. import reference
+    from ..ops import naive
 
     for i, gg in (sel_k != sel_n).any(-1).nonzero().tolist():
-        scores = reference.index_block_scores(c.iq[i:i + 1, None], c.ik[:c.L, i:i + 1].transpose(0, 1),
+        scores = naive.index_block_scores(c.iq[i:i + 1, None], c.ik[:c.L, i:i + 1].transpose(0, 1),
                                               conf.block_size)[0, gg, -1]
         a = set(sel_k[i, gg].tolist()) - {-1}
         b = set(sel_n[i, gg].tolist()) - {-1}

@@ -284,15 +284,21 @@ def _main_bench(case: Case, config=None, deterministic: bool = True, fwd_only: b
     q, k, v = _qkv(case, grad)
     B = case.block
 
+    fwd_fn, fn = T.sparse_attention_fwd, T.sparse_attention
+    if cfg.fwd_impl == "q":  # the query-outer baseline lives in bench/qouter.py, not in ops/
+        from .qouter import qouter_attention, qouter_attention_fwd
+
+        fwd_fn, fn = qouter_attention_fwd, qouter_attention
+
     def fwd():
-        return T.sparse_attention_fwd(q.detach(), k.detach(), v.detach(), bidx, B, config=cfg)
+        return fwd_fn(q.detach(), k.detach(), v.detach(), bidx, B, config=cfg)
 
     fwdbwd = None
     if grad:
         do = _randn(case, tuple(q.shape), 5)
 
         def fwdbwd():
-            out, _ = T.sparse_attention(q, k, v, bidx, B, config=cfg, deterministic=deterministic)
+            out, _ = fn(q, k, v, bidx, B, config=cfg, deterministic=deterministic)
             out.backward(do)
 
     return Bench(fwd=fwd, fwdbwd=fwdbwd, fwd_flops=case.sparse_fwd_flops(),

@@ -35,7 +35,7 @@ from ..megatron.context_parallel import (
     zigzag_positions,
 )
 from ..ops import msa_attention, resolve_backend
-from ..reference import MSAAux
+from ..ops.naive import MSAAux
 
 #: How K/V reach the queries. ``allgather``: every rank gets the whole sequence (exact for
 #: every mode). ``selected``: only the blocks selected by this rank's queries (mode 'msa').
@@ -171,7 +171,7 @@ def _select_fn(device: torch.device, cfg: MSAConfig):
             "selection yet (see docs/context_parallel.md: proposed msa_select / block_idx argument): "
             "use kv_exchange='allgather' with msa.backend=triton"
         )
-    from ..reference import select
+    from ..ops.naive import select
 
     return select
 

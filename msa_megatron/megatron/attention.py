@@ -56,7 +56,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 
-from .. import reference
+from ..ops import naive
 from ..config import ATTENTION_MODES, MSAConfig, MSAConfigError
 from ..ops import msa_attention, resolve_backend
 from ..ops.decode_naive import msa_decode_naive
@@ -347,8 +347,8 @@ class MSACoreAttention(MegatronModule):
                 out, _ = msa_attention_triton(q, k, v, iq, ik, self.msa, q_pos=q_pos, mode="msa",
                                               softmax_scale=self.softmax_scale, compute_kl=False)
             else:
-                block_idx = reference.select(iq, ik, self.msa, q_pos)
-                out, _ = reference.sparse_attention(q, k, v, block_idx, self.msa.block_size, q_pos, self.softmax_scale)
+                block_idx = naive.select(iq, ik, self.msa, q_pos)
+                out, _ = naive.sparse_attention(q, k, v, block_idx, self.msa.block_size, q_pos, self.softmax_scale)
         return out.transpose(0, 1).reshape(sq, b, -1)
 
 

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..config import MSAConfig
 from ..ops import resolve_backend
-from ..reference import MSAAux
+from ..ops.naive import MSAAux
 
 log = logging.getLogger("msa_megatron.cp")
 

@@ -13,17 +13,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import reference
+from . import naive
 from ..config import MSAConfig
 
+from .common import ANNOUNCED as _announced, announce as _announce  # noqa: F401  (one log-once set for ops)
+
 log = logging.getLogger("msa_megatron.ops")
-_announced: set = set()
-
-
-def _announce(key: str, message: str) -> None:
-    if key not in _announced:
-        _announced.add(key)
-        log.warning(message)
 
 
 def triton_kernels_available() -> Tuple[bool, str]:
@@ -67,7 +62,7 @@ def msa_attention(
     compute_recall: bool = False,
     block_idx: Optional[Tensor] = None,
 ):
-    """(q, k, v, iq, ik, cfg) -> (out, MSAAux); see :func:`msa_megatron.reference.msa_attention`.
+    """(q, k, v, iq, ik, cfg) -> (out, MSAAux); see :func:`msa_megatron.ops.naive.msa_attention`.
     ``block_idx`` (from :func:`msa_select`) skips the op's own selection."""
     kwargs = dict(q_pos=q_pos, mode=mode, softmax_scale=softmax_scale, compute_recall=compute_recall,
                   block_idx=block_idx)
@@ -75,7 +70,7 @@ def msa_attention(
         from .triton_op import msa_attention_triton
 
         return msa_attention_triton(q, k, v, iq, ik, cfg, **kwargs)
-    return reference.msa_attention(q, k, v, iq, ik, cfg, **kwargs)
+    return naive.msa_attention(q, k, v, iq, ik, cfg, **kwargs)
 
 
 def msa_select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None) -> Tensor:
@@ -85,7 +80,7 @@ def msa_select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] =
             from .triton_index import index_select
 
             return index_select(iq, ik, cfg, q_pos)[0]
-        return reference.select(iq, ik, cfg, q_pos)
+        return naive.select(iq, ik, cfg, q_pos)
 
 
 __all__ = ["msa_attention", "msa_select", "resolve_backend", "triton_kernels_available"]

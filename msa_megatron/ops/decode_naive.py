@@ -4,7 +4,7 @@
 A decode step has one new query per sequence, sitting at the last cached position: the
 new token's key/value and index key are already appended to the caches (Megatron appends
 before its core attention runs). Everything is built from the full-sequence reference
-(:mod:`msa_megatron.reference`) applied to that one query, so selection ties, the forced
+(:mod:`msa_megatron.ops.naive`) applied to that one query, so selection ties, the forced
 own/local/init blocks and the -1 padding follow exactly the same rules as training.
 
 Layout (Megatron's static KV cache is sequence-first):
@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .. import reference
+from . import naive
 from ..config import MSAConfig
 
 SeqLens = Union[int, Tensor, List[int]]
@@ -81,7 +81,7 @@ def decode_select_naive(iq: Tensor, ik_cache: Tensor, seq_lens: SeqLens, cfg: MS
     out = torch.full((b, g, cfg.topk), -1, dtype=torch.int32, device=iq.device)
     for L, rows in _groups(lens).items():
         pos = torch.tensor([L - 1], device=iq.device)
-        sel = reference.select(iq.index_select(0, rows)[:, None], _rows(ik_cache, rows, L), cfg, pos)
+        sel = naive.select(iq.index_select(0, rows)[:, None], _rows(ik_cache, rows, L), cfg, pos)
         out[rows] = sel[:, :, 0]
     return out
 
@@ -103,7 +103,7 @@ def msa_decode_naive(q: Tensor, k_cache: Tensor, v_cache: Tensor, iq: Tensor, ik
     lse = None
     for L, rows in _groups(lens).items():
         pos = torch.tensor([L - 1], device=q.device)
-        o, l = reference.sparse_attention(q.index_select(0, rows)[:, None], _rows(k_cache, rows, L),
+        o, l = naive.sparse_attention(q.index_select(0, rows)[:, None], _rows(k_cache, rows, L),
                                           _rows(v_cache, rows, L), block_idx.index_select(0, rows)[:, :, None],
                                           cfg.block_size, pos, softmax_scale)
         if lse is None:
@@ -122,7 +122,7 @@ def dense_decode_naive(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Se
     lse = None
     for L, rows in _groups(lens).items():
         pos = torch.tensor([L - 1], device=q.device)
-        o, l = reference.dense_attention(q.index_select(0, rows)[:, None], _rows(k_cache, rows, L),
+        o, l = naive.dense_attention(q.index_select(0, rows)[:, None], _rows(k_cache, rows, L),
                                          _rows(v_cache, rows, L), pos, softmax_scale)
         if lse is None:
             lse = torch.empty(b, hq, dtype=l.dtype, device=q.device)

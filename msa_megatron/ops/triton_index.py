@@ -2,7 +2,7 @@
 index log-sum-exp over the selected tokens, and the KL-distillation backward (sparse
 and dense teacher) w.r.t. the index query / key.
 
-Layouts are the reference's (see :mod:`msa_megatron.reference`):
+Layouts are the reference's (see :mod:`msa_megatron.ops.naive`):
 
     q [b, sq, hq, d]   k [b, sk, g, d]   iq [b, sq, g, di]   ik [b, sk, di]
     q_pos [sq] int64 (global query positions; keys sit at 0..sk-1)
@@ -13,8 +13,8 @@ Layouts are the reference's (see :mod:`msa_megatron.reference`):
 Public wrappers (called by ``ops/triton_op.py``):
 
 * :func:`index_select` -> ``(block_idx, index_lse)``: the selection is bit-identical to
-  ``reference.select`` up to fp32 near-ties (see the tie rule below); ``index_lse``
-  matches ``reference.selected_index_lse`` on that selection.
+  ``naive.select`` up to fp32 near-ties (see the tie rule below); ``index_lse``
+  matches ``naive.selected_index_lse`` on that selection.
 * :func:`sparse_kl_backward` -> ``(kl, d_iq, d_ik[, stats])``: KL over the selected tokens
   (the ``msa`` phase), value and gradients in one pass, reusing the main LSE and index LSE;
   ``return_stats=True`` adds the index / main entropy means from the same pass.
@@ -30,9 +30,9 @@ Design (docs/kernels_index.md has the details):
   each shared index-key block is loaded once for all groups). The program streams the
   causally visible key blocks in ascending order, S = iq_tile @ ik_blk^T on tensor cores,
   keeps the row max per block (no exp: ranking by raw score), turns forced blocks into
-  +inf, and pushes the block score into a per-row running top-K kept in registers:
+  +inf, and pushes the block score into a per-row running top-k kept in registers:
   replace the current minimum only when strictly greater; among equal minima evict the
-  highest block index. Since blocks arrive in ascending order this is exactly a top-K
+  highest block index. Since blocks arrive in ascending order this is exactly a top-k
   under the order (score desc, block index asc) -- the reference's stable-sort tie rule.
   The [s, s] score matrix never exists.
 * Index LSE and KL backward: "KV-outer" over a reverse index (key block -> rows that
@@ -46,9 +46,7 @@ under ``TRITON_INTERPRET=1`` on CPU tensors for the CPU test-suite.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -58,90 +56,43 @@ import triton.language as tl
 from torch import Tensor
 
 from ..config import MSAConfig
+from . import common as _common
+from .csr import SelectionCSR, csr_for
+from .tuning import IndexConfig, index_env_overrides
 
 #: Fill kernel outputs with garbage (NaN / sentinel) before launching, so entries a kernel
-#: fails to write are visible. Set by scripts/gpu_check_index.py and the tests.
-POISON_OUTPUTS = os.environ.get("MSA_POISON_OUTPUTS", "0") == "1"
+#: fails to write are visible. Set by scripts/gpu_check_index.py and the tests (this module's
+#: own switch; MSA_POISON_OUTPUTS=1 sets it for the process).
+POISON_OUTPUTS = _common.POISON_OUTPUTS
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT32_BIG = 2**31 - 1
 LOG2E = 1.4426950408889634
 
 
-class UnsupportedInputError(ValueError):
-    """An input shape, dtype or device the Triton index kernels do not handle."""
+UnsupportedInputError = _common.UnsupportedInputError
+_interpreting = _common.interpreting
 
 
 # ----------------------------------------------------------------------------- launch configuration
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    """Tile sizes. Defaults target H100 (sm_90); the interpreter uses larger, fewer tiles.
-
-    Environment overrides on CUDA, for benchmark sweeps (read at every call):
-    ``MSA_INDEX_TILES=BLOCK_M,num_warps,num_stages`` (selection and dense-LSE kernels),
-    ``MSA_KL_TILES=BLOCK_Q,BLOCK_N,num_warps,num_stages`` (KL kernels; BLOCK_N divides the
-    block size), ``MSA_INDEX_LAZY_TOPK=0`` (update the top-K on every key block instead of
-    only when some row of the tile has a block score above its current K-th best)."""
-
-    sel_block_m: int = 128
-    sel_warps: int = 8
-    #: Software-pipeline depth of the selection kernel. 2, not 3: the data-dependent top-K
-    #: branch pipelines better with 2 stages (kernel study section 4, H100: 981 vs 1,247 ms
-    #: at 1M, 15.5 vs 19.8 ms at 128K); the arithmetic is the same, so selections are identical.
-    sel_stages: int = 2
-    lazy_topk: bool = True
-    items_block_q: int = 64  # rows per tile in the reverse-index kernels (LSE and KL)
-    items_chunk: int = 256  # rows per reverse-index work item
-    kl_warps: int = 8
-    kl_stages: int = 2
-    kl_block_n: int = 128  # key sub-tile of the KL kernels ([BLOCK_N, di] fp32 d_ik accumulator)
-    lse_warps: int = 8
-    #: Opt-in: selections that need no index LSE (prefill, ``compute_kl=False``) score with
-    #: FP8 e4m3 copies of iq / ik (:func:`fp8_index_inputs`); training keeps the input dtype.
-    fp8_prefill: bool = False
-
-
 #: The configuration every call starts from on CUDA (the interpreter uses its own tiles).
 #: Replace it to change a default for the process, e.g.
-#: ``triton_index.DEFAULT_INDEX_CONFIG = IndexConfig(fp8_prefill=True)``; the environment
-#: overrides below still apply on top (benchmark sweeps).
+#: ``triton_index.DEFAULT_INDEX_CONFIG = IndexConfig(fp8_prefill=True)``; ``MSA_INDEX_KERNEL``
+#: (ops/tuning.py) still applies on top (benchmark sweeps).
 DEFAULT_INDEX_CONFIG = IndexConfig()
 
-
-def _env_ints(name: str, n: int, fmt: str):
-    raw = os.environ.get(name)
-    if not raw:
-        return None
-    try:
-        vals = tuple(int(x) for x in raw.split(","))
-    except ValueError:
-        vals = ()
-    if len(vals) != n or min(vals) <= 0:
-        raise UnsupportedInputError(f"{name}={raw!r}: expected {n} positive integers '{fmt}'")
-    return vals
+#: The interpreter's tiles: its cost is per op, not per element -> fewer, larger tiles.
+_INTERPRETER_TILES = dict(sel_block_m=64, sel_warps=4, sel_stages=1, items_block_q=64, items_chunk=128,
+                          kl_warps=4, kl_stages=1, kl_block_n=128, lse_warps=4)
 
 
 def _launch_config(device: torch.device) -> IndexConfig:
-    if device.type != "cuda":  # interpreter: cost is per op, not per element -> fewer, larger tiles
-        return IndexConfig(sel_block_m=64, sel_warps=4, sel_stages=1, items_block_q=64, items_chunk=128,
-                           kl_warps=4, kl_stages=1, kl_block_n=128, lse_warps=4,
-                           fp8_prefill=DEFAULT_INDEX_CONFIG.fp8_prefill or os.environ.get("MSA_INDEX_FP8", "0") == "1")
-    changes = {}
-    if os.environ.get("MSA_INDEX_FP8", "0") == "1":
-        changes["fp8_prefill"] = True
-    sel = _env_ints("MSA_INDEX_TILES", 3, "BLOCK_M,num_warps,num_stages")
-    if sel:
-        changes.update(sel_block_m=sel[0], sel_warps=sel[1], sel_stages=sel[2])
-    kl = _env_ints("MSA_KL_TILES", 4, "BLOCK_Q,BLOCK_N,num_warps,num_stages")
-    if kl:
-        changes.update(items_block_q=kl[0], kl_block_n=kl[1], kl_warps=kl[2], kl_stages=kl[3])
-    if os.environ.get("MSA_INDEX_LAZY_TOPK", "1") == "0":
-        changes["lazy_topk"] = False
-    return dataclasses.replace(DEFAULT_INDEX_CONFIG, **changes)
+    """DEFAULT_INDEX_CONFIG + the environment overrides (read per call); off CUDA the
+    interpreter's tiles, where only ``fp8_prefill`` may be overridden."""
+    if device.type != "cuda":
+        base = IndexConfig(**_INTERPRETER_TILES, fp8_prefill=DEFAULT_INDEX_CONFIG.fp8_prefill)
+        return IndexConfig.from_spec(index_env_overrides(include_tiles=False), base, source=IndexConfig.ENV)
+    return IndexConfig.from_spec(index_env_overrides(), DEFAULT_INDEX_CONFIG, source=IndexConfig.ENV)
 
 
 def _pow2_at_least(x: int, lo: int = 16) -> int:
@@ -220,42 +171,14 @@ def _positions(q_pos: Optional[Tensor], sq: int, sk: int, device: torch.device) 
     if q_pos.dtype.is_floating_point or q_pos.dtype == torch.bool:
         raise UnsupportedInputError(f"q_pos must hold integers, got {q_pos.dtype}")
     q_pos = q_pos.to(device=device, dtype=torch.int64).contiguous()
-    if sq and (device.type == "cpu" or os.environ.get("MSA_CHECK_POSITIONS", "0") == "1"):
+    if sq and (device.type == "cpu" or _common.check_positions_enabled()):
         lo, hi = int(q_pos.min()), int(q_pos.max())
         if lo < 0 or hi >= sk:
             raise UnsupportedInputError(f"q_pos must lie in [0, {sk - 1}] (keys cover positions 0..sk-1); got [{lo}, {hi}]")
     return q_pos
 
 
-@dataclass(frozen=True)
-class _Docs:
-    """Kernel arguments for the per-query document lower bound (``HAS_DOC=False``: the
-    pointer is a dummy that no compiled instruction reads)."""
-
-    ptr: Tensor
-    stride_b: int
-    on: bool
-
-
-def _doc_start(doc_start: Optional[Tensor], b: int, sq: int, q_pos: Tensor) -> _Docs:
-    """doc_start [b, sq] or [sq] (shared by the batch) -> int64 kernel argument, checked
-    0 <= doc_start <= q_pos on CPU and when MSA_CHECK_POSITIONS=1 (a device sync)."""
-    if doc_start is None:
-        return _Docs(q_pos, 0, False)
-    if doc_start.dtype.is_floating_point or doc_start.dtype == torch.bool:
-        raise UnsupportedInputError(f"doc_start must hold integers, got {doc_start.dtype}")
-    if tuple(doc_start.shape) not in ((b, sq), (sq,)):
-        raise UnsupportedInputError(f"doc_start must have shape [{b}, {sq}] or [{sq}], got {tuple(doc_start.shape)}")
-    if doc_start.device != q_pos.device:
-        raise UnsupportedInputError(f"doc_start is on {doc_start.device}, the index inputs on {q_pos.device}")
-    ds = doc_start.to(torch.int64)
-    ds = ds.view(1, sq) if ds.dim() == 1 else ds
-    ds = ds if ds.stride(-1) == 1 else ds.contiguous()
-    if sq and (ds.device.type == "cpu" or os.environ.get("MSA_CHECK_POSITIONS", "0") == "1"):
-        if bool((ds < 0).any()) or bool((ds > q_pos[None, :]).any()):
-            raise UnsupportedInputError("doc_start must satisfy 0 <= doc_start[b, t] <= q_pos[t] "
-                                        "(its document starts at or before the query)")
-    return _Docs(ds, ds.stride(0) if ds.shape[0] > 1 else 0, True)
+_Docs, _doc_start = _common.DocArgs, _common.doc_args
 
 
 # ----------------------------------------------------------------------------- kernel 1: streaming top-k selection
@@ -402,7 +325,8 @@ class ReverseIndex:
     slots sort last and belong to no item). Item i covers
     ``order[item_start[i]:item_end[i]]``, all of one ``item_key[i] = (b * g + g_i) * nb +
     block``; on CUDA the item arrays have a static upper-bound length (no host sync) and
-    the surplus items are empty."""
+    the surplus items are empty. ``order`` is the selection's CSR (``csr``, ops/csr.py), which
+    the op hands on to the main kernels: one reverse index per selection."""
 
     order: Tensor
     item_key: Tensor
@@ -411,27 +335,17 @@ class ReverseIndex:
     nb: int
     chunk: int
     shape: Tuple[int, int, int, int]
+    csr: Optional[SelectionCSR] = None
 
 
-def build_reverse_index(block_idx: Tensor, nb: int, chunk: int) -> ReverseIndex:
-    """Keys and ``order`` are int32 when the entry count allows (1M tokens x 4 groups x top-16 =
-    64M entries: 256 MB per array instead of 512 MB, and no [E] int64 temporaries)."""
+def build_reverse_index(block_idx: Tensor, nb: int, chunk: int, csr: Optional[SelectionCSR] = None) -> ReverseIndex:
+    """Work items of at most ``chunk`` rows over the selection's CSR (``ops/csr.py``; ``csr``:
+    the one the op built for this selection, reused, else built here)."""
     b, g, sq, K = block_idx.shape
     dev = block_idx.device
     nkeys = b * g * nb
-    n_entries = b * g * sq * K
-    idt = torch.int32 if max(n_entries, nkeys + 1) < 2**31 else torch.int64
-    bg = torch.arange(b * g, device=dev, dtype=idt).view(b, g, 1, 1) * nb
-    blk = block_idx.to(idt)
-    key = torch.where(blk >= 0, blk + bg, torch.full_like(blk, nkeys)).reshape(-1)
-    del blk
-    sorted_key, order = torch.sort(key, stable=True)
-    del key
-    order = order.to(idt)
-    keys = torch.arange(nkeys, device=dev, dtype=idt)
-    seg_start = torch.searchsorted(sorted_key, keys, right=False)  # int64 [nkeys]
-    seg_end = torch.searchsorted(sorted_key, keys, right=True)
-    del sorted_key
+    csr = csr_for(block_idx, nb, csr)
+    order, seg_start, seg_end = csr.order, csr.seg_start, csr.seg_end
     counts = seg_end - seg_start
     items_per = (counts + chunk - 1) // chunk
     items_cum = torch.cumsum(items_per, 0)
@@ -449,7 +363,7 @@ def build_reverse_index(block_idx: Tensor, nb: int, chunk: int) -> ReverseIndex:
         n_real = int(real.sum())
         kc, start, end = kc[:n_real], start[:n_real], end[:n_real]
     return ReverseIndex(order=order, item_key=kc, item_start=start, item_end=end, nb=nb, chunk=chunk,
-                        shape=(b, g, sq, K))
+                        shape=(b, g, sq, K), csr=csr)
 
 
 # ----------------------------------------------------------------------------- kernel 2: per-(row, block) index LSE
@@ -794,7 +708,7 @@ def index_select(
     iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None, *, return_plan: bool = False,
     with_lse: bool = True, fp8: Optional[bool] = None, doc_start: Optional[Tensor] = None,
 ):
-    """Fused index branch: causal raw scores -> per-block max -> forced + top-K blocks.
+    """Fused index branch: causal raw scores -> per-block max -> forced + top-k blocks.
 
     Args:
         iq: [b, sq, g, di] index queries (one head per KV group), fp32 / bf16 / fp16.
@@ -805,13 +719,13 @@ def index_select(
         return_plan: also return the :class:`ReverseIndex` (key block -> rows), which
             :func:`sparse_kl_backward` accepts to skip rebuilding it.
         doc_start: optional int [b, sq] (or [sq]) packed documents: keys before each
-            query's document start are invisible (``reference.select(doc_start=...)``).
+            query's document start are invisible (``naive.select(doc_start=...)``).
 
     Returns:
         block_idx [b, g, sq, K] int32, ascending, unused slots -1 (fewer than K visible
-        blocks), equal to ``reference.select`` except at fp32 near-ties of block scores
+        blocks), equal to ``naive.select`` except at fp32 near-ties of block scores
         (exact ties -> lower block index, as the reference);
-        index_lse [b, g, sq] fp32 = ``reference.selected_index_lse`` (log-sum-exp of
+        index_lse [b, g, sq] fp32 = ``naive.selected_index_lse`` (log-sum-exp of
         iq.ik * cfg.index_softmax_scale over the selected causal tokens);
         [plan] when ``return_plan``.
 
@@ -853,8 +767,8 @@ def index_select(
 
 def index_block_max(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None, *,
                     doc_start: Optional[Tensor] = None) -> Tensor:
-    """Benchmark aid: the selection kernel without its top-K (max block score per row,
-    [b, sq * g] fp32). Its time vs :func:`index_select`'s selection part is the top-K cost."""
+    """Benchmark aid: the selection kernel without its top-k (max block score per row,
+    [b, sq * g] fp32). Its time vs :func:`index_select`'s selection part is the top-k cost."""
     b, sq, g, di, sk = _check_index_inputs(iq, ik, cfg)
     q_pos = _positions(q_pos, sq, sk, iq.device)
     return _launch_select(_last_dim_contiguous(iq.detach()), _last_dim_contiguous(ik.detach()), cfg, q_pos, True,
@@ -881,14 +795,19 @@ def _selected_lse(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, plan: R
 
 
 def selected_lse(iq: Tensor, ik: Tensor, block_idx: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None, *,
-                 doc_start: Optional[Tensor] = None) -> Tensor:
+                 doc_start: Optional[Tensor] = None, csr: Optional[SelectionCSR] = None,
+                 plan: Optional[ReverseIndex] = None) -> Tensor:
     """Index LSE [b, g, sq] fp32 over the tokens of a given selection (as
-    ``reference.selected_index_lse``); :func:`index_select` already returns it."""
+    ``naive.selected_index_lse``); :func:`index_select` already returns it. ``plan`` (work
+    items, reused by :func:`sparse_kl_backward`) or ``csr`` (the selection's reverse index,
+    ops/csr.py): what the caller already built for this selection."""
     b, sq, g, di, sk = _check_index_inputs(iq, ik, cfg)
     _check_block_idx(block_idx, b, g, sq, iq.device)
     q_pos = _positions(q_pos, sq, sk, iq.device)
     docs = _doc_start(doc_start, b, sq, q_pos)
-    plan = build_reverse_index(block_idx, triton.cdiv(sk, cfg.block_size), _launch_config(iq.device).items_chunk)
+    nb = triton.cdiv(sk, cfg.block_size)
+    if plan is None or plan.shape != tuple(block_idx.shape) or plan.nb != nb:
+        plan = build_reverse_index(block_idx, nb, _launch_config(iq.device).items_chunk, csr=csr)
     return _selected_lse(_last_dim_contiguous(iq.detach()), _last_dim_contiguous(ik.detach()), cfg, q_pos, plan, docs)
 
 
@@ -996,7 +915,7 @@ def _finish(kl_part: Tensor, norm: float, d_iq32: Tensor, d_ik32: Tensor, iq: Te
         d_iq, d_ik = d_iq * grad_scale, d_ik * grad_scale
     if ent_part is None:
         return kl, d_iq.to(iq.dtype), d_ik.to(ik.dtype)
-    # Means as reference.msa_attention: index entropy per (b, g, query) row, main entropy per
+    # Means as naive.msa_attention: index entropy per (b, g, query) row, main entropy per
     # (b, query head, query) row; ``norm`` is the row count (or the caller's normalizer).
     sums = ent_part.sum(0)
     stats = {"index_entropy": sums[0] / norm, "main_entropy": sums[1] / (norm * G)}
@@ -1007,10 +926,10 @@ def sparse_kl_backward(
     q: Tensor, k: Tensor, iq: Tensor, ik: Tensor, block_idx: Tensor, main_lse: Tensor, index_lse: Tensor,
     cfg: MSAConfig, q_pos: Optional[Tensor] = None, grad_scale=1.0, *, softmax_scale: Optional[float] = None,
     normalizer: Optional[float] = None, plan: Optional[ReverseIndex] = None, return_stats: bool = False,
-    doc_start: Optional[Tensor] = None,
+    doc_start: Optional[Tensor] = None, csr: Optional[SelectionCSR] = None,
 ):
     """KL(teacher || student) over each row's selected tokens: its value and its gradient
-    w.r.t. iq and ik in one pass (no separate KL forward), as ``reference.sparse_kl_loss``.
+    w.r.t. iq and ik in one pass (no separate KL forward), as ``naive.sparse_kl_loss``.
 
     Teacher (per batch, group g, query t): mean over the group's G query heads of
     softmax(q.k * softmax_scale) restricted to the selected causal tokens, rebuilt from
@@ -1027,6 +946,7 @@ def sparse_kl_backward(
         normalizer: the mean's denominator (default b * g * sq rows, as the reference);
             context parallelism may pass the global row count.
         plan: the reverse index returned by ``index_select(..., return_plan=True)``.
+        csr: else the selection's CSR (ops/csr.py) when the caller has it: no sort here.
         return_stats: also return the entropy statistics, by-products of the same pass
             (a few extra element-wise ops per tile; off: the kernel compiles without them).
         doc_start: optional int [b, sq] / [sq] packed documents (as :func:`index_select`):
@@ -1052,7 +972,7 @@ def sparse_kl_backward(
     lc = _launch_config(iq.device)
     nb = triton.cdiv(sk, cfg.block_size)
     if plan is None or plan.shape != tuple(block_idx.shape) or plan.nb != nb:
-        plan = build_reverse_index(block_idx, nb, lc.items_chunk)
+        plan = build_reverse_index(block_idx, nb, lc.items_chunk, csr=csr)
     n_items = plan.item_key.numel()
     kl_part = torch.zeros(max(n_items, 1), device=iq.device, dtype=torch.float32)
     ent_part = _stats_buffer(n_items, return_stats, kl_part)
@@ -1074,7 +994,7 @@ def dense_kl_backward(
     normalizer: Optional[float] = None, index_lse: Optional[Tensor] = None, return_stats: bool = False,
     doc_start: Optional[Tensor] = None,
 ):
-    """Warmup-phase KL over all causal tokens (``reference.dense_kl_loss``): value and
+    """Warmup-phase KL over all causal tokens (``naive.dense_kl_loss``): value and
     gradients w.r.t. iq, ik.
 
     The teacher is the group head-mean of the dense causal softmax, rebuilt from the dense
@@ -1128,9 +1048,9 @@ def dense_main_lse(q: Tensor, k: Tensor, q_pos: Optional[Tensor] = None, softmax
         kh = k.detach().transpose(1, 2).repeat_interleave(hq // g, dim=1)
         out = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, kh, 0.0, True, False, scale=softmax_scale)
         return out[1].float()[:, :, :sq]
-    from .. import reference
+    from . import naive
 
-    _, lse = reference.dense_attention(q.detach(), k.detach(), k.detach(), q_pos, softmax_scale, doc_start=doc_start)
+    _, lse = naive.dense_attention(q.detach(), k.detach(), k.detach(), q_pos, softmax_scale, doc_start=doc_start)
     return lse
 
 

@@ -1,6 +1,6 @@
 """The end-to-end MSA op on the Triton kernels, with the semantics of
-:func:`msa_megatron.reference.msa_attention` (modes dense / msa_warmup / msa, same
-:class:`~msa_megatron.reference.MSAAux` fields).
+:func:`msa_megatron.ops.naive.msa_attention` (modes dense / msa_warmup / msa, same
+:class:`~msa_megatron.ops.naive.MSAAux` fields).
 
 Composition (forward):
     1. index branch on detached iq, ik: block selection (+ the student's LSE);
@@ -37,10 +37,13 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import reference
 from ..config import ATTENTION_MODES, MSAConfig
-from ..reference import MSAAux
+from . import naive
 from . import triton_sparse_attn as _tsa
+from .common import ANNOUNCED as _announced, announce as _announce  # noqa: F401  (tests discard keys)
+from .common import check_positions_enabled, check_shapes, interpreting, positions
+from .csr import build_csr
+from .naive import MSAAux
 from .triton_sparse_attn import KernelConfig, sparse_attention
 
 log = logging.getLogger("msa_megatron.ops")
@@ -48,17 +51,6 @@ log = logging.getLogger("msa_megatron.ops")
 #: Index branch implementation: "triton" (ops/triton_index.py) or "reference".
 INDEX_BACKEND = os.environ.get("MSA_INDEX_BACKEND", "triton")
 
-_announced: set = set()
-
-
-def _announce(key: str, message: str) -> None:
-    if key not in _announced:
-        _announced.add(key)
-        log.warning(message)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------- index seam
@@ -83,22 +75,33 @@ def _backend(index_backend: Optional[str]) -> str:
 def _select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Tensor, backend: str, given: Optional[Tensor] = None,
             need_lse: bool = True, doc_start: Optional[Tensor] = None):
     """(block_idx [b, g, sq, K] int32, index LSE over the selection [b, g, sq] or None, the
-    index kernels' reverse index or None: reused by the KL backward). ``given``: a selection
-    computed earlier (context parallelism selects before gathering K/V). ``need_lse=False``
-    (no KL: prefill) skips the index LSE and the reverse index (and may select in FP8:
-    ``triton_index.IndexConfig.fp8_prefill``)."""
+    index kernels' reverse index or None, the selection's CSR or None).
+
+    The CSR (ops/csr.py: key block -> the (query, slot) pairs that chose it) is built here,
+    once per op call, right after the selection; the index LSE, the KL kernel and the main
+    kernels all cut their work items from it. ``given``: a selection computed earlier (context
+    parallelism selects before gathering K/V). ``need_lse=False`` (no KL: prefill) skips the
+    index LSE and the CSR (the main kernels then build their own; the selection may run in
+    FP8: ``IndexConfig.fp8_prefill``)."""
     if given is not None:
         expected = (iq.shape[0], iq.shape[2], iq.shape[1], cfg.topk)
         if tuple(given.shape) != expected or given.dtype != torch.int32:
             raise ValueError(f"block_idx must be int32 {expected}; got {given.dtype} {tuple(given.shape)}")
-        if backend == "reference" or not need_lse:
-            return given, None, None
-        return given, _index_module().selected_lse(iq, ik, given, cfg, q_pos, doc_start=doc_start), None
-    if backend == "reference":
-        return reference.select(iq, ik, cfg, q_pos, doc_start=doc_start), None, None
-    if not need_lse:
-        return _index_module().index_select(iq, ik, cfg, q_pos, with_lse=False, doc_start=doc_start)[0], None, None
-    return _index_module().index_select(iq, ik, cfg, q_pos, return_plan=True, doc_start=doc_start)
+        block_idx = given
+    elif backend == "reference":
+        return naive.select(iq, ik, cfg, q_pos, doc_start=doc_start), None, None, None
+    elif not need_lse:
+        return _index_module().index_select(iq, ik, cfg, q_pos, with_lse=False, doc_start=doc_start)[0], None, None, None
+    else:
+        block_idx = _index_module().index_select(iq, ik, cfg, q_pos, with_lse=False, fp8=False, doc_start=doc_start)[0]
+    if backend == "reference" or not need_lse:
+        return block_idx, None, None, None
+    ti = _index_module()
+    nb = math.ceil(ik.shape[1] / cfg.block_size)
+    csr = build_csr(block_idx, nb)
+    plan = ti.build_reverse_index(block_idx, nb, ti._launch_config(iq.device).items_chunk, csr=csr)
+    lse = ti.selected_lse(iq, ik, block_idx, cfg, q_pos, doc_start=doc_start, plan=plan)
+    return block_idx, lse, plan, csr
 
 
 def _check_docs(doc_start: Optional[Tensor], b: int, sq: int, q_pos: Tensor) -> Optional[Tensor]:
@@ -111,7 +114,7 @@ def _check_docs(doc_start: Optional[Tensor], b: int, sq: int, q_pos: Tensor) -> 
     if tuple(doc_start.shape) not in ((b, sq), (sq,)):
         raise ValueError(f"doc_start must have shape [{b}, {sq}] or [{sq}], got {tuple(doc_start.shape)}")
     ds = doc_start.to(device=q_pos.device, dtype=torch.int64).contiguous()
-    if sq and (ds.device.type == "cpu" or os.environ.get("MSA_CHECK_POSITIONS", "0") == "1"):
+    if sq and (ds.device.type == "cpu" or check_positions_enabled()):
         if bool((ds < 0).any()) or bool((ds > q_pos.view(*([1] * (ds.dim() - 1)), sq)).any()):
             raise ValueError("doc_start must satisfy 0 <= doc_start[b, t] <= q_pos[t] "
                              "(its document starts at or before the query)")
@@ -131,9 +134,9 @@ def _kl_reference(mode: str, q, k, iq, ik, block_idx, cfg, q_pos, scale, need_gr
         iq_ = iq.detach().requires_grad_(need_grad)
         ik_ = ik.detach().requires_grad_(need_grad)
         if mode == "msa":
-            terms = reference.sparse_kl_terms(q, k, iq_, ik_, block_idx, cfg, q_pos, scale, doc_start=doc_start)
+            terms = naive.sparse_kl_terms(q, k, iq_, ik_, block_idx, cfg, q_pos, scale, doc_start=doc_start)
         else:
-            terms = reference.dense_kl_terms(q, k, iq_, ik_, cfg, q_pos, scale, doc_start=doc_start)
+            terms = naive.dense_kl_terms(q, k, iq_, ik_, cfg, q_pos, scale, doc_start=doc_start)
         kl = terms.kl / terms.rows
         d_iq = d_ik = None
         if need_grad:
@@ -188,7 +191,7 @@ class _SparseAttentionKLFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, iq, ik, block_idx, block_size, q_pos, scale, config, deterministic, index_lse,
-                index_scale, doc_start=None):
+                index_scale, doc_start=None, csr=None):
         cfg = config or _tsa.default_config()
         block_idx = block_idx.contiguous()
         b, sq, hq, d = q.shape
@@ -196,13 +199,13 @@ class _SparseAttentionKLFn(torch.autograd.Function):
         if sq:  # one reverse index for the forward and the backward
             _tsa._check_inputs(q, k, v, block_idx, block_size)
             need = _tsa.partial_bytes_per_pos(
-                q, k.shape[2], block_idx.shape[-1], block_size, fwd=cfg.fwd_impl == "kv", bwd=True,
+                q, k.shape[2], block_idx.shape[-1], block_size, fwd=True, bwd=True,
                 deterministic=deterministic, config=cfg, kl_di=iq.shape[-1],
                 dq_partial_dtype=q.dtype if cfg.dq_partial_lowp else torch.float32)
-            plan = _tsa.build_plan(block_idx, k.shape[1], block_size, need, cfg)
+            plan = _tsa.build_plan(block_idx, k.shape[1], block_size, need, cfg, csr=csr)
         out, lse = _tsa.sparse_attention_fwd(q, k, v, block_idx, block_size, q_pos, scale, config=cfg, plan=plan,
                                              doc_start=doc_start)
-        ctx.doc_start = doc_start
+        ctx.doc_start, ctx.csr = doc_start, csr
         holder = torch.full((3,), float("nan"), dtype=torch.float32, device=q.device)
         ctx.save_for_backward(q, k, v, out, lse, block_idx, q_pos, iq, ik, index_lse)
         ctx.holder = holder.data  # filled by the backward; .data: no version bump on the outputs
@@ -219,7 +222,8 @@ class _SparseAttentionKLFn(torch.autograd.Function):
             dout = torch.zeros_like(out)
         dq, dk, dv, res = _tsa.sparse_attention_bwd(
             dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos, ctx.scale, deterministic=ctx.det,
-            config=ctx.cfg, plan=ctx.plan, kl=_tsa.FusedKL(iq, ik, index_lse, ctx.iscale), doc_start=ctx.doc_start)
+            config=ctx.cfg, plan=ctx.plan, kl=_tsa.FusedKL(iq, ik, index_lse, ctx.iscale), doc_start=ctx.doc_start,
+            csr=ctx.csr)
         ctx.holder.copy_(torch.stack([res.kl, res.stats["index_entropy"], res.stats["main_entropy"]]))
         d_iq = d_ik = None
         if dkl is not None:
@@ -227,7 +231,7 @@ class _SparseAttentionKLFn(torch.autograd.Function):
                 d_iq = (res.d_iq * dkl).to(iq.dtype)
             if ctx.needs_input_grad[4]:
                 d_ik = (res.d_ik * dkl).to(ik.dtype)
-        return dq, dk, dv, d_iq, d_ik, None, None, None, None, None, None, None, None, None
+        return dq, dk, dv, d_iq, d_ik, None, None, None, None, None, None, None, None, None, None
 
 
 class _UnionAttentionKLFn(torch.autograd.Function):
@@ -241,14 +245,14 @@ class _UnionAttentionKLFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, iq, ik, block_idx, block_size, q_pos, scale, config, lists, index_lse, index_scale,
-                doc_start=None):
+                doc_start=None, csr=None):
         from . import triton_union as _tu
 
         cfg = config or _tsa.default_config()
         block_idx = block_idx.contiguous()
         out, lse = _tu.union_attention_fwd(q, k, v, block_idx, block_size, q_pos, scale, config=cfg, lists=lists,
                                            doc_start=doc_start)
-        ctx.doc_start = doc_start
+        ctx.doc_start, ctx.csr = doc_start, csr
         holder = torch.full((3,), float("nan"), dtype=torch.float32, device=q.device)
         ctx.save_for_backward(q, k, v, out, lse, block_idx, q_pos, iq, ik, index_lse)
         ctx.holder = holder.data  # filled by the backward; .data: no version bump on the outputs
@@ -266,9 +270,12 @@ class _UnionAttentionKLFn(torch.autograd.Function):
         lm_grad = dout is not None
         if dout is None:
             dout = torch.zeros_like(out)
+        # its dK/dV pass (no dQ partials: one chunk) over the op's CSR, as it would build it
+        plan = None if ctx.csr is None else _tsa.build_plan(block_idx, k.shape[1], ctx.block_size, 0, ctx.cfg,
+                                                            csr=ctx.csr)
         dq, dk, dv, res = _tu.union_attention_bwd(
             dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos, ctx.scale, config=ctx.cfg, lists=ctx.lists,
-            kl=_tsa.FusedKL(iq, ik, index_lse, ctx.iscale), doc_start=ctx.doc_start)
+            plan=plan, kl=_tsa.FusedKL(iq, ik, index_lse, ctx.iscale), doc_start=ctx.doc_start)
         ctx.holder.copy_(torch.stack([res.kl, res.stats["index_entropy"], res.stats["main_entropy"]]))
         d_iq = d_ik = None
         if dkl is not None:  # in place on the fp32 gradients: no second fp32 copy (2 GiB at 1M)
@@ -278,7 +285,7 @@ class _UnionAttentionKLFn(torch.autograd.Function):
                 d_ik = res.d_ik.mul_(dkl).to(ik.dtype)
         if not lm_grad:
             dq = dk = dv = None
-        return dq, dk, dv, d_iq, d_ik, None, None, None, None, None, None, None, None, None
+        return dq, dk, dv, d_iq, d_ik, None, None, None, None, None, None, None, None, None, None
 
 
 def _union_kl_lists(mode: str, backend: str, need_grad: bool, compute_kl: bool, q: Tensor, k: Tensor,
@@ -286,7 +293,7 @@ def _union_kl_lists(mode: str, backend: str, need_grad: bool, compute_kl: bool, 
     """The union lists when the v2 union path with the fused KL runs (mode msa, Triton index
     backend, iq/ik needing gradients, main_impl resolving to union), else None."""
     kc = kernel_config or _tsa.default_config()
-    if not (compute_kl and mode == "msa" and backend == "triton" and need_grad) or kc.fwd_impl != "kv":
+    if not (compute_kl and mode == "msa" and backend == "triton" and need_grad):
         return None
     if kc.kl_fused and kc.main_impl == "auto":
         return None  # an explicit kl_fused=1 keeps the KV-outer fused KL unless main_impl=union is asked for
@@ -529,11 +536,11 @@ def msa_attention_triton(
     compute_kl: bool = True,
     doc_start: Optional[Tensor] = None,
 ) -> Tuple[Tensor, MSAAux]:
-    """(q, k, v, iq, ik, cfg) -> (out, MSAAux), as :func:`msa_megatron.reference.msa_attention`.
+    """(q, k, v, iq, ik, cfg) -> (out, MSAAux), as :func:`msa_megatron.ops.naive.msa_attention`.
 
     ``aux.kl`` is the mean KL, differentiable w.r.t. iq and ik only; ``aux.block_idx`` the
     selection (msa and msa_warmup); ``aux.lse`` the main branch's LSE; ``aux.stats`` holds
-    index_entropy / main_entropy (detached means) and, with ``compute_recall``, recall (a
+    index_entropy / main_entropy (detached means) and, with ``compute_recall``, selection recall (a
     dense reference pass: call on sampled steps). ``deterministic=False`` lets the sparse
     backward accumulate dQ with atomics (faster, not bitwise reproducible).
     ``compute_kl=False`` (inference / prefill, not in the reference) skips the KL and the
@@ -545,15 +552,15 @@ def msa_attention_triton(
     mode = mode or cfg.mode
     if mode not in ATTENTION_MODES:
         raise ValueError(f"mode={mode!r} is invalid: allowed values are dense, msa_warmup, msa")
-    reference._check_shapes(q, k, v)
-    if q.device.type != "cuda" and not _interpreting():
+    check_shapes(q, k, v)
+    if q.device.type != "cuda" and not interpreting():
         raise RuntimeError(f"msa_attention_triton needs CUDA tensors (got {q.device}); CPU runs only under TRITON_INTERPRET=1")
     backend = _backend(index_backend)
     b, sq, hq, d = q.shape
     sk, g = k.shape[1], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     default_pos = q_pos is None
-    pos = reference._positions(q_pos, sq, sk, q.device)
+    pos = positions(q_pos, sq, sk, q.device)
     ds = _check_docs(doc_start, b, sq, pos)
     aux = MSAAux()
     dense_kw = dict(block_size=cfg.block_size, kernel_config=kernel_config, deterministic=deterministic, doc_start=ds)
@@ -567,18 +574,18 @@ def msa_attention_triton(
     if iq.shape[2] != g:
         raise ValueError(f"index heads ({iq.shape[2]}) must equal KV heads ({g}): one per GQA group")
     iq_d, ik_d = iq.detach(), ik.detach()
-    block_idx, index_lse, index_plan = _select(iq_d, ik_d, cfg, pos, backend, given=block_idx, need_lse=compute_kl,
-                                               doc_start=ds)
+    block_idx, index_lse, index_plan, csr = _select(iq_d, ik_d, cfg, pos, backend, given=block_idx,
+                                                    need_lse=compute_kl, doc_start=ds)
     aux.block_idx = block_idx
     need_grad = torch.is_grad_enabled() and (iq.requires_grad or ik.requires_grad)
     lists = _union_kl_lists(mode, backend, need_grad, compute_kl, q, k, block_idx, kernel_config)
     fused = None
     if lists is not None:  # v2: union tile, KL inside its dQ pass (docs/kernels_main.md "v2: union tile")
         fused = _UnionAttentionKLFn.apply(q, k, v, iq, ik, block_idx, cfg.block_size, pos, scale, kernel_config, lists,
-                                          index_lse, cfg.index_softmax_scale, ds)
+                                          index_lse, cfg.index_softmax_scale, ds, csr)
     elif compute_kl and _kl_path(mode, backend, need_grad, kernel_config) == "fused":
         fused = _SparseAttentionKLFn.apply(q, k, v, iq, ik, block_idx, cfg.block_size, pos, scale, kernel_config,
-                                           deterministic, index_lse, cfg.index_softmax_scale, ds)
+                                           deterministic, index_lse, cfg.index_softmax_scale, ds, csr)
     if fused is not None:  # KL and its stats come from the main backward (NaN until it has run)
         out, aux.lse, aux.kl, ent_i, ent_m = fused
         if cfg.track_entropy:
@@ -586,7 +593,7 @@ def msa_attention_triton(
     else:
         if mode == "msa":
             out, aux.lse = sparse_attention(q, k, v, block_idx, cfg.block_size, pos, scale,
-                                            config=kernel_config, deterministic=deterministic, doc_start=ds)
+                                            config=kernel_config, deterministic=deterministic, doc_start=ds, csr=csr)
         else:
             out, aux.lse = dense_attention_triton(q, k, v, pos, default_pos, scale, **dense_kw)
         if compute_kl:
@@ -599,7 +606,7 @@ def msa_attention_triton(
             aux.kl = _KLFromGrads.apply(iq, ik, res.kl, res.d_iq, res.d_ik) if need_grad else res.kl
             aux.stats.update(res.stats)
     if compute_recall:
-        aux.stats["recall"] = reference.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale,
+        aux.stats["recall"] = naive.selection_recall(q.detach(), k.detach(), block_idx, cfg.block_size, pos, scale,
                                                          doc_start=ds)
     return out, aux
 

@@ -1,6 +1,6 @@
 """Triton kernels for MSA's main branch: exact attention over per-token selected key blocks.
 
-Semantics are those of :func:`msa_megatron.reference.sparse_attention` (layouts in the
+Semantics are those of :func:`msa_megatron.ops.naive.sparse_attention` (layouts in the
 reference's module docstring): every query head attends, with an exact softmax, to the
 keys of its group's selected blocks that are causally visible (key <= q_pos, key < sk).
 
@@ -21,8 +21,8 @@ softmax is split over K programs:
   combine kernel (``deterministic=True``, the default) or accumulated with fp32 atomics.
 
 Partial buffers scale with sq x hq x K x d, so the queries are processed in chunks that keep
-them under ``KernelConfig.partial_bytes``. A simple query-outer forward (``fwd_impl='q'``)
-is kept as a baseline and for comparison.
+them under ``KernelConfig.partial_bytes``. The simple query-outer forward (``fwd_impl='q'``)
+is a benchmark baseline: it lives in ``msa_megatron/bench/qouter.py``.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) bf16 cannot be computed by the interpreter, so
 bf16 operands are upcast to fp32 right after loading (``UPCAST``); loads, stores and the
@@ -34,8 +34,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
@@ -43,219 +42,42 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import common as _common
+from .csr import SelectionCSR, csr_for
+from .tuning import MAIN_IMPLS, KernelConfig, KernelConfigError, default_config  # noqa: F401  (re-exported)
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 #: Fill outputs and partial buffers with NaN before the kernels run, so an element a kernel
 #: fails to write (or a partial the combine wrongly reads) shows up. Tests and
-#: scripts/gpu_check_main.py turn it on (or MSA_POISON_OUTPUTS=1).
-POISON_OUTPUTS = os.environ.get("MSA_POISON_OUTPUTS", "0") == "1"
+#: scripts/gpu_check_main.py turn it on (or MSA_POISON_OUTPUTS=1; this module's own switch).
+POISON_OUTPUTS = _common.POISON_OUTPUTS
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 #: Validate block_idx ranges with a host-side check (one sync per call) instead of the
 #: asynchronous device assert (MSA_DEBUG_CHECKS=1; the tests turn it on for clear errors).
-DEBUG_CHECKS = os.environ.get("MSA_DEBUG_CHECKS", "0") == "1"
+DEBUG_CHECKS = _common.DEBUG_CHECKS
 
-MAIN_IMPLS = ("auto", "union", "kv")
 
 log = logging.getLogger("msa_megatron.ops")
-_announced: set = set()
-
-
-def _announce(key: str, message: str) -> None:
-    """Log ``message`` once per process and key (which path runs, and why)."""
-    if key not in _announced:
-        _announced.add(key)
-        log.warning(message)
+_announce, _announced = _common.announce, _common.ANNOUNCED
 
 
 # ----------------------------------------------------------------------------- configuration
-@dataclass(frozen=True)
-class KernelConfig:
-    """Tile sizes and launch knobs. Override per call (``config=``) or for a process with
-    ``MSA_MAIN_KERNEL="fwd_rows=64,bwd_warps=4"`` (used by the benchmark sweeps)."""
-
-    fwd_impl: str = "kv"  # "kv": KV-outer + combine; "q": query-outer (one position x G heads)
-    fwd_rows: int = 64  # H100 sweep at 128K (docs/gpu_logs/run3_tune): 64 rows x 4 warps 64.5 ms vs 73.7; MMA rows per tile in the KV-outer forward (positions x padded G)
-    fwd_warps: int = 4
-    fwd_stages: int = 2
-    bwd_rows: int = 64  # MMA rows per tile in the KV-outer backward
-    bwd_warps: int = 8
-    bwd_stages: int = 2
-    q_warps: int = 4  # query-outer forward
-    q_stages: int = 2
-    q_block_n: int = 64  # keys per step of the query-outer forward
-    dq_partial_lowp: bool = True  # run3 sweep: bwd 100 ms vs 123 (fp32 partials); deterministic dQ partials in q's dtype instead of fp32 (half the traffic)
-    bwd_split: bool = False  # dV and dK+dQ by two launches: one accumulator each, 6 dots instead of 5
-    fwd_block_n: int = 128  # keys per program: largest power of 2 dividing block_size, capped here
-    bwd_block_n: int = 128  # same for the backward (64 halves the dK/dV registers, doubles dQ partials)
-    items_per_sm: int = 8  # target work items per SM when splitting hot blocks
-    item_pairs: int = 0  # (query, slot) pairs per work item; 0 = automatic
-    partial_bytes: int = 0  # memory budget of the per-chunk partial buffers; 0 = auto (see _partial_budget)
-    chunk_queries: int = 0  # cap on query positions per chunk (smaller: q rows more L2-resident); 0 = none
-    lpt_order: bool = True  # launch the largest work items first
-    kl_fused: bool = False  # msa op: indexer KL inside the main backward (one pass; values known after backward)
-    kl_bwd_stages: int = 1  # pipeline depth of the backward with the fused KL (sm_90a: 2 stages = 225 KB of 227 KB smem)
-    # --- v2: union-tile path (ops/triton_union.py; docs/kernels_main.md "v2: union tile")
-    main_impl: str = "auto"  # "auto" | "union" | "kv": union tile (fwd + dQ [+ KL]) vs KV-outer; auto decides per call by the mean union size
-    union_max_blocks: float = 24.0  # auto: union path when the mean union per tile < this x K/16; measured break-even of main fwd+bwd at 128K, H100 (docs/gpu_logs/run8_h100/union_check.md: union 125.5/144.0/189.3 ms at U8 16/21/32 vs KV-outer ~160)
-    union_max_blocks_fwd: float = 32.0  # the same for calls without a backward (prefill/eval): measured forward crossover (union 30.4/38.4/59.7 ms at U8 16/21/32 vs KV-outer ~60, run 8)
-    union_max_blocks_kl: float = 22.0  # the same for the op's training path (union dQ + fused KL): measured break-even of the op fwd+bwd (union 187/222/302 ms at U8 16/21/32 vs KV-outer ~232, run 8; the fused KL costs ~56 ms there, not the study's ~8)
-    union_rows: int = 128  # MMA rows of a union tile: P positions x next_pow2(G) heads (P = 8 at G = 16)
-    union_block_n: int = 64  # keys per step (study prototype: 64 beat 128, 23.6 vs 24.8 ms at 128K)
-    union_fwd_warps: int = 8
-    union_fwd_stages: int = 2
-    union_dq_warps: int = 8
-    union_dq_stages: int = 2  # study: 2 stages 25.5 ms vs 1 stage 31.3 ms at U8 = 16
-    union_kl_stages: int = 2  # the union KL kernel (student side of the indexer KL, 16 rows, 4 warps)
-    union_dkdv: str = "union"  # dK/dV of the union backward: "union" (union-tile entries per key block) | "kv" (KV-outer, dK/dV only)
-    union_dkdv_block_n: int = 128  # union dK/dV: keys per program (sub-tile of a block)
-    union_dkdv_rows: int = 32  # union dK/dV: query rows per step (a tile's P x G rows in steps of this); sm_90a AOT (bf16, d 128): 128 keys x 32 rows, 8 warps = 246 regs, 0 spills, 99 KB smem; 64 rows spill
-    union_dkdv_warps: int = 8
-    union_dkdv_stages: int = 2
-    union_dkdv_item_entries: int = 32  # union dK/dV: union entries per work item (hot blocks split, partials reduced in order); 0 = one program per block
-    union_heavy_first: bool = True  # launch tiles with the largest unions first
-    union_dik_item_entries: int = 256  # owner-side d_ik pass: union entries per work item (hot blocks split, partials reduced in order); 0 = one program per block
-    union_lists_kernel: bool = False  # build the union lists with the Triton kernel (one program per tile) instead of torch ops; off until GPU-verified
-
-    def __post_init__(self) -> None:
-        if self.fwd_impl not in ("kv", "q"):
-            raise ValueError(f"KernelConfig.fwd_impl={self.fwd_impl!r}: allowed values are 'kv', 'q'")
-        if self.main_impl not in MAIN_IMPLS:
-            raise ValueError(f"KernelConfig.main_impl={self.main_impl!r}: allowed values are 'auto', 'union', 'kv'")
-        for name in ("union_max_blocks", "union_max_blocks_fwd", "union_max_blocks_kl"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be > 0")
-        if self.union_dkdv not in ("union", "kv"):
-            raise ValueError(f"KernelConfig.union_dkdv={self.union_dkdv!r}: allowed values are 'union', 'kv'")
-        for name in ("union_rows", "union_block_n", "union_dkdv_block_n", "union_dkdv_rows"):
-            v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"KernelConfig.{name}={v}: must be a power of 2 >= 16")
-        for name in ("union_fwd_warps", "union_dq_warps", "union_dkdv_warps"):
-            if getattr(self, name) not in (1, 2, 4, 8, 16):
-                raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be 1, 2, 4, 8 or 16")
-        for name in ("union_dik_item_entries", "union_dkdv_item_entries"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be >= 0")
-        for name in ("union_fwd_stages", "union_dq_stages", "union_kl_stages", "union_dkdv_stages"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be >= 1")
-        for name in ("fwd_rows", "bwd_rows", "fwd_block_n", "bwd_block_n", "q_block_n"):
-            v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"KernelConfig.{name}={v}: must be a power of 2 >= 16")
-        for name in ("fwd_warps", "bwd_warps", "q_warps"):
-            if getattr(self, name) not in (1, 2, 4, 8, 16):
-                raise ValueError(f"KernelConfig.{name}={getattr(self, name)}: must be 1, 2, 4, 8 or 16")
-        if self.kl_bwd_stages < 1:
-            raise ValueError(f"KernelConfig.kl_bwd_stages={self.kl_bwd_stages}: must be >= 1")
-
-    @classmethod
-    def from_spec(cls, spec: str, base: Optional["KernelConfig"] = None) -> "KernelConfig":
-        """``"fwd_rows=64,lpt_order=0"`` applied over ``base`` (default: the defaults)."""
-        types = {f.name: f.type for f in fields(cls)}
-        kw = {}
-        for item in spec.split(","):
-            if not item.strip():
-                continue
-            name, _, value = item.partition("=")
-            name, value = name.strip(), value.strip()
-            if name not in types:
-                raise ValueError(f"kernel config: unknown field {name!r}; fields: {', '.join(types)}")
-            if name in ("fwd_impl", "main_impl", "union_dkdv"):
-                kw[name] = value
-            elif name in ("lpt_order", "dq_partial_lowp", "bwd_split", "kl_fused", "union_heavy_first",
-                          "union_lists_kernel"):
-                kw[name] = value.lower() in ("1", "true", "yes")
-            elif name in ("union_max_blocks", "union_max_blocks_fwd", "union_max_blocks_kl"):
-                kw[name] = float(value)
-            else:
-                kw[name] = int(value)
-        return replace(base or cls(), **kw)
-
-    @classmethod
-    def from_env(cls) -> "KernelConfig":
-        """The defaults overridden by ``MSA_MAIN_KERNEL``."""
-        return cls.from_spec(os.environ.get("MSA_MAIN_KERNEL", ""))
+# KernelConfig, default_config: ops/tuning.py (one config family, one env syntax), re-exported here.
 
 
-def default_config() -> KernelConfig:
-    return KernelConfig.from_env()
+def _kv_outer_only(cfg: KernelConfig) -> None:
+    """fwd_impl='q' (the query-outer baseline) is not a production path: say where it lives."""
+    if cfg.fwd_impl != "kv":
+        raise KernelConfigError("KernelConfig.fwd_impl", cfg.fwd_impl,
+                                "'kv' here ('q', the query-outer baseline, runs through "
+                                "msa_megatron.bench.qouter.qouter_attention)")
 
 
 # ----------------------------------------------------------------------------- kernels
-@triton.jit
-def _fwd_q_kernel(
-    Q, K, V, QPOS, BIDX, OUT, LSE, DS,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    stride_ob, stride_ot, stride_oh, stride_dsb,
-    sq, sk, n_groups, G, D, qk_scale,
-    KSEL: tl.constexpr, NSUB: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
-    RP: tl.constexpr, DP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    HAS_DOC: tl.constexpr = False,
-):
-    """Query-outer forward: one program = one query position x the G heads of one group,
-    online softmax over its selected blocks."""
-    t = tl.program_id(0)
-    bg = tl.program_id(1)
-    bi = bg // n_groups
-    gi = bg % n_groups
-    h = tl.arange(0, RP)
-    hmask = h < G
-    offs_d = tl.arange(0, DP)
-    dmask = offs_d < D
-    qpos = tl.load(QPOS + t)
-    if HAS_DOC:  # packed documents: keys before the query's document start are invisible
-        dlo = tl.load(DS + bi.to(tl.int64) * stride_dsb + t)
-    q_rows = bi.to(tl.int64) * stride_qb + t.to(tl.int64) * stride_qt + (gi * G + h).to(tl.int64) * stride_qh
-    qt = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=hmask[:, None] & dmask[None, :], other=0.0)
-    if UPCAST:
-        qt = qt.to(tl.float32)
-    m = tl.full([RP], float("-inf"), tl.float32)
-    l = tl.zeros([RP], tl.float32)
-    acc = tl.zeros([RP, DP], tl.float32)
-    sel_base = (bg.to(tl.int64) * sq + t) * KSEL
-    for s in range(KSEL):
-        blk = tl.load(BIDX + sel_base + s)
-        if blk >= 0:
-            for n in range(NSUB):
-                kstart = blk * BLOCK + n * BN
-                go = kstart <= qpos
-                if HAS_DOC:
-                    go = go & (kstart + BN > dlo)
-                if go:
-                    kpos = kstart + tl.arange(0, BN)
-                    kvalid = (kpos <= qpos) & (kpos < sk)
-                    if HAS_DOC:
-                        kvalid = kvalid & (kpos >= dlo)
-                    kv_off = bi.to(tl.int64) * stride_kb + kpos.to(tl.int64)[:, None] * stride_kt + gi * stride_kh
-                    kmask = kvalid[:, None] & dmask[None, :]
-                    kt = tl.load(K + kv_off + offs_d[None, :], mask=kmask, other=0.0)
-                    if UPCAST:
-                        kt = kt.to(tl.float32)
-                    vt = tl.load(V + kv_off + offs_d[None, :], mask=kmask, other=0.0)
-                    if UPCAST:
-                        vt = vt.to(tl.float32)
-                    sc = tl.dot(qt, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
-                    sc = tl.where(kvalid[None, :], sc, float("-inf"))
-                    m_new = tl.maximum(m, tl.max(sc, 1))
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp2(m - m_safe)
-                    p = tl.exp2(sc - m_safe[:, None])
-                    l = l * alpha + tl.sum(p, 1)
-                    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
-                    m = m_new
-    l_safe = tl.where(l > 0, l, 1.0)
-    o = acc / l_safe[:, None]
-    lse = tl.where(l > 0, (m + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    o_rows = bi.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot + (gi * G + h).to(tl.int64) * stride_oh
-    tl.store(OUT + o_rows[:, None] + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=hmask[:, None] & dmask[None, :])
-    hq = n_groups * G
-    tl.store(LSE + (bi.to(tl.int64) * hq + gi * G + h) * sq + t, lse, mask=hmask)
-
-
 @triton.jit
 def _fwd_kv_kernel(
     Q, K, V, QPOS, PERM, IT_BG, IT_BLK, IT_START, IT_END, OPART, LPART, DS,
@@ -681,8 +503,7 @@ def _alloc(shape, dtype, device) -> Tensor:
     return x
 
 
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+_next_pow2 = _common.next_pow2
 
 
 def _block_n(block_size: int, cap: int) -> int:
@@ -768,12 +589,18 @@ def _num_sms(device: torch.device) -> int:
 
 
 def build_plan(block_idx: Tensor, sk: int, block_size: int, bytes_per_pos: int,
-               config: Optional[KernelConfig] = None, reserve_bytes: int = 0) -> Plan:
-    """Reverse index of ``block_idx`` [b, g, sq, K]: for each (b, g, block) the (query, slot)
-    pairs that chose it, split into work items of at most ``item_pairs`` pairs; the queries cut
-    into chunks whose partial buffers (``bytes_per_pos`` per query position, see
+               config: Optional[KernelConfig] = None, reserve_bytes: int = 0,
+               csr: Optional[SelectionCSR] = None) -> Plan:
+    """Work items over the reverse index of ``block_idx`` [b, g, sq, K]: for each (b, g, block)
+    the (query, slot) pairs that chose it, split into work items of at most ``item_pairs`` pairs;
+    the queries cut into chunks whose partial buffers (``bytes_per_pos`` per query position, see
     :func:`partial_bytes_per_pos`) fit the memory budget (and at most ``chunk_queries`` long).
-    One stable sort of int32 keys (chunk, b, g, block) for all chunks and one host sync."""
+
+    The reverse index is the selection's CSR (``ops/csr.py``): ``csr`` when the op built it for
+    this selection (shared with the index kernels), else built here (one stable sort). One
+    chunk: ``perm`` is the CSR's order itself; several: each segment's pairs are already
+    ascending in the query, so chunk c's pairs are a contiguous run of the segment (counted by
+    one bincount) and ``perm`` holds their chunk-local ids. One host sync."""
     cfg = config or default_config()
     b, g, sq, K = block_idx.shape
     dev = block_idx.device
@@ -791,17 +618,24 @@ def build_plan(block_idx: Tensor, sk: int, block_size: int, bytes_per_pos: int,
         bp = torch.nn.functional.pad(block_idx, (0, 0, 0, pad), value=-1) if pad else block_idx
         bcat = bp.reshape(b, g, nch, cq, K).permute(2, 0, 1, 3, 4).contiguous()
     chunk_pairs = b * g * cq * K
-    NS = nseg + 1
-    if nch * NS >= 2**31 or nch * chunk_pairs >= 2**31:
+    if nch * (nseg + 1) >= 2**31 or max(nch * chunk_pairs, b * g * sq * K) >= 2**31:
         raise ValueError(f"selection too large for the int32 reverse index ({nch} chunks x {chunk_pairs} pairs)")
-    idx = torch.arange(nch * chunk_pairs, device=dev, dtype=torch.int32)
-    flat = bcat.view(-1)
-    key = (idx // chunk_pairs) * NS + torch.where(flat >= 0, ((idx // (cq * K)) % (b * g)) * nb + flat, nseg)
-    _, perm = torch.sort(key, stable=True)
-    counts_all = torch.bincount(key, minlength=nch * NS).view(nch, NS)
-    del key, idx
-    seg_off = (torch.cumsum(counts_all.view(-1), 0) - counts_all.view(-1)).view(nch, NS)[:, :nseg].reshape(-1)
-    counts = counts_all[:, :nseg].reshape(-1)
+    csr = csr_for(block_idx, nb, csr)
+    if nch <= 1:  # chunk-local pair ids are the global ones (no queries: no chunk, no segment)
+        perm = csr.order
+        counts, seg_off = csr.counts[:nch * nseg], csr.seg_start[:nch * nseg]
+    else:
+        t_chunk = (torch.arange(sq, device=dev, dtype=torch.int32) // cq).view(1, 1, sq, 1)
+        bg = (torch.arange(b * g, device=dev, dtype=torch.int32) * nb).view(b, g, 1, 1)
+        key = torch.where(block_idx >= 0, t_chunk * nseg + bg + block_idx, nch * nseg).view(-1)
+        counts_cs = torch.bincount(key, minlength=nch * nseg + 1)[:nch * nseg].view(nch, nseg)
+        del key
+        seg_off = (csr.seg_start[None, :] + torch.cumsum(counts_cs, 0) - counts_cs).reshape(-1)
+        counts = counts_cs.reshape(-1)
+        e = csr.order  # global pair ids -> chunk-local ((bg * cq) + t - t0) * K + slot
+        t = (e // K) % sq
+        perm = (((e // (sq * K)) * cq + t % cq) * K + e % K).to(torch.int32)
+        del t
     if cfg.item_pairs > 0:
         per_item = cfg.item_pairs
     else:  # about items_per_sm items per SM and chunk, never tiny
@@ -812,7 +646,6 @@ def build_plan(block_idx: Tensor, sk: int, block_size: int, bytes_per_pos: int,
                              (n_it * split_seg).view(nch, nseg).sum(1)]).tolist() if nch else [[], [], []]
     items_c, splitsegs_c, splititems_c = per_chunk
     n_items = int(sum(items_c))
-    perm = (perm % chunk_pairs).to(torch.int32)  # chunk-local pair ids
     first_item = torch.cumsum(n_it, 0) - n_it
     item_sid = torch.repeat_interleave(torch.arange(nch * nseg, device=dev), n_it, output_size=n_items)
     sub = torch.arange(n_items, device=dev) - first_item[item_sid]
@@ -945,20 +778,9 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size
     return b, sq, hq, d, sk, g, K
 
 
-def _positions(q_pos: Optional[Tensor], sq: int, sk: int, device) -> Tensor:
-    if q_pos is None:
-        return torch.arange(sk - sq, sk, device=device, dtype=torch.int32)
-    if q_pos.shape != (sq,):
-        raise ValueError(f"q_pos must have shape [{sq}], got {tuple(q_pos.shape)}")
-    return q_pos.to(device=device, dtype=torch.int32).contiguous()
-
-
-def _docs(doc_start: Optional[Tensor], b: int, sq: int, pos: Tensor):
-    """The checked per-query document lower bound as kernel arguments (shared with the index
-    kernels: same shapes, dtypes and 0 <= doc_start <= q_pos check)."""
-    from .triton_index import _doc_start
-
-    return _doc_start(doc_start, b, sq, pos)
+_positions = _common.kernel_positions  # int32 [sq], no sync
+#: The checked per-query document lower bound as kernel arguments (shared with the index kernels).
+_docs = _common.doc_args
 
 
 def _combine_tq(GP: int, DP: int) -> int:
@@ -999,15 +821,17 @@ def sparse_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
     q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
     *, config: Optional[KernelConfig] = None, plan: Optional[Plan] = None, return_plan: bool = False,
-    doc_start: Optional[Tensor] = None,
+    doc_start: Optional[Tensor] = None, csr: Optional[SelectionCSR] = None,
 ):
     """Sparse main-branch forward. Returns (out [b, sq, hq, d] in q's dtype, lse [b, hq, sq]
     fp32), plus the reverse-index plan when ``return_plan`` (reused by the backward).
 
     ``doc_start``: optional int [b, sq] / [sq] packed documents (``reference.sparse_attention``):
     keys before each query's document start are invisible (``None``: the plain kernels).
-    Rows with no visible selected key get out 0 and lse -inf (the reference gives NaN)."""
+    Rows with no visible selected key get out 0 and lse -inf (the reference gives NaN).
+    ``csr``: the selection's reverse index (ops/csr.py) when no ``plan`` is given."""
     cfg = config or default_config()
+    _kv_outer_only(cfg)
     b, sq, hq, d, sk, g, K = _check_inputs(q, k, v, block_idx, block_size)
     G = hq // g
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
@@ -1022,21 +846,9 @@ def sparse_attention_fwd(
     if sq == 0:
         return (out, lse, plan) if return_plan else (out, lse)
     block_idx = block_idx.contiguous()
-    if cfg.fwd_impl == "q":
-        bn = _block_n(block_size, cfg.q_block_n)
-        nsub = block_size // bn
-        _fwd_q_kernel[(sq, b * g)](
-            q, k, v, pos, block_idx, out, lse, docs.ptr,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            out.stride(0), out.stride(1), out.stride(2), docs.stride_b,
-            sq, sk, g, G, d, scale * LOG2E,
-            KSEL=K, NSUB=nsub, BLOCK=block_size, BN=bn, RP=max(16, _next_pow2(G)), DP=DP,
-            DOT_PREC=prec, UPCAST=up, HAS_DOC=docs.on, num_warps=cfg.q_warps, num_stages=cfg.q_stages,
-        )
-        return (out, lse, plan) if return_plan else (out, lse)
     if plan is None or plan.key != _plan_key(block_idx, sk, block_size):
         plan = build_plan(block_idx, sk, block_size, partial_bytes_per_pos(q, g, K, block_size, config=cfg), cfg,
-                          reserve_bytes=_out_bytes(q))
+                          reserve_bytes=_out_bytes(q), csr=csr)
     GP = _next_pow2(G)
     TQ = _combine_tq(GP, DP)
     part_dtype = q.dtype
@@ -1082,6 +894,7 @@ def sparse_attention_bwd(
     *, deterministic: bool = True, dq_partial_dtype: Optional[torch.dtype] = None,
     config: Optional[KernelConfig] = None, plan: Optional[Plan] = None, kl: Optional[FusedKL] = None,
     compute_dq: bool = True, return_delta: bool = False, doc_start: Optional[Tensor] = None,
+    csr: Optional[SelectionCSR] = None,
 ):
     """Sparse main-branch backward: (dq, dk, dv) in the inputs' dtypes; dK/dV of a KV head sum
     over its group's query heads.
@@ -1099,7 +912,8 @@ def sparse_attention_bwd(
     at one extra rounding) summed in slot order; bitwise reproducible. ``False``: fp32 atomics into a dQ accumulator (faster, order
     of additions varies run to run).
 
-    ``doc_start``: packed documents, as :func:`sparse_attention_fwd` (also masks the fused KL)."""
+    ``doc_start``: packed documents, as :func:`sparse_attention_fwd` (also masks the fused KL).
+    ``csr``: the selection's reverse index (ops/csr.py), used when the plan is (re)built here."""
     cfg = config or default_config()
     b, sq, hq, d, sk, g, K = _check_inputs(q, k, v, block_idx, block_size)
     if do.shape != q.shape or out.shape != q.shape:
@@ -1132,7 +946,7 @@ def sparse_attention_bwd(
             or not _plan_fits(plan, need, q.device, cfg, reserve)):
         # partial buffers are sized now, at use time (a plan from the forward may have been cut
         # for the memory free then: the 1M fwd+bwd OOM of kernel_study.md section 3)
-        plan = build_plan(block_idx, sk, block_size, need, cfg, reserve_bytes=reserve)
+        plan = build_plan(block_idx, sk, block_size, need, cfg, reserve_bytes=reserve, csr=csr)
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     if kl is not None:
         DIP = max(16, _next_pow2(di))
@@ -1237,14 +1051,16 @@ class SparseAttentionFn(torch.autograd.Function):
     (KV-outer dK/dV without dQ, union-tile dQ); ``kv`` = the KV-outer forward and backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, block_size, q_pos, softmax_scale, config, deterministic, doc_start=None):
+    def forward(ctx, q, k, v, block_idx, block_size, q_pos, softmax_scale, config, deterministic, doc_start=None,
+                csr=None):
         cfg = config or default_config()
+        _kv_outer_only(cfg)
         b, sq, hq, d = q.shape
         block_idx = block_idx.contiguous()
         grad = any(ctx.needs_input_grad[:3])
         plan = None
         ctx.lists = None
-        if cfg.fwd_impl == "kv" and sq:
+        if sq:
             from . import triton_union as _tu
 
             _check_inputs(q, k, v, block_idx, block_size)
@@ -1257,17 +1073,19 @@ class SparseAttentionFn(torch.autograd.Function):
                 ctx.block_size, ctx.scale, ctx.cfg, ctx.plan, ctx.det = block_size, softmax_scale, cfg, None, deterministic
                 ctx.lists = lists
                 ctx.doc_start = doc_start
+                ctx.csr = csr if grad else None  # the dK/dV pass's reverse index (a caller's CSR)
                 ctx.mark_non_differentiable(lse)
                 return out, lse
         if grad and sq:  # one reverse index for the forward and the backward
             _check_inputs(q, k, v, block_idx, block_size)
-            need = partial_bytes_per_pos(q, k.shape[2], block_idx.shape[-1], block_size, fwd=cfg.fwd_impl == "kv", bwd=True,
+            need = partial_bytes_per_pos(q, k.shape[2], block_idx.shape[-1], block_size, fwd=True, bwd=True,
                                          deterministic=deterministic, config=cfg,
                                          dq_partial_dtype=q.dtype if cfg.dq_partial_lowp else torch.float32)
-            plan = build_plan(block_idx, k.shape[1], block_size, need, cfg, reserve_bytes=_out_bytes(q))
+            plan = build_plan(block_idx, k.shape[1], block_size, need, cfg, reserve_bytes=_out_bytes(q), csr=csr)
         out, lse = sparse_attention_fwd(q, k, v, block_idx, block_size, q_pos, softmax_scale, config=cfg, plan=plan,
-                                        doc_start=doc_start)
+                                        doc_start=doc_start, csr=csr)
         ctx.doc_start = doc_start
+        ctx.csr = csr if grad else None
         ctx.save_for_backward(q, k, v, out, lse, block_idx, q_pos if q_pos is not None else torch.empty(0))
         ctx.has_pos = q_pos is not None
         ctx.block_size, ctx.scale, ctx.cfg, ctx.plan, ctx.det = block_size, softmax_scale, cfg, plan, deterministic
@@ -1282,26 +1100,32 @@ class SparseAttentionFn(torch.autograd.Function):
         if ctx.lists is not None:
             from . import triton_union as _tu
 
+            # the dK/dV pass (no dQ partials: one chunk) over the caller's CSR, as it would build it
+            plan = None if ctx.csr is None else build_plan(block_idx, k.shape[1], ctx.block_size, 0, ctx.cfg,
+                                                           csr=ctx.csr)
             dq, dk, dv = _tu.union_attention_bwd(
                 dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos if ctx.has_pos else None, ctx.scale,
-                config=ctx.cfg, lists=ctx.lists, doc_start=ctx.doc_start)
-            return dq, dk, dv, None, None, None, None, None, None, None
+                config=ctx.cfg, lists=ctx.lists, plan=plan, doc_start=ctx.doc_start)
+            return dq, dk, dv, None, None, None, None, None, None, None, None
         dq, dk, dv = sparse_attention_bwd(
             dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos if ctx.has_pos else None, ctx.scale,
-            deterministic=ctx.det, config=ctx.cfg, plan=ctx.plan, doc_start=ctx.doc_start,
+            deterministic=ctx.det, config=ctx.cfg, plan=ctx.plan, doc_start=ctx.doc_start, csr=ctx.csr,
         )
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
     q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
     *, config: Optional[KernelConfig] = None, deterministic: bool = True, doc_start: Optional[Tensor] = None,
+    csr: Optional[SelectionCSR] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Autograd-aware sparse main branch: (out, lse), same contract as the reference
-    (``doc_start``: packed documents, keys before each query's document start invisible)."""
+    (``doc_start``: packed documents, keys before each query's document start invisible).
+    ``csr``: the selection's reverse index when the caller built it (the op shares the index
+    branch's, ops/csr.py); otherwise built here, once for the forward and the backward."""
     return SparseAttentionFn.apply(q, k, v, block_idx, block_size, q_pos, softmax_scale, config, deterministic,
-                                   doc_start)
+                                   doc_start, csr)
 
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Main-branch kernels v2: the GQA-packed query-tile "union" path (forward, dQ, indexer KL).
 
-Semantics are those of :func:`msa_megatron.reference.sparse_attention` (and of
+Semantics are those of :func:`msa_megatron.ops.naive.sparse_attention` (and of
 ``reference.sparse_kl_terms`` for the KL): identical results to the KV-outer kernels of
 :mod:`.triton_sparse_attn`, computed in another order.
 

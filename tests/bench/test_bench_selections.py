@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from msa_megatron import reference
+from msa_megatron.ops import naive
 from msa_megatron import selection_stats as ss
 from msa_megatron.bench import done_when, harness, selections
 from msa_megatron.bench.registry import Case, Skip
@@ -108,7 +108,7 @@ def test_fla_nsa_matches_reference_on_msa_selection(kind):
     v = torch.randn(1, case.L, case.hkv, case.d, device="cuda", dtype=torch.bfloat16, generator=g)
     out = fla_nsa(q, k, v, block_indices=sel.transpose(1, 2).contiguous(), block_counts=case.topk,
                   block_size=case.block, scale=case.d ** -0.5)
-    ref, _ = reference.sparse_attention(q.float(), k.float(), v.float(), sel, case.block)
+    ref, _ = naive.sparse_attention(q.float(), k.float(), v.float(), sel, case.block)
     err = ((out.float() - ref).norm() / ref.norm()).item()
     assert err < 2e-2, err
 
@@ -139,5 +139,5 @@ def test_flex_union_mask_covers_the_selection_and_matches_reference(kind):
     v = torch.randn(1, case.L, case.hkv, case.d, generator=g)
     out = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
                          enable_gqa=True).transpose(1, 2)
-    ref, _ = reference.sparse_attention(q, k, v, sel, case.block)
+    ref, _ = naive.sparse_attention(q, k, v, sel, case.block)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5

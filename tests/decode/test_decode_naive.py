@@ -10,7 +10,7 @@ in fp32 and fp64 (the decode step runs the same reference functions on the same 
 import pytest
 import torch
 
-from msa_megatron import reference as R
+from msa_megatron.ops import naive as R
 from msa_megatron.config import MSAConfig
 from msa_megatron.ops.decode_naive import decode_select_naive, dense_decode_naive, msa_decode_naive
 

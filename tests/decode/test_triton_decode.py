@@ -23,7 +23,7 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton decode kernel tests need triton (interpreter)")
 
-from msa_megatron import reference as R  # noqa: E402
+from msa_megatron.ops import naive as R  # noqa: E402
 from msa_megatron.config import MSAConfig  # noqa: E402
 from msa_megatron.ops import triton_decode as TD  # noqa: E402
 from msa_megatron.ops.decode_naive import dense_decode_naive, msa_decode_naive  # noqa: E402

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from msa_megatron import reference
+from msa_megatron.ops import naive
 from msa_megatron.config import MSAConfig
 from msa_megatron.experiments import cp_exchange as cpx
 from msa_megatron.megatron import context_parallel as cpl
@@ -81,7 +81,7 @@ def run_case(case: Dict, group, cp: int, rank: int, data_seed: int) -> Dict:
 
     # CP=1: the reference on the whole sequence
     ref_in = {k: v.clone().requires_grad_() for k, v in full.items()}
-    out1, aux1 = reference.msa_attention(ref_in["q"], ref_in["k"], ref_in["v"], ref_in.get("iq"), ref_in.get("ik"),
+    out1, aux1 = naive.msa_attention(ref_in["q"], ref_in["k"], ref_in["v"], ref_in.get("iq"), ref_in.get("ik"),
                                          cfg, mode=mode, compute_recall=recall)
     acc = torch.promote_types(dtype, torch.float32)
     loss1 = (out1.to(acc) * w.to(acc)).sum() + (aux1.kl if aux1.kl is not None else 0.0)

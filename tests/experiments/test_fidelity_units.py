@@ -10,7 +10,7 @@ import torch
 from msa_megatron.config import MSAConfig, MSAConfigError
 from msa_megatron.flops import (AttentionShape, flop_matched_window, flop_matched_window_for, msa_flops_per_token,
                                 sliding_window_flops_per_token)
-from msa_megatron.reference import dense_attention, sliding_window_attention
+from msa_megatron.ops.naive import dense_attention, sliding_window_attention
 from msa_megatron.experiments.assoc_recall import AssocRecallSpec
 
 

@@ -10,7 +10,7 @@ dS rounded to bf16 before the second matmul), lse 1e-4; fp16 out/grads 1e-2, lse
 import pytest
 import torch
 
-from msa_megatron import reference as R
+from msa_megatron.ops import naive as R
 from tests.helpers import check_errors, poisoned_outputs, random_positions, rel_err
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16

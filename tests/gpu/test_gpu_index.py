@@ -4,7 +4,7 @@ comparisons of the former ``scripts/gpu_check_index.py`` (that script now runs t
 
 Per length the kernels run on the whole sequence and on a random subset of query rows (q_pos =
 those rows, all keys: the context-parallel path); the reference runs in fp32 on the subset.
-Outputs are NaN-poisoned. Checked: selection equal to ``reference.select`` up to near-ties
+Outputs are NaN-poisoned. Checked: selection equal to ``naive.select`` up to near-ties
 (swapped blocks' scores within TIE_TOL), subset run == full run, recall of the kernel's selection
 >= RECALL_MIN of the reference's, index LSE, sparse KL value / d_iq / d_ik / entropy statistics,
 and (up to DENSE_MAX_L) the flash-attention main LSE and the dense-teacher KL.
@@ -52,7 +52,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_length(L: int, n_rows: int, dense_max_L: int, seed: int, dev: str = "cuda", layout=PAPER) -> dict:
     """All comparisons at one length; returns the metrics and ``fails`` (empty when all pass)."""
-    from msa_megatron import reference as R
+    from msa_megatron.ops import naive as R
     from msa_megatron.config import MSAConfig
     from msa_megatron.ops import triton_index as TI
 

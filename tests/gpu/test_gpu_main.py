@@ -11,7 +11,7 @@ then dK/dV are exactly the slice's contribution (and dq must be 0 off the slice)
 Tolerances (relative Frobenius error vs the fp32 reference on the same bf16 values): out 1e-2,
 lse 1e-4, dq/dk/dv 2e-2; the op adds kl 1e-2, d_iq 3e-2, d_ik 3e-2, the entropy statistics 1e-3
 (they inherit the main LSE's error) and >= 99% of (row, group) selections identical to
-``reference.select`` (fp32 near-ties may differ); variants (deterministic bitwise, atomic dQ,
+``naive.select`` (fp32 near-ties may differ); variants (deterministic bitwise, atomic dQ,
 query-outer forward, 64-key backward tiles) 5e-3 against the default; fp32 inputs 1e-4.
 
 Lengths: ``MSA_GPU_MAIN_LENGTHS`` (default 4096; "8K,32K,128K" for the long check), slice
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from msa_megatron import reference as R
+from msa_megatron.ops import naive as R
 from msa_megatron.config import MSAConfig
 from tests.helpers import poisoned_outputs
 
@@ -183,7 +183,9 @@ def check_variants(L: int, T) -> None:
     for n, a, b in zip(("dq", "dk", "dv"), ga, g1f):
         record("atomic dq bwd", L, f"{n} vs det fp32", rel(a, b), TOL["same"])
     cfg = T.default_config()
-    oq, lq = T.sparse_attention_fwd(q, k, v, bidx, B, config=replace(cfg, fwd_impl="q"))
+    from msa_megatron.bench.qouter import qouter_attention_fwd  # the query-outer baseline (out of ops/)
+
+    oq, lq = qouter_attention_fwd(q, k, v, bidx, B, config=replace(cfg, fwd_impl="q"))
     no_nan("q-outer fwd", L, out=oq, lse=lq)
     record("q-outer fwd", L, "out vs kv", rel(oq, out), TOL["same"])
     record("q-outer fwd", L, "lse vs kv", rel(lq, lse), TOL["lse"])

@@ -3,7 +3,7 @@ msa / msa_warmup / dense, at small odd shapes, with the LM loss <out, dout> and 
 differentiated separately (retain_graph=True), outputs NaN-poisoned.
 
 Each case: out, lse, kl, entropy statistics, d(q, k, v) of the LM loss, d(iq, ik) of the KL,
-relative Frobenius errors against ``reference.msa_attention`` in fp64 on the same rounded
+relative Frobenius errors against ``naive.msa_attention`` in fp64 on the same rounded
 inputs and on the kernel's own selection (selection equality is checked separately, exact in
 fp32, >= 99% of rows in 16-bit where block scores can tie after rounding).
 
@@ -113,7 +113,7 @@ def test_op_vs_reference(mode, dtype, b, T, hq, g, d, di, block, topk, pos, seed
     if mode == "dense":
         assert res.kl is None and res.block_idx is None
     else:
-        from msa_megatron import reference as R
+        from msa_megatron.ops import naive as R
 
         # fp32 scores of the same rounded values; only near-ties (fp32 summation order) may differ
         sel = R.select(leaves[3].detach().float(), leaves[4].detach().float(), cfg, q_pos)

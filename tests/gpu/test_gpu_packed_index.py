@@ -5,7 +5,7 @@ about L/32, plus a run of documents shorter than a block), as in tests/gpu/test_
 the kernels run on the whole sequence and on a subset of query rows (q_pos = rows, with their
 doc_start), the reference on the subset in fp32.
 
-Checked (tolerances of test_gpu_index.py): selection == ``reference.select(doc_start=...)`` up
+Checked (tolerances of test_gpu_index.py): selection == ``naive.select(doc_start=...)`` up
 to near-ties, subset run == full run, no block before a row's document, index LSE, sparse KL
 value / gradients / entropies, and (L <= DENSE_MAX_L) the dense (warmup) index LSE and KL with
 the document mask. On CUDA it also prints the selection time packed vs one document.
@@ -43,7 +43,7 @@ def packed_doc_ids(L: int, B: int, gen: torch.Generator, dev: str) -> torch.Tens
 
 
 def check_packed(L: int, n_rows: int, seed: int, dev: str = "cuda", layout=PAPER) -> dict:
-    from msa_megatron import reference as R
+    from msa_megatron.ops import naive as R
     from msa_megatron.config import MSAConfig
     from msa_megatron.ops import triton_index as TI
 

@@ -7,7 +7,7 @@ documents shorter than a block), selection by the Triton index kernel with the s
 ``doc_start``; the KV-outer and union paths (fwd + bwd, and the fused KL of each) run on a
 subset of query rows (q_pos, a third at document boundaries) so the fp32 reference fits.
 Op: ``msa_attention_triton(doc_start=)`` in every mode at a small layout vs
-``reference.msa_attention`` (fp32 reference on the bf16 values).
+``naive.msa_attention`` (fp32 reference on the bf16 values).
 
 Tolerances: those of tests/gpu/test_gpu_main.py (out 1e-2, lse 1e-4, dq/dk/dv 2e-2, kl 1e-2,
 d_iq/d_ik 3e-2, relative Frobenius norm). ``MSA_GPU_PACKED_LENGTHS`` (default 8192),
@@ -31,7 +31,7 @@ TINY_MAIN = dict(hq=4, g=2, d=16, di=16, B=16, K=3)
 
 def check_main(L: int, n_rows: int, seed: int, dev: str, layout: dict) -> list:
     """Returns the failed (path, metric, value, tol) rows; prints every row."""
-    from msa_megatron import reference as R
+    from msa_megatron.ops import naive as R
     from msa_megatron.config import MSAConfig
     from msa_megatron.ops import triton_index as TI
     from msa_megatron.ops import triton_sparse_attn as T
@@ -87,7 +87,7 @@ def check_main(L: int, n_rows: int, seed: int, dev: str, layout: dict) -> list:
 
 
 def check_op(dev: str, seed: int, L: int = 1024) -> list:
-    from msa_megatron import reference as R
+    from msa_megatron.ops import naive as R
     from msa_megatron.config import MSAConfig
     from msa_megatron.ops import triton_op as OP
 

@@ -51,7 +51,7 @@ def _run(attn, x, rope, grad_out):
 def check_layer_level():
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from msa_megatron import reference
+    from msa_megatron.ops import naive
     from msa_megatron.megatron import collect_msa_metrics, set_attention_mode
     from msa_megatron.megatron.kl_loss import MSAKLAutoScaler
     from mcore_helpers import BATCH, HEAD_DIM, ROTARY_PERCENT, SEQ, assert_close, msa_settings
@@ -93,23 +93,23 @@ def check_layer_level():
     assert (out_s - out_d).abs().max() > 1e-3, "top-2 of 7 blocks should differ from dense attention"
     q, k, v = (t.detach().transpose(0, 1) for t in captured["args"][:3])
     iq, ik = (t.detach().transpose(0, 1) for t in captured["index"])
-    ref_out, ref_aux = reference.msa_attention(q, k, v, iq, ik, cfg.msa, softmax_scale=1.0 / math.sqrt(HEAD_DIM))
+    ref_out, ref_aux = naive.msa_attention(q, k, v, iq, ik, cfg.msa, softmax_scale=1.0 / math.sqrt(HEAD_DIM))
     assert_close(captured["out"].detach(), ref_out.transpose(0, 1).reshape(SEQ, BATCH, -1), "core attention vs reference op")
     ix = attn.indexer
-    iq_ref, ik_ref = reference.index_projections(
+    iq_ref, ik_ref = naive.index_projections(
         x.transpose(0, 1), ix.index_q.weight, ix.index_k.weight, ix.index_q_norm.weight, ix.index_k_norm.weight,
         cfg.msa.num_index_heads, rope_freqs=rope[:, 0, 0, :], eps=cfg.layernorm_epsilon)
-    assert_close(iq, iq_ref.detach(), "index queries vs reference.index_projections")
-    assert_close(ik, ik_ref.detach(), "index key vs reference.index_projections")
+    assert_close(iq, iq_ref.detach(), "index queries vs naive.index_projections")
+    assert_close(ik, ik_ref.detach(), "index key vs naive.index_projections")
     sparse_metrics = collect_msa_metrics()
     assert abs(sparse_metrics["indexer_kl/layer_1"] - float(ref_aux.kl)) < 1e-5, (sparse_metrics, float(ref_aux.kl))
     # The index gradient is d(KL)/d(index params): compare with autograd through the reference.
     for p in attn.indexer.parameters():
         p.grad = None
-    iq_r, ik_r = reference.index_projections(
+    iq_r, ik_r = naive.index_projections(
         x.transpose(0, 1), ix.index_q.weight, ix.index_k.weight, ix.index_q_norm.weight, ix.index_k_norm.weight,
         cfg.msa.num_index_heads, rope_freqs=rope[:, 0, 0, :], eps=cfg.layernorm_epsilon)
-    _, aux_r = reference.msa_attention(q, k, v, iq_r, ik_r, cfg.msa, softmax_scale=1.0 / math.sqrt(HEAD_DIM))
+    _, aux_r = naive.msa_attention(q, k, v, iq_r, ik_r, cfg.msa, softmax_scale=1.0 / math.sqrt(HEAD_DIM))
     aux_r.kl.backward()
     assert_close(g_s["indexer.index_q.weight"], ix.index_q.weight.grad, "index_q grad vs reference KL grad")
     assert_close(g_s["indexer.index_k.weight"], ix.index_k.weight.grad, "index_k grad vs reference KL grad")

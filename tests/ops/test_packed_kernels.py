@@ -21,7 +21,7 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from msa_megatron import reference as R  # noqa: E402
+from msa_megatron.ops import naive as R  # noqa: E402
 from msa_megatron.config import MSAConfig  # noqa: E402
 from msa_megatron.ops import triton_op as OP  # noqa: E402
 from msa_megatron.ops import triton_sparse_attn as T  # noqa: E402
@@ -73,7 +73,10 @@ def ref_grads(q, k, v, do, sel, block, q_pos, ds):
 
 def run_kernels(q, k, v, do, sel, block, q_pos, ds, config):
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    out, lse = T.sparse_attention(q, k, v, sel, block, q_pos, config=config, doc_start=ds)
+    fn = T.sparse_attention
+    if config.fwd_impl == "q":  # the query-outer baseline: msa_megatron/bench/qouter.py
+        from msa_megatron.bench.qouter import qouter_attention as fn
+    out, lse = fn(q, k, v, sel, block, q_pos, config=config, doc_start=ds)
     return (out, lse) + tuple(torch.autograd.grad(out, [q, k, v], do))
 
 
@@ -92,8 +95,8 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[10]}-{c[9]}-{str(c[8])[6:]}-G{c[3] // c[4]}-{c[11]}")
 def test_main_kernels_match_reference(case):
     """Forward (out, lse) and autograd backward (dq, dk, dv) of the KV-outer / query-outer /
-    union kernels with documents == reference.sparse_attention(doc_start=) on a selection
-    from reference.select(doc_start=)."""
+    union kernels with documents == naive.sparse_attention(doc_start=) on a selection
+    from naive.select(doc_start=)."""
     b, sq, sk, hq, g, d, block, K, dtype, layout, impl, qk = case
     gen = fresh_gen()
     q_pos = torch.sort(torch.randperm(sk, generator=gen)[:sq]).values if qk == "subset" else None
@@ -137,7 +140,7 @@ def test_doc_start_zero_is_bit_identical(impl):
                                                ("union", torch.float32, "short"), ("union", torch.bfloat16, "split")])
 def test_fused_kl_with_documents(path, dtype, layout):
     """The fused indexer KL (KV-outer backward, union-tile dQ) with documents: value, d_iq,
-    d_ik and entropies == reference.sparse_kl_terms(doc_start=) (+ autograd); the main
+    d_ik and entropies == naive.sparse_kl_terms(doc_start=) (+ autograd); the main
     gradients are unchanged by the fused part."""
     gen = fresh_gen()
     b, s, hq, g, d, di, block, K = 2, 70, 8, 2, 16, 16, 16, 2
@@ -197,7 +200,7 @@ def run_op(mode, ds, q_pos=None, kc=None, b=2, sq=80, sk=80, hq=4, g=2, d=16, di
                                               ("msa", "split", "main_impl=kv,kl_fused=1"),
                                               ("msa", "short", "main_impl=union")])
 def test_op_matches_reference(mode, layout, spec, caplog):
-    """msa_attention_triton(doc_start=) == reference.msa_attention(doc_start=) in every mode and
+    """msa_attention_triton(doc_start=) == naive.msa_attention(doc_start=) in every mode and
     KL path (separate KL kernel, fused KV-outer, fused union): out, lse, block_idx, kl,
     entropies and the gradients of <out, dout> + 3 kl w.r.t. q, k, v, iq, ik (fp32, 2e-5).
     The dense path with documents says once in the log what runs."""

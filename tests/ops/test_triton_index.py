@@ -5,7 +5,7 @@ here, before triton is imported), at tiny sizes: block 16, index/head dim 16-32,
 hundred tokens. Every test draws fresh random inputs from its own seeded generator.
 
 Tolerances (stated once, used below):
-  * Selection: identical to ``reference.select`` for every row whose reference block
+  * Selection: identical to ``naive.select`` for every row whose reference block
     scores separate the chosen from the unchosen blocks by more than SCORE_GAP_TOL; rows
     inside that gap (fp32 near-ties: the kernel accumulates the dot products in another
     order) may differ only by swapping blocks whose scores lie within SCORE_GAP_TOL.
@@ -29,7 +29,7 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not importable: the Triton kernel tests need it")
 
-from msa_megatron import reference as R  # noqa: E402
+from msa_megatron.ops import naive as R  # noqa: E402
 from msa_megatron.config import MSAConfig  # noqa: E402
 from msa_megatron.ops import triton_index as TI  # noqa: E402
 

@@ -1,5 +1,5 @@
 """The end-to-end MSA op on the Triton kernels (``msa_attention_triton``) vs
-``reference.msa_attention``, on CPU through Triton's interpreter.
+``naive.msa_attention``, on CPU through Triton's interpreter.
 
 Checked per mode (dense / msa_warmup / msa) on fresh random fp32 inputs: out, lse, kl,
 block_idx, entropy stats, and the gradients of loss = <out, dout> + c * kl w.r.t. q, k, v, iq,
@@ -19,7 +19,7 @@ import importlib.util  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from msa_megatron import reference as R  # noqa: E402
+from msa_megatron.ops import naive as R  # noqa: E402
 from msa_megatron.config import MSAConfig  # noqa: E402
 from msa_megatron.ops import triton_op as OP  # noqa: E402
 from msa_megatron.ops import triton_sparse_attn as T  # noqa: E402
@@ -161,7 +161,7 @@ def test_op_errors():
 
 def test_op_accepts_precomputed_selection():
     """Context parallelism selects first (ops.msa_select), then runs the op with block_idx."""
-    import msa_megatron.reference as R
+    import msa_megatron.ops.naive as R
     from msa_megatron import MSAConfig
     from msa_megatron.ops.triton_op import msa_attention_triton
 

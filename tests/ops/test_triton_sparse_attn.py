@@ -18,7 +18,7 @@ from dataclasses import replace  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from msa_megatron import reference as R  # noqa: E402
+from msa_megatron.ops import naive as R  # noqa: E402
 from msa_megatron.config import MSAConfig  # noqa: E402
 from msa_megatron.ops import triton_sparse_attn as T  # noqa: E402
 
@@ -60,11 +60,12 @@ def reference_grads(q, k, v, do, block_idx, block, q_pos, dense=False):
     return out.detach(), lse, grads
 
 
-def check(q, k, v, do, block_idx, block, q_pos=None, config=None, deterministic=True, dense_too=False):
+def check(q, k, v, do, block_idx, block, q_pos=None, config=None, deterministic=True, dense_too=False, fn=None):
     tol = TOL[q.dtype]
     # these tests are about the KV-outer kernels: pin them (tests/ops/test_triton_union.py covers main_impl=union)
     config = replace(config or T.KernelConfig(), main_impl="kv")
-    out, lse = T.sparse_attention(q, k, v, block_idx, block, q_pos, config=config, deterministic=deterministic)
+    fn = fn or T.sparse_attention
+    out, lse = fn(q, k, v, block_idx, block, q_pos, config=config, deterministic=deterministic)
     dq, dk, dv = torch.autograd.grad(out, [q, k, v], do)
     for t in (out, lse, dq, dk, dv):
         assert not torch.isnan(t).any(), "a kernel left an output element unwritten (NaN poison) or produced NaN"
@@ -164,9 +165,16 @@ def test_block_sub_tiles_and_variants(block, spec):
 
 
 def test_query_outer_forward():
+    """The query-outer baseline (msa_megatron/bench/qouter.py, issue 16: out of ops/) + the
+    production backward; ops itself refuses fwd_impl='q' with a pointer to it."""
+    from msa_megatron.bench.qouter import qouter_attention
+
     b, s, hq, g, d = 1, 40, 4, 2, 16
     q, k, v, do = make(b, s, s, hq, g, d, torch.float32, seed=9)
-    check(q, k, v, do, selection(b, s, s, g, 16, 3, None, seed=9), 16, config=T.KernelConfig(fwd_impl="q"))
+    sel = selection(b, s, s, g, 16, 3, None, seed=9)
+    check(q, k, v, do, sel, 16, config=T.KernelConfig(fwd_impl="q"), fn=qouter_attention)
+    with pytest.raises(ValueError, match="KernelConfig.fwd_impl='q'.*msa_megatron.bench.qouter"):
+        T.sparse_attention(q, k, v, sel, 16, config=T.KernelConfig(fwd_impl="q"))
 
 
 def test_atomic_dq_and_determinism():
@@ -231,7 +239,7 @@ FUSED_ENT_RTOL = 1e-5
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"{str(c[9])[6:]}-G{c[3] // c[4]}-{c[10]}-{c[11]}")
 def test_fused_kl_backward_matches_reference(case):
     """sparse_attention_bwd(kl=FusedKL): the KL value, its d_iq / d_ik and both entropy stats
-    match reference.sparse_kl_terms (+ autograd), and dq / dk / dv are bit-identical to the
+    match naive.sparse_kl_terms (+ autograd), and dq / dk / dv are bit-identical to the
     backward without the KL (the fused part only reads the tile's P)."""
     b, sq, sk, hq, g, d, di, block, K, dtype, qk, spec = case
     seed = int.from_bytes(os.urandom(4), "little")

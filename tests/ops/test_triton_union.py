@@ -20,7 +20,7 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from msa_megatron import reference as R  # noqa: E402
+from msa_megatron.ops import naive as R  # noqa: E402
 from msa_megatron.config import MSAConfig  # noqa: E402
 from msa_megatron.ops import triton_sparse_attn as T  # noqa: E402
 from msa_megatron.ops import triton_union as U  # noqa: E402

@@ -1,7 +1,9 @@
 """Pure-PyTorch reference of MiniMax Sparse Attention (arXiv 2606.13392).
 
 This module is the ground truth: every Triton kernel and every parallel layout
-(TP, SP, CP) is tested against it. It favours clarity over speed, but stays
+(TP, SP, CP) is tested against it. It sits beside the kernels (``msa_megatron/ops/naive.py``,
+as flash-linear-attention's ``naive.py`` files) but needs only torch and ``config``, so
+base modules (``recall``, ``selection_stats``) may import it (tests/test_import_graph.py). It favours clarity over speed, but stays
 memory-bounded: work is done in chunks of queries, and chunks are recomputed in the
 backward (activation checkpointing), so a 32K-token sequence runs on a CPU without
 materialising an [s, s] matrix for all heads.
@@ -35,7 +37,7 @@ Documents (``doc_start``): a key j is visible to query t iff doc_start[t] <= j <
 Block scores are maxima over visible keys only (a block straddling a boundary counts its
 same-document part), blocks without a visible key are never selected (forced or not), and
 ``init_blocks`` counts from the block holding the document's first token. Main branch,
-KL teacher and student, dense mode and recall all use exactly the visible tokens.
+KL teacher and student, dense mode and selection recall all use exactly the visible tokens.
 """
 
 from __future__ import annotations
@@ -49,7 +51,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .config import MSAConfig
+from ..config import MSAConfig
+from .common import check_shapes, default_q_pos, positions  # noqa: F401  (default_q_pos: public here too)
+
+# the kernels and this reference share their input checks (ops/common.py); the old private names stay
+_check_shapes, _positions = check_shapes, positions
 
 #: Elements (fp32) one chunk may hold in its largest intermediate; bounds memory.
 CHUNK_ELEMENTS = 1 << 24
@@ -59,33 +65,6 @@ CHUNK_ELEMENTS = 1 << 24
 def _acc(x: Tensor) -> Tensor:
     """Accumulation precision: fp32 for 16-bit inputs, the input's own for fp32/fp64."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def default_q_pos(sq: int, sk: int, device: torch.device) -> Tensor:
-    """Positions of sq queries that are the last sq tokens of an sk-token sequence."""
-    return torch.arange(sk - sq, sk, device=device, dtype=torch.long)
-
-
-def _check_shapes(q: Tensor, k: Tensor, v: Optional[Tensor] = None) -> Tuple[int, int]:
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q and k must be [b, s, heads, d]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    hq, g = q.shape[2], k.shape[2]
-    if hq % g != 0:
-        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({g})")
-    if v is not None and v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)} in [b, s, heads]")
-    return hq, g
-
-
-def _positions(q_pos: Optional[Tensor], sq: int, sk: int, device) -> Tensor:
-    if q_pos is None:
-        return default_q_pos(sq, sk, device)
-    q_pos = q_pos.to(device=device, dtype=torch.long)
-    if q_pos.shape != (sq,):
-        raise ValueError(f"q_pos must have shape [{sq}], got {tuple(q_pos.shape)}")
-    if sq and (int(q_pos.min()) < 0 or int(q_pos.max()) >= sk):
-        raise ValueError(f"q_pos must lie in [0, {sk - 1}] (keys cover positions 0..sk-1)")
-    return q_pos
 
 
 def _doc_bounds(doc_start: Optional[Tensor], b: int, sq: int, q_pos: Tensor) -> Optional[Tensor]:
@@ -280,7 +259,7 @@ def index_block_scores(iq: Tensor, ik: Tensor, block_size: int, q_pos: Optional[
     sk = ik.shape[1]
     nb = math.ceil(sk / block_size)
     pad = nb * block_size - sk
-    q_pos = _positions(q_pos, sq, sk, iq.device)
+    q_pos = positions(q_pos, sq, sk, iq.device)
     doc_start = _doc_bounds(doc_start, b, sq, q_pos)
     key_pos = torch.arange(sk, device=iq.device)
     ikf = _acc(ik)
@@ -334,7 +313,7 @@ def select_blocks(block_scores: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] 
     b, g, sq, nb = block_scores.shape
     if sk is None:
         sk = nb * cfg.block_size
-    q_pos = _positions(q_pos, sq, sk, block_scores.device)
+    q_pos = positions(q_pos, sq, sk, block_scores.device)
     doc_start = _doc_bounds(doc_start, b, sq, q_pos)
     K = cfg.topk
     visible = _bg_mask(visible_block_mask(q_pos, nb, cfg.block_size, doc_start))  # [sq, nb] / [b, 1, sq, nb]
@@ -406,11 +385,11 @@ def sparse_attention(
     (intersected with causality and, with ``doc_start``, the query's document).
     Returns out [b, sq, hq, d] in q's dtype and lse [b, hq, sq] in the accumulation
     dtype (fp32; fp64 for fp64 inputs). Differentiable w.r.t. q, k, v."""
-    hq, g = _check_shapes(q, k, v)
+    hq, g = check_shapes(q, k, v)
     b, sq, _, d = q.shape
     sk = k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    q_pos = _positions(q_pos, sq, sk, q.device)
+    q_pos = positions(q_pos, sq, sk, q.device)
     doc_start = _doc_bounds(doc_start, b, sq, q_pos)
     T = block_idx.shape[-1] * block_size
 
@@ -444,11 +423,11 @@ def dense_attention(
     """Causal GQA softmax attention over every key <= the query's position (and >= its
     document start with ``doc_start``: the document mask).
     Returns out [b, sq, hq, d] (q's dtype) and lse [b, hq, sq] fp32."""
-    hq, g = _check_shapes(q, k, v)
+    hq, g = check_shapes(q, k, v)
     b, sq, _, d = q.shape
     sk = k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    q_pos = _positions(q_pos, sq, sk, q.device)
+    q_pos = positions(q_pos, sq, sk, q.device)
     doc_start = _doc_bounds(doc_start, b, sq, q_pos)
     key_pos = torch.arange(sk, device=q.device)
 
@@ -476,11 +455,11 @@ def sliding_window_attention(
     as dense_attention."""
     if not isinstance(window, int) or window < 1:
         raise ValueError(f"window={window!r} is invalid: allowed values are integers >= 1")
-    hq, g = _check_shapes(q, k, v)
+    hq, g = check_shapes(q, k, v)
     b, sq, _, d = q.shape
     sk = k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    q_pos = _positions(q_pos, sq, sk, q.device)
+    q_pos = positions(q_pos, sq, sk, q.device)
     doc_start = _doc_bounds(doc_start, b, sq, q_pos)
     key_pos = torch.arange(sk, device=q.device)
 
@@ -537,7 +516,7 @@ def _kl_terms(
     token_fn: Callable[[int, int, Tensor, Optional[Tensor]], Tuple[Tensor, Tensor]], T: int,
     softmax_scale: Optional[float], doc_start: Optional[Tensor] = None,
 ) -> KLTerms:
-    hq, g = _check_shapes(q, k)
+    hq, g = check_shapes(q, k)
     b, sq, _, d = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     iscale = cfg.index_softmax_scale
@@ -567,7 +546,7 @@ def sparse_kl_terms(q, k, iq, ik, block_idx, cfg: MSAConfig, q_pos=None, softmax
                     doc_start=None) -> KLTerms:
     """Token-level KL over each query's selected (visible) tokens (the ``msa`` phase)."""
     sk = k.shape[1]
-    q_pos = _positions(q_pos, q.shape[1], sk, q.device)
+    q_pos = positions(q_pos, q.shape[1], sk, q.device)
     doc_start = _doc_bounds(doc_start, q.shape[0], q.shape[1], q_pos)
 
     def token_fn(a: int, b_: int, qp: Tensor, ds: Optional[Tensor]):
@@ -581,7 +560,7 @@ def dense_kl_terms(q, k, iq, ik, cfg: MSAConfig, q_pos=None, softmax_scale=None,
     """Token-level KL over all causal (same-document) tokens (the ``msa_warmup`` phase, dense teacher)."""
     b, sq = q.shape[:2]
     g, sk = k.shape[2], k.shape[1]
-    q_pos = _positions(q_pos, sq, sk, q.device)
+    q_pos = positions(q_pos, sq, sk, q.device)
     doc_start = _doc_bounds(doc_start, b, sq, q_pos)
     key_pos = torch.arange(sk, device=q.device)
 
@@ -613,7 +592,7 @@ def selected_index_lse(iq: Tensor, ik: Tensor, block_idx: Tensor, cfg: MSAConfig
     tokens: the normaliser of the student distribution, which the fused indexer returns."""
     b, sq, g, _ = iq.shape
     sk = ik.shape[1]
-    q_pos = _positions(q_pos, sq, sk, iq.device)
+    q_pos = positions(q_pos, sq, sk, iq.device)
     doc_start = _doc_bounds(doc_start, b, sq, q_pos)
     with torch.no_grad():
         tok, valid = selected_token_index(block_idx, cfg.block_size, q_pos, sk, doc_start=doc_start)
@@ -626,11 +605,11 @@ def selection_recall(q: Tensor, k: Tensor, block_idx: Tensor, block_size: int, q
     """Mean fraction of the dense attention mass (head-mean over each group; document mask
     with ``doc_start``) that falls in the selected blocks. 1.0 at full budget. Needs a dense
     pass: call on sampled steps."""
-    hq, g = _check_shapes(q, k)
+    hq, g = check_shapes(q, k)
     b, sq, _, d = q.shape
     sk = k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    q_pos = _positions(q_pos, sq, sk, q.device)
+    q_pos = positions(q_pos, sq, sk, q.device)
     doc_start = _doc_bounds(doc_start, b, sq, q_pos)
     key_pos = torch.arange(sk, device=q.device)
     nb = math.ceil(sk / block_size)
@@ -685,7 +664,9 @@ def msa_attention(
 
     mode ``dense``: causal attention, no index branch. ``msa_warmup``: dense main branch,
     KL over all causal tokens. ``msa``: attention over the selected blocks, KL over the
-    selected tokens. ``compute_recall`` adds ``stats['recall']`` (a dense pass).
+    selected tokens. ``compute_recall`` adds ``stats['recall']``, the *selection recall* (the
+    share of the dense attention mass the selected blocks keep; not the *associative recall*
+    task of experiments/assoc_recall.py), a dense pass.
     ``block_idx``: a selection already computed by :func:`select` for these queries (lets
     context parallelism overlap the K/V gather with the index pass); None selects here.
     ``doc_start`` [b, sq] (or [sq]): packed documents, every mode masks keys before each
@@ -693,9 +674,9 @@ def msa_attention(
     mode = mode or cfg.mode
     if mode not in ("dense", "msa_warmup", "msa"):
         raise ValueError(f"mode={mode!r} is invalid: allowed values are dense, msa_warmup, msa")
-    _check_shapes(q, k, v)
+    check_shapes(q, k, v)
     sq, sk = q.shape[1], k.shape[1]
-    q_pos = _positions(q_pos, sq, sk, q.device)
+    q_pos = positions(q_pos, sq, sk, q.device)
     ds = _doc_bounds(doc_start, q.shape[0], sq, q_pos)
     aux = MSAAux()
     if mode == "dense" or iq is None:
