@@ -165,6 +165,7 @@ def tp_worker(rank: int) -> Dict:
         set_attention_mode(model, "dense")
         tokens, labels, weight = doc_tokens(UNALIGNED, seed=5)
         dense = model(tokens, None, None, labels=labels, packed_seq_params=thd_params(UNALIGNED)).detach()
+        nodocs = model(tokens, None, None, labels=labels).detach()  # the same run without the document mask
         from msa_megatron.megatron.modes import msa_core_attentions
 
         for core in msa_core_attentions(model):
@@ -173,7 +174,6 @@ def tp_worker(rank: int) -> Dict:
         full = model(tokens, None, None, labels=labels, packed_seq_params=thd_params(UNALIGNED)).detach()
         for core in msa_core_attentions(model):
             core.msa.topk = 2
-        nodocs = model(tokens, None, None, labels=labels).detach()
         out[f"tp{tp}/msa_full_budget"] = {"loss": rel_err(full, dense), "grads": {}, "missing": [],
                                           "docs_change": rel_err(nodocs, dense)}
     return out
