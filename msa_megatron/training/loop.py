@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointError, CheckpointManager, prepare_writer_queue, shutdown_writer_queue
 from .config import Config, ConfigError, UsageError, validate
-from .data import build_datasets, ensure_dataset_helpers, make_loader, resolve_sources, samples_needed
+from .data import (build_datasets, ensure_dataset_helpers, make_loader, packed_micro_batch, packing_format,
+                   resolve_sources, samples_needed)
 from .hooks import MSASchedule
 from .logging import RunLogger, format_summary, setup_python_logging, summarize
 from .metrics import Throughput, memory_gb, peak_flops_per_device
@@ -415,6 +416,9 @@ class Trainer:
 
         sample = next(data_iterator)
         batch = {k: sample[k] for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        packed = None
+        if self.cfg.data.packing == "eod":  # a document mask at every EOD, in every layer (docs/training.md)
+            batch, packed = packed_micro_batch(batch, packing_format(self.cfg), self.device)
         if ps.get_context_parallel_world_size() > 1:  # Megatron's load-balanced split: chunks r and 2cp-1-r
             from megatron.core.utils import get_batch_on_this_cp_rank
 
@@ -424,7 +428,7 @@ class Trainer:
         labels = batch["labels"].to(dev, non_blocking=True)
         loss_mask = batch["loss_mask"].to(dev, non_blocking=True)
         position_ids = batch["position_ids"].to(dev, non_blocking=True)
-        output = model(tokens, position_ids, None, labels=labels)
+        output = model(tokens, position_ids, None, labels=labels, packed_seq_params=packed)
         return output, partial(self._loss_func, loss_mask)
 
     @staticmethod
