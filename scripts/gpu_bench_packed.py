@@ -171,7 +171,7 @@ def flex_calls(x: Inputs, doc_ids: torch.Tensor, block: int):
         return (q_idx >= kv_idx) & (doc_ids[q_idx] == doc_ids[kv_idx])
 
     # compiled: the eager path evaluates mask_mod on the whole [n, n] grid (16 G entries at 128K)
-    bm = create_block_mask(mask_mod, None, None, n, n, device="cuda", BLOCK_SIZE=block, _compile=True)
+    bm = create_block_mask(mask_mod, None, None, n, n, device=x.q.device, BLOCK_SIZE=block, _compile=True)
     q, k, v, do = (t.transpose(1, 2) for t in (x.q, x.k, x.v, x.do))  # [1, heads, n, d] views
 
     def run():

@@ -29,6 +29,7 @@ TE's per-document split, which the MSA CP seam does not implement), hybrid CP
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -96,6 +97,20 @@ def document_starts(packed_seq_params, batch: int, seq_len: int, q_pos: Optional
     fmt = packed_format(packed_seq_params)
     if fmt is None:
         return None
+    # Every layer of a micro-batch asks with the same arguments: compute once per PackedSeqParams
+    # (the checks sync with the device). Only for default positions: under CP q_pos is a tensor.
+    key = (fmt, batch, seq_len, cp_size, str(device)) if q_pos is None else None
+    cache = packed_seq_params.__dict__.setdefault("_msa_doc_start", {})
+    if key is not None and key in cache:
+        return cache[key]
+    ds = _document_starts(packed_seq_params, fmt, batch, seq_len, q_pos, cp_size, device)
+    if key is not None:
+        cache[key] = ds
+    return ds
+
+
+def _document_starts(packed_seq_params, fmt: str, batch: int, seq_len: int, q_pos: Optional[Tensor], cp_size: int,
+                     device: torch.device) -> Tensor:
     if getattr(packed_seq_params, "local_cp_size", None) not in (None, 1):
         raise ValueError(f"packed_seq_params.local_cp_size={packed_seq_params.local_cp_size} (hybrid context "
                          "parallelism) is not supported by msa_megatron's core attention: allowed value is None")
@@ -160,8 +175,12 @@ def _varlen_causal(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, scale: float) ->
     fn = varlen_flash()
     params = inspect.signature(fn).parameters
     hq, g = q.shape[1], k.shape[1]
-    kw = {"scale": scale}
-    if "is_causal" in params:
+    kw = {}
+    if "scale" in params:
+        kw["scale"] = scale
+    elif abs(scale * math.sqrt(q.shape[-1]) - 1.0) > 1e-12:  # torch 2.10: no scale argument, 1/sqrt(d) built in
+        q = q * (scale * math.sqrt(q.shape[-1]))
+    if "is_causal" in params:  # torch 2.10; later versions: window_size (left, right)
         kw["is_causal"] = True
     else:
         kw["window_size"] = (-1, 0)  # (left, right): causal

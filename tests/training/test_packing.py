@@ -72,14 +72,17 @@ def test_micro_batch_to_packed_seq_params():
 
 # ----------------------------------------------------------------------------- runs
 @pytest.mark.slow
-def test_packing_eod_trains(server, tmp_path):
+def test_packing_eod_trains_under_context_parallelism(server, tmp_path):
+    """2 steps (warmup, then msa) at CP = 2: the sbhd form through the trainer's CP split (the
+    THD form runs in the step-0 test below)."""
     prefix = _short_docs(tmp_path)
-    r = server.run(tmp_path / "run", QUIET + _data(prefix) + ["train.steps=2", "attention.warmup.steps=1"], world=1)
+    r = server.run(tmp_path / "run", QUIET + _data(prefix) + ["train.steps=2", "attention.warmup.steps=1",
+                                                              "parallel.cp=2"], world=2)
     assert r.ok(), f"codes {r.codes}\n{r.logs[-6000:]}"
     steps = r.steps()
     assert sorted(steps) == [1, 2] and steps[2]["attention_mode"] == "msa"
     assert all(math.isfinite(steps[s]["lm_loss"]) for s in (1, 2)), steps
-    assert "data.packing=eod: a document mask at every EOD" in r.logs
+    assert "data.packing=eod: a document mask at every EOD in every layer (PackedSeqParams qkv_format=sbhd)" in r.logs
 
 
 
