@@ -64,7 +64,7 @@ from .context_parallel import gather_kv_and_select_for_cp, gather_kv_for_cp, zig
 from .cp_dense_attention import CPDotProductAttention, cp_capable_core_attention  # noqa: F401 (re-exported)
 from .kl_loss import attach_kl_loss
 from .metrics import TRACKER
-from .packed import document_starts, msa_op_with_documents, packed_format
+from .packed import check_layout, document_starts, msa_op_with_documents, packed_format
 
 log = logging.getLogger("msa_megatron.megatron")
 _warned: set = set()
@@ -431,6 +431,7 @@ class MSASelfAttention(SelfAttention):
             if packed_seq_params is not None and context is not None:
                 raise NotImplementedError("MSA KV-cache inference does not support packed_seq_params: allowed value "
                                           "is None")
+            check_layout(packed_seq_params, self.core_attention.cp_size)
             rope = rotary_pos_emb
             if self.config.no_rope_freq and self.config.no_rope_freq[self.layer_number - 1]:
                 rope = None  # this layer skips RoPE in the main branch, so does its index branch

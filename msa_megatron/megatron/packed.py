@@ -63,6 +63,16 @@ def packed_format(packed_seq_params) -> Optional[str]:
     return fmt
 
 
+def check_layout(packed_seq_params, cp_size: int) -> None:
+    """THD under context parallelism is Megatron's per-document CP split: one clear error
+    (called before anything else touches the tensors, e.g. the index branch's RoPE)."""
+    if packed_format(packed_seq_params) == "thd" and cp_size > 1:
+        raise ValueError(
+            f"packed_seq_params.qkv_format='thd' with context_parallel_size={cp_size} is not supported: Megatron's "
+            "THD layout under CP splits each document over the ranks (TE's per-document split); msa_megatron "
+            "cuts the sequence by its zigzag: use qkv_format='sbhd' with cu_seqlens over the rows, or CP = 1")
+
+
 def _same(a: Optional[Tensor], b: Optional[Tensor]) -> bool:
     if a is None or b is None:
         return a is None and b is None
@@ -117,11 +127,7 @@ def _document_starts(packed_seq_params, fmt: str, batch: int, seq_len: int, q_po
     cu = cu_seqlens_of(packed_seq_params).to(device)
     pos = torch.arange(seq_len, device=device) if q_pos is None else q_pos.to(device, torch.long)
     if fmt == "thd":
-        if cp_size > 1:
-            raise ValueError(
-                f"packed_seq_params.qkv_format='thd' with context_parallel_size={cp_size} is not supported: Megatron's "
-                "THD layout under CP splits each document over the ranks (TE's per-document split); msa_megatron "
-                "cuts the sequence by its zigzag: use qkv_format='sbhd' with cu_seqlens over the rows, or CP = 1")
+        check_layout(packed_seq_params, cp_size)
         if batch != 1:
             raise ValueError(f"packed_seq_params.qkv_format='thd' needs one packed row; got batch {batch}")
         if int(cu[-1]) > seq_len:
@@ -231,5 +237,5 @@ def dense_with_documents(q: Tensor, k: Tensor, v: Tensor, doc_start: Tensor, sca
     return out
 
 
-__all__ = ["PACKED_FORMATS", "cu_seqlens_of", "dense_with_documents", "document_starts", "msa_op_with_documents",
+__all__ = ["PACKED_FORMATS", "check_layout", "cu_seqlens_of", "dense_with_documents", "document_starts", "msa_op_with_documents",
            "msa_select_with_documents", "packed_format", "varlen_eligible", "varlen_flash"]

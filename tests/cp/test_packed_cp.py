@@ -42,3 +42,10 @@ def test_cp2_packed_equals_documents(cp_results, mode, select_first):
         assert not bad, f"{where}: gradients differ: {bad}"
         if mode != "dense":
             assert r["index_grad_norm"] > 0, f"{where}: no index gradient"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["dense", "msa"])
+def test_cp2_thd_is_one_clear_error(cp_results, mode):
+    for res in cp_results:
+        assert "qkv_format='thd' with context_parallel_size=2 is not supported" in res[f"thd_error/{mode}"]

@@ -212,6 +212,13 @@ def cp_worker(rank: int) -> Dict:
     chunk = seq // 4
     out["layout"] = {"crossing_docs": sum(1 for a, n in zip([0] + list(torch.tensor(lengths).cumsum(0)[:-1].tolist()),
                                                              lengths) if a // chunk != (a + n - 1) // chunk)}
+    for mode in ("dense", "msa"):  # THD under CP (Megatron's per-document split): one clear error, every mode
+        set_attention_mode(model, mode)
+        try:
+            model(local["tokens"], pos, None, labels=local["labels"], packed_seq_params=thd_params(lengths))
+            out[f"thd_error/{mode}"] = "no error"
+        except ValueError as exc:
+            out[f"thd_error/{mode}"] = str(exc)
     for select_first in (False, True):
         set_cp_select_overlap(model, select_first)
         for mode in MODES:
