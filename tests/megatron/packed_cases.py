@@ -144,6 +144,7 @@ def tp_worker(rank: int) -> Dict:
     out: Dict[str, Dict] = {}
     for tp in (1, 2):
         config, model = build(tp=tp)
+        out[f"tp{tp}/indexer_rope"] = indexer_rope_check(model)
         for mode in MODES:
             set_attention_mode(model, mode)
             for name, lengths in (("aligned", ALIGNED), ("unaligned", UNALIGNED)):
@@ -177,6 +178,30 @@ def tp_worker(rank: int) -> Dict:
         out[f"tp{tp}/msa_full_budget"] = {"loss": rel_err(full, dense), "grads": {}, "missing": [],
                                           "docs_change": rel_err(nodocs, dense)}
     return out
+
+
+def indexer_rope_check(model) -> Dict:
+    """The index branch in THD uses per-document positions, as Megatron's main branch does: iq/ik
+    of a packed row == those of each document alone (exactly), and != global positions."""
+    from msa_megatron.megatron.modes import msa_core_attentions  # noqa: F401 - the model has MSA layers
+
+    layer = model.decoder.layers[1].self_attention
+    lengths = UNALIGNED
+    T = sum(lengths)
+    cu = thd_params(lengths).cu_seqlens_q
+    rope = model.rotary_pos_emb(max(lengths))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(T, 1, model.config.hidden_size, generator=g)
+    with torch.no_grad():
+        iq, ik = layer.indexer(x, rope, cu_seqlens=cu)
+        parts, a = [], 0
+        for n in lengths:
+            parts.append(layer.indexer(x[a:a + n], rope[:n]))
+            a += n
+        iq_sep, ik_sep = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        iq_glob, _ = layer.indexer(x, model.rotary_pos_emb(T))
+    return {"loss": max(rel_err(iq, iq_sep), rel_err(ik, ik_sep)), "grads": {}, "missing": [],
+            "global_differs": rel_err(iq_glob, iq_sep)}
 
 
 # ----------------------------------------------------------------------------- CP = 2

@@ -54,6 +54,14 @@ def test_msa_full_budget_is_dense_with_documents(tp_results, tp):
         assert r["docs_change"] > 1e-3, f"rank {rank}: the document mask did not change the loss"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_index_branch_rope_is_per_document_in_thd(tp_results, tp):
+    for rank, name, r in _cases(tp_results, f"tp{tp}/indexer_rope"):
+        assert r["loss"] <= 1e-6, f"rank {rank}: packed iq/ik vs per-document: {r['loss']:.3g}"
+        assert r["global_differs"] > 1e-3, f"rank {rank}: global positions give the same iq (test cannot fail)"
+
+
 # ----------------------------------------------------------------------------- errors (in-process)
 def _params(**kw):
     from megatron.core.packed_seq_params import PackedSeqParams
