@@ -70,6 +70,32 @@ def test_micro_batch_to_packed_seq_params():
     assert packing_format(cfg_of("parallel.cp=2")) == "sbhd"
 
 
+@pytest.mark.parametrize("source", ["corpus", "indexed"])
+def test_samples_restart_positions_after_eod(cache_dir, tmp_path, source):
+    """Both sources go through GPTDataset(reset_position_ids=True) with packing=eod: position ids
+    restart after every EOD, so the boundaries reach PackedSeqParams; packing=none keeps 0..s-1."""
+    from msa_megatron.training.data import build_datasets, resolve_sources
+
+    data = [] if source == "corpus" else _data(_short_docs(tmp_path))[:2]
+    for packing in ("eod", "none"):
+        cfg = cfg_of(*data, f"data.packing={packing}", f"run_dir={tmp_path / packing}", "train.steps=1",
+                     "train.seq_length=256", "train.global_batch_size=8")
+        sources = resolve_sources(cfg)
+        train, _ = build_datasets(cfg, sources, 2048, 8)  # 512K tokens: stdlib files reach 200K tokens
+        eods = resets = 0
+        for i in range(len(train)):
+            x = train[i]
+            tokens, pos = x["tokens"], x["position_ids"]
+            at = (tokens[:-1] == sources.eod_id).nonzero().flatten()
+            eods += at.numel()
+            resets += int((pos[1:] == 0).sum())
+            if packing == "eod":
+                assert (pos[at + 1] == 0).all() and int((pos[1:] == 0).sum()) == at.numel()
+            else:
+                assert (pos == torch.arange(pos.numel())).all()
+        assert eods > 0 and resets == (eods if packing == "eod" else 0), (source, packing, eods, resets)
+
+
 # ----------------------------------------------------------------------------- runs
 @pytest.mark.slow
 def test_packing_eod_trains_under_context_parallelism(server, tmp_path):
