@@ -57,10 +57,10 @@ def doc_tokens(lengths: Sequence[int], seed: int = 3):
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), weight
 
 
-def thd_params(lengths: Sequence[int]):
+def thd_params(lengths: Sequence[int], device=None):
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32, device=device)
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lengths),
                            max_seqlen_kv=max(lengths))
 
@@ -94,7 +94,7 @@ def run_separate(model, lengths: Sequence[int], tokens, labels, weight) -> Dict:
     losses, a = [], 0
     for n in lengths:
         set_kl_coeff(model, KL_COEFF * n / T)
-        loss = model(tokens[:, a:a + n], torch.arange(n)[None], None, labels=labels[:, a:a + n])
+        loss = model(tokens[:, a:a + n], torch.arange(n, device=tokens.device)[None], None, labels=labels[:, a:a + n])
         (loss * weight[:, a:a + n]).sum().backward()
         losses.append(loss.detach())
         a += n
@@ -104,7 +104,8 @@ def run_separate(model, lengths: Sequence[int], tokens, labels, weight) -> Dict:
 
 def run_packed_thd(model, lengths: Sequence[int], tokens, labels, weight) -> Dict:
     _zero(model)
-    loss = model(tokens, doc_positions(lengths), None, labels=labels, packed_seq_params=thd_params(lengths))
+    loss = model(tokens, doc_positions(lengths).to(tokens.device), None, labels=labels,
+                 packed_seq_params=thd_params(lengths, tokens.device))
     (loss * weight).sum().backward()
     return {"loss": loss.detach(), "grads": _grads(model)}
 
@@ -263,4 +264,30 @@ def cp_worker(rank: int) -> Dict:
     return out
 
 
-__all__: List[str] = ["cp_worker", "tp_worker"]
+# ----------------------------------------------------------------------------- GPU (one process)
+def gpu_worker(rank: int, device: str = "cuda") -> Dict:
+    """The packed THD model vs documents one by one on CUDA: Triton MSA kernels, and for the
+    dense layers torch varlen flash (bf16) or the Triton dense-with-documents path (fp32)."""
+    from msa_megatron.megatron import set_attention_mode
+    from msa_megatron.megatron.packed import varlen_eligible
+
+    out: Dict[str, Dict] = {}
+    _, model = build(tp=1)
+    model = model.to(device)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = model.to(dtype)
+        probe = torch.zeros(1, 4, 1, 16, device=device, dtype=dtype)
+        out[f"dense_path/{dtype}"] = varlen_eligible(probe, torch.tensor([0, 4], device=device), None)[1]
+        for mode in MODES:
+            set_attention_mode(model, mode)
+            for name, lengths in (("aligned", ALIGNED), ("unaligned", UNALIGNED)):
+                if mode == "msa" and name == "unaligned":
+                    continue
+                tokens, labels, weight = (t.to(device) for t in doc_tokens(lengths))
+                sep = run_separate(model, lengths, tokens, labels, weight.to(dtype))
+                pk = run_packed_thd(model, lengths, tokens, labels, weight.to(dtype))
+                out[f"{dtype}/{mode}/{name}"] = compare(pk, sep)
+    return out
+
+
+__all__: List[str] = ["cp_worker", "gpu_worker", "tp_worker"]
