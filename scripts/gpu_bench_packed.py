@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
+import importlib
 import json
 import math
 import os
@@ -299,9 +300,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     for layout, ds in (("packed", doc_start), ("one-document", None)):
         record("msa-select", layout, lambda: {"fwd": msa_calls(x, cfg, ds)[0]})
         record("msa-op", layout, lambda: dict(zip(("fwd", "fwd_bwd"), msa_calls(x, cfg, ds)[1:])))
-    has_varlen = True
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        varlen = importlib.import_module("torch.nn.attention.varlen")  # torch >= 2.10
+        has_varlen = True
+        import inspect
+
+        if "enable_gqa" not in inspect.signature(varlen.varlen_attn).parameters:
+            header["varlen"] = (f"torch {torch.__version__}: varlen_attn has no enable_gqa; K/V are expanded to the "
+                                f"{L['hq']} query heads inside the timed call")
     except ImportError:
         has_varlen = False
         header["varlen"] = f"torch {torch.__version__} has no torch.nn.attention.varlen: rows skipped"
@@ -348,7 +354,8 @@ def markdown(h: Dict, records: List[Dict]) -> str:
              f"{f['packed']['msa'] / 1e12:.1f} TF (index {f['packed']['msa_index'] / 1e12:.1f}), dense/MSA "
              f"{f['packed']['dense_over_msa']:.2f}x; one document dense {f['one_document']['dense'] / 1e12:.1f} TF, "
              f"MSA {f['one_document']['msa'] / 1e12:.1f} TF, {f['one_document']['dense_over_msa']:.2f}x.", "",
-             f"Cross-check (flex-doc vs varlen-flash, packed): {h.get('cross_check')}", "",
+             f"Cross-check (flex-doc vs varlen-flash, packed): {h.get('cross_check')}"
+             + (f"; {h['varlen']}" if h.get("varlen") else ""), "",
              "| impl | layout | fwd ms | fwd+bwd ms | tokens/s (fwd+bwd) | peak GB | note |",
              "|---|---|---|---|---|---|---|"]
 

@@ -42,8 +42,9 @@ class CPDotProductAttention(DotProductAttention):
     global order and the MSA op's dense mode runs this rank's queries at their global
     positions; the backward reduce-scatters dK/dV to their owners. Exact causal attention,
     so it equals CP = 1 up to summation order. With ``packed_seq_params`` (any CP size):
-    causal attention inside each document (:meth:`packed_forward`). For the dense layers of MSA models (and MSA
-    layers in 'dense' mode) on the local backend; Transformer Engine brings its own CP."""
+    causal attention inside each document (:meth:`packed_forward`). For the dense layers of
+    MSA models (and MSA layers in 'dense' mode) on the local backend; Transformer Engine
+    brings its own CP."""
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
@@ -104,7 +105,6 @@ class CPDotProductAttention(DotProductAttention):
         out, _ = msa_attention(q, k_full, v_full, None, None, self.op_config, q_pos=q_pos, mode="dense",
                                softmax_scale=self.cp_softmax_scale)
         return out.transpose(0, 1).reshape(sq, b, -1)
-
 
     def packed_forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                        attn_mask_type: Optional[AttnMaskType], attention_bias: Optional[Tensor],

@@ -184,9 +184,7 @@ def tp_worker(rank: int) -> Dict:
 def indexer_rope_check(model) -> Dict:
     """The index branch in THD uses per-document positions, as Megatron's main branch does: iq/ik
     of a packed row == those of each document alone (exactly), and != global positions."""
-    from msa_megatron.megatron.modes import msa_core_attentions  # noqa: F401 - the model has MSA layers
-
-    layer = model.decoder.layers[1].self_attention
+    layer = model.decoder.layers[1].self_attention  # an MSA layer (layer 0 is dense)
     lengths = UNALIGNED
     T = sum(lengths)
     cu = thd_params(lengths).cu_seqlens_q
