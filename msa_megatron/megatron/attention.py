@@ -60,10 +60,11 @@ from ..ops import naive
 from ..config import ATTENTION_MODES, MSAConfig, MSAConfigError
 from ..ops import msa_attention, resolve_backend
 from ..ops.decode_naive import msa_decode_naive
-from .context_parallel import gather_kv_and_select_for_cp, gather_kv_for_cp
+from .context_parallel import gather_kv_and_select_for_cp, gather_kv_for_cp, zigzag_positions
 from .cp_dense_attention import CPDotProductAttention, cp_capable_core_attention  # noqa: F401 (re-exported)
 from .kl_loss import attach_kl_loss
 from .metrics import TRACKER
+from .packed import check_layout, document_starts, msa_op_with_documents, packed_format
 
 log = logging.getLogger("msa_megatron.megatron")
 _warned: set = set()
@@ -135,8 +136,11 @@ class MSAIndexer(MegatronModule):
         self.index_k_norm = build_module(submodules.index_k_norm, config=norm_config, hidden_size=self.index_dim,
                                          eps=config.layernorm_epsilon)
 
-    def forward(self, hidden_states: Tensor, rotary_pos_emb=None, mscale: float = 1.0) -> Tuple[Tensor, Tensor]:
-        """hidden_states [s(/tp under SP), b, h] -> iq [s, b, local groups, di], ik [s, b, di]."""
+    def forward(self, hidden_states: Tensor, rotary_pos_emb=None, mscale: float = 1.0,
+                cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """hidden_states [s(/tp under SP), b, h] -> iq [s, b, local groups, di], ik [s, b, di].
+        ``cu_seqlens`` (THD packed rows, b = 1): RoPE per document, as Megatron's attention
+        applies it to the main branch's q/k."""
         # stop-gradient: the KL never reaches the backbone (off only for the fidelity ablation)
         x = hidden_states.detach() if self.stop_gradient else hidden_states
         s, b = x.shape[:2]
@@ -161,10 +165,18 @@ class MSAIndexer(MegatronModule):
                         "(the index branch applies the model's partial RoPE), or set msa.index_rope=false"
                     )
             cp_group = self.pg_collection.cp
+
+            def rope(x: Tensor, emb: Tensor) -> Tensor:
+                if cu_seqlens is None:
+                    return apply_rotary_pos_emb(x, emb, config=self.config, mscale=mscale, cp_group=cp_group)
+                # THD: [t, 1, heads, di] -> Megatron's THD apply on [t, heads, di] (per-document positions)
+                return apply_rotary_pos_emb(x.squeeze(1), emb, config=self.config, cu_seqlens=cu_seqlens,
+                                            mscale=mscale, cp_group=cp_group).unsqueeze(1)
+
             if q_emb is not None:
-                iq = apply_rotary_pos_emb(iq, q_emb, config=self.config, mscale=mscale, cp_group=cp_group)
+                iq = rope(iq, q_emb)
             if k_emb is not None:
-                ik = apply_rotary_pos_emb(ik, k_emb, config=self.config, mscale=mscale, cp_group=cp_group)
+                ik = rope(ik, k_emb)
         return iq, ik.squeeze(2)
 
 
@@ -267,8 +279,9 @@ class MSACoreAttention(MegatronModule):
         if self.mode == "dense":
             return self.dense_attention(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                         attention_bias=attention_bias, packed_seq_params=packed_seq_params)
-        if packed_seq_params is not None:
-            raise NotImplementedError("MSA layers do not support packed sequences (packed_seq_params) yet")
+        thd = packed_format(packed_seq_params) == "thd"
+        if packed_seq_params is not None and self._inference_offset is not None:
+            raise NotImplementedError("MSA KV-cache inference does not support packed_seq_params: allowed value is None")
         if attention_bias is not None:
             raise NotImplementedError("MSA layers do not support attention_bias")
         if self._inference_offset is not None and self.mode == "msa_warmup":
@@ -281,29 +294,40 @@ class MSACoreAttention(MegatronModule):
                 self._inference_offset is not None and attn_mask_type == AttnMaskType.no_mask):
             raise ValueError(f"MSA is causal; got attn_mask_type={attn_mask_type}")
         if attention_mask is not None:
-            _warn_once("mask", "MSA layers apply their own causal mask and ignore attention_mask "
-                               "(as TE's causal attention does); document masks are not supported")
+            _warn_once("mask", "MSA layers apply their own causal mask and ignore attention_mask (as TE's causal "
+                               "attention does); documents come from packed_seq_params (docs/packed.md)")
         if index_query is None:
             if self._index_inputs is None:
                 raise RuntimeError("MSACoreAttention called without index inputs: MSASelfAttention provides them")
             index_query, index_key = self._index_inputs
         if self._inference_offset is not None:
             return self.inference_forward(query, key, value, index_query, index_key, self._inference_offset)
+        if thd:  # Megatron hands THD as [t, heads, d]: one packed row (b = 1)
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         sq, b = query.shape[:2]
         q = query.transpose(0, 1).contiguous()
         k = key.transpose(0, 1).contiguous()
         v = value.transpose(0, 1).contiguous()
         iq = index_query.transpose(0, 1).contiguous()
         ik = index_key.transpose(0, 1).contiguous()
+        op_kw = dict(mode=self.mode, softmax_scale=self.softmax_scale, compute_recall=self.sample_recall)
         if self.cp_size > 1 and self.cp_select_first:
-            k, v, ik, q_pos, block_idx = gather_kv_and_select_for_cp(k, v, iq, ik, self.msa, self.cp_group)
-            out, aux = msa_attention(q, k, v, iq, ik, self.msa, q_pos=q_pos, mode=self.mode,
-                                     softmax_scale=self.softmax_scale, compute_recall=self.sample_recall,
-                                     block_idx=block_idx)
+            doc_start = None
+            if packed_seq_params is not None:  # the selection needs the documents before the gather
+                s_local = k.shape[1]
+                doc_start = document_starts(packed_seq_params, b, s_local * self.cp_size,
+                                            zigzag_positions(s_local, self.cp_size, self.cp_group.rank(), q.device),
+                                            self.cp_size, q.device)
+            k, v, ik, q_pos, block_idx = gather_kv_and_select_for_cp(k, v, iq, ik, self.msa, self.cp_group,
+                                                                     doc_start=doc_start)
+            op_kw["block_idx"] = block_idx
         else:
             k, v, ik, q_pos = self.context_parallel_inputs(k, v, ik)
-            out, aux = msa_attention(q, k, v, iq, ik, self.msa, q_pos=q_pos, mode=self.mode,
-                                     softmax_scale=self.softmax_scale, compute_recall=self.sample_recall)
+            doc_start = document_starts(packed_seq_params, b, k.shape[1], q_pos, self.cp_size, q.device)
+        if doc_start is None:
+            out, aux = msa_attention(q, k, v, iq, ik, self.msa, q_pos=q_pos, **op_kw)
+        else:
+            out, aux = msa_op_with_documents(q, k, v, iq, ik, self.msa, doc_start, q_pos=q_pos, **op_kw)
         out = out.transpose(0, 1).reshape(sq, b, -1)
         # Record statistics once per micro-batch: skip the no-grad first pass of activation
         # recomputation (training mode with grad disabled); the recompute records instead.
@@ -404,8 +428,10 @@ class MSASelfAttention(SelfAttention):
                 attention_bias=None, packed_seq_params=None, sequence_len_offset=None, *, inference_params=None):
         context = inference_context if inference_context is not None else inference_params
         if self.mode != "dense":
-            if packed_seq_params is not None:
-                raise NotImplementedError("MSA layers do not support packed sequences (packed_seq_params) yet")
+            if packed_seq_params is not None and context is not None:
+                raise NotImplementedError("MSA KV-cache inference does not support packed_seq_params: allowed value "
+                                          "is None")
+            check_layout(packed_seq_params, self.core_attention.cp_size)
             rope = rotary_pos_emb
             if self.config.no_rope_freq and self.config.no_rope_freq[self.layer_number - 1]:
                 rope = None  # this layer skips RoPE in the main branch, so does its index branch
@@ -421,7 +447,8 @@ class MSASelfAttention(SelfAttention):
                 self.core_attention.set_index_inputs(iq, self._index_key_cache(context, ik, start, end))
                 self.core_attention.set_inference_offset(start)
             else:
-                iq, ik = self.indexer(hidden_states, rope, mscale=getattr(self, "_yarn_concentration_factor", 1.0))
+                iq, ik = self.indexer(hidden_states, rope, mscale=getattr(self, "_yarn_concentration_factor", 1.0),
+                                      cu_seqlens=_thd_rope_cu_seqlens(packed_seq_params))
                 self.core_attention.set_index_inputs(iq, ik)
         try:
             return super().forward(
@@ -475,6 +502,15 @@ class MSASelfAttention(SelfAttention):
         extra = dict(core_attention_extra_kwargs or {})
         extra.update(self.core_attention.pending_index_kwargs())
         return super()._checkpointed_attention_forward(*args, core_attention_extra_kwargs=extra, **kwargs)
+
+
+def _thd_rope_cu_seqlens(packed_seq_params) -> Optional[Tensor]:
+    """The cu_seqlens Megatron's attention applies RoPE with in THD (the padded ones when set),
+    so that the index branch uses exactly the main branch's per-document positions."""
+    if packed_format(packed_seq_params) != "thd":
+        return None
+    p = packed_seq_params
+    return p.cu_seqlens_q_padded if p.cu_seqlens_q_padded is not None else p.cu_seqlens_q
 
 
 def _rope_slice(rope, start: int, end: int):

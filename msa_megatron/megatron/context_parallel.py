@@ -282,14 +282,15 @@ def _op_accepts_block_idx(cfg: MSAConfig, device: torch.device) -> Tuple[bool, s
     return backend == "reference" or _triton_op_accepts_block_idx(), backend
 
 
-def gather_kv_and_select_for_cp(k: Tensor, v: Tensor, iq: Tensor, ik: Tensor, cfg: MSAConfig, group=None
-                                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def gather_kv_and_select_for_cp(k: Tensor, v: Tensor, iq: Tensor, ik: Tensor, cfg: MSAConfig, group=None, *,
+                                doc_start: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The seam with the selection overlapping the K/V transfer: all-gather ik first (1/(2g+1)
     of the bytes for di = d), launch the K/V all-gather asynchronously, run ``ops.msa_select``
     (the O(S^2/cp) index pass) while it is in flight, then wait. Returns (K, V, ik_full, q_pos,
     block_idx); pass ``block_idx`` to ``ops.msa_attention`` so the op does not select again.
     Same values and gradients as :func:`gather_kv_for_cp` + the op's own selection; one more
-    collective per direction (ik travels alone). Needs CP > 1."""
+    collective per direction (ik travels alone). Needs CP > 1. ``doc_start`` [b, s_local]
+    (packed documents, global key coordinates of the local queries) restricts the selection."""
     from ..ops import msa_select
 
     group, cp, rank = cp_group_and_rank(group)
@@ -308,7 +309,12 @@ def gather_kv_and_select_for_cp(k: Tensor, v: Tensor, iq: Tensor, ik: Tensor, cf
     found: Dict[str, Tensor] = {}
 
     def select_now() -> None:
-        found["block_idx"] = msa_select(iq.detach(), ik_full.detach(), cfg, q_pos)
+        if doc_start is None:
+            found["block_idx"] = msa_select(iq.detach(), ik_full.detach(), cfg, q_pos)
+        else:
+            from .packed import msa_select_with_documents
+
+            found["block_idx"] = msa_select_with_documents(iq.detach(), ik_full.detach(), cfg, q_pos, doc_start)
 
     k_full, v_full = _ZigzagAllGather.apply(group, cp, select_now, k, v)
     return k_full, v_full, ik_full, q_pos, found["block_idx"]

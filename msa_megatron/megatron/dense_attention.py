@@ -10,8 +10,11 @@ kernels on CUDA, O(s) memory. Under context parallelism it is exactly the inheri
 
 What runs is logged once per (device, dtype). Settings SDPA cannot express (a sliding window
 from ``config.window_size``, ``softmax_type`` other than 'vanilla') run Megatron's unfused
-attention and say so once; unsupported inputs (packed sequences, attention_bias, cross
-attention) are refused with one clear error.
+attention and say so once; unsupported inputs (attention_bias, cross attention) are refused
+with one clear error. Packed sequences (``packed_seq_params``, THD or msa_megatron's sbhd form)
+take the inherited document path (:meth:`CPDotProductAttention.packed_forward`): SDPA would need
+an [s, s] document mask, so torch varlen flash (THD on CUDA) or the MSA op's dense mode with
+``doc_start`` runs instead, logged once (docs/packed.md section 4).
 """
 
 from __future__ import annotations
@@ -96,12 +99,9 @@ class SDPADotProductAttention(CPDotProductAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
                 packed_seq_params=None) -> Tensor:
-        if self.cp_size > 1:
+        if self.cp_size > 1 or packed_seq_params is not None:  # CP, or documents: the inherited paths
             return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                    attention_bias=attention_bias, packed_seq_params=packed_seq_params)
-        if packed_seq_params is not None:
-            raise NotImplementedError("packed_seq_params is not supported by the SDPA core attention (local backend); "
-                                      "packed sequences need Transformer Engine (transformer_impl='transformer_engine')")
         if attention_bias is not None:
             raise NotImplementedError("attention_bias is not supported by the SDPA core attention (local backend)")
         if self.unfused_reason is not None:

@@ -5,6 +5,8 @@ FLOP-matched baseline for MSA (issue 10).
 query to the keys at positions ``t - window + 1 .. t``. One implementation on every
 device: ``torch.nn.functional.scaled_dot_product_attention`` with a boolean band mask
 (cached per length and device); which path runs is logged once, nothing falls back.
+Packed documents (``packed_seq_params``, docs/packed.md section 4): the band intersected with
+each query's document (a [b, 1, s, s] mask, the size class of the band mask itself).
 
 :func:`build_swa_gpt_model` builds the dense model of :func:`~msa_megatron.megatron.model.build_gpt_model`
 with this core attention in the chosen layers (the layers MSA would use, so the first dense
@@ -26,6 +28,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
+
+from .packed import document_starts, packed_format
 
 log = logging.getLogger("msa_megatron.megatron")
 _announced: set = set()
@@ -70,8 +74,11 @@ class SlidingWindowAttention(MegatronModule):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
                 packed_seq_params=None) -> Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("sliding-window attention supports neither packed sequences nor attention_bias")
+        if attention_bias is not None:
+            raise NotImplementedError("sliding-window attention does not support attention_bias: allowed value is None")
+        thd = packed_format(packed_seq_params) == "thd"
+        if thd:  # [t, heads, d]: one packed row
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         sq, b, hq, d = query.shape
         g = key.shape[2]
         if key.shape[0] != sq:
@@ -84,7 +91,12 @@ class SlidingWindowAttention(MegatronModule):
         q = query.permute(1, 2, 0, 3)  # [b, hq, s, d]
         k = key.permute(1, 2, 0, 3).repeat_interleave(hq // g, dim=1)
         v = value.permute(1, 2, 0, 3).repeat_interleave(hq // g, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(sq, query.device), scale=self.softmax_scale)
+        mask = self._mask(sq, query.device)
+        if packed_seq_params is not None:  # the window intersected with the query's document
+            doc_start = document_starts(packed_seq_params, b, sq, None, 1, query.device)  # [b, s]
+            keys = torch.arange(sq, device=query.device)
+            mask = (mask[None] & (keys[None, None, :] >= doc_start[:, :, None]))[:, None]  # [b, 1, s, s]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(sq, b, hq * d)
 
 

@@ -215,6 +215,9 @@ class DataConfig:
     num_workers: int = _f(0, *_NONNEG)
     #: Loss on the EOD token itself (Megatron's eod_mask_loss inverted).
     mask_eod_loss: bool = False
+    #: Documents in a training sequence: none (attention crosses EOD, Megatron's default) or eod
+    #: (a document mask at every EOD: every layer gets PackedSeqParams; docs/training.md).
+    packing: str = _f("none", *_one_of("none", "eod"))
     assoc_recall: AssocRecallConfig = field(default_factory=AssocRecallConfig)
 
 
@@ -629,6 +632,14 @@ def validate(cfg: Config, world_size: int) -> Config:
         raise ConfigError("attention.indexer_only.steps", io_steps, "0 with attention.type=dense (no index parameters)")
 
     # ---- data
+    if d.packing == "eod":
+        if m.use_te and (p.cp > 1 or (p.pp > 1 and t.micro_batch_size > 1)):
+            raise ConfigError("data.packing", d.packing, "none with model.use_te=true and parallel.cp > 1 or "
+                              "(parallel.pp > 1 and train.micro_batch_size > 1): Transformer Engine takes documents "
+                              "only in the THD layout (cp=1, one packed row per pipeline message)")
+        if d.assoc_recall.train_fraction > 0:
+            raise ConfigError("data.packing", d.packing, "none with data.assoc_recall.train_fraction > 0 (recall "
+                              "examples keep the replaced sample's document boundaries)")
     if d.source == "indexed":
         if not d.blend:
             raise ConfigError("data.blend", [], "a non-empty list of {path: <prefix>, weight: <w>} with data.source=indexed")

@@ -19,7 +19,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from . import corpus
 from .config import Config, ConfigError, UsageError
 
 log = logging.getLogger(__name__)
+_announced: set = set()
 
 
 @dataclass(frozen=True)
@@ -188,8 +189,8 @@ def build_datasets(cfg: Config, sources: DataSources, train_samples: int, valid_
         split=cfg.data.split,
         path_to_cache=cache,
         tokenizer=_tokenizer(sources.vocab_size, sources.eod_id),
-        reset_position_ids=False,
-        reset_attention_mask=False,
+        reset_position_ids=cfg.data.packing == "eod",  # positions restart after each EOD: the documents
+        reset_attention_mask=False,  # never an [s, s] mask: packed_micro_batch builds PackedSeqParams instead
         eod_mask_loss=cfg.data.mask_eod_loss,
         create_attention_mask=False,
         mid_level_dataset_surplus=0.005,
@@ -198,6 +199,53 @@ def build_datasets(cfg: Config, sources: DataSources, train_samples: int, valid_
     sizes = [train_samples, valid_samples if has_valid else 0, 0]
     train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, ds_config).build()
     return train, (valid if has_valid else None)
+
+
+# --------------------------------------------------------------------------- documents (data.packing=eod)
+def packing_format(cfg: Config) -> str:
+    """The packed layout the trainer feeds (docs/packed.md section 4): Megatron's THD (one row
+    of b*s tokens, RoPE per document) when the layout allows it (cp = 1, and one sequence per
+    pipeline message), else msa_megatron's sbhd form (rows kept, cu_seqlens over the rows end
+    to end; RoPE at global positions, equal up to rounding since only same-document pairs meet)."""
+    p = cfg.parallel
+    return "thd" if p.cp == 1 and (p.pp == 1 or cfg.train.micro_batch_size == 1) else "sbhd"
+
+
+def document_boundaries(position_ids: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens [n_docs + 1] (int32) of a [b, s] micro-batch whose position ids restart at 0
+    with every document (GPTDataset's reset_position_ids), rows laid end to end: a document
+    starts at every position id 0 and at every row start."""
+    if position_ids.dim() != 2:
+        raise ValueError(f"position_ids must be [b, s]; got shape {tuple(position_ids.shape)}")
+    new = position_ids == 0
+    new[:, 0] = True
+    starts = torch.nonzero(new.reshape(-1)).flatten()
+    end = torch.tensor([position_ids.numel()], dtype=starts.dtype, device=starts.device)
+    return torch.cat([starts, end]).to(torch.int32)
+
+
+def packed_micro_batch(batch: Dict[str, torch.Tensor], fmt: str, device=None):
+    """data.packing=eod: (batch, PackedSeqParams) for one micro-batch of [b, s] tensors (before the
+    CP split). THD flattens every tensor to [1, b*s]; sbhd keeps [b, s]. cu_seqlens go to
+    ``device``; everything else stays where it is."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    pos = batch["position_ids"]
+    b, s = pos.shape
+    cu = document_boundaries(pos.cpu())
+    if fmt == "thd":
+        batch = {k: (v.reshape(1, b * s) if v is not None else None) for k, v in batch.items()}
+        longest = int((cu[1:] - cu[:-1]).max())
+    elif fmt == "sbhd":
+        longest = s  # RoPE table of the whole row (global positions; under CP the row before the split)
+    else:
+        raise ValueError(f"packing format {fmt!r}: allowed values are thd, sbhd")
+    cu = cu.to(device) if device is not None else cu
+    if fmt not in _announced:
+        _announced.add(fmt)
+        log.info("data.packing=eod: a document mask at every EOD in every layer (PackedSeqParams qkv_format=%s)", fmt)
+    return batch, PackedSeqParams(qkv_format=fmt, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                                  max_seqlen_kv=longest)
 
 
 # --------------------------------------------------------------------------- loading
@@ -236,5 +284,6 @@ def samples_needed(cfg: Config) -> Tuple[int, int]:
     return train, valid
 
 
-__all__ = ["DataSources", "PretrainingSampler", "build_datasets", "ensure_dataset_helpers", "make_loader",
+__all__ = ["DataSources", "PretrainingSampler", "build_datasets", "document_boundaries", "ensure_dataset_helpers",
+           "make_loader", "packed_micro_batch", "packing_format",
            "resolve_sources", "samples_needed"]

@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointError, CheckpointManager, prepare_writer_queue, shutdown_writer_queue
 from .config import Config, ConfigError, UsageError, validate
-from .data import build_datasets, ensure_dataset_helpers, make_loader, resolve_sources, samples_needed
+from .data import (build_datasets, ensure_dataset_helpers, make_loader, packed_micro_batch, packing_format,
+                   resolve_sources, samples_needed)
 from .hooks import MSASchedule
 from .logging import RunLogger, format_summary, setup_python_logging, summarize
 from .metrics import Throughput, memory_gb, peak_flops_per_device
@@ -415,9 +416,13 @@ class Trainer:
         """Megatron's forward_step_func: the next micro-batch, this rank's CP part, on the device;
         the forward and loss are :mod:`.step`'s, shared with the Megatron-LM loop and the validator."""
         sample = next(data_iterator)
-        batch = local_batch({k: sample[k] for k in BATCH_KEYS})
+        batch = {k: sample[k] for k in BATCH_KEYS}
+        packed = None
+        if self.cfg.data.packing == "eod":  # a document mask at every EOD, in every layer (docs/training.md)
+            batch, packed = packed_micro_batch(batch, packing_format(self.cfg), self.device)
+        batch = local_batch(batch)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        return forward_step(batch, model)
+        return forward_step(batch, model, packed_seq_params=packed)
 
     def _reduce_loss(self, losses: List[Dict[str, torch.Tensor]]) -> float:
         """Mean LM loss over the global batch, known on every rank (DP+CP, then PP)."""

@@ -62,15 +62,17 @@ def masked_lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor, *, repo
 
 
 def forward_step(batch: Mapping[str, Any], model, *, report_key: str = LM_LOSS_KEY, rerun_check: bool = False,
-                 on_output: Optional[Callable[[torch.Tensor], None]] = None) -> Tuple[torch.Tensor, Callable]:
+                 on_output: Optional[Callable[[torch.Tensor], None]] = None,
+                 packed_seq_params=None) -> Tuple[torch.Tensor, Callable]:
     """Run ``model`` on one prepared micro-batch (this rank's part, on its device) and return
     (per-token losses, loss_func) for ``forward_backward_func``.
 
     The loss mask is passed to the model too (as Megatron-LM's forward step does; GPTModel uses
     it only for multi-token prediction). On a middle pipeline stage the batch fields are None and
-    the loss function is never called. ``on_output`` sees the per-token losses (the validator keeps them)."""
+    the loss function is never called. ``on_output`` sees the per-token losses (the validator keeps them).
+    ``packed_seq_params``: document boundaries of packed sequences (``data.packing=eod``, docs/packed.md)."""
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
-                   loss_mask=batch["loss_mask"])
+                   loss_mask=batch["loss_mask"], packed_seq_params=packed_seq_params)
     if on_output is not None:
         on_output(output)
     return output, partial(masked_lm_loss, batch["loss_mask"], report_key=report_key, rerun_check=rerun_check)

@@ -191,8 +191,9 @@ def test_refusals_name_the_field_and_allowed_values(memory_buffer):
         SDPADotProductAttention(cfg, 1, AttnMaskType.padding_causal, "self", pg_collection=PGS)
     ours, _ = _pair(cfg)
     q, k, v = _qkv(8, 1, 4, 2, cfg.kv_channels, torch.float32, seed=1)
-    with pytest.raises(NotImplementedError, match="packed_seq_params is not supported .* Transformer Engine"):
-        ours(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="thd"))
+    # packed sequences take the document path (tests/megatron/test_packed_backend.py); bad ones are one error
+    with pytest.raises(ValueError, match="packed_seq_params.qkv_format='bshd' .* allowed values are 'thd', 'sbhd'"):
+        ours(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="bshd"))
     with pytest.raises(NotImplementedError, match="attention_bias is not supported"):
         ours(q, k, v, None, attention_bias=torch.zeros(1))
     with pytest.raises(ValueError, match="causal SDPA attention needs as many queries as keys"):
