@@ -270,9 +270,10 @@ class _UnionAttentionKLFn(torch.autograd.Function):
         lm_grad = dout is not None
         if dout is None:
             dout = torch.zeros_like(out)
-        # its dK/dV pass (no dQ partials: one chunk) over the op's CSR, as it would build it
-        plan = None if ctx.csr is None else _tsa.build_plan(block_idx, k.shape[1], ctx.block_size, 0, ctx.cfg,
-                                                            csr=ctx.csr)
+        # the KV-outer dK/dV pass (union_dkdv="kv"; no dQ partials: one chunk) over the op's CSR; the
+        # union dK/dV needs no reverse index
+        plan = None if ctx.csr is None or ctx.cfg.union_dkdv != "kv" else _tsa.build_plan(
+            block_idx, k.shape[1], ctx.block_size, 0, ctx.cfg, csr=ctx.csr)
         dq, dk, dv, res = _tu.union_attention_bwd(
             dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos, ctx.scale, config=ctx.cfg, lists=ctx.lists,
             plan=plan, kl=_tsa.FusedKL(iq, ik, index_lse, ctx.iscale), doc_start=ctx.doc_start)
