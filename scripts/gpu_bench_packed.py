@@ -237,7 +237,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0 = time.time()
     import triton
 
-    from msa_megatron import reference as R
+    from msa_megatron.ops import naive as R
     from msa_megatron.config import MSAConfig
 
     L = dict(PAPER)

@@ -154,7 +154,7 @@ def _near_ties_only(sel_k, sel_n, c: Caches, conf: MSAConfig, rel_tol: float = 1
 def _mass_ratio(sel_a, sel_b, c: Caches, conf: MSAConfig) -> float:
     """Index-softmax mass (softmax of the bf16 block scores / sqrt(di)) that selection a keeps,
     over the mass selection b keeps, averaged over rows and groups: 1.0 = a loses nothing."""
-    from .. import reference
+    from ..ops import naive as reference
 
     ratios = []
     for i in range(c.b):

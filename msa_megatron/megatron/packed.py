@@ -35,7 +35,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import reference
+from ..ops import naive as reference
 from ..config import MSAConfig
 from ..ops import resolve_backend
 

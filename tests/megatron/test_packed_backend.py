@@ -118,7 +118,7 @@ def test_sliding_window_with_documents_matches_reference():
     with the document (fp32, 1e-5), and the documents change the answer."""
     from megatron.core.transformer.enums import AttnMaskType
 
-    from msa_megatron import reference as R
+    from msa_megatron.ops import naive as R
     from msa_megatron.megatron.sliding_window import SlidingWindowAttention
     from mcore_helpers import HEAD_DIM, tiny_config
 
@@ -146,7 +146,7 @@ def test_gpu_dense_with_documents(path):
     """The dense document path of the backend on CUDA, bf16, vs the fp32 reference: torch varlen
     flash (THD row) and the MSA op's dense mode (Triton, every visible same-document block;
     the path CP and query subsets take). Tolerances: relative Frobenius 1e-2 (out), 2e-2 (grads)."""
-    from msa_megatron import reference as R
+    from msa_megatron.ops import naive as R
     from msa_megatron.config import MSAConfig
     from msa_megatron.megatron.packed import dense_with_documents, varlen_eligible
 
