@@ -64,7 +64,7 @@ from .context_parallel import gather_kv_and_select_for_cp, gather_kv_for_cp, zig
 from .cp_dense_attention import CPDotProductAttention, cp_capable_core_attention  # noqa: F401 (re-exported)
 from .kl_loss import attach_kl_loss
 from .metrics import TRACKER
-from .packed import check_layout, document_starts, msa_op_with_documents, packed_format
+from .packed import check_layout, document_starts, packed_format
 
 log = logging.getLogger("msa_megatron.megatron")
 _warned: set = set()
@@ -324,10 +324,7 @@ class MSACoreAttention(MegatronModule):
         else:
             k, v, ik, q_pos = self.context_parallel_inputs(k, v, ik)
             doc_start = document_starts(packed_seq_params, b, k.shape[1], q_pos, self.cp_size, q.device)
-        if doc_start is None:
-            out, aux = msa_attention(q, k, v, iq, ik, self.msa, q_pos=q_pos, **op_kw)
-        else:
-            out, aux = msa_op_with_documents(q, k, v, iq, ik, self.msa, doc_start, q_pos=q_pos, **op_kw)
+        out, aux = msa_attention(q, k, v, iq, ik, self.msa, q_pos=q_pos, doc_start=doc_start, **op_kw)
         out = out.transpose(0, 1).reshape(sq, b, -1)
         # Record statistics once per micro-batch: skip the no-grad first pass of activation
         # recomputation (training mode with grad disabled); the recompute records instead.

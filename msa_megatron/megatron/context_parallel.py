@@ -309,12 +309,7 @@ def gather_kv_and_select_for_cp(k: Tensor, v: Tensor, iq: Tensor, ik: Tensor, cf
     found: Dict[str, Tensor] = {}
 
     def select_now() -> None:
-        if doc_start is None:
-            found["block_idx"] = msa_select(iq.detach(), ik_full.detach(), cfg, q_pos)
-        else:
-            from .packed import msa_select_with_documents
-
-            found["block_idx"] = msa_select_with_documents(iq.detach(), ik_full.detach(), cfg, q_pos, doc_start)
+        found["block_idx"] = msa_select(iq.detach(), ik_full.detach(), cfg, q_pos, doc_start=doc_start)
 
     k_full, v_full = _ZigzagAllGather.apply(group, cp, select_now, k, v)
     return k_full, v_full, ik_full, q_pos, found["block_idx"]

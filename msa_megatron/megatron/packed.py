@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..ops import naive as reference
 from ..config import MSAConfig
-from ..ops import resolve_backend
+from ..ops import msa_attention, resolve_backend
 
 log = logging.getLogger("msa_megatron.megatron")
 _announced: set = set()
@@ -141,30 +141,6 @@ def _document_starts(packed_seq_params, fmt: str, batch: int, seq_len: int, q_po
     return ds.clamp_min(0)  # a document never crosses a row: rows are separate sequences
 
 
-# ----------------------------------------------------------------------------- op calls with documents
-def msa_op_with_documents(q: Tensor, k: Tensor, v: Tensor, iq: Optional[Tensor], ik: Optional[Tensor], cfg: MSAConfig,
-                          doc_start: Tensor, **kwargs):
-    """The MSA op (``ops.msa_attention``'s dispatch rule) with ``doc_start``: the Triton op on
-    CUDA per msa.backend, the reference elsewhere. (``ops.msa_attention`` takes no doc_start
-    yet; this is the same dispatch with it.)"""
-    if resolve_backend(cfg, q.device) == "triton":
-        from ..ops.triton_op import msa_attention_triton
-
-        return msa_attention_triton(q, k, v, iq, ik, cfg, doc_start=doc_start, **kwargs)
-    return reference.msa_attention(q, k, v, iq, ik, cfg, doc_start=doc_start, **kwargs)
-
-
-def msa_select_with_documents(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor],
-                              doc_start: Tensor) -> Tensor:
-    """``ops.msa_select`` with ``doc_start``: int32 block indices [b, g, sq, K], no gradient."""
-    with torch.no_grad():
-        if resolve_backend(cfg, iq.device) == "triton":
-            from ..ops.triton_index import index_select
-
-            return index_select(iq, ik, cfg, q_pos, doc_start=doc_start)[0]
-        return reference.select(iq, ik, cfg, q_pos, doc_start=doc_start)
-
-
 def varlen_flash():
     """torch's varlen flash attention (``torch.nn.attention.varlen.varlen_attn``) or None."""
     try:
@@ -232,10 +208,10 @@ def dense_with_documents(q: Tensor, k: Tensor, v: Tensor, doc_start: Tensor, sca
             else "the pure-PyTorch reference (chunked, document mask)")
     _once(f"docs-op-{backend}-{q.device.type}", "dense attention with packed documents: %s (varlen flash not used: %s)",
           what, reason)
-    out, _ = msa_op_with_documents(q, k, v, None, None, cfg, doc_start, q_pos=q_pos, mode="dense",
-                                   softmax_scale=scale)
+    out, _ = msa_attention(q, k, v, None, None, cfg, q_pos=q_pos, mode="dense", softmax_scale=scale,
+                           doc_start=doc_start)
     return out
 
 
-__all__ = ["PACKED_FORMATS", "check_layout", "cu_seqlens_of", "dense_with_documents", "document_starts", "msa_op_with_documents",
-           "msa_select_with_documents", "packed_format", "varlen_eligible", "varlen_flash"]
+__all__ = ["PACKED_FORMATS", "check_layout", "cu_seqlens_of", "dense_with_documents", "document_starts",
+           "packed_format", "varlen_eligible", "varlen_flash"]

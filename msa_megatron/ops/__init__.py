@@ -61,26 +61,35 @@ def msa_attention(
     softmax_scale: Optional[float] = None,
     compute_recall: bool = False,
     block_idx: Optional[Tensor] = None,
+    doc_start: Optional[Tensor] = None,
+    **kernel_kwargs,
 ):
     """(q, k, v, iq, ik, cfg) -> (out, MSAAux); see :func:`msa_megatron.ops.naive.msa_attention`.
-    ``block_idx`` (from :func:`msa_select`) skips the op's own selection."""
+    ``block_idx`` (from :func:`msa_select`) skips the op's own selection; ``doc_start`` [b, sq]
+    masks packed documents (docs/packed.md). ``kernel_kwargs`` (e.g. ``compute_kl``) go to the
+    Triton op only."""
     kwargs = dict(q_pos=q_pos, mode=mode, softmax_scale=softmax_scale, compute_recall=compute_recall,
                   block_idx=block_idx)
+    if doc_start is not None:
+        kwargs["doc_start"] = doc_start
     if resolve_backend(cfg, q.device) == "triton":
         from .triton_op import msa_attention_triton
 
-        return msa_attention_triton(q, k, v, iq, ik, cfg, **kwargs)
+        return msa_attention_triton(q, k, v, iq, ik, cfg, **kwargs, **kernel_kwargs)
     return naive.msa_attention(q, k, v, iq, ik, cfg, **kwargs)
 
 
-def msa_select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None) -> Tensor:
-    """The index branch alone: int32 block indices [b, g, sq, K] (no gradient)."""
+def msa_select(iq: Tensor, ik: Tensor, cfg: MSAConfig, q_pos: Optional[Tensor] = None,
+               doc_start: Optional[Tensor] = None) -> Tensor:
+    """The index branch alone: int32 block indices [b, g, sq, K] (no gradient); ``doc_start``
+    as in :func:`msa_attention`."""
+    kw = {} if doc_start is None else {"doc_start": doc_start}
     with torch.no_grad():
         if resolve_backend(cfg, iq.device) == "triton":
             from .triton_index import index_select
 
-            return index_select(iq, ik, cfg, q_pos)[0]
-        return naive.select(iq, ik, cfg, q_pos)
+            return index_select(iq, ik, cfg, q_pos, **kw)[0]
+        return naive.select(iq, ik, cfg, q_pos, **kw)
 
 
 __all__ = ["msa_attention", "msa_select", "resolve_backend", "triton_kernels_available"]
