@@ -438,7 +438,7 @@ def bench_selection(L: int, kind: str) -> None:
     print(json.dumps(row), flush=True)
 
 
-def sweep_selection(L: int, kind: str) -> None:
+def sweep_selection(L: int, kind: str, what=("fwd", "dq", "kl", "dkdv", "kv")) -> None:
     """Union kernels under several tile configs (one compile each) on one selection."""
     from msa_megatron.ops import triton_index as TI
     from msa_megatron.ops import triton_sparse_attn as T
@@ -461,25 +461,25 @@ def sweep_selection(L: int, kind: str) -> None:
                 "union_dkdv_stages=3", "union_dkdv_block_n=64,union_dkdv_warps=4", "union_dkdv_rows=16",
                 "union_dkdv_item_entries=8", "union_dkdv_item_entries=128", "union_dkdv_item_entries=0"]
     delta = T._delta(o2, do)
-    for spec in specs_kv:
+    for spec in specs_kv if "dkdv" in what else []:
         c = T.KernelConfig.from_spec("main_impl=union," + spec)
         _sweep(L, kind, "union_dkdv", spec, lambda: U.union_attention_dkdv(do, q, k, v, l2, delta, sel, B, config=c,
                                                                           lists=lists))
-    for spec in specs_f:
+    for spec in specs_f if "fwd" in what else []:
         c = T.KernelConfig.from_spec("main_impl=union," + spec)
         _sweep(L, kind, "union_fwd", spec, lambda: U.union_attention_fwd(q, k, v, sel, B, config=c, lists=lists))
-    for spec in specs_b:
+    for spec in specs_b if "dq" in what else []:
         c = T.KernelConfig.from_spec("main_impl=union," + spec)
         _sweep(L, kind, "union_dq", spec, lambda: U.union_attention_dq(do, q, k, v, o2, l2, sel, B, config=c,
                                                                       lists=lists))
-    for spec in specs_k:
+    for spec in specs_k if "kl" in what else []:
         c = T.KernelConfig.from_spec("main_impl=union," + spec)
         _sweep(L, kind, "union_dq_kl", spec, lambda: U.union_attention_dq(do, q, k, v, o2, l2, sel, B, config=c,
                                                                          lists=lists, kl=fk))
     # the KV-outer dK/dV-only kernel (the split backward's other half): 128-row tiles now that the
     # dQ dot and stores are gone (kernel_study.md 6.3 step 3); plan built once
     plan = T.build_plan(sel, L, B, 0, T.KernelConfig())
-    for spec in ["", "bwd_rows=128,bwd_block_n=64,bwd_stages=1", "bwd_block_n=64", "bwd_rows=32"]:
+    for spec in ["", "bwd_rows=128,bwd_block_n=64,bwd_stages=1", "bwd_block_n=64", "bwd_rows=32"] if "kv" in what else []:
         c = T.KernelConfig.from_spec(spec)
         _sweep(L, kind, "kv_dkdv_only", spec or "(default)",
                lambda: T.sparse_attention_bwd(do, q, k, v, o2, l2, sel, B, config=c, plan=plan, compute_dq=False))
@@ -496,8 +496,8 @@ def _sweep(L, kind, what, spec, fn):
     print(f"sweep {what:12s} {spec:55s} {ms:8.2f} ms", flush=True)
 
 
-def part_bench(L: int) -> None:
-    for kind in ("pool15", "pool20", "pool32", "random"):
+def part_bench(L: int, kinds=("pool15", "pool20", "pool32", "random")) -> None:
+    for kind in kinds:
         guarded(f"bench L={L} {kind}", lambda: bench_selection(L, kind))
 
 
@@ -700,6 +700,8 @@ def main() -> int:
     p.add_argument("--parts", default="check,bench,1m")
     p.add_argument("--check-lengths", default="16K,32K")
     p.add_argument("--bench-L", default="128K")
+    p.add_argument("--bench-kinds", default="pool15,pool20,pool32,random", help="selections of the bench part")
+    p.add_argument("--sweep-what", default="fwd,dq,kl,dkdv,kv", help="kernel groups of the sweep part")
     p.add_argument("--long-L", default="1M")
     p.add_argument("--long-impls", default="union,kv")
     p.add_argument("--budget-s", type=float, default=330.0, help="skip what would start after this many seconds")
@@ -742,11 +744,11 @@ def main() -> int:
         if "check" in parts:
             part_check([parse_length(x) for x in a.check_lengths.split(",")])
         if "bench" in parts:
-            part_bench(parse_length(a.bench_L))
+            part_bench(parse_length(a.bench_L), a.bench_kinds.split(","))
         if "1m" in parts:
             part_1m(parse_length(a.long_L), a.long_impls.split(","))
         if "sweep" in parts:
-            guarded("sweep pool20", lambda: sweep_selection(parse_length(a.bench_L), "pool20"))
+            guarded("sweep pool20", lambda: sweep_selection(parse_length(a.bench_L), "pool20", a.sweep_what.split(",")))
     finally:
         meta["wall_s"] = time.time() - T_START
         write_report(Path(a.out), meta)
