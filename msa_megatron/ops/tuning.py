@@ -128,9 +128,9 @@ class KernelConfig(_Spec):
     kl_bwd_stages: int = 1  # pipeline depth of the backward with the fused KL (sm_90a: 2 stages = 225 KB of 227 KB smem)
     # --- v2: union-tile path (ops/triton_union.py; docs/kernels_main.md "v2: union tile")
     main_impl: str = "auto"  # "auto" | "union" | "kv": union tile (fwd + dQ [+ KL]) vs KV-outer; auto decides per call by the mean union size
-    union_max_blocks: float = 24.0  # auto: union path when the mean union per tile < this x K/16; measured break-even of main fwd+bwd at 128K, H100 (docs/gpu_logs/run8_h100/union_check.md: union 125.5/144.0/189.3 ms at U8 16/21/32 vs KV-outer ~160)
-    union_max_blocks_fwd: float = 32.0  # the same for calls without a backward (prefill/eval): measured forward crossover (union 30.4/38.4/59.7 ms at U8 16/21/32 vs KV-outer ~60, run 8)
-    union_max_blocks_kl: float = 22.0  # the same for the op's training path (union dQ + fused KL): measured break-even of the op fwd+bwd (union 187/222/302 ms at U8 16/21/32 vs KV-outer ~232, run 8; the fused KL costs ~56 ms there, not the study's ~8)
+    union_max_blocks: float = 22.0  # auto: union path when the mean union per tile < this x K/16; measured break-even of main fwd+bwd at 128K (run 9, H200, docs/gpu_logs/run9_h200: union 124.8/187.1 ms at U8 16/32 vs KV-outer 150-152)
+    union_max_blocks_fwd: float = 30.0  # the same for calls without a backward (prefill/eval): measured forward crossover (union 30.5/58.8 ms at U8 16/32 vs KV-outer 56.3, run 9)
+    union_max_blocks_kl: float = 27.0  # the same for the op's training path (union dQ + split KL): break-even of the op fwd+bwd interpolated from run 9 (union ~154/~238 ms at U8 16/32 with the KV-outer dK/dV vs KV-outer op 214-219)
     union_rows: int = 128  # MMA rows of a union tile: P positions x next_pow2(G) heads (P = 8 at G = 16)
     union_block_n: int = 64  # keys per step (study prototype: 64 beat 128, 23.6 vs 24.8 ms at 128K)
     union_fwd_warps: int = 8
@@ -138,7 +138,7 @@ class KernelConfig(_Spec):
     union_dq_warps: int = 8
     union_dq_stages: int = 2  # study: 2 stages 25.5 ms vs 1 stage 31.3 ms at U8 = 16
     union_kl_stages: int = 2  # the union KL kernel (student side of the indexer KL, 16 rows, 4 warps)
-    union_dkdv: str = "union"  # dK/dV of the union backward: "union" (union-tile entries per key block) | "kv" (KV-outer, dK/dV only)
+    union_dkdv: str = "kv"  # dK/dV of the union backward: "kv" (KV-outer, dK/dV only) | "union" (per key block over its union entries: run 9 measured it slower, 72.7 vs 64.1 ms at U8 16)
     union_dkdv_block_n: int = 128  # union dK/dV: keys per program (sub-tile of a block)
     union_dkdv_rows: int = 32  # union dK/dV: query rows per step (a tile's P x G rows in steps of this); sm_90a AOT (bf16, d 128): 128 keys x 32 rows, 8 warps = 246 regs, 0 spills, 99 KB smem; 64 rows spill
     union_dkdv_warps: int = 8

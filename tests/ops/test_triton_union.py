@@ -157,8 +157,9 @@ def test_unsorted_positions_several_chunks_and_heavy_order():
         check_against_reference(q, k, v, do, iq, ik, sel, block, q_pos, cfg, kc)
 
 
-@pytest.mark.parametrize("dkdv", ["union_dkdv_item_entries=1,union_dkdv_rows=16,union_dkdv_block_n=16",
-                                  "union_dkdv_item_entries=2", "union_dkdv_item_entries=0", "union_dkdv=kv"])
+@pytest.mark.parametrize("dkdv", ["union_dkdv=union,union_dkdv_item_entries=1,union_dkdv_rows=16,union_dkdv_block_n=16",
+                                  "union_dkdv=union,union_dkdv_item_entries=2", "union_dkdv=union,union_dkdv_item_entries=0",
+                                  "union_dkdv=kv"])
 def test_dkdv_hot_blocks_row_steps_and_kv_alternative(dkdv):
     # dK/dV per key block over its union entries: items of 1-2 entries split every shared block
     # (fp32 partials reduced in item order), 16-row steps through a tile, 16-key sub-tiles; the
