@@ -30,6 +30,7 @@ Under ``TRITON_INTERPRET=1`` bf16 operands are upcast after loading (``UPCAST``)
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -225,7 +226,11 @@ def union_stats(block_idx: Tensor, P: int = 8) -> dict:
 
 
 # ----------------------------------------------------------------------------- dispatch
-_last_stats: Optional[tuple] = None  # (selection key, mean union, repeats) of the last auto decision: no second build
+# (weak reference to the selection tensor, its key, mean union, repeats) of the last auto decision:
+# the op decides, then SparseAttentionFn asks again for the same tensor (no second build). A weak
+# reference, not the data pointer: a new selection allocated where a freed one lived (same
+# pointer, version 0) must not inherit its decision (run 9 measured exactly that mix-up).
+_last_stats: Optional[tuple] = None
 
 
 def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: torch.dtype,
@@ -255,8 +260,8 @@ def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: 
     K = block_idx.shape[-1]
     limit = max_blocks * K / 16.0
     key = _union_key(block_idx, union_positions(G, dtype, cfg, d))
-    if impl == "auto" and lists is None and _last_stats is not None and _last_stats[0] == key \
-            and (_last_stats[2] or _last_stats[1] >= limit):
+    if impl == "auto" and lists is None and _last_stats is not None and _last_stats[0]() is block_idx \
+            and _last_stats[1] == key and (_last_stats[3] or _last_stats[2] >= limit):
         return "kv", None  # this very selection was measured a moment ago (the op, then SparseAttentionFn)
     lists = union_lists_for(block_idx, G, dtype, cfg, lists, d)
     if impl == "union":
@@ -266,7 +271,7 @@ def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: 
         _tsa._announce("main-union", "MSA main branch: union-tile kernels (kernel_config main_impl=union)")
         return "union", lists
     mean, dups = torch.stack([lists.mean, lists.dups.float()]).tolist()
-    _last_stats = (key, mean, bool(dups))
+    _last_stats = (weakref.ref(block_idx), key, mean, bool(dups))
     if dups:
         _tsa._announce("main-auto-dups", "MSA main branch auto: a row repeats a block -> KV-outer kernels")
         return "kv", None
