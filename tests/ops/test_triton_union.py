@@ -262,10 +262,10 @@ def test_dispatch_auto_union_kv_and_errors():
     assert U.resolve_main_impl(T.KernelConfig(main_impl="kv"), tile, G, torch.float32) == ("kv", None)
     # another selection that looks the same to the key (as one allocated at a freed selection's
     # address would) must not inherit the cached "kv" decision of rnd
-    U.resolve_main_impl(auto, rnd, G, torch.float32)
     real_key = U._union_key
     try:
         U._union_key = lambda block_idx, P: ("same",)
+        assert U.resolve_main_impl(auto, rnd, G, torch.float32)[0] == "kv"
         assert U.resolve_main_impl(auto, tile.clone(), G, torch.float32)[0] == "union"
     finally:
         U._union_key = real_key
