@@ -71,8 +71,9 @@ def forward_step(batch: Mapping[str, Any], model, *, report_key: str = LM_LOSS_K
     it only for multi-token prediction). On a middle pipeline stage the batch fields are None and
     the loss function is never called. ``on_output`` sees the per-token losses (the validator keeps them).
     ``packed_seq_params``: document boundaries of packed sequences (``data.packing=eod``, docs/packed.md)."""
+    extra = {} if packed_seq_params is None else {"packed_seq_params": packed_seq_params}
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
-                   loss_mask=batch["loss_mask"], packed_seq_params=packed_seq_params)
+                   loss_mask=batch["loss_mask"], **extra)
     if on_output is not None:
         on_output(output)
     return output, partial(masked_lm_loss, batch["loss_mask"], report_key=report_key, rerun_check=rerun_check)
