@@ -26,7 +26,9 @@ fits in what is left of the budget is skipped and reported as "skipped: budget":
              last 4 losses within max(2x the bf16 seed noise, 3%) of the bf16 run (the seed noise comes
              from section train_noise when it ran, else the 3% alone).
   mlm        Megatron-LM's loop (scripts/pretrain_gpt_msa.py): --transformer-impl transformer_engine,
-             --use-distributed-optimizer, --moe-grouped-gemm, none of the --no-*-fusion flags; 16 iterations
+             --use-distributed-optimizer, --moe-grouped-gemm, fused RoPE / masked softmax / persistent norm
+             left on (only --no-gradient-accumulation-fusion stays: Megatron's output layer needs Apex
+             for it, see MLM_ARGS); 16 iterations
              with a save at 8, then --load from 8 (tracker rewritten): resumed at 8, switch to msa at 7,
              iterations 9-16 within 2% of the first run.
   train_noise the bf16 run of `train` with train.seed=4321 (noise reference for train_fp8).
@@ -355,8 +357,11 @@ MLM_ARGS = [
     # MSA
     "--experimental-attention-variant", "msa", "--msa-block-size", "128", "--msa-topk", "4",
     "--msa-first-dense-layers", "1", "--msa-warmup-iters", "6", "--msa-recall-interval", "5", "--msa-kl-coeff", "1.0",
-    # TE, fused paths on (no --no-*-fusion flags), distributed optimizer
-    "--transformer-impl", "transformer_engine", "--use-distributed-optimizer",
+    # TE, distributed optimizer; fused RoPE (TE), masked-softmax and persistent-norm defaults on (no
+    # --no-rope-fusion / --no-masked-softmax-fusion / --no-persist-layer-norm). Gradient-accumulation
+    # fusion stays off: Megatron's output layer is its own ColumnParallelLinear, which needs Apex's
+    # fused_weight_gradient_mlp_cuda for it (raises at construction otherwise); TE's linears do not.
+    "--transformer-impl", "transformer_engine", "--use-distributed-optimizer", "--no-gradient-accumulation-fusion",
     # training
     "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "16", "--bf16", "--lr", "3e-4",
     "--min-lr", "3e-5", "--lr-decay-style", "cosine", "--lr-warmup-iters", "2", "--weight-decay", "0.1",
