@@ -203,7 +203,6 @@ def _key_cases(rank: int, tmp: str):
     return out
 
 
-@pytest.mark.slow
 def test_te_layout_has_the_local_checkpoint_keys_and_loads_both_ways(tmp_path):
     res = run_distributed(_key_cases, 1, str(tmp_path), env=ENV, timeout=240)[0]
     for norm in ("RMSNorm", "LayerNorm"):
