@@ -285,8 +285,18 @@ def _metrics(run: Path) -> dict:
     return {r["step"]: r for r in rows if "event" not in r and "step" in r}
 
 
-def _tail(log: Path, n: int = 15) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-n:]) if log.exists() else ""
+_LAUNCHER = re.compile(r"torch/distributed/|torchelastic|ChildFailedError|error_file|To enable traceback|^[EWI]\d{4} |"
+                       r"^\s+(\^+|~+)\s*$|^=+$|^-+$|<NO_OTHER_FAILURES>|^Failures:|^Root Cause|^\[0\]:")
+_ERROR = re.compile(r"error|exception|failed|traceback|assert", re.IGNORECASE)
+
+
+def _tail(log: Path, n: int = 12) -> str:
+    """The error lines of a child's log (first 8), then its last lines, without torchrun's wrapper noise."""
+    if not log.exists():
+        return ""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip() and not _LAUNCHER.search(line)]
+    errors = [line for line in lines if _ERROR.search(line)][:8]
+    return "\n".join(errors + ["..."] + [line for line in lines[-n:] if line not in errors])
 
 
 def _train_summary(m: dict) -> dict:
