@@ -206,8 +206,9 @@ def _key_cases(rank: int, tmp: str):
 def test_te_layout_has_the_local_checkpoint_keys_and_loads_both_ways(tmp_path):
     from msa_megatron.megatron.specs import te_available
 
-    if te_available():  # Megatron then takes TE code paths that need CUDA; the real modules are checked by
-        pytest.skip("Transformer Engine is installed: scripts/gpu_te_check.py checks the real modules")  # the GPU driver
+    if te_available():
+        # with TE importable, Megatron takes TE code paths that need CUDA; the GPU driver checks the real modules
+        pytest.skip("Transformer Engine is installed: scripts/gpu_te_check.py checks the real modules")
     res = run_distributed(_key_cases, 1, str(tmp_path), env=ENV, timeout=240)[0]
     for norm in ("RMSNorm", "LayerNorm"):
         local, te = res[f"{norm}_local_keys"], res[f"{norm}_te_keys"]
