@@ -15,7 +15,9 @@ Backends:
   local spec's checkpoint key map, so local dense checkpoints load into MSA models.
 * Transformer Engine: Megatron's TESpecProvider. MSA layers use an unfused input
   layernorm (the index branch needs the normalised hidden states, which TE's fused
-  LayerNormLinear does not expose), mapped to the fused key for checkpoint compatibility.
+  LayerNormLinear does not expose), and MoE layers an unfused pre-MLP norm; both are mapped
+  to the fused keys, so local and TE checkpoints have the same keys (TE adds only its
+  ``_extra_state`` entries: FP8 metadata, no weights).
 """
 
 from __future__ import annotations
@@ -199,10 +201,14 @@ def msa_layer_specs(config, backend: Optional[BackendSpecProvider] = None) -> Li
         fuse_pre_mlp = (not is_moe) and backend.fuse_layernorm_and_linear()
         if local:
             keys_map = dict(LOCAL_KEYS_MAP)
-        elif not fuse_input:
-            keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
         else:
-            keys_map = {}
+            # TE: a norm that is not fused into the next linear (MSA layers' input norm, MoE
+            # layers' pre-MLP norm) is saved under the fused / local-spec name, so every layer
+            # has the same checkpoint keys on both backends (Megatron's own TE MoE spec says
+            # 'pre_mlp_layernorm.weight' there; its local spec 'mlp.linear_fc1.layer_norm_weight').
+            keys_map = {prefix: fused for prefix, fused in LOCAL_KEYS_MAP.items()
+                        if (prefix == "input_layernorm." and not fuse_input)
+                        or (prefix == "pre_mlp_layernorm." and not fuse_pre_mlp)}
         specs.append(ModuleSpec(
             module=TransformerLayer,
             submodules=TransformerLayerSubmodules(
