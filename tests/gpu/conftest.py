@@ -58,9 +58,10 @@ def _run_header() -> str:
         tv = triton.__version__
     except ImportError:
         tv = "not installed"
+    commit = os.environ.get("MSA_COMMIT", "")  # the device's copy of the tree may carry another HEAD
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
     dev = torch.cuda.get_device_name() if HAS_CUDA else "no CUDA (CPU interpreter subset)"
