@@ -15,13 +15,16 @@ positions share most of their blocks (U8 <~ 32 of K = 16), and loses to the KV-o
 for locality-free selections (random: U8 ~ 100). :func:`resolve_main_impl` picks per call.
 
 The backward is split: dK/dV by the KV-outer kernel without its dQ half
-(``sparse_attention_bwd(..., compute_dq=False)``), dQ by the union tile (written once,
-deterministic). The indexer KL runs inside the union dQ pass (``kl=``): the tile holds P_h
-of P positions x G heads, so the teacher (head mean) and the student softmax over the same
-tokens stay in registers; d_iq is accumulated in registers and written once; d_ik is
-reduced owner-side (one program per (batch, key block) over the union entries that contain
-it, in a fixed order) from a per-(tile, union entry) buffer of the student's logit
-gradient: deterministic without atomics, and the expensive teacher is never recomputed.
+(``sparse_attention_bwd(..., compute_dq=False)``; or, opt-in, per key block over the union
+entries that hold it, ``union_dkdv="union"``), dQ by the union tile (written once,
+deterministic). The indexer KL (``kl=``) takes its teacher from the union dQ pass: the tile
+holds P_h of P positions x G heads, so the head mean is a warp-local reduction, stored per
+(tile, union entry); the student side (index dots, softmax, KL, entropies, d_iq) runs in a
+light kernel of its own (``_union_kl_kernel``), where occupancy hides the latency that made
+it expensive inside the dQ tile; d_ik is reduced owner-side (one program per (batch, key
+block) over the union entries that contain it, in a fixed order) from a per-(tile, union
+entry) buffer of the student's logit gradient: deterministic without atomics, and the
+expensive teacher is never recomputed.
 
 Under ``TRITON_INTERPRET=1`` bf16 operands are upcast after loading (``UPCAST``), as in
 :mod:`.triton_sparse_attn`.
@@ -239,12 +242,12 @@ def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: 
     """'union' or 'kv' for this call, plus the union lists when 'union' (reused by the
     backward). ``auto``: the union path when the mean union per tile is below ``limit x K/16``
     and no row repeats a block; one host sync for that number; logged once per reason. The
-    limits (blocks per tile at K = 16, P = 8) are the break-evens measured at 128K on one H100
-    (docs/gpu_logs/run8_h100/union_check.md, pool selections with U8 = 16 / 21 / 32):
-    ``union_max_blocks`` = 24 for a main branch with a backward (union fwd+bwd 125.5 / 144.0 /
-    189.3 ms vs KV-outer ~160); ``union_max_blocks_fwd`` = 32 without a backward (union fwd
-    30.4 / 38.4 / 59.7 ms vs ~60); ``union_max_blocks_kl`` = 22 for the op's training path, where
-    the union dQ pass also computes the indexer KL (op fwd+bwd 187 / 222 / 302 ms vs ~232)."""
+    limits (blocks per tile at K = 16, P = 8) are the break-evens measured at 128K (run 9, one
+    H200, docs/gpu_logs/run9_h200/union_check/, pool selections with U8 = 16 / 32, interpolated):
+    ``union_max_blocks`` = 22 for a main branch with a backward (union fwd+bwd 124.8 / 187.1 ms
+    vs KV-outer 150-152); ``union_max_blocks_fwd`` = 30 without a backward (union fwd 30.5 /
+    58.8 ms vs 56.3); ``union_max_blocks_kl`` = 27 for the op's training path with the indexer
+    KL (op fwd+bwd ~154 / ~238 ms vs KV-outer 214-219)."""
     global _last_stats
     impl = cfg.main_impl
     if impl == "kv" or block_idx.shape[2] == 0:
