@@ -41,7 +41,7 @@ class StepPlan:
     """What the schedule wants for one step."""
 
     attention_mode: str
-    recall: bool
+    selection_recall: bool  # sample selection recall (an extra dense pass per MSA layer) this step
     kl_coeff: Optional[float] = None
     indexer_only: bool = False
     backbone_lr_scale: float = 1.0

@@ -65,7 +65,7 @@ LAYER_EXCEPTIONS: Dict[Tuple[str, str], str] = {
         "msa_megatron.register(): the public facade, imported lazily so the root stays light",
     # msa-train's associative-recall data task (data.assoc_recall, used by the fidelity runs) is built on the
     # MQAR generator, research code.
-    ("msa_megatron.training.recall_task", "msa_megatron.experiments.assoc_recall"): "msa-train's recall task",
+    ("msa_megatron.training.assoc_recall_task", "msa_megatron.experiments.assoc_recall"): "msa-train's recall task",
     ("msa_megatron.training.config", "msa_megatron.experiments.assoc_recall"): "msa-train's recall task spec",
 }
 

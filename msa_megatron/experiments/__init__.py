@@ -1,6 +1,6 @@
 """Research code, not on any production path: the library layers do not import it
 (tests/test_import_graph.py; the one exception is msa-train's associative-recall data task,
-training/recall_task.py).
+training/assoc_recall_task.py).
 
 * :mod:`.fidelity`: the fidelity matrix of MSA training (issue 10): runs, collection, report
   (CLI: scripts/fidelity.py; docs/fidelity.md).

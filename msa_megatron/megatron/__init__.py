@@ -8,7 +8,7 @@ Public API (imported lazily: ``import msa_megatron.megatron`` does not import me
     build_gpt_model(config, vocab_size, max_sequence_length, pre_process=True, post_process=True,
                     vp_stage=None, use_te=False, **gpt_kwargs) -> GPTModel
     set_attention_mode(model_or_chunks, mode)      # dense | msa_warmup | msa, at run time
-    set_recall_sampling(model_or_chunks, enabled)  # selection recall on sampled steps
+    set_selection_recall_sampling(model_or_chunks, enabled)  # selection recall on sampled steps
     set_kl_coeff(model_or_chunks, coeff)           # KL coefficient at run time (a KL schedule)
     collect_msa_metrics(reset=True) -> Dict[str, float]   # collective; see metrics.py for the keys
     save_model_checkpoint / load_model_checkpoint  # Megatron-Core dist checkpoints, any layout
@@ -29,7 +29,7 @@ _EXPORTS = {
     "dense_config_of": "model",
     "set_attention_mode": "modes",
     "get_attention_modes": "modes",
-    "set_recall_sampling": "modes",
+    "set_selection_recall_sampling": "modes",
     "set_kl_coeff": "modes",
     "collect_msa_metrics": "metrics",
     "reset_msa_metrics": "metrics",

@@ -52,7 +52,7 @@ def get_attention_modes(model_or_chunks: ModelOrChunks) -> List[str]:
     return [core.mode for core in msa_core_attentions(model_or_chunks)]
 
 
-def set_recall_sampling(model_or_chunks: ModelOrChunks, enabled: bool) -> int:
+def set_selection_recall_sampling(model_or_chunks: ModelOrChunks, enabled: bool) -> int:
     """Compute selection recall (an extra dense pass per MSA layer) while enabled; the trainer
     turns it on for the steps it samples. Returns how many layers were switched."""
     if not isinstance(enabled, bool):
@@ -91,4 +91,4 @@ def set_cp_select_overlap(model_or_chunks: ModelOrChunks, enabled: bool) -> int:
 
 
 __all__ = ["as_chunks", "get_attention_modes", "msa_core_attentions", "set_attention_mode", "set_cp_select_overlap",
-           "set_kl_coeff", "set_recall_sampling"]
+           "set_kl_coeff", "set_selection_recall_sampling"]

@@ -49,7 +49,7 @@ class MSATrainingHooks:
     # ------------------------------------------------------------------ train_step
     def before_train_step(self, model_chunks: List[torch.nn.Module], iteration: int, consumed_samples: int) -> StepPlan:
         """Apply the plan of the step after ``iteration`` completed iterations (only what changed)."""
-        from msa_megatron.megatron import reset_msa_metrics, set_attention_mode, set_recall_sampling
+        from msa_megatron.megatron import reset_msa_metrics, set_attention_mode, set_selection_recall_sampling
 
         plan = self.schedule.plan(iteration, consumed_samples)
         prev = self.applied
@@ -59,8 +59,8 @@ class MSATrainingHooks:
                 self._say(f" [MSA] iteration {iteration + 1}: attention mode {plan.mode} ({n} MSA layers on rank 0)")
             else:
                 self._say(f" [MSA] iteration {iteration + 1}: attention mode {prev.mode} -> {plan.mode}")
-        if prev is None or prev.recall != plan.recall:
-            set_recall_sampling(model_chunks, plan.recall)
+        if prev is None or prev.selection_recall != plan.selection_recall:
+            set_selection_recall_sampling(model_chunks, plan.selection_recall)
         reset_msa_metrics()  # evaluation forwards since the last step recorded too: not this step's
         self.applied = plan
         return plan

@@ -48,12 +48,12 @@ class MSASchedule:
         plan = self.plan(step)
         prev = self._applied
         if self.msa is not None:
-            from ..megatron import set_attention_mode, set_kl_coeff, set_recall_sampling
+            from ..megatron import set_attention_mode, set_kl_coeff, set_selection_recall_sampling
 
             if prev is None or prev.attention_mode != plan.attention_mode:
                 set_attention_mode(model_chunks, plan.attention_mode)
-            if prev is None or prev.recall != plan.recall:
-                set_recall_sampling(model_chunks, plan.recall)
+            if prev is None or prev.selection_recall != plan.selection_recall:
+                set_selection_recall_sampling(model_chunks, plan.selection_recall)
             if self.cfg.attention.kl_schedule and (prev is None or prev.kl_coeff != plan.kl_coeff):
                 set_kl_coeff(model_chunks, plan.kl_coeff)
         if prev is None or prev.backbone_lr_scale != plan.backbone_lr_scale:

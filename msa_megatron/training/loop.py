@@ -243,7 +243,7 @@ class Trainer:
         """data.assoc_recall: associative-recall examples mixed into training; held-out batches of them."""
         import dataclasses
 
-        from .recall_task import AssocRecallMix, eval_batches
+        from .assoc_recall_task import AssocRecallMix, eval_batches
 
         cfg, r = self.cfg, self.cfg.data.assoc_recall
         self.assoc_recall_batches = None
@@ -266,21 +266,21 @@ class Trainer:
         these passes record are discarded."""
         if not self.assoc_recall_batches:
             return {}
-        from ..megatron import collect_msa_metrics, set_recall_sampling
-        from .recall_task import recall_accuracy_of_model
+        from ..megatron import collect_msa_metrics, set_selection_recall_sampling
+        from .assoc_recall_task import assoc_recall_accuracy_of_model
 
         for chunk in self.model:
             chunk.eval()
-        set_recall_sampling(self.model, False)
+        set_selection_recall_sampling(self.model, False)
         edges = list(self.cfg.data.assoc_recall.distance_buckets or [])
-        acc = recall_accuracy_of_model(self.model[0], self.assoc_recall_batches, self.device, self.sources.vocab_size,
+        acc = assoc_recall_accuracy_of_model(self.model[0], self.assoc_recall_batches, self.device, self.sources.vocab_size,
                                        edges or None)
         buckets = {}
         if edges:  # issue 19: accuracy per query-to-pair distance bucket
             acc, per = acc
             buckets = {f"val_assoc_recall_acc/{k}": v for k, v in per.items() if v is not None}
         collect_msa_metrics(reset=True)
-        set_recall_sampling(self.model, self.schedule._applied.recall if self.schedule._applied else False)
+        set_selection_recall_sampling(self.model, self.schedule._applied.selection_recall if self.schedule._applied else False)
         for chunk in self.model:
             chunk.train()
         return {"val_assoc_recall_acc": acc, **buckets}
@@ -292,7 +292,7 @@ class Trainer:
         sweep = self.cfg.attention.recall_sweep
         if not sweep or self.valid_ds is None:
             return {}
-        from ..megatron import collect_msa_metrics, set_attention_mode, set_recall_sampling
+        from ..megatron import collect_msa_metrics, set_attention_mode, set_selection_recall_sampling
         from ..megatron.modes import msa_core_attentions
 
         cores = list(msa_core_attentions(self.model))
@@ -306,7 +306,7 @@ class Trainer:
                 for c in cores:
                     c.msa = c.msa.replace(block_size=int(block), topk=int(topk))
                 set_attention_mode(self.model, "msa_warmup")
-                set_recall_sampling(self.model, True)
+                set_selection_recall_sampling(self.model, True)
                 it = iter(make_loader(self.valid_ds, 0, self.cfg, self.dp_rank, self.dp_size))
                 try:
                     with torch.no_grad():
@@ -324,7 +324,7 @@ class Trainer:
         finally:
             for c, (msa, mode) in zip(cores, saved):
                 c.msa, c.mode = msa, mode
-            set_recall_sampling(self.model, False)
+            set_selection_recall_sampling(self.model, False)
             for chunk in self.model:
                 chunk.train()
         return out
@@ -471,17 +471,17 @@ class Trainer:
         """Held-out LM loss (and MSA statistics, selection recall sampled) on the same batches each time."""
         if self.valid_ds is None:
             return {}
-        from ..megatron import collect_msa_metrics, set_recall_sampling
+        from ..megatron import collect_msa_metrics, set_selection_recall_sampling
 
         for chunk in self.model:
             chunk.eval()
-        set_recall_sampling(self.model, True)
+        set_selection_recall_sampling(self.model, True)
         it = iter(make_loader(self.valid_ds, 0, self.cfg, self.dp_rank, self.dp_size))
         total = 0.0
         with torch.no_grad():
             for _ in range(self.cfg.train.eval_iters):
                 total += self._reduce_loss(self._forward_backward(it, True, self.num_microbatches))
-        set_recall_sampling(self.model, self.schedule._applied.recall if self.schedule._applied else False)
+        set_selection_recall_sampling(self.model, self.schedule._applied.selection_recall if self.schedule._applied else False)
         for chunk in self.model:
             chunk.train()
         out = {"val_lm_loss": total / self.cfg.train.eval_iters}

@@ -164,7 +164,7 @@ def run_layout(tp: int, cp: int, sp: bool, full: Optional[Dict[str, torch.Tensor
     from megatron.core.distributed import finalize_model_grads
 
     from mcore_helpers import ddp, full_params, gpt, load_full_state
-    from msa_megatron.megatron import set_attention_mode, set_recall_sampling
+    from msa_megatron.megatron import set_attention_mode, set_selection_recall_sampling
     from msa_megatron.megatron.modes import set_cp_select_overlap
 
     start(tp=tp, cp=cp, sp=sp, seed=seed)
@@ -180,7 +180,7 @@ def run_layout(tp: int, cp: int, sp: bool, full: Optional[Dict[str, torch.Tensor
     out = {"params": params, "model": model, "steps": {}, "probe": {}}
     for mode in modes:
         set_attention_mode(model, mode)
-        set_recall_sampling(model, mode == "msa")  # recall statistic under CP too
+        set_selection_recall_sampling(model, mode == "msa")  # recall statistic under CP too
         t0 = time.perf_counter()
         with SelectionProbe() as probe:
             out["steps"][mode] = schedule_step(wrapped, config, batches)

@@ -156,7 +156,7 @@ def test_bucket_counts_oracle_and_window():
 
 
 def test_eval_batches_with_distance_and_model_buckets():
-    from msa_megatron.training.recall_task import eval_batches, recall_accuracy_of_model
+    from msa_megatron.training.assoc_recall_task import eval_batches, assoc_recall_accuracy_of_model
 
     sp = AssocRecallSpec(seq_len=256, num_pairs=4, num_queries=4, distance_buckets=(8, 64, 128, 248))
     batches = eval_batches(sp, 2, micro_batch=3, seed=0)
@@ -166,7 +166,7 @@ def test_eval_batches_with_distance_and_model_buckets():
         def forward(self, tokens, pos, mask):
             return torch.nn.functional.one_hot(torch.roll(tokens, -1, 1), 320).float()
 
-    mean, per = recall_accuracy_of_model(Oracle(), batches, "cpu", 257, sp.distance_buckets)
+    mean, per = assoc_recall_accuracy_of_model(Oracle(), batches, "cpu", 257, sp.distance_buckets)
     assert mean == 1.0 and set(per) == {"d8_64", "d64_128", "d128_248"} and all(v == 1.0 for v in per.values())
 
 

@@ -140,7 +140,7 @@ class _FakeGPTDataset(torch.utils.data.Dataset):
 
 
 def test_recall_mix_fraction_determinism_and_layout():
-    from msa_megatron.training.recall_task import AssocRecallMix
+    from msa_megatron.training.assoc_recall_task import AssocRecallMix
 
     spec = AssocRecallSpec(seq_len=65, num_pairs=4, num_queries=4)
     mix = AssocRecallMix(_FakeGPTDataset(400, 64), spec, 0.25, seed=3)
@@ -159,7 +159,7 @@ def test_recall_mix_fraction_determinism_and_layout():
 
 
 def test_eval_batches_and_model_accuracy():
-    from msa_megatron.training.recall_task import eval_batches, recall_accuracy_of_model
+    from msa_megatron.training.assoc_recall_task import eval_batches, assoc_recall_accuracy_of_model
 
     spec = AssocRecallSpec(seq_len=64, num_pairs=4, num_queries=4)
     batches = eval_batches(spec, 2, micro_batch=3, seed=0, valid_ds=_FakeGPTDataset(5, 64))
@@ -175,8 +175,8 @@ def test_eval_batches_and_model_accuracy():
             nxt = torch.roll(tokens, -1, 1)
             return torch.nn.functional.one_hot((nxt + self.shift) % 320, 320).float()
 
-    assert recall_accuracy_of_model(Oracle(0), batches, "cpu", 257) == 1.0
-    assert recall_accuracy_of_model(Oracle(1), batches, "cpu", 257) == 0.0
+    assert assoc_recall_accuracy_of_model(Oracle(0), batches, "cpu", 257) == 1.0
+    assert assoc_recall_accuracy_of_model(Oracle(1), batches, "cpu", 257) == 0.0
 
 
 # --------------------------------------------------------------------------- the run matrix

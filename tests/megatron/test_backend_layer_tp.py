@@ -151,10 +151,10 @@ def check_layer_level():
     collect_msa_metrics()
 
     # 5. Recall sampling adds recall/layer_i; full budget gives recall 1.
-    from msa_megatron.megatron import set_recall_sampling
+    from msa_megatron.megatron import set_selection_recall_sampling
 
     _, full_attn, _ = _attention_pair(msa_settings(topk=8))
-    assert set_recall_sampling(full_attn, True) == 1
+    assert set_selection_recall_sampling(full_attn, True) == 1
     _run(full_attn, x, rope, grad_out)
     m = collect_msa_metrics()
     assert abs(m["recall/layer_1"] - 1.0) < 1e-6 and abs(m["recall"] - 1.0) < 1e-6, m

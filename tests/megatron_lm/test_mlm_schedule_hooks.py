@@ -45,9 +45,9 @@ def test_resume_re_derives_the_plan():
 def test_recall_at_iteration_1_and_multiples_of_the_interval_not_in_dense_mode():
     # msa_megatron.schedule's rule, shared with msa-train: iteration 1 gives the start value
     s = MSASchedule(MSAConfig(recall_interval=3), warmup_iters=2)
-    assert [it + 1 for it in range(9) if s.plan(it).recall] == [1, 3, 6, 9]
-    assert not any(MSASchedule(MSAConfig(recall_interval=0)).plan(it).recall for it in range(9))
-    assert not any(MSASchedule(MSAConfig(recall_interval=1, mode="dense")).plan(it).recall for it in range(3))
+    assert [it + 1 for it in range(9) if s.plan(it).selection_recall] == [1, 3, 6, 9]
+    assert not any(MSASchedule(MSAConfig(recall_interval=0)).plan(it).selection_recall for it in range(9))
+    assert not any(MSASchedule(MSAConfig(recall_interval=1, mode="dense")).plan(it).selection_recall for it in range(3))
 
 
 def test_schedule_from_args():
@@ -77,7 +77,7 @@ def test_before_train_step_applies_only_changes(monkeypatch):
 
     rec = Recorder()
     monkeypatch.setattr(backend, "set_attention_mode", rec("mode"), raising=False)
-    monkeypatch.setattr(backend, "set_recall_sampling", rec("recall"), raising=False)
+    monkeypatch.setattr(backend, "set_selection_recall_sampling", rec("recall"), raising=False)
     resets = []
     monkeypatch.setattr(backend, "reset_msa_metrics", lambda: resets.append(1), raising=False)
     said = []

@@ -116,7 +116,7 @@ def test_msa_schedule_warmup_switch_kl_and_indexer_only():
     s = MSASchedule(cfg)
     plans = {step: s.plan(step) for step in range(1, 13)}
     assert [plans[i].attention_mode for i in (1, 5, 6, 12)] == ["msa_warmup", "msa_warmup", "msa", "msa"]
-    assert [i for i in plans if plans[i].recall] == [1, 4, 8, 12]
+    assert [i for i in plans if plans[i].selection_recall] == [1, 4, 8, 12]
     assert plans[5].kl_coeff == pytest.approx(0.5) and plans[12].kl_coeff == 0.0
     assert [plans[i].backbone_lr_scale for i in (1, 3, 4)] == [0.1, 0.1, 1.0]
     assert plans[3].indexer_only and not plans[4].indexer_only

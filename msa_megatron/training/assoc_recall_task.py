@@ -3,7 +3,7 @@
 * :class:`AssocRecallMix` wraps the training dataset and replaces a fixed, seeded fraction
   of its samples by recall examples whose filler is the sample's own text, so the model can
   learn the task without leaving the LM objective.
-* :func:`eval_batches` / :func:`recall_accuracy_of_model` give the held-out accuracy: the
+* :func:`eval_batches` / :func:`assoc_recall_accuracy_of_model` give the held-out accuracy: the
   same seeded batches at every evaluation (filler from held-out text), argmax of the
   model's logits at each query key compared with the planted value.
 
@@ -72,7 +72,7 @@ def eval_batches(spec: AssocRecallSpec, n_batches: int, micro_batch: int, seed: 
 
 
 @torch.no_grad()
-def recall_accuracy_of_model(model, batches, device, vocab_size: int, edges=None):
+def assoc_recall_accuracy_of_model(model, batches, device, vocab_size: int, edges=None):
     """Mean accuracy over the batches (every rank computes all of them: PP=1, CP=1). With
     ``edges`` (and batches carrying distances): (mean, {"d<lo>_<hi>": accuracy or None})."""
     import torch.distributed as dist
@@ -98,4 +98,4 @@ def recall_accuracy_of_model(model, batches, device, vocab_size: int, edges=None
     return mean, {k: (c / n if n else None) for k, (c, n) in counts.items()}
 
 
-__all__ = ["AssocRecallMix", "eval_batches", "recall_accuracy_of_model"]
+__all__ = ["AssocRecallMix", "eval_batches", "assoc_recall_accuracy_of_model"]
