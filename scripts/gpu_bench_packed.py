@@ -107,19 +107,6 @@ def time_ms(fn: Callable[[], None], reps: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def git_commit() -> str:
-    if os.environ.get("MSA_COMMIT"):
-        return os.environ["MSA_COMMIT"]
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 # ----------------------------------------------------------------------------- the benchmarked calls
 class Inputs:
     def __init__(self, n: int, L: dict, seed: int):
@@ -255,7 +242,7 @@ def main(argv: Optional[List[str]] = None) -> int:
            "clip": [32, parse_len(args.max_doc)], "seed": args.seed}
     flops = {"packed": flops_model(lengths, L), "one_document": flops_model([n], L)}
     header = {"device": torch.cuda.get_device_name(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "commit": git_commit(), "torch": torch.__version__, "triton": triton.__version__, "length": n,
+              "commit": __import__("msa_megatron.bench.harness", fromlist=["git_commit"]).git_commit(), "torch": torch.__version__, "triton": triton.__version__, "length": n,
               "layout": L, "dtype": "bf16", "mix": mix, "flops_model": flops}
     print(json.dumps(header, indent=1), flush=True)
     x = Inputs(n, L, args.seed)

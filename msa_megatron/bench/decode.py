@@ -29,9 +29,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 import statistics
-import subprocess
 import time
 import traceback
 from pathlib import Path
@@ -41,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import MSAConfig
+from .harness import git_commit
 
 HQ, G, D, DI, BLOCK, TOPK = 64, 4, 128, 128, 128, 16
 CONTEXTS = (32 * 1024, 128 * 1024, 1024 * 1024)
@@ -49,17 +48,6 @@ BATCHES = (1, 8)
 
 def fmt_len(n: int) -> str:
     return f"{n >> 20}M" if n % (1 << 20) == 0 else (f"{n >> 10}K" if n % (1 << 10) == 0 else str(n))
-
-
-def git_commit() -> str:
-    if os.environ.get("MSA_COMMIT"):
-        return os.environ["MSA_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 class Caches:
