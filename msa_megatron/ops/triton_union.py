@@ -812,9 +812,9 @@ def _dsbuf_chunks(lists: UnionLists, bytes_per_entry: int, budget: int):
     return [(bounds[i], bounds[i + 1], int(offs[i]), int(offs[i + 1])) for i in range(nch) if bounds[i + 1] > bounds[i]]
 
 
-def _dik_items(seg_cnt: Tensor, n_entries: int, cap: int) -> dict:
-    """Work items of the owner-side d_ik pass, on the device without a host sync: each
-    (batch, block) segment of ``seg_cnt`` entries is cut into runs of at most ``cap`` entries
+def _segment_work_items(seg_cnt: Tensor, n_entries: int, cap: int) -> dict:
+    """Work items of the owner-side passes (d_ik; the opt-in union dK/dV), on the device without
+    a host sync: each key-block segment of ``seg_cnt`` entries is cut into runs of at most ``cap`` entries
     (0: one item per segment). The grid is padded to an upper bound (``n_max``; items past
     ``total`` exit); partial slots (``pslot``, -1 for a segment's only item) are bounded by
     2 * n_entries / cap (a split segment has more than cap entries)."""
@@ -928,7 +928,7 @@ def union_attention_dq(
         entm_parts.append(entm)
         # owner-side d_ik: reverse index of this chunk's union entries by (batch, block)
         ent_ord, seg_cnt, nseg = _entry_segments(lists, nb, g, w0, w1)
-        items = _dik_items(seg_cnt, o1 - o0, cfg.union_dik_item_entries)
+        items = _segment_work_items(seg_cnt, o1 - o0, cfg.union_dik_item_entries)
         grid_n = triton.cdiv(block_size, bn_ik)
         dikpart = torch.empty((max(1, items["n_part"]), block_size, di), dtype=torch.float32, device=q.device)
         _union_dik_kernel[(items["n_max"], grid_n)](
@@ -995,7 +995,7 @@ def union_attention_dkdv(
     nb = math.ceil(sk / block_size)
     ent_ord, seg_cnt, nseg = _entry_segments(lists, nb, 1)
     n_entries = int(ent_ord.numel())
-    items = _dik_items(seg_cnt, n_entries, cfg.union_dkdv_item_entries)
+    items = _segment_work_items(seg_cnt, n_entries, cfg.union_dkdv_item_entries)
     bn = _tsa._block_n(block_size, cfg.union_dkdv_block_n if q.dtype != torch.float32 else 32)
     GP, DP = _tsa._next_pow2(G), _tsa._next_pow2(d)
     rows = lists.P * GP

@@ -175,7 +175,7 @@ def test_dkdv_hot_blocks_row_steps_and_kv_alternative(dkdv):
 
 def test_dik_work_items():
     seg_cnt = torch.tensor([0, 5, 1, 0, 9, 2])
-    it = U._dik_items(seg_cnt, int(seg_cnt.sum()), 4)
+    it = U._segment_work_items(seg_cnt, int(seg_cnt.sum()), 4)
     n = int(it["total"])
     assert n == 2 + 1 + 3 + 1
     spans = sorted((int(s), int(a), int(b)) for s, a, b in zip(it["seg"][:n], it["start"][:n], it["end"][:n]))
@@ -184,7 +184,7 @@ def test_dik_work_items():
     assert sorted(split) == list(range(5)) and it["n_part"] >= 5
     assert all(int(p) == -1 for s, p in zip(it["seg"][:n], it["pslot"][:n]) if int(s) in (2, 5))
     assert int(it["end"][it["order"][0]] - it["start"][it["order"][0]]) == 4  # largest first
-    one = U._dik_items(seg_cnt, int(seg_cnt.sum()), 0)
+    one = U._segment_work_items(seg_cnt, int(seg_cnt.sum()), 0)
     assert int(one["total"]) == 4 and one["n_part"] == 0 and (one["pslot"] == -1).all()
 
 
