@@ -36,18 +36,14 @@ def parse_len(s: str) -> int:
 
 def aot(arch: int = 90) -> int:
     """Compile every decode kernel at the paper layout for sm_<arch>a with Triton's ptxas."""
-    import re
-    import subprocess
-    import tempfile
 
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+
+    from msa_megatron.bench.aot import compile_report
 
     from msa_megatron.ops import triton_decode as TD
 
-    target = GPUTarget("cuda", arch, 32)
     P, F, I = "*bf16", "*fp32", "*i32"
     topk = dict(K=16, KP=16, CH=8192, BLOCK=128, LOCAL=1, INIT=0, PER_ROW=True)
     attend = dict(NKV=4, GQ=16, HP=16, D=128, DP=128, BLOCK=128, BN=TD.ATTEND_BN, KP=16, LOCAL=1, INIT=0,
@@ -71,21 +67,7 @@ def aot(arch: int = 90) -> int:
     print(f"AOT compile for sm_{arch}a, triton {triton.__version__}")
     bad = 0
     for name, fn, types, consts, nw, ns in kernels:
-        sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
-        try:
-            ck = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target, options=dict(num_warps=nw, num_stages=ns))
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-                f.write(ck.asm["ptx"])
-            log = subprocess.run([triton.knobs.nvidia.ptxas.path, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o",
-                                  os.devnull], capture_output=True, text=True).stderr
-            os.unlink(f.name)
-            regs = re.search(r"Used (\d+) registers", log)
-            spill = re.search(r"(\d+) bytes spill stores", log)
-            print(f"  {name:18s} warps={nw} stages={ns} regs={regs.group(1) if regs else '?'} "
-                  f"spill={spill.group(1) if spill else '?'}B smem={ck.metadata.shared}B", flush=True)
-        except Exception as exc:  # noqa: BLE001
-            bad += 1
-            print(f"  {name:18s} COMPILE ERROR {type(exc).__name__}: {str(exc)[:800]}", flush=True)
+        bad += not compile_report(name, fn, types, consts, nw, ns, arch=arch, width=18)
     return 1 if bad else 0
 
 

@@ -16,7 +16,6 @@ atomic dQ), one compile each. Exit status of the checks: pytest's.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import torch  # noqa: E402
 
 from msa_megatron.config import MSAConfig  # noqa: E402
 from tests.gpu.test_gpu_main import parse_length  # noqa: E402
-from tests.helpers import timed_ms  # noqa: E402
+from tests.helpers import random_block_selection, timed_ms  # noqa: E402
 
 HQ, HKV, D, DI, B, K = 64, 4, 128, 128, 128, 16
 DEV = "cuda"
@@ -52,20 +51,7 @@ def randn(shape, seed, dtype=torch.bfloat16, scale=1.0):
 
 def random_selection(L: int, seed: int) -> torch.Tensor:
     """[1, g, L, K] int32: own block + K-1 distinct random earlier blocks per (query, group)."""
-    nb = math.ceil(L / B)
-    out = torch.full((1, HKV, L, K), -1, dtype=torch.int32, device=DEV)
-    blk = torch.arange(nb, device=DEV)
-    g = gen(seed)
-    chunk = max(1, (1 << 27) // (HKV * nb))
-    for s0 in range(0, L, chunk):
-        s1 = min(L, s0 + chunk)
-        own = torch.arange(s0, s1, device=DEV) // B
-        sc = torch.rand(1, HKV, s1 - s0, nb, device=DEV, generator=g)
-        sc.masked_fill_(blk[None, :] > own[:, None], -1.0).masked_fill_(blk[None, :] == own[:, None], 2.0)
-        val, idx = torch.topk(sc, min(K, nb), dim=-1)
-        idx = torch.sort(torch.where(val >= 0, idx, torch.full_like(idx, nb)), dim=-1).values
-        out[:, :, s0:s1, : idx.shape[-1]] = torch.where(idx == nb, -1, idx).to(torch.int32)
-    return out
+    return random_block_selection(L, seed, HKV, B, K, DEV)
 
 
 DEFAULT_TUNE = ";".join([
@@ -149,20 +135,16 @@ def tune(L: int, specs: str, reps: int = 5) -> None:
 
 def aot_report(arch: int = 90) -> int:
     """Compile the kernels for sm_<arch> without a device (ptxas only); exit 1 on a compile error."""
-    import re
-    import subprocess
-    import tempfile
 
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+
+    from msa_megatron.bench.aot import compile_report
 
     from msa_megatron.bench import qouter as QO
     from msa_megatron.ops import triton_sparse_attn as T
 
     cfg = T.KernelConfig.from_env()
-    target = GPUTarget("cuda", arch, 32)
     div16 = {"D", "G", "sq", "sk", "hq", "cq", "t0"}  # what the JIT's value specialisation sees at this layout
     F, I = "*fp32", "*i32"
     GP = 16
@@ -219,30 +201,8 @@ def aot_report(arch: int = 90) -> int:
     print(f"AOT compile for sm_{arch}a, triton {triton.__version__}, config {cfg}")
     bad = 0
     for name, fn, types, consts, nw, ns in kernels:
-        is_ptr = lambda n: n.isupper() and n not in ("D", "G")  # noqa: E731  (kernel naming convention)
-        types = dict(types, DS="*i64")
-        sig = {n: ("constexpr" if n in consts else types.get(n, I if is_ptr(n) else "i32")) for n in fn.arg_names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                 if n not in consts and (sig[n].startswith("*") or n.startswith("stride") or n in div16)}
-        try:
-            ck = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=target,
-                                options=dict(num_warps=nw, num_stages=ns))
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-                f.write(ck.asm["ptx"])
-            log = subprocess.run([triton.knobs.nvidia.ptxas.path, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
-                                 capture_output=True, text=True).stderr
-            os.unlink(f.name)
-            regs = re.search(r"Used (\d+) registers", log)
-            spill = re.search(r"(\d+) bytes spill stores", log)
-            too_big = ck.metadata.shared > 232448  # sm_90 maximum dynamic shared memory per block
-            bad += int(too_big)
-            print(f"  {name:44s} warps={nw} stages={ns} regs={regs.group(1) if regs else '?'} "
-                  f"spill={spill.group(1) if spill else '?'}B smem={ck.metadata.shared}B "
-                  f"wgmma={len(re.findall('wgmma.mma_async', ck.asm['ptx']))}{'  SMEM OVER 227 KB' if too_big else ''}",
-                  flush=True)
-        except Exception as exc:
-            bad += 1
-            print(f"  {name:44s} COMPILE ERROR {type(exc).__name__}: {str(exc)[:500]}", flush=True)
+        bad += not compile_report(name, fn, dict(types, DS="*i64"), consts, nw, ns, arch=arch, ptr_default=I,
+                                  div16=div16, width=44)
     return 1 if bad else 0
 
 

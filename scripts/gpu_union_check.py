@@ -547,19 +547,15 @@ def part_1m(L: int, impls) -> None:
 def aot_report(arch: int = 90, spec: str = "") -> int:
     """--aot: compile the v2 kernels for sm_<arch>a with Triton's ptxas (no device needed) and
     print registers / spills / shared memory; exit 1 on a compile error or > 227 KB smem."""
-    import re
-    import subprocess
-    import tempfile
 
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+
+    from msa_megatron.bench.aot import compile_report
 
     from msa_megatron.ops import triton_sparse_attn as T
     from msa_megatron.ops import triton_union as U
 
-    target = GPUTarget("cuda", arch, 32)
     F, I, P = "*fp32", "*i32", "*bf16"
     div16 = {"D", "G", "sq", "sk", "nt"}
     kernels = []
@@ -616,30 +612,8 @@ def aot_report(arch: int = 90, spec: str = "") -> int:
     print(f"AOT compile for sm_{arch}a, triton {triton.__version__}")
     bad = 0
     for name, fn, types, consts, nw, ns in kernels:
-        is_ptr = lambda n: n.isupper() and n not in ("D", "G")  # noqa: E731
-        types = dict(types, DS="*i64")
-        sig = {n: ("constexpr" if n in consts else types.get(n, I if is_ptr(n) else "i32")) for n in fn.arg_names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                 if n not in consts and (sig[n].startswith("*") or n.startswith("stride") or n in div16)}
-        try:
-            ck = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=target,
-                                options=dict(num_warps=nw, num_stages=ns))
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-                f.write(ck.asm["ptx"])
-            log = subprocess.run([triton.knobs.nvidia.ptxas.path, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o",
-                                  os.devnull], capture_output=True, text=True).stderr
-            os.unlink(f.name)
-            regs = re.search(r"Used (\d+) registers", log)
-            spill = re.search(r"(\d+) bytes spill stores", log)
-            too_big = ck.metadata.shared > 232448
-            bad += int(too_big)
-            print(f"  {name:58s} warps={nw} stages={ns} regs={regs.group(1) if regs else '?'} "
-                  f"spill={spill.group(1) if spill else '?'}B smem={ck.metadata.shared}B "
-                  f"wgmma={len(re.findall('wgmma.mma_async', ck.asm['ptx']))}{'  SMEM OVER 227 KB' if too_big else ''}",
-                  flush=True)
-        except Exception as exc:
-            bad += 1
-            print(f"  {name:58s} COMPILE ERROR {type(exc).__name__}: {str(exc)[:800]}", flush=True)
+        bad += not compile_report(name, fn, dict(types, DS="*i64"), consts, nw, ns, arch=arch, ptr_default=I,
+                                  div16=div16)
     return 1 if bad else 0
 
 

@@ -30,7 +30,7 @@ import torch
 
 from msa_megatron.ops import naive as R
 from msa_megatron.config import MSAConfig
-from tests.helpers import poisoned_outputs
+from tests.helpers import poisoned_outputs, random_block_selection
 
 TOL = {"out": 1e-2, "lse": 1e-4, "dq": 2e-2, "dk": 2e-2, "dv": 2e-2, "kl": 1e-2, "d_iq": 3e-2, "d_ik": 3e-2,
        "fp32": 1e-4, "same": 5e-3, "entropy": 1e-3}
@@ -111,20 +111,7 @@ def randn(shape, seed, dtype=torch.bfloat16, scale=1.0):
 
 def random_selection(L: int, seed: int) -> torch.Tensor:
     """[1, g, L, K] int32: own block + K-1 distinct random earlier blocks per (query, group)."""
-    nb = math.ceil(L / B)
-    out = torch.full((1, HKV, L, K), -1, dtype=torch.int32, device=DEV)
-    blk = torch.arange(nb, device=DEV)
-    g = gen(seed)
-    chunk = max(1, (1 << 27) // (HKV * nb))
-    for s0 in range(0, L, chunk):
-        s1 = min(L, s0 + chunk)
-        own = torch.arange(s0, s1, device=DEV) // B
-        sc = torch.rand(1, HKV, s1 - s0, nb, device=DEV, generator=g)
-        sc.masked_fill_(blk[None, :] > own[:, None], -1.0).masked_fill_(blk[None, :] == own[:, None], 2.0)
-        val, idx = torch.topk(sc, min(K, nb), dim=-1)
-        idx = torch.sort(torch.where(val >= 0, idx, torch.full_like(idx, nb)), dim=-1).values
-        out[:, :, s0:s1, : idx.shape[-1]] = torch.where(idx == nb, -1, idx).to(torch.int32)
-    return out
+    return random_block_selection(L, seed, HKV, B, K, DEV)
 
 
 def slice_positions(L: int, S: int, seed: int) -> torch.Tensor:
