@@ -45,7 +45,14 @@ prepare() {
   "${pipdl[@]}" "transformer-engine-cu13==$TE_VERSION" "transformer-engine==$TE_VERSION" \
     "pydantic==2.14.4" "pydantic-core==2.50.5" "annotated-types==0.8.0" "typing-inspection==0.4.5" \
     "typing-extensions==4.16.0"
-  "$PY" -m pip download -q --no-deps --no-binary=:all: -d "$dl" "transformer-engine-torch==$TE_VERSION"
+  # the sdist straight from the index: `pip download` would prepare its metadata, which needs torch
+  local href
+  href=$(curl -fsSL https://pypi.org/simple/transformer-engine-torch/ \
+         | grep -o "href=\"[^\"]*transformer_engine_torch-$TE_VERSION.tar.gz#sha256=[0-9a-f]*\"" | head -1 | sed 's/^href="//; s/"$//')
+  [ -n "$href" ] || fail "transformer_engine_torch-$TE_VERSION.tar.gz not found on pypi.org/simple"
+  curl -fsSL -o "$dl/transformer_engine_torch-$TE_VERSION.tar.gz" "${href%%#*}"
+  echo "${href##*sha256=}  $dl/transformer_engine_torch-$TE_VERSION.tar.gz" | sha256sum -c --quiet - \
+    || fail "sha256 of transformer_engine_torch-$TE_VERSION.tar.gz"
   # uncompressed zip (same members, same RECORD) so that xz sees the raw library
   "$PY" - "$dl/$CORE" "$dl/stored.whl" <<'EOF'
 import sys, zipfile

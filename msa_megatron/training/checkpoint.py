@@ -341,7 +341,11 @@ def materialize_optimizer_state(optimizer) -> None:
     state exists; torch's Adam creates it lazily at the first step (megatron-core 0.19
     asserts in DistributedOptimizer.state_dict() otherwise). Create it as zeros with step
     0 through the optimizer's own init_state_fn, without stepping (parameters untouched);
-    the load then overwrites every value."""
+    the load then overwrites every value.
+
+    Only torch's own optimizers keep a per-parameter 'step'; Transformer Engine's FusedAdam
+    (megatron's Adam whenever TE is installed) keeps it in the param groups and refuses any
+    state name it does not know (KeyError: 'step' in its state_dict)."""
     parts = getattr(optimizer, "chained_optimizers", [optimizer])
     for part in parts:
         inner = getattr(part, "optimizer", None)
@@ -349,6 +353,8 @@ def materialize_optimizer_state(optimizer) -> None:
         if inner is None or init is None or len(inner.state) > 0:
             continue
         init(inner, part.config)
+        if not type(inner).__module__.startswith("torch.optim"):
+            continue
         for group in inner.param_groups:
             for p in group["params"]:
                 if len(inner.state[p]) > 0 and "step" not in inner.state[p]:
