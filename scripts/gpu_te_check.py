@@ -316,7 +316,8 @@ def _train_summary(m: dict) -> dict:
 def section_train(out: dict, tmp: str, logs: Path, extra=(), name="train", resume=True, budget_s=300) -> None:
     run = Path(tmp) / f"{name}_run"
     t0 = time.time()
-    rc = _launch_train(TRAIN_COMMON + list(extra) + ["checkpoint.interval=8", "checkpoint.keep_last=3", f"run_dir={run}"],
+    saves = ["checkpoint.interval=8", "checkpoint.keep_last=3"] if resume else ["checkpoint.interval=0"]
+    rc = _launch_train(TRAIN_COMMON + list(extra) + saves + ["checkpoint.save_at_end=false", f"run_dir={run}"],
                        logs / f"{name}_run1.log", timeout=budget_s)
     out["run1_rc"], out["run1_s"] = rc, round(time.time() - t0, 1)
     first = _metrics(run)
@@ -337,7 +338,8 @@ def section_train(out: dict, tmp: str, logs: Path, extra=(), name="train", resum
     if resume:
         t1 = time.time()
         resumed = Path(tmp) / f"{name}_resumed"
-        rc = _launch_train(TRAIN_COMMON + list(extra) + [f"run_dir={resumed}",
+        rc = _launch_train(TRAIN_COMMON + list(extra) + [f"run_dir={resumed}", "checkpoint.interval=0",
+                           "checkpoint.save_at_end=false",
                            f"checkpoint.load={run}/checkpoints/step_{8:08d}"],
                            logs / f"{name}_run2.log", timeout=max(60, budget_s - int(time.time() - t0)))
         out["run2_rc"], out["run2_s"] = rc, round(time.time() - t1, 1)

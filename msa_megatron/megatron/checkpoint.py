@@ -47,14 +47,37 @@ def load_model_checkpoint(model_or_chunks: ModelOrChunks, checkpoint_dir: str,
                           strict: StrictHandling = StrictHandling.RAISE_UNEXPECTED) -> None:
     """Load weights saved at any parallel layout into this rank's chunks. By default every
     tensor the model needs must be in the checkpoint (extra checkpoint entries, e.g. optimizer
-    state, are ignored). Collective."""
+    state, are ignored), except Transformer Engine's ``_extra_state`` (FP8 scaling metadata,
+    no weights): a checkpoint of the local spec has none, and TE starts it fresh. Collective."""
     chunks = [_unwrap(c) for c in as_chunks(model_or_chunks)]
-    state = dist_checkpointing.load(model_sharded_state_dict(chunks), checkpoint_dir, strict=strict)
+    sd = model_sharded_state_dict(chunks)
+    if strict is StrictHandling.RAISE_UNEXPECTED and _has_te_extra_state(sd):
+        state, _ckpt_only, model_only = dist_checkpointing.load(sd, checkpoint_dir, strict=StrictHandling.RETURN_ALL)
+        absent = sorted(k for k in model_only if not k.endswith("_extra_state"))
+        if absent:
+            raise RuntimeError(f"{checkpoint_dir}: {len(absent)} tensors of this model are not in the checkpoint, "
+                               f"e.g. {absent[:3]}")
+        keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+        for key, chunk in zip(keys, chunks):
+            result = chunk.load_state_dict(state[key], strict=False)
+            bad = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+            if bad or result.unexpected_keys:
+                raise RuntimeError(f"{checkpoint_dir}: checkpoint/model mismatch: missing {bad[:3]}, "
+                                   f"unexpected {result.unexpected_keys[:3]}")
+        return
+    state = dist_checkpointing.load(sd, checkpoint_dir, strict=strict)
     if len(chunks) == 1:
         chunks[0].load_state_dict(state["model"])
     else:
         for i, c in enumerate(chunks):
             c.load_state_dict(state[f"model{i}"])
+
+
+def _has_te_extra_state(sharded: dict) -> bool:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    return any(isinstance(v, ShardedBase) and v.key.endswith("_extra_state") for v in nested_values(sharded))
 
 
 __all__ = ["load_model_checkpoint", "model_sharded_state_dict", "save_model_checkpoint"]

@@ -392,6 +392,11 @@ def load_optimizer_state(optimizer, state: Dict[str, Any]) -> None:
         optimizer._synchronize_steps()
 
 
+def is_te_extra_state(key: str) -> bool:
+    """Transformer Engine's per-module FP8 metadata (``..._extra_state``): no weights."""
+    return key.endswith("_extra_state")
+
+
 class CheckpointManager:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -612,12 +617,16 @@ class CheckpointManager:
 
     def load_weights(self, path: Path, model_chunks) -> None:
         """Model weights only (checkpoint.init_from). Parameters absent from the checkpoint
-        are allowed only for the MSA index branch (dense -> MSA conversion)."""
+        are allowed only for the MSA index branch (dense -> MSA conversion) and for
+        Transformer Engine's ``_extra_state`` (FP8 scaling metadata, no weights: a local-spec
+        checkpoint has none, and TE starts it fresh)."""
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.validation import StrictHandling
 
         sd = _model_sd(model_chunks)
         state, _missing, unexpected = dist_checkpointing.load(sd, str(path), strict=StrictHandling.RETURN_ALL)
+        te_extra = [k for k in unexpected if is_te_extra_state(k)]
+        unexpected = [k for k in unexpected if not is_te_extra_state(k)]
         not_index = sorted(k for k in unexpected if not is_index_param(k))
         if dist.is_initialized():  # every rank decides alike (pipeline stages see different keys)
             parts: List[Any] = [None] * dist.get_world_size()
@@ -627,7 +636,10 @@ class CheckpointManager:
             raise ConfigError("checkpoint.init_from", str(path),
                               f"checkpoints holding every non-index parameter of this model (missing: {not_index[:5]}; "
                               "a dense checkpoint with stacked layer keys or TE extra state: convert it with msa-convert)")
-        self._load_model(state, model_chunks, allow_missing=bool(unexpected))
+        self._load_model(state, model_chunks, allow_missing=bool(unexpected or te_extra))
+        if te_extra:
+            log.info("init_from %s: %d Transformer Engine _extra_state entries (FP8 metadata) not in the checkpoint; "
+                     "TE starts them fresh", path, len(te_extra))
         if unexpected:
             from ..megatron import init_index_from_dense
 
@@ -642,7 +654,7 @@ class CheckpointManager:
             key = "model" if len(model_chunks) == 1 else f"model{i}"
             result = unwrap(chunk).load_state_dict(state[key], strict=not allow_missing)
             if allow_missing:
-                bad = [k for k in result.missing_keys if not is_index_param(k)]
+                bad = [k for k in result.missing_keys if not (is_index_param(k) or is_te_extra_state(k))]
                 if bad or result.unexpected_keys:
                     raise RuntimeError(f"checkpoint/model mismatch: missing {bad[:5]}, unexpected {result.unexpected_keys[:5]}")
 

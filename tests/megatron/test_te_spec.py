@@ -15,6 +15,7 @@ names (plus ``_extra_state``, FP8 metadata) is what ``scripts/gpu_te_check.py`` 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 
@@ -124,6 +125,15 @@ def _stand_in_backend():
 
     from msa_megatron.megatron.specs import MSALocalSpecProvider
 
+    class FP8MetaStandIn(torch.nn.Module):
+        """Like TE's per-module FP8 metadata: a checkpoint entry (`_extra_state`) with no weights."""
+
+        def get_extra_state(self):
+            return torch.tensor([7.0])
+
+        def set_extra_state(self, state):
+            self.loaded = state
+
     class LayerNormColumnParallelLinear(ColumnParallelLinear):
         """Stand-in for TELayerNormColumnParallelLinear: norm weight ``layer_norm_weight``
         (+ ``layer_norm_bias`` for LayerNorm), then the column-parallel linear."""
@@ -132,6 +142,7 @@ def _stand_in_backend():
             super().__init__(input_size, output_size, config=config, **kwargs)
             self.rms = config.normalization == "RMSNorm"
             self.eps = config.layernorm_epsilon
+            self.fp8_meta = FP8MetaStandIn()  # an `_extra_state` entry the local spec does not have
             self.layer_norm_weight = torch.nn.Parameter(torch.ones(input_size, dtype=config.params_dtype))
             if not self.rms:
                 self.layer_norm_bias = torch.nn.Parameter(torch.zeros(input_size, dtype=config.params_dtype))
@@ -174,11 +185,12 @@ def _key_cases(rank: int, tmp: str):
         finally:
             specs.select_backend = local_select
 
-    def keys(model):  # the checkpoint keys (after each layer's key map), not the module names
+    def keys(model, extra_state=False):  # the checkpoint keys (after each layer's key map), not the module names
         from megatron.core.dist_checkpointing.dict_utils import nested_values
         from megatron.core.dist_checkpointing.mapping import ShardedBase
 
-        return sorted(v.key for v in nested_values(model.sharded_state_dict()) if isinstance(v, ShardedBase))
+        return sorted(v.key for v in nested_values(model.sharded_state_dict())
+                      if isinstance(v, ShardedBase) and v.key.endswith("_extra_state") == extra_state)
 
     def loss(model):
         tokens, pos, labels = batch(seed=3)
@@ -190,10 +202,18 @@ def _key_cases(rank: int, tmp: str):
         local, te = build(False, cfg), build(True, cfg)
         assert any("layer_norm_weight" in n for n, _ in te.named_parameters())  # the fused stand-in is used
         out[f"{norm}_local_keys"], out[f"{norm}_te_keys"] = keys(local), keys(te)
+        out[f"{norm}_te_extra_keys"], out[f"{norm}_local_extra_keys"] = keys(te, True), keys(local, True)
         # save in one layout, load in the other: same weights, same loss
         save_model_checkpoint(local, f"{tmp}/{norm}_local")
         load_model_checkpoint(te, f"{tmp}/{norm}_local")
         out[f"{norm}_loss_local"], out[f"{norm}_loss_te_from_local"] = loss(local), loss(te)
+        if norm == "RMSNorm":  # msa-train's init_from of a local checkpoint into the TE layout
+            from msa_megatron.training.checkpoint import CheckpointManager
+            from tests.training.test_config import cfg_of
+
+            te2 = build(True, cfg)
+            CheckpointManager(cfg_of(f"run_dir={tmp}/init_run")).load_weights(Path(f"{tmp}/{norm}_local"), [te2])
+            out["init_from_loss"] = loss(te2)
         fresh = build(False, cfg)
         save_model_checkpoint(te, f"{tmp}/{norm}_te")
         load_model_checkpoint(fresh, f"{tmp}/{norm}_te")
@@ -216,4 +236,8 @@ def test_te_layout_has_the_local_checkpoint_keys_and_loads_both_ways(tmp_path):
         assert "decoder.layers.2.mlp.linear_fc1.layer_norm_weight" in local  # the MoE layer's pre-MLP norm
         assert "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight" in local  # an MSA layer's input norm
         assert abs(res[f"{norm}_loss_local"] - res[f"{norm}_loss_te_from_local"]) < 1e-5, res
+        # the TE layout's extra checkpoint entries are only the FP8-metadata stand-ins: loads skip them
+        te_only = sorted(set(res[f"{norm}_te_extra_keys"]) - set(res[f"{norm}_local_extra_keys"]))
+        assert te_only and all(k.endswith(".fp8_meta._extra_state") for k in te_only), te_only
         assert res[f"{norm}_local_from_te_equal"], norm
+    assert abs(res["init_from_loss"] - res["RMSNorm_loss_local"]) < 1e-5, res
