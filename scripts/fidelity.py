@@ -328,7 +328,8 @@ def piece(args) -> int:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
         tar = pack(work, res["ran"], Path(args.export) / f"fidelity_piece_{stamp}.tar.gz",
                    {"preset": args.piece, "device": device, "commit": commit, "ran": res["ran"],
-                    "later": res["later"], "status": res["status"], "date": stamp, "budget_s": args.budget_s,
+                    "later": res["later"], "sharing": res["sharing"], "status": res["status"], "date": stamp,
+                    "budget_s": args.budget_s,
                     "planning": pl.describe()})
         print(f"[piece] packed {tar} ({tar.stat().st_size / 1e3:.0f} KB): extract with "
               f"tar xzf {tar.name} -C results/fidelity_scale", flush=True)

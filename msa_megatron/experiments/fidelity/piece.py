@@ -242,12 +242,8 @@ def admit(cand: Load, running: Sequence[Load], pl: Planning, time_left: float, f
     """None if ``cand`` may start now next to ``running``, else why not (one line)."""
     n = len(running) + 1
     cap = min([pl.cap(cand.ctx)] + [pl.cap(r.ctx) for r in running])
-    if n > cap:
+    if n > cap:  # automatic: n <= usable // peak of every run, so their memory adds up to <= usable
         return f"the GPU holds {cap} run(s) at once"
-    if pl.parallel is None and pl.usable_gib and running:
-        need = sum(pl.peak_gib.get(r.ctx, 0) for r in running) + pl.peak_gib.get(cand.ctx, 0)
-        if need > pl.usable_gib:
-            return f"memory: {need:.0f} GiB planned > {pl.usable_gib:.0f} GiB usable"
     if resumable or first_of_call:
         return None
     before = simulate(running, pl, time_left)
@@ -307,7 +303,7 @@ class _Run:
     budget_s: float
     port: int
     proc: subprocess.Popen
-    samples: List[Tuple[float, int]] = field(default_factory=list)  # (time, step) when the step changed
+    samples: List[Tuple[float, int, int]] = field(default_factory=list)  # (time, step, runs on the GPU) at each new step
     shared_s: float = 0.0                                           # integral of runs sharing over time
     watched_s: float = 0.0
     shared_max: int = 1
@@ -321,6 +317,17 @@ class _Run:
         started = bool(self.samples)
         return Load(self.name, self.ctx, 0.0 if started else max(pl.startup_s - (now - self.t0), 5.0),
                     max(0, self.total_steps - step) * self.tokens_per_step)
+
+    def rates_by_shared(self) -> Dict[str, int]:
+        """{runs on the GPU: tokens/s} over the stretches between observed steps where that
+        count did not change: the raw material for the sharing efficiency."""
+        acc: Dict[int, List[float]] = {}
+        for a, b in zip(self.samples, self.samples[1:]):
+            if a[2] == b[2] and b[0] > a[0]:
+                x = acc.setdefault(b[2], [0.0, 0.0])
+                x[0] += (b[1] - a[1]) * self.tokens_per_step
+                x[1] += b[0] - a[0]
+        return {str(k): round(v[0] / v[1]) for k, v in sorted(acc.items()) if v[1] > 0}
 
     def rate(self, min_window_s: float) -> Optional[float]:
         """Tokens/s over the samples since the sharing count last changed (None: too few)."""
@@ -377,6 +384,7 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
     oom_retried: set = set()
     live: Dict = {"cap": None, "tps": {}, "startup": None}  # this call's measurements (cap: after an OOM)
     planned = list(queue)
+    by_shared: Dict[str, List[Dict[str, int]]] = {}
     (work / "logs").mkdir(parents=True, exist_ok=True)
 
     def calibrated() -> Planning:
@@ -438,7 +446,9 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
             # wall clock from the first observed step to the last (evaluations included)
             seg["tokens_per_s"] = round((steps_seen[-1][1] - steps_seen[0][1]) * r.tokens_per_step
                                         / (steps_seen[-1][0] - steps_seen[0][0]))
+        seg["tokens_per_s_by_shared"] = r.rates_by_shared()
         seg.update(_trainer_stats(run_dir, r.from_step))
+        by_shared.setdefault(r.ctx, []).append(seg["tokens_per_s_by_shared"])
         info = _update_run_json(run_dir, r.name, r.total_steps, seg, r.tokens_per_step)
         log(f"[piece] {r.name}: exit {r.proc.returncode}, step {info['step']}/{info['total_steps']}, "
             f"{'complete' if info['complete'] else 'unfinished'} ({seg['wall_s']:.0f}s this call, shared by "
@@ -498,7 +508,7 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
                     r.n_last, r.n_since = n, now2
                 st = last_step(work / "runs" / r.name)
                 if st > (r.samples[-1][1] if r.samples else r.from_step):
-                    r.samples.append((now2, st))
+                    r.samples.append((now2, st, n))
                 if not r.stopped and now2 >= t_stop and r.proc.poll() is None:
                     log(f"[piece] budget reached: SIGTERM to {r.name} (it checkpoints and exits)")
                     r.proc.send_signal(signal.SIGTERM)
@@ -527,10 +537,38 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
                 r.killed = True
             running.remove(r)
             finish(r, time.time())
+    sharing = measured_sharing(by_shared)
+    for c, m in sharing.items():
+        log(f"[piece] measured at {c}: " + ", ".join(f"{k} run(s) on the GPU {v / 1e3:.0f}K tokens/s each"
+                                                     for k, v in m["tokens_per_s"].items())
+            + (f" -> sharing efficiency e ~ {m['e']:.2f} (planned {pl.share_efficiency:g}; --share-eff)"
+               if m.get("e") is not None else " (no alone/shared pair: e not measured)"))
     later = {n: skipped.get(n, "not reached") for n in queue}
     if later:
         log("[piece] left for a later call: " + "; ".join(f"{n} ({w})" for n, w in later.items()))
-    return {"ran": ran, "planned": planned, "later": later, "status": matrix_status(preset, work, done_dirs)}
+    return {"ran": ran, "planned": planned, "later": later, "sharing": sharing,
+            "status": matrix_status(preset, work, done_dirs)}
+
+
+def measured_sharing(by_shared: Dict[str, List[Dict[str, int]]]) -> Dict[str, Dict]:
+    """Per context: mean tokens/s per run at each sharing count, and the efficiency e implied
+    by the alone rate and the most shared one (K runs at r_K each vs one at r_1:
+    K r_K = (1 + (K - 1) e) r_1)."""
+    out = {}
+    for ctx, segs in by_shared.items():
+        pooled: Dict[str, List[int]] = {}
+        for d in segs:
+            for k, v in d.items():
+                pooled.setdefault(k, []).append(v)
+        if not pooled:
+            continue
+        tps = {k: sum(v) / len(v) for k, v in sorted(pooled.items(), key=lambda kv: int(kv[0]))}
+        e = None
+        top = max(int(k) for k in tps)
+        if "1" in tps and top > 1:
+            e = (top * tps[str(top)] / tps["1"] - 1) / (top - 1)
+        out[ctx] = {"tokens_per_s": tps, "e": e}
+    return out
 
 
 def plan_call(preset: ScalePreset, work: Path, queue: List[str], pl: Planning, time_s: float,
@@ -615,4 +653,4 @@ def pack(work: Path, names: List[str], dest: Path, extra: Optional[Dict] = None)
 
 
 __all__ = ["Load", "Planning", "SMALL_FILES", "admit", "free_port", "gain", "has_checkpoint", "is_complete",
-           "last_step", "matrix_status", "pack", "plan_call", "planning", "run_piece", "simulate", "todo"]
+           "last_step", "matrix_status", "measured_sharing", "pack", "plan_call", "planning", "run_piece", "simulate", "todo"]
