@@ -390,6 +390,9 @@ def main(argv=None) -> int:
 
         if args.piece not in SCALE_PRESETS:
             p.error(f"--piece {args.piece!r} is invalid: allowed values are {', '.join(SCALE_PRESETS)}")
+        if not 0 <= args.grace_s < args.budget_s:
+            p.error(f"--grace-s {args.grace_s:g} is invalid: allowed values are 0 <= grace < --budget-s "
+                    f"({args.budget_s:g})")
         if args.share_eff is not None and not 0 <= args.share_eff <= 1:
             p.error(f"--share-eff {args.share_eff} is invalid: allowed values are 0 to 1")
         return piece(args)
