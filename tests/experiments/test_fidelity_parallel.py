@@ -290,6 +290,26 @@ def test_fresh_runs_start_only_if_they_fit_and_oom_is_queued_again(tmp_path, fak
         >= dense_end - 0.2
 
 
+def test_driver_interrupted_stops_and_records_the_runs(tmp_path, fake):
+    p = _tiny(entries=(("8k", "dense", (1,)), ("8k", "msa", (1,))))
+    pl = _pl(alone_tps={"8k": 1e6, "32k": 1e6}, startup_s=0.1, parallel=2, usable_gib=None)
+    msgs = []
+
+    def log(m):  # the driver gets SIGTERM (-> KeyboardInterrupt) once both runs are going
+        msgs.append(m)
+        if m.startswith("[piece] start c8k_msa_s1"):
+            time.sleep(0.5)
+            raise KeyboardInterrupt
+
+    r = piece.run_piece(p, tmp_path / "work", 60, [], str(fake), REPO, "cpu", "c0ffee", grace_s=0.0,
+                        min_slice_s=0.3, poll_s=0.05, log=log, plan=pl)
+    assert r["interrupted"] and sorted(r["ran"]) == ["c8k_dense_s1", "c8k_msa_s1"]
+    for name in r["ran"]:
+        seg = json.loads((tmp_path / "work" / "runs" / name / "run.json").read_text())["segments"][0]
+        assert seg["stopped"] and seg["rc"] == 0 and not seg["killed"]
+    assert any("driver interrupted" in m for m in msgs)
+
+
 def test_free_port_avoids_taken_and_is_bindable():
     a = piece.free_port([])
     with socket.socket() as s:

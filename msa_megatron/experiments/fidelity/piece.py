@@ -373,7 +373,9 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
                     else f"ends ~{r['end']:.0f}s"
                 log(f"[piece] this call: {r['name']} starts ~{r['start']:.0f}s, {end}, up to {r['shared_max']} "
                     "run(s) on the GPU meanwhile: " + " ".join(s.overrides))
-        return {"ran": [], "planned": queue, "plan": rows, "status": matrix_status(preset, work, done_dirs)}
+        return {"ran": [], "planned": queue, "plan": rows, "sharing": {}, "interrupted": False,
+                "later": {r["name"]: r["why"] for r in rows if r["start"] is None},
+                "status": matrix_status(preset, work, done_dirs)}
 
     t_start = time.time()
     t_stop = t_start + budget_s - grace_s   # SIGTERM to every run still going
@@ -385,6 +387,7 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
     live: Dict = {"cap": None, "tps": {}, "startup": None}  # this call's measurements (cap: after an OOM)
     planned = list(queue)
     by_shared: Dict[str, List[Dict[str, int]]] = {}
+    interrupted = False
     (work / "logs").mkdir(parents=True, exist_ok=True)
 
     def calibrated() -> Planning:
@@ -522,10 +525,13 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
                 if r.proc.poll() is not None:
                     running.remove(r)
                     finish(r, now2)
-    finally:  # the driver itself interrupted (SIGTERM/Ctrl-C): stop the runs, keep their records
+    except KeyboardInterrupt:  # the driver itself stopped (SIGTERM/Ctrl-C): still record and pack
+        interrupted = True
+        log("[piece] driver interrupted: stopping the runs, recording and packing what exists")
+    finally:  # stop the runs still going, keep their records
         for r in running:
             if r.proc.poll() is None:
-                log(f"[piece] driver interrupted: SIGTERM to {r.name}")
+                log(f"[piece] SIGTERM to {r.name}")
                 r.proc.send_signal(signal.SIGTERM)
                 r.stopped = True
         for r in list(running):
@@ -546,7 +552,7 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
     later = {n: skipped.get(n, "not reached") for n in queue}
     if later:
         log("[piece] left for a later call: " + "; ".join(f"{n} ({w})" for n, w in later.items()))
-    return {"ran": ran, "planned": planned, "later": later, "sharing": sharing,
+    return {"ran": ran, "planned": planned, "later": later, "sharing": sharing, "interrupted": interrupted,
             "status": matrix_status(preset, work, done_dirs)}
 
 
