@@ -209,7 +209,8 @@ def _notes(tmp_path):
 
 def _go(p, work, budget, fake, pl, msgs, **kw):
     return piece.run_piece(p, work, budget, [work.parent / "done"], str(fake), REPO, "cpu", "c0ffee", grace_s=0.0,
-                           min_slice_s=0.3, poll_s=0.05, log=msgs.append, plan=pl, calib_window_s=1e9, **kw)
+                           min_slice_s=0.3, poll_s=0.05, log=msgs.append, plan=pl, calib_window_s=1e9, min_rate_s=0.0,
+                           **kw)
 
 
 def test_parallel_runs_ports_budgets_sigterm_and_resume(tmp_path, fake):

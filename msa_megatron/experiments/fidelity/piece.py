@@ -318,16 +318,17 @@ class _Run:
         return Load(self.name, self.ctx, 0.0 if started else max(pl.startup_s - (now - self.t0), 5.0),
                     max(0, self.total_steps - step) * self.tokens_per_step)
 
-    def rates_by_shared(self) -> Dict[str, int]:
+    def rates_by_shared(self, min_s: float) -> Dict[str, int]:
         """{runs on the GPU: tokens/s} over the stretches between observed steps where that
-        count did not change: the raw material for the sharing efficiency."""
+        count did not change (counts observed for less than ``min_s`` in all are left out: a
+        few steps say little): the raw material for the sharing efficiency."""
         acc: Dict[int, List[float]] = {}
         for a, b in zip(self.samples, self.samples[1:]):
             if a[2] == b[2] and b[0] > a[0]:
                 x = acc.setdefault(b[2], [0.0, 0.0])
                 x[0] += (b[1] - a[1]) * self.tokens_per_step
                 x[1] += b[0] - a[0]
-        return {str(k): round(v[0] / v[1]) for k, v in sorted(acc.items()) if v[1] > 0}
+        return {str(k): round(v[0] / v[1]) for k, v in sorted(acc.items()) if v[1] > 0 and v[1] >= min_s}
 
     def rate(self, min_window_s: float) -> Optional[float]:
         """Tokens/s over the samples since the sharing count last changed (None: too few)."""
@@ -353,7 +354,7 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
               device: str, commit: str, only: Optional[List[str]] = None, dry_run: bool = False,
               min_slice_s: float = 60.0, grace_s: float = 60.0, log: Callable[[str], None] = print,
               plan: Optional[Planning] = None, poll_s: float = 1.0, calib_window_s: float = 20.0,
-              kill_after_s: float = 30.0) -> Dict:
+              kill_after_s: float = 30.0, min_rate_s: float = 10.0) -> Dict:
     """Run ``todo`` until ``budget_s`` is spent, up to ``plan.cap`` runs at once; returns
     {"ran": [...], "planned": [...], "status": {...}, "plan": [...]}. ``grace_s`` of the budget
     is kept for the SIGTERM checkpoints and packing; a run still alive ``kill_after_s`` after
@@ -449,7 +450,7 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
             # wall clock from the first observed step to the last (evaluations included)
             seg["tokens_per_s"] = round((steps_seen[-1][1] - steps_seen[0][1]) * r.tokens_per_step
                                         / (steps_seen[-1][0] - steps_seen[0][0]))
-        seg["tokens_per_s_by_shared"] = r.rates_by_shared()
+        seg["tokens_per_s_by_shared"] = r.rates_by_shared(min_rate_s)
         seg.update(_trainer_stats(run_dir, r.from_step))
         by_shared.setdefault(r.ctx, []).append(seg["tokens_per_s_by_shared"])
         info = _update_run_json(run_dir, r.name, r.total_steps, seg, r.tokens_per_step)
