@@ -250,8 +250,9 @@ def admit(cand: Load, running: Sequence[Load], pl: Planning, time_left: float, f
     after = simulate([*running, cand], pl, time_left / (1 + pl.fit_margin))
     mine = after[cand.name]
     if mine is None:
-        alone = simulate([cand], pl, float("inf"))[cand.name]
-        return f"would not finish: ~{alone:.0f}s alone, shared by {n}, {time_left:.0f}s left"
+        full = simulate([*running, cand], pl, float("inf"))[cand.name]
+        return (f"would not finish: ~{full:.0f}s with {n} run(s) on the GPU, +{100 * pl.fit_margin:.0f}% margin, "
+                f"{time_left:.0f}s left")
     pushed = [r.name for r in running if before.get(r.name) is not None and
               (after.get(r.name) is None or after[r.name] * (1 + pl.fit_margin) > time_left)]
     if pushed:
