@@ -138,7 +138,7 @@ def test_plan_call_shares_orders_and_waits_for_the_dependency(tmp_path):
     assert rows[0]["start"] is None and "needs c8k_dense_s1's checkpoint" in rows[0]["why"]
 
 
-def test_dry_run_prints_the_plan_of_this_call(tmp_path, capsys):
+def test_dry_run_prints_the_plan_of_this_call(tmp_path):
     import subprocess
     import sys
 
