@@ -14,7 +14,8 @@ Scale matrix (issue 19; msa_megatron/experiments/fidelity/scale.py), piecewise o
 
     python scripts/fidelity.py --piece scale --budget-s 480 --work /tmp/fid_scale \
         --done results/fidelity_scale --export $OUT          # next missing runs, one tarball in $OUT
-    python scripts/fidelity.py --piece scale --dry-run      # what the next call would run
+    python scripts/fidelity.py --piece scale --dry-run      # the plan of the next call
+    python scripts/fidelity.py --piece scale --parallel 2 ...   # at most 2 runs share the GPU (default: from memory)
     python scripts/fidelity.py --scale-report results/fidelity_scale   # table, plots, statement
 
 ``--gpus`` lists one slot per concurrent run (a GPU id may repeat: small models leave an
@@ -264,9 +265,23 @@ def _sweep(text: str) -> List[List[int]]:
 DEFAULT_DONE = REPO / "results" / "fidelity_scale"
 
 
+def _gpu_mem_gib() -> Optional[float]:
+    """Total memory of the first visible GPU (nvidia-smi, so this process makes no CUDA context)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.split()
+        vis = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+        return float(out[int(vis) if vis.isdigit() and int(vis) < len(out) else 0]) / 1024
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        pass
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+
+
 def piece(args) -> int:
     """One slice of the scale matrix: the next missing runs within --budget-s, then a tarball."""
-    from msa_megatron.experiments.fidelity.piece import matrix_status, pack, run_piece
+    from msa_megatron.experiments.fidelity.piece import matrix_status, pack, planning, run_piece
     from msa_megatron.experiments.fidelity.scale import SCALE_PRESETS, estimate_s, run_names, tokens_per_run
 
     preset = SCALE_PRESETS[args.piece]
@@ -284,7 +299,8 @@ def piece(args) -> int:
     for ctx in preset.contexts:
         print(f"[piece] {ctx}: {tokens_per_run(preset, ctx) / 1e6:.1f}M tokens per run, planned "
               f"~{estimate_s(preset, run_names(preset)[0] if ctx == '8k' else f'c{ctx}_dense_s1') / 60:.1f} min "
-              f"(at {preset.contexts[ctx].est_tokens_per_s / 1e3:.0f}K tokens/s, start-up included)", flush=True)
+              f"alone (at the preset's {preset.contexts[ctx].est_tokens_per_s / 1e3:.0f}K tokens/s, start-up "
+              "included)", flush=True)
     if not args.dry_run and args.piece != "scale_cpu":
         import torch
 
@@ -297,8 +313,14 @@ def piece(args) -> int:
         build_corpus()  # once, not by each run
     device = _device()
     commit = _commit()
+    mem = args.gpu_mem_gib or _gpu_mem_gib()
+    if mem is None and args.dry_run and args.piece != "scale_cpu":
+        mem = 80.0
+        print("[piece] no GPU here: planning for 80 GiB (an H100; --gpu-mem-gib sets another)", flush=True)
+    pl = planning(preset, work, done, parallel=args.parallel, share_efficiency=args.share_eff, gpu_mem_gib=mem,
+                  fit_margin=args.fit_margin)
     res = run_piece(preset, work, args.budget_s, done, sys.executable, REPO, device, commit, only=only,
-                    dry_run=args.dry_run, grace_s=args.grace_s, log=lambda m: print(m, flush=True))
+                    dry_run=args.dry_run, grace_s=args.grace_s, log=lambda m: print(m, flush=True), plan=pl)
     remaining = [n for n, s in res["status"].items() if s != "complete"]
     print(f"[piece] ran {', '.join(res['ran']) or 'nothing'}; not complete yet: {', '.join(remaining) or 'none'}",
           flush=True)
@@ -306,11 +328,21 @@ def piece(args) -> int:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
         tar = pack(work, res["ran"], Path(args.export) / f"fidelity_piece_{stamp}.tar.gz",
                    {"preset": args.piece, "device": device, "commit": commit, "ran": res["ran"],
-                    "status": res["status"], "date": stamp})
+                    "later": res["later"], "sharing": res["sharing"], "status": res["status"], "date": stamp,
+                    "budget_s": args.budget_s,
+                    "planning": pl.describe()})
         print(f"[piece] packed {tar} ({tar.stat().st_size / 1e3:.0f} KB): extract with "
               f"tar xzf {tar.name} -C results/fidelity_scale", flush=True)
     failed = [n for n in res["ran"] if n in remaining and res["status"][n] == "missing"]
     return 1 if failed else 0
+
+
+def _parallel(text: str) -> Optional[int]:
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--parallel {text!r} is invalid: allowed values are auto or an integer >= 1")
+    return int(text)
 
 
 def main(argv=None) -> int:
@@ -337,7 +369,15 @@ def main(argv=None) -> int:
                    f"(default {DEFAULT_DONE.relative_to(REPO)})")
     p.add_argument("--grace-s", type=float, default=60.0, help="with --piece: seconds of the budget kept for the "
                    "SIGTERM checkpoint and packing (default 60)")
-    p.add_argument("--dry-run", action="store_true", help="with --piece: list what would run, run nothing")
+    p.add_argument("--dry-run", action="store_true", help="with --piece: print the plan of this call, run nothing")
+    p.add_argument("--parallel", type=_parallel, default=None, help="with --piece: most runs sharing the GPU at once "
+                   "(default auto: GPU memory / planned or measured memory per run, at most the preset's max_parallel)")
+    p.add_argument("--share-eff", type=float, default=None, help="with --piece: planning knob e in [0, 1]: K runs "
+                   "sharing the GPU give 1+(K-1)e x one run's throughput (default: the preset's, a guess)")
+    p.add_argument("--gpu-mem-gib", type=float, default=None, help="with --piece: GPU memory for the automatic "
+                   "--parallel (default: nvidia-smi; a dry run without a GPU plans for 80)")
+    p.add_argument("--fit-margin", type=float, default=0.10, help="with --piece: a fresh run starts only if planned "
+                   "to finish with this fraction of its time to spare (default 0.10)")
     p.add_argument("--scale-report", metavar="DIRS", help="report of the scale matrix from these comma-separated "
                    "result directories (default preset scale)")
     p.add_argument("--scale-preset", default="scale", help="with --scale-report: the scale preset")
@@ -350,6 +390,11 @@ def main(argv=None) -> int:
 
         if args.piece not in SCALE_PRESETS:
             p.error(f"--piece {args.piece!r} is invalid: allowed values are {', '.join(SCALE_PRESETS)}")
+        if not 0 <= args.grace_s < args.budget_s:
+            p.error(f"--grace-s {args.grace_s:g} is invalid: allowed values are 0 <= grace < --budget-s "
+                    f"({args.budget_s:g})")
+        if args.share_eff is not None and not 0 <= args.share_eff <= 1:
+            p.error(f"--share-eff {args.share_eff} is invalid: allowed values are 0 to 1")
         return piece(args)
     if args.scale_report:
         from msa_megatron.experiments.fidelity.scale import SCALE_PRESETS

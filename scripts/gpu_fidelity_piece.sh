@@ -14,8 +14,14 @@
 #   export PYTHONPATH=/tmp/site; OUT=$OUT BUDGET_S=480 bash scripts/gpu_fidelity_piece.sh
 # Afterwards, here: tar xzf <files_at>/fidelity_piece_*.tar.gz -C results/fidelity_scale
 #                   python scripts/fidelity.py --scale-report results/fidelity_scale
-# Knobs: BUDGET_S=480 (keep ~1.5 min below the call's limit), PRESET=scale, WORK=/tmp/fid_scale,
-#   DONE=results/fidelity_scale, RUNS= (comma-separated subset), DRY_RUN=1 (list what would run).
+# Several runs share the GPU (each its own process and MASTER_PORT, each SIGTERMed at the budget):
+# PARALLEL=auto (default: GPU memory / memory per run, planned or measured) or a number. A fresh
+# run starts only when the planner expects it to finish in this call; SHARE_EFF (0..1, default
+# the preset's 0.4) is the planner's guess of what sharing gains: K runs give 1+(K-1)e x one run.
+# Knobs: BUDGET_S=480 (keep ~1.5 min below the call's limit), GRACE_S=60 (of the budget, for the
+# SIGTERM checkpoints and packing), PRESET=scale, WORK=/tmp/fid_scale, DONE=results/fidelity_scale,
+#   RUNS= (comma-separated subset), PARALLEL=auto, SHARE_EFF=, GPU_MEM_GIB= (dry runs without a GPU
+#   plan for 80), DRY_RUN=1 (print the plan of this call, run nothing).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
@@ -30,8 +36,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MOD
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 # a copied tree may carry no (or a stale) .git: name the commit when it is known
 if [ -z "${MSA_COMMIT:-}" ] && [ -f .msa_commit ]; then export MSA_COMMIT=$(cat .msa_commit); fi
-args=(--piece "$PRESET" --budget-s "$BUDGET_S" --work "$WORK" --done "$DONE" --export "$OUT")
+args=(--piece "$PRESET" --budget-s "$BUDGET_S" --grace-s "${GRACE_S:-60}" --work "$WORK" --done "$DONE"
+      --export "$OUT" --parallel "${PARALLEL:-auto}")
 [ -n "$RUNS" ] && args+=(--runs "$RUNS")
+[ -n "${SHARE_EFF:-}" ] && args+=(--share-eff "$SHARE_EFF")
+[ -n "${GPU_MEM_GIB:-}" ] && args+=(--gpu-mem-gib "$GPU_MEM_GIB")
 [ "${DRY_RUN:-0}" = 1 ] && args+=(--dry-run)
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 "$PY" scripts/fidelity.py "${args[@]}" 2>&1 | tee "$OUT/piece.log"

@@ -23,7 +23,14 @@ model needs ~0.63 GFLOP/token at 8K and ~1.5 at 32K, so ~365K / ~150K tokens/s a
 assuming half of it (small matrices, MSA's extra recall/indexer passes): ~180K / ~75K
 tokens/s, i.e. ~4.7 min + ~1 min start-up per 8K run (one call) and ~11 min per 32K run
 (two calls of 8 minutes, resumed from the checkpoint the trainer saves on SIGTERM). See
-:data:`EST_TOKENS_PER_S`; the driver records the real numbers per run.
+``Context.est_tokens_per_s``; the driver records the real numbers per run and plans later calls
+from them (piece.py).
+
+Sharing one GPU (``--parallel``): the model leaves an H100 partly idle, so several runs may
+run at once. How much that gains is *not measured yet*: ``ScalePreset.share_efficiency`` (e)
+says K runs together deliver 1 + (K - 1) e times the throughput of one alone (each at that / K).
+The planner's memory per run is ``Context.est_peak_gib`` until a run of that length has logged
+its ``peak_mem_gib``.
 """
 
 from __future__ import annotations
@@ -48,7 +55,8 @@ class Context:
     global_batch_size: int
     micro_batch_size: int
     distance_buckets: Tuple[int, ...]
-    est_tokens_per_s: float     # planning estimate (see the module docstring)
+    est_tokens_per_s: float     # planning estimate, one run alone on the GPU (see the module docstring)
+    est_peak_gib: float = 0.0   # planned GPU memory of one run (CUDA context included); 0 = unknown
 
 
 @dataclass(frozen=True)
@@ -76,12 +84,22 @@ class ScalePreset:
     entries: Tuple[Tuple[str, str, Tuple[int, ...]], ...] = ()
     startup_s: float = 60.0
     about: str = ""             # the scale, in words, for the report
+    #: K runs sharing one GPU deliver 1 + (K - 1) x this times one run's throughput (a guess
+    #: until measured: 0 = no gain from sharing, 1 = each run as fast as alone)
+    share_efficiency: float = 0.4
+    #: most runs the automatic --parallel puts on one GPU
+    max_parallel: int = 4
 
 
+#: Launch order = most informative first: the 8K seed-1 triple (every run also trains and
+#: scores the retrieval task, so this triple is the first retrieval evidence too), the
+#: conversion (it needs c8k_dense_s1's checkpoint, which only lives on the warm machine that
+#: trained it), the other seeds triple by triple, the ablations, 32K last (two calls each).
 _ENTRIES = (("8k", "dense", (1,)), ("8k", "msa", (1,)), ("8k", "swa", (1,)),
-            ("8k", "dense", (2, 3)), ("8k", "msa", (2, 3)), ("8k", "swa", (2, 3)),
             ("8k", "dense_to_msa", (1,)),
-            ("8k", "msa_no_stopgrad", (1,)), ("8k", "msa_no_warmup", (1,)), ("8k", "msa_no_teacher", (1,)),
+            ("8k", "dense", (2,)), ("8k", "msa", (2,)), ("8k", "swa", (2,)),
+            ("8k", "dense", (3,)), ("8k", "msa", (3,)), ("8k", "swa", (3,)),
+            ("8k", "msa_no_warmup", (1,)), ("8k", "msa_no_teacher", (1,)), ("8k", "msa_no_stopgrad", (1,)),
             ("32k", "dense", (1,)), ("32k", "msa", (1,)))
 
 _GPT55M = ("model.name=fidelity_gpt55m", "model.num_layers=8", "model.hidden_size=768", "model.ffn_hidden_size=2304",
@@ -89,14 +107,16 @@ _GPT55M = ("model.name=fidelity_gpt55m", "model.num_layers=8", "model.hidden_siz
            "model.msa_block_size=128", "model.msa_topk=16", "model.msa_index_dim=64", "model.msa_dense_layers=1")
 
 SCALE_PRESETS: Dict[str, ScalePreset] = {
-    # one H100 per call; see the module docstring for the sizing and the time estimate
+    # one H100 per call; see the module docstring for the sizing and the time estimate. Planned
+    # memory per run (a guess until measured: weights + Adam ~1 GiB, activations of one
+    # micro-batch ~10 GiB at 8K / ~25 GiB at 32K, CUDA context + allocator slack): 20 / 36 GiB
     "scale": ScalePreset(
         model="fidelity_gpt", model_overrides=_GPT55M, train="gpu", steps=384, lr=1.0e-3, min_lr=1.0e-4,
         warmup_steps=38, eval_interval=48, eval_iters=4, recall_interval=48, log_interval=4,
         recall_pairs=32, recall_queries=16, recall_train_fraction=0.25, recall_eval_batches=8,
         convert_steps=96, convert_warmup_steps=8, convert_lr=3.0e-4,
-        contexts={"8k": Context("8k", 8192, 16, 2, (32, 1024, 2048, 3200, 4096, 6144, 8160), 180e3),
-                  "32k": Context("32k", 32768, 4, 1, (32, 2048, 4096, 8192, 16384, 24576, 32736), 75e3)},
+        contexts={"8k": Context("8k", 8192, 16, 2, (32, 1024, 2048, 3200, 4096, 6144, 8160), 180e3, 20.0),
+                  "32k": Context("32k", 32768, 4, 1, (32, 2048, 4096, 8192, 16384, 24576, 32736), 75e3, 36.0)},
         entries=_ENTRIES,
         about="Scale: 55M-parameter dense-MLP GPT (8 layers, hidden 768, 12/4 heads of 64), byte vocabulary, "
               "embedded corpus, bf16; MSA block 128 top-16, index dim 64; 384 steps x 131,072 tokens = 50.3M "

@@ -170,14 +170,17 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
     for (ctx, v), s in sorted(g.items(), key=lambda kv: (int(kv[0][0][:-1]), list(LABELS).index(kv[0][1]))):
         lines.append(f"| {ctx} | {LABELS[v]} | {s['seeds']} | {_ms(s['val_loss'])} | {_ms(s['assoc'], pct=True)} | "
                      f"{_ms(s['sel_recall'], pct=True)} |")
-    lines += ["", "Per run (tokens, wall time, device, commit):", "",
-              "| run | steps | tokens | wall (s) | tokens/s (incl. start-up) | device | commit | final held-out loss |",
-              "|---|---:|---:|---:|---:|---|---|---:|"]
+    lines += ["", "Per run (tokens, wall time, device, commit; runs sharing the GPU: mean over the run's wall time / "
+              "max, 1 = alone, so tokens/s of shared runs is per run, not per GPU):", "",
+              "| run | steps | tokens | wall (s) | tokens/s (incl. start-up) | runs on the GPU | device | commit | "
+              "final held-out loss |",
+              "|---|---:|---:|---:|---:|---:|---|---|---:|"]
     for n, r in col["runs"].items():
         info = r["run"]
         tps = (info.get("tokens") or 0) / info["wall_s"] if info.get("wall_s") else None
+        shared = "-" if info.get("shared_mean") is None else f"{info['shared_mean']:g} / {info.get('shared_max', '?')}"
         lines.append(f"| `{n}` | {info.get('step')} | {info.get('tokens') or 0:,} | {info.get('wall_s')} | "
-                     f"{'-' if tps is None else f'{tps:,.0f}'} | "
+                     f"{'-' if tps is None else f'{tps:,.0f}'} | {shared} | "
                      f"{', '.join(info.get('devices', []))} | {', '.join(info.get('commits', []))} | "
                      f"{r['final']['val_loss'] if r['final']['val_loss'] is None else format(r['final']['val_loss'], '.4f')} |")
     for ctx in ("8k", "32k"):
