@@ -297,16 +297,13 @@ class _UnionAttentionKLFn(torch.autograd.Function):
         lm_grad = dout is not None
         if dout is None:
             dout = torch.zeros_like(out)
-        # the KV-outer dK/dV pass (union_dkdv="kv"; no dQ partials: one chunk) over the op's CSR; the
-        # union dK/dV needs no reverse index. Handed over without a local reference here: the
-        # union backward drops it (and so the CSR, 256 MiB at 1M) before its dQ pass.
-        csr, ctx.csr = ctx.csr, None
+        # the KV-outer dK/dV pass's plan (union_dkdv="kv"; no dQ partials: one chunk) over the op's
+        # CSR, handed over without a reference kept here: the union backward drops it (and so the
+        # CSR, 256 MiB at 1M) before its dQ pass
         dq, dk, dv, res = _tu.union_attention_bwd(
             dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos, ctx.scale, config=ctx.cfg, lists=ctx.lists,
-            plan=None if csr is None or ctx.cfg.union_dkdv != "kv" else _tsa.build_plan(
-                block_idx, k.shape[1], ctx.block_size, 0, ctx.cfg, csr=csr),
+            plan=_take_dkdv_plan(ctx, block_idx, k.shape[1]),
             kl=_tsa.FusedKL(iq, ik, index_lse, ctx.iscale), doc_start=ctx.doc_start)
-        del csr
         ctx.holder.copy_(torch.stack([res.kl, res.stats["index_entropy"], res.stats["main_entropy"]]))
         d_iq = d_ik = None
         if dkl is not None:  # in place: d_iq is already in iq's dtype, d_ik the fp32 accumulator (0.5 GiB at 1M)
@@ -317,6 +314,15 @@ class _UnionAttentionKLFn(torch.autograd.Function):
         if not lm_grad:
             dq = dk = dv = None
         return dq, dk, dv, d_iq, d_ik, None, None, None, None, None, None, None, None, None, None
+
+
+def _take_dkdv_plan(ctx, block_idx: Tensor, sk: int):
+    """The KV-outer dK/dV plan of a union backward from ``ctx.csr``, which it clears (the plan
+    then holds the only reference to the CSR's order); None without a CSR or with the union dK/dV."""
+    csr, ctx.csr = ctx.csr, None
+    if csr is None or ctx.cfg.union_dkdv != "kv":
+        return None
+    return _tsa.build_plan(block_idx, sk, ctx.block_size, 0, ctx.cfg, csr=csr)
 
 
 def _union_kl_lists(mode: str, backend: str, need_grad: bool, compute_kl: bool, q: Tensor, k: Tensor,
