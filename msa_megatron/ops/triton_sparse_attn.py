@@ -591,7 +591,7 @@ def main_resident_bytes(q_shape, k_shape, K: int, dtype: torch.dtype, bwd: bool 
     (reverse-index order, chunk-major selection) [b, g, sq, K]; with ``bwd`` also dout, dq,
     dk, dv, delta (fp32 like lse) and, when the queries are chunked (``fp32_dkdv``), the fp32
     dK/dV accumulators. At 1M tokens, paper layout (64 q / 4 KV heads, d 128, K 16, bf16):
-    34.8 GiB forward, 71.3 GiB forward + backward (docs/kernels_main.md, "Memory at 1M")."""
+    35.0 GiB forward, 73.25 GiB forward + backward (docs/kernels_main.md, "Memory at 1M")."""
     b, sq, hq, _ = q_shape
     qb, kb = _nbytes(q_shape, dtype), _nbytes(k_shape, dtype)
     stats = b * hq * sq * 4
