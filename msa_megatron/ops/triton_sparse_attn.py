@@ -586,19 +586,21 @@ def _nbytes(shape, dtype: torch.dtype) -> int:
 
 def main_resident_bytes(q_shape, k_shape, K: int, dtype: torch.dtype, bwd: bool = True,
                         fp32_dkdv: bool = True) -> int:
-    """Bytes a KV-outer main-branch call holds besides its partial buffers, from shapes:
-    forward: q, out, k, v, lse [b, hq, sq] fp32, block_idx and the plan's two int32 copies
-    (reverse-index order, chunk-major selection) [b, g, sq, K]; with ``bwd`` also dout, dq,
-    dk, dv, delta (fp32 like lse) and, when the queries are chunked (``fp32_dkdv``), the fp32
-    dK/dV accumulators. At 1M tokens, paper layout (64 q / 4 KV heads, d 128, K 16, bf16):
-    35.0 GiB forward, 73.25 GiB forward + backward (docs/kernels_main.md, "Memory at 1M")."""
+    """Bytes a KV-outer main-branch call holds besides its partial buffers while its chunks
+    run, from shapes: forward: q, out, k, v, lse [b, hq, sq] fp32, block_idx and the plan's two
+    int32 copies (reverse-index order, chunk-major selection) [b, g, sq, K]; with ``bwd`` also
+    dout, dq, delta (fp32 like lse) and dK/dV: the fp32 accumulators when the queries are
+    chunked (``fp32_dkdv``; cast to the output dtype one at a time after the chunks, with the
+    plan and delta freed first), else dk, dv. At 1M tokens, paper layout (64 q / 4 KV heads,
+    d 128, K 16, bf16): 35.0 GiB forward, 71.25 GiB forward + backward (docs/kernels_main.md,
+    "Memory at 1M")."""
     b, sq, hq, _ = q_shape
     qb, kb = _nbytes(q_shape, dtype), _nbytes(k_shape, dtype)
     stats = b * hq * sq * 4
     sel = 3 * b * k_shape[2] * sq * K * 4
     total = 2 * qb + 2 * kb + stats + sel
     if bwd:
-        total += 2 * qb + 2 * kb + stats + (2 * _nbytes(k_shape, torch.float32) if fp32_dkdv else 0)
+        total += 2 * qb + stats + (2 * _nbytes(k_shape, torch.float32) if fp32_dkdv else 2 * kb)
     return total
 
 
@@ -1157,12 +1159,21 @@ class SparseAttentionFn(torch.autograd.Function):
                 dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos if ctx.has_pos else None, ctx.scale,
                 config=ctx.cfg, lists=ctx.lists, plan=plan, doc_start=ctx.doc_start)
             return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        # the plan is handed over (not kept in ctx) so the backward frees it before its dK/dV
+        # casts (0.7 GiB at 1M); a second backward (retain_graph) builds it again
         dq, dk, dv = sparse_attention_bwd(
             dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos if ctx.has_pos else None, ctx.scale,
-            deterministic=ctx.det, config=ctx.cfg, plan=ctx.plan, doc_start=ctx.doc_start, csr=ctx.csr,
+            deterministic=ctx.det, config=ctx.cfg, plan=_take(ctx, "plan"), doc_start=ctx.doc_start, csr=ctx.csr,
             extra_resident_bytes=ctx.extra,
         )
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def _take(ctx, name: str):
+    """``getattr(ctx, name)``, then set to None: the caller's argument is the only reference."""
+    value = getattr(ctx, name)
+    setattr(ctx, name, None)
+    return value
 
 
 def sparse_attention(
