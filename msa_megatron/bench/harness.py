@@ -101,16 +101,25 @@ def _timed_once(fn) -> float:
 
 
 def time_ms(fn, grad_to_none, warmup_ms: int, rep_ms: int) -> float:
-    """Median milliseconds of ``fn``. The first call warms up (compilation, autotuning)."""
+    """Median milliseconds of ``fn``. The first call warms up (compilation, autotuning).
+    Gradients of ``grad_to_none`` are dropped before every call of a long one, so its peak
+    memory is that of one fwd+bwd (not one plus the previous call's gradients: +18 GiB at 1M)."""
     import triton.testing
+
+    def clear():
+        for t in grad_to_none:
+            t.grad = None
 
     fn()
     _sync()
+    clear()
     first = _timed_once(fn)
     if first > 100.0:  # long calls: do_bench's calibration would take minutes
-        for t in grad_to_none:
-            t.grad = None
-        return statistics.median([first, _timed_once(fn), _timed_once(fn)])
+        times = [first]
+        for _ in range(2):
+            clear()
+            times.append(_timed_once(fn))
+        return statistics.median(times)
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none or None,
                                          return_mode="median"))
 

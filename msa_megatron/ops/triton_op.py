@@ -121,6 +121,14 @@ def _check_docs(doc_start: Optional[Tensor], b: int, sq: int, q_pos: Tensor) -> 
     return ds
 
 
+def index_resident_bytes(iq: Tensor, ik: Tensor) -> int:
+    """Bytes of the index branch a training call holds through the main backward: iq, ik,
+    their gradients (same dtype) and the index LSE [b, g, sq] fp32 (2.5 GiB at 1M, paper
+    layout); the main kernels' partial budgets count it (triton_sparse_attn.partial_budget)."""
+    b, sq, g, _ = iq.shape
+    return 2 * (iq.numel() * iq.element_size() + ik.numel() * ik.element_size()) + b * g * sq * 4
+
+
 @dataclass
 class _KLResult:
     kl: Tensor  # 0-dim fp32, the mean KL (detached)
@@ -164,6 +172,23 @@ def _kl_triton(mode: str, q, k, iq, ik, block_idx, main_lse, index_lse, index_pl
     return _KLResult(kl.detach().float().reshape(()), d_iq, d_ik, stats)
 
 
+#: Elements per slice of :func:`scale_grad` (64 MiB of fp32 at a time).
+SCALE_SLICE = 1 << 24
+
+
+def scale_grad(d: Tensor, g: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``(d.float() * g).to(d.dtype)`` (``g`` a 0-dim tensor) in slices of :data:`SCALE_SLICE`
+    elements, into ``out`` (may be ``d``: in place) or a new tensor: the same rounding without
+    an fp32 copy of ``d`` (2 GiB for d_iq at 1M), and without relying on how a 0-dim device
+    tensor ``g`` is promoted in ``d * g`` (it may be cast to d's dtype first)."""
+    out = torch.empty(d.shape, dtype=d.dtype, device=d.device) if out is None else out
+    src, dst = d.reshape(-1), out.view(-1)
+    g32 = g.to(torch.float32)
+    for i in range(0, src.numel(), SCALE_SLICE):
+        dst[i:i + SCALE_SLICE] = (src[i:i + SCALE_SLICE].float() * g32).to(d.dtype)
+    return out
+
+
 class _KLFromGrads(torch.autograd.Function):
     """kl as a function of (iq, ik) whose gradient was computed together with its value."""
 
@@ -175,8 +200,8 @@ class _KLFromGrads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         d_iq, d_ik = ctx.saved_tensors
-        giq = (d_iq.float() * g).to(d_iq.dtype) if ctx.needs_input_grad[0] else None
-        gik = (d_ik.float() * g).to(d_ik.dtype) if ctx.needs_input_grad[1] else None
+        giq = scale_grad(d_iq, g) if ctx.needs_input_grad[0] else None
+        gik = scale_grad(d_ik, g) if ctx.needs_input_grad[1] else None
         return giq, gik, None, None, None
 
 
@@ -202,7 +227,9 @@ class _SparseAttentionKLFn(torch.autograd.Function):
                 q, k.shape[2], block_idx.shape[-1], block_size, fwd=True, bwd=True,
                 deterministic=deterministic, config=cfg, kl_di=iq.shape[-1],
                 dq_partial_dtype=q.dtype if cfg.dq_partial_lowp else torch.float32)
-            plan = _tsa.build_plan(block_idx, k.shape[1], block_size, need, cfg, csr=csr)
+            resident = (_tsa.main_resident_bytes(q.shape, k.shape, block_idx.shape[-1], q.dtype, bwd=True)
+                        + index_resident_bytes(iq, ik) + (iq.numel() + ik.numel()) * 4)  # + the fused KL's fp32 grads
+            plan = _tsa.build_plan(block_idx, k.shape[1], block_size, need, cfg, resident_bytes=resident, csr=csr)
         out, lse = _tsa.sparse_attention_fwd(q, k, v, block_idx, block_size, q_pos, scale, config=cfg, plan=plan,
                                              doc_start=doc_start)
         ctx.doc_start, ctx.csr = doc_start, csr
@@ -270,23 +297,32 @@ class _UnionAttentionKLFn(torch.autograd.Function):
         lm_grad = dout is not None
         if dout is None:
             dout = torch.zeros_like(out)
-        # the KV-outer dK/dV pass (union_dkdv="kv"; no dQ partials: one chunk) over the op's CSR; the
-        # union dK/dV needs no reverse index
-        plan = None if ctx.csr is None or ctx.cfg.union_dkdv != "kv" else _tsa.build_plan(
-            block_idx, k.shape[1], ctx.block_size, 0, ctx.cfg, csr=ctx.csr)
+        # the KV-outer dK/dV pass's plan (union_dkdv="kv"; no dQ partials: one chunk) over the op's
+        # CSR, handed over without a reference kept here: the union backward drops it (and so the
+        # CSR, 256 MiB at 1M) before its dQ pass
         dq, dk, dv, res = _tu.union_attention_bwd(
             dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos, ctx.scale, config=ctx.cfg, lists=ctx.lists,
-            plan=plan, kl=_tsa.FusedKL(iq, ik, index_lse, ctx.iscale), doc_start=ctx.doc_start)
+            plan=_take_dkdv_plan(ctx, block_idx, k.shape[1]),
+            kl=_tsa.FusedKL(iq, ik, index_lse, ctx.iscale), doc_start=ctx.doc_start)
         ctx.holder.copy_(torch.stack([res.kl, res.stats["index_entropy"], res.stats["main_entropy"]]))
         d_iq = d_ik = None
-        if dkl is not None:  # in place on the fp32 gradients: no second fp32 copy (2 GiB at 1M)
+        if dkl is not None:  # in place: d_iq is already in iq's dtype, d_ik the fp32 accumulator (0.5 GiB at 1M)
             if ctx.needs_input_grad[3]:
-                d_iq = res.d_iq.mul_(dkl).to(iq.dtype)
+                d_iq = scale_grad(res.d_iq, dkl, out=res.d_iq).to(iq.dtype)
             if ctx.needs_input_grad[4]:
                 d_ik = res.d_ik.mul_(dkl).to(ik.dtype)
         if not lm_grad:
             dq = dk = dv = None
         return dq, dk, dv, d_iq, d_ik, None, None, None, None, None, None, None, None, None, None
+
+
+def _take_dkdv_plan(ctx, block_idx: Tensor, sk: int):
+    """The KV-outer dK/dV plan of a union backward from ``ctx.csr``, which it clears (the plan
+    then holds the only reference to the CSR's order); None without a CSR or with the union dK/dV."""
+    csr, ctx.csr = ctx.csr, None
+    if csr is None or ctx.cfg.union_dkdv != "kv":
+        return None
+    return _tsa.build_plan(block_idx, sk, ctx.block_size, 0, ctx.cfg, csr=csr)
 
 
 def _union_kl_lists(mode: str, backend: str, need_grad: bool, compute_kl: bool, q: Tensor, k: Tensor,
@@ -593,8 +629,10 @@ def msa_attention_triton(
             aux.stats.update(index_entropy=ent_i, main_entropy=ent_m)
     else:
         if mode == "msa":
+            extra = index_resident_bytes(iq, ik) if compute_kl else 0
             out, aux.lse = sparse_attention(q, k, v, block_idx, cfg.block_size, pos, scale,
-                                            config=kernel_config, deterministic=deterministic, doc_start=ds, csr=csr)
+                                            config=kernel_config, deterministic=deterministic, doc_start=ds, csr=csr,
+                                            extra_resident_bytes=extra)
         else:
             out, aux.lse = dense_attention_triton(q, k, v, pos, default_pos, scale, **dense_kw)
         if compute_kl:

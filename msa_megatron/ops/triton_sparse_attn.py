@@ -552,34 +552,67 @@ def kv_tiles(kind: str, dtype: torch.dtype, d: int, G: int, block_size: int, cfg
     return qp, bn
 
 
-def _partial_budget(device: torch.device, cfg: KernelConfig, reserve_bytes: int = 0) -> int:
-    """Bytes the partial buffers of one chunk may take: the configured value, else a quarter
-    of the memory free for tensors (CUDA driver free + the caching allocator's unused
-    reserve) after ``reserve_bytes`` (outputs the caller allocates after sizing the chunks:
-    dq + fp32 dK/dV accumulators are 20 GiB at 1M), between 256 MiB and 8 GiB; 64 MiB off CUDA."""
+# ----------------------------------------------------------------------------- memory sizing
+#: Bounds of the auto per-chunk partial budget (see :func:`partial_budget`). The floor keeps
+#: chunks large enough that each work item still reuses its K/V block for several queries (at
+#: 1M tokens, 512 MiB = ~2K query positions per chunk of the KV-outer path); the cap is the old
+#: free-memory rule's cap, so at 128K (33 GiB of KV-outer partials) the chunks are the ones an
+#: idle H100 got before (5 chunks, few launches: nothing gets slower).
+PARTIAL_MIN_BYTES = 512 << 20
+PARTIAL_MAX_BYTES = 8 << 30
+_GIB = 1 << 30
+
+
+def partial_budget(cfg: KernelConfig, resident_bytes: int = 0) -> int:
+    """Bytes the partial buffers of one chunk may take: ``cfg.partial_bytes`` when set, else
+    what the memory envelope (``cfg.mem_envelope_gib``, default 74 GiB: one 80 GB card with
+    5 GiB of margin) leaves after ``resident_bytes`` (the tensors this call's forward and
+    backward hold anyway, :func:`main_resident_bytes`), between :data:`PARTIAL_MIN_BYTES` and
+    :data:`PARTIAL_MAX_BYTES`.
+
+    A function of the shapes only, never of the memory free at call time: the same call gets
+    the same chunks on any card and at any point of a step (before, a budget taken from free
+    memory in the forward sized the backward's buffers: peaks that changed with what happened
+    to be free, and the 1M fwd+bwd OOM of kernel_study.md section 3)."""
     if cfg.partial_bytes > 0:
         return cfg.partial_bytes
-    if device.type != "cuda":
-        return 64 << 20
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(min(8 << 30, max(256 << 20, (free - reserve_bytes) // 4)))
+    room = int(cfg.mem_envelope_gib * _GIB) - int(resident_bytes)
+    return int(min(PARTIAL_MAX_BYTES, max(PARTIAL_MIN_BYTES, room)))
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def main_resident_bytes(q_shape, k_shape, K: int, dtype: torch.dtype, bwd: bool = True,
+                        fp32_dkdv: bool = True) -> int:
+    """Bytes a KV-outer main-branch call holds besides its partial buffers while its chunks
+    run, from shapes: forward: q, out, k, v, lse [b, hq, sq] fp32, block_idx and the plan's two
+    int32 copies (reverse-index order, chunk-major selection) [b, g, sq, K]; with ``bwd`` also
+    dout, dq, delta (fp32 like lse) and dK/dV: the fp32 accumulators when the queries are
+    chunked (``fp32_dkdv``; cast to the output dtype one at a time after the chunks, with the
+    plan and delta freed first), else dk, dv. At 1M tokens, paper layout (64 q / 4 KV heads,
+    d 128, K 16, bf16): 35.0 GiB forward, 71.25 GiB forward + backward (docs/kernels_main.md,
+    "Memory at 1M")."""
+    b, sq, hq, _ = q_shape
+    qb, kb = _nbytes(q_shape, dtype), _nbytes(k_shape, dtype)
+    stats = b * hq * sq * 4
+    sel = 3 * b * k_shape[2] * sq * K * 4
+    total = 2 * qb + 2 * kb + stats + sel
+    if bwd:
+        total += 2 * qb + stats + (2 * _nbytes(k_shape, torch.float32) if fp32_dkdv else 2 * kb)
+    return total
 
 
 def _plan_fits(plan: Plan, bytes_per_pos: int, device: torch.device, cfg: KernelConfig,
-               reserve_bytes: int = 0) -> bool:
+               resident_bytes: int = 0) -> bool:
     """Whether the plan's chunks keep ``bytes_per_pos`` partial buffers under the budget
-    taken now (always true when it is already one position per chunk)."""
+    (always true when it is already one position per chunk). ``device``: unused (the budget
+    does not depend on the device's free memory); kept for callers."""
     if not plan.chunks or bytes_per_pos <= 0:
         return True
     cq = plan.chunks[0].cq
-    return cq <= 1 or cq * bytes_per_pos <= _partial_budget(device, cfg, reserve_bytes)
-
-
-def _out_bytes(q: Tensor) -> int:
-    """out + lse of a forward (allocated after its chunks are sized)."""
-    b, sq, hq, _ = q.shape
-    return q.numel() * q.element_size() + b * hq * sq * 4
+    return cq <= 1 or cq * bytes_per_pos <= partial_budget(cfg, resident_bytes)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -589,12 +622,13 @@ def _num_sms(device: torch.device) -> int:
 
 
 def build_plan(block_idx: Tensor, sk: int, block_size: int, bytes_per_pos: int,
-               config: Optional[KernelConfig] = None, reserve_bytes: int = 0,
+               config: Optional[KernelConfig] = None, resident_bytes: int = 0,
                csr: Optional[SelectionCSR] = None) -> Plan:
     """Work items over the reverse index of ``block_idx`` [b, g, sq, K]: for each (b, g, block)
     the (query, slot) pairs that chose it, split into work items of at most ``item_pairs`` pairs;
     the queries cut into chunks whose partial buffers (``bytes_per_pos`` per query position, see
-    :func:`partial_bytes_per_pos`) fit the memory budget (and at most ``chunk_queries`` long).
+    :func:`partial_bytes_per_pos`) fit :func:`partial_budget` (``resident_bytes``: what the call
+    holds besides them) and are at most ``chunk_queries`` long.
 
     The reverse index is the selection's CSR (``ops/csr.py``): ``csr`` when the op built it for
     this selection (shared with the index kernels), else built here (one stable sort). One
@@ -606,7 +640,7 @@ def build_plan(block_idx: Tensor, sk: int, block_size: int, bytes_per_pos: int,
     dev = block_idx.device
     nb = math.ceil(sk / block_size)
     nseg = b * g * nb
-    cq = max(1, min(sq, _partial_budget(dev, cfg, reserve_bytes) // max(1, bytes_per_pos)))
+    cq = max(1, min(sq, partial_budget(cfg, resident_bytes) // max(1, bytes_per_pos)))
     if cfg.chunk_queries > 0:
         cq = min(cq, cfg.chunk_queries)
     nch = -(-sq // cq) if sq else 0
@@ -848,7 +882,7 @@ def sparse_attention_fwd(
     block_idx = block_idx.contiguous()
     if plan is None or plan.key != _plan_key(block_idx, sk, block_size):
         plan = build_plan(block_idx, sk, block_size, partial_bytes_per_pos(q, g, K, block_size, config=cfg), cfg,
-                          reserve_bytes=_out_bytes(q), csr=csr)
+                          resident_bytes=main_resident_bytes(q.shape, k.shape, K, q.dtype, bwd=False), csr=csr)
     GP = _next_pow2(G)
     TQ = _combine_tq(GP, DP)
     part_dtype = q.dtype
@@ -894,7 +928,7 @@ def sparse_attention_bwd(
     *, deterministic: bool = True, dq_partial_dtype: Optional[torch.dtype] = None,
     config: Optional[KernelConfig] = None, plan: Optional[Plan] = None, kl: Optional[FusedKL] = None,
     compute_dq: bool = True, return_delta: bool = False, doc_start: Optional[Tensor] = None,
-    csr: Optional[SelectionCSR] = None,
+    csr: Optional[SelectionCSR] = None, extra_resident_bytes: int = 0,
 ):
     """Sparse main-branch backward: (dq, dk, dv) in the inputs' dtypes; dK/dV of a KV head sum
     over its group's query heads.
@@ -913,7 +947,11 @@ def sparse_attention_bwd(
     of additions varies run to run).
 
     ``doc_start``: packed documents, as :func:`sparse_attention_fwd` (also masks the fused KL).
-    ``csr``: the selection's reverse index (ops/csr.py), used when the plan is (re)built here."""
+    ``csr``: the selection's reverse index (ops/csr.py), used when the plan is (re)built here.
+    ``extra_resident_bytes``: what the caller holds besides this call's tensors (the op: the
+    index branch's iq, ik and their gradients), for :func:`partial_budget`. The plan is
+    released (as far as the caller lets go of it) and dK/dV are cast one at a time before
+    returning: at 1M the fp32 accumulators and their casts never coexist with the partials."""
     cfg = config or default_config()
     b, sq, hq, d, sk, g, K = _check_inputs(q, k, v, block_idx, block_size)
     if do.shape != q.shape or out.shape != q.shape:
@@ -940,13 +978,13 @@ def sparse_attention_bwd(
         kiq, kik, kilse, di, kl_norm = _check_fused_kl(kl, q, sk, g)
     need = partial_bytes_per_pos(q, g, K, block_size, fwd=False, bwd=compute_dq, deterministic=deterministic,
                                  dq_partial_dtype=dq_partial_dtype, config=cfg, kl_di=di if kl is not None else 0)
-    # outputs allocated after the chunks are sized: dq, fp32 dK/dV accumulators (worst case), delta
-    reserve = (q.numel() * q.element_size() if compute_dq else 0) + 2 * k.numel() * 4 + b * hq * sq * 4
+    resident = main_resident_bytes(q.shape, k.shape, K, q.dtype, bwd=True, fp32_dkdv=compute_dq) + extra_resident_bytes
+    if kl is not None:  # the fused KL's fp32 d_iq / d_ik
+        resident += (b * sq * g + b * sk) * di * 4
     if (plan is None or plan.key != _plan_key(block_idx, sk, block_size)
-            or not _plan_fits(plan, need, q.device, cfg, reserve)):
-        # partial buffers are sized now, at use time (a plan from the forward may have been cut
-        # for the memory free then: the 1M fwd+bwd OOM of kernel_study.md section 3)
-        plan = build_plan(block_idx, sk, block_size, need, cfg, reserve_bytes=reserve, csr=csr)
+            or not _plan_fits(plan, need, q.device, cfg, resident)):
+        # a plan built for another need (a forward-only plan, another dQ partial dtype)
+        plan = build_plan(block_idx, sk, block_size, need, cfg, resident_bytes=resident, csr=csr)
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     if kl is not None:
         DIP = max(16, _next_pow2(di))
@@ -1033,13 +1071,22 @@ def sparse_attention_bwd(
         else:
             dq[:, ch.t0:ch.t1] = dqbuf[:, :nt].to(q.dtype)
         del dqbuf, dkpart, dvpart
+    # release the plan (reverse index, chunk-major selection, work items: ~0.5 GiB at 1M) and
+    # delta, then cast the fp32 accumulators one at a time (one fp32 + one output alive, not four)
+    plan = ch = None
+    if not return_delta:
+        delta = None
+    dk = dk_acc.to(k.dtype)
+    del dk_acc
+    dv = dv_acc.to(v.dtype)
+    del dv_acc
     if kl is None:
         if return_delta:
-            return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype), delta
-        return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+            return dq, dk, dv, delta
+        return dq, dk, dv
     sums = torch.cat(kl_parts).sum(0) if kl_parts else torch.zeros(3, dtype=torch.float32, device=q.device)
     stats = {"index_entropy": -sums[1] / kl_norm, "main_entropy": -LN2 * sums[2] / (kl_norm * G)}
-    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype), FusedKLResult(sums[0] / kl_norm, d_iq32, d_ik32, stats)
+    return dq, dk, dv, FusedKLResult(sums[0] / kl_norm, d_iq32, d_ik32, stats)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -1052,9 +1099,10 @@ class SparseAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, block_idx, block_size, q_pos, softmax_scale, config, deterministic, doc_start=None,
-                csr=None):
+                csr=None, extra_resident_bytes=0):
         cfg = config or default_config()
         _kv_outer_only(cfg)
+        ctx.extra = extra_resident_bytes
         b, sq, hq, d = q.shape
         block_idx = block_idx.contiguous()
         grad = any(ctx.needs_input_grad[:3])
@@ -1081,11 +1129,15 @@ class SparseAttentionFn(torch.autograd.Function):
             need = partial_bytes_per_pos(q, k.shape[2], block_idx.shape[-1], block_size, fwd=True, bwd=True,
                                          deterministic=deterministic, config=cfg,
                                          dq_partial_dtype=q.dtype if cfg.dq_partial_lowp else torch.float32)
-            plan = build_plan(block_idx, k.shape[1], block_size, need, cfg, reserve_bytes=_out_bytes(q), csr=csr)
+            # sized for the backward too (its dQ partials and fp32 dK/dV accumulators): the
+            # backward reuses this plan as it is (same shapes, same budget)
+            resident = main_resident_bytes(q.shape, k.shape, block_idx.shape[-1], q.dtype, bwd=True)
+            plan = build_plan(block_idx, k.shape[1], block_size, need, cfg, resident_bytes=resident + extra_resident_bytes,
+                              csr=csr)
         out, lse = sparse_attention_fwd(q, k, v, block_idx, block_size, q_pos, softmax_scale, config=cfg, plan=plan,
                                         doc_start=doc_start, csr=csr)
         ctx.doc_start = doc_start
-        ctx.csr = csr if grad else None
+        ctx.csr = csr if grad and plan is None else None  # the plan holds what the backward needs of it
         ctx.save_for_backward(q, k, v, out, lse, block_idx, q_pos if q_pos is not None else torch.empty(0))
         ctx.has_pos = q_pos is not None
         ctx.block_size, ctx.scale, ctx.cfg, ctx.plan, ctx.det = block_size, softmax_scale, cfg, plan, deterministic
@@ -1106,29 +1158,42 @@ class SparseAttentionFn(torch.autograd.Function):
             dq, dk, dv = _tu.union_attention_bwd(
                 dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos if ctx.has_pos else None, ctx.scale,
                 config=ctx.cfg, lists=ctx.lists, plan=plan, doc_start=ctx.doc_start)
-            return dq, dk, dv, None, None, None, None, None, None, None, None
+            return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        # the plan is handed over (not kept in ctx) so the backward frees it before its dK/dV
+        # casts (0.7 GiB at 1M); a second backward (retain_graph) builds it again
         dq, dk, dv = sparse_attention_bwd(
             dout, q, k, v, out, lse, block_idx, ctx.block_size, q_pos if ctx.has_pos else None, ctx.scale,
-            deterministic=ctx.det, config=ctx.cfg, plan=ctx.plan, doc_start=ctx.doc_start, csr=ctx.csr,
+            deterministic=ctx.det, config=ctx.cfg, plan=_take(ctx, "plan"), doc_start=ctx.doc_start, csr=ctx.csr,
+            extra_resident_bytes=ctx.extra,
         )
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def _take(ctx, name: str):
+    """``getattr(ctx, name)``, then set to None: the caller's argument is the only reference."""
+    value = getattr(ctx, name)
+    setattr(ctx, name, None)
+    return value
 
 
 def sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
     q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
     *, config: Optional[KernelConfig] = None, deterministic: bool = True, doc_start: Optional[Tensor] = None,
-    csr: Optional[SelectionCSR] = None,
+    csr: Optional[SelectionCSR] = None, extra_resident_bytes: int = 0,
 ) -> Tuple[Tensor, Tensor]:
     """Autograd-aware sparse main branch: (out, lse), same contract as the reference
     (``doc_start``: packed documents, keys before each query's document start invisible).
     ``csr``: the selection's reverse index when the caller built it (the op shares the index
-    branch's, ops/csr.py); otherwise built here, once for the forward and the backward."""
+    branch's, ops/csr.py); otherwise built here, once for the forward and the backward.
+    ``extra_resident_bytes``: what the caller holds through the backward besides q, k, v, out,
+    dout and their gradients (the op: iq, ik and their gradients), for :func:`partial_budget`."""
     return SparseAttentionFn.apply(q, k, v, block_idx, block_size, q_pos, softmax_scale, config, deterministic,
-                                   doc_start, csr)
+                                   doc_start, csr, extra_resident_bytes)
 
 
 __all__ = [
-    "FusedKL", "FusedKLResult", "KernelConfig", "Plan", "SparseAttentionFn", "build_plan", "default_config",
-    "partial_bytes_per_pos", "sparse_attention", "sparse_attention_bwd", "sparse_attention_fwd",
+    "FusedKL", "FusedKLResult", "KernelConfig", "PARTIAL_MAX_BYTES", "PARTIAL_MIN_BYTES", "Plan", "SparseAttentionFn",
+    "build_plan", "default_config", "main_resident_bytes", "partial_budget", "partial_bytes_per_pos", "sparse_attention",
+    "sparse_attention_bwd", "sparse_attention_fwd",
 ]

@@ -532,7 +532,7 @@ def _union_kl_kernel(
         diq += tl.dot(dsk, ikb, input_precision=DOT_PREC)
         tl.store(DSBUF + row_off, dsk.to(DSBUF.dtype.element_ty), mask=slive[:, None] & (col < BLOCK)[None, :])
     diq_off = ((bi.to(tl.int64) * sq + st) * n_groups + gi) * DI
-    tl.store(DIQ + diq_off[:, None] + offs_i[None, :], diq, mask=slive[:, None] & imask[None, :])
+    tl.store(DIQ + diq_off[:, None] + offs_i[None, :], diq.to(DIQ.dtype.element_ty), mask=slive[:, None] & imask[None, :])
     tl.store(KLPART + tl.program_id(0) * 2, tl.sum(kl_acc, 0))
     tl.store(KLPART + tl.program_id(0) * 2 + 1, tl.sum(ent_i, 0))
 
@@ -791,8 +791,9 @@ def union_attention_fwd(
 
 @dataclass
 class UnionKLResult:
-    """As ``FusedKLResult``: kl (mean, fp32 0-dim), d_iq [b, sq, g, di] / d_ik [b, sk, di]
-    fp32 gradients of that mean, stats (index_entropy, main_entropy means)."""
+    """As ``FusedKLResult``: kl (mean, fp32 0-dim), d_iq [b, sq, g, di] (iq's dtype: written
+    once per tile) / d_ik [b, sk, di] (fp32: accumulated over tiles) gradients of that mean,
+    stats (index_entropy, main_entropy means)."""
 
     kl: Tensor
     d_iq: Tensor
@@ -800,16 +801,43 @@ class UnionKLResult:
     stats: dict
 
 
-def _dsbuf_chunks(lists: UnionLists, bytes_per_entry: int, budget: int):
-    """Tile ranges [w0, w1) (natural order) whose dS_student buffers fit ``budget`` bytes:
-    one small host sync (the chunk boundaries' entry offsets)."""
+def union_resident_bytes(q: Tensor, k: Tensor, K: int, lists: UnionLists, kl: bool = False, di: int = 0) -> int:
+    """Bytes the union training path holds during its dQ pass besides the chunked buffers,
+    from shapes: q, out, dout, dq; k, v, dk, dv; lse and delta [b, hq, sq] fp32; block_idx;
+    the union lists (block and membership [tiles, UMAX] int32, counts / offsets / order);
+    with the KL: iq, ik, the index LSE, d_iq (iq's dtype) and the fp32 d_ik accumulator.
+    At 1M tokens, paper layout, bf16: 72.0 GiB (docs/kernels_main.md, "Memory at 1M")."""
+    b, sq, hq, _ = q.shape
+    g, sk = k.shape[2], k.shape[1]
+    qb, kb = q.numel() * q.element_size(), k.numel() * k.element_size()
     n = lists.cnt.numel()
-    total = int(lists.off[-1] + lists.cnt[-1]) if n else 0
-    nch = max(1, -(-total * bytes_per_entry // max(1, budget)))
-    bounds = [min(n, (i * n) // nch) for i in range(nch + 1)]
-    ends = torch.cat([lists.off, (lists.off[-1:] + lists.cnt[-1:].to(torch.int64))])
-    offs = ends[torch.tensor(bounds, device=ends.device)].tolist()
-    return [(bounds[i], bounds[i + 1], int(offs[i]), int(offs[i + 1])) for i in range(nch) if bounds[i + 1] > bounds[i]]
+    total = 4 * qb + 4 * kb + 2 * b * hq * sq * 4 + b * g * sq * K * 4 + n * (2 * lists.umax * 4 + 16)
+    if kl:
+        total += 2 * b * sq * g * di * q.element_size() + b * sk * di * (q.element_size() + 4) + b * g * sq * 4
+    return total
+
+
+def _dsbuf_chunks(lists: UnionLists, bytes_per_entry: int, budget: int, bytes_per_tile: int = 0):
+    """Tile ranges [w0, w1) (natural order) with their entry ranges [o0, o1), cut where the
+    running bytes (``bytes_per_entry`` per union entry + ``bytes_per_tile`` per tile) cross
+    equal shares of the total, as many shares as ``budget`` needs: each chunk stays within the
+    budget plus one tile. One small host sync (the total and the cut points)."""
+    n = lists.cnt.numel()
+    if not n:
+        return []
+    ends = lists.off + lists.cnt.to(torch.int64)  # entries of tiles [0, w]
+    cum = ends * bytes_per_entry + torch.arange(1, n + 1, device=ends.device) * bytes_per_tile
+    total = int(cum[-1])
+    nch = max(1, -(-total // max(1, budget)))
+    if nch == 1:
+        return [(0, n, 0, int(ends[-1]))]
+    targets = torch.arange(1, nch, device=ends.device, dtype=torch.float64) * (total / nch)
+    cuts = torch.searchsorted(cum.to(torch.float64), targets, right=True)
+    offs = torch.cat([ends.new_zeros(1), ends])
+    host = torch.cat([cuts, offs[cuts]]).tolist()
+    bounds = [0] + [int(c) for c in host[:nch - 1]] + [n]
+    eoffs = [0] + [int(o) for o in host[nch - 1:]] + [int(ends[-1])]
+    return [(bounds[i], bounds[i + 1], eoffs[i], eoffs[i + 1]) for i in range(nch) if bounds[i + 1] > bounds[i]]
 
 
 def _segment_work_items(seg_cnt: Tensor, n_entries: int, cap: int) -> dict:
@@ -845,9 +873,16 @@ def union_attention_dq(
     q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
     *, config: Optional[_tsa.KernelConfig] = None, lists: Optional[UnionLists] = None,
     delta: Optional[Tensor] = None, kl: Optional[_tsa.FusedKL] = None, doc_start: Optional[Tensor] = None,
+    extra_resident_bytes: int = 0,
 ):
     """Union-tile dQ (deterministic, written once), optionally with the indexer KL fused
-    (``kl=FusedKL(iq, ik, index_lse, index_scale)``): returns dq, or (dq, UnionKLResult)."""
+    (``kl=FusedKL(iq, ik, index_lse, index_scale)``): returns dq, or (dq, UnionKLResult).
+
+    With the KL, d_iq is written once per tile in iq's dtype (no fp32 [b, sq, g, di] buffer:
+    2 GiB at 1M) and d_ik accumulated in fp32 [b, sk, di]. The tiles run in chunks whose
+    teacher / dS buffers (and the d_ik pass's per-chunk arrays) fit
+    ``triton_sparse_attn.partial_budget`` of this call's resident tensors (+
+    ``extra_resident_bytes`` the caller holds): a function of the shapes, not of free memory."""
     cfg = config or _tsa.default_config()
     b, sq, hq, d, sk, g, K = _tsa._check_inputs(q, k, v, block_idx, block_size)
     G = hq // g
@@ -862,7 +897,7 @@ def union_attention_dq(
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     if kl is not None:
         kiq, kik, kilse, di, kl_norm = _tsa._check_fused_kl(kl, q, sk, g)
-        d_iq32 = _tsa._alloc((b, sq, g, di), torch.float32, q.device)
+        d_iq32 = _tsa._alloc((b, sq, g, di), kiq.dtype, q.device)  # written once per tile: no fp32 needed
         d_ik32 = torch.zeros((b, sk, di), dtype=torch.float32, device=q.device)
     if sq == 0:
         if kl is None:
@@ -893,10 +928,15 @@ def union_attention_dq(
     iscale = float(kl.index_scale)
     nb = math.ceil(sk / block_size)
     ds_dtype = kik.dtype
-    # per union entry: the teacher P-bar (fp32) and the student's logit gradient (ik's dtype)
-    per_entry = P * block_size * (4 + torch.empty((), dtype=ds_dtype).element_size())
-    budget = _tsa._partial_budget(q.device, cfg)  # taken now, at use time
-    chunks = _dsbuf_chunks(lists, per_entry, budget)
+    # per union entry: the teacher P-bar (fp32), the student's logit gradient (ik's dtype), its
+    # share of the d_ik pass's partials (two per union_dik_item_entries entries) and of the
+    # chunk's entry sort (int64 keys, order and segment ids per tile slot, ~UMAX / U per entry)
+    cap = cfg.union_dik_item_entries
+    per_entry = (P * block_size * (4 + torch.empty((), dtype=ds_dtype).element_size())
+                 + (-(-2 * block_size * di * 4 // cap) if cap > 0 else 0))
+    per_tile = 4 * 8 * lists.umax  # the chunk's entry sort: int64 slot keys, sorted keys, order, segment ids
+    budget = _tsa.partial_budget(cfg, union_resident_bytes(q, k, K, lists, kl=True, di=di) + extra_resident_bytes)
+    chunks = _dsbuf_chunks(lists, per_entry, budget, per_tile)
     kl_parts, entm_parts = [], []
     bn_ik = _tsa._block_n(block_size, 64)
     bn_kl = _tsa._block_n(block_size, 64 if q.dtype != torch.float32 else 32)
@@ -1026,7 +1066,7 @@ def union_attention_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, block_idx: Tensor, block_size: int,
     q_pos: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
     *, config: Optional[_tsa.KernelConfig] = None, lists: Optional[UnionLists] = None, plan=None,
-    kl: Optional[_tsa.FusedKL] = None, doc_start: Optional[Tensor] = None,
+    kl: Optional[_tsa.FusedKL] = None, doc_start: Optional[Tensor] = None, extra_resident_bytes: int = 0,
 ):
     """Split backward: dK/dV per key block over the union entries that hold it
     (``union_dkdv="union"``, default) or by the KV-outer kernel without its dQ half
@@ -1046,8 +1086,10 @@ def union_attention_bwd(
         _, dk, dv, delta = _tsa.sparse_attention_bwd(do, q, k, v, out, lse, block_idx, block_size, q_pos,
                                                      softmax_scale, config=cfg, plan=plan, compute_dq=False,
                                                      return_delta=True, doc_start=doc_start)
+    plan = None  # its reverse index is not needed by the dQ pass (freed here unless the caller keeps it)
     res = union_attention_dq(do, q, k, v, out, lse, block_idx, block_size, q_pos, softmax_scale, config=cfg,
-                             lists=lists, delta=delta, kl=kl, doc_start=doc_start)
+                             lists=lists, delta=delta, kl=kl, doc_start=doc_start,
+                             extra_resident_bytes=extra_resident_bytes)
     if kl is None:
         return res, dk, dv
     dq, klres = res
@@ -1056,5 +1098,6 @@ def union_attention_bwd(
 
 __all__ = [
     "UnionKLResult", "UnionLists", "build_union_lists", "build_union_lists_triton", "resolve_main_impl", "union_attention_bwd",
-    "union_attention_dkdv", "union_attention_dq", "union_attention_fwd", "union_lists_for", "union_positions", "union_stats",
+    "union_attention_dkdv", "union_attention_dq", "union_attention_fwd", "union_lists_for", "union_positions",
+    "union_resident_bytes", "union_stats",
 ]

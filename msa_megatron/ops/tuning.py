@@ -121,7 +121,8 @@ class KernelConfig(_Spec):
     bwd_block_n: int = 128  # same for the backward (64 halves the dK/dV registers, doubles dQ partials)
     items_per_sm: int = 8  # target work items per SM when splitting hot blocks
     item_pairs: int = 0  # (query, slot) pairs per work item; 0 = automatic
-    partial_bytes: int = 0  # memory budget of the per-chunk partial buffers; 0 = auto (see _partial_budget)
+    partial_bytes: int = 0  # memory budget of the per-chunk partial buffers; 0 = auto (see triton_sparse_attn.partial_budget)
+    mem_envelope_gib: float = 74.0  # auto partial budgets: what one layer's fwd+bwd may hold in all (an 80 GB card less 5 GiB); the budget is this less the call's resident tensors, in [512 MiB, 8 GiB]
     chunk_queries: int = 0  # cap on query positions per chunk (smaller: q rows more L2-resident); 0 = none
     lpt_order: bool = True  # launch the largest work items first
     kl_fused: bool = False  # msa op: indexer KL inside the main backward (one pass; values known after backward)
@@ -156,7 +157,7 @@ class KernelConfig(_Spec):
             raise KernelConfigError(f"{n}.main_impl", self.main_impl, "'auto', 'union', 'kv'")
         if self.union_dkdv not in ("union", "kv"):
             raise KernelConfigError(f"{n}.union_dkdv", self.union_dkdv, "'union', 'kv'")
-        for name in ("union_max_blocks", "union_max_blocks_fwd", "union_max_blocks_kl"):
+        for name in ("union_max_blocks", "union_max_blocks_fwd", "union_max_blocks_kl", "mem_envelope_gib"):
             if not getattr(self, name) > 0:
                 raise KernelConfigError(f"{n}.{name}", getattr(self, name), "> 0")
         for name in ("union_rows", "union_block_n", "union_dkdv_block_n", "union_dkdv_rows", "fwd_rows", "bwd_rows", "fwd_block_n", "bwd_block_n", "q_block_n"):
