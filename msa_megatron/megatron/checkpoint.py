@@ -10,7 +10,7 @@ saved once (replica 0), so they load at any TP size.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Union
+from typing import Iterable, List, Tuple, Union
 
 import torch
 
@@ -43,14 +43,50 @@ def save_model_checkpoint(model_or_chunks: ModelOrChunks, checkpoint_dir: str) -
     dist_checkpointing.save(model_sharded_state_dict(model_or_chunks), checkpoint_dir)
 
 
+#: Two names of one tensor in Megatron checkpoints: a MoE layer's pre-MLP norm is
+#: ``mlp.linear_fc1.layer_norm_*`` in the local specs (Megatron's and this package's, and this
+#: package's TE spec) and ``pre_mlp_layernorm.*`` in Megatron's stock TE spec.
+KEY_ALIASES = ((".mlp.linear_fc1.layer_norm_weight", ".pre_mlp_layernorm.weight"),
+               (".mlp.linear_fc1.layer_norm_bias", ".pre_mlp_layernorm.bias"))
+
+
+def alias_missing_keys(sharded: dict, checkpoint_dir: str) -> List[Tuple[str, str]]:
+    """Point every requested tensor whose key the checkpoint lacks, but whose other name
+    (:data:`KEY_ALIASES`) it has, at that name; returns the (key, alias) pairs. Weights-only
+    loads use it, so checkpoints of Megatron-LM's stock TE spec load into the local spec and
+    this package's TE spec, and theirs into ours. Keys present in the checkpoint are never
+    touched (a stacked-layer checkpoint that has the key for some layers only is not aliased)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    wanted = [v for v in nested_values(sharded) if isinstance(v, ShardedTensor)]
+    if not any(v.key.endswith(suffix) for v in wanted for pair in KEY_ALIASES for suffix in pair):
+        return []
+    present = set(dist_checkpointing.load_tensors_metadata(checkpoint_dir))
+    renamed = []
+    for v in wanted:
+        if v.key in present:
+            continue
+        for a, b in KEY_ALIASES:
+            for mine, theirs in ((a, b), (b, a)):
+                other = v.key[: -len(mine)] + theirs if v.key.endswith(mine) else None
+                if other is not None and other in present:
+                    renamed.append((v.key, other))
+                    v.key = other
+    return renamed
+
+
 def load_model_checkpoint(model_or_chunks: ModelOrChunks, checkpoint_dir: str,
                           strict: StrictHandling = StrictHandling.RAISE_UNEXPECTED) -> None:
     """Load weights saved at any parallel layout into this rank's chunks. By default every
     tensor the model needs must be in the checkpoint (extra checkpoint entries, e.g. optimizer
     state, are ignored), except Transformer Engine's ``_extra_state`` (FP8 scaling metadata,
-    no weights): a checkpoint of the local spec has none, and TE starts it fresh. Collective."""
+    no weights): a checkpoint of the local spec has none, and TE starts it fresh. A MoE
+    layer's pre-MLP norm is found under either of its names (:func:`alias_missing_keys`).
+    Collective."""
     chunks = [_unwrap(c) for c in as_chunks(model_or_chunks)]
     sd = model_sharded_state_dict(chunks)
+    alias_missing_keys(sd, checkpoint_dir)
     if strict is StrictHandling.RAISE_UNEXPECTED and _has_te_extra_state(sd):
         state, _ckpt_only, model_only = dist_checkpointing.load(sd, checkpoint_dir, strict=StrictHandling.RETURN_ALL)
         absent = sorted(k for k in model_only if not k.endswith("_extra_state"))
@@ -80,4 +116,4 @@ def _has_te_extra_state(sharded: dict) -> bool:
     return any(isinstance(v, ShardedBase) and v.key.endswith("_extra_state") for v in nested_values(sharded))
 
 
-__all__ = ["load_model_checkpoint", "model_sharded_state_dict", "save_model_checkpoint"]
+__all__ = ["KEY_ALIASES", "alias_missing_keys", "load_model_checkpoint", "model_sharded_state_dict", "save_model_checkpoint"]

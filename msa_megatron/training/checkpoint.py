@@ -623,7 +623,13 @@ class CheckpointManager:
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.validation import StrictHandling
 
+        from ..megatron.checkpoint import alias_missing_keys
+
         sd = _model_sd(model_chunks)
+        renamed = alias_missing_keys(sd, str(path))
+        if renamed:
+            log.info("init_from %s: %d tensors found under their other checkpoint name (e.g. %s -> %s)",
+                     path, len(renamed), *renamed[0])
         state, _missing, unexpected = dist_checkpointing.load(sd, str(path), strict=StrictHandling.RETURN_ALL)
         te_extra = [k for k in unexpected if is_te_extra_state(k)]
         unexpected = [k for k in unexpected if not is_te_extra_state(k)]

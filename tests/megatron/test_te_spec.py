@@ -214,6 +214,20 @@ def _key_cases(rank: int, tmp: str):
             te2 = build(True, cfg)
             CheckpointManager(cfg_of(f"run_dir={tmp}/init_run")).load_weights(Path(f"{tmp}/{norm}_local"), [te2])
             out["init_from_loss"] = loss(te2)
+            # Megatron-LM's stock TE spec saves a MoE layer's pre-MLP norm as pre_mlp_layernorm.weight:
+            # a model built with that name (keys map without the pre-MLP entry) loads into ours
+            saved_map = dict(specs.LOCAL_KEYS_MAP)
+            specs.LOCAL_KEYS_MAP.pop("pre_mlp_layernorm.")
+            try:
+                upstream = build(False, cfg)
+            finally:
+                specs.LOCAL_KEYS_MAP.update(saved_map)
+            out["upstream_keys"] = [k for k in keys(upstream) if "pre_mlp_layernorm" in k]
+            save_model_checkpoint(upstream, f"{tmp}/upstream")
+            ours, te3 = build(False, cfg), build(True, cfg)
+            load_model_checkpoint(ours, f"{tmp}/upstream")
+            CheckpointManager(cfg_of(f"run_dir={tmp}/init_run2")).load_weights(Path(f"{tmp}/upstream"), [te3])
+            out["upstream_losses"] = [loss(upstream), loss(ours), loss(te3)]
         fresh = build(False, cfg)
         save_model_checkpoint(te, f"{tmp}/{norm}_te")
         load_model_checkpoint(fresh, f"{tmp}/{norm}_te")
@@ -241,3 +255,6 @@ def test_te_layout_has_the_local_checkpoint_keys_and_loads_both_ways(tmp_path):
         assert te_only and all(k.endswith(".fp8_meta._extra_state") for k in te_only), te_only
         assert res[f"{norm}_local_from_te_equal"], norm
     assert abs(res["init_from_loss"] - res["RMSNorm_loss_local"]) < 1e-5, res
+    assert "decoder.layers.2.pre_mlp_layernorm.weight" in res["upstream_keys"], res["upstream_keys"]
+    up, ours, te = res["upstream_losses"]
+    assert abs(ours - up) < 1e-5 and abs(te - up) < 1e-5, res["upstream_losses"]
