@@ -43,6 +43,11 @@ def save_model_checkpoint(model_or_chunks: ModelOrChunks, checkpoint_dir: str) -
     dist_checkpointing.save(model_sharded_state_dict(model_or_chunks), checkpoint_dir)
 
 
+def is_te_extra_state(key: str) -> bool:
+    """Transformer Engine's per-module FP8 metadata (``..._extra_state``): no weights."""
+    return key.endswith("_extra_state")
+
+
 #: Two names of one tensor in Megatron checkpoints: a MoE layer's pre-MLP norm is
 #: ``mlp.linear_fc1.layer_norm_*`` in the local specs (Megatron's and this package's, and this
 #: package's TE spec) and ``pre_mlp_layernorm.*`` in Megatron's stock TE spec.
@@ -73,6 +78,7 @@ def alias_missing_keys(sharded: dict, checkpoint_dir: str) -> List[Tuple[str, st
                 if other is not None and other in present:
                     renamed.append((v.key, other))
                     v.key = other
+                    break
     return renamed
 
 
@@ -89,14 +95,14 @@ def load_model_checkpoint(model_or_chunks: ModelOrChunks, checkpoint_dir: str,
     alias_missing_keys(sd, checkpoint_dir)
     if strict is StrictHandling.RAISE_UNEXPECTED and _has_te_extra_state(sd):
         state, _ckpt_only, model_only = dist_checkpointing.load(sd, checkpoint_dir, strict=StrictHandling.RETURN_ALL)
-        absent = sorted(k for k in model_only if not k.endswith("_extra_state"))
+        absent = sorted(k for k in model_only if not is_te_extra_state(k))
         if absent:
             raise RuntimeError(f"{checkpoint_dir}: {len(absent)} tensors of this model are not in the checkpoint, "
                                f"e.g. {absent[:3]}")
         keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
         for key, chunk in zip(keys, chunks):
             result = chunk.load_state_dict(state[key], strict=False)
-            bad = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+            bad = [k for k in result.missing_keys if not is_te_extra_state(k)]
             if bad or result.unexpected_keys:
                 raise RuntimeError(f"{checkpoint_dir}: checkpoint/model mismatch: missing {bad[:3]}, "
                                    f"unexpected {result.unexpected_keys[:3]}")
@@ -113,7 +119,7 @@ def _has_te_extra_state(sharded: dict) -> bool:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedBase
 
-    return any(isinstance(v, ShardedBase) and v.key.endswith("_extra_state") for v in nested_values(sharded))
+    return any(isinstance(v, ShardedBase) and is_te_extra_state(v.key) for v in nested_values(sharded))
 
 
-__all__ = ["KEY_ALIASES", "alias_missing_keys", "load_model_checkpoint", "model_sharded_state_dict", "save_model_checkpoint"]
+__all__ = ["KEY_ALIASES", "alias_missing_keys", "is_te_extra_state", "load_model_checkpoint", "model_sharded_state_dict", "save_model_checkpoint"]

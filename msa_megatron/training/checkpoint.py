@@ -392,11 +392,6 @@ def load_optimizer_state(optimizer, state: Dict[str, Any]) -> None:
         optimizer._synchronize_steps()
 
 
-def is_te_extra_state(key: str) -> bool:
-    """Transformer Engine's per-module FP8 metadata (``..._extra_state``): no weights."""
-    return key.endswith("_extra_state")
-
-
 class CheckpointManager:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -623,7 +618,7 @@ class CheckpointManager:
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.validation import StrictHandling
 
-        from ..megatron.checkpoint import alias_missing_keys
+        from ..megatron.checkpoint import alias_missing_keys, is_te_extra_state
 
         sd = _model_sd(model_chunks)
         renamed = alias_missing_keys(sd, str(path))
@@ -656,6 +651,8 @@ class CheckpointManager:
 
     @staticmethod
     def _load_model(state: Dict[str, Any], model_chunks, allow_missing: bool = False) -> None:
+        from ..megatron.checkpoint import is_te_extra_state
+
         for i, chunk in enumerate(model_chunks):
             key = "model" if len(model_chunks) == 1 else f"model{i}"
             result = unwrap(chunk).load_state_dict(state[key], strict=not allow_missing)
