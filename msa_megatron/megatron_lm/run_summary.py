@@ -36,8 +36,17 @@ CONSOLE_KEYS = ("msa indexer kl", "msa index entropy", "msa main entropy")
 WRITER_KEYS = ("msa/indexer_kl", "msa/index_entropy", "msa/main_entropy", "msa/sparse")
 
 
+def is_interval_mean(key: str) -> bool:
+    """Whether an iteration-line value is a mean over the log interval (Megatron's
+    ``total_loss_dict``: the losses, MoE and DSA losses, the MSA metrics) rather than the
+    iteration's own value (learning rate, grad norm, loss scale, timings, ...)."""
+    return key in CONSOLE_KEYS or key.endswith("loss")
+
+
 @dataclass
 class LogSummary:
+    #: iteration -> its line's values; interval means with the first iteration's carry undone
+    #: (see :func:`undo_first_iteration_carry`)
     iterations: Dict[int, Dict[str, float]] = field(default_factory=dict)
     modes: List[Tuple[int, str]] = field(default_factory=list)  # (iteration, mode from then on)
     selection_recall: Dict[int, float] = field(default_factory=dict)  # iteration -> selection recall
@@ -64,7 +73,31 @@ def parse_log(text: str) -> LogSummary:
             out.loaded = int(m.group(1))
         if m := _SAVED.search(line):
             out.saved.append(int(m.group(1)))
+    undo_first_iteration_carry(out.iterations)
     return out
+
+
+def undo_first_iteration_carry(iterations: Dict[int, Dict[str, float]]) -> Optional[int]:
+    """Make the second logged iteration of an invocation its own interval's mean, in place.
+
+    Megatron-LM prints the first iteration of every invocation (a fresh start or a resume) but
+    does not reset its accumulators then (``training_log``: ``should_reset = not
+    is_first_iteration``; pinned by patches/mcore_019_training_loop), so the next printed
+    interval mean covers the first iteration too: with ``--log-interval 1`` a resumed run's
+    second line is the mean of its first two iterations, and differs from an uninterrupted
+    run's line for that iteration although the training is the same. With first iteration f
+    (value v_f) and next printed iteration p (value v_p, a mean over n = p - f + 1 iterations),
+    the interval f+1..p has mean (n v_p - v_f) / (n - 1). Returns p (None with < 2 lines).
+    Skipped iterations (not counted by Megatron) are not modelled."""
+    its = sorted(iterations)
+    if len(its) < 2:
+        return None
+    first, nxt = its[0], its[1]
+    n = nxt - first + 1
+    for key, value in list(iterations[nxt].items()):
+        if is_interval_mean(key) and key in iterations[first]:
+            iterations[nxt][key] = (n * value - iterations[first][key]) / (n - 1)
+    return nxt
 
 
 def read_tensorboard(logdir: str) -> Series:

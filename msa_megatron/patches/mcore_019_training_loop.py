@@ -32,6 +32,8 @@ SOURCE_CHECKS = (
     (f"{TARGET}:train", "forward_backward_func, iteration=iteration,"),
     (f"{TARGET}:train", "report_memory_flag = training_log("),
     (f"{TARGET}:training_log", "DSAIndexerLossLoggingHelper.track_indexer_metrics("),
+    # the first iteration's line does not reset the interval means (run_summary undoes the carry)
+    (f"{TARGET}:training_log", "should_reset = not is_first_iteration"),
 )
 
 

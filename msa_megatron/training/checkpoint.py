@@ -653,13 +653,15 @@ class CheckpointManager:
     def _load_model(state: Dict[str, Any], model_chunks, allow_missing: bool = False) -> None:
         from ..megatron.checkpoint import is_te_extra_state
 
+        # Never torch's strict load: a Transformer Engine module's ``_extra_state`` (FP8
+        # metadata, no weights) may be absent from the loaded state (TE starts it fresh), and
+        # torch's multi-line error would reach the user as its first line only.
         for i, chunk in enumerate(model_chunks):
             key = "model" if len(model_chunks) == 1 else f"model{i}"
-            result = unwrap(chunk).load_state_dict(state[key], strict=not allow_missing)
-            if allow_missing:
-                bad = [k for k in result.missing_keys if not (is_index_param(k) or is_te_extra_state(k))]
-                if bad or result.unexpected_keys:
-                    raise RuntimeError(f"checkpoint/model mismatch: missing {bad[:5]}, unexpected {result.unexpected_keys[:5]}")
+            result = unwrap(chunk).load_state_dict(state[key], strict=False)
+            bad = [k for k in result.missing_keys if not (is_te_extra_state(k) or (allow_missing and is_index_param(k)))]
+            if bad or result.unexpected_keys:
+                raise RuntimeError(f"checkpoint/model mismatch: missing {bad[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
 __all__ = ["CheckpointError", "CheckpointManager", "LATEST", "MANIFEST", "layout_signature", "resolve_checkpoint",

@@ -43,6 +43,20 @@ def _moe_track_names(cfg: Config) -> List[str]:
             "global_aux_loss": ["global_load_balancing_loss"]}.get(kind, [])
 
 
+#: Longest failure text :func:`one_line_error` keeps (torch's state-dict errors list every key).
+ERROR_TEXT_MAX = 1500
+
+
+def one_line_error(e: BaseException, limit: int = ERROR_TEXT_MAX) -> str:
+    """``Type: message`` on one line (all of the message's lines joined, cut at ``limit``
+    characters): a multi-line error such as torch's "Error(s) in loading state_dict" keeps the
+    key names that follow its first line."""
+    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+    if len(text) > limit:
+        text = text[:limit] + f" ... ({len(text) - limit} more characters)"
+    return f"{type(e).__name__}: {text}"
+
+
 class Trainer:
     """One training run. ``run()`` returns the process exit code."""
 
@@ -358,14 +372,14 @@ class Trainer:
 
     def _outcome(self, fn) -> Optional[str]:
         """Run ``fn`` on every rank; None if it succeeded everywhere, else the first failure
-        (one line), the same on every rank."""
+        (one line, :func:`one_line_error`), the same on every rank."""
         error = None
         try:
             fn()
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 - reported, then the caller decides
-            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            error = one_line_error(e)
         errors: List[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
         return next((e for e in errors if e is not None), None)
@@ -710,4 +724,4 @@ def run(cfg: Config, config_yaml: str = "", run_suffix: str = "") -> int:
         trainer.lock.release()
 
 
-__all__ = ["Trainer", "run"]
+__all__ = ["ERROR_TEXT_MAX", "Trainer", "one_line_error", "run"]
