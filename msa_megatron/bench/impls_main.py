@@ -291,7 +291,12 @@ def _main_bench(case: Case, config=None, deterministic: bool = True, fwd_only: b
         fwd_fn, fn = qouter_attention_fwd, qouter_attention
 
     def fwd():
-        return fwd_fn(q.detach(), k.detach(), v.detach(), bidx, B, config=cfg)
+        if cfg.fwd_impl == "q":
+            return fwd_fn(q.detach(), k.detach(), v.detach(), bidx, B, config=cfg)
+        # through the dispatch point (main_impl kv / union / auto; no gradient: the prefill
+        # limit): sparse_attention_fwd itself is the KV-outer forward whatever main_impl says
+        # (runs 9 and 11 timed that for the -union / -auto rows' fwd column)
+        return fn(q.detach(), k.detach(), v.detach(), bidx, B, config=cfg)
 
     fwdbwd = None
     if grad:

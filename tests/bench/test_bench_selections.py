@@ -141,3 +141,31 @@ def test_flex_union_mask_covers_the_selection_and_matches_reference(kind):
                          enable_gqa=True).transpose(1, 2)
     ref, _ = naive.sparse_attention(q, k, v, sel, case.block)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("impl,main_impl", [("msa-main-union", "union"), ("msa-main-auto", "auto"),
+                                            ("msa-main-kv", "kv")])
+def test_main_bench_fwd_goes_through_the_dispatch_point(monkeypatch, impl, main_impl):
+    """The fwd column of msa-main-union / -auto timed the KV-outer forward (sparse_attention_fwd
+    directly) in runs 9 and 11: the fwd must call sparse_attention, which dispatches by
+    main_impl, without gradients (the prefill limit applies)."""
+    from msa_megatron.bench import impls_main, registry
+    from msa_megatron.ops import triton_sparse_attn as T
+
+    calls = []
+
+    def dispatching(q, k, v, bidx, B, config=None, **kw):
+        calls.append(("dispatch", config.main_impl, q.requires_grad))
+        return torch.zeros_like(q), None
+
+    def kv_only(*a, **kw):
+        calls.append(("kv-forward",))
+        return None, None
+
+    monkeypatch.setattr(impls_main, "_need_cuda", lambda case: None)
+    monkeypatch.setattr(T, "sparse_attention", dispatching)
+    monkeypatch.setattr(T, "sparse_attention_fwd", kv_only)
+    case = Case(selection="flex", dtype=torch.float32, **SMALL)
+    bench = registry.get(impl)(case)
+    bench.fwd()
+    assert calls == [("dispatch", main_impl, False)]
