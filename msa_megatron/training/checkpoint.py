@@ -662,6 +662,11 @@ class CheckpointManager:
             bad = [k for k in result.missing_keys if not (is_te_extra_state(k) or (allow_missing and is_index_param(k)))]
             if bad or result.unexpected_keys:
                 raise RuntimeError(f"checkpoint/model mismatch: missing {bad[:5]}, unexpected {result.unexpected_keys[:5]}")
+            fresh = [k for k in result.missing_keys if is_te_extra_state(k)]
+            if fresh:  # said, not silent: with FP8 these hold the scaling history
+                log.warning("checkpoint: %d Transformer Engine _extra_state entries (FP8 scaling metadata) not in the "
+                            "checkpoint; TE starts them fresh: %s%s", len(fresh), ", ".join(fresh[:3]),
+                            " ..." if len(fresh) > 3 else "")
 
 
 __all__ = ["CheckpointError", "CheckpointManager", "LATEST", "MANIFEST", "layout_signature", "resolve_checkpoint",
