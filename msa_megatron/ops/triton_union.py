@@ -219,6 +219,41 @@ def union_lists_for(block_idx: Tensor, G: int, dtype: torch.dtype, cfg: Optional
     return build_union_lists(block_idx, P, heavy_first=cfg.union_heavy_first)
 
 
+#: Tiles per slice of :func:`union_mean_dups` (x P*K int32 keys: 64 MiB of sort input at P*K = 128).
+MEAN_DUPS_SLICE_TILES = 1 << 17
+
+
+def union_mean_dups(block_idx: Tensor, P: int, slice_tiles: int = MEAN_DUPS_SLICE_TILES) -> Tuple[Tensor, Tensor]:
+    """(mean union size per tile, whether a row repeats a block) as :func:`build_union_lists`
+    computes them (device tensors, no host sync), without building the lists: the auto
+    dispatch needs only these two numbers, and when they say "KV-outer" the lists (~2.5 GiB of
+    temporaries at 1M tokens with a random selection, run 11's 1M OOM candidate) would be
+    thrown away. Sorted in slices of ``slice_tiles`` tiles: a bounded transient."""
+    b, g, sq, K = block_idx.shape
+    dev = block_idx.device
+    nt = max(1, -(-sq // P))
+    umax = P * K
+    bi = block_idx.contiguous()
+    if nt * P != sq:
+        bi = torch.nn.functional.pad(bi, (0, 0, 0, nt * P - sq), value=-1)
+    bi = bi.view(b * g * nt, umax)
+    pidx = torch.arange(P, device=dev, dtype=torch.int32).repeat_interleave(K).view(1, umax)
+    sent = torch.iinfo(torch.int32).max
+    total = torch.zeros((), dtype=torch.int64, device=dev)
+    dups = torch.zeros((), dtype=torch.bool, device=dev)
+    for t0 in range(0, bi.shape[0], max(1, slice_tiles)):
+        part = bi[t0:t0 + slice_tiles]
+        key = torch.sort(torch.where(part >= 0, part * P + pidx, torch.full_like(part, sent)), dim=-1).values
+        valid = key != sent
+        blk = torch.div(key, P, rounding_mode="floor")
+        prev_key = torch.nn.functional.pad(key[:, :-1], (1, 0), value=-1)
+        prev_blk = torch.nn.functional.pad(blk[:, :-1], (1, 0), value=-1)
+        total += (valid & (blk != prev_blk)).sum()
+        dups |= (valid & (key == prev_key)).any()
+    mean = total.float() / bi.shape[0] if bi.shape[0] else torch.zeros((), device=dev)
+    return mean, dups
+
+
 def union_stats(block_idx: Tensor, P: int = 8) -> dict:
     """Mean / p90 / max union size per tile of P positions (host floats; one sync): the
     locality measure the dispatch and the benchmarks report (U8 at P = 8)."""
@@ -266,23 +301,28 @@ def resolve_main_impl(cfg: _tsa.KernelConfig, block_idx: Tensor, G: int, dtype: 
     if impl == "auto" and lists is None and _last_stats is not None and _last_stats[0]() is block_idx \
             and _last_stats[1] == key and (_last_stats[3] or _last_stats[2] >= limit):
         return "kv", None  # this very selection was measured a moment ago (the op, then SparseAttentionFn)
-    lists = union_lists_for(block_idx, G, dtype, cfg, lists, d)
     if impl == "union":
+        lists = union_lists_for(block_idx, G, dtype, cfg, lists, d)
         if bool(lists.dups):
             raise ValueError("kernel_config main_impl=union: block_idx repeats a block within a row; the union path "
                              "counts it once (use main_impl=kv or auto, which count it twice like the reference)")
         _tsa._announce("main-union", "MSA main branch: union-tile kernels (kernel_config main_impl=union)")
         return "union", lists
-    mean, dups = torch.stack([lists.mean, lists.dups.float()]).tolist()
+    P = union_positions(G, dtype, cfg, d)
+    if lists is not None and lists.key == key:
+        stats = (lists.mean, lists.dups)
+    else:  # the two numbers only: the lists are built when the union path is taken
+        stats = union_mean_dups(block_idx, P)
+    mean, dups = torch.stack([stats[0].float(), stats[1].float()]).tolist()
     _last_stats = (weakref.ref(block_idx), key, mean, bool(dups))
     if dups:
         _tsa._announce("main-auto-dups", "MSA main branch auto: a row repeats a block -> KV-outer kernels")
         return "kv", None
     if mean < limit:
-        _tsa._announce(f"main-auto-union-{knob}", f"MSA main branch auto: mean union {mean:.1f} blocks per {lists.P}-"
+        _tsa._announce(f"main-auto-union-{knob}", f"MSA main branch auto: mean union {mean:.1f} blocks per {P}-"
                                                   f"position tile < {limit:g} ({knob}) -> union-tile kernels")
-        return "union", lists
-    _tsa._announce(f"main-auto-kv-{knob}", f"MSA main branch auto: mean union {mean:.1f} blocks per {lists.P}-position "
+        return "union", union_lists_for(block_idx, G, dtype, cfg, lists, d)
+    _tsa._announce(f"main-auto-kv-{knob}", f"MSA main branch auto: mean union {mean:.1f} blocks per {P}-position "
                                            f"tile >= {limit:g} ({knob}) -> KV-outer kernels")
     return "kv", None
 
@@ -1099,5 +1139,5 @@ def union_attention_bwd(
 __all__ = [
     "UnionKLResult", "UnionLists", "build_union_lists", "build_union_lists_triton", "resolve_main_impl", "union_attention_bwd",
     "union_attention_dkdv", "union_attention_dq", "union_attention_fwd", "union_lists_for", "union_positions",
-    "union_resident_bytes", "union_stats",
+    "union_mean_dups", "union_resident_bytes", "union_stats",
 ]

@@ -284,6 +284,42 @@ def test_dispatch_auto_union_kv_and_errors():
     assert (c.main_impl, c.union_max_blocks, c.union_heavy_first, c.union_dq_stages) == ("union", 20.5, False, 1)
 
 
+@pytest.mark.parametrize("b,g,s,K,P,kind", [(1, 2, 96, 3, 8, "tile"), (2, 3, 67, 4, 8, "pad"), (1, 1, 130, 5, 4, "pad"),
+                                            (1, 2, 33, 2, 16, "tile")])
+def test_union_mean_dups_equals_the_lists(b, g, s, K, P, kind):
+    """The auto dispatch's two numbers without the lists: exactly what build_union_lists
+    reports (mean union per tile, repeated block in a row), in any slicing, odd lengths and
+    -1 entries included."""
+    sel = selection(kind, b, g, s, s, 16, K, None, 3)
+    assert bool((sel < 0).any()) or kind == "tile"
+    ref = U.build_union_lists(sel, P)
+    for slice_tiles in (1, 5, 10**6):
+        mean, dups = U.union_mean_dups(sel, P, slice_tiles=slice_tiles)
+        assert float(mean) == pytest.approx(float(ref.mean), rel=1e-6) and bool(dups) == bool(ref.dups) is False
+    dup = sel.clone()
+    row = int((dup[0, 0, :, 1] >= 0).nonzero()[-1])
+    dup[0, 0, row, 0] = dup[0, 0, row, 1]
+    ref = U.build_union_lists(dup, P)
+    mean, dups = U.union_mean_dups(dup, P, slice_tiles=3)
+    assert bool(dups) and bool(ref.dups) and float(mean) == pytest.approx(float(ref.mean), rel=1e-6)
+
+
+def test_auto_dispatch_builds_lists_only_for_the_union_path(monkeypatch):
+    b, s, hq, g, K = 1, 96, 4, 2, 3
+    tile = selection("tile", b, g, s, s, 16, K, None, 7)
+    rnd = selection("pad", b, g, s, s, 16, K, None, 7)
+    G = hq // g
+    mean_tile = U.union_lists_for(tile, G, torch.float32, UNION).mean.item()
+    mean_rnd = U.union_lists_for(rnd, G, torch.float32, UNION).mean.item()
+    auto = T.KernelConfig(main_impl="auto", union_max_blocks=(mean_tile + mean_rnd) / 2 * 16 / K)
+    built = []
+    real = U.union_lists_for
+    monkeypatch.setattr(U, "union_lists_for", lambda *a, **k: built.append(1) or real(*a, **k))
+    assert U.resolve_main_impl(auto, rnd.clone(), G, torch.float32) == ("kv", None) and not built
+    impl, lists = U.resolve_main_impl(auto, tile.clone(), G, torch.float32)
+    assert impl == "union" and built == [1] and float(lists.mean) == pytest.approx(mean_tile)
+
+
 def test_autograd_dispatch_sparse_attention():
     # sparse_attention (SparseAttentionFn) with main_impl=union: union forward + split backward.
     b, s, hq, g, d, block, K = 1, 66, 4, 2, 16, 16, 3
