@@ -86,6 +86,27 @@ def _union_key(block_idx: Tensor, P: int) -> tuple:
     return (tuple(block_idx.shape), P, str(block_idx.device), block_idx.data_ptr(), block_idx._version)
 
 
+_SENT = torch.iinfo(torch.int32).max  # sort key of a -1 (no block) entry: after every real one
+
+
+def _tile_rows(block_idx: Tensor, P: int) -> Tuple[Tensor, int]:
+    """``block_idx`` [b, g, sq, K] as one row of P*K entries per (b*g, tile of P positions)
+    (the last tile padded with -1), and the tiles per (b, g)."""
+    b, g, sq, K = block_idx.shape
+    nt = max(1, -(-sq // P))
+    bi = block_idx.contiguous()
+    if nt * P != sq:
+        bi = torch.nn.functional.pad(bi, (0, 0, 0, nt * P - sq), value=-1)
+    return bi.view(b * g * nt, P * K), nt
+
+
+def _sorted_keys(rows: Tensor, P: int) -> Tensor:
+    """Each row's keys block * P + position, ascending (-1 entries last, as :data:`_SENT`):
+    the union is the distinct blocks, each block's positions adjacent."""
+    pidx = torch.arange(P, device=rows.device, dtype=torch.int32).repeat_interleave(rows.shape[1] // P).view(1, -1)
+    return torch.sort(torch.where(rows >= 0, rows * P + pidx, torch.full_like(rows, _SENT)), dim=-1).values
+
+
 def build_union_lists(block_idx: Tensor, P: int, heavy_first: bool = True) -> UnionLists:
     """Union lists of ``block_idx`` [b, g, sq, K] for tiles of P positions, on the device
     with torch ops (one segmented sort of P*K int32 keys per tile, no host sync).
@@ -93,22 +114,14 @@ def build_union_lists(block_idx: Tensor, P: int, heavy_first: bool = True) -> Un
     Sort key = block * P + position: sorted keys give the union ascending, each block's
     positions adjacent; a run start is a new union entry, its bits are OR-ed (summed, the
     (block, position) pairs being de-duplicated first) by a scatter-add."""
-    b, g, sq, K = block_idx.shape
+    b, g, _, K = block_idx.shape
     dev = block_idx.device
-    nt = max(1, -(-sq // P))
     umax = P * K
     nbg = b * g
-    pad = nt * P - sq
-    bi = block_idx.contiguous()
-    if pad:
-        bi = torch.nn.functional.pad(bi, (0, 0, 0, pad), value=-1)
-    bi = bi.view(nbg * nt, umax)
-    pidx = torch.arange(P, device=dev, dtype=torch.int32).repeat_interleave(K).view(1, umax)
-    sent = torch.iinfo(torch.int32).max
-    key = torch.where(bi >= 0, bi * P + pidx, torch.full_like(bi, sent))
+    bi, nt = _tile_rows(block_idx, P)
+    key = _sorted_keys(bi, P)  # (temporaries are freed early: ~1 GiB each at 1M tokens)
     del bi
-    key = torch.sort(key, dim=-1).values  # (temporaries are freed early: ~1 GiB each at 1M tokens)
-    valid = key != sent
+    valid = key != _SENT
     blk = torch.div(key, P, rounding_mode="floor")
     pos = key - blk * P
     new_pair = valid & (key != torch.nn.functional.pad(key[:, :-1], (1, 0), value=-1))
@@ -229,22 +242,13 @@ def union_mean_dups(block_idx: Tensor, P: int, slice_tiles: int = MEAN_DUPS_SLIC
     dispatch needs only these two numbers, and when they say "KV-outer" the lists (~2.5 GiB of
     temporaries at 1M tokens with a random selection, run 11's 1M OOM candidate) would be
     thrown away. Sorted in slices of ``slice_tiles`` tiles: a bounded transient."""
-    b, g, sq, K = block_idx.shape
     dev = block_idx.device
-    nt = max(1, -(-sq // P))
-    umax = P * K
-    bi = block_idx.contiguous()
-    if nt * P != sq:
-        bi = torch.nn.functional.pad(bi, (0, 0, 0, nt * P - sq), value=-1)
-    bi = bi.view(b * g * nt, umax)
-    pidx = torch.arange(P, device=dev, dtype=torch.int32).repeat_interleave(K).view(1, umax)
-    sent = torch.iinfo(torch.int32).max
+    bi, _ = _tile_rows(block_idx, P)
     total = torch.zeros((), dtype=torch.int64, device=dev)
     dups = torch.zeros((), dtype=torch.bool, device=dev)
     for t0 in range(0, bi.shape[0], max(1, slice_tiles)):
-        part = bi[t0:t0 + slice_tiles]
-        key = torch.sort(torch.where(part >= 0, part * P + pidx, torch.full_like(part, sent)), dim=-1).values
-        valid = key != sent
+        key = _sorted_keys(bi[t0:t0 + slice_tiles], P)
+        valid = key != _SENT
         blk = torch.div(key, P, rounding_mode="floor")
         prev_key = torch.nn.functional.pad(key[:, :-1], (1, 0), value=-1)
         prev_blk = torch.nn.functional.pad(blk[:, :-1], (1, 0), value=-1)
