@@ -29,7 +29,8 @@ Parts:
          the index selection itself (to add for a full op step); FlexAttention block-sparse
          on the pool-15 pattern (fwd, fwd+bwd; its output is also compared with the union
          forward's).
-  sweep  union fwd / dQ / dQ+KL tile configs (block_n, warps, stages) on pool 20 at 128K.
+  sweep  union fwd / dQ / dQ+KL / dK/dV tile configs (block_n, warps, stages, union_rows=64 i.e. P = 4)
+         on pool 20 (``--sweep-selections pool20,pool32``: also U8 ~32, like trained) at 128K.
   1m     1M tokens, pool-20 selection given: op fwd+bwd (union; then KV-outer) peak memory
          (torch.cuda.max_memory_allocated) and time of the second call.
 
@@ -451,31 +452,37 @@ def sweep_selection(L: int, kind: str, what=("fwd", "dq", "kl", "dkdv", "kv")) -
     un = T.KernelConfig(main_impl="union")
     o2, l2, lists = U.union_attention_fwd(q, k, v, sel, B, config=un, return_lists=True)
     fk = T.FusedKL(iq, ik, TI.selected_lse(iq, ik, sel, cfg), cfg.index_softmax_scale)
+    # union_rows=64: P = 4 positions per tile (64-row wgmma tiles) for less union work on
+    # trained-like selections (U4 22.7 vs U8 29.9 on the bench's trained generator at 128K)
     specs_f = ["union_block_n=64,union_fwd_warps=8,union_fwd_stages=2", "union_block_n=128",
-               "union_fwd_stages=3", "union_fwd_warps=4"]
+               "union_fwd_stages=3", "union_fwd_warps=4", "union_rows=64", "union_rows=64,union_fwd_warps=4"]
     specs_b = ["union_block_n=64,union_dq_warps=8,union_dq_stages=2", "union_dq_stages=1", "union_dq_stages=3",
-               "union_block_n=128"]
+               "union_block_n=128", "union_rows=64", "union_rows=64,union_dq_warps=4"]
     specs_k = ["union_kl_stages=1", "union_kl_stages=2", "union_kl_stages=3", "union_dik_item_entries=0",
-               "union_dik_item_entries=1024"]
+               "union_dik_item_entries=1024", "union_rows=64"]
     specs_kv = ["union_dkdv_block_n=128,union_dkdv_rows=32,union_dkdv_warps=8,union_dkdv_stages=2",
                 "union_dkdv_stages=3", "union_dkdv_block_n=64,union_dkdv_warps=4", "union_dkdv_rows=16",
                 "union_dkdv_item_entries=8", "union_dkdv_item_entries=128", "union_dkdv_item_entries=0"]
     delta = T._delta(o2, do)
     for spec in specs_kv if "dkdv" in what else []:
         c = T.KernelConfig.from_spec("main_impl=union," + spec)
+        ls = U.union_lists_for(sel, HQ // HKV, q.dtype, c, lists, D)  # built outside the timing (P may differ)
         _sweep(L, kind, "union_dkdv", spec, lambda: U.union_attention_dkdv(do, q, k, v, l2, delta, sel, B, config=c,
-                                                                          lists=lists))
+                                                                          lists=ls))
     for spec in specs_f if "fwd" in what else []:
         c = T.KernelConfig.from_spec("main_impl=union," + spec)
-        _sweep(L, kind, "union_fwd", spec, lambda: U.union_attention_fwd(q, k, v, sel, B, config=c, lists=lists))
+        ls = U.union_lists_for(sel, HQ // HKV, q.dtype, c, lists, D)
+        _sweep(L, kind, "union_fwd", spec, lambda: U.union_attention_fwd(q, k, v, sel, B, config=c, lists=ls))
     for spec in specs_b if "dq" in what else []:
         c = T.KernelConfig.from_spec("main_impl=union," + spec)
+        ls = U.union_lists_for(sel, HQ // HKV, q.dtype, c, lists, D)
         _sweep(L, kind, "union_dq", spec, lambda: U.union_attention_dq(do, q, k, v, o2, l2, sel, B, config=c,
-                                                                      lists=lists))
+                                                                      lists=ls))
     for spec in specs_k if "kl" in what else []:
         c = T.KernelConfig.from_spec("main_impl=union," + spec)
+        ls = U.union_lists_for(sel, HQ // HKV, q.dtype, c, lists, D)
         _sweep(L, kind, "union_dq_kl", spec, lambda: U.union_attention_dq(do, q, k, v, o2, l2, sel, B, config=c,
-                                                                         lists=lists, kl=fk))
+                                                                         lists=ls, kl=fk))
     # the KV-outer dK/dV-only kernel (the split backward's other half): 128-row tiles now that the
     # dQ dot and stores are gone (kernel_study.md 6.3 step 3); plan built once
     plan = T.build_plan(sel, L, B, 0, T.KernelConfig())
@@ -676,6 +683,8 @@ def main() -> int:
     p.add_argument("--bench-L", default="128K")
     p.add_argument("--bench-kinds", default="pool15,pool20,pool32,random", help="selections of the bench part")
     p.add_argument("--sweep-what", default="fwd,dq,kl,dkdv,kv", help="kernel groups of the sweep part")
+    p.add_argument("--sweep-selections", default="pool20",
+                   help="comma list of selections the sweep runs on (pool15, pool20, pool32, random)")
     p.add_argument("--long-L", default="1M")
     p.add_argument("--long-impls", default="union,kv")
     p.add_argument("--budget-s", type=float, default=330.0, help="skip what would start after this many seconds")
@@ -709,6 +718,10 @@ def main() -> int:
                 layout=dict(hq=HQ, hkv=HKV, d=D, di=DI, block=B, topk=K, dtype="bf16"))
     global T_START, BUDGET_S
     parts = set(a.parts.split(","))
+    bad_sel = [k for k in a.sweep_selections.split(",") if not (k == "random" or (k.startswith("pool") and k[4:].isdigit()))]
+    if bad_sel:
+        print(f"--sweep-selections: unknown {bad_sel}; allowed: random, pool<C> (e.g. pool15, pool20, pool32)")
+        return 2
     bad = parts - {"check", "bench", "1m", "sweep"}
     if bad:
         print(f"--parts: unknown {sorted(bad)}; allowed: check, bench, 1m, sweep")
@@ -722,7 +735,9 @@ def main() -> int:
         if "1m" in parts:
             part_1m(parse_length(a.long_L), a.long_impls.split(","))
         if "sweep" in parts:
-            guarded("sweep pool20", lambda: sweep_selection(parse_length(a.bench_L), "pool20", a.sweep_what.split(",")))
+            for kind in a.sweep_selections.split(","):
+                guarded(f"sweep {kind}", lambda kind=kind: sweep_selection(parse_length(a.bench_L), kind,
+                                                                           a.sweep_what.split(",")))
     finally:
         meta["wall_s"] = time.time() - T_START
         write_report(Path(a.out), meta)
