@@ -9,6 +9,7 @@ saved once (replica 0), so they load at any TP size.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterable, List, Tuple, Union
 
@@ -19,6 +20,8 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.utils import unwrap_model
 
 from .modes import as_chunks
+
+log = logging.getLogger(__name__)
 
 ModelOrChunks = Union[torch.nn.Module, Iterable[torch.nn.Module]]
 
@@ -99,13 +102,7 @@ def load_model_checkpoint(model_or_chunks: ModelOrChunks, checkpoint_dir: str,
         if absent:
             raise RuntimeError(f"{checkpoint_dir}: {len(absent)} tensors of this model are not in the checkpoint, "
                                f"e.g. {absent[:3]}")
-        keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-        for key, chunk in zip(keys, chunks):
-            result = chunk.load_state_dict(state[key], strict=False)
-            bad = [k for k in result.missing_keys if not is_te_extra_state(k)]
-            if bad or result.unexpected_keys:
-                raise RuntimeError(f"{checkpoint_dir}: checkpoint/model mismatch: missing {bad[:3]}, "
-                                   f"unexpected {result.unexpected_keys[:3]}")
+        load_state_into_chunks(state, chunks, where=checkpoint_dir)
         return
     state = dist_checkpointing.load(sd, checkpoint_dir, strict=strict)
     if len(chunks) == 1:
@@ -115,6 +112,27 @@ def load_model_checkpoint(model_or_chunks: ModelOrChunks, checkpoint_dir: str,
             c.load_state_dict(state[f"model{i}"])
 
 
+def load_state_into_chunks(state: dict, chunks: List[torch.nn.Module], allow_missing=lambda key: False,
+                           where: str = "checkpoint") -> None:
+    """``state["model"]`` (``state["model<i>"]`` per chunk) into the chunks (unwrapped). Missing
+    entries are allowed for Transformer Engine's ``_extra_state`` (FP8 scaling metadata, no
+    weights; a warning names them: TE starts them fresh, with FP8 a new scaling history) and
+    where ``allow_missing(key)``; any other missing or unexpected key raises, naming it on one
+    line (torch's strict-load error spans many lines, and callers report one)."""
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for key, chunk in zip(keys, chunks):
+        result = _unwrap(chunk).load_state_dict(state[key], strict=False)
+        bad = [k for k in result.missing_keys if not (is_te_extra_state(k) or allow_missing(k))]
+        if bad or result.unexpected_keys:
+            raise RuntimeError(f"{where}: checkpoint/model mismatch: missing {bad[:5]}, "
+                               f"unexpected {result.unexpected_keys[:5]}")
+        fresh = [k for k in result.missing_keys if is_te_extra_state(k)]
+        if fresh:
+            log.warning("%s: %d Transformer Engine _extra_state entries (FP8 scaling metadata) not in the "
+                        "checkpoint; TE starts them fresh: %s%s", where, len(fresh), ", ".join(fresh[:3]),
+                        " ..." if len(fresh) > 3 else "")
+
+
 def _has_te_extra_state(sharded: dict) -> bool:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedBase
@@ -122,4 +140,4 @@ def _has_te_extra_state(sharded: dict) -> bool:
     return any(isinstance(v, ShardedBase) and is_te_extra_state(v.key) for v in nested_values(sharded))
 
 
-__all__ = ["KEY_ALIASES", "alias_missing_keys", "is_te_extra_state", "load_model_checkpoint", "model_sharded_state_dict", "save_model_checkpoint"]
+__all__ = ["KEY_ALIASES", "alias_missing_keys", "is_te_extra_state", "load_model_checkpoint", "load_state_into_chunks", "model_sharded_state_dict", "save_model_checkpoint"]

@@ -626,8 +626,7 @@ class CheckpointManager:
             log.info("init_from %s: %d tensors found under their other checkpoint name (e.g. %s -> %s)",
                      path, len(renamed), *renamed[0])
         state, _missing, unexpected = dist_checkpointing.load(sd, str(path), strict=StrictHandling.RETURN_ALL)
-        te_extra = [k for k in unexpected if is_te_extra_state(k)]
-        unexpected = [k for k in unexpected if not is_te_extra_state(k)]
+        unexpected = [k for k in unexpected if not is_te_extra_state(k)]  # TE extra state: named by _load_model
         not_index = sorted(k for k in unexpected if not is_index_param(k))
         if dist.is_initialized():  # every rank decides alike (pipeline stages see different keys)
             parts: List[Any] = [None] * dist.get_world_size()
@@ -637,10 +636,7 @@ class CheckpointManager:
             raise ConfigError("checkpoint.init_from", str(path),
                               f"checkpoints holding every non-index parameter of this model (missing: {not_index[:5]}; "
                               "a dense checkpoint with stacked layer keys or TE extra state: convert it with msa-convert)")
-        self._load_model(state, model_chunks, allow_missing=bool(unexpected or te_extra))
-        if te_extra:
-            log.info("init_from %s: %d Transformer Engine _extra_state entries (FP8 metadata) not in the checkpoint; "
-                     "TE starts them fresh", path, len(te_extra))
+        self._load_model(state, model_chunks, allow_missing=bool(unexpected))  # names missing TE extra state
         if unexpected:
             from ..megatron import init_index_from_dense
 
@@ -651,23 +647,11 @@ class CheckpointManager:
 
     @staticmethod
     def _load_model(state: Dict[str, Any], model_chunks, allow_missing: bool = False) -> None:
-        from ..megatron.checkpoint import is_te_extra_state
+        """Never torch's strict load (:func:`load_state_into_chunks`): TE's ``_extra_state``
+        may be absent; ``allow_missing``: the MSA index branch too (dense -> MSA init)."""
+        from ..megatron.checkpoint import load_state_into_chunks
 
-        # Never torch's strict load: a Transformer Engine module's ``_extra_state`` (FP8
-        # metadata, no weights) may be absent from the loaded state (TE starts it fresh), and
-        # torch's multi-line error would reach the user as its first line only.
-        for i, chunk in enumerate(model_chunks):
-            key = "model" if len(model_chunks) == 1 else f"model{i}"
-            result = unwrap(chunk).load_state_dict(state[key], strict=False)
-            bad = [k for k in result.missing_keys if not (is_te_extra_state(k) or (allow_missing and is_index_param(k)))]
-            if bad or result.unexpected_keys:
-                raise RuntimeError(f"checkpoint/model mismatch: missing {bad[:5]}, unexpected {result.unexpected_keys[:5]}")
-            fresh = [k for k in result.missing_keys if is_te_extra_state(k)]
-            if fresh:  # said, not silent: with FP8 these hold the scaling history
-                log.warning("checkpoint: %d Transformer Engine _extra_state entries (FP8 scaling metadata) not in the "
-                            "checkpoint; TE starts them fresh: %s%s", len(fresh), ", ".join(fresh[:3]),
-                            " ..." if len(fresh) > 3 else "")
-
+        load_state_into_chunks(state, model_chunks, allow_missing=is_index_param if allow_missing else (lambda k: False))
 
 __all__ = ["CheckpointError", "CheckpointManager", "LATEST", "MANIFEST", "layout_signature", "resolve_checkpoint",
            "step_dir_name", "verify_checkpoint", "write_manifest"]
