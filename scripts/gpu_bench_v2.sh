@@ -9,6 +9,7 @@
 # Trained selections: MSA_TRAINED_SELECTION=<selections_32K.npz or selection_stats.json>
 # from scripts/selection_stats.py (default: docs/selections/selections_32K.npz if committed).
 #   OUT=<dir> bash scripts/gpu_bench_v2.sh        -> $OUT/bench_v2/done_when.{md,json}, $OUT/bench_v2.log
+# BENCH_ORDER=128k,32k,1m measures 32K before 1M (default 128k,1m,32k); BENCH_BUDGET_S (420) cuts the last cells.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/runs/bench_v2_$(date +%Y%m%d_%H%M%S)}
@@ -18,5 +19,5 @@ export PYTHONUNBUFFERED=1
 EXTRA=()
 [ "${BENCH_FLEX_UNION:-0}" = 1 ] && EXTRA+=(--flex-union)   # Flex on random/trained selections at 128K
 "$PY" -m msa_megatron.bench.done_when --out "$OUT/bench_v2" --time-budget-s "${BENCH_BUDGET_S:-420}" \
-  --selections "${BENCH_SELECTIONS:-random,trained,flex}" ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$OUT/bench_v2.log"
+  --selections "${BENCH_SELECTIONS:-random,trained,flex}" --order "${BENCH_ORDER:-128k,1m,32k}" ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$OUT/bench_v2.log"
 echo "done_when rc=${PIPESTATUS[0]}" | tee -a "$OUT/status.txt"

@@ -7,8 +7,8 @@ main path (``KernelConfig(main_impl='kv' / 'auto')``; before that field exists, 
 ``msa-main`` stands for the old path and the new rows say n/a), and the whole op (old / new
 path; plus its FP8 prefill), on each selection kind. Columns: U8 and fwd / fwd+bwd ms at
 32K and 128K; 1M prefill, 1M fwd+bwd and its peak memory (op rows). Every number comes from
-this run (device, date, commit in the header). Order of measurement: 128K, 1M, 32K, so a
-time budget cuts the least important cells first; cut cells say so.
+this run (device, date, commit in the header). Order of measurement: 128K, 1M, 32K (or
+``--order 128k,32k,1m``), so a time budget cuts the last cells; cut cells say so.
 
 Writes ``done_when.md`` and ``done_when.json`` (header + every raw record) to --out,
 rewritten after each measurement.
@@ -38,9 +38,17 @@ def main_impl_available() -> bool:
     return "main_impl" in {f.name for f in fields(KernelConfig)}
 
 
-def plan(kinds: List[str], new_path: bool, flex_union: bool = False) -> List[Tuple[str, int, str, bool]]:
+ORDERS = ("128k,1m,32k", "128k,32k,1m")
+
+
+def plan(kinds: List[str], new_path: bool, flex_union: bool = False,
+         order: str = ORDERS[0]) -> List[Tuple[str, int, str, bool]]:
     """(impl, L, selection kind, fwd_only) in measurement order. ``flex_union``: also Flex on
-    the non-Flex selections at 128K (per-tile union + token mask; one more Flex compile)."""
+    the non-Flex selections at 128K (per-tile union + token mask; one more Flex compile).
+    ``order``: which length comes after 128K (a time budget cuts the last ones): 1M first
+    (the default) or 32K first (a short lending that needs the 32K columns most)."""
+    if order not in ORDERS:
+        raise ValueError(f"--order: {order!r}; allowed: {', '.join(ORDERS)}")
     main_old = "msa-main-kv" if new_path else "msa-main"
     op_old = "msa-op-kv" if new_path else "msa-op"
     sparse = ["fla-nsa", main_old, "msa-main-union", "msa-main-auto", op_old, "msa-op-auto"]
@@ -55,10 +63,11 @@ def plan(kinds: List[str], new_path: bool, flex_union: bool = False) -> List[Tup
     steps = at(L128)
     if flex_union:
         steps += [("flex-union", L128, kind, False) for kind in kinds if kind != "flex"]
+    at_1m = []
     for kind in kinds:  # 1M: the op only (prefill = fwd; fwd+bwd with its peak memory)
-        steps += [(op_old, L1M, kind, False), ("msa-op-auto", L1M, kind, False), ("msa-op-fp8", L1M, kind, True)]
-    steps += [("index-fused-select", L1M, "-", True), ("index-fused-select-fp8", L1M, "-", True)]
-    return steps + at(L32)
+        at_1m += [(op_old, L1M, kind, False), ("msa-op-auto", L1M, kind, False), ("msa-op-fp8", L1M, kind, True)]
+    at_1m += [("index-fused-select", L1M, "-", True), ("index-fused-select-fp8", L1M, "-", True)]
+    return steps + (at_1m + at(L32) if order == ORDERS[0] else at(L32) + at_1m)
 
 
 def _cell(r: Optional[Dict], key: str, spec: str = ".1f") -> str:
@@ -112,6 +121,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rep", type=int, default=100)
     p.add_argument("--flex-union", action="store_true",
                    help="also FlexAttention on the non-Flex selections at 128K (flex-union)")
+    p.add_argument("--order", default=ORDERS[0], choices=ORDERS,
+                   help="lengths in measurement order (a time budget cuts the last)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = p.parse_args(argv)
     args.bwd_max_L = L1M
@@ -122,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parse_kind(k)
     notes = harness.load_impl_modules()
     new_path = main_impl_available()
-    steps = plan(kinds, new_path, args.flex_union)
+    steps = plan(kinds, new_path, args.flex_union, args.order)
     if args.dry_run:
         for s in steps:
             print(s)

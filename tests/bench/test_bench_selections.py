@@ -91,6 +91,11 @@ def test_done_when_plan_covers_the_issue_table():
     assert ("msa-op", 1 << 20, "trained", False) in steps  # 1M fwd+bwd on trained selections
     assert all(s[2] == "flex" for s in steps if s[0] == "flex-blocksparse")
     assert {s[1] for s in steps} == {1 << 15, 1 << 17, 1 << 20}
+    other = done_when.plan(["random", "trained", "flex"], new_path=False, order="128k,32k,1m")
+    assert sorted(other) == sorted(steps) and other != steps  # same cells, 32K before 1M
+    assert [s[1] for s in other].index(1 << 20) > max(i for i, s in enumerate(other) if s[1] == 1 << 15)
+    with pytest.raises(ValueError, match="--order"):
+        done_when.plan(["random"], new_path=False, order="1m")
 
 
 @pytest.mark.gpu
