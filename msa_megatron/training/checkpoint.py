@@ -653,5 +653,6 @@ class CheckpointManager:
 
         load_state_into_chunks(state, model_chunks, allow_missing=is_index_param if allow_missing else (lambda k: False))
 
+
 __all__ = ["CheckpointError", "CheckpointManager", "LATEST", "MANIFEST", "layout_signature", "resolve_checkpoint",
            "step_dir_name", "verify_checkpoint", "write_manifest"]
