@@ -10,6 +10,8 @@
 # from scripts/selection_stats.py (default: docs/selections/selections_32K.npz if committed).
 #   OUT=<dir> bash scripts/gpu_bench_v2.sh        -> $OUT/bench_v2/done_when.{md,json}, $OUT/bench_v2.log
 # BENCH_ORDER=128k,32k,1m measures 32K before 1M (default 128k,1m,32k); BENCH_BUDGET_S (420) cuts the last cells.
+# Split over calls on one warm machine: BENCH_LENGTHS=128k,32k, then BENCH_LENGTHS=1m
+# BENCH_PREVIOUS=<first call's done_when.json> (carried back in) -> one table.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/runs/bench_v2_$(date +%Y%m%d_%H%M%S)}
@@ -18,6 +20,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 EXTRA=()
 [ "${BENCH_FLEX_UNION:-0}" = 1 ] && EXTRA+=(--flex-union)   # Flex on random/trained selections at 128K
+[ -n "${BENCH_PREVIOUS:-}" ] && EXTRA+=(--previous "$BENCH_PREVIOUS")   # an earlier call's done_when.json
 "$PY" -m msa_megatron.bench.done_when --out "$OUT/bench_v2" --time-budget-s "${BENCH_BUDGET_S:-420}" \
-  --selections "${BENCH_SELECTIONS:-random,trained,flex}" --order "${BENCH_ORDER:-128k,1m,32k}" ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$OUT/bench_v2.log"
+  --selections "${BENCH_SELECTIONS:-random,trained,flex}" --order "${BENCH_ORDER:-128k,1m,32k}" --lengths "${BENCH_LENGTHS:-32k,128k,1m}" ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$OUT/bench_v2.log"
 echo "done_when rc=${PIPESTATUS[0]}" | tee -a "$OUT/status.txt"

@@ -39,6 +39,30 @@ def main_impl_available() -> bool:
 
 
 ORDERS = ("128k,1m,32k", "128k,32k,1m")
+LENGTHS = {"32k": L32, "128k": L128, "1m": L1M}
+
+
+def keep_lengths(steps: List[Tuple[str, int, str, bool]], lengths: str) -> List[Tuple[str, int, str, bool]]:
+    """Only the steps at ``lengths`` (comma list of 32k, 128k, 1m): one length per lending when
+    machines are taken back mid-call, each call with its own baselines at that length."""
+    names = [x.strip().lower() for x in lengths.split(",") if x.strip()]
+    bad = [x for x in names if x not in LENGTHS]
+    if bad or not names:
+        raise ValueError(f"--lengths: {lengths!r}; allowed: a comma list of {', '.join(LENGTHS)}")
+    wanted = {LENGTHS[x] for x in names}
+    return [s for s in steps if s[1] in wanted]
+
+
+def merge_previous(path: str, device: str) -> Tuple[List[Dict], List[str]]:
+    """Records of an earlier call's done_when.json (same device name, else refused), minus
+    its cut cells (status skipped), which this call may measure; plus a header line naming it."""
+    prev = json.loads(Path(path).read_text())
+    h = prev["header"]
+    if h["device"] != device:
+        raise ValueError(f"--previous: {path} was measured on {h['device']!r}, this call runs on {device!r}")
+    recs = [r for r in prev["records"] if r["status"] != "skipped"]
+    return recs, [f"{len(recs)} records from an earlier call ({h['date']}, commit {h['commit']}, "
+                  f"peak {h['peak_tflops']:.0f} TF/s)"]
 
 
 def plan(kinds: List[str], new_path: bool, flex_union: bool = False,
@@ -89,7 +113,8 @@ def table(records: List[Dict], header: Dict) -> str:
     lines = [f"# Issue 17 benchmark: {header['device']}", "",
              f"- date: {header['date']}", f"- commit: {header['commit']}",
              f"- measured bf16 matmul peak: {header['peak_tflops']:.1f} TF/s", f"- layout: {header['layout']}",
-             f"- main_impl available: {header['main_impl_available']}", "",
+             f"- main_impl available: {header['main_impl_available']}",
+             *[f"- merged: {m}" for m in header.get("merged", [])], "",
              "| impl | selection | U8 32K | 32K fwd ms | 32K fwd+bwd ms | U8 128K | 128K fwd ms | 128K fwd+bwd ms | "
              "x cuDNN 128K fwd+bwd | 1M prefill ms | 1M fwd+bwd ms | 1M peak GB |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -123,6 +148,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="also FlexAttention on the non-Flex selections at 128K (flex-union)")
     p.add_argument("--order", default=ORDERS[0], choices=ORDERS,
                    help="lengths in measurement order (a time budget cuts the last)")
+    p.add_argument("--lengths", default="32k,128k,1m",
+                   help="measure only these lengths (comma list of 32k, 128k, 1m)")
+    p.add_argument("--previous", default=None,
+                   help="done_when.json of an earlier call on the same device: its records join this table")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = p.parse_args(argv)
     args.bwd_max_L = L1M
@@ -133,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parse_kind(k)
     notes = harness.load_impl_modules()
     new_path = main_impl_available()
-    steps = plan(kinds, new_path, args.flex_union, args.order)
+    steps = keep_lengths(plan(kinds, new_path, args.flex_union, args.order), args.lengths)
     if args.dry_run:
         for s in steps:
             print(s)
@@ -154,6 +183,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"device {header['device']} | commit {header['commit']} | peak {peak:.0f} TF/s | "
           f"main_impl {'available' if new_path else 'not available'} | {len(steps)} measurements", flush=True)
     records: List[Dict] = []
+    if args.previous:
+        records, header["merged"] = merge_previous(args.previous, header["device"])
+        done = {(r["impl"], r["L"], r["sel_kind"]) for r in records}
+        steps = [s for s in steps if (s[0], s[1], s[2]) not in done]
     for impl, L, kind, fwd_only in steps:
         case = Case(L=L, fwd_only=fwd_only, selection=kind if kind != "-" else "random")
         if impl not in registry.names():

@@ -98,6 +98,24 @@ def test_done_when_plan_covers_the_issue_table():
         done_when.plan(["random"], new_path=False, order="1m")
 
 
+def test_done_when_lengths_split_and_previous_merge(tmp_path):
+    steps = done_when.plan(["random", "flex"], new_path=True)
+    only_1m = done_when.keep_lengths(steps, "1m")
+    assert only_1m and {s[1] for s in only_1m} == {1 << 20}
+    rest = done_when.keep_lengths(steps, "128k, 32K")
+    assert sorted(only_1m + rest) == sorted(steps)  # two calls cover the one table
+    with pytest.raises(ValueError, match="--lengths"):
+        done_when.keep_lengths(steps, "64k")
+    rec = lambda impl, status: dict(impl=impl, L=1 << 17, sel_kind="random", status=status, reason="")
+    header = dict(device="H100", date="d", commit="c", peak_tflops=600.0)
+    prev = tmp_path / "done_when.json"
+    prev.write_text(json.dumps(dict(header=header, records=[rec("cudnn-dense", "ok"), rec("fla-nsa", "skipped")])))
+    recs, merged = done_when.merge_previous(str(prev), "H100")
+    assert [r["impl"] for r in recs] == ["cudnn-dense"] and "commit c" in merged[0]  # cut cells re-measured
+    with pytest.raises(ValueError, match="--previous"):
+        done_when.merge_previous(str(prev), "H200")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", ["random", "flex", "pool:24"])
