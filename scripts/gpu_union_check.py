@@ -656,8 +656,16 @@ def write_report(out_dir: Path, meta: dict) -> None:
             lines.append(f"Flex error: {r['flex_error']}")
     sw = [r for r in BENCH if "sweep" in r]
     if sw:
-        lines += ["## Sweep (pool 20)", "", "| kernel | config | ms |", "|---|---|---:|"]
-        lines += [f"| {r['sweep']} | {r['spec']} | {r['ms']:.2f} |" for r in sw]
+        from msa_megatron.ops.tuning import KernelConfig
+
+        dc = KernelConfig()
+        defaults = ", ".join(f"{n}={getattr(dc, n)}" for n in ("union_rows", "union_block_n", "union_fwd_warps",
+                                                                 "union_fwd_stages", "union_dq_warps", "union_dq_stages",
+                                                                 "union_kl_stages", "union_dik_item_entries"))
+        lines += ["## Sweep", "", f"Each config changes these defaults: {defaults}.", "",
+                  "| selection | L | kernel | config | ms |",
+                  "|---|---:|---|---|---:|"]
+        lines += [f"| {r['sel']} | {r['L']} | {r['sweep']} | {r['spec']} | {r['ms']:.2f} |" for r in sw]
         lines.append("")
     for pr in (p_ for p_ in PROFILES if p_["kernels"]):
         lines += [f"## Kernel split: {pr['path']} (L={pr['L']}, {pr['sel']}; torch.profiler, ms)", "",
