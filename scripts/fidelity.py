@@ -296,11 +296,11 @@ def piece(args) -> int:
             return 2
     st = matrix_status(preset, work, done)
     print(f"[piece] preset {args.piece}: " + ", ".join(f"{n}={s}" for n, s in st.items()), flush=True)
-    for ctx in preset.contexts:
-        print(f"[piece] {ctx}: {tokens_per_run(preset, ctx) / 1e6:.1f}M tokens per run, planned "
-              f"~{estimate_s(preset, run_names(preset)[0] if ctx == '8k' else f'c{ctx}_dense_s1') / 60:.1f} min "
-              f"alone (at the preset's {preset.contexts[ctx].est_tokens_per_s / 1e3:.0f}K tokens/s, start-up "
-              "included)", flush=True)
+    for ctx, c in preset.contexts.items():
+        kinds = [k for k, _ in c.est_tokens_per_s_by_kind] or ["dense"]
+        print(f"[piece] {ctx}: {tokens_per_run(preset, ctx) / 1e6:.1f}M tokens per run, planned alone (start-up "
+              "included): " + ", ".join(f"{k} ~{estimate_s(preset, f'c{ctx}_{k}_s1') / 60:.1f} min at "
+                                        f"{c.tokens_per_s(k) / 1e3:.0f}K tokens/s" for k in kinds), flush=True)
     if not args.dry_run and args.piece != "scale_cpu":
         import torch
 

@@ -14,10 +14,10 @@
 #   export PYTHONPATH=/tmp/site; OUT=$OUT BUDGET_S=480 bash scripts/gpu_fidelity_piece.sh
 # Afterwards, here: tar xzf <files_at>/fidelity_piece_*.tar.gz -C results/fidelity_scale
 #                   python scripts/fidelity.py --scale-report results/fidelity_scale
-# Several runs share the GPU (each its own process and MASTER_PORT, each SIGTERMed at the budget):
-# PARALLEL=auto (default: GPU memory / memory per run, planned or measured) or a number. A fresh
+# Runs go one at a time (preset scale: run 12 measured no gain from sharing the GPU); PARALLEL=<n>
+# lets n share it (each its own process and MASTER_PORT, each SIGTERMed at the budget). A fresh
 # run starts only when the planner expects it to finish in this call; SHARE_EFF (0..1, default
-# the preset's 0.4) is the planner's guess of what sharing gains: K runs give 1+(K-1)e x one run.
+# the preset's 0) is what sharing gains in the planner: K runs give 1+(K-1)e x one run.
 # Knobs: BUDGET_S=480 (keep ~1.5 min below the call's limit), GRACE_S=60 (of the budget, for the
 # SIGTERM checkpoints and packing), PRESET=scale, WORK=/tmp/fid_scale, DONE=results/fidelity_scale,
 #   RUNS= (comma-separated subset), PARALLEL=auto, SHARE_EFF=, GPU_MEM_GIB= (dry runs without a GPU

@@ -16,6 +16,7 @@ import pytest
 
 from msa_megatron.experiments.fidelity import piece
 from msa_megatron.experiments.fidelity.piece import Load, Planning, admit, gain, plan_call, planning, simulate
+from msa_megatron.experiments.fidelity import scale as scale_mod
 from msa_megatron.experiments.fidelity.scale import SCALE_PRESETS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,20 +89,36 @@ def _seg_run(root: Path, name: str, segs, peaks=()):
 
 
 def test_planning_calibrates_from_measured_segments(tmp_path):
-    p = SCALE_PRESETS["scale"]
+    p = dataclasses.replace(SCALE_PRESETS["scale"], max_parallel=4, contexts={
+        c: dataclasses.replace(x, est_tokens_per_s_by_kind=()) for c, x in SCALE_PRESETS["scale"].contexts.items()})
     pl = planning(p, tmp_path / "w", [tmp_path / "done"], gpu_mem_gib=80.0)
     assert pl.alone_tps["8k"] == 180e3 and pl.peak_gib["8k"] == 20.0 and pl.cap("8k") == 3 and pl.cap("32k") == 2
-    assert "not measured" in pl.describe() and "parallel=auto" in pl.describe()
-    # measured: 8K runs at 150K tokens/s with 2 on the GPU (e=0.5 -> 200K alone) and 100K with 1 ->
-    # median of the alone estimates; peaks 30 GiB -> 30 x 1.1 + 1.5 = 34.5 GiB/run -> 2 at once
+    assert pl.alone("8k", "msa") == 180e3  # no per-kind figure yet: the context's
+    assert "planned" in pl.describe() and "parallel=auto" in pl.describe()
+    # measured, per cost kind: dense 150K tokens/s with 2 on the GPU (e=0.5 -> 200K alone), MSA
+    # 100K alone, the window 210K alone; peaks 30 GiB -> 30 x 1.1 + 1.5 = 34.5 GiB/run -> 2 at once
     _seg_run(tmp_path / "done", "c8k_dense_s1", [{"tokens_per_s": 150e3, "shared_mean": 2.0, "startup_s": 40}],
              peaks=(12.0, 30.0))
     _seg_run(tmp_path / "done", "c8k_msa_s1", [{"tokens_per_s": 100e3, "shared_mean": 1.0, "startup_s": 50}])
     _seg_run(tmp_path / "w" / "runs", "c8k_swa_s1", [{"tokens_per_s": 210e3, "shared_mean": 1.0, "startup_s": 30}])
     pl = planning(p, tmp_path / "w", [tmp_path / "done"], gpu_mem_gib=80.0, share_efficiency=0.5)
-    assert pl.alone_tps["8k"] == 200e3 and pl.alone_tps["32k"] == 75e3  # 32K: nothing measured
+    assert (pl.alone("8k", "dense"), pl.alone("8k", "msa"), pl.alone("8k", "swa")) == (200e3, 100e3, 210e3)
+    assert pl.alone("32k", "msa") == 75e3  # 32K: nothing measured
     assert pl.peak_gib["8k"] == pytest.approx(34.5) and pl.cap("8k") == 2
-    assert pl.startup_s == 40 and "measured, 3 segments" in pl.describe()
+    assert pl.startup_s == 40 and "msa 100K tok/s alone (measured, 1 segments)" in pl.describe()
+    # an MSA run is planned at MSA's rate: 1M tokens take 10 s alone, a dense run's 5 s
+    loads = [piece.Load("m", "8k", 0.0, 1e6, "msa"), piece.Load("d", "8k", 0.0, 1e6, "dense")]
+    assert simulate(loads[:1], pl, 1e9) == {"m": pytest.approx(10.0)}
+    assert simulate(loads[1:], pl, 1e9) == {"d": pytest.approx(5.0)}
+
+
+def test_scale_preset_plans_each_kind_at_its_measured_rate_one_run_at_a_time():
+    p = SCALE_PRESETS["scale"]
+    assert [scale_mod.cost_kind(v) for v in ("dense", "swa", "msa", "msa_no_teacher", "dense_to_msa")] == \
+        ["dense", "swa", "msa", "msa", "msa"]
+    msa, dense = scale_mod.estimate_s(p, "c8k_msa_s1"), scale_mod.estimate_s(p, "c8k_dense_s1")
+    assert msa - p.startup_s == pytest.approx(3.4 * (dense - p.startup_s), rel=0.01)  # 460K vs 135K tokens/s
+    assert planning(p, Path("/nonexistent"), [], gpu_mem_gib=80.0).cap("8k") == 1
 
 
 # --------------------------------------------------------------------------- the plan of a call
@@ -147,11 +164,19 @@ def test_dry_run_prints_the_plan_of_this_call(tmp_path):
                           "--share-eff", "1.0", "--gpu-mem-gib", "80"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     t = out.stdout
-    assert "parallel=auto (72 GiB usable)" in t and "up to 3 at once" in t and "e=1" in t
-    # perfect sharing: the seed-1 triple together, each 60 s + 279.6 s = ~340 s
-    for n in ("c8k_dense_s1", "c8k_msa_s1", "c8k_swa_s1"):
-        assert f"this call: {n} starts ~0s, ends ~340s, up to 3 run(s)" in t
-    assert "a later call: c32k_msa_s1" in t
+    assert "parallel=auto (72 GiB usable)" in t and "up to 1 at once" in t and "e=1" in t
+    assert "dense ~2.8 min at 460K tokens/s, msa ~7.2 min at 135K tokens/s" in t
+    # one at a time (the preset's max_parallel, from run 12): dense 60 s + 50.3M / 460K = ~169 s,
+    # then the conversion (96 MSA steps: 60 s + 12.6M / 135K = ~153 s); c8k_msa_s1 (~433 s) does not fit
+    assert "this call: c8k_dense_s1 starts ~0s, ends ~169s, up to 1 run(s)" in t
+    assert "this call: c8k_dense_to_msa_s1 starts ~169s, ends ~323s, up to 1 run(s)" in t
+    assert "a later call: c8k_msa_s1" in t and "a later call: c32k_msa_s1" in t
+    # --parallel 3 with perfect sharing: the window and another dense run start beside the first
+    shared = subprocess.run([sys.executable, str(REPO / "scripts" / "fidelity.py"), "--piece", "scale", "--dry-run",
+                             "--work", str(tmp_path / "w"), "--done", str(tmp_path / "none"), "--budget-s", "520",
+                             "--share-eff", "1.0", "--gpu-mem-gib", "80", "--parallel", "3"],
+                            capture_output=True, text=True, timeout=120).stdout
+    assert "up to 3 at once" in shared and "this call: c8k_swa_s1 starts ~0s, ends ~375s, up to 3 run(s)" in shared
     bad = subprocess.run([sys.executable, str(REPO / "scripts" / "fidelity.py"), "--piece", "scale", "--dry-run",
                           "--parallel", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--parallel '0' is invalid: allowed values are auto or an integer >= 1" in bad.stderr

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .scale import ScalePreset, parse_name, run_names, spec
+from .scale import ScalePreset, cost_kind, parse_name, run_names, spec
 
 SMALL_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "recall_sweep.json", "run.json")
 #: memory a measured run needs beyond its logged max_memory_allocated (CUDA context, allocator slack)
@@ -124,7 +124,7 @@ def gain(n: int, eff: float) -> float:
 class Planning:
     """The planner's knobs and what calibrated them (``source``)."""
 
-    alone_tps: Dict[str, float]             # tokens/s of one run alone, per context
+    alone_tps: Dict[str, float]             # tokens/s of one run alone, per context, and per "ctx/kind" where known
     startup_s: float
     share_efficiency: float
     peak_gib: Dict[str, float]              # GPU memory per run, per context (0 = unknown)
@@ -142,13 +142,21 @@ class Planning:
             return 1
         return max(1, min(self.max_parallel, int(self.usable_gib // self.peak_gib[ctx])))
 
-    def per_run_tps(self, ctx: str, n: int) -> float:
-        return self.alone_tps[ctx] * gain(n, self.share_efficiency) / max(n, 1)
+    def alone(self, ctx: str, kind: str = "") -> float:
+        """Tokens/s of one run alone: its cost kind's figure where known, else its context's."""
+        return self.alone_tps.get(f"{ctx}/{kind}", self.alone_tps[ctx])
+
+    def per_run_tps(self, ctx: str, n: int, kind: str = "") -> float:
+        return self.alone(ctx, kind) * gain(n, self.share_efficiency) / max(n, 1)
 
     def describe(self) -> str:
-        ctxs = ", ".join(f"{c}: {self.alone_tps[c] / 1e3:.0f}K tok/s alone ({self.source.get('tps_' + c, 'planned')}), "
-                         f"{self.peak_gib.get(c, 0):.0f} GiB/run ({self.source.get('peak_' + c, 'planned')}), "
-                         f"up to {self.cap(c)} at once" for c in self.alone_tps)
+        def tps(c: str) -> str:
+            kinds = [k for k in self.alone_tps if k.startswith(c + "/")]
+            return ", ".join(f"{k.split('/', 1)[1] + ' ' if '/' in k else ''}{self.alone_tps[k] / 1e3:.0f}K tok/s alone "
+                             f"({self.source.get('tps_' + k, 'planned')})" for k in (kinds or [c]))
+        ctxs = ", ".join(f"{c}: {tps(c)}, {self.peak_gib.get(c, 0):.0f} GiB/run "
+                         f"({self.source.get('peak_' + c, 'planned')}), up to {self.cap(c)} at once"
+                         for c in self.alone_tps if "/" not in c)
         gpu = f"{self.usable_gib:.0f} GiB usable" if self.usable_gib else "GPU memory unknown"
         return (f"parallel={'auto' if not self.parallel else self.parallel} ({gpu}); {ctxs}; start-up "
                 f"{self.startup_s:.0f}s ({self.source.get('startup', 'planned')}); sharing efficiency "
@@ -167,11 +175,13 @@ def planning(preset: ScalePreset, work: Path, done_dirs: List[Path], parallel: O
     """The preset's estimates, replaced by what earlier segments measured (any run.json and
     metrics.jsonl under ``work/runs`` and the ``done`` directories)."""
     eff = preset.share_efficiency if share_efficiency is None else share_efficiency
-    pl = Planning(alone_tps={c: x.est_tokens_per_s for c, x in preset.contexts.items()}, startup_s=preset.startup_s,
+    alone = {c: x.est_tokens_per_s for c, x in preset.contexts.items()}
+    alone.update({f"{c}/{k}": v for c, x in preset.contexts.items() for k, v in x.est_tokens_per_s_by_kind})
+    pl = Planning(alone_tps=alone, startup_s=preset.startup_s,
                   share_efficiency=eff, peak_gib={c: x.est_peak_gib for c, x in preset.contexts.items()},
                   usable_gib=0.9 * gpu_mem_gib if gpu_mem_gib else None, parallel=parallel,
                   max_parallel=preset.max_parallel, fit_margin=fit_margin)
-    tps: Dict[str, List[float]] = {c: [] for c in preset.contexts}
+    tps: Dict[str, List[float]] = {}  # per "ctx/kind"
     peaks: Dict[str, List[float]] = {c: [] for c in preset.contexts}
     starts: List[float] = []
     for root in [Path(work) / "runs", *map(Path, done_dirs)]:
@@ -179,21 +189,22 @@ def planning(preset: ScalePreset, work: Path, done_dirs: List[Path], parallel: O
             continue
         for rd in sorted(root.iterdir()):
             try:
-                ctx = parse_name(rd.name)[0]
+                ctx, variant, _ = parse_name(rd.name)
             except ValueError:
                 continue
-            if ctx not in tps:
+            if ctx not in peaks:
                 continue
             for seg in read_run_json(rd).get("segments", []):
                 if seg.get("tokens_per_s") and seg.get("shared_mean"):
                     n = seg["shared_mean"]
-                    tps[ctx].append(seg["tokens_per_s"] * n / (1.0 + (n - 1.0) * eff))
+                    tps.setdefault(f"{ctx}/{cost_kind(variant)}", []).append(seg["tokens_per_s"] * n / (1.0 + (n - 1.0) * eff))
                 if seg.get("startup_s"):
                     starts.append(seg["startup_s"])
             peaks[ctx] += [r["peak_mem_gib"] for r in _records(rd) if isinstance(r.get("peak_mem_gib"), (int, float))]
+    for key, xs in tps.items():
+        if _median(xs):
+            pl.alone_tps[key], pl.source["tps_" + key] = _median(xs), f"measured, {len(xs)} segments"
     for c in preset.contexts:
-        if _median(tps[c]):
-            pl.alone_tps[c], pl.source["tps_" + c] = _median(tps[c]), f"measured, {len(tps[c])} segments"
         if peaks[c]:
             pl.peak_gib[c] = max(peaks[c]) * (1 + MEM_SLACK_FRAC) + MEM_SLACK_GIB
             pl.source["peak_" + c] = f"measured {max(peaks[c]):.1f} GiB + slack"
@@ -210,17 +221,18 @@ class Load:
     ctx: str
     startup_left: float
     tokens_left: float
+    kind: str = ""  # cost kind (scale.cost_kind): its own throughput where the planning knows it
 
 
 def simulate(loads: Sequence[Load], pl: Planning, horizon: float) -> Dict[str, Optional[float]]:
     """Seconds from now until each load finishes when they all share the GPU (``None``: not
     within ``horizon``). A run in start-up counts as sharing but is not slowed."""
-    active = [Load(x.name, x.ctx, max(0.0, x.startup_left), max(0.0, x.tokens_left)) for x in loads]
+    active = [Load(x.name, x.ctx, max(0.0, x.startup_left), max(0.0, x.tokens_left), x.kind) for x in loads]
     out: Dict[str, Optional[float]] = {}
     t = 0.0
     while active:
         n = len(active)
-        dts = [x.startup_left if x.startup_left > 0 else x.tokens_left / pl.per_run_tps(x.ctx, n) for x in active]
+        dts = [x.startup_left if x.startup_left > 0 else x.tokens_left / pl.per_run_tps(x.ctx, n, x.kind) for x in active]
         dt = min(dts)
         if t + dt > horizon:
             out.update({x.name: None for x in active})
@@ -230,7 +242,7 @@ def simulate(loads: Sequence[Load], pl: Planning, horizon: float) -> Dict[str, O
             if x.startup_left > 0:
                 x.startup_left = 0.0 if d <= dt + 1e-9 else x.startup_left - dt
             else:
-                x.tokens_left = 0.0 if d <= dt + 1e-9 else x.tokens_left - dt * pl.per_run_tps(x.ctx, n)
+                x.tokens_left = 0.0 if d <= dt + 1e-9 else x.tokens_left - dt * pl.per_run_tps(x.ctx, n, x.kind)
         for x in [x for x in active if x.startup_left <= 0 and x.tokens_left <= 0]:
             out[x.name] = t
             active.remove(x)
@@ -297,6 +309,7 @@ class _Run:
 
     name: str
     ctx: str
+    kind: str
     total_steps: int
     tokens_per_step: int
     from_step: int
@@ -317,7 +330,7 @@ class _Run:
         step = self.samples[-1][1] if self.samples else self.from_step
         started = bool(self.samples)
         return Load(self.name, self.ctx, 0.0 if started else max(pl.startup_s - (now - self.t0), 5.0),
-                    max(0, self.total_steps - step) * self.tokens_per_step)
+                    max(0, self.total_steps - step) * self.tokens_per_step, self.kind)
 
     def rates_by_shared(self, min_s: float) -> Dict[str, int]:
         """{runs on the GPU: tokens/s} over the stretches between observed steps where that
@@ -398,7 +411,7 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
         for r in running:
             x = r.rate(calib_window_s)
             if x:
-                est.setdefault(r.ctx, []).append(x * len(running) / gain(len(running), pl.share_efficiency))
+                est.setdefault(f"{r.ctx}/{r.kind}", []).append(x * len(running) / gain(len(running), pl.share_efficiency))
             if r.samples:
                 live["startup"] = r.samples[0][0] - r.t0
         live["tps"].update({c: sum(xs) / len(xs) for c, xs in est.items()})
@@ -423,13 +436,13 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
         for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
             env.pop(k, None)
         cmd = [python, "-m", "msa_megatron.train", *s.overrides]
-        ctx = parse_name(name)[0]
+        ctx, variant, _ = parse_name(name)
         c = preset.contexts[ctx]
         from_step = last_step(run_dir)
         fh = open(work / "logs" / f"{name}.log", "a")
         proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=fh, stderr=subprocess.STDOUT)
         fh.close()
-        r = _Run(name, ctx, _steps_of(s.overrides), c.global_batch_size * c.seq_length, from_step, now,
+        r = _Run(name, ctx, cost_kind(variant), _steps_of(s.overrides), c.global_batch_size * c.seq_length, from_step, now,
                  round(t_stop - now, 1), port, proc, n_since=now)
         running.append(r)
         log(f"[piece] start {name} at step {from_step} (port {port}, {len(running)} running, its budget "
@@ -481,7 +494,7 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
                         skipped[name] = (f"needs {spec(preset, name, str(work)).depends_on}'s checkpoint "
                                          "on this machine")
                         continue
-                    ctx = parse_name(name)[0]
+                    ctx, variant, _ = parse_name(name)
                     rd = work / "runs" / name
                     if is_complete(rd):  # a dependency re-run whose checkpoint is present
                         queue.remove(name)
@@ -489,7 +502,8 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
                     resumable = has_checkpoint(rd)
                     cand = Load(name, ctx, q.startup_s, max(0, _steps_of(spec(preset, name, str(work)).overrides)
                                                               - (last_step(rd) if resumable else 0))
-                                * preset.contexts[ctx].global_batch_size * preset.contexts[ctx].seq_length)
+                                * preset.contexts[ctx].global_batch_size * preset.contexts[ctx].seq_length,
+                                cost_kind(variant))
                     why = admit(cand, [r.load(now, q) for r in running], q, t_stop - now,
                                 first_of_call=not running and not ran, resumable=resumable)
                     if why is None:
@@ -598,12 +612,12 @@ def plan_call(preset: ScalePreset, work: Path, queue: List[str], pl: Planning, t
                     rows.setdefault(name, {"name": name, "start": None, "end": None, "shared_max": 0,
                                            "why": f"needs {dep}'s checkpoint on this machine"})
                     continue
-                ctx = parse_name(name)[0]
+                ctx, variant, _ = parse_name(name)
                 rd = Path(work) / "runs" / name
                 resumable = has_checkpoint(rd)
                 steps = _steps_of(spec(preset, name, str(work)).overrides) - (last_step(rd) if resumable else 0)
                 c = preset.contexts[ctx]
-                cand = Load(name, ctx, pl.startup_s, max(0, steps) * c.global_batch_size * c.seq_length)
+                cand = Load(name, ctx, pl.startup_s, max(0, steps) * c.global_batch_size * c.seq_length, cost_kind(variant))
                 why = admit(cand, running, pl, time_s - t, first_of_call=not started_any, resumable=resumable)
                 if why is None:
                     queue.remove(name)
@@ -626,7 +640,7 @@ def plan_call(preset: ScalePreset, work: Path, queue: List[str], pl: Planning, t
             if x.startup_left >= first:
                 x.startup_left -= first
             else:
-                x.tokens_left -= (first - x.startup_left) * pl.per_run_tps(x.ctx, n)
+                x.tokens_left -= (first - x.startup_left) * pl.per_run_tps(x.ctx, n, x.kind)
                 x.startup_left = 0.0
         t += first
         for x in [x for x in running if fin[x.name] is not None and abs(fin[x.name] - first) < 1e-6]:

@@ -26,9 +26,14 @@ tokens/s, i.e. ~4.7 min + ~1 min start-up per 8K run (one call) and ~11 min per 
 ``Context.est_tokens_per_s``; the driver records the real numbers per run and plans later calls
 from them (piece.py).
 
-Sharing one GPU (``--parallel``): the model leaves an H100 partly idle, so several runs may
-run at once. How much that gains is *not measured yet*: ``ScalePreset.share_efficiency`` (e)
-says K runs together deliver 1 + (K - 1) e times the throughput of one alone (each at that / K).
+Measured (run 12, one H100, the first three 8K runs): dense 460K tokens/s alone, MSA 135K
+(its index branch, KL teacher and sparse kernels at 8K, where they cannot pay off), the window
+~160K; hence per-kind estimates (``Context.est_tokens_per_s_by_kind``, ``cost_kind``).
+
+Sharing one GPU (``--parallel``): K runs together deliver 1 + (K - 1) e times the throughput of
+one alone (each at that / K), e = ``ScalePreset.share_efficiency``. Run 12 measured no gain
+(three runs at 92K tokens/s each against one dense alone at 418K), so the ``scale`` preset runs
+one at a time (``max_parallel=1``).
 The planner's memory per run is ``Context.est_peak_gib`` until a run of that length has logged
 its ``peak_mem_gib``.
 """
@@ -57,6 +62,11 @@ class Context:
     distance_buckets: Tuple[int, ...]
     est_tokens_per_s: float     # planning estimate, one run alone on the GPU (see the module docstring)
     est_peak_gib: float = 0.0   # planned GPU memory of one run (CUDA context included); 0 = unknown
+    #: per cost kind (``cost_kind``): (kind, tokens/s alone) where measured; est_tokens_per_s otherwise
+    est_tokens_per_s_by_kind: Tuple[Tuple[str, float], ...] = ()
+
+    def tokens_per_s(self, kind: str) -> float:
+        return dict(self.est_tokens_per_s_by_kind).get(kind, self.est_tokens_per_s)
 
 
 @dataclass(frozen=True)
@@ -115,9 +125,14 @@ SCALE_PRESETS: Dict[str, ScalePreset] = {
         warmup_steps=38, eval_interval=48, eval_iters=4, recall_interval=48, log_interval=4,
         recall_pairs=32, recall_queries=16, recall_train_fraction=0.25, recall_eval_batches=8,
         convert_steps=96, convert_warmup_steps=8, convert_lr=3.0e-4,
-        contexts={"8k": Context("8k", 8192, 16, 2, (32, 1024, 2048, 3200, 4096, 6144, 8160), 180e3, 20.0),
+        contexts={"8k": Context("8k", 8192, 16, 2, (32, 1024, 2048, 3200, 4096, 6144, 8160), 180e3, 20.0,
+                                # run 12 (one H100, bb3db5b), the trainer's tokens/s of a run alone
+                                (("dense", 460e3), ("msa", 135e3), ("swa", 160e3))),
                   "32k": Context("32k", 32768, 4, 1, (32, 2048, 4096, 8192, 16384, 24576, 32736), 75e3, 36.0)},
         entries=_ENTRIES,
+        # run 12: two or three runs sharing the H100 gave no more tokens/s in all than one alone
+        # (dense alone 418K; dense + MSA + window 92K each), so runs go one at a time
+        share_efficiency=0.0, max_parallel=1,
         about="Scale: 55M-parameter dense-MLP GPT (8 layers, hidden 768, 12/4 heads of 64), byte vocabulary, "
               "embedded corpus, bf16; MSA block 128 top-16, index dim 64; 384 steps x 131,072 tokens = 50.3M "
               "tokens per run at 8K and 32K."),
@@ -131,6 +146,12 @@ SCALE_PRESETS: Dict[str, ScalePreset] = {
         entries=_ENTRIES, startup_s=10.0,
         about="Scale: the tiny CPU model, 4 steps: a smoke test, not evidence."),
 }
+
+
+def cost_kind(variant: str) -> str:
+    """The throughput class of a variant: "dense", "swa" or "msa" (every MSA variant, the
+    conversion included). At 8K on one H100 the three differ by 3.4x (run 12)."""
+    return variant if variant in ("dense", "swa") else "msa"
 
 
 def run_name(ctx: str, variant: str, seed: int) -> str:
@@ -163,7 +184,7 @@ def tokens_per_run(p: ScalePreset, ctx: str, variant: str = "dense") -> int:
 def estimate_s(p: ScalePreset, name: str) -> float:
     """Planned wall time of one run (start-up included), from the preset's throughput estimate."""
     ctx, variant, _ = parse_name(name)
-    return p.startup_s + tokens_per_run(p, ctx, variant) / p.contexts[ctx].est_tokens_per_s
+    return p.startup_s + tokens_per_run(p, ctx, variant) / p.contexts[ctx].tokens_per_s(cost_kind(variant))
 
 
 def _msa(p: ScalePreset, warmup: int, recall_interval: Optional[int] = None) -> List[str]:
