@@ -310,7 +310,7 @@ def piece(args) -> int:
     if not args.dry_run:
         from msa_megatron.training.corpus import build_corpus
 
-        build_corpus()  # once, not by each run
+        build_corpus(packages=preset.corpus_packages)  # once, not by each run
     device = _device()
     commit = _commit()
     mem = args.gpu_mem_gib or _gpu_mem_gib()

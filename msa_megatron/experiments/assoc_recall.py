@@ -132,7 +132,8 @@ def _distance_example(spec: AssocRecallSpec, gen: torch.Generator, filler: Optio
             if p >= 0 and not used[p:p + 2].any():
                 break
         else:
-            raise RuntimeError(f"assoc_recall: could not place pair {i} in seq_len={L}")
+            raise ValueError(f"assoc_recall: could not place pair {i} of {n} in seq_len={L} after 1000 draws "
+                             f"(distance_buckets={list(e)}): use fewer num_pairs / num_queries or a longer sequence")
         used[p:p + 2] = True
         tokens[p], tokens[p + 1] = keys[i], values[i]
         if i < q:

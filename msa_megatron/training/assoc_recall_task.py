@@ -25,8 +25,9 @@ class AssocRecallMix(torch.utils.data.Dataset):
     """GPTDataset samples, a ``fraction`` of them (chosen per index from ``seed``) replaced by
     recall examples. Deterministic per index, so resume and data parallelism see the same data."""
 
-    def __init__(self, base, spec: AssocRecallSpec, fraction: float, seed: int):
+    def __init__(self, base, spec: AssocRecallSpec, fraction: float, seed: int, answer_loss_weight: float = 1.0):
         self.base, self.spec, self.fraction, self.seed = base, spec.validate(), float(fraction), int(seed)
+        self.answer_loss_weight = float(answer_loss_weight)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -40,10 +41,13 @@ class AssocRecallMix(torch.utils.data.Dataset):
             return sample
         text = torch.cat([sample["tokens"], sample["labels"][-1:]])
         gen = torch.Generator().manual_seed(self.seed * 7_919 + idx)
-        toks, _ = make_example(self.spec, gen, filler=text)
+        toks, answer = make_example(self.spec, gen, filler=text)
         out = dict(sample)
         out["tokens"], out["labels"] = toks[:-1].contiguous(), toks[1:].contiguous()
-        out["loss_mask"] = torch.ones_like(sample["loss_mask"])
+        mask = torch.ones_like(sample["loss_mask"])
+        if self.answer_loss_weight != 1.0:  # position t predicts token t+1: the answer after query key t
+            mask = torch.where(answer[:-1], torch.full_like(mask, self.answer_loss_weight), mask)
+        out["loss_mask"] = mask
         return out
 
 

@@ -180,6 +180,9 @@ class CorpusConfig:
     include_tests: bool = False
     #: Files shorter than this (in bytes) are skipped: documents should exceed the MSA budget.
     min_doc_bytes: int = _f(2048, *_NONNEG)
+    #: Installed Python packages whose .py sources join the stdlib's, in this order (e.g. [torch]:
+    #: ~46M bytes where a distribution's stripped stdlib has ~10M, so long runs repeat less).
+    packages: List[str] = _f([])
 
 
 @dataclass
@@ -197,6 +200,11 @@ class AssocRecallConfig:
     #: Distance-bucket edges (issue 19): each queried pair planted at a distance from its query
     #: drawn from one bucket; eval logs val_assoc_recall_acc/d<lo>_<hi> per bucket. []: pairs at the start.
     distance_buckets: List[int] = _f([])
+    #: Weight of the loss at a recall example's answers (the value after each query key) relative
+    #: to its other tokens (1: plain LM loss). A query's answer is 1 token in ~500 at 8K, too rare
+    #: a signal for dense attention to learn the task in a short run (run 12); > 1 strengthens it.
+    #: The training lm_loss is then the weighted mean; held-out loss (plain text) is unaffected.
+    answer_loss_weight: float = _f(1.0, lambda v: v >= 1, "a number >= 1")
 
 
 @dataclass

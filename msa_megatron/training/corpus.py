@@ -1,5 +1,7 @@
 """The embedded default corpus: this interpreter's standard-library sources as byte-level
 tokens, built once into a Megatron indexed dataset (.bin/.idx) in a cache directory.
+``packages`` adds the .py sources of installed packages after the stdlib's (e.g. torch: ~46M
+bytes, where a distribution's stripped stdlib has ~10M): more tokens, still no download.
 
 It exists on every machine with no download, its documents (whole source files) are long
 enough to exceed a tiny MSA budget, and code has the long-range structure (definitions
@@ -15,6 +17,7 @@ build never leave a half-written dataset behind.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -75,21 +78,52 @@ def corpus_files(include_tests: bool = False, min_doc_bytes: int = 0, root: Opti
     return out
 
 
-def _cache_key(files: List[Path], root: Path, include_tests: bool, min_doc_bytes: int) -> str:
+def package_root(name: str) -> Path:
+    """The source directory of an installed package (``data.corpus.packages`` entry)."""
+    spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    locs = list(spec.submodule_search_locations or []) if spec else []
+    if not locs or not Path(locs[0]).is_dir():
+        from .config import ConfigError
+
+        raise ConfigError("data.corpus.packages", name, "names of installed Python packages (directories with "
+                          "sources, e.g. torch)")
+    return Path(locs[0])
+
+
+def package_files(name: str, include_tests: bool = False, min_doc_bytes: int = 0) -> Tuple[Path, List[Path]]:
+    """(root, .py files) of one installed package, the stdlib's rules (tests, size, order)."""
+    root = package_root(name)
+    out = []
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).parts
+        if "__pycache__" in parts or (not include_tests and _TEST_DIRS.intersection(parts[:-1])):
+            continue
+        if path.is_file() and path.stat().st_size >= max(min_doc_bytes, 1):
+            out.append(path)
+    out.sort(key=lambda p: p.relative_to(root).as_posix())
+    return root, out
+
+
+def _cache_key(groups: List[Tuple[str, Path, List[Path]]], include_tests: bool, min_doc_bytes: int) -> str:
     h = hashlib.sha256()
     h.update(f"{CORPUS_FORMAT}|{sys.version}|{include_tests}|{min_doc_bytes}".encode())
-    for f in files:
-        h.update(f"{f.relative_to(root).as_posix()}:{f.stat().st_size}\n".encode())
+    for label, root, files in groups:
+        h.update(f"[{label}]\n".encode())
+        for f in files:
+            h.update(f"{f.relative_to(root).as_posix()}:{f.stat().st_size}\n".encode())
     return h.hexdigest()[:16]
 
 
-def corpus_prefix(cache_dir: Optional[str] = None, include_tests: bool = False, min_doc_bytes: int = 2048) -> Tuple[str, List[Path]]:
+def corpus_prefix(cache_dir: Optional[str] = None, include_tests: bool = False, min_doc_bytes: int = 2048,
+                  packages: Tuple[str, ...] = ()) -> Tuple[str, List[Path]]:
     root = stdlib_root()
-    files = corpus_files(include_tests, min_doc_bytes, root)
-    key = _cache_key(files, root, include_tests, min_doc_bytes)
+    groups = [("stdlib", root, corpus_files(include_tests, min_doc_bytes, root))]
+    for name in packages:
+        groups.append((name, *package_files(name, include_tests, min_doc_bytes)))
+    key = _cache_key(groups, include_tests, min_doc_bytes)
     base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    name = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-{key}"
-    return str(base / "corpus" / name / "stdlib"), files
+    name = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}{''.join('+' + p for p in packages)}-{key}"
+    return str(base / "corpus" / name / "stdlib"), [f for _, _, fs in groups for f in fs]
 
 
 def read_meta(prefix: str) -> Optional[dict]:
@@ -99,9 +133,10 @@ def read_meta(prefix: str) -> Optional[dict]:
     return json.loads(path.read_text())
 
 
-def build_corpus(cache_dir: Optional[str] = None, include_tests: bool = False, min_doc_bytes: int = 2048) -> CorpusInfo:
+def build_corpus(cache_dir: Optional[str] = None, include_tests: bool = False, min_doc_bytes: int = 2048,
+                 packages: Tuple[str, ...] = ()) -> CorpusInfo:
     """Return the cached corpus, building it first if needed (safe to call from every rank)."""
-    prefix, files = corpus_prefix(cache_dir, include_tests, min_doc_bytes)
+    prefix, files = corpus_prefix(cache_dir, include_tests, min_doc_bytes, tuple(packages))
     meta = read_meta(prefix)
     if meta is not None and Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file():
         return CorpusInfo(prefix, meta["documents"], meta["tokens"])
@@ -123,6 +158,7 @@ def build_corpus(cache_dir: Optional[str] = None, include_tests: bool = False, m
         meta = {
             "format": CORPUS_FORMAT, "tokenizer": "byte", "vocab_size": BYTE_VOCAB, "eod_id": BYTE_EOD,
             "documents": len(files), "tokens": tokens, "python": sys.version, "stdlib": str(stdlib_root()),
+            "packages": list(packages),
         }
         Path(tmp_prefix + ".meta.json").write_text(json.dumps(meta, indent=1))
         try:
@@ -132,9 +168,10 @@ def build_corpus(cache_dir: Optional[str] = None, include_tests: bool = False, m
                 raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    log.info("built the embedded corpus: %d stdlib files, %.1fM byte tokens -> %s", len(files), tokens / 1e6, prefix)
+    log.info("built the embedded corpus: %d files (stdlib%s), %.1fM byte tokens -> %s", len(files),
+             "".join(" + " + p for p in packages), tokens / 1e6, prefix)
     return CorpusInfo(prefix, len(files), tokens)
 
 
 __all__ = ["BYTE_EOD", "BYTE_VOCAB", "CorpusInfo", "build_corpus", "corpus_files", "corpus_prefix", "default_cache_dir",
-           "read_meta"]
+           "package_files", "package_root", "read_meta"]

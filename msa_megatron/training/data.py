@@ -142,10 +142,11 @@ def resolve_sources(cfg: Config) -> DataSources:
     d = cfg.data
     if d.source == "corpus":
         c = d.corpus
-        info = corpus.build_corpus(c.cache_dir, c.include_tests, c.min_doc_bytes)
+        info = corpus.build_corpus(c.cache_dir, c.include_tests, c.min_doc_bytes, tuple(c.packages))
         check_indexed(info.prefix, info.vocab_size, "data.corpus.cache_dir")
+        what = "stdlib" + "".join(f" + {p}" for p in c.packages)
         return DataSources([info.prefix], [1.0], info.vocab_size, info.eod_id,
-                           f"embedded corpus: {info.documents} stdlib files, {info.tokens / 1e6:.1f}M byte tokens")
+                           f"embedded corpus: {info.documents} files ({what}), {info.tokens / 1e6:.1f}M byte tokens")
     prefixes = [e.path for e in d.blend]
     weights = [e.weight for e in d.blend]
     if d.vocab_size is not None:

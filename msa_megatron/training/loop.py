@@ -269,7 +269,7 @@ class Trainer:
                               f"0 with a vocabulary of {self.sources.vocab_size} tokens (the task uses token ids "
                               f"{spec.key_range[0]}..{spec.value_range[1] - 1}, byte-level)")
         if r.train_fraction > 0:
-            self.train_ds = AssocRecallMix(self.train_ds, spec, r.train_fraction, cfg.train.seed)
+            self.train_ds = AssocRecallMix(self.train_ds, spec, r.train_fraction, cfg.train.seed, r.answer_loss_weight)
         if r.eval_batches > 0:
             self.assoc_recall_batches = eval_batches(dataclasses.replace(spec, seq_len=cfg.train.seq_length),
                                                      r.eval_batches, cfg.train.micro_batch_size, cfg.train.seed,

@@ -398,3 +398,37 @@ def test_scale_report_on_any_subset(tmp_path, subset):
         assert "fewer than 3 seeds" in text and "| 2.5 / 3 |" in text and "`c8k_dense_s2` (unfinished" in text
     if subset == "no_run_json_fields":
         assert "| `c8k_dense_s1` |" in text and "| - |" in text
+
+
+def test_runs_of_an_earlier_recipe_do_not_count_and_are_started_afresh(tmp_path, fake):
+    from msa_megatron.experiments.fidelity.scale_report import collect_scale
+
+    p1 = _tiny(entries=(("8k", "dense", (1,)),))
+    p2 = dataclasses.replace(p1, recipe=2)
+    done = tmp_path / "done"
+    _done_run(done, "c8k_dense_s1", 2.0)  # a run.json without "recipe": recipe 1
+    assert piece.matrix_status(p1, tmp_path / "w", [done]) == {"c8k_dense_s1": "complete"}
+    assert piece.matrix_status(p2, tmp_path / "w", [done]) == {"c8k_dense_s1": "missing"}
+    col = collect_scale([done], p2)
+    assert not col["runs"] and col["missing"] == ["c8k_dense_s1"] and col["other_recipe"] == {"c8k_dense_s1": 1}
+    # on the machine: a recipe-1 run stopped midway with its checkpoint is not resumed under recipe 2
+    work = tmp_path / "machine" / "work"
+    pl = _pl(alone_tps={"8k": 1e5, "32k": 1e5}, startup_s=0.5, parallel=1, usable_gib=None)
+    msgs = []
+    _go(p1, work, 1.0, fake, pl, msgs)
+    assert piece.run_recipe(work / "runs" / "c8k_dense_s1") == 1 and piece.has_checkpoint(work / "runs" / "c8k_dense_s1", 1)
+    assert not piece.has_checkpoint(work / "runs" / "c8k_dense_s1", 2)
+    msgs.clear()
+    r = _go(p2, work, 20, fake, pl, msgs)
+    assert r["status"] == {"c8k_dense_s1": "complete"}
+    assert any("holds recipe 1, the preset is at recipe 2: starting it afresh" in m for m in msgs)
+    info = json.loads((work / "runs" / "c8k_dense_s1" / "run.json").read_text())
+    assert info["recipe"] == 2 and len(info["segments"]) == 1 and info["segments"][0]["from_step"] == 0
+
+
+def test_scale_spec_carries_the_recipe_data_and_answer_weight():
+    p = dataclasses.replace(SCALE_PRESETS["scale_cpu"], corpus_packages=("torch",), recall_answer_weight=8.0)
+    ov = scale_mod.spec(p, "c8k_msa_s1", "/w").overrides
+    assert "data.corpus.packages=[torch]" in ov and "data.assoc_recall.answer_loss_weight=8.0" in ov
+    plain = scale_mod.spec(SCALE_PRESETS["scale_cpu"], "c8k_msa_s1", "/w").overrides
+    assert not any(o.startswith(("data.corpus.packages", "data.assoc_recall.answer_loss_weight")) for o in plain)

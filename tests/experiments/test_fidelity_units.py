@@ -158,6 +158,33 @@ def test_recall_mix_fraction_determinism_and_layout():
     assert not any(AssocRecallMix(_FakeGPTDataset(50, 64), spec, 0.0, 3).is_recall(j) for j in range(50))
 
 
+def test_recall_mix_answer_loss_weight_marks_exactly_the_answers():
+    from msa_megatron.training.assoc_recall_task import AssocRecallMix
+    from msa_megatron.training.config import ConfigError, load_config
+    from msa_megatron.training.step import masked_lm_loss
+
+    spec = AssocRecallSpec(seq_len=65, num_pairs=4, num_queries=4, distance_buckets=(8, 20, 40, 56))
+    plain = AssocRecallMix(_FakeGPTDataset(40, 64), spec, 1.0, seed=3)
+    heavy = AssocRecallMix(_FakeGPTDataset(40, 64), spec, 1.0, seed=3, answer_loss_weight=10.0)
+    a, w = plain[5], heavy[5]
+    assert torch.equal(a["tokens"], w["tokens"]) and torch.equal(a["loss_mask"], torch.ones(64))
+    answers = (w["loss_mask"] == 10.0).nonzero().flatten()
+    assert len(answers) == 4 and torch.equal(w["loss_mask"] == 1.0, w["loss_mask"] != 10.0)
+    # each weighted position is a query key (the key's second occurrence) whose label is its value
+    for t in answers.tolist():
+        key, value = int(w["tokens"][t]), int(w["labels"][t])
+        assert 160 <= key < 208 and 208 <= value < 256
+        first = int((w["tokens"][:t] == key).nonzero()[0])
+        assert int(w["tokens"][first + 1]) == value
+    # the loss: a weighted mean, the answers counting 10 times
+    losses = torch.rand(1, 64)
+    loss, count, _ = masked_lm_loss(w["loss_mask"][None], losses)
+    assert int(count) == 64 + 9 * 4
+    assert float(loss) == pytest.approx(float(losses.sum() + 9 * losses[0, answers].sum()), rel=1e-6)
+    with pytest.raises(ConfigError, match="answer_loss_weight"):
+        load_config({"data": {"assoc_recall": {"answer_loss_weight": 0.5}}})
+
+
 def test_eval_batches_and_model_accuracy():
     from msa_megatron.training.assoc_recall_task import eval_batches, assoc_recall_accuracy_of_model
 

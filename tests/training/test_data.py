@@ -47,6 +47,27 @@ def test_corpus_is_the_stdlib_in_order_and_cached(cache_dir):
     assert np.median(ds.sequence_lengths) > 16 * 64
 
 
+def test_corpus_packages_append_installed_sources_after_the_stdlib(cache_dir):
+    from msa_megatron.training.config import ConfigError
+
+    std = corpus.corpus_files(min_doc_bytes=2048)
+    root, extra = corpus.package_files("omegaconf", min_doc_bytes=2048)
+    rel = [f.relative_to(root).as_posix() for f in extra]
+    assert root.name == "omegaconf" and rel == sorted(rel) and len(rel) >= 3
+    info = corpus.build_corpus(str(cache_dir), min_doc_bytes=2048, packages=("omegaconf",))
+    plain = corpus.build_corpus(str(cache_dir), min_doc_bytes=2048)
+    assert info.prefix != plain.prefix and "+omegaconf" in info.prefix  # its own cache entry
+    assert info.documents == len(std) + len(extra)
+    assert info.tokens == plain.tokens + sum(f.stat().st_size + 1 for f in extra)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(info.prefix)
+    assert bytes(ds[len(std)][:-1].astype(np.uint8)) == extra[0].read_bytes()  # packages after the stdlib
+    for bad in ("no_such_package_xyz", "os.path", "sys"):  # missing, not a name, no source directory
+        with pytest.raises(ConfigError, match="data.corpus.packages"):
+            corpus.build_corpus(str(cache_dir), packages=(bad,))
+
+
 def test_prepare_data_byte_level(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": "héllo world"}) + "\n\n" + json.dumps({"text": "second"}) + "\n")
     (tmp_path / "b.txt").write_text("para one\n\npara two\n")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -77,21 +78,31 @@ def read_run_json(run_dir: Path) -> Dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def is_complete(run_dir: Path) -> bool:
-    return bool(read_run_json(run_dir).get("complete"))
+def run_recipe(run_dir: Path) -> int:
+    """The preset recipe a run was recorded under (1 before recipes were recorded)."""
+    return int(read_run_json(run_dir).get("recipe", 1))
 
 
-def has_checkpoint(run_dir: Path) -> bool:
-    return (Path(run_dir) / "checkpoints" / "latest").exists()
+def is_complete(run_dir: Path, recipe: Optional[int] = None) -> bool:
+    """Complete (and, given ``recipe``, recorded under it: another recipe's run does not count)."""
+    info = read_run_json(run_dir)
+    return bool(info.get("complete")) and (recipe is None or int(info.get("recipe", 1)) == recipe)
+
+
+def has_checkpoint(run_dir: Path, recipe: Optional[int] = None) -> bool:
+    """A checkpoint to resume from (given ``recipe``: only one of a run recorded under it)."""
+    return (Path(run_dir) / "checkpoints" / "latest").exists() and (
+        recipe is None or not (Path(run_dir) / "run.json").is_file() or run_recipe(run_dir) == recipe)
 
 
 def matrix_status(preset: ScalePreset, work: Path, done_dirs: List[Path]) -> Dict[str, str]:
     """{run name: "complete" | "partial" (resumable here) | "missing"} in launch order."""
     out = {}
+    rc = preset.recipe
     for name in run_names(preset):
-        if any(is_complete(d / name) for d in done_dirs) or is_complete(work / "runs" / name):
+        if any(is_complete(d / name, rc) for d in done_dirs) or is_complete(work / "runs" / name, rc):
             out[name] = "complete"
-        elif has_checkpoint(work / "runs" / name):
+        elif has_checkpoint(work / "runs" / name, rc):
             out[name] = "partial"
         else:
             out[name] = "missing"
@@ -107,7 +118,8 @@ def todo(preset: ScalePreset, work: Path, done_dirs: List[Path], only: Optional[
     out: List[str] = []
     for n in names:
         dep = spec(preset, n, str(work)).depends_on
-        if dep and not (is_complete(work / "runs" / dep) and has_checkpoint(work / "runs" / dep)) and dep not in out:
+        if dep and not (is_complete(work / "runs" / dep, preset.recipe) and has_checkpoint(work / "runs" / dep, preset.recipe)) \
+                and dep not in out:
             out.append(dep)
         if n not in out:
             out.append(n)
@@ -273,8 +285,10 @@ def admit(cand: Load, running: Sequence[Load], pl: Planning, time_left: float, f
 
 
 # --------------------------------------------------------------------------- execution
-def _update_run_json(run_dir: Path, name: str, total_steps: int, segment: Dict, tokens_per_step: int) -> Dict:
+def _update_run_json(run_dir: Path, name: str, total_steps: int, segment: Dict, tokens_per_step: int,
+                     recipe: int = 1) -> Dict:
     info = read_run_json(run_dir) or {"name": name, "segments": []}
+    info["recipe"] = recipe
     info["segments"].append(segment)
     step = last_step(run_dir)
     segs = info["segments"]
@@ -424,11 +438,16 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
 
     def ready(name: str) -> bool:
         dep = spec(preset, name, str(work)).depends_on
-        return dep is None or (is_complete(work / "runs" / dep) and has_checkpoint(work / "runs" / dep))
+        return dep is None or (is_complete(work / "runs" / dep, preset.recipe)
+                               and has_checkpoint(work / "runs" / dep, preset.recipe))
 
     def start(name: str, now: float) -> None:
         s = spec(preset, name, str(work))
         run_dir = work / "runs" / name
+        if (run_dir / "run.json").is_file() and run_recipe(run_dir) != preset.recipe:
+            log(f"[piece] {name}: its directory holds recipe {run_recipe(run_dir)}, the preset is at recipe "
+                f"{preset.recipe}: starting it afresh")
+            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         port = free_port([r.port for r in running])
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -467,7 +486,7 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
         seg["tokens_per_s_by_shared"] = r.rates_by_shared(min_rate_s)
         seg.update(_trainer_stats(run_dir, r.from_step))
         by_shared.setdefault(r.ctx, []).append(seg["tokens_per_s_by_shared"])
-        info = _update_run_json(run_dir, r.name, r.total_steps, seg, r.tokens_per_step)
+        info = _update_run_json(run_dir, r.name, r.total_steps, seg, r.tokens_per_step, preset.recipe)
         log(f"[piece] {r.name}: exit {r.proc.returncode}, step {info['step']}/{info['total_steps']}, "
             f"{'complete' if info['complete'] else 'unfinished'} ({seg['wall_s']:.0f}s this call, shared by "
             f"{seg['shared_mean']} on average, {seg.get('tokens_per_s', '?')} tokens/s)")
@@ -496,10 +515,10 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
                         continue
                     ctx, variant, _ = parse_name(name)
                     rd = work / "runs" / name
-                    if is_complete(rd):  # a dependency re-run whose checkpoint is present
+                    if is_complete(rd, preset.recipe):  # a dependency re-run whose checkpoint is present
                         queue.remove(name)
                         continue
-                    resumable = has_checkpoint(rd)
+                    resumable = has_checkpoint(rd, preset.recipe)
                     cand = Load(name, ctx, q.startup_s, max(0, _steps_of(spec(preset, name, str(work)).overrides)
                                                               - (last_step(rd) if resumable else 0))
                                 * preset.contexts[ctx].global_batch_size * preset.contexts[ctx].seq_length,
@@ -600,21 +619,21 @@ def plan_call(preset: ScalePreset, work: Path, queue: List[str], pl: Planning, t
     queue = list(queue)
     rows: Dict[str, Dict] = {}
     running: List[Load] = []
-    done: set = {n for n in queue if is_complete(Path(work) / "runs" / n)}
+    done: set = {n for n in queue if is_complete(Path(work) / "runs" / n, preset.recipe)}
     t = 0.0
     started_any = False
     while True:
         if t < time_s - min_slice_s:
             for name in list(queue):
                 dep = spec(preset, name, str(work)).depends_on
-                if dep and dep not in done and not (is_complete(Path(work) / "runs" / dep)
-                                                    and has_checkpoint(Path(work) / "runs" / dep)):
+                if dep and dep not in done and not (is_complete(Path(work) / "runs" / dep, preset.recipe)
+                                                    and has_checkpoint(Path(work) / "runs" / dep, preset.recipe)):
                     rows.setdefault(name, {"name": name, "start": None, "end": None, "shared_max": 0,
                                            "why": f"needs {dep}'s checkpoint on this machine"})
                     continue
                 ctx, variant, _ = parse_name(name)
                 rd = Path(work) / "runs" / name
-                resumable = has_checkpoint(rd)
+                resumable = has_checkpoint(rd, preset.recipe)
                 steps = _steps_of(spec(preset, name, str(work)).overrides) - (last_step(rd) if resumable else 0)
                 c = preset.contexts[ctx]
                 cand = Load(name, ctx, pl.startup_s, max(0, steps) * c.global_batch_size * c.seq_length, cost_kind(variant))
@@ -675,4 +694,5 @@ def pack(work: Path, names: List[str], dest: Path, extra: Optional[Dict] = None)
 
 
 __all__ = ["Load", "Planning", "SMALL_FILES", "admit", "free_port", "gain", "has_checkpoint", "is_complete",
-           "last_step", "matrix_status", "measured_sharing", "pack", "plan_call", "planning", "run_piece", "simulate", "todo"]
+           "last_step", "matrix_status", "measured_sharing", "pack", "plan_call", "planning", "run_piece", "run_recipe",
+           "simulate", "todo"]

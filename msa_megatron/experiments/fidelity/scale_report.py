@@ -42,12 +42,15 @@ def bucket_curves(run_dir: Path) -> Dict[str, List[List[float]]]:
 def collect_scale(dirs: List[Path], preset: ScalePreset) -> Dict[str, Any]:
     """{"runs": {name: results}, "unfinished": {name: step/total}, "missing": [names]}; the first
     directory holding a complete run of a name wins."""
-    runs, unfinished, missing = {}, {}, []
+    runs, unfinished, missing, other = {}, {}, [], {}
     for name in run_names(preset):
         found = None
         for d in dirs:
             rd = Path(d) / name
             info = read_run_json(rd)
+            if info and int(info.get("recipe", 1)) != preset.recipe:
+                other[name] = int(info.get("recipe", 1))
+                continue
             if info.get("complete"):
                 found = rd
                 break
@@ -64,7 +67,7 @@ def collect_scale(dirs: List[Path], preset: ScalePreset) -> Dict[str, Any]:
         r["final"]["buckets"] = {k: v[-1][1] for k, v in r["buckets"].items() if v}
         r.pop("config_yaml", None)
         runs[name] = r
-    return {"runs": runs, "unfinished": unfinished, "missing": missing}
+    return {"runs": runs, "unfinished": unfinished, "missing": missing, "other_recipe": other}
 
 
 def _stats(xs: List[float]) -> Dict[str, Optional[float]]:
@@ -200,13 +203,18 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
         lines += ["", f"Dense -> MSA conversion (8K, seed 1): dense final held-out loss {c['dense_final_val_loss']:.4f}; "
                   + (f"within 1% after {c['reached_at_tokens']:,} tokens ({100 * c['reached_fraction']:.1f}% of the "
                      "dense run's)" if c["reached_at_tokens"] else "not within 1% by the end of the conversion run") + "."]
-    lines += ["", f"![held-out loss vs tokens]({plot_rel}/scale_loss.png)",
-              f"![accuracy vs distance]({plot_rel}/scale_accuracy_vs_distance.png)", "", "### Statement (generated)", ""]
+    if col["runs"]:
+        lines += ["", f"![held-out loss vs tokens]({plot_rel}/scale_loss.png)",
+                  f"![accuracy vs distance]({plot_rel}/scale_accuracy_vs_distance.png)"]
+    lines += ["", "### Statement (generated)", ""]
     lines += [f"* {c}" for c in claims(g, col)]
     if col["unfinished"] or col["missing"]:
         lines += ["", "Not yet in the matrix: "
                   + ", ".join([f"`{n}` (unfinished, step {s})" for n, s in col["unfinished"].items()]
                               + [f"`{n}`" for n in col["missing"]]) + "."]
+    if col.get("other_recipe"):
+        lines += ["", "Recorded under an earlier recipe of the preset (not counted): "
+                  + ", ".join(f"`{n}` (recipe {r})" for n, r in col["other_recipe"].items()) + "."]
     lines += ["", END]
     return "\n".join(lines)
 
@@ -273,13 +281,15 @@ def write_doc(block: str, doc: Path) -> None:
 def scale_report(dirs: List[Path], preset: ScalePreset, preset_name: str, doc: Path, plot_dir: Path,
                  make_plots: bool = True) -> Dict[str, Any]:
     col = collect_scale(dirs, preset)
-    written = plots(col, plot_dir) if make_plots else []
+    written = plots(col, plot_dir) if make_plots and col["runs"] else []
     rel = str(plot_dir.resolve().relative_to(doc.resolve().parent)) \
         if plot_dir.resolve().is_relative_to(doc.resolve().parent) else str(plot_dir)
     write_doc(scale_block(col, preset_name, rel, preset.about), doc)
-    (plot_dir / "scale_results.json").write_text(json.dumps(
-        {"missing": col["missing"], "unfinished": col["unfinished"],
-         "groups": {f"{c}/{v}": s for (c, v), s in groups(col).items()}}, indent=1)) if make_plots else None
+    if make_plots:
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        (plot_dir / "scale_results.json").write_text(json.dumps(
+            {"missing": col["missing"], "unfinished": col["unfinished"], "other_recipe": col.get("other_recipe", {}),
+             "groups": {f"{c}/{v}": s for (c, v), s in groups(col).items()}}, indent=1))
     return {"collected": col, "written": written}
 
 
