@@ -105,7 +105,11 @@ def test_planning_calibrates_from_measured_segments(tmp_path):
     assert (pl.alone("8k", "dense"), pl.alone("8k", "msa"), pl.alone("8k", "swa")) == (200e3, 100e3, 210e3)
     assert pl.alone("32k", "msa") == 75e3  # 32K: nothing measured
     assert pl.peak_gib["8k"] == pytest.approx(34.5) and pl.cap("8k") == 2
-    assert pl.startup_s == 40 and "msa 100K tok/s alone (measured, 1 segments)" in pl.describe()
+    assert pl.startup_s == 40 and "msa 100K tok/s alone (measured, 1 segments alone)" in pl.describe()
+    assert "dense 200K tok/s alone (measured, 1 segments shared, scaled by e)" in pl.describe()
+    # a segment that ran alone wins over shared ones scaled by the e knob
+    _seg_run(tmp_path / "done", "c8k_dense_s2", [{"tokens_per_s": 180e3, "shared_mean": 1.0}])
+    assert planning(p, tmp_path / "w", [tmp_path / "done"], share_efficiency=0.5).alone("8k", "dense") == 180e3
     # an MSA run is planned at MSA's rate: 1M tokens take 10 s alone, a dense run's 5 s
     loads = [piece.Load("m", "8k", 0.0, 1e6, "msa"), piece.Load("d", "8k", 0.0, 1e6, "dense")]
     assert simulate(loads[:1], pl, 1e9) == {"m": pytest.approx(10.0)}

@@ -194,6 +194,7 @@ def planning(preset: ScalePreset, work: Path, done_dirs: List[Path], parallel: O
                   usable_gib=0.9 * gpu_mem_gib if gpu_mem_gib else None, parallel=parallel,
                   max_parallel=preset.max_parallel, fit_margin=fit_margin)
     tps: Dict[str, List[float]] = {}  # per "ctx/kind"
+    alone_seen: Dict[str, List[float]] = {}  # the same from segments that ran alone (preferred: no e in them)
     peaks: Dict[str, List[float]] = {c: [] for c in preset.contexts}
     starts: List[float] = []
     for root in [Path(work) / "runs", *map(Path, done_dirs)]:
@@ -209,13 +210,19 @@ def planning(preset: ScalePreset, work: Path, done_dirs: List[Path], parallel: O
             for seg in read_run_json(rd).get("segments", []):
                 if seg.get("tokens_per_s") and seg.get("shared_mean"):
                     n = seg["shared_mean"]
-                    tps.setdefault(f"{ctx}/{cost_kind(variant)}", []).append(seg["tokens_per_s"] * n / (1.0 + (n - 1.0) * eff))
+                    key = f"{ctx}/{cost_kind(variant)}"
+                    tps.setdefault(key, []).append(seg["tokens_per_s"] * n / (1.0 + (n - 1.0) * eff))
+                    if n <= 1.1:
+                        alone_seen.setdefault(key, []).append(seg["tokens_per_s"])
                 if seg.get("startup_s"):
                     starts.append(seg["startup_s"])
             peaks[ctx] += [r["peak_mem_gib"] for r in _records(rd) if isinstance(r.get("peak_mem_gib"), (int, float))]
     for key, xs in tps.items():
+        if key not in alone_seen and key in pl.alone_tps:
+            continue  # shared segments scaled by the e knob do not override the preset's per-kind figure
+        xs, how = (alone_seen[key], "alone") if key in alone_seen else (xs, "shared, scaled by e")
         if _median(xs):
-            pl.alone_tps[key], pl.source["tps_" + key] = _median(xs), f"measured, {len(xs)} segments"
+            pl.alone_tps[key], pl.source["tps_" + key] = _median(xs), f"measured, {len(xs)} segments {how}"
     for c in preset.contexts:
         if peaks[c]:
             pl.peak_gib[c] = max(peaks[c]) * (1 + MEM_SLACK_FRAC) + MEM_SLACK_GIB
