@@ -121,19 +121,26 @@ def _distance_example(spec: AssocRecallSpec, gen: torch.Generator, filler: Optio
     distance = torch.zeros(L, dtype=torch.long)
     nb = len(e) - 1
     first = int(torch.randint(0, nb, (1,), generator=gen))  # rotate so every bucket gets queries
+
+    def free2(lo: int, hi: int) -> torch.Tensor:
+        """Starts p in [lo, hi) with positions p and p + 1 both free."""
+        lo = max(lo, 0)
+        ok = ~used[lo:hi] & ~used[lo + 1:hi + 1]
+        return ok.nonzero().flatten() + lo
+
     for i in range(n):
-        for _ in range(1000):  # rejection: pairs must not overlap (n is small vs. L)
-            if i < q:
-                b = (first + i) % nb
-                d = int(torch.randint(e[b], e[b + 1], (1,), generator=gen))
-                p = L - 2 * q + 2 * i - d
-            else:
-                p = int(torch.randint(0, L - 2 * q - 1, (1,), generator=gen))
-            if p >= 0 and not used[p:p + 2].any():
-                break
+        # uniform over the free slots (a pair takes 2 positions): queried pairs at a distance in
+        # their bucket, the others anywhere before the queries; fails only if no slot is left
+        if i < q:
+            b = (first + i) % nb
+            qp = L - 2 * q + 2 * i
+            slots = free2(qp - e[b + 1] + 1, qp - e[b] + 1)
         else:
-            raise ValueError(f"assoc_recall: could not place pair {i} of {n} in seq_len={L} after 1000 draws "
+            slots = free2(0, L - 2 * q - 1)
+        if slots.numel() == 0:
+            raise ValueError(f"assoc_recall: no free slot for pair {i} of {n} in seq_len={L} "
                              f"(distance_buckets={list(e)}): use fewer num_pairs / num_queries or a longer sequence")
+        p = int(slots[int(torch.randint(0, slots.numel(), (1,), generator=gen))])
         used[p:p + 2] = True
         tokens[p], tokens[p + 1] = keys[i], values[i]
         if i < q:
