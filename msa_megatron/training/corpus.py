@@ -58,11 +58,9 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def corpus_files(include_tests: bool = False, min_doc_bytes: int = 0, root: Optional[Path] = None) -> List[Path]:
-    """The standard library's .py files in deterministic (sorted relative path) order."""
-    root = root or stdlib_root()
-    if not root.is_dir():
-        raise FileNotFoundError(f"the standard library directory {root} (sysconfig stdlib) does not exist")
+def _py_files(root: Path, include_tests: bool, min_doc_bytes: int) -> List[Path]:
+    """.py files under ``root`` of at least ``min_doc_bytes``, sorted by relative path; no
+    caches, installed packages or (unless ``include_tests``) test directories."""
     out = []
     for path in root.rglob("*.py"):
         parts = path.relative_to(root).parts
@@ -73,6 +71,15 @@ def corpus_files(include_tests: bool = False, min_doc_bytes: int = 0, root: Opti
         if path.is_file() and path.stat().st_size >= max(min_doc_bytes, 1):
             out.append(path)
     out.sort(key=lambda p: p.relative_to(root).as_posix())
+    return out
+
+
+def corpus_files(include_tests: bool = False, min_doc_bytes: int = 0, root: Optional[Path] = None) -> List[Path]:
+    """The standard library's .py files in deterministic (sorted relative path) order."""
+    root = root or stdlib_root()
+    if not root.is_dir():
+        raise FileNotFoundError(f"the standard library directory {root} (sysconfig stdlib) does not exist")
+    out = _py_files(root, include_tests, min_doc_bytes)
     if not out:
         raise FileNotFoundError(f"no standard-library source files of >= {min_doc_bytes} bytes under {root}")
     return out
@@ -93,22 +100,15 @@ def package_root(name: str) -> Path:
 def package_files(name: str, include_tests: bool = False, min_doc_bytes: int = 0) -> Tuple[Path, List[Path]]:
     """(root, .py files) of one installed package, the stdlib's rules (tests, size, order)."""
     root = package_root(name)
-    out = []
-    for path in root.rglob("*.py"):
-        parts = path.relative_to(root).parts
-        if "__pycache__" in parts or (not include_tests and _TEST_DIRS.intersection(parts[:-1])):
-            continue
-        if path.is_file() and path.stat().st_size >= max(min_doc_bytes, 1):
-            out.append(path)
-    out.sort(key=lambda p: p.relative_to(root).as_posix())
-    return root, out
+    return root, _py_files(root, include_tests, min_doc_bytes)
 
 
 def _cache_key(groups: List[Tuple[str, Path, List[Path]]], include_tests: bool, min_doc_bytes: int) -> str:
     h = hashlib.sha256()
     h.update(f"{CORPUS_FORMAT}|{sys.version}|{include_tests}|{min_doc_bytes}".encode())
     for label, root, files in groups:
-        h.update(f"[{label}]\n".encode())
+        if label != "stdlib":  # the stdlib-only key stays what it was (existing caches stay valid)
+            h.update(f"[{label}]\n".encode())
         for f in files:
             h.update(f"{f.relative_to(root).as_posix()}:{f.stat().st_size}\n".encode())
     return h.hexdigest()[:16]
