@@ -454,7 +454,7 @@ def sweep_selection(L: int, kind: str, what=("fwd", "dq", "kl", "dkdv", "kv")) -
     fk = T.FusedKL(iq, ik, TI.selected_lse(iq, ik, sel, cfg), cfg.index_softmax_scale)
     # union_rows=64: P = 4 positions per tile (64-row wgmma tiles) for less union work on
     # trained-like selections (U4 22.7 vs U8 29.9 on the bench's trained generator at 128K)
-    specs_f = ["union_block_n=64,union_fwd_warps=8,union_fwd_stages=2", "union_block_n=128",
+    specs_f = ["union_block_n=64,union_fwd_warps=8,union_fwd_stages=2", "union_fwd_block_n=128",
                "union_fwd_stages=3", "union_fwd_warps=4", "union_rows=64", "union_rows=64,union_fwd_warps=4"]
     specs_b = ["union_block_n=64,union_dq_warps=8,union_dq_stages=2", "union_dq_stages=1", "union_dq_stages=3",
                "union_block_n=128", "union_rows=64", "union_rows=64,union_dq_warps=4"]
@@ -566,7 +566,7 @@ def aot_report(arch: int = 90, spec: str = "") -> int:
     F, I, P = "*fp32", "*i32", "*bf16"
     div16 = {"D", "G", "sq", "sk", "nt"}
     kernels = []
-    for sp in (spec.split(";") if spec else ["", "union_block_n=128", "union_fwd_warps=4,union_dq_warps=4",
+    for sp in (spec.split(";") if spec else ["", "union_fwd_block_n=128,union_dq_stages=3", "union_fwd_warps=4,union_dq_warps=4",
                                                  "union_fwd_stages=3,union_kl_stages=2"]):
         cfg = T.KernelConfig.from_spec(sp)
         Pn = U.union_positions(16, torch.bfloat16, cfg)
@@ -574,7 +574,9 @@ def aot_report(arch: int = 90, spec: str = "") -> int:
         common = dict(UMAX=Pn * K, P=Pn, GP=16, BLOCK=B, BN=bn, NSUB=B // bn, DP=D, DOT_PREC=None, UPCAST=False)
         io = dict(Q=P, K=P, V=P, DO=P, OUT=P, LSE=F, DELTA=F, DQ=P, IQ=P, IK=P, ILSE=F, DIQ=F, DSBUF=P, KLPART=F,
                   PBUF=F, ENTM=F, UOFF="*i64", qk_scale="fp32", sm_scale="fp32", iscale="fp32", kl_coef="fp32")
-        kernels.append((f"union_fwd [{sp}]", U._union_fwd_kernel, io, common, cfg.union_fwd_warps, cfg.union_fwd_stages))
+        fbn = U._bn(B, cfg, torch.bfloat16, forward=True)
+        kernels.append((f"union_fwd [{sp}]", U._union_fwd_kernel, io, dict(common, BN=fbn, NSUB=B // fbn),
+                        cfg.union_fwd_warps, cfg.union_fwd_stages))
         kernels.append((f"union_dq [{sp}]", U._union_dq_kernel, io, dict(common, KL=False),
                         cfg.union_dq_warps, cfg.union_dq_stages))
         kernels.append((f"union_dq + KL teacher [{sp}]", U._union_dq_kernel, io, dict(common, KL=True),
@@ -659,7 +661,8 @@ def write_report(out_dir: Path, meta: dict) -> None:
         from msa_megatron.ops.tuning import KernelConfig
 
         dc = KernelConfig()
-        defaults = ", ".join(f"{n}={getattr(dc, n)}" for n in ("union_rows", "union_block_n", "union_fwd_warps",
+        defaults = ", ".join(f"{n}={getattr(dc, n)}" for n in ("union_rows", "union_block_n", "union_fwd_block_n",
+                                                                 "union_fwd_warps",
                                                                  "union_fwd_stages", "union_dq_warps", "union_dq_stages",
                                                                  "union_kl_stages", "union_dik_item_entries"))
         lines += ["## Sweep", "", f"Each config changes these defaults: {defaults}.", "",

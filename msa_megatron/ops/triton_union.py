@@ -794,8 +794,10 @@ def _union_dkdv_reduce_kernel(
 
 
 # ----------------------------------------------------------------------------- host wrappers
-def _bn(block_size: int, cfg: _tsa.KernelConfig, dtype: torch.dtype) -> int:
-    cap = cfg.union_block_n if dtype != torch.float32 else min(cfg.union_block_n, 32)
+def _bn(block_size: int, cfg: _tsa.KernelConfig, dtype: torch.dtype, forward: bool = False) -> int:
+    """Keys per step: ``union_block_n`` (the forward: ``union_fwd_block_n`` when set), at most 32 in fp32."""
+    want = (cfg.union_fwd_block_n or cfg.union_block_n) if forward else cfg.union_block_n
+    cap = want if dtype != torch.float32 else min(want, 32)
     return _tsa._block_n(block_size, cap)
 
 
@@ -820,7 +822,7 @@ def union_attention_fwd(
         return (out, lse, lists) if return_lists else (out, lse)
     block_idx = block_idx.contiguous()
     lists = union_lists_for(block_idx, G, q.dtype, cfg, lists, d)
-    bn = _bn(block_size, cfg, q.dtype)
+    bn = _bn(block_size, cfg, q.dtype, forward=True)
     _union_fwd_kernel[(lists.cnt.numel(),)](
         q, k, v, pos, lists.order, lists.blk, lists.msk, lists.cnt, out, lse, docs.ptr,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

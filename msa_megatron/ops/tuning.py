@@ -134,6 +134,7 @@ class KernelConfig(_Spec):
     union_max_blocks_kl: float = 27.0  # the same for the op's training path (union dQ + split KL): break-even of the op fwd+bwd interpolated from run 9 (union ~154/~238 ms at U8 16/32 with the KV-outer dK/dV vs KV-outer op 214-219)
     union_rows: int = 128  # MMA rows of a union tile: P positions x next_pow2(G) heads (P = 8 at G = 16)
     union_block_n: int = 64  # keys per step (study prototype: 64 beat 128, 23.6 vs 24.8 ms at 128K)
+    union_fwd_block_n: int = 0  # the forward's keys per step; 0 = union_block_n. Run 12 (H100, 128K): 128 made the forward 15-17% faster on U8 ~20-32 (AOT: no spill, 164 KB) where the dQ + KL kernel spills at 128; not the default until measured in the whole op
     union_fwd_warps: int = 8
     union_fwd_stages: int = 2
     union_dq_warps: int = 8
@@ -160,6 +161,8 @@ class KernelConfig(_Spec):
         for name in ("union_max_blocks", "union_max_blocks_fwd", "union_max_blocks_kl", "mem_envelope_gib"):
             if not getattr(self, name) > 0:
                 raise KernelConfigError(f"{n}.{name}", getattr(self, name), "> 0")
+        if self.union_fwd_block_n:
+            _pow2(n, "union_fwd_block_n", self.union_fwd_block_n)
         for name in ("union_rows", "union_block_n", "union_dkdv_block_n", "union_dkdv_rows", "fwd_rows", "bwd_rows", "fwd_block_n", "bwd_block_n", "q_block_n"):
             _pow2(n, name, getattr(self, name))
         for name in ("union_fwd_warps", "union_dq_warps", "union_dkdv_warps", "fwd_warps", "bwd_warps", "q_warps"):

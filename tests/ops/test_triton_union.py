@@ -157,6 +157,22 @@ def test_unsorted_positions_several_chunks_and_heavy_order():
         check_against_reference(q, k, v, do, iq, ik, sel, block, q_pos, cfg, kc)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_block_n_apart_from_dq(dtype):
+    # union_fwd_block_n: the forward steps 64 keys (one step per block), dQ + KL 16 (four):
+    # the same results as the reference (tolerances TOL / KL_GRAD_TOL above)
+    b, sq, sk, hq, g, d, di, block, K = 1, 70, 70, 8, 2, 16, 16, 64, 2
+    q, k, v, do, iq, ik = tensors(b, sq, sk, hq, g, d, di, dtype, 11)
+    cfg = MSAConfig(block_size=block, topk=K, index_dim=di)
+    sel = selection("index", b, g, sq, sk, block, K, None, 11, iq, ik, cfg)
+    kc = T.KernelConfig(main_impl="union", union_block_n=16, union_fwd_block_n=64)
+    fwd_bn = U._bn(block, kc, dtype, forward=True)
+    assert U._bn(block, kc, dtype) == 16 and fwd_bn == (64 if dtype != torch.float32 else 32)
+    check_against_reference(q, k, v, do, iq, ik, sel, block, None, cfg, kc)
+    with pytest.raises(T.KernelConfigError, match="union_fwd_block_n"):
+        T.KernelConfig(union_fwd_block_n=24)
+
+
 @pytest.mark.parametrize("dkdv", ["union_dkdv=union,union_dkdv_item_entries=1,union_dkdv_rows=16,union_dkdv_block_n=16",
                                   "union_dkdv=union,union_dkdv_item_entries=2", "union_dkdv=union,union_dkdv_item_entries=0",
                                   "union_dkdv=kv"])
