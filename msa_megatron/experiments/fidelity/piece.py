@@ -78,15 +78,19 @@ def read_run_json(run_dir: Path) -> Dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def recipe_of(info: Dict) -> int:
+    """The preset recipe of a run.json's contents (1 before recipes were recorded)."""
+    return int(info.get("recipe", 1))
+
+
 def run_recipe(run_dir: Path) -> int:
-    """The preset recipe a run was recorded under (1 before recipes were recorded)."""
-    return int(read_run_json(run_dir).get("recipe", 1))
+    return recipe_of(read_run_json(run_dir))
 
 
 def is_complete(run_dir: Path, recipe: Optional[int] = None) -> bool:
     """Complete (and, given ``recipe``, recorded under it: another recipe's run does not count)."""
     info = read_run_json(run_dir)
-    return bool(info.get("complete")) and (recipe is None or int(info.get("recipe", 1)) == recipe)
+    return bool(info.get("complete")) and (recipe is None or recipe_of(info) == recipe)
 
 
 def has_checkpoint(run_dir: Path, recipe: Optional[int] = None) -> bool:
@@ -701,5 +705,5 @@ def pack(work: Path, names: List[str], dest: Path, extra: Optional[Dict] = None)
 
 
 __all__ = ["Load", "Planning", "SMALL_FILES", "admit", "free_port", "gain", "has_checkpoint", "is_complete",
-           "last_step", "matrix_status", "measured_sharing", "pack", "plan_call", "planning", "run_piece", "run_recipe",
+           "last_step", "matrix_status", "measured_sharing", "pack", "plan_call", "planning", "recipe_of", "run_piece", "run_recipe",
            "simulate", "todo"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from .collect import conversion_summary, run_results
-from .piece import read_run_json
+from .piece import read_run_json, recipe_of
 from .scale import LABELS, ScalePreset, parse_name, run_names
 
 BEGIN, END = "<!-- BEGIN SCALE (scripts/fidelity.py --scale-report) -->", "<!-- END SCALE -->"
@@ -48,8 +48,8 @@ def collect_scale(dirs: List[Path], preset: ScalePreset) -> Dict[str, Any]:
         for d in dirs:
             rd = Path(d) / name
             info = read_run_json(rd)
-            if info and int(info.get("recipe", 1)) != preset.recipe:
-                other[name] = int(info.get("recipe", 1))
+            if info and recipe_of(info) != preset.recipe:
+                other[name] = recipe_of(info)
                 continue
             if info.get("complete"):
                 found = rd
