@@ -122,8 +122,8 @@ def todo(preset: ScalePreset, work: Path, done_dirs: List[Path], only: Optional[
     out: List[str] = []
     for n in names:
         dep = spec(preset, n, str(work)).depends_on
-        if dep and not (is_complete(work / "runs" / dep, preset.recipe) and has_checkpoint(work / "runs" / dep, preset.recipe)) \
-                and dep not in out:
+        dep_dir = work / "runs" / dep if dep else None
+        if dep and not (is_complete(dep_dir, preset.recipe) and has_checkpoint(dep_dir, preset.recipe)) and dep not in out:
             out.append(dep)
         if n not in out:
             out.append(n)
@@ -705,5 +705,5 @@ def pack(work: Path, names: List[str], dest: Path, extra: Optional[Dict] = None)
 
 
 __all__ = ["Load", "Planning", "SMALL_FILES", "admit", "free_port", "gain", "has_checkpoint", "is_complete",
-           "last_step", "matrix_status", "measured_sharing", "pack", "plan_call", "planning", "recipe_of", "run_piece", "run_recipe",
-           "simulate", "todo"]
+           "last_step", "matrix_status", "measured_sharing", "pack", "plan_call", "planning", "recipe_of", "run_piece",
+           "run_recipe", "simulate", "todo"]
