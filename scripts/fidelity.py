@@ -288,13 +288,14 @@ def piece(args) -> int:
     work = Path(args.work).resolve()
     done = [Path(d).resolve() for d in (args.done.split(",") if args.done else [str(DEFAULT_DONE)]) if d]
     only = args.runs.split(",") if args.runs else None
-    if only:
-        bad = [n for n in only if n not in run_names(preset)]
+    rerun = args.rerun.split(",") if args.rerun else []
+    for flag, names in (("--runs", only or []), ("--rerun", rerun)):
+        bad = [n for n in names if n not in run_names(preset)]
         if bad:
-            print(f"fidelity: error: --runs {bad[0]!r} is invalid: allowed values are {', '.join(run_names(preset))}",
+            print(f"fidelity: error: {flag} {bad[0]!r} is invalid: allowed values are {', '.join(run_names(preset))}",
                   file=sys.stderr)
             return 2
-    st = matrix_status(preset, work, done)
+    st = matrix_status(preset, work, done, rerun)
     print(f"[piece] preset {args.piece}: " + ", ".join(f"{n}={s}" for n, s in st.items()), flush=True)
     for ctx, c in preset.contexts.items():
         kinds = [k for k, _ in c.est_tokens_per_s_by_kind] or ["dense"]
@@ -320,7 +321,8 @@ def piece(args) -> int:
     pl = planning(preset, work, done, parallel=args.parallel, share_efficiency=args.share_eff, gpu_mem_gib=mem,
                   fit_margin=args.fit_margin)
     res = run_piece(preset, work, args.budget_s, done, sys.executable, REPO, device, commit, only=only,
-                    dry_run=args.dry_run, grace_s=args.grace_s, log=lambda m: print(m, flush=True), plan=pl)
+                    dry_run=args.dry_run, grace_s=args.grace_s, log=lambda m: print(m, flush=True), plan=pl,
+                    rerun=rerun)
     remaining = [n for n, s in res["status"].items() if s != "complete"]
     print(f"[piece] ran {', '.join(res['ran']) or 'nothing'}; not complete yet: {', '.join(remaining) or 'none'}",
           flush=True)
@@ -370,6 +372,9 @@ def main(argv=None) -> int:
     p.add_argument("--grace-s", type=float, default=60.0, help="with --piece: seconds of the budget kept for the "
                    "SIGTERM checkpoint and packing (default 60)")
     p.add_argument("--dry-run", action="store_true", help="with --piece: print the plan of this call, run nothing")
+    p.add_argument("--rerun", help="with --piece: comma-separated runs to run again although complete in --done "
+                   "(e.g. runs recorded before a held-out probe was added); their new results replace the old "
+                   "when copied back")
     p.add_argument("--parallel", type=_parallel, default=None, help="with --piece: most runs sharing the GPU at once "
                    "(default auto: GPU memory / planned or measured memory per run, at most the preset's max_parallel)")
     p.add_argument("--share-eff", type=float, default=None, help="with --piece: planning knob e in [0, 1]: K runs "

@@ -20,7 +20,8 @@
 # the preset's 0) is what sharing gains in the planner: K runs give 1+(K-1)e x one run.
 # Knobs: BUDGET_S=480 (keep ~1.5 min below the call's limit), GRACE_S=60 (of the budget, for the
 # SIGTERM checkpoints and packing), PRESET=scale, WORK=/tmp/fid_scale, DONE=results/fidelity_scale,
-#   RUNS= (comma-separated subset), PARALLEL=auto, SHARE_EFF=, GPU_MEM_GIB= (dry runs without a GPU
+#   RUNS= (comma-separated subset), RERUN= (complete runs to run again, e.g. to add a new probe's
+#   numbers), PARALLEL=auto, SHARE_EFF=, GPU_MEM_GIB= (dry runs without a GPU
 #   plan for 80), DRY_RUN=1 (print the plan of this call, run nothing).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -39,6 +40,7 @@ if [ -z "${MSA_COMMIT:-}" ] && [ -f .msa_commit ]; then export MSA_COMMIT=$(cat 
 args=(--piece "$PRESET" --budget-s "$BUDGET_S" --grace-s "${GRACE_S:-60}" --work "$WORK" --done "$DONE"
       --export "$OUT" --parallel "${PARALLEL:-auto}")
 [ -n "$RUNS" ] && args+=(--runs "$RUNS")
+[ -n "${RERUN:-}" ] && args+=(--rerun "$RERUN")
 [ -n "${SHARE_EFF:-}" ] && args+=(--share-eff "$SHARE_EFF")
 [ -n "${GPU_MEM_GIB:-}" ] && args+=(--gpu-mem-gib "$GPU_MEM_GIB")
 [ "${DRY_RUN:-0}" = 1 ] && args+=(--dry-run)

@@ -67,6 +67,9 @@ LAYER_EXCEPTIONS: Dict[Tuple[str, str], str] = {
     # MQAR generator, research code.
     ("msa_megatron.training.assoc_recall_task", "msa_megatron.experiments.assoc_recall"): "msa-train's recall task",
     ("msa_megatron.training.config", "msa_megatron.experiments.assoc_recall"): "msa-train's recall task spec",
+    # ... and so is the passkey copy probe scored at evaluation (data.passkey)
+    ("msa_megatron.training.config", "msa_megatron.experiments.passkey"): "msa-train's passkey probe spec",
+    ("msa_megatron.training.loop", "msa_megatron.experiments.passkey"): "msa-train's passkey probe examples",
 }
 
 #: Circles closed by function-level imports that are known and not yet removed (frozensets of modules).

@@ -25,9 +25,13 @@ class AssocRecallMix(torch.utils.data.Dataset):
     """GPTDataset samples, a ``fraction`` of them (chosen per index from ``seed``) replaced by
     recall examples. Deterministic per index, so resume and data parallelism see the same data."""
 
-    def __init__(self, base, spec: AssocRecallSpec, fraction: float, seed: int, answer_loss_weight: float = 1.0):
+    def __init__(self, base, spec: AssocRecallSpec, fraction: float, seed: int, answer_loss_weight: float = 1.0,
+                 make=None):
         self.base, self.spec, self.fraction, self.seed = base, spec.validate(), float(fraction), int(seed)
         self.answer_loss_weight = float(answer_loss_weight)
+        #: make(spec, gen, filler) -> (tokens, answer_mask, ...): another task's examples (the
+        #: passkey probe's, data.passkey.train_fraction) mixed in the same way
+        self.make = make or make_example
 
     def __len__(self) -> int:
         return len(self.base)
@@ -41,7 +45,7 @@ class AssocRecallMix(torch.utils.data.Dataset):
             return sample
         text = torch.cat([sample["tokens"], sample["labels"][-1:]])
         gen = torch.Generator().manual_seed(self.seed * 7_919 + idx)
-        toks, answer = make_example(self.spec, gen, filler=text)
+        toks, answer = self.make(self.spec, gen, filler=text)[:2]
         out = dict(sample)
         out["tokens"], out["labels"] = toks[:-1].contiguous(), toks[1:].contiguous()
         mask = torch.ones_like(sample["loss_mask"])
@@ -51,12 +55,15 @@ class AssocRecallMix(torch.utils.data.Dataset):
         return out
 
 
-def eval_batches(spec: AssocRecallSpec, n_batches: int, micro_batch: int, seed: int, valid_ds=None
+def eval_batches(spec: AssocRecallSpec, n_batches: int, micro_batch: int, seed: int, valid_ds=None, make=None
                  ) -> List[Tuple[torch.Tensor, ...]]:
     """``n_batches`` held-out (tokens [b, s], answer_mask [b, s]) pairs, s = spec.seq_len (the
     training length: every query and its answer inside the window the model sees); filler
     from ``valid_ds`` samples when given, else random bytes. With ``spec.distance_buckets``
-    each item also carries distance [b, s] (see assoc_recall.make_example_with_distance)."""
+    each item also carries distance [b, s] (see assoc_recall.make_example_with_distance).
+    ``make(spec, gen, filler) -> (tokens, answer_mask, distance)`` builds another probe's examples
+    (the passkey probe, experiments/passkey.py) the same way."""
+    make = make or make_example_with_distance
     out = []
     gen = torch.Generator().manual_seed(seed + 4242)
     for i in range(n_batches):
@@ -66,7 +73,7 @@ def eval_batches(spec: AssocRecallSpec, n_batches: int, micro_batch: int, seed: 
             if valid_ds is not None and len(valid_ds) > 0:
                 s = valid_ds[(i * micro_batch + j) % len(valid_ds)]
                 filler = torch.cat([s["tokens"], s["labels"][-1:]])
-            t, m, d = make_example_with_distance(spec, gen, filler=filler)
+            t, m, d = make(spec, gen, filler=filler)
             toks.append(t)
             masks.append(m)
             dists.append(d)

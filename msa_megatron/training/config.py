@@ -208,6 +208,27 @@ class AssocRecallConfig:
 
 
 @dataclass
+class PasskeyConfig:
+    """Passkey copy probe (msa_megatron.experiments.passkey), scored at every evaluation and never
+    trained on: records ``KEY_<name> = "<hex>"`` planted in held-out text and repeated at its end,
+    the original at a distance drawn from a bucket; logs val_passkey_acc and
+    val_passkey_acc/d<lo>_<hi> (per-digit accuracy, chance 1/16)."""
+
+    #: Held-out micro-batches of probe examples per evaluation (0: off).
+    eval_batches: int = _f(0, *_NONNEG)
+    #: Fraction of training sequences replaced by probe examples (their own text as filler): 0
+    #: keeps it a probe; > 0 trains on it (then it is a task, like data.assoc_recall).
+    train_fraction: float = _f(0.0, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    #: Weight of the loss at the repeated records' digits relative to other tokens (train_fraction > 0).
+    answer_loss_weight: float = _f(1.0, lambda v: v >= 1, "a number >= 1")
+    num_keys: int = _f(12, *_POS)
+    value_len: int = _f(8, *_POS)
+    #: Edges of the distance buckets (repeated record start - original start), in
+    #: [num_keys x 25, train.seq_length - num_keys x 25] with the default record of 25 tokens.
+    distance_buckets: List[int] = _f([320, 1024, 2048, 3200, 4096, 6144, 7872])
+
+
+@dataclass
 class DataConfig:
     source: str = _f("corpus", *_one_of("corpus", "indexed"))
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -227,6 +248,7 @@ class DataConfig:
     #: (a document mask at every EOD: every layer gets PackedSeqParams; docs/training.md).
     packing: str = _f("none", *_one_of("none", "eod"))
     assoc_recall: AssocRecallConfig = field(default_factory=AssocRecallConfig)
+    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
 
 
 # --------------------------------------------------------------------------- train
@@ -388,6 +410,14 @@ class Config:
         r = self.data.assoc_recall
         return AssocRecallSpec(seq_len=self.train.seq_length + 1, num_pairs=r.num_pairs, num_queries=r.num_queries,
                                distance_buckets=tuple(r.distance_buckets or ()))
+
+    def passkey_spec(self):
+        """The passkey probe's spec over one held-out sequence (train.seq_length tokens)."""
+        from ..experiments.passkey import PasskeySpec
+
+        k = self.data.passkey
+        return PasskeySpec(seq_len=self.train.seq_length, num_keys=k.num_keys, value_len=k.value_len,
+                           distance_buckets=tuple(k.distance_buckets or ()))
 
     def data_parallel_size(self, world_size: int) -> int:
         p = self.parallel
@@ -608,6 +638,19 @@ def validate(cfg: Config, world_size: int) -> Config:
                               f"a task that fits train.seq_length={t.seq_length} ({e})") from None
         if r.eval_batches > 0 and (p.pp > 1 or p.cp > 1):
             raise ConfigError("data.assoc_recall.eval_batches", r.eval_batches, "0 with parallel.pp > 1 or parallel.cp > 1")
+    k = d.passkey
+    if k.train_fraction > 0 and r.train_fraction > 0:
+        raise ConfigError("data.passkey.train_fraction", k.train_fraction, "0 while data.assoc_recall.train_fraction > 0 "
+                          "(one task mixed into training at a time)")
+    if k.eval_batches > 0 or k.train_fraction > 0:
+        try:
+            cfg.passkey_spec().validate()
+        except ValueError as e:
+            raise ConfigError("data.passkey", {"num_keys": k.num_keys, "value_len": k.value_len,
+                                               "distance_buckets": list(k.distance_buckets or [])},
+                              f"a probe that fits train.seq_length={t.seq_length} ({e})") from None
+        if k.eval_batches > 0 and (p.pp > 1 or p.cp > 1):
+            raise ConfigError("data.passkey.eval_batches", k.eval_batches, "0 with parallel.pp > 1 or parallel.cp > 1")
     for name, ph in (("warmup", a.warmup), ("indexer_only", a.indexer_only)):
         if ph.steps is not None and ph.tokens is not None:
             raise ConfigError(f"attention.{name}.tokens", ph.tokens, f"null when attention.{name}.steps is set (one of the two)")
@@ -647,6 +690,9 @@ def validate(cfg: Config, world_size: int) -> Config:
                               "only in the THD layout (cp=1, one packed row per pipeline message)")
         if d.assoc_recall.train_fraction > 0:
             raise ConfigError("data.packing", d.packing, "none with data.assoc_recall.train_fraction > 0 (recall "
+                              "examples keep the replaced sample's document boundaries)")
+        if d.passkey.train_fraction > 0:
+            raise ConfigError("data.packing", d.packing, "none with data.passkey.train_fraction > 0 (probe "
                               "examples keep the replaced sample's document boundaries)")
     if d.source == "indexed":
         if not d.blend:

@@ -177,6 +177,7 @@ class Trainer:
         train_samples, valid_samples = samples_needed(cfg)
         self.train_ds, self.valid_ds = build_datasets(cfg, self.sources, train_samples, valid_samples)
         self._setup_assoc_recall()
+        self._setup_passkey()
         self.train_iter = iter(make_loader(self.train_ds, self.state["consumed_train_samples"], cfg, self.dp_rank, self.dp_size))
 
         # ---- schedules, metrics, sinks
@@ -275,10 +276,38 @@ class Trainer:
                                                      r.eval_batches, cfg.train.micro_batch_size, cfg.train.seed,
                                                      self.valid_ds)
 
+    def _setup_passkey(self) -> None:
+        """data.passkey: held-out batches of the passkey copy probe; mixed into training only
+        when train_fraction > 0 (then the probe is a trained task)."""
+        import dataclasses
+
+        from ..experiments.passkey import make_example
+        from .assoc_recall_task import AssocRecallMix, eval_batches
+
+        k = self.cfg.data.passkey
+        self.passkey_batches = None
+        if k.train_fraction > 0:  # training samples are seq_length + 1 tokens
+            spec = dataclasses.replace(self.cfg.passkey_spec(), seq_len=self.cfg.train.seq_length + 1)
+            self.train_ds = AssocRecallMix(self.train_ds, spec, k.train_fraction, self.cfg.train.seed,
+                                           k.answer_loss_weight, make=make_example)
+        if k.eval_batches > 0:
+            self.passkey_batches = eval_batches(self.cfg.passkey_spec(), k.eval_batches, self.cfg.train.micro_batch_size,
+                                                self.cfg.train.seed + 1, self.valid_ds, make=make_example)
+
     def assoc_recall_accuracy(self) -> Dict[str, float]:
-        """Held-out associative-recall accuracy (same batches every time); the MSA statistics
+        """Held-out associative-recall accuracy (same batches every time)."""
+        edges = list(self.cfg.data.assoc_recall.distance_buckets or [])
+        return self._probe_accuracy("val_assoc_recall_acc", self.assoc_recall_batches, edges)
+
+    def passkey_accuracy(self) -> Dict[str, float]:
+        """Held-out passkey-probe accuracy per digit, overall and per distance bucket."""
+        return self._probe_accuracy("val_passkey_acc", self.passkey_batches, list(self.cfg.data.passkey.distance_buckets))
+
+    def _probe_accuracy(self, key: str, batches, edges: List[int]) -> Dict[str, float]:
+        """Accuracy of next-token argmax at a probe's answer positions (the same batches every
+        time), with ``key/d<lo>_<hi>`` per distance bucket when ``edges``; the MSA statistics
         these passes record are discarded."""
-        if not self.assoc_recall_batches:
+        if not batches:
             return {}
         from ..megatron import collect_msa_metrics, set_selection_recall_sampling
         from .assoc_recall_task import assoc_recall_accuracy_of_model
@@ -286,18 +315,16 @@ class Trainer:
         for chunk in self.model:
             chunk.eval()
         set_selection_recall_sampling(self.model, False)
-        edges = list(self.cfg.data.assoc_recall.distance_buckets or [])
-        acc = assoc_recall_accuracy_of_model(self.model[0], self.assoc_recall_batches, self.device, self.sources.vocab_size,
-                                       edges or None)
+        acc = assoc_recall_accuracy_of_model(self.model[0], batches, self.device, self.sources.vocab_size, edges or None)
         buckets = {}
         if edges:  # issue 19: accuracy per query-to-pair distance bucket
             acc, per = acc
-            buckets = {f"val_assoc_recall_acc/{k}": v for k, v in per.items() if v is not None}
+            buckets = {f"{key}/{k}": v for k, v in per.items() if v is not None}
         collect_msa_metrics(reset=True)
         set_selection_recall_sampling(self.model, self.schedule._applied.selection_recall if self.schedule._applied else False)
         for chunk in self.model:
             chunk.train()
-        return {"val_assoc_recall_acc": acc, **buckets}
+        return {key: acc, **buckets}
 
     def selection_recall_sweep(self) -> Dict[str, float]:
         """attention.recall_sweep: held-out selection recall of the trained model for each
@@ -502,6 +529,7 @@ class Trainer:
         out["val_ppl"] = math.exp(min(out["val_lm_loss"], 50.0))
         out.update({f"val/{k}": v for k, v in collect_msa_metrics(reset=True).items()})
         out.update(self.assoc_recall_accuracy())
+        out.update(self.passkey_accuracy())
         return out
 
     def _moe_scalars(self, steps: int) -> Dict[str, float]:

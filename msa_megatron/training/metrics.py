@@ -164,6 +164,7 @@ PUBLIC_NAMES = {
     "kl_coeff": "msa/kl_coeff",
     "indexer_only": "msa/indexer_only",
     "val_assoc_recall_acc": "msa/val/assoc_recall_acc",
+    "val_passkey_acc": "msa/val/passkey_acc",
 }
 #: MSA statistics (and their /layer_i variants), written as msa/<name>.
 MSA_STATS = ("indexer_kl", "index_entropy", "main_entropy", "recall")

@@ -184,7 +184,8 @@ def test_eval_batches_with_distance_and_model_buckets():
 
 
 # --------------------------------------------------------------------------- piecewise collection
-def _fake_run(root: Path, name: str, val_loss: float, buckets: dict, complete=True, steps=4, recall=None):
+def _fake_run(root: Path, name: str, val_loss: float, buckets: dict, complete=True, steps=4, recall=None,
+              passkey=None):
     d = root / name
     d.mkdir(parents=True)
     recs = []
@@ -193,6 +194,9 @@ def _fake_run(root: Path, name: str, val_loss: float, buckets: dict, complete=Tr
         if s % 2 == 0:
             r.update(val_lm_loss=val_loss + 0.5 / s, val_assoc_recall_acc=sum(buckets.values()) / len(buckets),
                      **{f"val_assoc_recall_acc/{k}": v for k, v in buckets.items()})
+            if passkey is not None:
+                r.update(val_passkey_acc=sum(passkey.values()) / len(passkey),
+                         **{f"val_passkey_acc/{k}": v for k, v in passkey.items()})
         if recall is not None:
             r.update(recall=recall, attention_mode="msa")
         recs.append(r)
@@ -224,7 +228,10 @@ def test_partial_matrix_reports_what_is_missing(tmp_path):
     text = "\n".join(claims(g, col))
     assert "within 1% of dense at 8K: **confirmed**" in text  # 3 seeds each
     assert "beyond the seed spread at 8K: **indicated (fewer than 3 seeds)**" in text  # the window has 1 seed
-    assert "Retrieval at 8k, MSA within 5 points" in text and "d120_160, d160_248): **confirmed**" in text
+    assert "Retrieval at 8k, associative recall (trained on), MSA within 5 points" in text
+    assert "(d120_160, d160_248): **confirmed** (largest gap 0.0 points" in text
+    assert "Retrieval at 8k, passkey copy probe (scored, never trained on), MSA within 5 points of dense: " \
+           "**not measured** (runs missing or without this probe)" in text
     assert "Retrieval at 32k" in text and "not measured" in text
     assert "selection recall >= 95% at k=16" in text and "**confirmed** (97.0%" in text
     block = scale_block(col, "scale_cpu", "fidelity")
@@ -309,6 +316,10 @@ def test_piece_budget_sigterm_resume_and_pack(tmp_path, monkeypatch):
     assert "c8k_msa_s1/run.json" in names and "piece.json" in names and not any("checkpoints" in n for n in names)
     # a fresh machine with the results copied back: nothing left to do
     assert piece.todo(p, tmp_path / "fresh", [done]) == []
+    # ... unless asked to run some again (e.g. to score a new probe): once they complete in the
+    # work directory they count as complete again
+    assert piece.todo(p, tmp_path / "fresh", [done], rerun=["c8k_msa_s1"]) == ["c8k_msa_s1"]
+    assert piece.matrix_status(p, work, [done], rerun=["c8k_msa_s1"])["c8k_msa_s1"] == "complete"
     # ... except the conversion, if its result were lost: then its dense run comes again first
     import shutil
 
@@ -338,7 +349,7 @@ def test_retrieval_claim_needs_dense_to_solve_the_task(tmp_path):
     _fake_run(tmp_path, "c8k_swa_s1", 2.0, chance)
     col = collect_scale([tmp_path], SCALE_PRESETS["scale_cpu"])
     text = "\n".join(claims(groups(col), col))
-    assert "Retrieval at 8k: **not measured**: dense did not learn the task" in text
+    assert "Retrieval at 8k, associative recall (trained on): **not measured**: dense did not solve it" in text
     assert "met, but with fewer than 3 seeds" in text
 
 
@@ -375,3 +386,43 @@ def test_claims_pair_each_seed_with_its_own_dense_run(tmp_path):
     text = "\n".join(claims(groups(col), col))
     assert "within 1% of dense at 8K: **met, but with fewer than 3 seeds**" in text and "+0.75%" in text
     assert "beyond the seed spread at 8K: **indicated (fewer than 3 seeds)**" in text
+
+
+@pytest.mark.parametrize("preset", ["scale", "scale_cpu"])
+def test_scale_runs_score_the_passkey_probe_around_the_window(preset, tmp_path):
+    """Every run of the matrix scores the passkey probe (not trained on it), with buckets on
+    both sides of the FLOP-matched window, and the probe fits each context."""
+    p = SCALE_PRESETS[preset]
+    for ctx in ("8k", "32k"):
+        c = _compose(spec(p, f"c{ctx}_msa_s1", str(tmp_path)).overrides)
+        k = c.data.passkey
+        assert k.eval_batches == p.passkey_eval_batches > 0 and c.data.assoc_recall.train_fraction > 0
+        c.passkey_spec().validate()
+        dense = spec(p, f"c{ctx}_dense_s1", str(tmp_path)).overrides
+        w = _compose([o for o in dense if o != "attention=dense"] + ["attention=swa"]).swa_window()
+        assert k.distance_buckets[1] <= w < k.distance_buckets[-2], (ctx, k.distance_buckets, w)
+
+
+def test_passkey_probe_reported_per_distance_from_the_runs_that_scored_it(tmp_path):
+    """The passkey probe's table, plot and claim use the runs that logged it; runs from before the
+    probe (no val_passkey_acc) still count for the loss and the recall task."""
+    pytest.importorskip("matplotlib")
+    from msa_megatron.experiments.fidelity.scale_report import claims, collect_scale, groups, scale_block, scale_report
+
+    chance = {"d8_64": 0.02, "d160_248": 0.0}
+    near_far = {"d50_100": 0.95, "d100_206": 0.9}
+    _fake_run(tmp_path, "c8k_dense_s1", 2.0, chance)  # before the probe
+    _fake_run(tmp_path, "c8k_dense_s2", 2.0, chance, passkey=near_far)
+    _fake_run(tmp_path, "c8k_msa_s2", 2.01, chance, passkey={"d50_100": 0.94, "d100_206": 0.6}, recall=0.9)
+    _fake_run(tmp_path, "c8k_swa_s2", 2.02, chance, passkey={"d50_100": 0.95, "d100_206": 0.07})
+    col = collect_scale([tmp_path], SCALE_PRESETS["scale_cpu"])
+    g = groups(col)
+    assert g[("8k", "dense")]["val_loss"]["n"] == 2 and g[("8k", "dense")]["passkey_buckets"]["d50_100"]["n"] == 1
+    text = "\n".join(claims(g, col))
+    assert "Retrieval at 8k, passkey copy probe (scored, never trained on), MSA within 5 points of dense in buckets " \
+           "where the window is near chance (d100_206): **not confirmed** (largest gap 30.0 points" in text
+    assert "associative recall (trained on): **not measured**: dense did not solve it" in text
+    block = scale_block(col, "scale_cpu", "fidelity")
+    assert "Accuracy vs distance at 8k, passkey copy probe" in block and "| dense | 1 | 95.0% | 90.0% |" in block
+    out = scale_report([tmp_path], SCALE_PRESETS["scale_cpu"], "scale_cpu", tmp_path / "doc.md", tmp_path / "plots")
+    assert any(p.name == "scale_accuracy_vs_distance.png" and p.stat().st_size > 1000 for p in out["written"])

@@ -116,6 +116,13 @@ def test_swa_window_auto_and_layers():
     ({"attention.recall_sweep": [[10, 2]]}, "attention.recall_sweep[0]"),
     ({"data.assoc_recall.eval_batches": 1, "data.assoc_recall.num_pairs": 200}, "data.assoc_recall"),
     ({"data.assoc_recall.eval_batches": 1, "parallel.pp": 2}, "data.assoc_recall.eval_batches"),
+    ({"data.passkey.eval_batches": 1, "data.passkey.num_keys": 40}, "data.passkey"),
+    ({"data.passkey.train_fraction": 0.5, "data.assoc_recall.train_fraction": 0.5}, "data.passkey.train_fraction"),
+    ({"data.passkey.train_fraction": 0.5, "data.passkey.num_keys": 2, "data.passkey.distance_buckets": [50, 100, 206],
+      "data.packing": "eod"}, "data.packing"),
+    ({"data.passkey.eval_batches": 1, "data.passkey.distance_buckets": [100, 200]}, "data.passkey"),
+    ({"data.passkey.eval_batches": 1, "data.passkey.num_keys": 2, "data.passkey.distance_buckets": [50, 100, 206],
+      "parallel.pp": 2}, "data.passkey.eval_batches"),
     ({"attention.type": "swa", "attention.window": 0}, "attention.window"),
 ])
 def test_config_errors_name_the_field(over, field):

@@ -247,6 +247,22 @@ def test_indexer_kl_falls_on_the_embedded_corpus_and_cp2_agrees(server, tmp_path
     assert got[2]["attention_mode"] == "msa" and math.isfinite(got[2]["indexer_kl"])
 
 
+def test_held_out_probes_are_scored_per_distance_in_a_real_run(server, tmp_path):
+    """The associative-recall task (trained on) and the passkey copy probe (only scored) log
+    their accuracy overall and per distance bucket at each evaluation, after the switch too."""
+    r = server.run(tmp_path / "probes", QUIET + [
+        "checkpoint.save_at_end=false", "train.global_batch_size=4", "train.steps=2", "attention.warmup.steps=1",
+        "train.eval_interval=2", "train.eval_iters=1", "data.assoc_recall.train_fraction=0.5",
+        "data.assoc_recall.eval_batches=1", "data.assoc_recall.num_pairs=4", "data.assoc_recall.num_queries=4",
+        "data.assoc_recall.distance_buckets=[8,64,248]", "data.passkey.eval_batches=1", "data.passkey.num_keys=2",
+        "data.passkey.distance_buckets=[50,100,206]"], world=1)
+    _check(r)
+    last = r.steps()[2]
+    assert last["attention_mode"] == "msa"
+    for key, buckets in (("val_assoc_recall_acc", ("d8_64", "d64_248")), ("val_passkey_acc", ("d50_100", "d100_206"))):
+        assert 0 <= last[key] <= 1 and all(0 <= last[f"{key}/{b}"] <= 1 for b in buckets), (key, last)
+
+
 def test_dense_to_msa_conversion_with_a_frozen_backbone_phase(server, tmp_path):
     # bf16: the distributed optimizer keeps fp32 copies of the weights, so a weights-only load
     # must refresh them (otherwise the first step would write the pre-load weights back).

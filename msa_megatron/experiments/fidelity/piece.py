@@ -99,12 +99,15 @@ def has_checkpoint(run_dir: Path, recipe: Optional[int] = None) -> bool:
         recipe is None or not (Path(run_dir) / "run.json").is_file() or run_recipe(run_dir) == recipe)
 
 
-def matrix_status(preset: ScalePreset, work: Path, done_dirs: List[Path]) -> Dict[str, str]:
-    """{run name: "complete" | "partial" (resumable here) | "missing"} in launch order."""
+def matrix_status(preset: ScalePreset, work: Path, done_dirs: List[Path], rerun: Sequence[str] = ()) -> Dict[str, str]:
+    """{run name: "complete" | "partial" (resumable here) | "missing"} in launch order. Runs named
+    in ``rerun`` count as complete only once they completed again here (in ``work``), e.g. runs
+    recorded before a new held-out probe that should score them too."""
     out = {}
     rc = preset.recipe
     for name in run_names(preset):
-        if any(is_complete(d / name, rc) for d in done_dirs) or is_complete(work / "runs" / name, rc):
+        done = [] if name in rerun else done_dirs
+        if any(is_complete(d / name, rc) for d in done) or is_complete(work / "runs" / name, rc):
             out[name] = "complete"
         elif has_checkpoint(work / "runs" / name, rc):
             out[name] = "partial"
@@ -113,10 +116,11 @@ def matrix_status(preset: ScalePreset, work: Path, done_dirs: List[Path]) -> Dic
     return out
 
 
-def todo(preset: ScalePreset, work: Path, done_dirs: List[Path], only: Optional[List[str]] = None) -> List[str]:
+def todo(preset: ScalePreset, work: Path, done_dirs: List[Path], only: Optional[List[str]] = None,
+         rerun: Sequence[str] = ()) -> List[str]:
     """Runs to (re)start, in order; partial runs first (they resume). A conversion run whose
     dense checkpoint is not in the work directory gets that dense run again before it."""
-    st = matrix_status(preset, work, done_dirs)
+    st = matrix_status(preset, work, done_dirs, rerun)
     names = [n for n in st if st[n] != "complete" and (only is None or n in only)]
     names.sort(key=lambda n: st[n] != "partial")
     out: List[str] = []
@@ -393,14 +397,14 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
               device: str, commit: str, only: Optional[List[str]] = None, dry_run: bool = False,
               min_slice_s: float = 60.0, grace_s: float = 60.0, log: Callable[[str], None] = print,
               plan: Optional[Planning] = None, poll_s: float = 1.0, calib_window_s: float = 20.0,
-              kill_after_s: float = 30.0, min_rate_s: float = 10.0) -> Dict:
+              kill_after_s: float = 30.0, min_rate_s: float = 10.0, rerun: Sequence[str] = ()) -> Dict:
     """Run ``todo`` until ``budget_s`` is spent, up to ``plan.cap`` runs at once; returns
     {"ran": [...], "planned": [...], "status": {...}, "plan": [...]}. ``grace_s`` of the budget
     is kept for the SIGTERM checkpoints and packing; a run still alive ``kill_after_s`` after
     the budget is killed (its checkpoint may then be missing)."""
     work = Path(work)
     pl = plan or planning(preset, work, done_dirs)
-    queue = todo(preset, work, done_dirs, only)
+    queue = todo(preset, work, done_dirs, only, rerun)
     log(f"[piece] planning: {pl.describe()}")
     if dry_run:
         rows = plan_call(preset, work, queue, pl, budget_s - grace_s, min_slice_s)
@@ -415,7 +419,7 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
                     "run(s) on the GPU meanwhile: " + " ".join(s.overrides))
         return {"ran": [], "planned": queue, "plan": rows, "sharing": {}, "interrupted": False,
                 "later": {r["name"]: r["why"] for r in rows if r["start"] is None},
-                "status": matrix_status(preset, work, done_dirs)}
+                "status": matrix_status(preset, work, done_dirs, rerun)}
 
     t_start = time.time()
     t_stop = t_start + budget_s - grace_s   # SIGTERM to every run still going
@@ -599,7 +603,7 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
     if later:
         log("[piece] left for a later call: " + "; ".join(f"{n} ({w})" for n, w in later.items()))
     return {"ran": ran, "planned": planned, "later": later, "sharing": sharing, "interrupted": interrupted,
-            "status": matrix_status(preset, work, done_dirs)}
+            "status": matrix_status(preset, work, done_dirs, rerun)}
 
 
 def measured_sharing(by_shared: Dict[str, List[Dict[str, int]]]) -> Dict[str, Dict]:

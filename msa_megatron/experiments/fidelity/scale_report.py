@@ -15,12 +15,16 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..passkey import CHANCE as PASSKEY_CHANCE
 from .collect import conversion_summary, run_results
 from .piece import read_run_json, recipe_of
 from .scale import LABELS, ScalePreset, parse_name, run_names
 
 BEGIN, END = "<!-- BEGIN SCALE (scripts/fidelity.py --scale-report) -->", "<!-- END SCALE -->"
 CHANCE = 1 / 48  # values drawn from 48 bytes
+#: the held-out retrieval probes: (metric prefix, group key, name in the report, chance)
+PROBES = (("val_assoc_recall_acc", "buckets", "associative recall (trained on)", CHANCE),
+          ("val_passkey_acc", "passkey_buckets", "passkey copy probe (scored, never trained on)", PASSKEY_CHANCE))
 #: dense must reach this accuracy where the window fails for the retrieval comparison to count
 SOLVED = 0.5
 
@@ -29,12 +33,12 @@ def _read(path: Path) -> List[Dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
 
 
-def bucket_curves(run_dir: Path) -> Dict[str, List[List[float]]]:
-    """{"d<lo>_<hi>": [[step, acc], ...]} from val_assoc_recall_acc/<bucket> records."""
+def bucket_curves(run_dir: Path, prefix: str = "val_assoc_recall_acc") -> Dict[str, List[List[float]]]:
+    """{"d<lo>_<hi>": [[step, acc], ...]} from <prefix>/<bucket> records."""
     out: Dict[str, List[List[float]]] = {}
     for r in _read(Path(run_dir) / "metrics.jsonl"):
         for k, v in r.items():
-            if k.startswith("val_assoc_recall_acc/") and isinstance(v, (int, float)):
+            if k.startswith(prefix + "/") and isinstance(v, (int, float)):
                 out.setdefault(k.split("/", 1)[1], []).append([r.get("step"), v])
     return out
 
@@ -63,8 +67,9 @@ def collect_scale(dirs: List[Path], preset: ScalePreset) -> Dict[str, Any]:
         unfinished.pop(name, None)
         r = run_results(found)
         r["run"] = read_run_json(found)
-        r["buckets"] = bucket_curves(found)
-        r["final"]["buckets"] = {k: v[-1][1] for k, v in r["buckets"].items() if v}
+        for prefix, key, _, _ in PROBES:
+            r[key] = bucket_curves(found, prefix)
+            r["final"][key] = {k: v[-1][1] for k, v in r[key].items() if v}
         r.pop("config_yaml", None)
         runs[name] = r
     return {"runs": runs, "unfinished": unfinished, "missing": missing, "other_recipe": other}
@@ -88,12 +93,17 @@ def groups(col: Dict[str, Any]) -> Dict[Tuple[str, str], Dict[str, Any]]:
         by.setdefault((ctx, variant), []).append(r)
     out = {}
     for key, rs in by.items():
-        buckets = sorted({b for r in rs for b in r["final"]["buckets"]}, key=lambda b: int(b[1:].split("_")[0]))
         out[key] = {"seeds": len(rs), "val_loss": _stats([r["final"]["val_loss"] for r in rs]),
                     "assoc": _stats([r["final"]["assoc_recall"] for r in rs]),
-                    "sel_recall": _stats([r["final"]["mean_recall"] for r in rs]),
-                    "buckets": {b: _stats([r["final"]["buckets"].get(b) for r in rs]) for b in buckets}}
+                    "sel_recall": _stats([r["final"]["mean_recall"] for r in rs])}
+        for _, bkey, _, _ in PROBES:  # a run without a probe (older runs) adds nothing to its buckets
+            buckets = sorted({b for r in rs for b in r["final"].get(bkey, {})}, key=_lo)
+            out[key][bkey] = {b: _stats([r["final"].get(bkey, {}).get(b) for r in rs]) for b in buckets}
     return out
+
+
+def _lo(bucket: str) -> int:
+    return int(bucket[1:].split("_")[0])
 
 
 def paired(col: Dict[str, Any], ctx: str, variant: str, base: str) -> Dict[str, Any]:
@@ -153,30 +163,8 @@ def claims(g: Dict[Tuple[str, str], Dict[str, Any]], col: Dict[str, Any]) -> Lis
         out.append("MSA below the FLOP-matched window at 8K: **not measured** (no seed with both an 8K MSA and an "
                    "8K window run).")
     for ctx in ("8k", "32k"):
-        dd, mm, ww = g.get((ctx, "dense")), g.get((ctx, "msa")), g.get((ctx, "swa"))
-        if not (dd and mm):
-            out.append(f"Retrieval at {ctx}, MSA within 5 points of dense: **not measured** (runs missing).")
-            continue
-        far = [b for b in mm["buckets"] if ww and ww["buckets"].get(b, {}).get("mean") is not None
-               and ww["buckets"][b]["mean"] <= CHANCE + 0.05] if ww else list(mm["buckets"])
-        gaps = {b: (dd["buckets"][b]["mean"] or 0) - (mm["buckets"][b]["mean"] or 0) for b in far
-                if b in dd["buckets"] and dd["buckets"][b]["mean"] is not None and mm["buckets"][b]["mean"] is not None}
-        where = "buckets where the window is near chance" if ww else "all buckets (no window run at this length)"
-        solved = {b: dd["buckets"][b]["mean"] for b in gaps}
-        if gaps and sum(solved.values()) / len(solved) < SOLVED:
-            out.append(f"Retrieval at {ctx}: **not measured**: dense did not learn the task (mean accuracy "
-                       f"{100 * sum(solved.values()) / len(solved):.1f}% in {', '.join(gaps)}; needs >= "
-                       f"{100 * SOLVED:.0f}%): train longer or on more recall sequences.")
-            continue
-        if not gaps:
-            out.append(f"Retrieval at {ctx}: **not measured** (no bucket where the window is near chance "
-                       f"{'' if ww else 'and no window run'}).")
-            continue
-        worst = max(gaps.values())
-        verdict = "confirmed" if worst <= 0.05 else "not confirmed"
-        out.append(f"Retrieval at {ctx}, MSA within 5 points of dense in {where} ({', '.join(gaps)}): **{verdict}** "
-                   f"(largest gap {100 * worst:.1f} points; dense mean accuracy there "
-                   f"{100 * sum(dd['buckets'][b]['mean'] for b in gaps) / len(gaps):.1f}%).")
+        for _, bkey, label, chance in PROBES:
+            out.append(_retrieval_claim(g, ctx, bkey, label, chance))
     sel = [r["final"]["mean_recall"] for n, r in col["runs"].items() if parse_name(n)[1] == "msa"
            and r["final"]["mean_recall"] is not None]
     if sel:
@@ -186,6 +174,33 @@ def claims(g: Dict[Tuple[str, str], Dict[str, Any]], col: Dict[str, Any]) -> Lis
     else:
         out.append("Trained selection recall >= 95% at k=16: **not measured** (no complete MSA run).")
     return out
+
+
+def _retrieval_claim(g, ctx: str, bkey: str, label: str, chance: float) -> str:
+    """MSA within 5 points of dense where the window is near chance, on one probe; counted only
+    where dense solved the probe there (>= SOLVED)."""
+    dd, mm, ww = (g.get((ctx, v)) for v in ("dense", "msa", "swa"))
+    what = f"Retrieval at {ctx}, {label}"
+    if not (dd and mm and dd[bkey] and mm[bkey]):
+        return f"{what}, MSA within 5 points of dense: **not measured** (runs missing or without this probe)."
+    if ww and ww[bkey]:
+        far = [b for b in mm[bkey] if ww[bkey].get(b, {}).get("mean") is not None
+               and ww[bkey][b]["mean"] <= chance + 0.05]
+        where = "buckets where the window is near chance"
+    else:
+        far, where = list(mm[bkey]), "all buckets (no window run with this probe)"
+    gaps = {b: dd[bkey][b]["mean"] - mm[bkey][b]["mean"] for b in far
+            if dd[bkey].get(b, {}).get("mean") is not None and mm[bkey][b]["mean"] is not None}
+    if not gaps:
+        return f"{what}: **not measured** (no bucket where the window is near chance)."
+    solved = sum(dd[bkey][b]["mean"] for b in gaps) / len(gaps)
+    if solved < SOLVED:
+        return (f"{what}: **not measured**: dense did not solve it (mean accuracy {100 * solved:.1f}% in "
+                f"{', '.join(gaps)}; needs >= {100 * SOLVED:.0f}%, chance {100 * chance:.1f}%).")
+    worst = max(gaps.values())
+    return (f"{what}, MSA within 5 points of dense in {where} ({', '.join(gaps)}): "
+            f"**{'confirmed' if worst <= 0.05 else 'not confirmed'}** (largest gap {100 * worst:.1f} points; dense "
+            f"mean accuracy there {100 * solved:.1f}%, chance {100 * chance:.1f}%).")
 
 
 def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str = "") -> str:
@@ -216,18 +231,21 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
                      f"{'-' if tps is None else f'{tps:,.0f}'} | {shared} | "
                      f"{', '.join(info.get('devices', []))} | {', '.join(info.get('commits', []))} | "
                      f"{r['final']['val_loss'] if r['final']['val_loss'] is None else format(r['final']['val_loss'], '.4f')} |")
-    for ctx in ("8k", "32k"):
-        rows = [(v, s) for (c, v), s in g.items() if c == ctx and s["buckets"]]
-        if not rows:
-            continue
-        buckets = sorted({b for _, s in rows for b in s["buckets"]}, key=lambda b: int(b[1:].split("_")[0]))
-        lines += ["", f"Accuracy vs query-to-pair distance at {ctx} (chance {100 * CHANCE:.1f}%):", "",
-                  "| run | " + " | ".join(b[1:].replace("_", "-") for b in buckets) + " |",
-                  "|---|" + "---:|" * len(buckets)]
-        for v, s in rows:
-            lines.append(f"| {LABELS[v]} | " + " | ".join(
-                "-" if s["buckets"].get(b, {}).get("mean") is None else f"{100 * s['buckets'][b]['mean']:.1f}%"
-                for b in buckets) + " |")
+    for _, bkey, label, chance in PROBES:
+        for ctx in ("8k", "32k"):
+            rows = [(v, st) for (c, v), st in g.items() if c == ctx and st[bkey]]
+            if not rows:
+                continue
+            buckets = sorted({b for _, st in rows for b in st[bkey]}, key=_lo)
+            lines += ["", f"Accuracy vs distance at {ctx}, {label} (chance {100 * chance:.1f}%; mean over the runs "
+                      "that scored it, n per row):", "",
+                      "| run | n | " + " | ".join(b[1:].replace("_", "-") for b in buckets) + " |",
+                      "|---|---:|" + "---:|" * len(buckets)]
+            for v, st in rows:
+                n = max(x["n"] for x in st[bkey].values())
+                lines.append(f"| {LABELS[v]} | {n} | " + " | ".join(
+                    "-" if st[bkey].get(b, {}).get("mean") is None else f"{100 * st[bkey][b]['mean']:.1f}%"
+                    for b in buckets) + " |")
     if "c8k_dense_s1" in col["runs"] and "c8k_dense_to_msa_s1" in col["runs"]:
         c = conversion_summary(col["runs"]["c8k_dense_s1"], col["runs"]["c8k_dense_to_msa_s1"])
         lines += ["", f"Dense -> MSA conversion (8K, seed 1): dense final held-out loss {c['dense_final_val_loss']:.4f}; "
@@ -277,21 +295,21 @@ def plots(col: Dict[str, Any], plot_dir: Path) -> List[Path]:
     plt.close(fig)
     written.append(plot_dir / "scale_loss.png")
     g = groups(col)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, ctx in zip(axes, ("8k", "32k")):
-        for (c, v), s in g.items():
-            if c != ctx or not s["buckets"] or v not in ("dense", "msa", "swa"):
-                continue
-            bs = list(s["buckets"])
-            mid = [(int(b[1:].split("_")[0]) + int(b.split("_")[1])) / 2 for b in bs]
-            mean = [s["buckets"][b]["mean"] for b in bs]
-            err = [s["buckets"][b]["std"] or 0 for b in bs]
-            ax.errorbar(mid, mean, yerr=err, marker="o", color=colors[v], label=f"{LABELS[v]} (n={s['seeds']})",
-                        capsize=3)
-        ax.axhline(CHANCE, ls=":", color="gray", label="chance")
-        ax.set(title=f"associative recall vs distance, {ctx}", xlabel="query-to-pair distance (tokens)",
-               ylabel="accuracy", ylim=(-0.02, 1.02))
-        ax.legend(fontsize=7)
+    fig, axes = plt.subplots(len(PROBES), 2, figsize=(12, 4.5 * len(PROBES)), squeeze=False)
+    for row, (_, bkey, label, chance) in zip(axes, PROBES):
+        for ax, ctx in zip(row, ("8k", "32k")):
+            for (c, v), st in g.items():
+                if c != ctx or not st[bkey] or v not in ("dense", "msa", "swa"):
+                    continue
+                bs = list(st[bkey])
+                mid = [(_lo(b) + int(b.split("_")[1])) / 2 for b in bs]
+                ax.errorbar(mid, [st[bkey][b]["mean"] for b in bs], yerr=[st[bkey][b]["std"] or 0 for b in bs],
+                            marker="o", color=colors[v], capsize=3,
+                            label=f"{LABELS[v]} (n={max(st[bkey][b]['n'] for b in bs)})")
+            ax.axhline(chance, ls=":", color="gray", label="chance")
+            ax.set(title=f"{label}, {ctx}", xlabel="distance to the planted record (tokens)", ylabel="accuracy",
+                   ylim=(-0.02, 1.02))
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(plot_dir / "scale_accuracy_vs_distance.png", dpi=110)
     plt.close(fig)
@@ -323,5 +341,5 @@ def scale_report(dirs: List[Path], preset: ScalePreset, preset_name: str, doc: P
     return {"collected": col, "written": written}
 
 
-__all__ = ["BEGIN", "CHANCE", "END", "bucket_curves", "claims", "collect_scale", "groups", "paired", "plots", "scale_block",
+__all__ = ["BEGIN", "CHANCE", "END", "PROBES", "bucket_curves", "claims", "collect_scale", "groups", "paired", "plots", "scale_block",
            "scale_report", "write_doc"]
