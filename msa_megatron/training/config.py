@@ -628,29 +628,13 @@ def validate(cfg: Config, world_size: int) -> Config:
         if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in pair) \
                 or pair[0] % 16 != 0:
             raise ConfigError(f"attention.recall_sweep[{i}]", pair, "pairs [block_size (a multiple of 16), topk >= 1]")
-    r = d.assoc_recall
-    if r.train_fraction > 0 or r.eval_batches > 0:
-        try:
-            cfg.assoc_recall_spec().validate()
-        except ValueError as e:
-            raise ConfigError("data.assoc_recall", {"num_pairs": r.num_pairs, "num_queries": r.num_queries,
-                                                    "distance_buckets": list(r.distance_buckets or [])},
-                              f"a task that fits train.seq_length={t.seq_length} ({e})") from None
-        if r.eval_batches > 0 and (p.pp > 1 or p.cp > 1):
-            raise ConfigError("data.assoc_recall.eval_batches", r.eval_batches, "0 with parallel.pp > 1 or parallel.cp > 1")
-    k = d.passkey
+    r, k = d.assoc_recall, d.passkey
     if k.train_fraction > 0 and r.train_fraction > 0:
         raise ConfigError("data.passkey.train_fraction", k.train_fraction, "0 while data.assoc_recall.train_fraction > 0 "
                           "(one task mixed into training at a time)")
-    if k.eval_batches > 0 or k.train_fraction > 0:
-        try:
-            cfg.passkey_spec().validate()
-        except ValueError as e:
-            raise ConfigError("data.passkey", {"num_keys": k.num_keys, "value_len": k.value_len,
-                                               "distance_buckets": list(k.distance_buckets or [])},
-                              f"a probe that fits train.seq_length={t.seq_length} ({e})") from None
-        if k.eval_batches > 0 and (p.pp > 1 or p.cp > 1):
-            raise ConfigError("data.passkey.eval_batches", k.eval_batches, "0 with parallel.pp > 1 or parallel.cp > 1")
+    _check_held_out_task(cfg, "data.assoc_recall", r, cfg.assoc_recall_spec,
+                         {"num_pairs": r.num_pairs, "num_queries": r.num_queries})
+    _check_held_out_task(cfg, "data.passkey", k, cfg.passkey_spec, {"num_keys": k.num_keys, "value_len": k.value_len})
     for name, ph in (("warmup", a.warmup), ("indexer_only", a.indexer_only)):
         if ph.steps is not None and ph.tokens is not None:
             raise ConfigError(f"attention.{name}.tokens", ph.tokens, f"null when attention.{name}.steps is set (one of the two)")
@@ -720,6 +704,20 @@ def validate(cfg: Config, world_size: int) -> Config:
     if cfg.logging.wandb.mode == "online" and not cfg.logging.wandb.enabled:
         raise ConfigError("logging.wandb.enabled", False, "true with logging.wandb.mode=online")
     return cfg
+
+
+def _check_held_out_task(cfg: Config, path: str, task, make_spec, fields: Dict[str, Any]) -> None:
+    """A data task (data.assoc_recall, data.passkey) that is trained on or scored must fit the
+    sequence; scoring it needs the whole sequence on one rank (pp = cp = 1)."""
+    if task.train_fraction <= 0 and task.eval_batches <= 0:
+        return
+    try:
+        make_spec().validate()
+    except ValueError as e:
+        raise ConfigError(path, {**fields, "distance_buckets": list(task.distance_buckets or [])},
+                          f"a task that fits train.seq_length={cfg.train.seq_length} ({e})") from None
+    if task.eval_batches > 0 and (cfg.parallel.pp > 1 or cfg.parallel.cp > 1):
+        raise ConfigError(f"{path}.eval_batches", task.eval_batches, "0 with parallel.pp > 1 or parallel.cp > 1")
 
 
 def _check_split(split: str) -> None:
