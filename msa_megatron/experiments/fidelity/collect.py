@@ -64,6 +64,8 @@ def run_results(run_dir: Path) -> Dict[str, Any]:
         "kl": out["indexer_kl"][-1][1] if out["indexer_kl"] else None,
         # mean over the steps sampled in sparse mode (the selection actually used)
         "mean_recall": _mean([v for s, v in out["recall"] if switch is not None and s >= switch]),
+        # the trained selection: held-out recall at the last evaluation
+        "val_recall": out["val_recall"][-1][1] if out["val_recall"] else None,
         "steps": train[-1]["step"] if train else 0,
         "tokens": train[-1].get("tokens") if train else 0,
     }
