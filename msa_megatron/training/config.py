@@ -209,9 +209,9 @@ class AssocRecallConfig:
 
 @dataclass
 class PasskeyConfig:
-    """Passkey copy probe (msa_megatron.experiments.passkey), scored at every evaluation and never
-    trained on: records ``KEY_<name> = "<hex>"`` planted in held-out text and repeated at its end,
-    the original at a distance drawn from a bucket; logs val_passkey_acc and
+    """Passkey copy probe (msa_megatron.experiments.passkey), scored at every evaluation, trained on
+    only with train_fraction > 0: records ``KEY_<name> = "<hex>"`` planted in held-out text and
+    repeated at its end, the original at a distance drawn from a bucket; logs val_passkey_acc and
     val_passkey_acc/d<lo>_<hi> (per-digit accuracy, chance 1/16)."""
 
     #: Held-out micro-batches of probe examples per evaluation (0: off).
