@@ -14,7 +14,8 @@ only where its index selects the record's block. Chance is 1/16 per digit.
 
 Unlike the associative-recall task (single rare-byte keys and values, experiments/assoc_recall.py),
 which a 55M model did not learn within 50M tokens (issue 19, runs 12 and 13), the probe asks for
-a behaviour plain language modelling already trains, so it is scored without being trained on.
+a behaviour plain language modelling already trains, so it is scored without being trained on
+(``data.passkey.train_fraction > 0`` makes it a trained task where a run needs one).
 
 Layout of one example of ``seq_len`` tokens: filler text, the original records overwriting it
 at their drawn positions, and the ``num_keys`` repeated records closing the sequence.
