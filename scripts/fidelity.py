@@ -385,7 +385,10 @@ def main(argv=None) -> int:
                    "to finish with this fraction of its time to spare (default 0.10)")
     p.add_argument("--scale-report", metavar="DIRS", help="report of the scale matrix from these comma-separated "
                    "result directories (default preset scale)")
-    p.add_argument("--scale-preset", default="scale", help="with --scale-report: the scale preset")
+    p.add_argument("--scale-preset", default="scale", help="with --scale-report / --overrides: the scale preset")
+    p.add_argument("--overrides", metavar="RUN", help="print the trainer overrides of one scale-matrix run, shell-quoted "
+                   "on one line (for a one-off variant: python -m msa_megatron.train $(... --overrides RUN) "
+                   "model.rotary_percent=1.0 run_dir=...); run directory under --work")
     p.add_argument("--report", metavar="DIR", help="write the table and plots from DIR/results.json")
     p.add_argument("--doc", default=str(REPO / "docs" / "fidelity.md"), help="with --report: the markdown file")
     p.add_argument("--plots", default=str(REPO / "docs" / "fidelity"), help="with --report: the PNG directory")
@@ -401,6 +404,18 @@ def main(argv=None) -> int:
         if args.share_eff is not None and not 0 <= args.share_eff <= 1:
             p.error(f"--share-eff {args.share_eff} is invalid: allowed values are 0 to 1")
         return piece(args)
+    if args.overrides:
+        import shlex
+
+        from msa_megatron.experiments.fidelity.scale import SCALE_PRESETS, run_names, spec
+
+        if args.scale_preset not in SCALE_PRESETS:
+            p.error(f"--scale-preset {args.scale_preset!r} is invalid: allowed values are {', '.join(SCALE_PRESETS)}")
+        preset = SCALE_PRESETS[args.scale_preset]
+        if args.overrides not in run_names(preset):
+            p.error(f"--overrides {args.overrides!r} is invalid: allowed values are {', '.join(run_names(preset))}")
+        print(" ".join(shlex.quote(o) for o in spec(preset, args.overrides, args.work).overrides))
+        return 0
     if args.scale_report:
         from msa_megatron.experiments.fidelity.scale import SCALE_PRESETS
         from msa_megatron.experiments.fidelity.scale_report import scale_report

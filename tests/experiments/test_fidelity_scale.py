@@ -430,3 +430,18 @@ def test_passkey_probe_reported_per_distance_from_the_runs_that_scored_it(tmp_pa
     assert "Accuracy vs distance at 8k, passkey copy probe" in block and "| dense | 1 | 95.0% | 90.0% |" in block
     out = scale_report([tmp_path], SCALE_PRESETS["scale_cpu"], "scale_cpu", tmp_path / "doc.md", tmp_path / "plots")
     assert any(p.name == "scale_accuracy_vs_distance.png" and p.stat().st_size > 1000 for p in out["written"])
+
+
+def test_overrides_prints_a_runs_trainer_arguments_for_one_off_variants(tmp_path):
+    """`--overrides RUN`: one shell-quoted line that splits back into exactly the run's overrides
+    (a one-off variant appends its own, later ones winning in Hydra); a bad name is one error."""
+    import shlex
+
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "fidelity.py"), "--overrides", "c8k_msa_s2",
+                        "--scale-preset", "scale_cpu", "--work", str(tmp_path)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert shlex.split(r.stdout) == spec(SCALE_PRESETS["scale_cpu"], "c8k_msa_s2", str(tmp_path)).overrides
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "fidelity.py"), "--overrides", "c8k_msa_s9"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--overrides 'c8k_msa_s9' is invalid: allowed values are" in bad.stderr
