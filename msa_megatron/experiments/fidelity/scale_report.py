@@ -33,10 +33,10 @@ def _read(path: Path) -> List[Dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
 
 
-def bucket_curves(run_dir: Path, prefix: str = "val_assoc_recall_acc") -> Dict[str, List[List[float]]]:
-    """{"d<lo>_<hi>": [[step, acc], ...]} from <prefix>/<bucket> records."""
+def bucket_curves(records: List[Dict[str, Any]], prefix: str = "val_assoc_recall_acc") -> Dict[str, List[List[float]]]:
+    """{"d<lo>_<hi>": [[step, acc], ...]} from the <prefix>/<bucket> entries of a run's metrics records."""
     out: Dict[str, List[List[float]]] = {}
-    for r in _read(Path(run_dir) / "metrics.jsonl"):
+    for r in records:
         for k, v in r.items():
             if k.startswith(prefix + "/") and isinstance(v, (int, float)):
                 out.setdefault(k.split("/", 1)[1], []).append([r.get("step"), v])
@@ -67,10 +67,11 @@ def collect_scale(dirs: List[Path], preset: ScalePreset) -> Dict[str, Any]:
         unfinished.pop(name, None)
         r = run_results(found)
         r["run"] = read_run_json(found)
-        last = next((x for x in reversed(_read(found / "metrics.jsonl")) if "val/recall" in x), {})
+        records = _read(found / "metrics.jsonl")
+        last = next((x for x in reversed(records) if "val/recall" in x), {})
         r["final"]["val_recall_layers"] = {k.split("/")[-1]: v for k, v in last.items() if k.startswith("val/recall/")}
         for prefix, key, _, _ in PROBES:
-            r[key] = bucket_curves(found, prefix)
+            r[key] = bucket_curves(records, prefix)
             r["final"][key] = {k: v[-1][1] for k, v in r[key].items() if v}
         r.pop("config_yaml", None)
         runs[name] = r
