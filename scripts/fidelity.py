@@ -302,11 +302,14 @@ def piece(args) -> int:
         print(f"[piece] {ctx}: {tokens_per_run(preset, ctx) / 1e6:.1f}M tokens per run, planned alone (start-up "
               "included): " + ", ".join(f"{k} ~{estimate_s(preset, f'c{ctx}_{k}_s1') / 60:.1f} min at "
                                         f"{c.tokens_per_s(k) / 1e3:.0f}K tokens/s" for k in kinds), flush=True)
-    if not args.dry_run and args.piece != "scale_cpu":
+    on_cpu = preset.train == "cpu"  # the *_cpu presets: tests and smoke runs
+    if not args.dry_run and not on_cpu:
         import torch
 
         if not torch.cuda.is_available():
-            print("fidelity: error: --piece scale needs a CUDA GPU (use --dry-run, or --piece scale_cpu)", file=sys.stderr)
+            cpu_twins = ", ".join(n for n, q in SCALE_PRESETS.items() if q.train == "cpu")
+            print(f"fidelity: error: --piece {args.piece} needs a CUDA GPU (use --dry-run, or a CPU preset: {cpu_twins})",
+                  file=sys.stderr)
             return 2
     if not args.dry_run:
         from msa_megatron.training.corpus import build_corpus
@@ -315,7 +318,7 @@ def piece(args) -> int:
     device = _device()
     commit = _commit()
     mem = args.gpu_mem_gib or _gpu_mem_gib()
-    if mem is None and args.dry_run and args.piece != "scale_cpu":
+    if mem is None and args.dry_run and not on_cpu:
         mem = 80.0
         print("[piece] no GPU here: planning for 80 GiB (an H100; --gpu-mem-gib sets another)", flush=True)
     pl = planning(preset, work, done, parallel=args.parallel, share_efficiency=args.share_eff, gpu_mem_gib=mem,
@@ -363,7 +366,7 @@ def main(argv=None) -> int:
                    "to DIR (e.g. $OUT on a GPU host)")
     p.add_argument("--force", action="store_true", help="rerun finished runs")
     p.add_argument("--piece", metavar="PRESET", help="scale matrix: run the next missing runs of this scale preset "
-                   "(scale, scale_cpu) within --budget-s, pack metrics into --export")
+                   "(scale, retrieval, or their *_cpu twins) within --budget-s, pack metrics into --export")
     p.add_argument("--budget-s", type=float, default=480.0, help="with --piece: seconds for this slice (default 480)")
     p.add_argument("--work", default="/tmp/fid_scale", help="with --piece: run directories and checkpoints "
                    "(kept between calls on a warm machine)")

@@ -67,6 +67,14 @@ class Context:
     est_tokens_per_s_by_kind: Tuple[Tuple[str, float], ...] = ()
     #: distance-bucket edges of the passkey copy probe (data.passkey.distance_buckets); () = no probe
     passkey_buckets: Tuple[int, ...] = ()
+    #: optimizer steps of a run at this length (0: the preset's ``steps``)
+    steps: int = 0
+    #: passkey records per example at this length (0: the preset's ``passkey_keys``)
+    passkey_keys: int = 0
+    #: steps between evaluations at this length (0: the preset's ``eval_interval``)
+    eval_interval: int = 0
+    #: fraction of training sequences that are passkey examples at this length (None: the preset's)
+    passkey_train_fraction: Optional[float] = None
 
     def tokens_per_s(self, kind: str) -> float:
         return dict(self.est_tokens_per_s_by_kind).get(kind, self.est_tokens_per_s)
@@ -113,6 +121,18 @@ class ScalePreset:
     #: trained on: adding it leaves the recipe unchanged) and its records per example
     passkey_eval_batches: int = 0
     passkey_keys: int = 12
+    #: the passkey probe as a trained task (data.passkey.train_fraction / answer_loss_weight;
+    #: needs recall_train_fraction 0: one task is mixed into training at a time)
+    passkey_train_fraction: float = 0.0
+    passkey_answer_weight: float = 1.0
+    #: a length curriculum: the runs of this context (dense only) are the bases every run of the
+    #: other contexts starts from (weights only, ``checkpoint.init_from``; the same seed's base)
+    base_context: str = ""
+    #: its block in the doc, its plots' file prefix: presets of one family share it
+    report_name: str = "scale"
+    #: report the language-modelling claims (held-out loss vs dense and vs the window): off for
+    #: presets whose runs are not equal-token pretraining runs (the retrieval curriculum)
+    lm_claims: bool = True
 
 
 #: Launch order = most informative first: the 8K seed-1 triple (every run also trains and
@@ -163,6 +183,44 @@ SCALE_PRESETS: Dict[str, ScalePreset] = {
               "vocabulary, embedded corpus (stdlib + torch sources), bf16; MSA block 128 top-16, index dim 64; 384 "
               "steps x 131,072 tokens = 50.3M tokens per run at 8K and 32K; recall examples in half the training "
               "sequences (16 pairs, all queried, answers weighted 32x)."),
+    # Retrieval by a length curriculum (after run 13: no run learned either retrieval task from
+    # language modelling at 8K, and on the CPU the tiny model copied only with full RoPE and
+    # only when trained on short sequences full of examples). The 55M model with full RoPE is
+    # trained as a dense copier on 256-token sequences (every one a passkey example), then each
+    # arm continues from that base at 8K on half passkey examples, half text: whatever dense,
+    # MSA and the window then answer per distance is what their attention can reach.
+    "retrieval": ScalePreset(
+        model="fidelity_gpt", model_overrides=_GPT55M + ("model.rotary_percent=1.0",), train="gpu", steps=300,
+        lr=1.0e-3, min_lr=1.0e-4, warmup_steps=75, eval_interval=50, eval_iters=2, recall_interval=50,
+        log_interval=10, recall_pairs=16, recall_queries=16, recall_train_fraction=0.0, recall_eval_batches=0,
+        convert_steps=0, convert_warmup_steps=0, convert_lr=0.0,
+        contexts={"256": Context("256", 256, 64, 64, (32, 128, 224), 300e3, 10.0, passkey_buckets=(50, 128, 206),
+                                 steps=1500, passkey_keys=2, eval_interval=250, passkey_train_fraction=1.0),
+                  "8k": Context("8k", 8192, 8, 2, (32, 1024, 2048, 3200, 4096, 6144, 8160), 180e3, 20.0,
+                                (("dense", 389e3), ("msa", 93e3), ("swa", 245e3)),
+                                passkey_buckets=(320, 1024, 2048, 3200, 4096, 6144, 7872))},
+        entries=(("256", "dense", (1,)), ("8k", "dense", (1,)), ("8k", "swa", (1,)), ("8k", "msa", (1,))),
+        share_efficiency=0.0, max_parallel=1, corpus_packages=("torch",), passkey_eval_batches=8,
+        passkey_keys=12, passkey_train_fraction=0.5, passkey_answer_weight=8.0, base_context="256",
+        lm_claims=False, report_name="retrieval",
+        about="Retrieval curriculum: the 55M GPT of preset scale with full RoPE, trained dense for 1,500 steps of "
+              "64 x 256 tokens, every sequence a passkey example (2 records, digits weighted 8x); then dense, MSA "
+              "(75 of 300 steps warmup) and the FLOP-matched window each continue from it for 300 steps of 8 x 8K "
+              "tokens, half the sequences passkey examples (12 records)."),
+    # the retrieval curriculum, tiny, on the CPU: tests and smoke runs only
+    "retrieval_cpu": ScalePreset(
+        model="tiny", model_overrides=("model.rotary_percent=1.0",), train="cpu", steps=4, lr=1e-3, min_lr=1e-4,
+        warmup_steps=1, eval_interval=2, eval_iters=1, recall_interval=2, log_interval=1, recall_pairs=4,
+        recall_queries=4, recall_train_fraction=0.0, recall_eval_batches=0, convert_steps=0, convert_warmup_steps=0,
+        convert_lr=0.0,
+        contexts={"128": Context("128", 128, 4, 4, (8, 64, 120), 2e3, passkey_buckets=(25, 64, 103), steps=6,
+                                 passkey_keys=1, eval_interval=3, passkey_train_fraction=1.0),
+                  "512": Context("512", 512, 2, 2, (8, 128, 256, 400, 504), 1e3,
+                                 passkey_buckets=(50, 128, 256, 462))},
+        entries=(("128", "dense", (1,)), ("512", "dense", (1,)), ("512", "swa", (1,)), ("512", "msa", (1,))),
+        startup_s=10.0, passkey_eval_batches=1, passkey_keys=2, passkey_train_fraction=0.5, passkey_answer_weight=8.0,
+        base_context="128", lm_claims=False, report_name="retrieval",
+        about="Retrieval curriculum: the tiny CPU model, a few steps: a smoke test, not evidence."),
     # the same matrix, tiny, on the CPU: tests and smoke runs only (numbers mean nothing)
     "scale_cpu": ScalePreset(
         model="tiny", model_overrides=(), train="cpu", steps=4, lr=3e-3, min_lr=3e-4, warmup_steps=1,
@@ -203,10 +261,20 @@ def run_names(p: ScalePreset) -> List[str]:
     return [run_name(c, v, s) for c, v, seeds in p.entries for s in seeds]
 
 
+def steps_of(p: ScalePreset, ctx: str, variant: str = "dense") -> int:
+    """Optimizer steps of one run: the conversion's, else the context's, else the preset's."""
+    return p.convert_steps if variant == "dense_to_msa" else (p.contexts[ctx].steps or p.steps)
+
+
+def base_of(p: ScalePreset, name: str) -> Optional[str]:
+    """The run ``name`` starts from under a length curriculum (``p.base_context``), else None."""
+    ctx, _, seed = parse_name(name)
+    return run_name(p.base_context, "dense", seed) if p.base_context and ctx != p.base_context else None
+
+
 def tokens_per_run(p: ScalePreset, ctx: str, variant: str = "dense") -> int:
     c = p.contexts[ctx]
-    steps = p.convert_steps if variant == "dense_to_msa" else p.steps
-    return steps * c.global_batch_size * c.seq_length
+    return steps_of(p, ctx, variant) * c.global_batch_size * c.seq_length
 
 
 def estimate_s(p: ScalePreset, name: str) -> float:
@@ -227,12 +295,15 @@ def spec(p: ScalePreset, name: str, out_dir: str) -> RunSpec:
         raise ValueError(f"run {name!r}: context {ctx!r} is invalid: allowed values are {', '.join(p.contexts)}")
     c = p.contexts[ctx]
     rd = f"{out_dir}/runs/{name}"
-    steps = p.convert_steps if variant == "dense_to_msa" else p.steps
+    steps = steps_of(p, ctx, variant)
+    if p.base_context and ctx == p.base_context and variant != "dense":
+        raise ValueError(f"run {name!r}: variant {variant!r} is invalid at the curriculum's base context {ctx!r}: "
+                         "allowed values are dense")
     common = [
         f"model={p.model}", *p.model_overrides, f"train={p.train}", f"run_dir={rd}",
         f"train.steps={steps}", f"train.seq_length={c.seq_length}",
         f"train.global_batch_size={c.global_batch_size}", f"train.micro_batch_size={c.micro_batch_size}",
-        f"train.lr={p.lr}", f"train.min_lr={p.min_lr}", f"train.eval_interval={p.eval_interval}",
+        f"train.lr={p.lr}", f"train.min_lr={p.min_lr}", f"train.eval_interval={c.eval_interval or p.eval_interval}",
         f"train.eval_iters={p.eval_iters}", f"train.seed={seed}",
         f"logging.log_interval={p.log_interval}", "logging.progress_bar=false", "logging.wandb.enabled=false",
         "logging.plots=false",
@@ -246,22 +317,34 @@ def spec(p: ScalePreset, name: str, out_dir: str) -> RunSpec:
     if p.recall_answer_weight != 1.0:
         common.append(f"data.assoc_recall.answer_loss_weight={p.recall_answer_weight}")
     if p.passkey_eval_batches and c.passkey_buckets:
-        common += [f"data.passkey.eval_batches={p.passkey_eval_batches}", f"data.passkey.num_keys={p.passkey_keys}",
+        common += [f"data.passkey.eval_batches={p.passkey_eval_batches}",
+                   f"data.passkey.num_keys={c.passkey_keys or p.passkey_keys}",
                    "data.passkey.distance_buckets=[" + ",".join(str(e) for e in c.passkey_buckets) + "]"]
+        frac = p.passkey_train_fraction if c.passkey_train_fraction is None else c.passkey_train_fraction
+        if frac > 0:
+            common += [f"data.passkey.train_fraction={frac}",
+                       f"data.passkey.answer_loss_weight={p.passkey_answer_weight}"]
     if p.corpus_packages:
         common.append("data.corpus.packages=[" + ",".join(p.corpus_packages) + "]")
+    base = base_of(p, name)
+    if base is not None:  # weights of the same seed's base run; MSA's index branch from its q/k
+        common += [f"checkpoint.init_from={out_dir}/runs/{base}/checkpoints", "checkpoint.index_init=mean"]
     if variant == "dense":
-        return RunSpec(name, common + ["attention=dense"])
+        return RunSpec(name, common + ["attention=dense"], depends_on=base)
     if variant == "swa":
-        return RunSpec(name, common + ["attention=swa"])
+        return RunSpec(name, common + ["attention=swa"], depends_on=base)
     if variant == "msa":
-        return RunSpec(name, common + _msa(p, p.warmup_steps))
+        return RunSpec(name, common + _msa(p, p.warmup_steps), depends_on=base)
     if variant == "msa_no_stopgrad":
-        return RunSpec(name, common + _msa(p, p.warmup_steps) + ["attention.msa.index_stop_gradient=false"])
+        return RunSpec(name, common + _msa(p, p.warmup_steps) + ["attention.msa.index_stop_gradient=false"],
+                       depends_on=base)
     if variant == "msa_no_warmup":
-        return RunSpec(name, common + _msa(p, 0))
+        return RunSpec(name, common + _msa(p, 0), depends_on=base)
     if variant == "msa_no_teacher":
-        return RunSpec(name, common + _msa(p, p.warmup_steps) + ["attention.freeze_indexer=true"])
+        return RunSpec(name, common + _msa(p, p.warmup_steps) + ["attention.freeze_indexer=true"], depends_on=base)
+    if base is not None:
+        raise ValueError(f"run {name!r}: variant dense_to_msa is invalid in a curriculum preset (its runs already "
+                         "start from a base): allowed values are dense, msa, swa and the msa ablations")
     dep = run_name(ctx, "dense", seed)
     return RunSpec(name, common + [
         f"checkpoint.init_from={out_dir}/runs/{dep}/checkpoints", "checkpoint.index_init=mean",
@@ -274,5 +357,5 @@ def plan(p: ScalePreset, out_dir: str) -> List[RunSpec]:
     return [spec(p, n, out_dir) for n in run_names(p)]
 
 
-__all__ = ["LABELS", "SCALE_PRESETS", "ScalePreset", "VARIANTS", "estimate_s", "parse_name", "plan", "run_name",
-           "run_names", "spec", "tokens_per_run"]
+__all__ = ["LABELS", "SCALE_PRESETS", "ScalePreset", "VARIANTS", "base_of", "estimate_s", "parse_name", "plan",
+           "run_name", "run_names", "spec", "steps_of", "tokens_per_run"]

@@ -29,6 +29,41 @@ PROBES = (("val_assoc_recall_acc", "buckets", "associative recall (trained on)",
 SOLVED = 0.5
 
 
+def markers(report_name: str = "scale") -> Tuple[str, str]:
+    """The doc markers around one preset family's generated block (``ScalePreset.report_name``)."""
+    if report_name == "scale":
+        return BEGIN, END
+    tag = report_name.upper()
+    return (f"<!-- BEGIN {tag} (scripts/fidelity.py --scale-report DIR --scale-preset {report_name}) -->",
+            f"<!-- END {tag} -->")
+
+
+def probes(preset: Optional[ScalePreset] = None) -> List[Tuple[str, str, str, float]]:
+    """The held-out probes a preset scores (all, without a preset), named as it uses them."""
+    out = []
+    for prefix, bkey, label, chance in PROBES:
+        if preset is not None and bkey == "buckets" and not preset.recall_eval_batches:
+            continue
+        if preset is not None and bkey == "passkey_buckets":
+            if not preset.passkey_eval_batches:
+                continue
+            if preset.passkey_train_fraction > 0:
+                label = "passkey copy task (trained on)"
+        out.append((prefix, bkey, label, chance))
+    return out
+
+
+def ctx_tokens(tag: str) -> int:
+    """"8k" -> 8192, "256" -> 256: the order of context tags in tables and plots."""
+    return int(tag[:-1]) * 1024 if tag.endswith("k") else int(tag)
+
+
+def contexts_of(preset: Optional[ScalePreset], g: Dict[Tuple[str, str], Any]) -> List[str]:
+    """The preset's context tags (without a preset: 8k and 32k, plus any in ``g``), shortest first."""
+    tags = set(preset.contexts) if preset is not None else {"8k", "32k"} | {c for c, _ in g}
+    return sorted(tags, key=ctx_tokens)
+
+
 def _read(path: Path) -> List[Dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
 
@@ -140,8 +175,23 @@ def _ms(s: Dict[str, Any], spec: str = ".4f", pct: bool = False, signed: bool = 
                            f" ± {f(s['std'])}" if s["std"] is not None else "") + f" (n={s['n']})"
 
 
-def claims(g: Dict[Tuple[str, str], Dict[str, Any]], col: Dict[str, Any]) -> List[str]:
-    """The issue's goals, each confirmed / not confirmed / not measured, with the numbers."""
+def claims(g: Dict[Tuple[str, str], Dict[str, Any]], col: Dict[str, Any],
+           preset: Optional[ScalePreset] = None) -> List[str]:
+    """The issue's goals, each confirmed / not confirmed / not measured, with the numbers (a
+    preset without ``lm_claims`` states only retrieval and selection recall)."""
+    out: List[str] = []
+    if preset is None or preset.lm_claims:
+        out += _lm_claims(g, col)
+    for ctx in contexts_of(preset, g):
+        if preset is not None and ctx == preset.base_context:
+            continue
+        for _, bkey, label, chance in probes(preset):
+            out.append(_retrieval_claim(g, ctx, bkey, label, chance))
+    out.append(_selection_claim(col))
+    return out
+
+
+def _lm_claims(g: Dict[Tuple[str, str], Dict[str, Any]], col: Dict[str, Any]) -> List[str]:
     out = []
     d, m, w = g.get(("8k", "dense")), g.get(("8k", "msa")), g.get(("8k", "swa"))
     vs_dense, vs_window = paired(col, "8k", "msa", "dense"), paired(col, "8k", "msa", "swa")
@@ -166,9 +216,10 @@ def claims(g: Dict[Tuple[str, str], Dict[str, Any]], col: Dict[str, Any]) -> Lis
     else:
         out.append("MSA below the FLOP-matched window at 8K: **not measured** (no seed with both an 8K MSA and an "
                    "8K window run).")
-    for ctx in ("8k", "32k"):
-        for _, bkey, label, chance in PROBES:
-            out.append(_retrieval_claim(g, ctx, bkey, label, chance))
+    return out
+
+
+def _selection_claim(col: Dict[str, Any]) -> str:
     msa_runs = {n: r for n, r in col["runs"].items() if parse_name(n)[1] == "msa" and r["final"].get("val_recall") is not None}
     if msa_runs:
         end = _stats([r["final"]["val_recall"] for r in msa_runs.values()])
@@ -179,12 +230,10 @@ def claims(g: Dict[Tuple[str, str], Dict[str, Any]], col: Dict[str, Any]) -> Lis
                 layers.setdefault(k, []).append(v)
         per_layer = ", ".join(f"{k.replace('layer_', 'layer ')} {100 * sum(v) / len(v):.1f}%"
                               for k, v in sorted(layers.items(), key=lambda kv: int(kv[0].split("_")[-1])))
-        out.append(f"Trained selection recall >= 95% at k=16 (MSA runs, held-out, last evaluation): "
-                   f"**{'confirmed' if end['mean'] >= 0.95 else 'not confirmed'}** ({_ms(end, pct=True)}; "
-                   f"per layer {per_layer}; mean over the sparse training steps {_ms(during, pct=True)}).")
-    else:
-        out.append("Trained selection recall >= 95% at k=16: **not measured** (no complete MSA run).")
-    return out
+        return (f"Trained selection recall >= 95% at k=16 (MSA runs, held-out, last evaluation): "
+                f"**{'confirmed' if end['mean'] >= 0.95 else 'not confirmed'}** ({_ms(end, pct=True)}; "
+                f"per layer {per_layer}; mean over the sparse training steps {_ms(during, pct=True)}).")
+    return "Trained selection recall >= 95% at k=16: **not measured** (no complete MSA run)."
 
 
 def _retrieval_claim(g, ctx: str, bkey: str, label: str, chance: float) -> str:
@@ -214,15 +263,18 @@ def _retrieval_claim(g, ctx: str, bkey: str, label: str, chance: float) -> str:
             f"mean accuracy there {100 * solved:.1f}%, chance {100 * chance:.1f}%).")
 
 
-def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str = "") -> str:
+def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str = "",
+                preset: Optional[ScalePreset] = None) -> str:
     g = groups(col)
-    lines = [BEGIN, "", f"Scale matrix, preset `{preset_name}` (generated "
+    name = preset.report_name if preset is not None else "scale"
+    begin, end = markers(name)
+    lines = [begin, "", f"{'Scale matrix' if name == 'scale' else name.capitalize()}, preset `{preset_name}` (generated "
              f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
              f"{len(col['runs'])} complete runs). {about}", ""]
     lines += ["| context | run | seeds | held-out loss (mean ± sd) | vs dense, same seed (mean ± sd) | "
               "recall acc. (all distances) | selection recall (held-out, end) |",
               "|---|---|---:|---:|---:|---:|---:|"]
-    for (ctx, v), s in sorted(g.items(), key=lambda kv: (int(kv[0][0][:-1]), list(LABELS).index(kv[0][1]))):
+    for (ctx, v), s in sorted(g.items(), key=lambda kv: (ctx_tokens(kv[0][0]), list(LABELS).index(kv[0][1]))):
         rel = "-" if v == "dense" else _ms(paired(col, ctx, v, "dense"), pct=True, signed=True)
         lines.append(f"| {ctx} | {LABELS[v]} | {s['seeds']} | {_ms(s['val_loss'])} | {rel} | "
                      f"{_ms(s['assoc'], pct=True)} | {_ms(s['sel_recall_end'], pct=True)} |")
@@ -242,8 +294,8 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
                      f"{'-' if tps is None else f'{tps:,.0f}'} | {shared} | "
                      f"{', '.join(info.get('devices', []))} | {', '.join(info.get('commits', []))} | "
                      f"{r['final']['val_loss'] if r['final']['val_loss'] is None else format(r['final']['val_loss'], '.4f')} |")
-    for _, bkey, label, chance in PROBES:
-        for ctx in ("8k", "32k"):
+    for _, bkey, label, chance in probes(preset):
+        for ctx in contexts_of(preset, g):
             rows = [(v, st) for (c, v), st in g.items() if c == ctx and st[bkey]]
             if not rows:
                 continue
@@ -263,10 +315,10 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
                   + (f"within 1% after {c['reached_at_tokens']:,} tokens ({100 * c['reached_fraction']:.1f}% of the "
                      "dense run's)" if c["reached_at_tokens"] else "not within 1% by the end of the conversion run") + "."]
     if col["runs"]:
-        lines += ["", f"![held-out loss vs tokens]({plot_rel}/scale_loss.png)",
-                  f"![accuracy vs distance]({plot_rel}/scale_accuracy_vs_distance.png)"]
+        lines += ["", f"![held-out loss vs tokens]({plot_rel}/{name}_loss.png)",
+                  f"![accuracy vs distance]({plot_rel}/{name}_accuracy_vs_distance.png)"]
     lines += ["", "### Statement (generated)", ""]
-    lines += [f"* {c}" for c in claims(g, col)]
+    lines += [f"* {c}" for c in claims(g, col, preset)]
     if col["unfinished"] or col["missing"]:
         lines += ["", "Not yet in the matrix: "
                   + ", ".join([f"`{n}` (unfinished, step {s})" for n, s in col["unfinished"].items()]
@@ -274,11 +326,11 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
     if col.get("other_recipe"):
         lines += ["", "Recorded under an earlier recipe of the preset (not counted): "
                   + ", ".join(f"`{n}` (recipe {r})" for n, r in col["other_recipe"].items()) + "."]
-    lines += ["", END]
+    lines += ["", end]
     return "\n".join(lines)
 
 
-def plots(col: Dict[str, Any], plot_dir: Path) -> List[Path]:
+def plots(col: Dict[str, Any], plot_dir: Path, preset: Optional[ScalePreset] = None) -> List[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,8 +340,11 @@ def plots(col: Dict[str, Any], plot_dir: Path) -> List[Path]:
     colors = {"dense": "k", "msa": "tab:blue", "swa": "tab:red", "msa_no_stopgrad": "tab:orange",
               "msa_no_warmup": "tab:green", "msa_no_teacher": "tab:purple", "dense_to_msa": "tab:brown"}
     written = []
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, ctx in zip(axes, ("8k", "32k")):
+    name = preset.report_name if preset is not None else "scale"
+    g = groups(col)
+    ctxs = contexts_of(preset, g)
+    fig, axes = plt.subplots(1, len(ctxs), figsize=(6 * len(ctxs), 4.5), squeeze=False)
+    for ax, ctx in zip(axes[0], ctxs):
         seen = set()
         for n, r in col["runs"].items():
             c, v, _ = parse_name(n)
@@ -302,13 +357,13 @@ def plots(col: Dict[str, Any], plot_dir: Path) -> List[Path]:
         if seen:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(plot_dir / "scale_loss.png", dpi=110)
+    fig.savefig(plot_dir / f"{name}_loss.png", dpi=110)
     plt.close(fig)
-    written.append(plot_dir / "scale_loss.png")
-    g = groups(col)
-    fig, axes = plt.subplots(len(PROBES), 2, figsize=(12, 4.5 * len(PROBES)), squeeze=False)
-    for row, (_, bkey, label, chance) in zip(axes, PROBES):
-        for ax, ctx in zip(row, ("8k", "32k")):
+    written.append(plot_dir / f"{name}_loss.png")
+    active = probes(preset)
+    fig, axes = plt.subplots(len(active), len(ctxs), figsize=(6 * len(ctxs), 4.5 * len(active)), squeeze=False)
+    for row, (_, bkey, label, chance) in zip(axes, active):
+        for ax, ctx in zip(row, ctxs):
             for (c, v), st in g.items():
                 if c != ctx or not st[bkey] or v not in ("dense", "msa", "swa"):
                     continue
@@ -322,35 +377,38 @@ def plots(col: Dict[str, Any], plot_dir: Path) -> List[Path]:
                    ylim=(-0.02, 1.02))
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(plot_dir / "scale_accuracy_vs_distance.png", dpi=110)
+    fig.savefig(plot_dir / f"{name}_accuracy_vs_distance.png", dpi=110)
     plt.close(fig)
-    written.append(plot_dir / "scale_accuracy_vs_distance.png")
+    written.append(plot_dir / f"{name}_accuracy_vs_distance.png")
     return written
 
 
-def write_doc(block: str, doc: Path) -> None:
+def write_doc(block: str, doc: Path, report_name: str = "scale") -> None:
+    """Replace the block between ``report_name``'s markers (append a section if none)."""
+    begin, end = markers(report_name)
     text = doc.read_text() if doc.is_file() else ""
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip("\n") + "\n\n## Scale matrix: results (generated)\n\n" + block + "\n"
+        title = "Scale matrix" if report_name == "scale" else report_name.capitalize()
+        text = text.rstrip("\n") + f"\n\n## {title}: results (generated)\n\n" + block + "\n"
     doc.write_text(text)
 
 
 def scale_report(dirs: List[Path], preset: ScalePreset, preset_name: str, doc: Path, plot_dir: Path,
                  make_plots: bool = True) -> Dict[str, Any]:
     col = collect_scale(dirs, preset)
-    written = plots(col, plot_dir) if make_plots and col["runs"] else []
+    written = plots(col, plot_dir, preset) if make_plots and col["runs"] else []
     rel = str(plot_dir.resolve().relative_to(doc.resolve().parent)) \
         if plot_dir.resolve().is_relative_to(doc.resolve().parent) else str(plot_dir)
-    write_doc(scale_block(col, preset_name, rel, preset.about), doc)
+    write_doc(scale_block(col, preset_name, rel, preset.about, preset), doc, preset.report_name)
     if make_plots:
         plot_dir.mkdir(parents=True, exist_ok=True)
-        (plot_dir / "scale_results.json").write_text(json.dumps(
+        (plot_dir / f"{preset.report_name}_results.json").write_text(json.dumps(
             {"missing": col["missing"], "unfinished": col["unfinished"], "other_recipe": col.get("other_recipe", {}),
              "groups": {f"{c}/{v}": s for (c, v), s in groups(col).items()}}, indent=1))
     return {"collected": col, "written": written}
 
 
-__all__ = ["BEGIN", "CHANCE", "END", "PROBES", "bucket_curves", "claims", "collect_scale", "groups", "paired", "plots", "scale_block",
-           "scale_report", "write_doc"]
+__all__ = ["BEGIN", "CHANCE", "END", "PROBES", "bucket_curves", "claims", "collect_scale", "contexts_of", "ctx_tokens",
+           "groups", "markers", "paired", "plots", "probes", "scale_block", "scale_report", "write_doc"]
