@@ -265,6 +265,11 @@ def _sweep(text: str) -> List[List[int]]:
 DEFAULT_DONE = REPO / "results" / "fidelity_scale"
 
 
+def default_done(preset) -> Path:
+    """Where a preset family's complete runs are copied back: results/fidelity_<report_name>."""
+    return REPO / "results" / f"fidelity_{preset.report_name}"
+
+
 def _gpu_mem_gib() -> Optional[float]:
     """Total memory of the first visible GPU (nvidia-smi, so this process makes no CUDA context)."""
     try:
@@ -285,8 +290,8 @@ def piece(args) -> int:
     from msa_megatron.experiments.fidelity.scale import SCALE_PRESETS, estimate_s, run_names, tokens_per_run
 
     preset = SCALE_PRESETS[args.piece]
-    work = Path(args.work).resolve()
-    done = [Path(d).resolve() for d in (args.done.split(",") if args.done else [str(DEFAULT_DONE)]) if d]
+    work = Path(args.work or f"/tmp/fid_{args.piece}").resolve()
+    done = [Path(d).resolve() for d in (args.done.split(",") if args.done else [str(default_done(preset))]) if d]
     only = args.runs.split(",") if args.runs else None
     rerun = args.rerun.split(",") if args.rerun else []
     for flag, names in (("--runs", only or []), ("--rerun", rerun)):
@@ -337,9 +342,14 @@ def piece(args) -> int:
                     "budget_s": args.budget_s,
                     "planning": pl.describe()})
         print(f"[piece] packed {tar} ({tar.stat().st_size / 1e3:.0f} KB): extract with "
-              f"tar xzf {tar.name} -C results/fidelity_scale", flush=True)
+              f"tar xzf {tar.name} -C {_rel(done[0])}", flush=True)
     failed = [n for n in res["ran"] if n in remaining and res["status"][n] == "missing"]
     return 1 if failed else 0
+
+
+def _rel(path: Path) -> str:
+    """``path`` relative to the repository where it lies inside it (the copy-back target here)."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def _parallel(text: str) -> Optional[int]:
@@ -368,10 +378,12 @@ def main(argv=None) -> int:
     p.add_argument("--piece", metavar="PRESET", help="scale matrix: run the next missing runs of this scale preset "
                    "(scale, retrieval, or their *_cpu twins) within --budget-s, pack metrics into --export")
     p.add_argument("--budget-s", type=float, default=480.0, help="with --piece: seconds for this slice (default 480)")
-    p.add_argument("--work", default="/tmp/fid_scale", help="with --piece: run directories and checkpoints "
+    p.add_argument("--work", help="with --piece: run directories and checkpoints, default /tmp/fid_<preset> (one "
+                   "per preset: runs of two presets may share a name) "
                    "(kept between calls on a warm machine)")
     p.add_argument("--done", help="with --piece: comma-separated directories of complete runs copied back "
-                   f"(default {DEFAULT_DONE.relative_to(REPO)})")
+                   f"(default results/fidelity_<family>: {DEFAULT_DONE.relative_to(REPO)} for scale, "
+                   "results/fidelity_retrieval for retrieval)")
     p.add_argument("--grace-s", type=float, default=60.0, help="with --piece: seconds of the budget kept for the "
                    "SIGTERM checkpoint and packing (default 60)")
     p.add_argument("--dry-run", action="store_true", help="with --piece: print the plan of this call, run nothing")
@@ -388,6 +400,9 @@ def main(argv=None) -> int:
                    "to finish with this fraction of its time to spare (default 0.10)")
     p.add_argument("--scale-report", metavar="DIRS", help="report of the scale matrix from these comma-separated "
                    "result directories (default preset scale)")
+    p.add_argument("--reruns", metavar="DIRS", help="with --scale-report: comma-separated directories of earlier "
+                   "complete runs of the same names (a run done twice): the report states their spread as the "
+                   "run-to-run noise of one seed")
     p.add_argument("--scale-preset", default="scale", help="with --scale-report / --overrides: the scale preset")
     p.add_argument("--overrides", metavar="RUN", help="print the trainer overrides of one scale-matrix run, shell-quoted "
                    "on one line (for a one-off variant: python -m msa_megatron.train $(... --overrides RUN) "
@@ -417,7 +432,8 @@ def main(argv=None) -> int:
         preset = SCALE_PRESETS[args.scale_preset]
         if args.overrides not in run_names(preset):
             p.error(f"--overrides {args.overrides!r} is invalid: allowed values are {', '.join(run_names(preset))}")
-        print(" ".join(shlex.quote(o) for o in spec(preset, args.overrides, args.work).overrides))
+        work = args.work or f"/tmp/fid_{args.scale_preset}"
+        print(" ".join(shlex.quote(o) for o in spec(preset, args.overrides, work).overrides))
         return 0
     if args.scale_report:
         from msa_megatron.experiments.fidelity.scale import SCALE_PRESETS
@@ -426,7 +442,8 @@ def main(argv=None) -> int:
         if args.scale_preset not in SCALE_PRESETS:
             p.error(f"--scale-preset {args.scale_preset!r} is invalid: allowed values are {', '.join(SCALE_PRESETS)}")
         out = scale_report([Path(d) for d in args.scale_report.split(",") if d], SCALE_PRESETS[args.scale_preset],
-                           args.scale_preset, Path(args.doc), Path(args.plots))
+                           args.scale_preset, Path(args.doc), Path(args.plots),
+                           rerun_dirs=[Path(d) for d in (args.reruns or "").split(",") if d])
         col = out["collected"]
         print(f"scale report: {len(col['runs'])} complete runs; unfinished: {', '.join(col['unfinished']) or 'none'}; "
               f"missing: {', '.join(col['missing']) or 'none'}")

@@ -19,7 +19,8 @@
 # run starts only when the planner expects it to finish in this call; SHARE_EFF (0..1, default
 # the preset's 0) is what sharing gains in the planner: K runs give 1+(K-1)e x one run.
 # Knobs: BUDGET_S=480 (keep ~1.5 min below the call's limit), GRACE_S=60 (of the budget, for the
-# SIGTERM checkpoints and packing), PRESET=scale, WORK=/tmp/fid_scale, DONE=results/fidelity_scale,
+# SIGTERM checkpoints and packing), PRESET=scale (or retrieval), WORK=/tmp/fid_<PRESET>,
+#   DONE= (default results/fidelity_scale, results/fidelity_retrieval for PRESET=retrieval),
 #   RUNS= (comma-separated subset), RERUN= (complete runs to run again, e.g. to add a new probe's
 #   numbers), PARALLEL=auto, SHARE_EFF=, GPU_MEM_GIB= (dry runs without a GPU
 #   plan for 80), DRY_RUN=1 (print the plan of this call, run nothing).
@@ -29,16 +30,17 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-$PWD/runs/gpu_fidelity_piece}
 BUDGET_S=${BUDGET_S:-480}
 PRESET=${PRESET:-scale}
-WORK=${WORK:-/tmp/fid_scale}
-DONE=${DONE:-$PWD/results/fidelity_scale}
+WORK=${WORK:-/tmp/fid_$PRESET}  # one per preset: runs of two presets may share a name
+DONE=${DONE:-}
 RUNS=${RUNS:-}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 # a copied tree may carry no (or a stale) .git: name the commit when it is known
 if [ -z "${MSA_COMMIT:-}" ] && [ -f .msa_commit ]; then export MSA_COMMIT=$(cat .msa_commit); fi
-args=(--piece "$PRESET" --budget-s "$BUDGET_S" --grace-s "${GRACE_S:-60}" --work "$WORK" --done "$DONE"
+args=(--piece "$PRESET" --budget-s "$BUDGET_S" --grace-s "${GRACE_S:-60}" --work "$WORK"
       --export "$OUT" --parallel "${PARALLEL:-auto}")
+[ -n "$DONE" ] && args+=(--done "$DONE")
 [ -n "$RUNS" ] && args+=(--runs "$RUNS")
 [ -n "${RERUN:-}" ] && args+=(--rerun "$RERUN")
 [ -n "${SHARE_EFF:-}" ] && args+=(--share-eff "$SHARE_EFF")

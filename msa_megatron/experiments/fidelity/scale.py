@@ -46,10 +46,12 @@ from typing import Dict, List, Optional, Tuple
 
 from .matrix import RunSpec
 
-VARIANTS = ("dense", "msa", "swa", "msa_no_stopgrad", "msa_no_warmup", "msa_no_teacher", "dense_to_msa")
+VARIANTS = ("dense", "msa", "swa", "msa_no_stopgrad", "msa_no_warmup", "msa_no_teacher", "msa_long_warmup",
+            "dense_to_msa")
 LABELS = {"dense": "dense", "msa": "MSA (warmup + sparse)", "swa": "sliding window (FLOP-matched)",
           "msa_no_stopgrad": "MSA, no stop-gradient", "msa_no_warmup": "MSA, no warmup",
-          "msa_no_teacher": "MSA, frozen indexer (no KL teacher)", "dense_to_msa": "dense -> MSA conversion"}
+          "msa_no_teacher": "MSA, frozen indexer (no KL teacher)", "msa_long_warmup": "MSA, long warmup",
+          "dense_to_msa": "dense -> MSA conversion"}
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,8 @@ class ScalePreset:
     #: a length curriculum: the runs of this context (dense only) are the bases every run of the
     #: other contexts starts from (weights only, ``checkpoint.init_from``; the same seed's base)
     base_context: str = ""
+    #: full-attention warmup of the ``msa_long_warmup`` variant (0: the preset has no such run)
+    long_warmup_steps: int = 0
     #: its block in the doc, its plots' file prefix: presets of one family share it
     report_name: str = "scale"
     #: report the language-modelling claims (held-out loss vs dense and vs the window): off for
@@ -199,7 +203,12 @@ SCALE_PRESETS: Dict[str, ScalePreset] = {
                   "8k": Context("8k", 8192, 8, 2, (32, 1024, 2048, 3200, 4096, 6144, 8160), 180e3, 20.0,
                                 (("dense", 389e3), ("msa", 93e3), ("swa", 245e3)),
                                 passkey_buckets=(320, 1024, 2048, 3200, 4096, 6144, 7872))},
-        entries=(("256", "dense", (1,)), ("8k", "dense", (1,)), ("8k", "swa", (1,)), ("8k", "msa", (1,))),
+        # run 14: MSA trailed dense beyond 4K (83% / 42% vs 96% / 92%); its warmup (75 steps) had ended
+        # before dense copied that far (from step ~150-200). The long-warmup run distils the indexer
+        # from full attention until step 200: if warmup length is the cause, it closes the gap.
+        entries=(("256", "dense", (1,)), ("8k", "dense", (1,)), ("8k", "swa", (1,)), ("8k", "msa", (1,)),
+                 ("8k", "msa_long_warmup", (1,))),
+        long_warmup_steps=200,
         share_efficiency=0.0, max_parallel=1, corpus_packages=("torch",), passkey_eval_batches=8,
         passkey_keys=12, passkey_train_fraction=0.5, passkey_answer_weight=8.0, base_context="256",
         lm_claims=False, report_name="retrieval",
@@ -217,7 +226,9 @@ SCALE_PRESETS: Dict[str, ScalePreset] = {
                                  passkey_keys=1, eval_interval=3, passkey_train_fraction=1.0),
                   "512": Context("512", 512, 2, 2, (8, 128, 256, 400, 504), 1e3,
                                  passkey_buckets=(50, 128, 256, 462))},
-        entries=(("128", "dense", (1,)), ("512", "dense", (1,)), ("512", "swa", (1,)), ("512", "msa", (1,))),
+        entries=(("128", "dense", (1,)), ("512", "dense", (1,)), ("512", "swa", (1,)), ("512", "msa", (1,)),
+                 ("512", "msa_long_warmup", (1,))),
+        long_warmup_steps=3,
         startup_s=10.0, passkey_eval_batches=1, passkey_keys=2, passkey_train_fraction=0.5, passkey_answer_weight=8.0,
         base_context="128", lm_claims=False, report_name="retrieval",
         about="Retrieval curriculum: the tiny CPU model, a few steps: a smoke test, not evidence."),
@@ -342,6 +353,11 @@ def spec(p: ScalePreset, name: str, out_dir: str) -> RunSpec:
         return RunSpec(name, common + _msa(p, 0), depends_on=base)
     if variant == "msa_no_teacher":
         return RunSpec(name, common + _msa(p, p.warmup_steps) + ["attention.freeze_indexer=true"], depends_on=base)
+    if variant == "msa_long_warmup":
+        if not 0 < p.long_warmup_steps < steps:
+            raise ValueError(f"run {name!r}: ScalePreset.long_warmup_steps={p.long_warmup_steps} is invalid: allowed "
+                             f"values are 1 to train.steps - 1 = {steps - 1} for an msa_long_warmup run")
+        return RunSpec(name, common + _msa(p, p.long_warmup_steps), depends_on=base)
     if base is not None:
         raise ValueError(f"run {name!r}: variant dense_to_msa is invalid in a curriculum preset (its runs already "
                          "start from a base): allowed values are dense, msa, swa and the msa ablations")
