@@ -570,11 +570,26 @@ def test_a_run_done_twice_states_the_run_to_run_noise(tmp_path):
     # one seed, MSA +0.75% vs dense: 'met' alone, but not against a 3% rerun spread
     assert f"within 1% of dense at 8K: **undecided: fewer than 3 seeds, and a same-seed rerun differs by " \
            f"{100 * want:.2f}%**" in text
-    assert f"| `c8k_dense_s1` | 1.3250 / 1.2850 | {100 * want:.2f}% |" in scale_block(col, "scale_cpu", "fidelity")
+    # the second metric: training loss over the last 10% of steps (here step 4 of 4: value + 1/4)
+    tail = abs((1.16 + 0.25) / (1.20 + 0.25) - 1)
+    assert abs(sp[0]["max_rel_tail"] - tail) < 1e-12
+    assert f"| `c8k_dense_s1` | 1.3250 / 1.2850 | {100 * want:.2f}% | 1.4500 / 1.4100 | {100 * tail:.2f}% |" in \
+        scale_block(col, "scale_cpu", "fidelity")
+    assert f"and {100 * tail:.2f}% apart in training loss over the last 10% of steps" in text
+    assert f"MSA / dense - 1 at 8K, same seed: {100 * (1.46 / 1.45 - 1):+.2f}% (n=1), seeds [1]" in text
     # without reruns: no noise statement
     col = collect_scale([tmp_path / "main"], p)
     text = "\n".join(claims(groups(col), col))
     assert rerun_spread(col) == [] and "run twice" not in text and "met, but with fewer than 3 seeds" in text
+
+
+def test_train_tail_is_the_mean_over_the_last_tenth_of_the_steps():
+    from msa_megatron.experiments.fidelity.scale_report import train_tail
+
+    recs = [{"step": s, "lm_loss": float(s)} for s in range(1, 101)] + [{"step": 100, "val_lm_loss": 9.0}]
+    assert train_tail(recs) == sum(range(91, 101)) / 10  # steps 91-100
+    assert train_tail(recs[:50], 0.2) == sum(range(41, 51)) / 10
+    assert train_tail([{"step": 1, "lm_loss": float("nan")}]) is None and train_tail([]) is None
 
 
 def test_piece_refuses_a_gpu_preset_without_a_gpu_and_names_the_cpu_presets(tmp_path):
