@@ -9,6 +9,7 @@ Public API (imported lazily: ``import msa_megatron.megatron`` does not import me
                     vp_stage=None, use_te=False, **gpt_kwargs) -> GPTModel
     set_attention_mode(model_or_chunks, mode)      # dense | msa_warmup | msa, at run time
     set_selection_recall_sampling(model_or_chunks, enabled)  # selection recall on sampled steps
+    set_selection_capture(model_or_chunks, store)  # append each forward's block_idx to a list (None: off)
     set_kl_coeff(model_or_chunks, coeff)           # KL coefficient at run time (a KL schedule)
     collect_msa_metrics(reset=True) -> Dict[str, float]   # collective; see metrics.py for the keys
     save_model_checkpoint / load_model_checkpoint  # Megatron-Core dist checkpoints, any layout
@@ -30,6 +31,7 @@ _EXPORTS = {
     "set_attention_mode": "modes",
     "get_attention_modes": "modes",
     "set_selection_recall_sampling": "modes",
+    "set_selection_capture": "modes",
     "set_kl_coeff": "modes",
     "collect_msa_metrics": "metrics",
     "reset_msa_metrics": "metrics",

@@ -208,6 +208,10 @@ class MSACoreAttention(MegatronModule):
         self.layer_index = layer_number - 1  # 0-based global index used in metric names
         self.mode = check_mode(self.msa.mode)
         self.sample_recall = False
+        #: A list: every forward in mode msa / msa_warmup appends {"layer_index", "block_size",
+        #: "block_idx" [b, g, sq, K]} (modes.set_selection_capture; the passkey probe's needle
+        #: diagnostic). None (default): nothing is kept.
+        self.capture_selection: Optional[list] = None
         self.pg_collection = pg_collection
         self.tp_group = pg_collection.tp
         self.tp_size = self.tp_group.size()
@@ -284,6 +288,9 @@ class MSACoreAttention(MegatronModule):
             raise NotImplementedError("MSA KV-cache inference does not support packed_seq_params: allowed value is None")
         if attention_bias is not None:
             raise NotImplementedError("MSA layers do not support attention_bias")
+        if self._inference_offset is not None and self.capture_selection is not None:
+            _warn_once("capture_inference", "selection capture is on, but KV-cache inference steps capture nothing "
+                                            "(only full-sequence forwards do)")
         if self._inference_offset is not None and self.mode == "msa_warmup":
             # warmup's main branch is dense: the layer decodes as Megatron's dense attention
             return self.dense_attention(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
@@ -329,6 +336,8 @@ class MSACoreAttention(MegatronModule):
         # Record statistics once per micro-batch: skip the no-grad first pass of activation
         # recomputation (training mode with grad disabled); the recompute records instead.
         grad_on = torch.is_grad_enabled()
+        if self.capture_selection is not None and (grad_on or not self.training):
+            self._capture(aux.block_idx, thd)
         if grad_on or not self.training:
             entropy = self.msa.track_entropy
             TRACKER.record(self.layer_index, self.config.num_layers, aux.kl,
@@ -337,6 +346,18 @@ class MSACoreAttention(MegatronModule):
         if self.training and grad_on and aux.kl is not None and aux.kl.requires_grad:
             out = attach_kl_loss(out, aux.kl * self.kl_weight(b, sq))
         return out
+
+    def _capture(self, block_idx: Tensor, thd: bool) -> None:
+        """Append this forward's selection to ``capture_selection``. Only the whole sequence
+        on one rank (CP = 1, not THD-packed) has query index = position, which the needle
+        diagnostic relies on; otherwise nothing is captured, said once."""
+        if self.cp_size > 1 or thd:
+            why = f"context parallelism (cp={self.cp_size})" if self.cp_size > 1 else "THD-packed sequences"
+            _warn_once("capture_layout", f"selection capture is on, but MSA layers capture nothing under {why}: "
+                                         "the needle diagnostic needs cp=1 and unpacked batches")
+            return
+        self.capture_selection.append({"layer_index": self.layer_index, "block_size": self.msa.block_size,
+                                       "block_idx": block_idx.detach()})
 
     def inference_forward(self, query: Tensor, key: Tensor, value: Tensor, index_query: Tensor, index_key: Tensor,
                           offset: int) -> Tensor:

@@ -1,4 +1,5 @@
-"""Run-time switches of MSA layers: attention mode, recall sampling, KL coefficient, CP select-first overlap.
+"""Run-time switches of MSA layers: attention mode, recall sampling, selection capture, KL coefficient, CP
+select-first overlap.
 
 They act on every MSA core attention in a model (or a list of model chunks, as Megatron's
 schedules use with pipeline / virtual pipeline parallelism), without rebuilding anything.
@@ -12,7 +13,7 @@ Dense layers of an MSA model are unaffected. Modes:
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, List, Union
+from typing import Iterable, Iterator, List, Optional, Union
 
 import torch
 
@@ -64,6 +65,19 @@ def set_selection_recall_sampling(model_or_chunks: ModelOrChunks, enabled: bool)
     return n
 
 
+def set_selection_capture(model_or_chunks: ModelOrChunks, store: Optional[list]) -> int:
+    """Make every MSA layer append its selection of each forward to ``store`` (a list; see
+    MSACoreAttention.capture_selection), or stop with None. The trainer's needle diagnostic
+    (training/needle.py) reads it during the passkey probe. Returns how many layers were set."""
+    if store is not None and not isinstance(store, list):
+        raise TypeError(f"store must be a list or None, got {type(store).__name__}")
+    n = 0
+    for core in msa_core_attentions(model_or_chunks):
+        core.capture_selection = store
+        n += 1
+    return n
+
+
 def set_kl_coeff(model_or_chunks: ModelOrChunks, coeff: float) -> int:
     """Set the KL coefficient of every MSA layer at run time (a KL schedule). Each core
     attention reads ``self.msa.kl_coeff`` on every forward, so it gets a copy of its
@@ -91,4 +105,4 @@ def set_cp_select_overlap(model_or_chunks: ModelOrChunks, enabled: bool) -> int:
 
 
 __all__ = ["as_chunks", "get_attention_modes", "msa_core_attentions", "set_attention_mode", "set_cp_select_overlap",
-           "set_kl_coeff", "set_selection_recall_sampling"]
+           "set_kl_coeff", "set_selection_capture", "set_selection_recall_sampling"]

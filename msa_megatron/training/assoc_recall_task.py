@@ -14,7 +14,7 @@ sequence length from its query: beyond any sliding window shorter than the seque
 from __future__ import annotations
 
 import random
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -83,9 +83,12 @@ def eval_batches(spec: AssocRecallSpec, n_batches: int, micro_batch: int, seed: 
 
 
 @torch.no_grad()
-def assoc_recall_accuracy_of_model(model, batches, device, vocab_size: int, edges=None):
+def assoc_recall_accuracy_of_model(model, batches, device, vocab_size: int, edges=None,
+                                   after_forward: Optional[Callable[[torch.Tensor, Optional[torch.Tensor]], None]] = None):
     """Mean accuracy over the batches (every rank computes all of them: PP=1, CP=1). With
-    ``edges`` (and batches carrying distances): (mean, {"d<lo>_<hi>": accuracy or None})."""
+    ``edges`` (and batches carrying distances): (mean, {"d<lo>_<hi>": accuracy or None}).
+    ``after_forward(answer_mask, distance or None)`` runs after each batch's forward (the
+    passkey probe's needle diagnostic reads the selections that forward captured)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -96,6 +99,8 @@ def assoc_recall_accuracy_of_model(model, batches, device, vocab_size: int, edge
         tokens = tokens.to(device)
         pos = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
         logits = model(tokens, pos, None)  # [b, s, V/tp]
+        if after_forward is not None:
+            after_forward(mask, distance[0] if distance else None)
         if tp > 1:  # the output layer's logits are split over the vocabulary
             logits = gather_from_tensor_model_parallel_region(logits)
         logits = logits[..., :vocab_size]

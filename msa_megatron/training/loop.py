@@ -300,26 +300,51 @@ class Trainer:
         return self._probe_accuracy("val_assoc_recall_acc", self.assoc_recall_batches, edges)
 
     def passkey_accuracy(self) -> Dict[str, float]:
-        """Held-out passkey-probe accuracy per digit, overall and per distance bucket."""
-        return self._probe_accuracy("val_passkey_acc", self.passkey_batches, list(self.cfg.data.passkey.distance_buckets))
+        """Held-out passkey-probe accuracy per digit, overall and per distance bucket, and
+        (sparse modes) how often MSA selected the block holding the digit to copy."""
+        return self._probe_accuracy("val_passkey_acc", self.passkey_batches, list(self.cfg.data.passkey.distance_buckets),
+                                    needle_key="val_passkey_needle")
 
-    def _probe_accuracy(self, key: str, batches, edges: List[int]) -> Dict[str, float]:
+    def _probe_accuracy(self, key: str, batches, edges: List[int], needle_key: Optional[str] = None) -> Dict[str, float]:
         """Accuracy of next-token argmax at a probe's answer positions (the same batches every
         time), with ``key/d<lo>_<hi>`` per distance bucket when ``edges``; the MSA statistics
-        these passes record are discarded."""
+        these passes record are discarded. ``needle_key``: also the needle selection
+        (training/needle.py) under that key, per bucket and per layer, while MSA layers select
+        (mode msa or msa_warmup) and the batches carry distances."""
         if not batches:
             return {}
-        from ..megatron import collect_msa_metrics, set_selection_recall_sampling
+        from ..megatron import (collect_msa_metrics, get_attention_modes, set_selection_capture,
+                                set_selection_recall_sampling)
         from .assoc_recall_task import assoc_recall_accuracy_of_model
+        from .needle import NeedleTally
 
         for chunk in self.model:
             chunk.eval()
         set_selection_recall_sampling(self.model, False)
-        acc = assoc_recall_accuracy_of_model(self.model[0], batches, self.device, self.sources.vocab_size, edges or None)
+        needle = None
+        if needle_key and len(batches[0]) == 3 and any(m != "dense" for m in get_attention_modes(self.model)):
+            from megatron.core import parallel_state as ps
+
+            needle = NeedleTally(edges, ps.get_tensor_model_parallel_group())
+        captured: list = []
+
+        def tally(mask, distance) -> None:  # after each batch's forward: only counts outlive it
+            needle.add(captured, mask, distance)
+            captured.clear()
+
+        if needle is not None:
+            set_selection_capture(self.model, captured)
+        try:
+            acc = assoc_recall_accuracy_of_model(self.model[0], batches, self.device, self.sources.vocab_size,
+                                                 edges or None, after_forward=tally if needle is not None else None)
+        finally:
+            set_selection_capture(self.model, None)
         buckets = {}
         if edges:  # issue 19: accuracy per query-to-pair distance bucket
             acc, per = acc
             buckets = {f"{key}/{k}": v for k, v in per.items() if v is not None}
+        if needle is not None:
+            buckets.update(needle.metrics(needle_key))
         collect_msa_metrics(reset=True)
         set_selection_recall_sampling(self.model, self.schedule._applied.selection_recall if self.schedule._applied else False)
         for chunk in self.model:

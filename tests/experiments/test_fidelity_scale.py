@@ -546,9 +546,25 @@ def test_retrieval_report_has_its_own_block_and_only_its_claims(tmp_path):
     assert "Retrieval at 128" not in block and "associative recall" not in block
     assert "within 1% of dense" not in block and "FLOP-matched window beyond" not in block
     assert block.index("| 128 | dense |") < block.index("| 512 | dense |")  # shortest context first
+    assert "Needle selection" not in block  # no run logged it
     # a second report replaces its block only
     scale_report([res], p, "retrieval_cpu", doc, tmp_path / "plots")
     assert doc.read_text().count(begin) == 1 and "the scale block" in doc.read_text()
+
+
+def test_needle_selection_tabled_per_distance_for_the_runs_that_logged_it(tmp_path):
+    from msa_megatron.experiments.fidelity.scale_report import collect_scale, scale_block
+
+    p = SCALE_PRESETS["retrieval_cpu"]
+    _fake_run(tmp_path, "c512_dense_s1", 1.0, {}, passkey={"d50_128": 0.97})
+    _fake_run(tmp_path, "c512_msa_s1", 1.0, {}, passkey={"d50_128": 0.96}, recall=0.95)
+    recs = [json.loads(x) for x in (tmp_path / "c512_msa_s1" / "metrics.jsonl").read_text().splitlines()]
+    recs[-1].update({"val_passkey_needle": 0.7, "val_passkey_needle/d50_128": 0.9, "val_passkey_needle/d256_462": 0.25,
+                     "val_passkey_needle/layer_1": 0.5, "val_passkey_needle/layer_3": 0.875})
+    (tmp_path / "c512_msa_s1" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    block = scale_block(collect_scale([tmp_path], p), "retrieval_cpu", "fidelity", preset=p)
+    assert "| run | 50-128 | 256-462 | per layer |" in block
+    assert "| `c512_msa_s1` | 90.0% | 25.0% | 1: 50%, 3: 88% |" in block and "`c512_dense_s1` | 9" not in block
 
 
 def test_a_run_done_twice_states_the_run_to_run_noise(tmp_path):

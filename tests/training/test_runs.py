@@ -169,7 +169,10 @@ def test_pp2_msa_run_collects_layers_of_both_stages(server, tmp_path):
 
 # --------------------------------------------------------------------------- resume
 def test_resume_is_bit_exact_and_reshards_to_another_tp(server, tmp_path):
-    common = QUIET + ["train.steps=6", "attention.warmup.steps=4", "checkpoint.interval=3", "checkpoint.keep_last=5"]
+    # the passkey probe at the last step: its needle selection must not depend on the TP layout
+    probe = ["train.eval_interval=6", "train.eval_iters=1", "data.passkey.eval_batches=1", "data.passkey.num_keys=2",
+             "data.passkey.distance_buckets=[50,100,206]"]
+    common = QUIET + ["train.steps=6", "attention.warmup.steps=4", "checkpoint.interval=3", "checkpoint.keep_last=5"] + probe
     a = server.run(tmp_path / "a", common)  # dp=2: distributed-optimizer state sharded over 2 ranks
     _check(a)
     ref = a.steps()
@@ -198,6 +201,10 @@ def test_resume_is_bit_exact_and_reshards_to_another_tp(server, tmp_path):
         assert got[s]["lm_loss"] == pytest.approx(ref[s]["lm_loss"], rel=1e-5)
         assert got[s]["grad_norm"] == pytest.approx(ref[s]["grad_norm"], rel=1e-4)
     assert "RNG states re-seeded" in c.logs
+    # each TP rank selects for its own KV group: the needle ORs them, as TP=1 does over both
+    needle = {k: v for k, v in ref[6].items() if k.startswith("val_passkey_needle")}
+    assert len(needle) == 1 + 2 + len(MSA_LAYERS), needle
+    assert {k: v for k, v in got[6].items() if k.startswith("val_passkey_needle")} == pytest.approx(needle, abs=1e-9)
 
 
 # --------------------------------------------------------------------------- failures
@@ -249,18 +256,32 @@ def test_indexer_kl_falls_on_the_embedded_corpus_and_cp2_agrees(server, tmp_path
 
 def test_held_out_probes_are_scored_per_distance_in_a_real_run(server, tmp_path):
     """The associative-recall task (trained on) and the passkey copy probe (only scored) log
-    their accuracy overall and per distance bucket at each evaluation, after the switch too."""
-    r = server.run(tmp_path / "probes", QUIET + [
-        "checkpoint.save_at_end=false", "train.global_batch_size=4", "train.steps=2", "attention.warmup.steps=1",
-        "train.eval_interval=2", "train.eval_iters=1", "data.assoc_recall.train_fraction=0.5",
+    their accuracy overall and per distance bucket at each evaluation, after the switch too;
+    the passkey probe also logs its needle selection (training/needle.py) in the modes that
+    select (msa_warmup at step 1, msa at step 2), per bucket and per MSA layer, and not in a
+    dense run."""
+    probes = ["checkpoint.save_at_end=false", "train.global_batch_size=4", "train.steps=2", "train.eval_iters=1",
+              "data.passkey.eval_batches=1", "data.passkey.num_keys=2", "data.passkey.distance_buckets=[50,100,206]"]
+    r = server.run(tmp_path / "probes", QUIET + probes + [
+        "attention.warmup.steps=1", "train.eval_interval=1", "data.assoc_recall.train_fraction=0.5",
         "data.assoc_recall.eval_batches=1", "data.assoc_recall.num_pairs=4", "data.assoc_recall.num_queries=4",
-        "data.assoc_recall.distance_buckets=[8,64,248]", "data.passkey.eval_batches=1", "data.passkey.num_keys=2",
-        "data.passkey.distance_buckets=[50,100,206]"], world=1)
+        "data.assoc_recall.distance_buckets=[8,64,248]"], world=1)
     _check(r)
-    last = r.steps()[2]
-    assert last["attention_mode"] == "msa"
+    steps = r.steps()
+    assert [steps[s]["attention_mode"] for s in (1, 2)] == ["msa_warmup", "msa"]
+    last = steps[2]
     for key, buckets in (("val_assoc_recall_acc", ("d8_64", "d64_248")), ("val_passkey_acc", ("d50_100", "d100_206"))):
         assert 0 <= last[key] <= 1 and all(0 <= last[f"{key}/{b}"] <= 1 for b in buckets), (key, last)
+    needle = [f"val_passkey_needle/{b}" for b in ("d50_100", "d100_206")] + \
+        [f"val_passkey_needle/layer_{i}" for i in MSA_LAYERS]
+    for s in (1, 2):
+        assert all(0 <= steps[s][k] <= 1 for k in ["val_passkey_needle"] + needle), (s, steps[s])
+        assert "val_passkey_needle/layer_0" not in steps[s]  # the dense first layer
+        assert not any(k.startswith("val_assoc_recall_needle") for k in steps[s])  # the passkey probe's only
+    dense = server.run(tmp_path / "dense", QUIET + probes + ["attention=dense", "train.eval_interval=2"], world=1)
+    _check(dense)
+    got = dense.steps()[2]
+    assert 0 <= got["val_passkey_acc"] <= 1 and not any("needle" in k for k in got), got
 
 
 def test_dense_to_msa_conversion_with_a_frozen_backbone_phase(server, tmp_path):

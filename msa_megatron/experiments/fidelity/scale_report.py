@@ -127,6 +127,10 @@ def collect_scale(dirs: List[Path], preset: ScalePreset, rerun_dirs: Sequence[Pa
         for prefix, key, _, _ in PROBES:
             r[key] = bucket_curves(records, prefix)
             r["final"][key] = {k: v[-1][1] for k, v in r[key].items() if v}
+        # MSA runs: how often the passkey's needle block was selected (training/needle.py)
+        needle = bucket_curves(records, "val_passkey_needle")
+        r["final"]["needle"] = {k: v[-1][1] for k, v in needle.items() if v and k.startswith("d")}
+        r["final"]["needle_layers"] = {k: v[-1][1] for k, v in needle.items() if v and k.startswith("layer_")}
         r.pop("config_yaml", None)
         runs[name] = r
     reruns: Dict[str, List[Dict[str, Optional[float]]]] = {}
@@ -393,6 +397,19 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
                 lines.append(f"| {LABELS[v]} | {n} | " + " | ".join(
                     "-" if st[bkey].get(b, {}).get("mean") is None else f"{100 * st[bkey][b]['mean']:.1f}%"
                     for b in buckets) + " |")
+    needle_rows = [(n, r["final"]) for n, r in col["runs"].items() if r["final"].get("needle")]
+    if needle_rows:
+        buckets = sorted({b for _, f in needle_rows for b in f["needle"]}, key=_lo)
+        lines += ["", "Needle selection (MSA runs, last evaluation): the fraction of the passkey's answer digits whose "
+                  "source block any KV group selected, over the MSA layers (`val_passkey_needle`); low where accuracy "
+                  "is low means the index missed the record, high means it was selected and not used:", "",
+                  "| run | " + " | ".join(b[1:].replace("_", "-") for b in buckets) + " | per layer |",
+                  "|---|" + "---:|" * len(buckets) + "---|"]
+        for n, f in needle_rows:
+            layers = ", ".join(f"{k.split('_')[-1]}: {100 * v:.0f}%" for k, v in
+                               sorted(f["needle_layers"].items(), key=lambda kv: int(kv[0].split("_")[-1])))
+            lines.append(f"| `{n}` | " + " | ".join("-" if f["needle"].get(b) is None else f"{100 * f['needle'][b]:.1f}%"
+                                                   for b in buckets) + f" | {layers} |")
     if "c8k_dense_s1" in col["runs"] and "c8k_dense_to_msa_s1" in col["runs"]:
         c = conversion_summary(col["runs"]["c8k_dense_s1"], col["runs"]["c8k_dense_to_msa_s1"])
         lines += ["", f"Dense -> MSA conversion (8K, seed 1): dense final held-out loss {c['dense_final_val_loss']:.4f}; "
