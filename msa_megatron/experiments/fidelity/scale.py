@@ -37,6 +37,13 @@ one alone (each at that / K), e = ``ScalePreset.share_efficiency``. Run 12 measu
 one at a time (``max_parallel=1``).
 The planner's memory per run is ``Context.est_peak_gib`` until a run of that length has logged
 its ``peak_mem_gib``.
+
+Preset ``retrieval`` (since run 14) is a length curriculum for the retrieval comparison, which
+no language-modelling run could give (none learned to copy): a dense base trained on short
+passkey sequences (``base_context``), then dense, MSA and the window continued from it at 8K
+(``base_of``: each depends on the same seed's base, whose checkpoint only the machine that
+trained it holds). It reports into its own doc block (``report_name``) without the
+language-modelling claims (``lm_claims``).
 """
 
 from __future__ import annotations
