@@ -37,15 +37,20 @@ def msa_core_attentions(model_or_chunks: ModelOrChunks) -> Iterator[MSACoreAtten
                 yield module
 
 
+def _set_on_every_layer(model_or_chunks: ModelOrChunks, attr: str, value) -> int:
+    """Set one attribute on every MSA core attention; how many there were."""
+    n = 0
+    for core in msa_core_attentions(model_or_chunks):
+        setattr(core, attr, value)
+        n += 1
+    return n
+
+
 def set_attention_mode(model_or_chunks: ModelOrChunks, mode: str) -> int:
     """Switch every MSA layer to ``mode`` (dense | msa_warmup | msa); returns how many layers
     this process switched (0 is legal: a pipeline stage may hold only dense layers)."""
     check_mode(mode)
-    n = 0
-    for core in msa_core_attentions(model_or_chunks):
-        core.mode = mode
-        n += 1
-    return n
+    return _set_on_every_layer(model_or_chunks, "mode", mode)
 
 
 def get_attention_modes(model_or_chunks: ModelOrChunks) -> List[str]:
@@ -58,11 +63,7 @@ def set_selection_recall_sampling(model_or_chunks: ModelOrChunks, enabled: bool)
     turns it on for the steps it samples. Returns how many layers were switched."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
-    n = 0
-    for core in msa_core_attentions(model_or_chunks):
-        core.sample_recall = enabled
-        n += 1
-    return n
+    return _set_on_every_layer(model_or_chunks, "sample_recall", enabled)
 
 
 def set_selection_capture(model_or_chunks: ModelOrChunks, store: Optional[list]) -> int:
@@ -71,11 +72,7 @@ def set_selection_capture(model_or_chunks: ModelOrChunks, store: Optional[list])
     (training/needle.py) reads it during the passkey probe. Returns how many layers were set."""
     if store is not None and not isinstance(store, list):
         raise TypeError(f"store must be a list or None, got {type(store).__name__}")
-    n = 0
-    for core in msa_core_attentions(model_or_chunks):
-        core.capture_selection = store
-        n += 1
-    return n
+    return _set_on_every_layer(model_or_chunks, "capture_selection", store)
 
 
 def set_kl_coeff(model_or_chunks: ModelOrChunks, coeff: float) -> int:
