@@ -452,40 +452,52 @@ def test_overrides_prints_a_runs_trainer_arguments_for_one_off_variants(tmp_path
 # --------------------------------------------------------------------------- the retrieval curriculum
 @pytest.mark.parametrize("preset", ["retrieval", "retrieval_cpu"])
 def test_retrieval_curriculum_runs_start_from_their_base(preset, tmp_path):
-    """Every run beyond the base context starts from the same seed's dense base (weights only,
-    MSA's index branch from its q/k) and trains on the passkey task; the base is a dense copier
-    on short sequences full of examples; the arms at the long context differ only in attention."""
+    """Every run beyond the base context starts from the same seed's dense run one link down the
+    curriculum (the short base, or for the longest context the dense run below it): weights only,
+    MSA's index branch from its q/k; all train on the passkey task. The base is a dense copier
+    on short sequences full of examples; the arms of one context differ only in attention."""
     from msa_megatron.experiments.fidelity.scale import base_of, steps_of
 
     p = SCALE_PRESETS[preset]
     names = run_names(p)
     base = run_name_of(p.base_context, "dense", 1)
     assert names[0] == base and base_of(p, base) is None
-    (tmp_path / "runs" / base / "checkpoints").mkdir(parents=True)
+    for n in names:
+        (tmp_path / "runs" / n / "checkpoints").mkdir(parents=True)
     cfgs = {n: _compose(spec(p, n, str(tmp_path)).overrides) for n in names}
     b = cfgs[base]
     assert b.attention.type == "dense" and b.checkpoint.init_from is None and b.data.passkey.train_fraction == 1.0
     assert b.model.rotary_percent == 1.0 and b.train.steps == steps_of(p, p.base_context)
-    long_ctx = [c for c in p.contexts if c != p.base_context]
-    assert len(long_ctx) == 1
-    arms = {parse_name(n)[1]: cfgs[n] for n in names if n != base}
-    assert set(arms) == {"dense", "swa", "msa", "msa_long_warmup"}
-    for v, c in arms.items():
-        s = spec(p, run_name_of(long_ctx[0], v, 1), str(tmp_path))
-        assert s.depends_on == base
-        assert c.checkpoint.init_from == f"{tmp_path}/runs/{base}/checkpoints" and c.checkpoint.index_init == "mean"
-        assert 0 < c.data.passkey.train_fraction < 1 and c.data.passkey.answer_loss_weight == p.passkey_answer_weight
-        assert c.data.assoc_recall.train_fraction == 0 and c.model.rotary_percent == 1.0
-        assert (c.model, c.train.seq_length, c.tokens_per_step(), c.total_steps(), c.data) == \
-            (arms["dense"].model, arms["dense"].train.seq_length, arms["dense"].tokens_per_step(),
-             arms["dense"].total_steps(), arms["dense"].data)
-        c.passkey_spec().validate()
-    assert 0 < arms["msa"].attention.warmup.steps == p.warmup_steps < p.long_warmup_steps
-    assert arms["msa_long_warmup"].attention.warmup.steps == p.long_warmup_steps < arms["msa"].train.steps
-    # the window sees the near buckets, not the far ones; MSA's budget is <= 1/4 of the context
-    k, w = arms["swa"].data.passkey.distance_buckets, arms["swa"].swa_window()
-    assert k[1] <= w < k[-2], (k, w)
-    assert arms["msa"].msa.topk * arms["msa"].msa.block_size <= arms["msa"].train.seq_length // 4
+    long_ctx = sorted({parse_name(n)[0] for n in names} - {p.base_context}, key=lambda c: cfgs[
+        run_name_of(c, "dense", 1)].train.seq_length)
+    assert len(long_ctx) == 2
+    # the chain: the shorter long context starts from the base, the longer from its dense run
+    assert base_of(p, run_name_of(long_ctx[0], "msa", 1)) == base
+    assert base_of(p, run_name_of(long_ctx[1], "msa", 1)) == run_name_of(long_ctx[0], "dense", 1)
+    for ctx in long_ctx:
+        arms = {parse_name(n)[1]: cfgs[n] for n in names if parse_name(n)[0] == ctx}
+        assert {"dense", "swa", "msa"} <= set(arms)
+        for v, c in arms.items():
+            s = spec(p, run_name_of(ctx, v, 1), str(tmp_path))
+            assert s.depends_on == base_of(p, s.name)
+            assert c.checkpoint.init_from == f"{tmp_path}/runs/{s.depends_on}/checkpoints"
+            assert c.checkpoint.index_init == "mean" and c.model.rotary_percent == 1.0
+            assert 0 < c.data.passkey.train_fraction < 1 and c.data.passkey.answer_loss_weight == p.passkey_answer_weight
+            assert c.data.assoc_recall.train_fraction == 0
+            d = arms["dense"]
+            assert (c.model, c.train.seq_length, c.tokens_per_step(), c.total_steps(), c.data) == \
+                (d.model, d.train.seq_length, d.tokens_per_step(), d.total_steps(), d.data)
+            c.passkey_spec().validate()
+        assert 0 < arms["msa"].attention.warmup.steps == p.warmup_steps < p.long_warmup_steps
+        # the window sees the near buckets, not the far ones; MSA's budget is <= 1/4 of the context
+        k, w = arms["swa"].data.passkey.distance_buckets, arms["swa"].swa_window()
+        assert k[1] <= w < k[-2], (ctx, k, w)
+        assert arms["msa"].msa.topk * arms["msa"].msa.block_size <= arms["msa"].train.seq_length // 4
+    lw = cfgs[run_name_of(long_ctx[0], "msa_long_warmup", 1)]
+    assert lw.attention.warmup.steps == p.long_warmup_steps < lw.train.steps
+    # equal tokens per run at every long context
+    assert len({cfgs[run_name_of(c, "dense", 1)].tokens_per_step() * cfgs[run_name_of(c, "dense", 1)].total_steps()
+                for c in long_ctx}) == 1
     with pytest.raises(ValueError, match="allowed values are dense"):
         spec(p, run_name_of(p.base_context, "msa", 1), str(tmp_path))
     with pytest.raises(ValueError, match="long_warmup_steps=0 is invalid"):  # a preset without such a run
@@ -510,9 +522,17 @@ def test_curriculum_base_runs_again_where_its_checkpoint_is_missing(tmp_path):
     for n in ("c128_dense_s1", "c512_dense_s1"):
         info = json.loads((done / n / "run.json").read_text())
         (done / n / "run.json").write_text(json.dumps({**info, "recipe": p.recipe}))
+    # the 1K runs need the 512 dense run's checkpoint, which needs the base's: the whole chain again
     assert piece.todo(p, tmp_path / "fresh", [done]) == ["c128_dense_s1", "c512_swa_s1", "c512_msa_s1",
-                                                         "c512_msa_long_warmup_s1"]
-    for n in ("c512_swa_s1", "c512_msa_s1", "c512_msa_long_warmup_s1"):
+                                                         "c512_msa_long_warmup_s1", "c512_dense_s1", "c1k_dense_s1",
+                                                         "c1k_swa_s1", "c1k_msa_s1"]
+    # on the machine that holds the 512 dense run's checkpoint, the 1K runs need nothing else
+    work = tmp_path / "warm"
+    (work / "runs" / "c512_dense_s1" / "checkpoints").mkdir(parents=True)
+    (work / "runs" / "c512_dense_s1" / "checkpoints" / "latest").write_text("4")
+    (work / "runs" / "c512_dense_s1" / "run.json").write_text(json.dumps({"complete": True, "recipe": p.recipe}))
+    assert piece.todo(p, work, [done], only=["c1k_msa_s1"]) == ["c1k_msa_s1"]
+    for n in ("c512_swa_s1", "c512_msa_s1", "c512_msa_long_warmup_s1", "c1k_dense_s1", "c1k_swa_s1", "c1k_msa_s1"):
         _fake_run(done, n, 1.0, {})
     assert piece.todo(p, tmp_path / "fresh", [done]) == []
 

@@ -118,19 +118,25 @@ def matrix_status(preset: ScalePreset, work: Path, done_dirs: List[Path], rerun:
 
 def todo(preset: ScalePreset, work: Path, done_dirs: List[Path], only: Optional[List[str]] = None,
          rerun: Sequence[str] = ()) -> List[str]:
-    """Runs to (re)start, in order; partial runs first (they resume). A conversion run whose
-    dense checkpoint is not in the work directory gets that dense run again before it."""
+    """Runs to (re)start, in order; partial runs first (they resume). A run whose dependency's
+    checkpoint is not in the work directory (the conversion's dense run, a curriculum's base)
+    gets that run again before it, and so on down the chain (32K <- 8K <- base)."""
     st = matrix_status(preset, work, done_dirs, rerun)
     names = [n for n in st if st[n] != "complete" and (only is None or n in only)]
     names.sort(key=lambda n: st[n] != "partial")
     out: List[str] = []
+
+    def missing_deps(name: str) -> List[str]:
+        dep = spec(preset, name, str(work)).depends_on
+        if dep is None or (is_complete(work / "runs" / dep, preset.recipe)
+                           and has_checkpoint(work / "runs" / dep, preset.recipe)):
+            return []
+        return missing_deps(dep) + [dep]
+
     for n in names:
-        dep = spec(preset, n, str(work)).depends_on
-        dep_dir = work / "runs" / dep if dep else None
-        if dep and not (is_complete(dep_dir, preset.recipe) and has_checkpoint(dep_dir, preset.recipe)) and dep not in out:
-            out.append(dep)
-        if n not in out:
-            out.append(n)
+        for m in missing_deps(n) + [n]:
+            if m not in out:
+                out.append(m)
     return out
 
 

@@ -40,9 +40,9 @@ its ``peak_mem_gib``.
 
 Preset ``retrieval`` (since run 14) is a length curriculum for the retrieval comparison, which
 no language-modelling run could give (none learned to copy): a dense base trained on short
-passkey sequences (``base_context``), then dense, MSA and the window continued from it at 8K
-(``base_of``: each depends on the same seed's base, whose checkpoint only the machine that
-trained it holds). It reports into its own doc block (``report_name``) without the
+passkey sequences (``base_context``), then dense, MSA and the window continued from it at 8K,
+and at 32K from the 8K dense run (``chain``; ``base_of``: each depends on the same seed's run
+one link down, whose checkpoint only the machine that trained it holds). It reports into its own doc block (``report_name``) without the
 language-modelling claims (``lm_claims``).
 """
 
@@ -137,6 +137,9 @@ class ScalePreset:
     #: a length curriculum: the runs of this context (dense only) are the bases every run of the
     #: other contexts starts from (weights only, ``checkpoint.init_from``; the same seed's base)
     base_context: str = ""
+    #: further curriculum links (context, context of its base): runs of the first start from the
+    #: same seed's dense run of the second instead of ``base_context``'s (32K from 8K)
+    chain: Tuple[Tuple[str, str], ...] = ()
     #: full-attention warmup of the ``msa_long_warmup`` variant (0: the preset has no such run)
     long_warmup_steps: int = 0
     #: its block in the doc, its plots' file prefix: presets of one family share it
@@ -209,20 +212,25 @@ SCALE_PRESETS: Dict[str, ScalePreset] = {
                                  steps=1500, passkey_keys=2, eval_interval=250, passkey_train_fraction=1.0),
                   "8k": Context("8k", 8192, 8, 2, (32, 1024, 2048, 3200, 4096, 6144, 8160), 180e3, 20.0,
                                 (("dense", 389e3), ("msa", 93e3), ("swa", 245e3)),
-                                passkey_buckets=(320, 1024, 2048, 3200, 4096, 6144, 7872))},
+                                passkey_buckets=(320, 1024, 2048, 3200, 4096, 6144, 7872)),
+                  # 32K from the 8K dense copier, the same number of tokens per run (2 x 32K per step)
+                  "32k": Context("32k", 32768, 2, 1, (32, 2048, 4096, 8192, 16384, 24576, 32736), 75e3, 36.0,
+                                 passkey_buckets=(320, 2048, 4096, 8192, 16384, 24576, 32448))},
         # run 14: MSA trailed dense beyond 4K (83% / 42% vs 96% / 92%); its warmup (75 steps) had ended
         # before dense copied that far (from step ~150-200). The long-warmup run distils the indexer
         # from full attention until step 200: if warmup length is the cause, it closes the gap.
         entries=(("256", "dense", (1,)), ("8k", "dense", (1,)), ("8k", "swa", (1,)), ("8k", "msa", (1,)),
-                 ("8k", "msa_long_warmup", (1,))),
-        long_warmup_steps=200,
+                 ("8k", "msa_long_warmup", (1,)),
+                 ("32k", "dense", (1,)), ("32k", "swa", (1,)), ("32k", "msa", (1,))),
+        long_warmup_steps=200, chain=(("32k", "8k"),),
         share_efficiency=0.0, max_parallel=1, corpus_packages=("torch",), passkey_eval_batches=8,
         passkey_keys=12, passkey_train_fraction=0.5, passkey_answer_weight=8.0, base_context="256",
         lm_claims=False, report_name="retrieval",
         about="Retrieval curriculum: the 55M GPT of preset scale with full RoPE, trained dense for 1,500 steps of "
               "64 x 256 tokens, every sequence a passkey example (2 records, digits weighted 8x); then dense, MSA "
               "(75 of 300 steps warmup) and the FLOP-matched window each continue from it for 300 steps of 8 x 8K "
-              "tokens, half the sequences passkey examples (12 records)."),
+              "tokens, half the sequences passkey examples (12 records); at 32K the same from the 8K dense run "
+              "(300 steps of 2 x 32K tokens)."),
     # the retrieval curriculum, tiny, on the CPU: tests and smoke runs only
     "retrieval_cpu": ScalePreset(
         model="tiny", model_overrides=("model.rotary_percent=1.0",), train="cpu", steps=4, lr=1e-3, min_lr=1e-4,
@@ -232,10 +240,12 @@ SCALE_PRESETS: Dict[str, ScalePreset] = {
         contexts={"128": Context("128", 128, 4, 4, (8, 64, 120), 2e3, passkey_buckets=(25, 64, 103), steps=6,
                                  passkey_keys=1, eval_interval=3, passkey_train_fraction=1.0),
                   "512": Context("512", 512, 2, 2, (8, 128, 256, 400, 504), 1e3,
-                                 passkey_buckets=(50, 128, 256, 462))},
+                                 passkey_buckets=(50, 128, 256, 462)),
+                  "1k": Context("1k", 1024, 1, 1, (8, 256, 512, 768, 1016), 1e3,
+                                passkey_buckets=(50, 200, 512, 768, 974))},
         entries=(("128", "dense", (1,)), ("512", "dense", (1,)), ("512", "swa", (1,)), ("512", "msa", (1,)),
-                 ("512", "msa_long_warmup", (1,))),
-        long_warmup_steps=3,
+                 ("512", "msa_long_warmup", (1,)), ("1k", "dense", (1,)), ("1k", "swa", (1,)), ("1k", "msa", (1,))),
+        long_warmup_steps=3, chain=(("1k", "512"),),
         startup_s=10.0, passkey_eval_batches=1, passkey_keys=2, passkey_train_fraction=0.5, passkey_answer_weight=8.0,
         base_context="128", lm_claims=False, report_name="retrieval",
         about="Retrieval curriculum: the tiny CPU model, a few steps: a smoke test, not evidence."),
@@ -285,8 +295,11 @@ def steps_of(p: ScalePreset, ctx: str, variant: str = "dense") -> int:
 
 
 def base_of(p: ScalePreset, name: str) -> Optional[str]:
-    """The run ``name`` starts from under a length curriculum (``p.base_context``), else None."""
+    """The run ``name`` starts from under a length curriculum (``p.chain``, else
+    ``p.base_context``), else None."""
     ctx, _, seed = parse_name(name)
+    if ctx in dict(p.chain):
+        return run_name(dict(p.chain)[ctx], "dense", seed)
     return run_name(p.base_context, "dense", seed) if p.base_context and ctx != p.base_context else None
 
 

@@ -397,13 +397,16 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
                 lines.append(f"| {LABELS[v]} | {n} | " + " | ".join(
                     "-" if st[bkey].get(b, {}).get("mean") is None else f"{100 * st[bkey][b]['mean']:.1f}%"
                     for b in buckets) + " |")
-    needle_rows = [(n, r["final"]) for n, r in col["runs"].items() if r["final"].get("needle")]
-    if needle_rows:
+    for ctx in contexts_of(preset, g):
+        needle_rows = [(n, r["final"]) for n, r in col["runs"].items()
+                       if parse_name(n)[0] == ctx and r["final"].get("needle")]
+        if not needle_rows:
+            continue
         buckets = sorted({b for _, f in needle_rows for b in f["needle"]}, key=_lo)
-        lines += ["", "Needle selection (MSA runs, last evaluation): the fraction of the passkey's answer digits whose "
-                  "source block any KV group selected, over the MSA layers (`val_passkey_needle`); low where accuracy "
-                  "is low means the index missed the record, high means it was selected and not used:", "",
-                  "| run | " + " | ".join(b[1:].replace("_", "-") for b in buckets) + " | per layer |",
+        lines += ["", f"Needle selection at {ctx} (MSA runs, last evaluation): the fraction of the passkey's answer "
+                  "digits whose source block any KV group selected, over the MSA layers (`val_passkey_needle`); low "
+                  "where accuracy is low means the index missed the record, high means it was selected and not used:",
+                  "", "| run | " + " | ".join(b[1:].replace("_", "-") for b in buckets) + " | per layer |",
                   "|---|" + "---:|" * len(buckets) + "---|"]
         for n, f in needle_rows:
             layers = ", ".join(f"{k.split('_')[-1]}: {100 * v:.0f}%" for k, v in
