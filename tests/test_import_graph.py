@@ -70,6 +70,8 @@ LAYER_EXCEPTIONS: Dict[Tuple[str, str], str] = {
     # ... and so is the passkey copy probe scored at evaluation (data.passkey)
     ("msa_megatron.training.config", "msa_megatron.experiments.passkey"): "msa-train's passkey probe spec",
     ("msa_megatron.training.loop", "msa_megatron.experiments.passkey"): "msa-train's passkey probe examples",
+    ("msa_megatron.training.needle", "msa_megatron.experiments.assoc_recall"):
+        "the passkey needle diagnostic buckets distances as the probe's accuracy does (counts_by_bucket)",
 }
 
 #: Circles closed by function-level imports that are known and not yet removed (frozensets of modules).

@@ -158,12 +158,17 @@ def bucket_counts(logits: torch.Tensor, tokens: torch.Tensor, answer_mask: torch
     if logits.shape[:2] != tokens.shape or tokens.shape != answer_mask.shape or distance.shape != tokens.shape:
         raise ValueError(f"shapes disagree: logits {tuple(logits.shape)}, tokens {tuple(tokens.shape)}, "
                          f"answer_mask {tuple(answer_mask.shape)}, distance {tuple(distance.shape)}")
-    mask = answer_mask[:, :-1]
     ok = logits[:, :-1].argmax(-1) == tokens[:, 1:]
-    dist = distance[:, :-1]
+    return counts_by_bucket(ok, answer_mask[:, :-1], distance[:, :-1], edges)
+
+
+def counts_by_bucket(ok: torch.Tensor, mask: torch.Tensor, distance: torch.Tensor, edges) -> Dict[str, List[int]]:
+    """{"d<lo>_<hi>": [ok, count]} over the masked positions whose distance is in [lo, hi): the one
+    bucketing of every per-distance probe metric (accuracy here, the needle selection in
+    training/needle.py), on aligned tensors of one shape."""
     out = {}
     for lo, hi in zip(edges, edges[1:]):
-        sel = mask & (dist >= lo) & (dist < hi)
+        sel = mask & (distance >= lo) & (distance < hi)
         out[f"d{lo}_{hi}"] = [int(ok[sel].sum()), int(sel.sum())]
     return out
 
@@ -188,5 +193,5 @@ def recall_accuracy(logits: torch.Tensor, tokens: torch.Tensor, answer_mask: tor
     return float((pred == tokens[:, 1:])[mask].float().mean())
 
 
-__all__ = ["AssocRecallSpec", "bucket_counts", "make_batch", "make_example", "make_example_with_distance",
+__all__ = ["AssocRecallSpec", "bucket_counts", "counts_by_bucket", "make_batch", "make_example", "make_example_with_distance",
            "recall_accuracy"]

@@ -8,8 +8,8 @@ induction head at t attends there); its key block is the *needle*, and an MSA la
 when any of its KV groups selected that block for query t.
 
 The positions are the probe accuracy's (answer_mask over positions 0..s-2, as
-:func:`~msa_megatron.experiments.assoc_recall.bucket_counts` scores them), bucketed with the
-same labels and edges: ``d<lo>_<hi>`` holds lo <= distance < hi.
+:func:`~msa_megatron.experiments.assoc_recall.bucket_counts` scores them), bucketed by the
+same function (``counts_by_bucket``): ``d<lo>_<hi>`` holds lo <= distance < hi.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from ..experiments.assoc_recall import counts_by_bucket
 
 Counts = List[int]  # [hits, count]
 
@@ -55,11 +57,7 @@ def hit_counts(hit: Tensor, answer_mask: Tensor, distance: Tensor, edges: Sequen
     hit map from :func:`needle_hits`. Counts, not fractions, so batches and layers add up."""
     mask = answer_mask.to(hit.device, torch.bool)[:, :-1]
     hit, dist = hit[:, :-1], distance.to(hit.device)[:, :-1]
-    per = {}
-    for lo, hi in zip(edges, edges[1:]):
-        sel = mask & (dist >= lo) & (dist < hi)
-        per[f"d{lo}_{hi}"] = [int(hit[sel].sum()), int(sel.sum())]
-    return [int(hit[mask].sum()), int(mask.sum())], per
+    return [int(hit[mask].sum()), int(mask.sum())], counts_by_bucket(hit, mask, dist, edges)
 
 
 def needle_counts(block_idx: Tensor, answer_mask: Tensor, distance: Tensor, block_size: int,
