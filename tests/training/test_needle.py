@@ -81,10 +81,32 @@ def test_tally_adds_layers_and_batches():
                {"layer_index": 3, "block_size": BS, "block_idx": none_hit}], mask, dist)
     tally.add([{"layer_index": 1, "block_size": BS, "block_idx": blk}], mask, dist)
     m = tally.metrics("val_passkey_needle")
-    assert m == pytest.approx({
+    mean_over_layers = {k: v for k, v in m.items() if "/any" not in k and k.count("/") < 2}
+    assert mean_over_layers == pytest.approx({
         "val_passkey_needle": 8 / 21, "val_passkey_needle/layer_1": 8 / 14, "val_passkey_needle/layer_3": 0.0,
         "val_passkey_needle/d1_4": 2 / 6, "val_passkey_needle/d4_8": 4 / 9, "val_passkey_needle/d8_10": 0.0})
     assert NeedleTally(EDGES).metrics("k") == {}
+
+
+def test_tally_per_layer_buckets_and_any_layer():
+    """A layer that hits exactly where layer 1 misses: each alone is partial, the mean over the
+    two layers is half, and *some* layer reached every needle (key/any = 1)."""
+    blk, mask, dist, _ = _case()
+    hit1 = needle_hits(blk, mask, dist, BS)
+    blk5 = torch.full_like(blk, -1)
+    for b, t in (mask & ~hit1).nonzero().tolist():
+        blk5[b, 1, t, 0] = (t + 1 - int(dist[b, t])) // BS
+    tally = NeedleTally(EDGES)
+    tally.add([{"layer_index": 1, "block_size": BS, "block_idx": blk},
+               {"layer_index": 5, "block_size": BS, "block_idx": blk5}], mask, dist)
+    m = tally.metrics("n")
+    assert m["n/layer_1"] == pytest.approx(4 / 7) and m["n/layer_5"] == pytest.approx(3 / 7)
+    assert m["n"] == pytest.approx(0.5) and m["n/any"] == 1.0
+    assert {k: v for k, v in m.items() if k.startswith("n/any/")} == {"n/any/d1_4": 1.0, "n/any/d4_8": 1.0,
+                                                                      "n/any/d8_10": 1.0}
+    assert m["n/layer_1/d1_4"] == m["n/layer_5/d1_4"] == 0.5
+    assert m["n/layer_1/d4_8"] == pytest.approx(2 / 3) and m["n/layer_5/d4_8"] == pytest.approx(1 / 3)
+    assert m["n/layer_1/d8_10"] == 0.0 and m["n/layer_5/d8_10"] == 1.0
 
 
 def _tp_ranks(rank: int):

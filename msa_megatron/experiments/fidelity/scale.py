@@ -221,7 +221,11 @@ SCALE_PRESETS: Dict[str, ScalePreset] = {
         # from full attention until step 200: if warmup length is the cause, it closes the gap.
         entries=(("256", "dense", (1,)), ("8k", "dense", (1,)), ("8k", "swa", (1,)), ("8k", "msa", (1,)),
                  ("8k", "msa_long_warmup", (1,)),
-                 ("32k", "dense", (1,)), ("32k", "swa", (1,)), ("32k", "msa", (1,))),
+                 ("32k", "dense", (1,)), ("32k", "swa", (1,)), ("32k", "msa", (1,)),
+                 # run 15: at 32K MSA lost the 2K-8K copies dense warmup had given it once sparse began
+                 # (step 75), its index selecting the needle's block in 38% of answers at best (layer 4):
+                 # does distilling the indexer until step 200 keep them?
+                 ("32k", "msa_long_warmup", (1,))),
         long_warmup_steps=200, chain=(("32k", "8k"),),
         share_efficiency=0.0, max_parallel=1, corpus_packages=("torch",), passkey_eval_batches=8,
         passkey_keys=12, passkey_train_fraction=0.5, passkey_answer_weight=8.0, base_context="256",

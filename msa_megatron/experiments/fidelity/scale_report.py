@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from ..passkey import CHANCE as PASSKEY_CHANCE
 from .collect import conversion_summary, run_results
 from .piece import read_run_json, recipe_of
+from .retrieval_tables import JUDGED_MSA, bucket_lo, needle_table, onset_plot, onset_table, rerun_accuracy
 from .scale import LABELS, ScalePreset, parse_name, run_names
 
 BEGIN, END = "<!-- BEGIN SCALE (scripts/fidelity.py --scale-report) -->", "<!-- END SCALE -->"
@@ -130,7 +131,15 @@ def collect_scale(dirs: List[Path], preset: ScalePreset, rerun_dirs: Sequence[Pa
         # MSA runs: how often the passkey's needle block was selected (training/needle.py)
         needle = bucket_curves(records, "val_passkey_needle")
         r["final"]["needle"] = {k: v[-1][1] for k, v in needle.items() if v and k.startswith("d")}
-        r["final"]["needle_layers"] = {k: v[-1][1] for k, v in needle.items() if v and k.startswith("layer_")}
+        r["final"]["needle_layers"] = {k: v[-1][1] for k, v in needle.items()
+                                       if v and k.startswith("layer_") and "/" not in k}
+        r["final"]["needle_any"] = {k.split("/")[1]: v[-1][1] for k, v in needle.items() if v and k.startswith("any/d")}
+        by_layer: Dict[str, Dict[str, float]] = {}
+        for k, v in needle.items():
+            if v and k.startswith("layer_") and "/" in k:
+                layer, bucket = k.split("/")
+                by_layer.setdefault(layer, {})[bucket] = v[-1][1]
+        r["final"]["needle_layer_buckets"] = by_layer
         r.pop("config_yaml", None)
         runs[name] = r
     reruns: Dict[str, List[Dict[str, Optional[float]]]] = {}
@@ -140,8 +149,10 @@ def collect_scale(dirs: List[Path], preset: ScalePreset, rerun_dirs: Sequence[Pa
             if info.get("complete") and recipe_of(info) == preset.recipe:
                 loss = run_results(Path(d) / name)["final"]["val_loss"]
                 if loss is not None:
+                    records = _read(Path(d) / name / "metrics.jsonl")
                     reruns.setdefault(name, []).append(
-                        {"val_loss": loss, "train_tail": train_tail(_read(Path(d) / name / "metrics.jsonl"))})
+                        {"val_loss": loss, "train_tail": train_tail(records),
+                         "passkey_buckets": bucket_curves(records, "val_passkey_acc")})
     return {"runs": runs, "unfinished": unfinished, "missing": missing, "other_recipe": other, "reruns": reruns}
 
 
@@ -189,13 +200,9 @@ def groups(col: Dict[str, Any]) -> Dict[Tuple[str, str], Dict[str, Any]]:
                     "sel_recall": _stats([r["final"]["mean_recall"] for r in rs]),
                     "sel_recall_end": _stats([r["final"].get("val_recall") for r in rs])}
         for _, bkey, _, _ in PROBES:  # a run without a probe (older runs) adds nothing to its buckets
-            buckets = sorted({b for r in rs for b in r["final"].get(bkey, {})}, key=_lo)
+            buckets = sorted({b for r in rs for b in r["final"].get(bkey, {})}, key=bucket_lo)
             out[key][bkey] = {b: _stats([r["final"].get(bkey, {}).get(b) for r in rs]) for b in buckets}
     return out
-
-
-def _lo(bucket: str) -> int:
-    return int(bucket[1:].split("_")[0])
 
 
 def paired(col: Dict[str, Any], ctx: str, variant: str, base: str, metric: str = "val_loss") -> Dict[str, Any]:
@@ -254,8 +261,9 @@ def claims(g: Dict[Tuple[str, str], Dict[str, Any]], col: Dict[str, Any],
         if preset is not None and ctx == preset.base_context:
             continue
         for _, bkey, label, chance in probes(preset):
-            out.append(_retrieval_claim(g, ctx, bkey, label, chance))
-    out.append(_selection_claim(col))
+            variants = [v for v in JUDGED_MSA if (ctx, v) in g] or ["msa"]
+            out += [_retrieval_claim(g, ctx, bkey, label, chance, v, col) for v in variants]
+    out += _selection_claims(col)
     return out
 
 
@@ -296,9 +304,19 @@ def _lm_claims(g: Dict[Tuple[str, str], Dict[str, Any]], col: Dict[str, Any]) ->
     return out
 
 
-def _selection_claim(col: Dict[str, Any]) -> str:
-    msa_runs = {n: r for n, r in col["runs"].items() if parse_name(n)[1] == "msa" and r["final"].get("val_recall") is not None}
-    if msa_runs:
+def _selection_claims(col: Dict[str, Any]) -> List[str]:
+    """Held-out selection recall of the judged MSA arms, one statement per context (recall falls
+    with the number of blocks to choose from, so contexts are not pooled)."""
+    by_ctx: Dict[str, Dict[str, Any]] = {}
+    for n, r in col["runs"].items():
+        ctx, variant, _ = parse_name(n)
+        if variant in JUDGED_MSA and r["final"].get("val_recall") is not None:
+            by_ctx.setdefault(ctx, {})[n] = r
+    if not by_ctx:
+        return ["Trained selection recall >= 95% at k=16: **not measured** (no complete MSA run)."]
+    out = []
+    for ctx in sorted(by_ctx, key=ctx_tokens):
+        msa_runs = by_ctx[ctx]
         end = _stats([r["final"]["val_recall"] for r in msa_runs.values()])
         during = _stats([r["final"]["mean_recall"] for r in msa_runs.values()])
         layers: Dict[str, List[float]] = {}
@@ -307,19 +325,25 @@ def _selection_claim(col: Dict[str, Any]) -> str:
                 layers.setdefault(k, []).append(v)
         per_layer = ", ".join(f"{k.replace('layer_', 'layer ')} {100 * sum(v) / len(v):.1f}%"
                               for k, v in sorted(layers.items(), key=lambda kv: int(kv[0].split("_")[-1])))
-        return (f"Trained selection recall >= 95% at k=16 (MSA runs, held-out, last evaluation): "
-                f"**{'confirmed' if end['mean'] >= 0.95 else 'not confirmed'}** ({_ms(end, pct=True)}; "
-                f"per layer {per_layer}; mean over the sparse training steps {_ms(during, pct=True)}).")
-    return "Trained selection recall >= 95% at k=16: **not measured** (no complete MSA run)."
+        each = "; ".join(f"`{n}` {100 * r['final']['val_recall']:.1f}%" for n, r in msa_runs.items()) \
+            if len(msa_runs) > 1 else ""
+        out.append(f"Trained selection recall >= 95% at k=16 at {ctx} (MSA runs, held-out, last evaluation): "
+                   f"**{'confirmed' if end['mean'] >= 0.95 else 'not confirmed'}** ({_ms(end, pct=True)}"
+                   f"{'; ' + each if each else ''}; per layer {per_layer}; mean over the sparse training steps "
+                   f"{_ms(during, pct=True)}).")
+    return out
 
 
-def _retrieval_claim(g, ctx: str, bkey: str, label: str, chance: float) -> str:
-    """MSA within 5 points of dense where the window is near chance, on one probe; counted only
-    where dense solved the probe there (>= SOLVED)."""
-    dd, mm, ww = (g.get((ctx, v)) for v in ("dense", "msa", "swa"))
+def _retrieval_claim(g, ctx: str, bkey: str, label: str, chance: float, variant: str = "msa",
+                     col: Optional[Dict[str, Any]] = None) -> str:
+    """One MSA arm within 5 points of dense where the window is near chance, on one probe;
+    counted only where dense solved the probe there (>= SOLVED). Where a run was done twice
+    (``col``'s reruns), how far its accuracy moved in those buckets is stated beside it."""
+    dd, mm, ww = (g.get((ctx, v)) for v in ("dense", variant, "swa"))
+    arm = "MSA" if variant == "msa" else LABELS[variant]
     what = f"Retrieval at {ctx}, {label}"
     if not (dd and mm and dd[bkey] and mm[bkey]):
-        return f"{what}, MSA within 5 points of dense: **not measured** (runs missing or without this probe)."
+        return f"{what}, {arm} within 5 points of dense: **not measured** (runs missing or without this probe)."
     if ww and ww[bkey]:
         far = [b for b in mm[bkey] if ww[bkey].get(b, {}).get("mean") is not None
                and ww[bkey][b]["mean"] <= chance + 0.05]
@@ -332,12 +356,20 @@ def _retrieval_claim(g, ctx: str, bkey: str, label: str, chance: float) -> str:
         return f"{what}: **not measured** (no bucket where the window is near chance)."
     solved = sum(dd[bkey][b]["mean"] for b in gaps) / len(gaps)
     if solved < SOLVED:
+        nearer = {b: dd[bkey][b]["mean"] - mm[bkey][b]["mean"] for b in mm[bkey] if b not in gaps
+                  and (dd[bkey].get(b, {}).get("mean") or 0.0) >= SOLVED and mm[bkey][b]["mean"] is not None}
+        where_solved = (f" Where dense did solve it ({', '.join(nearer)}), {arm} trails it by up to "
+                        f"{100 * max(nearer.values()):.1f} points.") if nearer else ""
         return (f"{what}: **not measured**: dense did not solve it (mean accuracy {100 * solved:.1f}% in "
-                f"{', '.join(gaps)}; needs >= {100 * SOLVED:.0f}%, chance {100 * chance:.1f}%).")
+                f"{', '.join(gaps)}; needs >= {100 * SOLVED:.0f}%, chance {100 * chance:.1f}%).{where_solved}")
     worst = max(gaps.values())
-    return (f"{what}, MSA within 5 points of dense in {where} ({', '.join(gaps)}): "
+    noise = rerun_accuracy(col, ctx, list(gaps), bkey) if col is not None else {}
+    moved = ("; a same-seed rerun moved " + ", ".join(f"{'MSA' if v == 'msa' else LABELS[v]} by up to "
+                                                     f"{100 * x:.1f} points" for v, x in sorted(noise.items()))
+             + " there") if noise else ""
+    return (f"{what}, {arm} within 5 points of dense in {where} ({', '.join(gaps)}): "
             f"**{'confirmed' if worst <= 0.05 else 'not confirmed'}** (largest gap {100 * worst:.1f} points; dense "
-            f"mean accuracy there {100 * solved:.1f}%, chance {100 * chance:.1f}%).")
+            f"mean accuracy there {100 * solved:.1f}%, chance {100 * chance:.1f}%{moved}).")
 
 
 def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str = "",
@@ -387,7 +419,7 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
             rows = [(v, st) for (c, v), st in g.items() if c == ctx and st[bkey]]
             if not rows:
                 continue
-            buckets = sorted({b for _, st in rows for b in st[bkey]}, key=_lo)
+            buckets = sorted({b for _, st in rows for b in st[bkey]}, key=bucket_lo)
             lines += ["", f"Accuracy vs distance at {ctx}, {label} (chance {100 * chance:.1f}%; mean over the runs "
                       "that scored it, n per row):", "",
                       "| run | n | " + " | ".join(b[1:].replace("_", "-") for b in buckets) + " |",
@@ -398,21 +430,10 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
                     "-" if st[bkey].get(b, {}).get("mean") is None else f"{100 * st[bkey][b]['mean']:.1f}%"
                     for b in buckets) + " |")
     for ctx in contexts_of(preset, g):
-        needle_rows = [(n, r["final"]) for n, r in col["runs"].items()
-                       if parse_name(n)[0] == ctx and r["final"].get("needle")]
-        if not needle_rows:
-            continue
-        buckets = sorted({b for _, f in needle_rows for b in f["needle"]}, key=_lo)
-        lines += ["", f"Needle selection at {ctx} (MSA runs, last evaluation): the fraction of the passkey's answer "
-                  "digits whose source block any KV group selected, over the MSA layers (`val_passkey_needle`); low "
-                  "where accuracy is low means the index missed the record, high means it was selected and not used:",
-                  "", "| run | " + " | ".join(b[1:].replace("_", "-") for b in buckets) + " | per layer |",
-                  "|---|" + "---:|" * len(buckets) + "---|"]
-        for n, f in needle_rows:
-            layers = ", ".join(f"{k.split('_')[-1]}: {100 * v:.0f}%" for k, v in
-                               sorted(f["needle_layers"].items(), key=lambda kv: int(kv[0].split("_")[-1])))
-            lines.append(f"| `{n}` | " + " | ".join("-" if f["needle"].get(b) is None else f"{100 * f['needle'][b]:.1f}%"
-                                                   for b in buckets) + f" | {layers} |")
+        if preset is None or ctx != preset.base_context:
+            lines += onset_table(col, ctx)
+    for ctx in contexts_of(preset, g):
+        lines += needle_table(col, ctx)
     if "c8k_dense_s1" in col["runs"] and "c8k_dense_to_msa_s1" in col["runs"]:
         c = conversion_summary(col["runs"]["c8k_dense_s1"], col["runs"]["c8k_dense_to_msa_s1"])
         lines += ["", f"Dense -> MSA conversion (8K, seed 1): dense final held-out loss {c['dense_final_val_loss']:.4f}; "
@@ -421,6 +442,8 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
     if col["runs"]:
         lines += ["", f"![held-out loss vs tokens]({plot_rel}/{name}_loss.png)",
                   f"![accuracy vs distance]({plot_rel}/{name}_accuracy_vs_distance.png)"]
+        if any(line.startswith("Step at which accuracy first reached") for line in lines):
+            lines.append(f"![accuracy vs step in the farthest buckets]({plot_rel}/{name}_onset.png)")
     lines += ["", "### Statement (generated)", ""]
     lines += [f"* {c}" for c in claims(g, col, preset)]
     if col["unfinished"] or col["missing"]:
@@ -473,7 +496,7 @@ def plots(col: Dict[str, Any], plot_dir: Path, preset: Optional[ScalePreset] = N
                 if c != ctx or not st[bkey] or v not in ("dense", "msa", "swa", "msa_long_warmup"):
                     continue
                 bs = list(st[bkey])
-                mid = [(_lo(b) + int(b.split("_")[1])) / 2 for b in bs]
+                mid = [(bucket_lo(b) + int(b.split("_")[1])) / 2 for b in bs]
                 ax.errorbar(mid, [st[bkey][b]["mean"] for b in bs], yerr=[st[bkey][b]["std"] or 0 for b in bs],
                             marker="o", color=colors[v], capsize=3,
                             label=f"{LABELS[v]} (n={max(st[bkey][b]['n'] for b in bs)})")
@@ -485,7 +508,9 @@ def plots(col: Dict[str, Any], plot_dir: Path, preset: Optional[ScalePreset] = N
     fig.savefig(plot_dir / f"{name}_accuracy_vs_distance.png", dpi=110)
     plt.close(fig)
     written.append(plot_dir / f"{name}_accuracy_vs_distance.png")
-    return written
+    ctxs_learned = [c for c in ctxs if (preset is None or c != preset.base_context) and onset_table(col, c)]
+    onset = onset_plot(col, ctxs_learned, plot_dir / f"{name}_onset.png", colors)
+    return written + ([onset] if onset else [])
 
 
 def write_doc(block: str, doc: Path, report_name: str = "scale") -> None:
