@@ -505,6 +505,28 @@ def test_retrieval_curriculum_runs_start_from_their_base(preset, tmp_path):
         spec(SCALE_PRESETS["scale_cpu"], "c8k_msa_long_warmup_s1", str(tmp_path))
 
 
+def test_retrieval_long_is_the_retrieval_curriculum_with_twice_the_8k_steps(tmp_path):
+    """Preset retrieval_long changes only the 8K arms' length (and drops 32K): its base trains
+    exactly as retrieval's, its arms differ from retrieval's in steps alone, and it reports into
+    its own block and results directory."""
+    from msa_megatron.experiments.fidelity.scale import steps_of
+
+    short, long_ = SCALE_PRESETS["retrieval"], SCALE_PRESETS["retrieval_long"]
+    assert set(long_.contexts) == {"256", "8k"} and long_.report_name == "retrieval_long" and not long_.chain
+    assert steps_of(long_, "8k") == 2 * steps_of(short, "8k") and long_.warmup_steps < long_.long_warmup_steps
+    names = run_names(long_)
+    assert names[0] == "c256_dense_s1" and {parse_name(n)[1] for n in names[1:]} == {"dense", "msa", "msa_long_warmup",
+                                                                                    "swa"}
+    for n in names:
+        (tmp_path / "runs" / n / "checkpoints").mkdir(parents=True, exist_ok=True)
+    assert spec(long_, "c256_dense_s1", "W").overrides == spec(short, "c256_dense_s1", "W").overrides
+    for n in names[1:]:
+        a, b = spec(long_, n, str(tmp_path)).overrides, spec(short, n, str(tmp_path)).overrides
+        differ = {x.split("=")[0] for x in set(a) ^ set(b)}
+        assert differ == {"train.steps", "checkpoint.interval"}, (n, differ)
+        assert _compose(a).train.steps == 600
+
+
 def run_name_of(ctx, variant, seed):
     from msa_megatron.experiments.fidelity.scale import run_name
 

@@ -30,6 +30,33 @@ def bucket_label(bucket: str) -> str:
     return bucket[1:].replace("_", "-")
 
 
+def arm_name(variant: str) -> str:
+    """How claims name an arm: "MSA" for the recipe's own, the label otherwise."""
+    return "MSA" if variant == "msa" else LABELS[variant]
+
+
+def needle_finals(curves: Dict[str, List[List[float]]]) -> Dict[str, Any]:
+    """The last evaluation of a run's needle diagnostic, from its ``val_passkey_needle/...``
+    curves (scale_report.bucket_curves): ``needle`` {bucket: mean over layers},
+    ``needle_layers`` {layer_i: overall}, ``needle_any`` {bucket: any layer} and
+    ``needle_layer_buckets`` {layer_i: {bucket: value}} (the last two logged since run 15)."""
+    out: Dict[str, Any] = {"needle": {}, "needle_layers": {}, "needle_any": {}, "needle_layer_buckets": {}}
+    for key, curve in curves.items():
+        if not curve:
+            continue
+        head, _, bucket = key.partition("/")
+        if key.startswith("d"):
+            out["needle"][key] = curve[-1][1]
+        elif head == "any" and bucket:
+            out["needle_any"][bucket] = curve[-1][1]
+        elif head.startswith("layer_"):
+            if bucket:
+                out["needle_layer_buckets"].setdefault(head, {})[bucket] = curve[-1][1]
+            else:
+                out["needle_layers"][head] = curve[-1][1]
+    return out
+
+
 def onset_step(curve: Sequence[Sequence[float]], level: float = ONSET) -> Optional[int]:
     """The first evaluation step of ``[[step, accuracy], ...]`` at which accuracy >= level."""
     return next((int(step) for step, acc in curve if acc is not None and acc >= level), None)
@@ -161,5 +188,5 @@ def onset_plot(col: Dict[str, Any], ctxs: Sequence[str], path: Path, colors: Dic
     return path
 
 
-__all__ = ["JUDGED_MSA", "ONSET", "bucket_label", "bucket_lo", "needle_table", "onset_plot", "onset_step",
+__all__ = ["JUDGED_MSA", "ONSET", "arm_name", "bucket_label", "bucket_lo", "needle_finals", "needle_table", "onset_plot", "onset_step",
            "onset_table", "rerun_accuracy"]

@@ -18,7 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from ..passkey import CHANCE as PASSKEY_CHANCE
 from .collect import conversion_summary, run_results
 from .piece import read_run_json, recipe_of
-from .retrieval_tables import JUDGED_MSA, bucket_lo, needle_table, onset_plot, onset_table, rerun_accuracy
+from .retrieval_tables import (JUDGED_MSA, arm_name, bucket_label, bucket_lo, needle_finals, needle_table, onset_plot,
+                               onset_table, rerun_accuracy)
 from .scale import LABELS, ScalePreset, parse_name, run_names
 
 BEGIN, END = "<!-- BEGIN SCALE (scripts/fidelity.py --scale-report) -->", "<!-- END SCALE -->"
@@ -129,17 +130,7 @@ def collect_scale(dirs: List[Path], preset: ScalePreset, rerun_dirs: Sequence[Pa
             r[key] = bucket_curves(records, prefix)
             r["final"][key] = {k: v[-1][1] for k, v in r[key].items() if v}
         # MSA runs: how often the passkey's needle block was selected (training/needle.py)
-        needle = bucket_curves(records, "val_passkey_needle")
-        r["final"]["needle"] = {k: v[-1][1] for k, v in needle.items() if v and k.startswith("d")}
-        r["final"]["needle_layers"] = {k: v[-1][1] for k, v in needle.items()
-                                       if v and k.startswith("layer_") and "/" not in k}
-        r["final"]["needle_any"] = {k.split("/")[1]: v[-1][1] for k, v in needle.items() if v and k.startswith("any/d")}
-        by_layer: Dict[str, Dict[str, float]] = {}
-        for k, v in needle.items():
-            if v and k.startswith("layer_") and "/" in k:
-                layer, bucket = k.split("/")
-                by_layer.setdefault(layer, {})[bucket] = v[-1][1]
-        r["final"]["needle_layer_buckets"] = by_layer
+        r["final"].update(needle_finals(bucket_curves(records, "val_passkey_needle")))
         r.pop("config_yaml", None)
         runs[name] = r
     reruns: Dict[str, List[Dict[str, Optional[float]]]] = {}
@@ -340,7 +331,7 @@ def _retrieval_claim(g, ctx: str, bkey: str, label: str, chance: float, variant:
     counted only where dense solved the probe there (>= SOLVED). Where a run was done twice
     (``col``'s reruns), how far its accuracy moved in those buckets is stated beside it."""
     dd, mm, ww = (g.get((ctx, v)) for v in ("dense", variant, "swa"))
-    arm = "MSA" if variant == "msa" else LABELS[variant]
+    arm = arm_name(variant)
     what = f"Retrieval at {ctx}, {label}"
     if not (dd and mm and dd[bkey] and mm[bkey]):
         return f"{what}, {arm} within 5 points of dense: **not measured** (runs missing or without this probe)."
@@ -364,12 +355,17 @@ def _retrieval_claim(g, ctx: str, bkey: str, label: str, chance: float, variant:
                 f"{', '.join(gaps)}; needs >= {100 * SOLVED:.0f}%, chance {100 * chance:.1f}%).{where_solved}")
     worst = max(gaps.values())
     noise = rerun_accuracy(col, ctx, list(gaps), bkey) if col is not None else {}
-    moved = ("; a same-seed rerun moved " + ", ".join(f"{'MSA' if v == 'msa' else LABELS[v]} by up to "
-                                                     f"{100 * x:.1f} points" for v, x in sorted(noise.items()))
-             + " there") if noise else ""
+    moved = ("; a same-seed rerun moved " + ", ".join(f"{arm_name(v)} by up to {100 * x:.1f} points"
+                                                     for v, x in sorted(noise.items())) + " there") if noise else ""
     return (f"{what}, {arm} within 5 points of dense in {where} ({', '.join(gaps)}): "
             f"**{'confirmed' if worst <= 0.05 else 'not confirmed'}** (largest gap {100 * worst:.1f} points; dense "
             f"mean accuracy there {100 * solved:.1f}%, chance {100 * chance:.1f}%{moved}).")
+
+
+def onset_contexts(col: Dict[str, Any], preset: Optional[ScalePreset], g: Dict[Tuple[str, str], Any]) -> List[str]:
+    """The contexts (the curriculum's base excepted) where some run learned a retrieval bucket:
+    those get an onset table and an onset plot."""
+    return [c for c in contexts_of(preset, g) if (preset is None or c != preset.base_context) and onset_table(col, c)]
 
 
 def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str = "",
@@ -422,16 +418,16 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
             buckets = sorted({b for _, st in rows for b in st[bkey]}, key=bucket_lo)
             lines += ["", f"Accuracy vs distance at {ctx}, {label} (chance {100 * chance:.1f}%; mean over the runs "
                       "that scored it, n per row):", "",
-                      "| run | n | " + " | ".join(b[1:].replace("_", "-") for b in buckets) + " |",
+                      "| run | n | " + " | ".join(bucket_label(b) for b in buckets) + " |",
                       "|---|---:|" + "---:|" * len(buckets)]
             for v, st in rows:
                 n = max(x["n"] for x in st[bkey].values())
                 lines.append(f"| {LABELS[v]} | {n} | " + " | ".join(
                     "-" if st[bkey].get(b, {}).get("mean") is None else f"{100 * st[bkey][b]['mean']:.1f}%"
                     for b in buckets) + " |")
-    for ctx in contexts_of(preset, g):
-        if preset is None or ctx != preset.base_context:
-            lines += onset_table(col, ctx)
+    learned = onset_contexts(col, preset, g)
+    for ctx in learned:
+        lines += onset_table(col, ctx)
     for ctx in contexts_of(preset, g):
         lines += needle_table(col, ctx)
     if "c8k_dense_s1" in col["runs"] and "c8k_dense_to_msa_s1" in col["runs"]:
@@ -442,7 +438,7 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
     if col["runs"]:
         lines += ["", f"![held-out loss vs tokens]({plot_rel}/{name}_loss.png)",
                   f"![accuracy vs distance]({plot_rel}/{name}_accuracy_vs_distance.png)"]
-        if any(line.startswith("Step at which accuracy first reached") for line in lines):
+        if learned:
             lines.append(f"![accuracy vs step in the farthest buckets]({plot_rel}/{name}_onset.png)")
     lines += ["", "### Statement (generated)", ""]
     lines += [f"* {c}" for c in claims(g, col, preset)]
@@ -508,8 +504,7 @@ def plots(col: Dict[str, Any], plot_dir: Path, preset: Optional[ScalePreset] = N
     fig.savefig(plot_dir / f"{name}_accuracy_vs_distance.png", dpi=110)
     plt.close(fig)
     written.append(plot_dir / f"{name}_accuracy_vs_distance.png")
-    ctxs_learned = [c for c in ctxs if (preset is None or c != preset.base_context) and onset_table(col, c)]
-    onset = onset_plot(col, ctxs_learned, plot_dir / f"{name}_onset.png", colors)
+    onset = onset_plot(col, onset_contexts(col, preset, g), plot_dir / f"{name}_onset.png", colors)
     return written + ([onset] if onset else [])
 
 
