@@ -21,7 +21,7 @@
 # Knobs: BUDGET_S=480 (keep ~1.5 min below the call's limit), GRACE_S=60 (of the budget, for the
 # SIGTERM checkpoints and packing), PRESET=scale (or retrieval), WORK=/tmp/fid_<PRESET>,
 #   DONE= (default results/fidelity_scale, results/fidelity_retrieval for PRESET=retrieval),
-#   RUNS= (comma-separated subset), RERUN= (complete runs to run again, e.g. to add a new probe's
+#   RUNS= (comma-separated subset, run in that order), RERUN= (complete runs to run again, e.g. to add a new probe's
 #   numbers), PARALLEL=auto, SHARE_EFF=, GPU_MEM_GIB= (dry runs without a GPU
 #   plan for 80), DRY_RUN=1 (print the plan of this call, run nothing).
 set -uo pipefail

@@ -527,6 +527,30 @@ def test_retrieval_long_is_the_retrieval_curriculum_with_twice_the_8k_steps(tmp_
         assert _compose(a).train.steps == 600
 
 
+def test_retrieval_32k_raises_the_rope_base_of_its_32k_runs_only(tmp_path):
+    """Preset retrieval_32k: the chain of preset retrieval (base -> 8K dense -> 32K arms) with the
+    32K runs' RoPE base raised; the base and the 8K link train exactly as retrieval's."""
+    from msa_megatron.experiments.fidelity.scale import NTK_32K_ROTARY_BASE, base_of
+
+    short, ext = SCALE_PRESETS["retrieval"], SCALE_PRESETS["retrieval_32k"]
+    names = run_names(ext)
+    assert names[:2] == ["c256_dense_s1", "c8k_dense_s1"] and ext.report_name == "retrieval_32k"
+    for n in names:
+        (tmp_path / "runs" / n / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for n in names[:2]:
+        assert spec(ext, n, str(tmp_path)).overrides == spec(short, n, str(tmp_path)).overrides
+        assert _compose(spec(ext, n, str(tmp_path)).overrides).model.rotary_base == 10000
+    long_runs = [n for n in names if parse_name(n)[0] == "32k"]
+    assert {parse_name(n)[1] for n in long_runs} == {"dense", "msa", "msa_long_warmup", "swa"}
+    for n in long_runs:
+        assert base_of(ext, n) == "c8k_dense_s1"
+        c = _compose(spec(ext, n, str(tmp_path)).overrides)
+        assert c.model.rotary_base == NTK_32K_ROTARY_BASE and c.train.seq_length == 32768
+        differ = set(spec(ext, n, str(tmp_path)).overrides) ^ set(spec(short, n, str(tmp_path)).overrides)
+        assert differ == {f"model.rotary_base={NTK_32K_ROTARY_BASE}"}, differ
+    assert 10000 * 4 ** (64 / 62) == pytest.approx(NTK_32K_ROTARY_BASE, rel=1e-3)  # the NTK rule, head dim 64
+
+
 def run_name_of(ctx, variant, seed):
     from msa_megatron.experiments.fidelity.scale import run_name
 
@@ -555,6 +579,14 @@ def test_curriculum_base_runs_again_where_its_checkpoint_is_missing(tmp_path):
     (work / "runs" / "c512_dense_s1" / "checkpoints" / "latest").write_text("4")
     (work / "runs" / "c512_dense_s1" / "run.json").write_text(json.dumps({"complete": True, "recipe": p.recipe}))
     assert piece.todo(p, work, [done], only=["c1k_msa_s1"]) == ["c1k_msa_s1"]
+    # a subset runs in the order given (the preset lists the window before MSA)
+    assert piece.todo(p, work, [done], only=["c1k_msa_s1", "c1k_dense_s1", "c1k_swa_s1"]) == \
+        ["c1k_msa_s1", "c1k_dense_s1", "c1k_swa_s1"]
+    # ... and a partial run still goes first: it resumes from its checkpoint
+    (work / "runs" / "c1k_swa_s1" / "checkpoints").mkdir(parents=True)
+    (work / "runs" / "c1k_swa_s1" / "checkpoints" / "latest").write_text("2")
+    (work / "runs" / "c1k_swa_s1" / "run.json").write_text(json.dumps({"complete": False, "recipe": p.recipe}))
+    assert piece.todo(p, work, [done], only=["c1k_msa_s1", "c1k_swa_s1"]) == ["c1k_swa_s1", "c1k_msa_s1"]
     for n in ("c512_swa_s1", "c512_msa_s1", "c512_msa_long_warmup_s1", "c1k_dense_s1", "c1k_swa_s1", "c1k_msa_s1"):
         _fake_run(done, n, 1.0, {})
     assert piece.todo(p, tmp_path / "fresh", [done]) == []

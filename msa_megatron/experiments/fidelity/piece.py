@@ -118,11 +118,15 @@ def matrix_status(preset: ScalePreset, work: Path, done_dirs: List[Path], rerun:
 
 def todo(preset: ScalePreset, work: Path, done_dirs: List[Path], only: Optional[List[str]] = None,
          rerun: Sequence[str] = ()) -> List[str]:
-    """Runs to (re)start, in order; partial runs first (they resume). A run whose dependency's
-    checkpoint is not in the work directory (the conversion's dense run, a curriculum's base)
-    gets that run again before it, and so on down the chain (32K <- 8K <- base)."""
+    """Runs to (re)start, in order: partial runs first (they resume), then the preset's launch
+    order, or ``only``'s when given (run 15 wanted the 32K MSA run before the window, and got the
+    window first). A run whose dependency's checkpoint is not in the work directory (the
+    conversion's dense run, a curriculum's base) gets that run again before it, and so on down
+    the chain (32K <- 8K <- base)."""
     st = matrix_status(preset, work, done_dirs, rerun)
     names = [n for n in st if st[n] != "complete" and (only is None or n in only)]
+    if only is not None:
+        names.sort(key=list(only).index)
     names.sort(key=lambda n: st[n] != "partial")
     out: List[str] = []
 

@@ -84,6 +84,9 @@ class Context:
     eval_interval: int = 0
     #: fraction of training sequences that are passkey examples at this length (None: the preset's)
     passkey_train_fraction: Optional[float] = None
+    #: model overrides of the runs at this length, after the preset's (e.g. a RoPE base for a
+    #: context extension; RoPE frequencies are not in checkpoints, so they apply to init_from too)
+    model_overrides: Tuple[str, ...] = ()
 
     def tokens_per_s(self, kind: str) -> float:
         return dict(self.est_tokens_per_s_by_kind).get(kind, self.est_tokens_per_s)
@@ -280,6 +283,22 @@ SCALE_PRESETS["retrieval_long"] = replace(
     about="Retrieval curriculum, long arms: the base of preset retrieval (1,500 steps of 64 x 256 tokens, every "
           "sequence a passkey example), then dense, MSA (warmup 75), MSA (warmup 200) and the FLOP-matched window "
           "continued from it for 600 steps of 8 x 8K tokens (39.3M tokens), half the sequences passkey examples.")
+
+# Run 15: after 300 steps at 32K the dense copier copied to 8K and not beyond (chance), so the 32K
+# retrieval claim could not be judged; MSA's index, new at 32K, rarely selected the needle. Its
+# RoPE (base 10,000, full rotary) had only seen relative positions up to 8K. The same 32K arms with
+# the RoPE base raised NTK-style for a 4x longer context (10,000 x 4^(64/62) = 41,800: the slowest
+# frequency turns at 32K through the angle it turned through at 8K), main and index branch alike.
+NTK_32K_ROTARY_BASE = 41800
+SCALE_PRESETS["retrieval_32k"] = replace(
+    _R, contexts={"256": _R.contexts["256"], "8k": _R.contexts["8k"],
+                  "32k": replace(_R.contexts["32k"], model_overrides=(f"model.rotary_base={NTK_32K_ROTARY_BASE}",))},
+    entries=(("256", "dense", (1,)), ("8k", "dense", (1,)), ("32k", "dense", (1,)), ("32k", "msa", (1,)),
+             ("32k", "msa_long_warmup", (1,)), ("32k", "swa", (1,))),
+    report_name="retrieval_32k",
+    about="Retrieval curriculum at 32K with the RoPE base raised for the extension: the base and the 8K dense "
+          "copier of preset retrieval, then dense, MSA (warmup 75 and 200) and the window (5,189) continued from "
+          "the 8K dense run for 300 steps of 2 x 32K tokens with rotary_base 41,800 (10,000 below 32K).")
 del _R
 
 def cost_kind(variant: str) -> str:
@@ -351,7 +370,7 @@ def spec(p: ScalePreset, name: str, out_dir: str) -> RunSpec:
         raise ValueError(f"run {name!r}: variant {variant!r} is invalid at the curriculum's base context {ctx!r}: "
                          "allowed values are dense")
     common = [
-        f"model={p.model}", *p.model_overrides, f"train={p.train}", f"run_dir={rd}",
+        f"model={p.model}", *p.model_overrides, *c.model_overrides, f"train={p.train}", f"run_dir={rd}",
         f"train.steps={steps}", f"train.seq_length={c.seq_length}",
         f"train.global_batch_size={c.global_batch_size}", f"train.micro_batch_size={c.micro_batch_size}",
         f"train.lr={p.lr}", f"train.min_lr={p.min_lr}", f"train.eval_interval={c.eval_interval or p.eval_interval}",
