@@ -63,10 +63,14 @@ def _fail(message: str, code: int) -> None:
     if error_file:
         import json
 
+        # atomically: torchrun may kill this rank mid-write once another rank has exited, and
+        # then read a truncated file as the root cause (CI saw its JSONDecodeError under load)
+        tmp = f"{error_file}.{os.getpid()}.tmp"
         try:
-            with open(error_file, "w") as f:
+            with open(tmp, "w") as f:
                 json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
                                                                       "timestamp": str(int(time.time()))}}}, f)
+            os.replace(tmp, error_file)
         except OSError:
             pass
     raise _Exit(code)
