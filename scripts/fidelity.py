@@ -376,14 +376,15 @@ def main(argv=None) -> int:
                    "to DIR (e.g. $OUT on a GPU host)")
     p.add_argument("--force", action="store_true", help="rerun finished runs")
     p.add_argument("--piece", metavar="PRESET", help="scale matrix: run the next missing runs of this scale preset "
-                   "(scale, retrieval, or their *_cpu twins) within --budget-s, pack metrics into --export")
+                   "(scale, retrieval, retrieval_long, retrieval_32k, or the *_cpu twins of scale and retrieval) within "
+                   "--budget-s, pack metrics into --export")
     p.add_argument("--budget-s", type=float, default=480.0, help="with --piece: seconds for this slice (default 480)")
     p.add_argument("--work", help="with --piece: run directories and checkpoints, default /tmp/fid_<preset> (one "
                    "per preset: runs of two presets may share a name) "
                    "(kept between calls on a warm machine)")
     p.add_argument("--done", help="with --piece: comma-separated directories of complete runs copied back "
                    f"(default results/fidelity_<family>: {DEFAULT_DONE.relative_to(REPO)} for scale, "
-                   "results/fidelity_retrieval for retrieval)")
+                   "results/fidelity_retrieval for retrieval, results/fidelity_retrieval_32k for retrieval_32k, ...)")
     p.add_argument("--grace-s", type=float, default=60.0, help="with --piece: seconds of the budget kept for the "
                    "SIGTERM checkpoint and packing (default 60)")
     p.add_argument("--dry-run", action="store_true", help="with --piece: print the plan of this call, run nothing")
