@@ -747,6 +747,35 @@ def test_a_run_done_twice_states_the_run_to_run_noise(tmp_path):
     assert rerun_spread(col) == [] and "run twice" not in text and "met, but with fewer than 3 seeds" in text
 
 
+def test_per_layer_index_statistics_over_the_last_tenth_and_held_out_recall(tmp_path):
+    """Issue 19's per-layer KL, entropy and recall: training statistics averaged over the last 10%
+    of the logged steps (steps 19-20 of 20 here), recall from the last held-out evaluation;
+    dense runs have no row."""
+    from msa_megatron.experiments.fidelity.layer_stats import layer_tail_means
+    from msa_megatron.experiments.fidelity.scale_report import collect_scale, scale_block
+
+    recs = [{"step": s, "lm_loss": 1.0, **{f"indexer_kl/layer_{i}": s * i / 10 for i in (1, 2)},
+             **{f"main_entropy/layer_{i}": 5.0 - s / 10 for i in (1, 2)}} for s in range(1, 21)]
+    assert layer_tail_means(recs, 0.1) == {"indexer_kl": {1: 1.95, 2: 3.9}, "main_entropy": {1: 3.05, 2: 3.05}}
+    assert layer_tail_means([], 0.1) == {} and layer_tail_means([{"step": 1, "lm_loss": 1.0}], 0.1) == {}
+
+    p = SCALE_PRESETS["scale_cpu"]
+    _fake_run(tmp_path, "c8k_dense_s1", 1.0, {})
+    _fake_run(tmp_path, "c8k_msa_s1", 1.0, {}, recall=0.9)
+    path = tmp_path / "c8k_msa_s1" / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    for r in rows:  # 4 steps: the last 10% is step 4
+        r.update({"indexer_kl/layer_1": 0.25 * r["step"], "index_entropy/layer_1": 4.0, "main_entropy/layer_1": 2.5})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    block = scale_block(collect_scale([tmp_path], p), "scale_cpu", "fidelity", preset=p)
+    assert "Per-layer index statistics at 8k" in block
+    assert "| run | statistic | layer 1 | layer 2 |" in block
+    assert "| `c8k_msa_s1` | indexer KL | 1.000 | - |" in block
+    assert "| `c8k_msa_s1` | main-branch entropy (nats) | 2.500 | - |" in block
+    assert "| `c8k_msa_s1` | selection recall (held-out, end) | 88.0% | 92.0% |" in block
+    assert "`c8k_dense_s1` | indexer KL" not in block
+
+
 def test_train_tail_is_the_mean_over_the_last_tenth_of_the_steps():
     from msa_megatron.experiments.fidelity.scale_report import train_tail
 

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..passkey import CHANCE as PASSKEY_CHANCE
 from .collect import conversion_summary, run_results
+from .layer_stats import layer_table, layer_tail_means
 from .piece import read_run_json, recipe_of
 from .retrieval_tables import (JUDGED_MSA, arm_name, bucket_label, bucket_lo, needle_finals, needle_table, onset_plot,
                                onset_table, rerun_accuracy)
@@ -126,6 +127,7 @@ def collect_scale(dirs: List[Path], preset: ScalePreset, rerun_dirs: Sequence[Pa
         last = next((x for x in reversed(records) if "val/recall" in x), {})
         r["final"]["val_recall_layers"] = {k.split("/")[-1]: v for k, v in last.items() if k.startswith("val/recall/")}
         r["final"]["train_tail"] = train_tail(records)
+        r["final"]["layer_stats"] = layer_tail_means(records, TAIL)
         for prefix, key, _, _ in PROBES:
             r[key] = bucket_curves(records, prefix)
             r["final"][key] = {k: v[-1][1] for k, v in r[key].items() if v}
@@ -430,6 +432,8 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
         lines += onset_table(col, ctx)
     for ctx in contexts_of(preset, g):
         lines += needle_table(col, ctx)
+    for ctx in contexts_of(preset, g):
+        lines += layer_table(col, ctx, TAIL)
     if "c8k_dense_s1" in col["runs"] and "c8k_dense_to_msa_s1" in col["runs"]:
         c = conversion_summary(col["runs"]["c8k_dense_s1"], col["runs"]["c8k_dense_to_msa_s1"])
         lines += ["", f"Dense -> MSA conversion (8K, seed 1): dense final held-out loss {c['dense_final_val_loss']:.4f}; "
