@@ -389,7 +389,7 @@ def test_scale_report_on_any_subset(tmp_path, subset):
                        make_plots=False)
     text = (tmp_path / "doc.md").read_text()
     col = out["collected"]
-    assert BEGIN in text and len(col["runs"]) + len(col["unfinished"]) + len(col["missing"]) == 15
+    assert BEGIN in text and len(col["runs"]) + len(col["unfinished"]) + len(col["missing"]) == 16
     assert "Trained selection recall >= 95% at k=16: **not measured**" in text
     if subset == "empty":
         assert not col["runs"] and "MSA held-out loss within 1% of dense at 8K: **not measured**" in text

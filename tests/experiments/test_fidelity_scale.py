@@ -46,7 +46,7 @@ def _params(m) -> int:
 def test_scale_matrix_composes_and_validates(preset, tmp_path):
     p = SCALE_PRESETS[preset]
     names = run_names(p)
-    assert len(names) == len(set(names)) == 15
+    assert len(names) == len(set(names)) == 16
     for v in ("dense", "msa", "swa"):
         assert {parse_name(n)[2] for n in names if parse_name(n)[:2] == ("8k", v)} == {1, 2, 3}
     assert {parse_name(n)[1] for n in names if parse_name(n)[0] == "32k"} == {"dense", "msa"}
@@ -57,7 +57,7 @@ def test_scale_matrix_composes_and_validates(preset, tmp_path):
         base = cfgs[f"c{ctx}_dense_s1"]
         for n in names:
             c, v, seed = parse_name(n)
-            if c == ctx and v != "dense_to_msa":
+            if c == ctx and v not in ("dense_to_msa", "dense_continued"):
                 assert same(cfgs[n]) == same(base), n  # identical model, data, tokens
                 assert cfgs[n].train.seed == seed
     m, s = cfgs["c8k_msa_s1"], cfgs["c8k_swa_s1"]
@@ -67,6 +67,14 @@ def test_scale_matrix_composes_and_validates(preset, tmp_path):
     conv = cfgs["c8k_dense_to_msa_s1"]
     assert conv.checkpoint.init_from.endswith("runs/c8k_dense_s1/checkpoints") and conv.attention.type == "msa"
     assert spec(p, "c8k_dense_to_msa_s1", str(tmp_path)).depends_on == "c8k_dense_s1"
+    # its reference: the same checkpoint continued dense for the same steps, schedule and evaluations
+    ref = cfgs["c8k_dense_continued_s1"]
+    assert spec(p, "c8k_dense_continued_s1", str(tmp_path)).depends_on == "c8k_dense_s1"
+    assert ref.attention.type == "dense" and ref.checkpoint.init_from == conv.checkpoint.init_from
+    assert (same(ref), ref.train.lr, ref.train.min_lr, ref.train.lr_decay_style, ref.train.eval_interval) == \
+        (same(conv), conv.train.lr, conv.train.min_lr, conv.train.lr_decay_style, conv.train.eval_interval)
+    assert conv.train.eval_interval == (p.convert_eval_interval or conv.train.eval_interval)
+    assert conv.total_steps() % conv.train.eval_interval == 0
     # the recall buckets straddle the FLOP-matched window: some distances inside it, some beyond
     for ctx in ("8k", "32k"):
         c = cfgs[f"c{ctx}_msa_s1"]
@@ -774,6 +782,33 @@ def test_per_layer_index_statistics_over_the_last_tenth_and_held_out_recall(tmp_
     assert "| `c8k_msa_s1` | main-branch entropy (nats) | 2.500 | - |" in block
     assert "| `c8k_msa_s1` | selection recall (held-out, end) | 88.0% | 92.0% |" in block
     assert "`c8k_dense_s1` | indexer KL" not in block
+
+
+def test_conversion_is_judged_against_dense_continued_alike(tmp_path):
+    """Run 14's conversion beat the dense run's *final* loss at its first sparse evaluation,
+    because dense was still improving: the reference is dense continued from the same
+    checkpoint for the same steps, compared evaluation by evaluation after the switch."""
+    from msa_megatron.experiments.fidelity.collect import conversion_vs_continued
+    from msa_megatron.experiments.fidelity.scale_report import collect_scale, scale_block
+
+    conv = {"switch_step": 4, "val_loss": [[2, 200, 1.00], [4, 400, 1.30], [6, 600, 1.22], [8, 800, 1.205]]}
+    cont = {"val_loss": [[2, 200, 1.00], [4, 400, 1.20], [6, 600, 1.20], [8, 800, 1.195]]}
+    v = conversion_vs_continued(cont, conv)
+    assert [x[0] for x in v["pairs"]] == [4, 6, 8]  # evaluations from the switch on (step 2 was dense)
+    assert v["pairs"][0][4] == pytest.approx(1.30 / 1.20 - 1) and v["final_rel"] == pytest.approx(1.205 / 1.195 - 1)
+    assert (v["within_at_step"], v["within_at_tokens"]) == (8, 800)  # 1.22/1.20 = +1.7%, 1.205/1.195 = +0.84%
+    assert conversion_vs_continued(cont, {**conv, "switch_step": None})["pairs"] == []
+    assert conversion_vs_continued(cont, conv, tolerance=0.001)["within_at_tokens"] is None
+
+    p = SCALE_PRESETS["scale_cpu"]
+    _fake_run(tmp_path, "c8k_dense_s1", 1.20, {})
+    _fake_run(tmp_path, "c8k_dense_to_msa_s1", 1.25, {}, recall=0.9)
+    block = scale_block(collect_scale([tmp_path], p), "scale_cpu", "fidelity", preset=p)
+    assert "Dense -> MSA conversion (8K, seed 1)" in block and "dense continued" not in block
+    _fake_run(tmp_path, "c8k_dense_continued_s1", 1.20, {})
+    block = scale_block(collect_scale([tmp_path], p), "scale_cpu", "fidelity", preset=p)
+    assert "(`c8k_dense_continued_s1`, the target that moves as dense keeps improving): not within 1% by the end" in block
+    assert "| 4 | 4,000 | 1.3750 | 1.3250 | +3.77% |" in block  # fake val loss = value + 0.5 / step
 
 
 def test_train_tail_is_the_mean_over_the_last_tenth_of_the_steps():

@@ -7,7 +7,8 @@ with hydra overrides, like the small matrix (matrix.py):
 * 8K context, seeds 1-3: ``dense``, ``msa`` (warmup then sparse), ``swa`` (FLOP-matched window);
 * 32K context, seed 1: ``dense``, ``msa``;
 * 8K ablations, seed 1: ``msa_no_stopgrad``, ``msa_no_warmup``, ``msa_no_teacher`` (frozen
-  indexer), and ``dense_to_msa`` (``c8k_dense_s1``'s checkpoint converted, continued with warmup).
+  indexer), and ``dense_to_msa`` (``c8k_dense_s1``'s checkpoint converted, continued with warmup)
+  beside ``dense_continued`` (the same checkpoint continued dense alike: the conversion's reference).
 
 Every run mixes the distance-bucketed associative-recall task into training (a fraction of
 the sequences) and evaluates accuracy per query-to-pair distance bucket, with bucket edges
@@ -54,11 +55,14 @@ from typing import Dict, List, Optional, Tuple
 from .matrix import RunSpec
 
 VARIANTS = ("dense", "msa", "swa", "msa_no_stopgrad", "msa_no_warmup", "msa_no_teacher", "msa_long_warmup",
-            "dense_to_msa")
+            "dense_to_msa", "dense_continued")
+#: the two continuations of the same seed's dense run (the conversion, and dense continued alike as
+#: its reference): the conversion's steps, learning rate and evaluation interval
+CONTINUATIONS = ("dense_to_msa", "dense_continued")
 LABELS = {"dense": "dense", "msa": "MSA (warmup + sparse)", "swa": "sliding window (FLOP-matched)",
           "msa_no_stopgrad": "MSA, no stop-gradient", "msa_no_warmup": "MSA, no warmup",
           "msa_no_teacher": "MSA, frozen indexer (no KL teacher)", "msa_long_warmup": "MSA, long warmup",
-          "dense_to_msa": "dense -> MSA conversion"}
+          "dense_to_msa": "dense -> MSA conversion", "dense_continued": "dense, continued (the conversion's reference)"}
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,9 @@ class ScalePreset:
     #: report the language-modelling claims (held-out loss vs dense and vs the window): off for
     #: presets whose runs are not equal-token pretraining runs (the retrieval curriculum)
     lm_claims: bool = True
+    #: steps between evaluations of the CONTINUATIONS (0: the context's): run 14's conversion had
+    #: one sparse evaluation in 96 steps, too coarse to say when it came within 1% of dense
+    convert_eval_interval: int = 0
 
 
 #: Launch order = most informative first: the 8K seed-1 triple (every run also trains and
@@ -157,7 +164,7 @@ class ScalePreset:
 #: conversion (it needs c8k_dense_s1's checkpoint, which only lives on the warm machine that
 #: trained it), the other seeds triple by triple, the ablations, 32K last (two calls each).
 _ENTRIES = (("8k", "dense", (1,)), ("8k", "msa", (1,)), ("8k", "swa", (1,)),
-            ("8k", "dense_to_msa", (1,)),
+            ("8k", "dense_to_msa", (1,)), ("8k", "dense_continued", (1,)),
             ("8k", "dense", (2,)), ("8k", "msa", (2,)), ("8k", "swa", (2,)),
             ("8k", "dense", (3,)), ("8k", "msa", (3,)), ("8k", "swa", (3,)),
             ("8k", "msa_no_warmup", (1,)), ("8k", "msa_no_teacher", (1,)), ("8k", "msa_no_stopgrad", (1,)),
@@ -175,7 +182,7 @@ SCALE_PRESETS: Dict[str, ScalePreset] = {
         model="fidelity_gpt", model_overrides=_GPT55M, train="gpu", steps=384, lr=1.0e-3, min_lr=1.0e-4,
         warmup_steps=38, eval_interval=48, eval_iters=4, recall_interval=48, log_interval=4,
         recall_pairs=16, recall_queries=16, recall_train_fraction=0.5, recall_eval_batches=8,
-        convert_steps=96, convert_warmup_steps=8, convert_lr=3.0e-4,
+        convert_steps=96, convert_warmup_steps=8, convert_lr=3.0e-4, convert_eval_interval=12,
         contexts={"8k": Context("8k", 8192, 16, 2, (32, 1024, 2048, 3200, 4096, 6144, 8160), 180e3, 20.0,
                                 # run 12 (one H100, bb3db5b), the trainer's tokens/s of a run alone
                                 (("dense", 460e3), ("msa", 135e3), ("swa", 160e3)),
@@ -302,8 +309,10 @@ SCALE_PRESETS["retrieval_32k"] = replace(
 del _R
 
 def cost_kind(variant: str) -> str:
-    """The throughput class of a variant: "dense", "swa" or "msa" (every MSA variant, the
-    conversion included). At 8K on one H100 the three differ by 3.4x (run 12)."""
+    """The throughput class of a variant: "dense" (dense continued included), "swa" or "msa"
+    (every MSA variant, the conversion included). At 8K on one H100 the three differ by 3.4x (run 12)."""
+    if variant == "dense_continued":
+        return "dense"
     return variant if variant in ("dense", "swa") else "msa"
 
 
@@ -330,7 +339,7 @@ def run_names(p: ScalePreset) -> List[str]:
 
 def steps_of(p: ScalePreset, ctx: str, variant: str = "dense") -> int:
     """Optimizer steps of one run: the conversion's, else the context's, else the preset's."""
-    return p.convert_steps if variant == "dense_to_msa" else (p.contexts[ctx].steps or p.steps)
+    return p.convert_steps if variant in CONTINUATIONS else (p.contexts[ctx].steps or p.steps)
 
 
 def base_of(p: ScalePreset, name: str) -> Optional[str]:
@@ -418,19 +427,24 @@ def spec(p: ScalePreset, name: str, out_dir: str) -> RunSpec:
                              f"values are 1 to train.steps - 1 = {steps - 1} for an msa_long_warmup run")
         return RunSpec(name, common + _msa(p, p.long_warmup_steps), depends_on=base)
     if base is not None:
-        raise ValueError(f"run {name!r}: variant dense_to_msa is invalid in a curriculum preset (its runs already "
+        raise ValueError(f"run {name!r}: variant {variant} is invalid in a curriculum preset (its runs already "
                          "start from a base): allowed values are dense, msa, swa and the msa ablations")
+    # the conversion and its reference: the same seed's dense run continued, at a constant
+    # learning rate, with MSA (warmup then sparse) or dense attention alike
     dep = run_name(ctx, "dense", seed)
-    return RunSpec(name, common + [
-        f"checkpoint.init_from={out_dir}/runs/{dep}/checkpoints", "checkpoint.index_init=mean",
+    cont = common + [
+        f"checkpoint.init_from={out_dir}/runs/{dep}/checkpoints",
         f"train.lr={p.convert_lr}", f"train.min_lr={p.convert_lr}", "train.lr_decay_style=constant",
         "train.lr_warmup_fraction=null", "train.lr_warmup_steps=1",
-    ] + _msa(p, p.convert_warmup_steps), depends_on=dep)
+    ] + ([f"train.eval_interval={p.convert_eval_interval}"] if p.convert_eval_interval else [])
+    if variant == "dense_continued":
+        return RunSpec(name, cont + ["attention=dense"], depends_on=dep)
+    return RunSpec(name, cont + ["checkpoint.index_init=mean"] + _msa(p, p.convert_warmup_steps), depends_on=dep)
 
 
 def plan(p: ScalePreset, out_dir: str) -> List[RunSpec]:
     return [spec(p, n, out_dir) for n in run_names(p)]
 
 
-__all__ = ["LABELS", "SCALE_PRESETS", "ScalePreset", "VARIANTS", "base_of", "estimate_s", "parse_name", "plan",
+__all__ = ["CONTINUATIONS", "LABELS", "SCALE_PRESETS", "ScalePreset", "VARIANTS", "base_of", "estimate_s", "parse_name", "plan",
            "run_name", "run_names", "spec", "steps_of", "tokens_per_run"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..passkey import CHANCE as PASSKEY_CHANCE
-from .collect import conversion_summary, run_results
+from .collect import conversion_summary, conversion_vs_continued, run_results
 from .layer_stats import layer_table, layer_tail_means
 from .piece import read_run_json, recipe_of
 from .retrieval_tables import (JUDGED_MSA, arm_name, bucket_label, bucket_lo, needle_finals, needle_table, onset_plot,
@@ -364,6 +364,19 @@ def _retrieval_claim(g, ctx: str, bkey: str, label: str, chance: float, variant:
             f"mean accuracy there {100 * solved:.1f}%, chance {100 * chance:.1f}%{moved}).")
 
 
+def conversion_table(v: Dict[str, Any]) -> List[str]:
+    """Markdown lines: the conversion against dense continued alike, at each sparse evaluation."""
+    if not v["pairs"]:
+        return ["", "Against dense continued alike (`c8k_dense_continued_s1`): no sparse evaluation in common."]
+    tol = 100 * v["tolerance"]
+    verdict = (f"within {tol:.0f}% of it after {v['within_at_tokens']:,} tokens of conversion (step "
+               f"{v['within_at_step']})" if v["within_at_tokens"] is not None else f"not within {tol:.0f}% by the end")
+    return ["", f"Against dense continued from the same checkpoint for the same steps (`c8k_dense_continued_s1`, the "
+            f"target that moves as dense keeps improving): {verdict}.", "",
+            "| step | tokens | conversion | dense continued | conversion / dense - 1 |", "|---:|---:|---:|---:|---:|"] + \
+        [f"| {s} | {t:,} | {a:.4f} | {b:.4f} | {100 * r:+.2f}% |" for s, t, a, b, r in v["pairs"]]
+
+
 def onset_contexts(col: Dict[str, Any], preset: Optional[ScalePreset], g: Dict[Tuple[str, str], Any]) -> List[str]:
     """The contexts (the curriculum's base excepted) where some run learned a retrieval bucket:
     those get an onset table and an onset plot."""
@@ -439,6 +452,9 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
         lines += ["", f"Dense -> MSA conversion (8K, seed 1): dense final held-out loss {c['dense_final_val_loss']:.4f}; "
                   + (f"within 1% after {c['reached_at_tokens']:,} tokens ({100 * c['reached_fraction']:.1f}% of the "
                      "dense run's)" if c["reached_at_tokens"] else "not within 1% by the end of the conversion run") + "."]
+        if "c8k_dense_continued_s1" in col["runs"]:
+            lines += conversion_table(conversion_vs_continued(col["runs"]["c8k_dense_continued_s1"],
+                                                              col["runs"]["c8k_dense_to_msa_s1"]))
     if col["runs"]:
         lines += ["", f"![held-out loss vs tokens]({plot_rel}/{name}_loss.png)",
                   f"![accuracy vs distance]({plot_rel}/{name}_accuracy_vs_distance.png)"]
@@ -466,7 +482,7 @@ def plots(col: Dict[str, Any], plot_dir: Path, preset: Optional[ScalePreset] = N
     plot_dir.mkdir(parents=True, exist_ok=True)
     colors = {"dense": "k", "msa": "tab:blue", "swa": "tab:red", "msa_no_stopgrad": "tab:orange",
               "msa_no_warmup": "tab:green", "msa_no_teacher": "tab:purple", "dense_to_msa": "tab:brown",
-              "msa_long_warmup": "tab:cyan"}
+              "msa_long_warmup": "tab:cyan", "dense_continued": "tab:gray"}
     written = []
     name = preset.report_name if preset is not None else "scale"
     g = groups(col)
