@@ -189,7 +189,8 @@ def test_dry_run_prints_the_plan_of_this_call(tmp_path):
 # --------------------------------------------------------------------------- the live scheduler
 _FAKE = r"""#!/usr/bin/env python3
 # Stands in for `python -m msa_megatron.train`: one step per FAKE_STEP_S, metrics per step; on
-# SIGTERM writes a checkpoint marker and exits 0 (as the trainer does); resumes from it. Logs
+# SIGTERM finishes the step, writes a checkpoint marker and exits 0 (as the trainer does: at a
+# step boundary, so the checkpoint and the metrics agree); resumes from it. Logs
 # (name, MASTER_PORT, start, end) to FAKE_LOG; FAKE_OOM=<name> makes that run's first attempt
 # exit 1 with a CUDA out-of-memory message.
 import json, os, signal, sys, time
@@ -207,15 +208,14 @@ if os.environ.get("FAKE_OOM") == name and not os.path.exists(rd + ".oom"):
 os.makedirs(rd + "/checkpoints", exist_ok=True)
 latest = rd + "/checkpoints/latest"
 start = int(open(latest).read()) if os.path.exists(latest) else 0
-state = {"step": start}
-def stop(*_):
-    open(latest, "w").write(str(state["step"])); note(rc=0, stopped=True); sys.exit(0)
-signal.signal(signal.SIGTERM, stop)
+term = []
+signal.signal(signal.SIGTERM, lambda *_: term.append(1))
 with open(rd + "/metrics.jsonl", "a") as f:
     for s in range(start + 1, steps + 1):
         time.sleep(float(os.environ.get("FAKE_STEP_S", "0.1")))
-        state["step"] = s
         f.write(json.dumps({"step": s, "lm_loss": 1.0, "tokens_per_s": 1000.0}) + "\n"); f.flush()
+        if term and s < steps:
+            open(latest, "w").write(str(s)); note(rc=0, stopped=True); sys.exit(0)
 open(latest, "w").write(str(steps))
 note(rc=0)
 """

@@ -275,22 +275,22 @@ def test_scale_report_plots(tmp_path):
 # --------------------------------------------------------------------------- the piece driver
 _FAKE_TRAINER = r"""#!/usr/bin/env python3
 # Stands in for `python -m msa_megatron.train`: one step per 0.2 s, appends metrics; on
-# SIGTERM writes a checkpoint marker and exits 0 (as the trainer does); resumes from it.
+# SIGTERM finishes the step, writes a checkpoint marker and exits 0 (as the trainer does: at a
+# step boundary, so the checkpoint and the metrics agree); resumes from it.
 import json, os, signal, sys, time
 args = dict(a.split("=", 1) for a in sys.argv[3:] if "=" in a)
 rd, steps = args["run_dir"], int(args["train.steps"])
 os.makedirs(rd + "/checkpoints", exist_ok=True)
 latest = rd + "/checkpoints/latest"
 start = int(open(latest).read()) if os.path.exists(latest) else 0
-state = {"step": start}
-def stop(*_):
-    open(latest, "w").write(str(state["step"])); sys.exit(0)
-signal.signal(signal.SIGTERM, stop)
+term = []
+signal.signal(signal.SIGTERM, lambda *_: term.append(1))
 with open(rd + "/metrics.jsonl", "a") as f:
     for s in range(start + 1, steps + 1):
         time.sleep(float(os.environ.get("FAKE_STEP_S", "0.2")))
-        state["step"] = s
         f.write(json.dumps({"step": s, "lm_loss": 1.0, "tokens": s}) + "\n"); f.flush()
+        if term and s < steps:
+            open(latest, "w").write(str(s)); sys.exit(0)
 open(latest, "w").write(str(steps))
 """
 
