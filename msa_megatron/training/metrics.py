@@ -165,7 +165,7 @@ PUBLIC_NAMES = {
     "indexer_only": "msa/indexer_only",
     "val_assoc_recall_acc": "msa/val/assoc_recall_acc",
     "val_passkey_acc": "msa/val/passkey_acc",
-    "val_passkey_needle": "msa/val/passkey_needle",  # its /d<lo>_<hi>, /layer_<i> keys as val_passkey_acc's: unrenamed
+    "val_passkey_needle": "msa/val/passkey_needle",  # its /d.., /layer_<i>[/d..], /any[/d..] keys, as val_passkey_acc's: unrenamed
 }
 #: MSA statistics (and their /layer_i variants), written as msa/<name>.
 MSA_STATS = ("indexer_kl", "index_entropy", "main_entropy", "recall")

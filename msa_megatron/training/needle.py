@@ -82,7 +82,6 @@ class NeedleTally:
         self.edges = list(edges)
         self.tp_group = tp_group
         self.layers: Dict[int, Counts] = {}
-        self.buckets: Dict[str, Counts] = {}
         self.layer_buckets: Dict[Tuple[int, str], Counts] = {}
         self.any_total: Counts = [0, 0]
         self.any_buckets: Dict[str, Counts] = {}
@@ -102,7 +101,6 @@ class NeedleTally:
             total, per = hit_counts(hit, answer_mask, distance, self.edges)
             _add(self.layers.setdefault(layer, [0, 0]), total)
             for label, counts in per.items():
-                _add(self.buckets.setdefault(label, [0, 0]), counts)
                 _add(self.layer_buckets.setdefault((layer, label), [0, 0]), counts)
         if any_hit is not None:
             total, per = hit_counts(any_hit, answer_mask, distance, self.edges)
@@ -120,7 +118,10 @@ class NeedleTally:
         count = sum(n for _, n in self.layers.values())
         if count:
             out[key] = hits / count
-        out.update({f"{key}/{label}": h / n for label, (h, n) in self.buckets.items() if n})
+        buckets: Dict[str, Counts] = {}  # the mean over layers: every layer's counts of a bucket added
+        for (_, label), counts in self.layer_buckets.items():
+            _add(buckets.setdefault(label, [0, 0]), counts)
+        out.update({f"{key}/{label}": h / n for label, (h, n) in buckets.items() if n})
         out.update({f"{key}/layer_{i}": h / n for i, (h, n) in sorted(self.layers.items()) if n})
         out.update({f"{key}/layer_{i}/{label}": h / n for (i, label), (h, n) in sorted(self.layer_buckets.items()) if n})
         if self.any_total[1]:

@@ -30,6 +30,16 @@ def _series(records, key: str, x: str = "step") -> List[List[float]]:
     return [[r[x], r[key]] for r in records if _finite(r.get(key)) and x in r]
 
 
+def tail_records(records: List[Dict[str, Any]], fraction: float) -> List[Dict[str, Any]]:
+    """The logged training steps (records with ``lm_loss``) after (1 - fraction) of the last
+    one: the end of a run over which its training statistics are averaged."""
+    train = [r for r in records if "lm_loss" in r and "step" in r]
+    if not train:
+        return []
+    last = max(r["step"] for r in train)
+    return [r for r in train if r["step"] > last * (1 - fraction)]
+
+
 def run_results(run_dir: Path) -> Dict[str, Any]:
     """Curves and headline numbers of one run (empty curves when a metric was not logged)."""
     run_dir = Path(run_dir)
@@ -122,4 +132,4 @@ def collect(out_dir: Path, names) -> Dict[str, Dict[str, Any]]:
     return {n: run_results(root / n) for n in names if (root / n / "metrics.jsonl").is_file()}
 
 
-__all__ = ["ENTROPY_STEPS", "collect", "conversion_summary", "conversion_vs_continued", "run_results"]
+__all__ = ["ENTROPY_STEPS", "collect", "conversion_summary", "conversion_vs_continued", "run_results", "tail_records"]

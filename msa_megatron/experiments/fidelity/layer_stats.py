@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence, Tuple
 
+from .collect import tail_records
 from .scale import parse_name
 
 #: (logged key prefix, name in the table), trained-step statistics
@@ -22,11 +23,7 @@ TRAIN_STATS = (("indexer_kl", "indexer KL"), ("index_entropy", "index entropy (n
 def layer_tail_means(records: Sequence[Dict[str, Any]], fraction: float) -> Dict[str, Dict[int, float]]:
     """{stat: {layer: mean over the logged training steps after (1 - fraction) of the last}}
     for the TRAIN_STATS a run logged; {} for a run without MSA layers."""
-    train = [r for r in records if "lm_loss" in r and "step" in r]
-    if not train:
-        return {}
-    last = max(r["step"] for r in train)
-    tail = [r for r in train if r["step"] > last * (1 - fraction)]
+    tail = tail_records(records, fraction)
     out: Dict[str, Dict[int, float]] = {}
     for stat, _ in TRAIN_STATS:
         sums: Dict[int, List[float]] = {}

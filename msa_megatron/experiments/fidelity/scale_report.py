@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..passkey import CHANCE as PASSKEY_CHANCE
-from .collect import conversion_summary, conversion_vs_continued, run_results
+from .collect import conversion_summary, conversion_vs_continued, run_results, tail_records
 from .layer_stats import layer_table, layer_tail_means
 from .piece import read_run_json, recipe_of
 from .retrieval_tables import (JUDGED_MSA, arm_name, bucket_label, bucket_lo, needle_finals, needle_table, onset_plot,
@@ -39,13 +39,9 @@ def train_tail(records: List[Dict[str, Any]], fraction: float = TAIL) -> Optiona
     matrix sees each corpus token about once, so this is a loss on data the model had not
     trained on, averaged over ~10x the sequences of the held-out set (run 14: two runs of one
     seed ended 3.5% apart in held-out loss and 0.6% apart in this)."""
-    steps = [(r["step"], r["lm_loss"]) for r in records
-             if isinstance(r.get("lm_loss"), (int, float)) and math.isfinite(r["lm_loss"]) and "step" in r]
-    if not steps:
-        return None
-    last = max(st for st, _ in steps)
-    tail = [x for st, x in steps if st > last * (1 - fraction)]
-    return sum(tail) / len(tail)
+    finite = [r for r in records if isinstance(r.get("lm_loss"), (int, float)) and math.isfinite(r["lm_loss"])]
+    tail = [r["lm_loss"] for r in tail_records(finite, fraction)]
+    return sum(tail) / len(tail) if tail else None
 
 
 def markers(report_name: str = "scale") -> Tuple[str, str]:
