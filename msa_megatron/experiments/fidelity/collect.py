@@ -91,12 +91,16 @@ def _mean(xs: List[float]) -> Optional[float]:
 def conversion_summary(dense: Dict[str, Any], converted: Dict[str, Any], tolerance: float = 0.01) -> Dict[str, Any]:
     """Did the converted model reach the dense model's final held-out loss, and after how many
     tokens of continued training (as a fraction of the dense run's tokens)? Only evaluations
-    after the switch to sparse attention count (before it the main branch is dense)."""
+    after the switch to sparse attention count (before it the main branch is dense).
+    ``dense_last_drop``: dense's relative change over its last evaluation interval, which says how
+    far its final loss still was from a plateau (None with fewer than two evaluations)."""
     target = dense["final"]["val_loss"]
     dense_tokens = dense["final"]["tokens"] or 0
     switch = converted.get("switch_step")
+    evals = [v for _, _, v in dense.get("val_loss", [])]
     out: Dict[str, Any] = {"dense_final_val_loss": target, "dense_tokens": dense_tokens, "tolerance": tolerance,
-                           "reached_at_tokens": None, "reached_fraction": None}
+                           "reached_at_tokens": None, "reached_fraction": None,
+                           "dense_last_drop": evals[-1] / evals[-2] - 1 if len(evals) >= 2 and evals[-2] else None}
     if target is None or switch is None:
         return out
     sparse = [(s, t, v) for s, t, v in converted["val_loss"] if s >= switch]
