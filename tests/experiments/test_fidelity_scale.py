@@ -273,6 +273,20 @@ def test_scale_report_plots(tmp_path):
     assert "MSA held-out loss within 1% of dense at 8K: **not measured**" in (tmp_path / "doc.md").read_text()
 
 
+def test_a_continuation_is_drawn_after_the_dense_run_it_continues(tmp_path):
+    """The conversion and dense-continued curves count tokens from 0 but start at the end of
+    their seed's dense run (run 16's plot drew the conversion over the dense run's start)."""
+    from msa_megatron.experiments.fidelity.scale_report import collect_scale, curve_tokens
+
+    _fake_run(tmp_path, "c8k_dense_s1", 2.0, {})
+    _fake_run(tmp_path, "c8k_dense_to_msa_s1", 2.1, {}, recall=0.9)
+    col = collect_scale([tmp_path], SCALE_PRESETS["scale_cpu"])
+    dense_end = col["runs"]["c8k_dense_s1"]["final"]["tokens"]
+    assert dense_end == 4000  # the fake: 1,000 tokens per step, 4 steps, evaluations at steps 2 and 4
+    assert curve_tokens(col, "c8k_dense_s1") == [2000, 4000]
+    assert curve_tokens(col, "c8k_dense_to_msa_s1") == [dense_end + 2000, dense_end + 4000]
+
+
 # --------------------------------------------------------------------------- the piece driver
 _FAKE_TRAINER = r"""#!/usr/bin/env python3
 # Stands in for `python -m msa_megatron.train`: one step per 0.2 s, appends metrics; on

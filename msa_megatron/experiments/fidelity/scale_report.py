@@ -21,7 +21,7 @@ from .layer_stats import layer_table, layer_tail_means
 from .piece import read_run_json, recipe_of
 from .retrieval_tables import (JUDGED_MSA, arm_name, bucket_label, bucket_lo, needle_finals, needle_table, onset_plot,
                                onset_table, rerun_accuracy)
-from .scale import LABELS, ScalePreset, parse_name, run_names
+from .scale import CONTINUATIONS, LABELS, ScalePreset, parse_name, run_name, run_names
 
 BEGIN, END = "<!-- BEGIN SCALE (scripts/fidelity.py --scale-report) -->", "<!-- END SCALE -->"
 CHANCE = 1 / 48  # values drawn from 48 bytes
@@ -517,6 +517,18 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
     return "\n".join(lines)
 
 
+def curve_tokens(col: Dict[str, Any], name: str) -> List[float]:
+    """The tokens axis of a run's held-out loss curve: a continuation (conversion, dense
+    continued) counts its tokens from 0 but starts where its seed's dense run ended, so it is
+    drawn from there (the dense run's final tokens) to sit after that curve, not over its start."""
+    ctx, variant, seed = parse_name(name)
+    offset = 0
+    if variant in CONTINUATIONS:
+        base = col["runs"].get(run_name(ctx, "dense", seed))
+        offset = (base["final"].get("tokens") or 0) if base else 0
+    return [offset + (t or 0) for _, t, _ in col["runs"][name]["val_loss"]]
+
+
 def plots(col: Dict[str, Any], plot_dir: Path, preset: Optional[ScalePreset] = None) -> List[Path]:
     import matplotlib
 
@@ -530,7 +542,8 @@ def plots(col: Dict[str, Any], plot_dir: Path, preset: Optional[ScalePreset] = N
     written = []
     name = preset.report_name if preset is not None else "scale"
     g = groups(col)
-    ctxs = contexts_of(preset, g)
+    # a context without a run gets no empty panel
+    ctxs = [c for c in contexts_of(preset, g) if any(k[0] == c for k in g)] or contexts_of(preset, g)[:1]
     fig, axes = plt.subplots(1, len(ctxs), figsize=(6 * len(ctxs), 4.5), squeeze=False)
     for ax, ctx in zip(axes[0], ctxs):
         seen = set()
@@ -538,7 +551,7 @@ def plots(col: Dict[str, Any], plot_dir: Path, preset: Optional[ScalePreset] = N
             c, v, _ = parse_name(n)
             if c != ctx or not r["val_loss"]:
                 continue
-            ax.plot([t / 1e6 for _, t, _ in r["val_loss"]], [x for _, _, x in r["val_loss"]], color=colors[v],
+            ax.plot([t / 1e6 for t in curve_tokens(col, n)], [x for _, _, x in r["val_loss"]], color=colors[v],
                     alpha=0.8, label=None if v in seen else LABELS[v])
             seen.add(v)
         ax.set(title=f"held-out loss, {ctx}", xlabel="tokens (M)", ylabel="loss")
