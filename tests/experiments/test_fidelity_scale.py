@@ -575,6 +575,7 @@ def test_scale_long_is_preset_scale_with_twice_the_steps_and_its_own_report(tmp_
     block = scale_block(collect_scale([tmp_path / "res"], cpu), "scale_long", "fidelity", preset=cpu)
     begin, end = markers("scale_long")
     assert block.startswith(begin) and block.endswith(end) and begin != markers("scale")[0]
+    assert block.startswith(begin + "\n\nScale long, preset `scale_long`")
     assert "within 1% of dense at 8K: **confirmed**" in block and "compared with dense *of the same seed*" in block
 
 

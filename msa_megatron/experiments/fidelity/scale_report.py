@@ -57,6 +57,11 @@ def markers(report_name: str = "scale") -> Tuple[str, str]:
             f"<!-- END {tag} -->")
 
 
+def report_title(report_name: str) -> str:
+    """A preset family's name in headings: "Scale matrix", "Retrieval", "Scale long", ..."""
+    return "Scale matrix" if report_name == "scale" else report_name.replace("_", " ").capitalize()
+
+
 def probes(preset: Optional[ScalePreset] = None) -> List[Tuple[str, str, str, float]]:
     """The held-out probes a preset scores (all, without a preset), named as it uses them."""
     out = []
@@ -425,7 +430,7 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
     g = groups(col)
     name = preset.report_name if preset is not None else "scale"
     begin, end = markers(name)
-    lines = [begin, "", f"{'Scale matrix' if name == 'scale' else name.capitalize()}, preset `{preset_name}` (generated "
+    lines = [begin, "", f"{report_title(name)}, preset `{preset_name}` (generated "
              f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
              f"{len(col['runs'])} complete runs). {about}", ""]
     lines += ["| context | run | seeds | held-out loss (mean ± sd) | vs dense, same seed (mean ± sd) | "
@@ -592,8 +597,7 @@ def write_doc(block: str, doc: Path, report_name: str = "scale") -> None:
     if begin in text and end in text:
         text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
-        title = "Scale matrix" if report_name == "scale" else report_name.capitalize()
-        text = text.rstrip("\n") + f"\n\n## {title}: results (generated)\n\n" + block + "\n"
+        text = text.rstrip("\n") + f"\n\n## {report_title(report_name)}: results (generated)\n\n" + block + "\n"
     doc.write_text(text)
 
 
