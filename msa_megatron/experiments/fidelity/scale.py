@@ -328,6 +328,7 @@ SCALE_PRESETS["scale_long"] = replace(
         "768 steps x 131,072 tokens = 100.7M tokens per run at 8K (the corpus seen about twice)"))
 del _S
 
+
 def cost_kind(variant: str) -> str:
     """The throughput class of a variant: "dense" (dense continued included), "swa" or "msa"
     (every MSA variant, the conversion included). At 8K on one H100 the three differ by 3.4x (run 12)."""
