@@ -376,8 +376,8 @@ def main(argv=None) -> int:
                    "to DIR (e.g. $OUT on a GPU host)")
     p.add_argument("--force", action="store_true", help="rerun finished runs")
     p.add_argument("--piece", metavar="PRESET", help="scale matrix: run the next missing runs of this scale preset "
-                   "(scale, scale_long, retrieval, retrieval_long, retrieval_32k, or the *_cpu twins of scale and retrieval) within "
-                   "--budget-s, pack metrics into --export")
+                   "(a name of SCALE_PRESETS in msa_megatron/experiments/fidelity/scale.py, e.g. scale or retrieval; "
+                   "an unknown name lists them all) within --budget-s, pack metrics into --export")
     p.add_argument("--budget-s", type=float, default=480.0, help="with --piece: seconds for this slice (default 480)")
     p.add_argument("--work", help="with --piece: run directories and checkpoints, default /tmp/fid_<preset> (one "
                    "per preset: runs of two presets may share a name) "

@@ -19,7 +19,8 @@
 # run starts only when the planner expects it to finish in this call; SHARE_EFF (0..1, default
 # the preset's 0) is what sharing gains in the planner: K runs give 1+(K-1)e x one run.
 # Knobs: BUDGET_S=480 (keep ~1.5 min below the call's limit), GRACE_S=60 (of the budget, for the
-# SIGTERM checkpoints and packing), PRESET=scale (or scale_long, retrieval, retrieval_long, retrieval_32k),
+# SIGTERM checkpoints and packing), PRESET=scale (any SCALE_PRESETS name of
+#   msa_megatron/experiments/fidelity/scale.py: scale_long, retrieval, retrieval_32k, ...),
 #   WORK=/tmp/fid_<PRESET>, DONE= (default results/fidelity_<PRESET's report name>: results/fidelity_scale,
 #   results/fidelity_retrieval, results/fidelity_retrieval_long, results/fidelity_retrieval_32k),
 #   RUNS= (comma-separated subset, run in that order), RERUN= (complete runs to run again, e.g. to add a new probe's
