@@ -25,7 +25,8 @@
 #   results/fidelity_retrieval, results/fidelity_retrieval_long, results/fidelity_retrieval_32k),
 #   RUNS= (comma-separated subset, run in that order), RERUN= (complete runs to run again, e.g. to add a new probe's
 #   numbers), PARALLEL=auto, SHARE_EFF=, GPU_MEM_GIB= (dry runs without a GPU
-#   plan for 80), DRY_RUN=1 (print the plan of this call, run nothing).
+#   plan for 80), FIT_MARGIN=0.10 (> -1; -0.9 starts a run that cannot finish in this call, to be
+#   resumed by the next call on the warm machine), DRY_RUN=1 (print the plan of this call, run nothing).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
@@ -47,6 +48,7 @@ args=(--piece "$PRESET" --budget-s "$BUDGET_S" --grace-s "${GRACE_S:-60}" --work
 [ -n "${RERUN:-}" ] && args+=(--rerun "$RERUN")
 [ -n "${SHARE_EFF:-}" ] && args+=(--share-eff "$SHARE_EFF")
 [ -n "${GPU_MEM_GIB:-}" ] && args+=(--gpu-mem-gib "$GPU_MEM_GIB")
+[ -n "${FIT_MARGIN:-}" ] && args+=(--fit-margin "$FIT_MARGIN")
 [ "${DRY_RUN:-0}" = 1 ] && args+=(--dry-run)
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 "$PY" scripts/fidelity.py "${args[@]}" 2>&1 | tee "$OUT/piece.log"
