@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..passkey import CHANCE as PASSKEY_CHANCE
+from .ablations import ablation_claims, ablation_rows, ablation_table
 from .collect import conversion_summary, conversion_vs_continued, run_results, tail_records
 from .layer_stats import layer_table, layer_tail_means
 from .piece import read_run_json, recipe_of
@@ -286,6 +287,8 @@ def claims(g: Dict[Tuple[str, str], Dict[str, Any]], col: Dict[str, Any],
             variants = [v for v in JUDGED_MSA if (ctx, v) in g] or ["msa"]
             out += [_retrieval_claim(g, ctx, bkey, label, chance, v, col) for v in variants]
     out += _selection_claims(col)
+    spread = max((x["max_rel"] for x in rerun_spread(col)), default=None)
+    out += ablation_claims(ablation_rows(col, lambda n, m: copies_mean(col, n, m)), spread)
     return out
 
 
@@ -490,6 +493,7 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
         lines += needle_table(col, ctx)
     for ctx in contexts_of(preset, g):
         lines += layer_table(col, ctx, TAIL)
+    lines += ablation_table(ablation_rows(col, lambda n, m: copies_mean(col, n, m)))
     if "c8k_dense_s1" in col["runs"] and "c8k_dense_to_msa_s1" in col["runs"]:
         c = conversion_summary(col["runs"]["c8k_dense_s1"], col["runs"]["c8k_dense_to_msa_s1"])
         lines += ["", f"Dense -> MSA conversion (8K, seed 1): dense final held-out loss {c['dense_final_val_loss']:.4f}; "
