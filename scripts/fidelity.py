@@ -67,6 +67,28 @@ def _device() -> str:
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
 
 
+def _software() -> Dict[str, str]:
+    """Versions a GPU run's numbers depend on, recorded in every segment of its run.json (two
+    lendings' copies of one run may differ by the machine image; run 17)."""
+    import torch
+
+    out = {"torch": torch.__version__, "cuda": str(torch.version.cuda),
+           "cudnn": str(torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = "not installed"
+    if torch.cuda.is_available():
+        try:
+            out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=30).stdout.split("\n")[0].strip()
+        except (OSError, subprocess.SubprocessError):
+            out["driver"] = "unknown (nvidia-smi failed)"
+    return out
+
+
 def _model_shape(preset) -> Dict[str, int]:
     """Model/MSA shape of the preset and its FLOP-matched window (from the model YAML)."""
     import yaml
@@ -322,6 +344,7 @@ def piece(args) -> int:
         build_corpus(packages=preset.corpus_packages)  # once, not by each run
     device = _device()
     commit = _commit()
+    software = _software()
     mem = args.gpu_mem_gib or _gpu_mem_gib()
     if mem is None and args.dry_run and not on_cpu:
         mem = 80.0
@@ -330,14 +353,14 @@ def piece(args) -> int:
                   fit_margin=args.fit_margin)
     res = run_piece(preset, work, args.budget_s, done, sys.executable, REPO, device, commit, only=only,
                     dry_run=args.dry_run, grace_s=args.grace_s, log=lambda m: print(m, flush=True), plan=pl,
-                    rerun=rerun)
+                    rerun=rerun, software=software)
     remaining = [n for n, s in res["status"].items() if s != "complete"]
     print(f"[piece] ran {', '.join(res['ran']) or 'nothing'}; not complete yet: {', '.join(remaining) or 'none'}",
           flush=True)
     if args.export and not args.dry_run:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
         tar = pack(work, res["ran"], Path(args.export) / f"fidelity_piece_{stamp}.tar.gz",
-                   {"preset": args.piece, "device": device, "commit": commit, "ran": res["ran"],
+                   {"preset": args.piece, "device": device, "commit": commit, "software": software, "ran": res["ran"],
                     "later": res["later"], "sharing": res["sharing"], "status": res["status"], "date": stamp,
                     "budget_s": args.budget_s,
                     "planning": pl.describe()})

@@ -985,3 +985,33 @@ def test_ablations_state_whether_the_papers_pathology_appears(tmp_path, variant,
     shutil.rmtree(tmp_path / "c8k_msa_s1")
     block = scale_block(collect_scale([tmp_path], p), "scale_cpu", "fidelity", preset=p)
     assert "Ablation" not in block
+
+
+def test_software_stack_recorded_per_segment_and_grouped_in_the_report(tmp_path, monkeypatch):
+    """Run 17: four copies of one run split into two pairs by lending; each segment now records
+    the versions it trained on, and the report groups runs by them."""
+    import dataclasses
+
+    from msa_megatron.experiments.fidelity import piece
+    from msa_megatron.experiments.fidelity.scale_report import collect_scale, scale_block
+
+    fake = tmp_path / "fakepy"
+    fake.write_text(_FAKE_TRAINER)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    p = dataclasses.replace(SCALE_PRESETS["scale_cpu"], steps=3, startup_s=0.1, entries=(("8k", "dense", (1,)),))
+    monkeypatch.setenv("FAKE_STEP_S", "0.05")
+    sw = {"torch": "2.11.0", "cuda": "13.0", "cudnn": "91000", "triton": "3.6.0", "driver": "580.1"}
+    piece.run_piece(p, tmp_path / "work", 30, [], str(fake), REPO, "cpu", "c0ffee", grace_s=0.0, min_slice_s=0.5,
+                    log=lambda m: None, software=sw)
+    info = json.loads((tmp_path / "work" / "runs" / "c8k_dense_s1" / "run.json").read_text())
+    assert info["segments"][0]["software"] == sw
+
+    q = SCALE_PRESETS["scale_cpu"]
+    _fake_run(tmp_path / "done", "c8k_dense_s1", 1.0, {})
+    _fake_run(tmp_path / "done", "c8k_msa_s1", 1.0, {}, recall=0.9)
+    assert "Software per run" not in scale_block(collect_scale([tmp_path / "done"], q), "scale_cpu", "f", preset=q)
+    path = tmp_path / "done" / "c8k_msa_s1" / "run.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "segments": info["segments"]}))
+    block = scale_block(collect_scale([tmp_path / "done"], q), "scale_cpu", "f", preset=q)
+    assert ("* torch 2.11.0, cuda 13.0, cudnn 91000, triton 3.6.0, driver 580.1: `c8k_msa_s1`" in block
+            and "* not recorded (before run 18): `c8k_dense_s1`" in block)

@@ -407,11 +407,14 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
               device: str, commit: str, only: Optional[List[str]] = None, dry_run: bool = False,
               min_slice_s: float = 60.0, grace_s: float = 60.0, log: Callable[[str], None] = print,
               plan: Optional[Planning] = None, poll_s: float = 1.0, calib_window_s: float = 20.0,
-              kill_after_s: float = 30.0, min_rate_s: float = 10.0, rerun: Sequence[str] = ()) -> Dict:
+              kill_after_s: float = 30.0, min_rate_s: float = 10.0, rerun: Sequence[str] = (),
+              software: Optional[Dict[str, str]] = None) -> Dict:
     """Run ``todo`` until ``budget_s`` is spent, up to ``plan.cap`` runs at once; returns
     {"ran": [...], "planned": [...], "status": {...}, "plan": [...]}. ``grace_s`` of the budget
     is kept for the SIGTERM checkpoints and packing; a run still alive ``kill_after_s`` after
-    the budget is killed (its checkpoint may then be missing)."""
+    the budget is killed (its checkpoint may then be missing). ``software`` (torch, CUDA, cuDNN,
+    Triton, driver versions) goes into every segment: copies of one run on two lendings may differ
+    by the machine image, not only by GPU nondeterminism (run 17)."""
     work = Path(work)
     pl = plan or planning(preset, work, done_dirs)
     queue = todo(preset, work, done_dirs, only, rerun)
@@ -502,6 +505,8 @@ def run_piece(preset: ScalePreset, work: Path, budget_s: float, done_dirs: List[
                "parallel": pl.parallel or "auto",
                "shared_mean": round(r.shared_s / r.watched_s, 2) if r.watched_s else 1.0,
                "shared_max": r.shared_max}
+        if software:
+            seg["software"] = dict(software)
         if steps_seen:
             seg["startup_s"] = round(steps_seen[0][0] - r.t0, 1)
         if len(steps_seen) >= 2 and steps_seen[-1][0] > steps_seen[0][0]:

@@ -471,6 +471,7 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
                      f"{'-' if tps is None else f'{tps:,.0f}'} | {shared} | "
                      f"{', '.join(info.get('devices', []))} | {', '.join(info.get('commits', []))} | "
                      f"{r['final']['val_loss'] if r['final']['val_loss'] is None else format(r['final']['val_loss'], '.4f')} |")
+    lines += software_lines(col)
     for _, bkey, label, chance in probes(preset):
         for ctx in contexts_of(preset, g):
             rows = [(v, st) for (c, v), st in g.items() if c == ctx and st[bkey]]
@@ -524,6 +525,21 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
                   + ", ".join(f"`{n}` (recipe {r})" for n, r in col["other_recipe"].items()) + "."]
     lines += ["", end]
     return "\n".join(lines)
+
+
+def software_lines(col: Dict[str, Any]) -> List[str]:
+    """Markdown lines: the software stacks the runs trained on (run.json segments record torch,
+    CUDA, cuDNN, Triton and the driver since run 18), runs grouped by stack; nothing when no run
+    recorded one. Copies of one run from two lendings may differ by the machine image (run 17)."""
+    stacks: Dict[str, List[str]] = {}
+    for n, r in col["runs"].items():
+        seen = {", ".join(f"{k} {v}" for k, v in seg["software"].items())
+                for seg in r["run"].get("segments", []) if seg.get("software")}
+        key = " + ".join(sorted(seen)) if seen else "not recorded (before run 18)"
+        stacks.setdefault(key, []).append(f"`{n}`")
+    if list(stacks) == ["not recorded (before run 18)"]:
+        return []
+    return ["", "Software per run (from run.json):", ""] + [f"* {k}: {', '.join(v)}" for k, v in stacks.items()]
 
 
 def curve_tokens(col: Dict[str, Any], name: str) -> List[float]:
