@@ -350,7 +350,7 @@ def piece(args) -> int:
         mem = 80.0
         print("[piece] no GPU here: planning for 80 GiB (an H100; --gpu-mem-gib sets another)", flush=True)
     pl = planning(preset, work, done, parallel=args.parallel, share_efficiency=args.share_eff, gpu_mem_gib=mem,
-                  fit_margin=args.fit_margin)
+                  fit_margin=args.fit_margin, device=device)
     res = run_piece(preset, work, args.budget_s, done, sys.executable, REPO, device, commit, only=only,
                     dry_run=args.dry_run, grace_s=args.grace_s, log=lambda m: print(m, flush=True), plan=pl,
                     rerun=rerun, software=software)

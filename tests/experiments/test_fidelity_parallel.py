@@ -436,3 +436,19 @@ def test_scale_spec_carries_the_recipe_data_and_answer_weight():
     assert "data.corpus.packages=[torch]" in ov and "data.assoc_recall.answer_loss_weight=8.0" in ov
     plain = scale_mod.spec(SCALE_PRESETS["scale_cpu"], "c8k_msa_s1", "/w").overrides
     assert not any(o.startswith(("data.corpus.packages", "data.assoc_recall.answer_loss_weight")) for o in plain)
+
+
+def test_planning_prefers_the_segments_of_this_device(tmp_path):
+    """Run 17's H200 trained at 0.63x run 16's H100: a call plans from its own device's segments
+    where there are any, from all of them otherwise."""
+    p = SCALE_PRESETS["scale"]
+    h100, h200 = "1 x NVIDIA H100 80GB HBM3", "1 x NVIDIA H200"
+    _seg_run(tmp_path / "done", "c8k_dense_s1", [{"tokens_per_s": 400e3, "shared_mean": 1.0, "device": h100}])
+    _seg_run(tmp_path / "done", "c8k_dense_s2", [{"tokens_per_s": 420e3, "shared_mean": 1.0, "device": h100}])
+    _seg_run(tmp_path / "done", "c8k_dense_s3", [{"tokens_per_s": 250e3, "shared_mean": 1.0, "device": h200}])
+    _seg_run(tmp_path / "done", "c8k_msa_s1", [{"tokens_per_s": 90e3, "shared_mean": 1.0, "device": h100}])
+    here = planning(p, tmp_path / "w", [tmp_path / "done"], device=h200)
+    assert here.alone("8k", "dense") == 250e3 and "measured, 1 segments alone on this device" in here.describe()
+    assert here.alone("8k", "msa") == 90e3  # no H200 segment of this kind: all devices'
+    assert planning(p, tmp_path / "w", [tmp_path / "done"], device=h100).alone("8k", "dense") == 420e3  # median of 2
+    assert planning(p, tmp_path / "w", [tmp_path / "done"]).alone("8k", "dense") == 400e3  # median of all 3

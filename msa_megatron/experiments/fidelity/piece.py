@@ -201,9 +201,11 @@ def _median(xs: List[float]) -> Optional[float]:
 
 def planning(preset: ScalePreset, work: Path, done_dirs: List[Path], parallel: Optional[int] = None,
              share_efficiency: Optional[float] = None, gpu_mem_gib: Optional[float] = None,
-             fit_margin: float = 0.10) -> Planning:
+             fit_margin: float = 0.10, device: Optional[str] = None) -> Planning:
     """The preset's estimates, replaced by what earlier segments measured (any run.json and
-    metrics.jsonl under ``work/runs`` and the ``done`` directories)."""
+    metrics.jsonl under ``work/runs`` and the ``done`` directories). With ``device`` (as segments
+    record it, e.g. "1 x NVIDIA H200"), a kind's tokens/s comes from that device's segments where
+    there are any: run 17's H200 trained at 0.63x the H100's rate."""
     eff = preset.share_efficiency if share_efficiency is None else share_efficiency
     alone = {c: x.est_tokens_per_s for c, x in preset.contexts.items()}
     alone.update({f"{c}/{k}": v for c, x in preset.contexts.items() for k, v in x.est_tokens_per_s_by_kind})
@@ -211,8 +213,9 @@ def planning(preset: ScalePreset, work: Path, done_dirs: List[Path], parallel: O
                   share_efficiency=eff, peak_gib={c: x.est_peak_gib for c, x in preset.contexts.items()},
                   usable_gib=0.9 * gpu_mem_gib if gpu_mem_gib else None, parallel=parallel,
                   max_parallel=preset.max_parallel, fit_margin=fit_margin)
-    tps: Dict[str, List[float]] = {}  # per "ctx/kind"
-    alone_seen: Dict[str, List[float]] = {}  # the same from segments that ran alone (preferred: no e in them)
+    # per scope ("all" segments, "here": those of ``device``): tokens/s per "ctx/kind", scaled by e,
+    # and the same from segments that ran alone (preferred: no e in them)
+    seen: Dict[str, Tuple[Dict[str, List[float]], Dict[str, List[float]]]] = {"all": ({}, {}), "here": ({}, {})}
     peaks: Dict[str, List[float]] = {c: [] for c in preset.contexts}
     starts: List[float] = []
     for root in [Path(work) / "runs", *map(Path, done_dirs)]:
@@ -229,18 +232,23 @@ def planning(preset: ScalePreset, work: Path, done_dirs: List[Path], parallel: O
                 if seg.get("tokens_per_s") and seg.get("shared_mean"):
                     n = seg["shared_mean"]
                     key = f"{ctx}/{cost_kind(variant)}"
-                    tps.setdefault(key, []).append(seg["tokens_per_s"] * n / (1.0 + (n - 1.0) * eff))
-                    if n <= 1.1:
-                        alone_seen.setdefault(key, []).append(seg["tokens_per_s"])
+                    for scope in ["all"] + (["here"] if device and seg.get("device") == device else []):
+                        tps, alone_seen = seen[scope]
+                        tps.setdefault(key, []).append(seg["tokens_per_s"] * n / (1.0 + (n - 1.0) * eff))
+                        if n <= 1.1:
+                            alone_seen.setdefault(key, []).append(seg["tokens_per_s"])
                 if seg.get("startup_s"):
                     starts.append(seg["startup_s"])
             peaks[ctx] += [r["peak_mem_gib"] for r in _records(rd) if isinstance(r.get("peak_mem_gib"), (int, float))]
-    for key, xs in tps.items():
+    for key in seen["all"][0]:
+        scope = "here" if key in seen["here"][0] else "all"
+        tps, alone_seen = seen[scope]
         if key not in alone_seen and key in pl.alone_tps:
             continue  # shared segments scaled by the e knob do not override the preset's per-kind figure
-        xs, how = (alone_seen[key], "alone") if key in alone_seen else (xs, "shared, scaled by e")
+        xs, how = (alone_seen[key], "alone") if key in alone_seen else (tps[key], "shared, scaled by e")
+        where = " on this device" if scope == "here" else ""
         if _median(xs):
-            pl.alone_tps[key], pl.source["tps_" + key] = _median(xs), f"measured, {len(xs)} segments {how}"
+            pl.alone_tps[key], pl.source["tps_" + key] = _median(xs), f"measured, {len(xs)} segments {how}{where}"
     for c in preset.contexts:
         if peaks[c]:
             pl.peak_gib[c] = max(peaks[c]) * (1 + MEM_SLACK_FRAC) + MEM_SLACK_GIB
