@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..passkey import CHANCE as PASSKEY_CHANCE
-from .ablations import ablation_claims, ablation_rows, ablation_table
+from .ablations import ablation_claims, ablation_plot, ablation_rows, ablation_table
 from .collect import conversion_summary, conversion_vs_continued, run_results, tail_records
 from .layer_stats import layer_table, layer_tail_means
 from .piece import read_run_json, recipe_of
@@ -494,7 +494,10 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
         lines += needle_table(col, ctx)
     for ctx in contexts_of(preset, g):
         lines += layer_table(col, ctx, TAIL)
-    lines += ablation_table(ablation_rows(col, lambda n, m: copies_mean(col, n, m)))
+    ablations = ablation_rows(col, lambda n, m: copies_mean(col, n, m))
+    lines += ablation_table(ablations)
+    if ablations:
+        lines += ["", f"![ablations: gradient norm, indexer KL, selection recall]({plot_rel}/{name}_ablations.png)"]
     if "c8k_dense_s1" in col["runs"] and "c8k_dense_to_msa_s1" in col["runs"]:
         c = conversion_summary(col["runs"]["c8k_dense_s1"], col["runs"]["c8k_dense_to_msa_s1"])
         lines += ["", f"Dense -> MSA conversion (8K, seed 1): dense final held-out loss {c['dense_final_val_loss']:.4f}; "
@@ -607,7 +610,9 @@ def plots(col: Dict[str, Any], plot_dir: Path, preset: Optional[ScalePreset] = N
     plt.close(fig)
     written.append(plot_dir / f"{name}_accuracy_vs_distance.png")
     onset = onset_plot(col, onset_contexts(col, preset, g), plot_dir / f"{name}_onset.png", colors)
-    return written + ([onset] if onset else [])
+    abl = ablation_plot(col, ablation_rows(col, lambda n, m: copies_mean(col, n, m)), plot_dir / f"{name}_ablations.png",
+                        colors)
+    return written + [p for p in (onset, abl) if p]
 
 
 def write_doc(block: str, doc: Path, report_name: str = "scale") -> None:
