@@ -1,5 +1,5 @@
-"""The scale matrix's ablations (issue 19), each judged against MSA of the same seed: which of
-the paper's pathologies appear?
+"""The scale matrix's ablations (issue 19), each beside MSA of the same seed and judged against
+every MSA seed: which of the paper's pathologies appear?
 
 The paper names one pathology per part of its recipe (../shared/msa_notes.md):
 
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from statistics import median
 from typing import Any, Callable, Dict, List, Optional
 
-from .collect import tail_records
 from .scale import LABELS, parse_name, run_name
 
 #: the ablation variants, in the order the issue lists them
@@ -36,15 +36,8 @@ SPIKE_MAX_RATIO = 1.5
 KL_RATIO = 1.10
 #: held-out selection recall this many points below the lowest MSA seed's: "selects worse"
 RECALL_POINTS = 1.0
+#: the end of a run over which the indexer KL is averaged (as the report's train tail)
 TAIL = 0.10
-
-
-def _median(xs: List[float]) -> Optional[float]:
-    xs = sorted(xs)
-    if not xs:
-        return None
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
 
 
 def grad_spikes(grad_norm: List[List[float]]) -> Dict[str, Optional[float]]:
@@ -54,9 +47,9 @@ def grad_spikes(grad_norm: List[List[float]]) -> Dict[str, Optional[float]]:
         return {"count": None, "max": None, "median": None}
     last = max(s for s, _ in grad_norm)
     late = [v for s, v in grad_norm if s > 0.1 * last and math.isfinite(v)]
-    med = _median(late)
-    if med is None:
+    if not late:
         return {"count": None, "max": None, "median": None}
+    med = median(late)
     return {"count": sum(v > SPIKE_FACTOR * med for v in late), "max": max(late), "median": med}
 
 
@@ -65,8 +58,9 @@ def kl_tail(run: Dict[str, Any]) -> Optional[float]:
     kl = run.get("indexer_kl") or []
     if not kl:
         return None
-    tail = tail_records([{"step": s, "lm_loss": 0.0, "kl": v} for s, v in kl], TAIL)
-    return sum(r["kl"] for r in tail) / len(tail) if tail else None
+    last = max(s for s, _ in kl)
+    tail = [v for s, v in kl if s > last * (1 - TAIL)]
+    return sum(tail) / len(tail)
 
 
 def ablation_rows(col: Dict[str, Any], mean_of: Callable[[str, str], Optional[float]]) -> List[Dict[str, Any]]:
