@@ -287,8 +287,6 @@ def claims(g: Dict[Tuple[str, str], Dict[str, Any]], col: Dict[str, Any],
             variants = [v for v in JUDGED_MSA if (ctx, v) in g] or ["msa"]
             out += [_retrieval_claim(g, ctx, bkey, label, chance, v, col) for v in variants]
     out += _selection_claims(col)
-    spread = max((x["max_rel"] for x in rerun_spread(col)), default=None)
-    out += ablation_claims(ablation_rows(col, lambda n, m: copies_mean(col, n, m)), spread)
     return out
 
 
@@ -518,7 +516,8 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
         if learned:
             lines.append(f"![accuracy vs step in the farthest buckets]({plot_rel}/{name}_onset.png)")
     lines += ["", "### Statement (generated)", ""]
-    lines += [f"* {c}" for c in claims(g, col, preset)]
+    spread = max((x["max_rel"] for x in noise), default=None)
+    lines += [f"* {c}" for c in claims(g, col, preset) + ablation_claims(ablations, spread)]
     if col["unfinished"] or col["missing"]:
         lines += ["", "Not yet in the matrix: "
                   + ", ".join([f"`{n}` (unfinished, step {s})" for n, s in col["unfinished"].items()]
