@@ -426,7 +426,8 @@ def main(argv=None) -> int:
                    "result directories (default preset scale)")
     p.add_argument("--reruns", metavar="DIRS", help="with --scale-report: comma-separated directories of earlier "
                    "complete runs of the same names (a run done twice): the report states their spread as the "
-                   "run-to-run noise of one seed")
+                   "run-to-run noise of one seed (default: every <first DIR>_reruns* beside the first directory; "
+                   "'' for none)")
     p.add_argument("--scale-preset", default="scale", help="with --scale-report / --overrides: the scale preset")
     p.add_argument("--overrides", metavar="RUN", help="print the trainer overrides of one scale-matrix run, shell-quoted "
                    "on one line (for a one-off variant: python -m msa_megatron.train $(... --overrides RUN) "
@@ -461,13 +462,19 @@ def main(argv=None) -> int:
         return 0
     if args.scale_report:
         from msa_megatron.experiments.fidelity.scale import SCALE_PRESETS
-        from msa_megatron.experiments.fidelity.scale_report import scale_report
+        from msa_megatron.experiments.fidelity.scale_report import scale_report, sibling_rerun_dirs
 
         if args.scale_preset not in SCALE_PRESETS:
             p.error(f"--scale-preset {args.scale_preset!r} is invalid: allowed values are {', '.join(SCALE_PRESETS)}")
-        out = scale_report([Path(d) for d in args.scale_report.split(",") if d], SCALE_PRESETS[args.scale_preset],
-                           args.scale_preset, Path(args.doc), Path(args.plots),
-                           rerun_dirs=[Path(d) for d in (args.reruns or "").split(",") if d])
+        dirs = [Path(d) for d in args.scale_report.split(",") if d]
+        if args.reruns is None:
+            reruns = sibling_rerun_dirs(dirs[0]) if dirs else []
+            print(f"scale report: reruns from {', '.join(map(str, reruns)) or 'no directory'} (beside {dirs[0] if dirs else '-'}; "
+                  "--reruns names others, --reruns '' none)", flush=True)
+        else:
+            reruns = [Path(d) for d in args.reruns.split(",") if d]
+        out = scale_report(dirs, SCALE_PRESETS[args.scale_preset], args.scale_preset, Path(args.doc), Path(args.plots),
+                           rerun_dirs=reruns)
         col = out["collected"]
         print(f"scale report: {len(col['runs'])} complete runs; unfinished: {', '.join(col['unfinished']) or 'none'}; "
               f"missing: {', '.join(col['missing']) or 'none'}")

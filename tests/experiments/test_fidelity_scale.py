@@ -1036,3 +1036,21 @@ def test_an_ablation_inside_the_msa_seeds_range_shows_no_pathology(tmp_path):
     assert "| 92.1% (93.8%) |" in block  # tabled beside its own seed's MSA run
     assert ("a worse selection **does not appear** (selection recall 92.1%, at least 92.1% in the 2 MSA seeds: "
             "+0.0 points below)") in block
+
+
+def test_the_report_finds_every_reruns_directory_beside_the_results(tmp_path):
+    """Each rerun moves the earlier copy to a new `<results>_reruns_runN` directory; the report
+    finds them all (oldest first, run 100 after run 99) without a hand-kept list, and ignores
+    look-alikes that are not reruns of this directory."""
+    from msa_megatron.experiments.fidelity.scale_report import sibling_rerun_dirs
+
+    for name in ("fidelity_scale", "fidelity_scale_reruns_run100", "fidelity_scale_reruns_run16",
+                 "fidelity_scale_reruns", "fidelity_scale_reruns_run99", "fidelity_scale_rerunsX",
+                 "fidelity_scale_long_reruns"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "fidelity_scale_reruns_file").write_text("")
+    got = [d.name for d in sibling_rerun_dirs(tmp_path / "fidelity_scale")]
+    assert got == ["fidelity_scale_reruns", "fidelity_scale_reruns_run16", "fidelity_scale_reruns_run99",
+                   "fidelity_scale_reruns_run100"]
+    assert [d.name for d in sibling_rerun_dirs(tmp_path / "fidelity_scale_long")] == ["fidelity_scale_long_reruns"]
+    assert sibling_rerun_dirs(tmp_path / "fidelity_scale_reruns_run16") == []

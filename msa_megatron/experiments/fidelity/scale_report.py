@@ -103,6 +103,22 @@ def bucket_curves(records: List[Dict[str, Any]], prefix: str = "val_assoc_recall
     return out
 
 
+def sibling_rerun_dirs(result_dir: Path) -> List[Path]:
+    """Directories beside ``result_dir`` named ``<its name>_reruns`` or ``<its name>_reruns_<tag>``,
+    oldest first (by the number in the tag): where earlier copies of rerun runs are moved, so the
+    report finds every copy without a list to keep up to date."""
+    result_dir = Path(result_dir)
+    stem = result_dir.name + "_reruns"
+    found = [d for d in result_dir.parent.glob(stem + "*") if d.is_dir()
+             and (d.name == stem or d.name.startswith(stem + "_"))]
+
+    def order(d: Path) -> Tuple[int, str]:
+        digits = "".join(c for c in d.name[len(stem):] if c.isdigit())
+        return (int(digits) if digits else -1, d.name)
+
+    return sorted(found, key=order)
+
+
 def collect_scale(dirs: List[Path], preset: ScalePreset, rerun_dirs: Sequence[Path] = ()) -> Dict[str, Any]:
     """{"runs": {name: results}, "unfinished": {name: step/total}, "missing": [names], "reruns":
     {name: [final held-out loss of each earlier complete run of that name]}}; the first directory
