@@ -3,7 +3,8 @@
 
 Trains the seven runs of msa_megatron/experiments/fidelity/matrix.py through the trainer (one
 subprocess each, identical data, tokens, seed and model), collects DIR/results.json, and
-(separately, where matplotlib is) writes docs/fidelity.md and docs/fidelity/*.png.
+(separately, where matplotlib is) writes docs/fidelity_first_wave.md and docs/fidelity/*.png; the scale
+matrix of issue 19 (--piece, --scale-report) reports into docs/fidelity.md.
 
     python scripts/fidelity.py --preset cpu --out runs/fidelity-cpu             # tiny, CPU smoke
     python scripts/fidelity.py --preset gpu --gpus 0,0,0 --out /tmp/fid --export $OUT/fidelity    # one H100, 3 at a time
@@ -433,9 +434,12 @@ def main(argv=None) -> int:
                    "on one line (for a one-off variant: python -m msa_megatron.train $(... --overrides RUN) "
                    "model.rotary_percent=1.0 run_dir=...); run directory under --work")
     p.add_argument("--report", metavar="DIR", help="write the table and plots from DIR/results.json")
-    p.add_argument("--doc", default=str(REPO / "docs" / "fidelity.md"), help="with --report: the markdown file")
+    p.add_argument("--doc", default=None, help="the markdown file: with --report default docs/fidelity_first_wave.md "
+                   "(issue 10's small matrix), with --scale-report docs/fidelity.md")
     p.add_argument("--plots", default=str(REPO / "docs" / "fidelity"), help="with --report: the PNG directory")
     args = p.parse_args(argv)
+    if args.doc is None:
+        args.doc = str(REPO / "docs" / ("fidelity.md" if args.scale_report else "fidelity_first_wave.md"))
     if args.piece:
         from msa_megatron.experiments.fidelity.scale import SCALE_PRESETS
 

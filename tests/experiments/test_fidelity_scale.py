@@ -1054,3 +1054,31 @@ def test_the_report_finds_every_reruns_directory_beside_the_results(tmp_path):
                    "fidelity_scale_reruns_run100"]
     assert [d.name for d in sibling_rerun_dirs(tmp_path / "fidelity_scale_long")] == ["fidelity_scale_long_reruns"]
     assert sibling_rerun_dirs(tmp_path / "fidelity_scale_reruns_run16") == []
+
+
+def test_a_copy_moved_aside_for_a_rerun_still_counts_until_the_rerun_lands(tmp_path):
+    """Before a rerun, the current copy moves to a reruns directory; if no GPU comes, the results
+    lack that name. The report then stands in the newest complete rerun copy (named in the
+    block), counts the older copies as its reruns, and never drops the seed; a partial run in
+    the results does not hide it either."""
+    from msa_megatron.experiments.fidelity.scale_report import collect_scale, scale_block
+
+    p = SCALE_PRESETS["scale_cpu"]
+    main, old, newer = tmp_path / "fidelity_scale", tmp_path / "fidelity_scale_reruns", tmp_path / "fidelity_scale_reruns_run9"
+    _fake_run(main, "c8k_msa_s1", 1.21, {}, recall=0.9)
+    _fake_run(main, "c8k_dense_s2", 1.30, {}, complete=False)
+    _fake_run(old, "c8k_dense_s1", 1.16, {})
+    _fake_run(newer, "c8k_dense_s1", 1.40, {})
+    _fake_run(newer, "c8k_dense_s2", 1.25, {})
+    col = collect_scale([main], p, [old, newer])
+    assert col["runs"]["c8k_dense_s1"]["final"]["val_loss"] == pytest.approx(1.40 + 0.125)  # the newest copy
+    assert [o["val_loss"] for o in col["reruns"]["c8k_dense_s1"]] == [pytest.approx(1.16 + 0.125)]
+    assert col["runs"]["c8k_dense_s2"]["final"]["val_loss"] == pytest.approx(1.25 + 0.125)
+    assert "c8k_dense_s2" not in col["unfinished"] and "c8k_dense_s1" not in col["missing"]
+    assert col["from_reruns"] == {"c8k_dense_s1": str(newer), "c8k_dense_s2": str(newer)}
+    assert f"`c8k_dense_s1` (`{newer}`)" in scale_block(col, "scale_cpu", "fidelity")
+    # once the rerun lands in the results, it is the reported copy and both moved copies are reruns
+    _fake_run(main, "c8k_dense_s1", 1.30, {})
+    col = collect_scale([main], p, [old, newer])
+    assert col["runs"]["c8k_dense_s1"]["final"]["val_loss"] == pytest.approx(1.30 + 0.125)
+    assert len(col["reruns"]["c8k_dense_s1"]) == 2 and "c8k_dense_s1" not in col["from_reruns"]

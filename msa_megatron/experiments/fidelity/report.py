@@ -1,6 +1,6 @@
-"""docs/fidelity.md and its plots from a results.json (issue 10).
+"""docs/fidelity_first_wave.md and its plots from a results.json (issue 10's small matrix).
 
-Only the block between the GENERATED markers of docs/fidelity.md is rewritten, so the
+Only the block between the GENERATED markers of the doc is rewritten, so the
 hand-written discussion around it survives a new run. Goals are evaluated from the
 numbers and printed as measured (met / not met), never asserted.
 Plots need matplotlib (this step runs where the results are copied to, not on the GPU host).

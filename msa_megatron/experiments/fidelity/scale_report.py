@@ -122,9 +122,11 @@ def sibling_rerun_dirs(result_dir: Path) -> List[Path]:
 def collect_scale(dirs: List[Path], preset: ScalePreset, rerun_dirs: Sequence[Path] = ()) -> Dict[str, Any]:
     """{"runs": {name: results}, "unfinished": {name: step/total}, "missing": [names], "reruns":
     {name: [final held-out loss of each earlier complete run of that name]}}; the first directory
-    holding a complete run of a name wins. ``rerun_dirs`` hold other complete runs of the same
-    name and recipe (a run done twice): their spread is the run-to-run noise of one seed."""
-    runs, unfinished, missing, other = {}, {}, [], {}
+    holding a complete run of a name wins. ``rerun_dirs`` (oldest first) hold other complete runs
+    of the same name and recipe (a run done twice): their spread is the run-to-run noise of one
+    seed. A name with no complete run in ``dirs`` is reported from its newest rerun copy (its copy
+    was moved aside for a rerun that has not landed yet): moving a copy never drops a seed."""
+    runs, unfinished, missing, other, source = {}, {}, [], {}, {}
     for name in run_names(preset):
         found = None
         for d in dirs:
@@ -138,11 +140,18 @@ def collect_scale(dirs: List[Path], preset: ScalePreset, rerun_dirs: Sequence[Pa
                 break
             if info:
                 unfinished[name] = f"{info.get('step')}/{info.get('total_steps')}"
+        if found is None:  # the newest complete rerun copy of the preset's recipe stands in
+            found = next((Path(d) / name for d in reversed(list(rerun_dirs))
+                          if read_run_json(Path(d) / name).get("complete")
+                          and recipe_of(read_run_json(Path(d) / name)) == preset.recipe), None)
+            if found is not None:
+                other.pop(name, None)
         if found is None:
             if name not in unfinished:
                 missing.append(name)
             continue
         unfinished.pop(name, None)
+        source[name] = found.parent
         r = run_results(found)
         r["run"] = read_run_json(found)
         records = _read(found / "metrics.jsonl")
@@ -160,6 +169,8 @@ def collect_scale(dirs: List[Path], preset: ScalePreset, rerun_dirs: Sequence[Pa
     reruns: Dict[str, List[Dict[str, Optional[float]]]] = {}
     for d in rerun_dirs:
         for name in runs:
+            if Path(d) == source[name]:
+                continue  # the reported copy
             info = read_run_json(Path(d) / name)
             if info.get("complete") and recipe_of(info) == preset.recipe:
                 loss = run_results(Path(d) / name)["final"]["val_loss"]
@@ -168,7 +179,9 @@ def collect_scale(dirs: List[Path], preset: ScalePreset, rerun_dirs: Sequence[Pa
                     reruns.setdefault(name, []).append(
                         {"val_loss": loss, "train_tail": train_tail(records),
                          "passkey_buckets": bucket_curves(records, "val_passkey_acc")})
-    return {"runs": runs, "unfinished": unfinished, "missing": missing, "other_recipe": other, "reruns": reruns}
+    stand_ins = {n: str(d) for n, d in source.items() if d not in [Path(x) for x in dirs]}
+    return {"runs": runs, "unfinished": unfinished, "missing": missing, "other_recipe": other, "reruns": reruns,
+            "from_reruns": stand_ins}
 
 
 def rerun_spread(col: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -538,6 +551,9 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
         lines += ["", "Not yet in the matrix: "
                   + ", ".join([f"`{n}` (unfinished, step {s})" for n, s in col["unfinished"].items()]
                               + [f"`{n}`" for n in col["missing"]]) + "."]
+    if col.get("from_reruns"):
+        lines += ["", "Reported from a reruns directory (the copy in the results was moved aside for a rerun that "
+                  "has not landed yet): " + ", ".join(f"`{n}` (`{d}`)" for n, d in col["from_reruns"].items()) + "."]
     if col.get("other_recipe"):
         lines += ["", "Recorded under an earlier recipe of the preset (not counted): "
                   + ", ".join(f"`{n}` (recipe {r})" for n, r in col["other_recipe"].items()) + "."]
@@ -652,9 +668,11 @@ def scale_report(dirs: List[Path], preset: ScalePreset, preset_name: str, doc: P
         plot_dir.mkdir(parents=True, exist_ok=True)
         (plot_dir / f"{preset.report_name}_results.json").write_text(json.dumps(
             {"missing": col["missing"], "unfinished": col["unfinished"], "other_recipe": col.get("other_recipe", {}),
+             "from_reruns": col.get("from_reruns", {}),
              "groups": {f"{c}/{v}": s for (c, v), s in groups(col).items()}}, indent=1))
     return {"collected": col, "written": written}
 
 
 __all__ = ["BEGIN", "CHANCE", "END", "PROBES", "TAIL", "train_tail", "bucket_curves", "claims", "collect_scale", "contexts_of", "ctx_tokens",
-           "groups", "markers", "paired", "plots", "probes", "rerun_spread", "scale_block", "scale_report", "write_doc"]
+           "groups", "markers", "paired", "plots", "probes", "rerun_spread", "scale_block", "scale_report", "sibling_rerun_dirs",
+           "write_doc"]
