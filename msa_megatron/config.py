@@ -21,6 +21,8 @@ ATTENTION_MODES = ("dense", "msa_warmup", "msa")
 #: Where the MSA op runs. ``auto``: Triton kernels on CUDA, the reference elsewhere
 #: (logged once). ``reference``/``triton``: forced; ``triton`` without CUDA is an error.
 BACKENDS = ("auto", "reference", "triton")
+#: How the index branch's gradients are clipped (msa.index_grad_clip).
+INDEX_GRAD_CLIPS = ("separate", "global")
 
 
 class ConfigError(ValueError):
@@ -94,6 +96,11 @@ class MSAConfig:
     #: Detach the index branch's input (the paper's stop-gradient: the KL trains only the
     #: index projections). False is the ablation "KL reaches the backbone" (issue 10).
     index_stop_gradient: bool = True
+    #: ``separate``: the index parameters are clipped by their own gradient norm, so the KL's
+    #: gradient never scales the backbone's update through the global clip (the logged grad
+    #: norm is the backbone's; the index branch's is logged as index_grad_norm). ``global``:
+    #: Megatron's one norm over all parameters (what runs before this option used).
+    index_grad_clip: str = "separate"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -119,6 +126,8 @@ class MSAConfig:
             raise MSAConfigError("mode", self.mode, "one of " + ", ".join(ATTENTION_MODES))
         if self.backend not in BACKENDS:
             raise MSAConfigError("backend", self.backend, "one of " + ", ".join(BACKENDS))
+        if self.index_grad_clip not in INDEX_GRAD_CLIPS:
+            raise MSAConfigError("index_grad_clip", self.index_grad_clip, "one of " + ", ".join(INDEX_GRAD_CLIPS))
         _check_int(self, "first_dense_layers", lambda v: v >= 0, "an integer >= 0")
         _check_int(self, "recall_interval", lambda v: v >= 0, "an integer >= 0 (0 = never)")
         if self.msa_layers is not None:

@@ -60,6 +60,7 @@ from ..ops import naive
 from ..config import ATTENTION_MODES, MSAConfig, MSAConfigError
 from ..ops import msa_attention, resolve_backend
 from ..ops.decode_naive import msa_decode_naive
+from ..patches import mcore_019_index_grad_norm_group as index_grad_norm_group
 from .context_parallel import gather_kv_and_select_for_cp, gather_kv_for_cp, zigzag_positions
 from .cp_dense_attention import CPDotProductAttention, cp_capable_core_attention  # noqa: F401 (re-exported)
 from .kl_loss import attach_kl_loss
@@ -135,6 +136,8 @@ class MSAIndexer(MegatronModule):
                                          eps=config.layernorm_epsilon)
         self.index_k_norm = build_module(submodules.index_k_norm, config=norm_config, hidden_size=self.index_dim,
                                          eps=config.layernorm_epsilon)
+        if msa.index_grad_clip == "separate":  # clipped by their own norm: the KL never scales the backbone's step
+            index_grad_norm_group.tag(self.parameters())
 
     def forward(self, hidden_states: Tensor, rotary_pos_emb=None, mscale: float = 1.0,
                 cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:

@@ -4,6 +4,9 @@
   in Megatron-Core's experimental-attention spec builders (and lets them use the local backend).
 * :mod:`msa_megatron.patches.mcore_019_moe_bias_inplace`: fixes an in-place add on a view in
   ``MLP.forward`` that breaks local-spec MoE experts with biases at TP=1 / EP=1.
+* :mod:`msa_megatron.patches.mcore_019_index_grad_norm_group`: registers the ``msa_index``
+  grad-norm group, so the index branch's (KL) gradients are clipped by their own norm and never
+  scale the backbone's update (``msa.index_grad_clip=separate``).
 
 Each patch refuses another megatron-core version and checks the source of what it patches,
 so an upstream change fails loudly instead of being patched blindly.

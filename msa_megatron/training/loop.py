@@ -12,11 +12,12 @@ import logging
 import math
 import os
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from ..patches.mcore_019_index_grad_norm_group import INDEX_GRAD_NORM_GROUP
 from .checkpoint import CheckpointError, CheckpointManager, prepare_writer_queue, shutdown_writer_queue
 from .config import Config, ConfigError, UsageError, validate
 from .data import (build_datasets, ensure_dataset_helpers, make_loader, packed_micro_batch, packing_format,
@@ -531,6 +532,9 @@ class Trainer:
         else:
             self.state["skipped_steps"] += 1  # fp16 loss-scale overflow: Megatron skips the update
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        index_norm = (getattr(self.optimizer, "grad_norms_by_group", None) or {}).get(INDEX_GRAD_NORM_GROUP)
+        if index_norm is not None:  # msa.index_grad_clip=separate: grad_norm is the backbone's alone
+            out["index_grad_norm"] = float(index_norm)
         return out
 
     def evaluate(self) -> Dict[str, float]:
@@ -581,6 +585,7 @@ class Trainer:
         tps = cfg.tokens_per_step()
         interval_losses: List[float] = []
         interval_norms: List[float] = []
+        interval_index_norms: List[float] = []
         steps_since_log = 0
         consecutive_skips = 0
         exit_code = EXIT_OK
@@ -609,6 +614,8 @@ class Trainer:
                 consecutive_skips = 0
                 interval_losses.append(out["lm_loss"])
                 interval_norms.append(out["grad_norm"])
+                if "index_grad_norm" in out:
+                    interval_index_norms.append(out["index_grad_norm"])
             self.throughput.add(time.perf_counter() - t0, out["attention_mode"])
             if cfg.train.debug.step_sleep_s:
                 time.sleep(cfg.train.debug.step_sleep_s)
@@ -616,11 +623,12 @@ class Trainer:
             is_eval = eval_every > 0 and (step % eval_every == 0 or step == self.total_steps)
             switch = self.schedule.msa is not None and step == self.schedule.warmup_steps + 1  # first sparse step
             if step % log_every == 0 or is_eval or switch or step in (self.start_step + 1, self.total_steps):
-                scalars = self._interval_scalars(out, interval_losses, interval_norms, steps_since_log)
+                scalars = self._interval_scalars(out, interval_losses, interval_norms, steps_since_log,
+                                                 interval_index_norms)
                 if is_eval:
                     scalars.update(self.evaluate())
                 self.logger.log_step(step, scalars)
-                interval_losses, interval_norms, steps_since_log = [], [], 0
+                interval_losses, interval_norms, interval_index_norms, steps_since_log = [], [], [], 0
             self.logger.advance(step, out.get("lm_loss"))
 
             preempted = cfg.checkpoint.save_on_sigterm and self.preempt.any_rank(self.device)
@@ -644,7 +652,8 @@ class Trainer:
                         json.dump(sweep, f, indent=1)
         return self.finish(exit_code, step)
 
-    def _interval_scalars(self, out: Dict[str, Any], losses: List[float], norms: List[float], steps: int) -> Dict[str, Any]:
+    def _interval_scalars(self, out: Dict[str, Any], losses: List[float], norms: List[float], steps: int,
+                          index_norms: Sequence[float] = ()) -> Dict[str, Any]:
         from ..megatron import collect_msa_metrics
 
         s: Dict[str, Any] = {
@@ -656,6 +665,8 @@ class Trainer:
             "tokens": self.state["tokens"],
             "skipped_steps": self.state["skipped_steps"],
         }
+        if index_norms:
+            s["index_grad_norm"] = sum(index_norms) / len(index_norms)
         for key in ("kl_coeff", "indexer_only"):
             if key in out:
                 s[key] = out[key]

@@ -152,6 +152,7 @@ PUBLIC_NAMES = {
     "lr": "learning-rate",
     "lr_backbone": "learning-rate backbone",
     "grad_norm": "grad-norm",
+    "index_grad_norm": "msa/index_grad_norm",  # msa.index_grad_clip=separate: grad-norm is then the backbone's
     "tflops_per_device": "throughput",  # Megatron-LM: TFLOP/s per GPU
     "step_time_s": "iteration-time",
     "tokens_per_s": "tokens-per-second",

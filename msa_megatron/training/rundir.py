@@ -104,6 +104,10 @@ RESUME_MAY_CHANGE = (
     "attention.msa.recall_interval", "attention.recall_sweep", "parallel.overlap_grad_reduce",
     "parallel.overlap_param_gather", "train.requires_gpu",
 )
+#: Fields added to the schema whose behaviour before they existed differs from their default:
+#: a saved config.yaml without the field ran with this value, so resuming it under another one
+#: is a change like any other (refused, naming the value to pass to resume exactly).
+BEHAVIOUR_BEFORE_FIELD = {"attention.msa.index_grad_clip": "global"}
 #: Allowed changes that the LR scheduler takes (the rest act by themselves).
 LR_FIELDS = ("train.lr", "train.min_lr", "train.lr_warmup_steps", "train.lr_warmup_fraction", "train.lr_decay_style",
              "train.lr_decay_steps", "train.lr_wsd_decay_steps", "train.lr_wsd_decay_style", "train.weight_decay")
@@ -138,12 +142,18 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
                    defaults: Optional[Mapping[str, Any]] = None) -> Tuple[List[str], Dict[str, Tuple[Any, Any]]]:
     """(refused differences as 'key old -> new' lines, allowed {key: (old, new)}). A field
     missing from the saved config (added to the schema since) counts as unchanged when the
-    current value is its default (``defaults``: flattened)."""
+    current value is its default (``defaults``: flattened), unless the run behaved otherwise
+    before the field existed (:data:`BEHAVIOUR_BEFORE_FIELD`)."""
     a, b = flatten(saved), flatten(current)
     defaults = defaults or {}
     refused: List[str] = []
     allowed: Dict[str, Tuple[Any, Any]] = {}
     for key in sorted(set(a) | set(b)):
+        if key not in a and key in BEHAVIOUR_BEFORE_FIELD and key in b:
+            old, new = BEHAVIOUR_BEFORE_FIELD[key], b[key]
+            if old != new and not _may_change(key):
+                refused.append(f"{key} {old!r} (the behaviour before the field existed) -> {new!r}")
+            continue
         old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
         if old == new or (key not in a and key in defaults and defaults[key] == new):
             continue
@@ -154,5 +164,5 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
     return refused, allowed
 
 
-__all__ = ["LOCK_NAME", "LR_FIELDS", "RESUME_MAY_CHANGE", "RunDirLock", "config_changes", "flatten", "holder_of",
+__all__ = ["BEHAVIOUR_BEFORE_FIELD", "LOCK_NAME", "LR_FIELDS", "RESUME_MAY_CHANGE", "RunDirLock", "config_changes", "flatten", "holder_of",
            "new_run_dir"]

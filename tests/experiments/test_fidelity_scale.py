@@ -1082,3 +1082,24 @@ def test_a_copy_moved_aside_for_a_rerun_still_counts_until_the_rerun_lands(tmp_p
     col = collect_scale([main], p, [old, newer])
     assert col["runs"]["c8k_dense_s1"]["final"]["val_loss"] == pytest.approx(1.30 + 0.125)
     assert len(col["reruns"]["c8k_dense_s1"]) == 2 and "c8k_dense_s1" not in col["from_reruns"]
+
+
+def test_msa_runs_pin_global_clipping_and_the_sepclip_arm_differs_only_there(tmp_path):
+    """Every recorded MSA run clipped all parameters by one norm; the presets pin
+    msa.index_grad_clip=global so the default (separate) does not change a recipe under way.
+    The retrieval preset's msa_sepclip arm is its MSA arm with the index branch clipped alone."""
+    from msa_megatron.experiments.fidelity.scale import LABELS, VARIANTS
+
+    p = SCALE_PRESETS["retrieval"]
+    assert "msa_sepclip" in VARIANTS and "msa_sepclip" in LABELS and "c8k_msa_sepclip_s1" in run_names(p)
+    (tmp_path / "runs" / "c256_dense_s1" / "checkpoints").mkdir(parents=True)
+    msa = spec(p, "c8k_msa_s1", str(tmp_path)).overrides
+    sep = spec(p, "c8k_msa_sepclip_s1", str(tmp_path)).overrides
+    own = lambda o: not o.startswith("run_dir=")  # noqa: E731 (each run has its own directory)
+    assert [o for o in msa if o not in sep and own(o)] == ["attention.msa.index_grad_clip=global"]
+    assert [o for o in sep if o not in msa and own(o)] == ["attention.msa.index_grad_clip=separate"]
+    assert _compose(sep).msa.index_grad_clip == "separate" and _compose(msa).msa.index_grad_clip == "global"
+    for preset in ("scale", "retrieval", "retrieval_32k", "scale_long"):
+        for name in run_names(SCALE_PRESETS[preset]):
+            if "msa" in parse_name(name)[1] and parse_name(name)[1] != "msa_sepclip":
+                assert "attention.msa.index_grad_clip=global" in spec(SCALE_PRESETS[preset], name, "W").overrides, name

@@ -37,6 +37,23 @@ def test_a_field_added_to_the_schema_since_the_run_started_is_no_change():
     assert refused == ["train.other '<absent>' -> 1"] and allowed == {}
 
 
+def test_an_msa_run_from_before_index_grad_clip_resumes_only_with_its_global_clipping():
+    """Runs saved before attention.msa.index_grad_clip existed clipped all parameters by one
+    norm; resuming one under the new default (separate) would change its training mid-run, so
+    it is refused and names the value that resumes it exactly."""
+    saved = {"attention": {"type": "msa", "msa": {"kl_coeff": 1.0}}}
+    defaults = {"attention.msa.index_grad_clip": "separate"}
+    new_default = {"attention": {"type": "msa", "msa": {"kl_coeff": 1.0, "index_grad_clip": "separate"}}}
+    refused, allowed = config_changes(saved, new_default, defaults)
+    assert refused == ["attention.msa.index_grad_clip 'global' (the behaviour before the field existed) -> "
+                       "'separate'"] and allowed == {}
+    pinned = {"attention": {"type": "msa", "msa": {"kl_coeff": 1.0, "index_grad_clip": "global"}}}
+    assert config_changes(saved, pinned, defaults) == ([], {})
+    # a run saved with the field compares as any other field; a dense run has no such field
+    assert config_changes(new_default, new_default, defaults) == ([], {})
+    assert config_changes({"attention": {"type": "dense"}}, {"attention": {"type": "dense"}}, defaults) == ([], {})
+
+
 def test_resume_last_picks_the_newest_run_of_this_model_and_attention(tmp_path, monkeypatch):
     from msa_megatron.training.config import UsageError
     from msa_megatron.training.loop import choose_run_dir

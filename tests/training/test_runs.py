@@ -101,8 +101,8 @@ def test_tp2_msa_run_switches_at_the_configured_step_and_logs_everything(server,
     assert [steps[s]["lm_loss"] for s in (1, 2, 3)] == [ref[s]["lm_loss"] for s in (1, 2, 3)]
     assert steps[4]["lm_loss"] != ref[4]["lm_loss"]
     for s, rec in steps.items():
-        for key in ("lm_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb", "indexer_kl", "index_entropy",
-                    "main_entropy"):
+        for key in ("lm_loss", "lr", "grad_norm", "index_grad_norm", "tokens_per_s", "mfu", "mem_gb", "indexer_kl",
+                    "index_entropy", "main_entropy"):
             assert isinstance(rec.get(key), float) and math.isfinite(rec[key]), (s, key, rec.get(key))
         for layer in MSA_LAYERS:
             for key in ("indexer_kl", "index_entropy", "main_entropy"):
@@ -121,6 +121,7 @@ def test_tp2_msa_run_switches_at_the_configured_step_and_logs_everything(server,
         assert history[s]["msa/sparse"] == (1.0 if steps[s]["attention_mode"] == "msa" else 0.0)
         assert history[s]["msa/index_entropy/layer_3"] == steps[s]["index_entropy/layer_3"]
         assert history[s]["msa/indexer_kl"] == steps[s]["indexer_kl"]
+        assert history[s]["msa/index_grad_norm"] == steps[s]["index_grad_norm"]  # index_grad_clip=separate (default)
     assert {"loss.png", "kl.png", "recall.png", "entropy.png"} <= {p.name for p in (run / "plots").iterdir()}
     assert f"plots: {run / 'plots'}/ (loss.png, kl.png, recall.png, entropy.png)" in r.logs
     # run directory: resolved config, summary, final checkpoint

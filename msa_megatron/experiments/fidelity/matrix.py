@@ -101,8 +101,9 @@ def _common(p: Preset, run_dir: str, steps: int) -> List[str]:
 
 
 def _msa(p: Preset, warmup: int, recall_interval: Optional[int] = None) -> List[str]:
+    # index_grad_clip=global: the first wave's runs clipped all parameters by one norm
     out = ["attention=msa", f"attention.warmup.steps={warmup}",
-           f"attention.msa.recall_interval={recall_interval or p.recall_interval}"]
+           f"attention.msa.recall_interval={recall_interval or p.recall_interval}", "attention.msa.index_grad_clip=global"]
     if p.recall_sweep:
         out.append("attention.recall_sweep=[" + ",".join(f"[{b},{k}]" for b, k in p.recall_sweep) + "]")
     return out

@@ -18,7 +18,7 @@ from .scale import LABELS, parse_name
 #: accuracy at which a bucket counts as learned in the onset table
 ONSET = 0.5
 #: the MSA arms whose selection and retrieval are judged (ablations break them on purpose)
-JUDGED_MSA = ("msa", "msa_long_warmup")
+JUDGED_MSA = ("msa", "msa_long_warmup", "msa_sepclip")
 
 
 def bucket_lo(bucket: str) -> int:

@@ -597,7 +597,7 @@ def plots(col: Dict[str, Any], plot_dir: Path, preset: Optional[ScalePreset] = N
     plot_dir.mkdir(parents=True, exist_ok=True)
     colors = {"dense": "k", "msa": "tab:blue", "swa": "tab:red", "msa_no_stopgrad": "tab:orange",
               "msa_no_warmup": "tab:green", "msa_no_teacher": "tab:purple", "dense_to_msa": "tab:brown",
-              "msa_long_warmup": "tab:cyan", "dense_continued": "tab:gray"}
+              "msa_long_warmup": "tab:cyan", "msa_sepclip": "tab:olive", "dense_continued": "tab:gray"}
     written = []
     name = preset.report_name if preset is not None else "scale"
     g = groups(col)
@@ -625,7 +625,7 @@ def plots(col: Dict[str, Any], plot_dir: Path, preset: Optional[ScalePreset] = N
     for row, (_, bkey, label, chance) in zip(axes, active):
         for ax, ctx in zip(row, ctxs):
             for (c, v), st in g.items():
-                if c != ctx or not st[bkey] or v not in ("dense", "msa", "swa", "msa_long_warmup"):
+                if c != ctx or not st[bkey] or v not in ("dense", "msa", "swa", "msa_long_warmup", "msa_sepclip"):
                     continue
                 bs = list(st[bkey])
                 mid = [(bucket_lo(b) + int(b.split("_")[1])) / 2 for b in bs]
