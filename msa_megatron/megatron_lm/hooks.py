@@ -37,6 +37,8 @@ class MSATrainingHooks:
     def __init__(self, schedule: MSASchedule, printer: Optional[Callable[[str], None]] = None):
         self.schedule = schedule
         self.applied: Optional[StepPlan] = None  # the plan of the step in progress
+        #: the index branch's gradient norm of the last step (msa.index_grad_clip=separate), else None
+        self.index_grad_norm: Optional[float] = None
         self._print = printer
 
     def _say(self, message: str) -> None:
@@ -65,6 +67,14 @@ class MSATrainingHooks:
         self.applied = plan
         return plan
 
+    def after_train_step(self, optimizer) -> None:
+        """Keep the index branch's gradient norm of the step: with msa.index_grad_clip=separate the
+        norm Megatron logs (grad-norm) is the backbone's alone, the index branch's is its group's."""
+        from msa_megatron.patches.mcore_019_index_grad_norm_group import INDEX_GRAD_NORM_GROUP
+
+        value = (getattr(optimizer, "grad_norms_by_group", None) or {}).get(INDEX_GRAD_NORM_GROUP)
+        self.index_grad_norm = None if value is None else float(value)
+
     # ------------------------------------------------------------------ training_log
     def collect(self) -> Dict[str, float]:
         """This step's MSA metrics reduced over the job (collective: every rank calls it)."""
@@ -78,6 +88,8 @@ class MSATrainingHooks:
         selection-recall line for the console (None when selection recall was not sampled)."""
         if not metrics:
             return None
+        if self.index_grad_norm is not None:
+            metrics = dict(metrics, index_grad_norm=self.index_grad_norm)
         scalars = {WRITER_PREFIX + key: value for key, value in metrics.items()}
         if self.applied is not None:
             scalars[WRITER_PREFIX + "sparse"] = 1.0 if self.applied.mode == "msa" else 0.0

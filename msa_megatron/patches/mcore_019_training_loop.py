@@ -4,7 +4,8 @@ Wraps two module-level functions of ``megatron.training.training`` that ``train(
 per iteration through module globals:
 
 * ``train_step(...)``: first applies the iteration's MSA plan (warmup mode switch, recall
-  sampling; msa_megatron.megatron_lm.hooks) to ``model``, then runs the upstream step;
+  sampling; msa_megatron.megatron_lm.hooks) to ``model``, then runs the upstream step, then
+  keeps the index branch's gradient norm from ``optimizer`` (msa.index_grad_clip=separate);
 * ``training_log(...)``: first reduces the step's MSA metrics (a collective, on every rank) and
   writes them to TensorBoard / wandb / ``total_loss_dict`` beside the DSA and MoE metrics, then
   runs the upstream function; prints the recall line after it on sampled iterations.
@@ -48,14 +49,17 @@ def _train_step(original):
 
         run_args = get_args()
         hooks = hooks_for(run_args)
-        if hooks is not None:
-            bound = signature.bind(*args, **kwargs)
-            iteration = bound.arguments.get("iteration")
-            if iteration is None:
-                raise RuntimeError("train_step was called without iteration=: the MSA schedule needs the "
-                                   "iteration counter (Megatron-LM's train() passes it)")
-            hooks.before_train_step(bound.arguments["model"], iteration, run_args.consumed_train_samples)
-        return original(*args, **kwargs)
+        if hooks is None:
+            return original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        iteration = bound.arguments.get("iteration")
+        if iteration is None:
+            raise RuntimeError("train_step was called without iteration=: the MSA schedule needs the "
+                               "iteration counter (Megatron-LM's train() passes it)")
+        hooks.before_train_step(bound.arguments["model"], iteration, run_args.consumed_train_samples)
+        result = original(*args, **kwargs)
+        hooks.after_train_step(bound.arguments["optimizer"])
+        return result
 
     return wrapper
 

@@ -136,6 +136,26 @@ def test_log_writes_like_training_log():
     assert line is None and set(CONSOLE_KEYS) <= set(METRICS)
 
 
+def test_the_index_branch_grad_norm_is_logged_beside_the_msa_metrics():
+    """msa.index_grad_clip=separate: Megatron's grad-norm is the backbone's; the index branch's
+    norm (its grad-norm group's, kept after train_step) goes out as msa/index_grad_norm."""
+    from msa_megatron.patches.mcore_019_index_grad_norm_group import INDEX_GRAD_NORM_GROUP
+
+    class Opt:
+        grad_norms_by_group = {INDEX_GRAD_NORM_GROUP: 2.5, "mtp": 9.0}
+
+    hooks = MSATrainingHooks(MSASchedule(MSAConfig()))
+    hooks.applied = StepPlan("msa", False)
+    hooks.after_train_step(Opt())
+    wandb = FakeWandb()
+    hooks.log(METRICS, 3, None, wandb, {}, {"lm loss": torch.tensor(1.0)}, skipped_iter=0)
+    assert wandb.logged[0][0]["msa/index_grad_norm"] == 2.5 and "msa/mtp" not in wandb.logged[0][0]
+    hooks.after_train_step(object())  # global clipping: no group norm, nothing logged
+    wandb = FakeWandb()
+    hooks.log(METRICS, 4, None, wandb, {}, {"lm loss": torch.tensor(1.0)}, skipped_iter=0)
+    assert "msa/index_grad_norm" not in wandb.logged[0][0]
+
+
 def test_recall_line_and_warmup_flag():
     hooks = MSATrainingHooks(MSASchedule(MSAConfig()))
     hooks.applied = StepPlan("msa_warmup", True)
