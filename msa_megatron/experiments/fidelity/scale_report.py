@@ -141,9 +141,11 @@ def collect_scale(dirs: List[Path], preset: ScalePreset, rerun_dirs: Sequence[Pa
             if info:
                 unfinished[name] = f"{info.get('step')}/{info.get('total_steps')}"
         if found is None:  # the newest complete rerun copy of the preset's recipe stands in
-            found = next((Path(d) / name for d in reversed(list(rerun_dirs))
-                          if read_run_json(Path(d) / name).get("complete")
-                          and recipe_of(read_run_json(Path(d) / name)) == preset.recipe), None)
+            for d in reversed(list(rerun_dirs)):
+                info = read_run_json(Path(d) / name)
+                if info.get("complete") and recipe_of(info) == preset.recipe:
+                    found = Path(d) / name
+                    break
             if found is not None:
                 other.pop(name, None)
         if found is None:
@@ -625,7 +627,7 @@ def plots(col: Dict[str, Any], plot_dir: Path, preset: Optional[ScalePreset] = N
     for row, (_, bkey, label, chance) in zip(axes, active):
         for ax, ctx in zip(row, ctxs):
             for (c, v), st in g.items():
-                if c != ctx or not st[bkey] or v not in ("dense", "msa", "swa", "msa_long_warmup", "msa_sepclip"):
+                if c != ctx or not st[bkey] or v not in ("dense", "swa") + JUDGED_MSA:
                     continue
                 bs = list(st[bkey])
                 mid = [(bucket_lo(b) + int(b.split("_")[1])) / 2 for b in bs]
