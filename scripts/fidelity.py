@@ -342,7 +342,7 @@ def piece(args) -> int:
     if not args.dry_run:
         from msa_megatron.training.corpus import build_corpus
 
-        build_corpus(packages=preset.corpus_packages)  # once, not by each run
+        build_corpus(packages=preset.corpus_packages, order=preset.corpus_order)  # once, not by each run
     device = _device()
     commit = _commit()
     software = _software()

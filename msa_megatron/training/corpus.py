@@ -10,6 +10,13 @@ EOD = 256 after each document, vocabulary 257. File order is the sorted relative
 path, so two machines with the same Python build get the same token stream; the cache
 key hashes that file list with sizes, so a different Python gets its own cache entry.
 
+Megatron's ``data.split`` carves its held-out range from the END of the document order, so
+in path order the held-out set is the last files alphabetically: with torch's sources added,
+43 files of torch/utils and torch/xpu, 28% of their bytes one generated table
+(torch/utils/hipify/cuda_to_hip_mappings.py). ``order="shuffled"`` puts the documents in a
+fixed pseudo-random order (sorted by a hash of their path) instead, so every split range is a
+sample of the whole corpus.
+
 Writes are atomic (temporary directory + rename), so concurrent ranks or an interrupted
 build never leave a half-written dataset behind.
 """
@@ -39,6 +46,8 @@ BYTE_VOCAB = 257
 BYTE_EOD = 256
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 _TEST_DIRS = {"test", "tests", "idle_test"}
+#: document orders (data.corpus.order): sorted path, or sorted by a hash of the path
+ORDERS = ("path", "shuffled")
 
 
 @dataclass(frozen=True)
@@ -114,16 +123,31 @@ def _cache_key(groups: List[Tuple[str, Path, List[Path]]], include_tests: bool, 
     return h.hexdigest()[:16]
 
 
+def _shuffled(groups: List[Tuple[str, Path, List[Path]]]) -> List[Path]:
+    """Every group's files in one order fixed by a hash of "<group>/<relative path>": the same
+    on every machine with the same files, unrelated to where a file sits in the tree."""
+    keyed = [(hashlib.sha256(f"{label}/{f.relative_to(root).as_posix()}".encode()).hexdigest(), f)
+             for label, root, files in groups for f in files]
+    return [f for _, f in sorted(keyed)]
+
+
 def corpus_prefix(cache_dir: Optional[str] = None, include_tests: bool = False, min_doc_bytes: int = 2048,
-                  packages: Tuple[str, ...] = ()) -> Tuple[str, List[Path]]:
+                  packages: Tuple[str, ...] = (), order: str = "path") -> Tuple[str, List[Path]]:
+    """(dataset prefix in the cache, the documents in corpus order)."""
+    if order not in ORDERS:
+        from .config import ConfigError
+
+        raise ConfigError("data.corpus.order", order, ", ".join(ORDERS))
     root = stdlib_root()
     groups = [("stdlib", root, corpus_files(include_tests, min_doc_bytes, root))]
     for name in packages:
         groups.append((name, *package_files(name, include_tests, min_doc_bytes)))
     key = _cache_key(groups, include_tests, min_doc_bytes)
     base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    name = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}{''.join('+' + p for p in packages)}-{key}"
-    return str(base / "corpus" / name / "stdlib"), [f for _, _, fs in groups for f in fs]
+    tag = "" if order == "path" else f"-{order}"  # path order keeps the cache entries built before the field
+    name = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}{''.join('+' + p for p in packages)}{tag}-{key}"
+    files = [f for _, _, fs in groups for f in fs] if order == "path" else _shuffled(groups)
+    return str(base / "corpus" / name / "stdlib"), files
 
 
 def read_meta(prefix: str) -> Optional[dict]:
@@ -134,9 +158,9 @@ def read_meta(prefix: str) -> Optional[dict]:
 
 
 def build_corpus(cache_dir: Optional[str] = None, include_tests: bool = False, min_doc_bytes: int = 2048,
-                 packages: Tuple[str, ...] = ()) -> CorpusInfo:
+                 packages: Tuple[str, ...] = (), order: str = "path") -> CorpusInfo:
     """Return the cached corpus, building it first if needed (safe to call from every rank)."""
-    prefix, files = corpus_prefix(cache_dir, include_tests, min_doc_bytes, tuple(packages))
+    prefix, files = corpus_prefix(cache_dir, include_tests, min_doc_bytes, tuple(packages), order)
     meta = read_meta(prefix)
     if meta is not None and Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file():
         return CorpusInfo(prefix, meta["documents"], meta["tokens"])
@@ -158,7 +182,7 @@ def build_corpus(cache_dir: Optional[str] = None, include_tests: bool = False, m
         meta = {
             "format": CORPUS_FORMAT, "tokenizer": "byte", "vocab_size": BYTE_VOCAB, "eod_id": BYTE_EOD,
             "documents": len(files), "tokens": tokens, "python": sys.version, "stdlib": str(stdlib_root()),
-            "packages": list(packages),
+            "packages": list(packages), "order": order,
         }
         Path(tmp_prefix + ".meta.json").write_text(json.dumps(meta, indent=1))
         try:
@@ -168,10 +192,10 @@ def build_corpus(cache_dir: Optional[str] = None, include_tests: bool = False, m
                 raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    log.info("built the embedded corpus: %d files (stdlib%s), %.1fM byte tokens -> %s", len(files),
-             "".join(" + " + p for p in packages), tokens / 1e6, prefix)
+    log.info("built the embedded corpus: %d files (stdlib%s, %s order), %.1fM byte tokens -> %s", len(files),
+             "".join(" + " + p for p in packages), order, tokens / 1e6, prefix)
     return CorpusInfo(prefix, len(files), tokens)
 
 
-__all__ = ["BYTE_EOD", "BYTE_VOCAB", "CorpusInfo", "build_corpus", "corpus_files", "corpus_prefix", "default_cache_dir",
+__all__ = ["BYTE_EOD", "BYTE_VOCAB", "ORDERS", "CorpusInfo", "build_corpus", "corpus_files", "corpus_prefix", "default_cache_dir",
            "package_files", "package_root", "read_meta"]

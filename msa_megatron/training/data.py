@@ -142,9 +142,9 @@ def resolve_sources(cfg: Config) -> DataSources:
     d = cfg.data
     if d.source == "corpus":
         c = d.corpus
-        info = corpus.build_corpus(c.cache_dir, c.include_tests, c.min_doc_bytes, tuple(c.packages))
+        info = corpus.build_corpus(c.cache_dir, c.include_tests, c.min_doc_bytes, tuple(c.packages), c.order)
         check_indexed(info.prefix, info.vocab_size, "data.corpus.cache_dir")
-        what = "stdlib" + "".join(f" + {p}" for p in c.packages)
+        what = "stdlib" + "".join(f" + {p}" for p in c.packages) + ("" if c.order == "path" else f", {c.order} order")
         return DataSources([info.prefix], [1.0], info.vocab_size, info.eod_id,
                            f"embedded corpus: {info.documents} files ({what}), {info.tokens / 1e6:.1f}M byte tokens")
     prefixes = [e.path for e in d.blend]

@@ -552,8 +552,9 @@ def test_retrieval_long_is_the_retrieval_curriculum_with_twice_the_8k_steps(tmp_
 
 def test_scale_long_is_preset_scale_with_twice_the_steps_and_its_own_report(tmp_path):
     """Preset scale_long (after run 16's 15% same-seed noise): the 8K dense / MSA / window seed
-    triples of preset scale, differing from them in steps alone, reported in their own block
-    with the language-modelling claims."""
+    triples of preset scale, differing from them in steps and (after run 19) in the corpus's
+    document order alone (recipe 3), reported in their own block with the language-modelling
+    claims."""
     from msa_megatron.experiments.fidelity.scale import steps_of, tokens_per_run
     from msa_megatron.experiments.fidelity.scale_report import collect_scale, markers, scale_block
 
@@ -561,12 +562,14 @@ def test_scale_long_is_preset_scale_with_twice_the_steps_and_its_own_report(tmp_
     names = run_names(long_)
     assert names == [f"c8k_{v}_s{s}" for s in (1, 2, 3) for v in ("dense", "msa", "swa")]
     assert steps_of(long_, "8k") == 2 * steps_of(short, "8k") and tokens_per_run(long_, "8k") >= 100_000_000
-    assert long_.report_name == "scale_long" and long_.lm_claims and long_.recipe == short.recipe
+    assert long_.report_name == "scale_long" and long_.lm_claims and long_.recipe == short.recipe + 1
     for n in names:
         a, b = spec(long_, n, str(tmp_path)).overrides, spec(short, n, str(tmp_path)).overrides
         differ = {x.split("=")[0] for x in set(a) ^ set(b)}
-        assert differ == {"train.steps", "checkpoint.interval"}, (n, differ)
-    assert _compose(spec(long_, "c8k_msa_s2", str(tmp_path)).overrides).train.steps == 768
+        assert differ == {"train.steps", "checkpoint.interval", "data.corpus.order"}, (n, differ)
+    composed = _compose(spec(long_, "c8k_msa_s2", str(tmp_path)).overrides)
+    assert composed.train.steps == 768 and composed.data.corpus.order == "shuffled"
+    assert _compose(spec(short, "c8k_msa_s2", str(tmp_path)).overrides).data.corpus.order == "path"
     # its report: its own markers, the paired language-modelling claims
     cpu = replace(SCALE_PRESETS["scale_cpu"], report_name="scale_long")
     for seed in (1, 2, 3):
@@ -849,6 +852,30 @@ def test_a_run_done_three_times_enters_as_the_mean_of_its_copies(tmp_path):
     text = "\n".join(claims(groups(col), col))
     assert "`c8k_dense_s1` run 3 times (same seed, recipe and code path) ended" in text
     assert "| `c8k_dense_s1` | 1.5250 / 1.3150 / 1.3550 |" in scale_block(col, "scale_cpu", "fidelity")
+
+
+def test_a_continuation_is_its_reported_copy_and_the_conversion_row_is_against_dense_continued(tmp_path):
+    """Run 19: the conversion's copies start from different copies of the dense run (0.8456 vs
+    1.1190 at the end), so a continuation enters as its reported copy, which shares a checkpoint
+    with the reported dense continued; the main table compares the conversion with that
+    reference, and neither continuation with the dense run (fewer tokens)."""
+    from msa_megatron.experiments.fidelity.scale_report import collect_scale, copies_mean, groups, scale_block
+
+    p = SCALE_PRESETS["scale_cpu"]
+    _fake_run(tmp_path / "main", "c8k_dense_s1", 1.00, {})
+    _fake_run(tmp_path / "main", "c8k_dense_to_msa_s1", 0.85, {}, recall=0.9)
+    _fake_run(tmp_path / "main", "c8k_dense_continued_s1", 0.84, {})
+    _fake_run(tmp_path / "r17", "c8k_dense_s1", 1.40, {})
+    _fake_run(tmp_path / "r17", "c8k_dense_to_msa_s1", 1.12, {}, recall=0.9)
+    col = collect_scale([tmp_path / "main"], p, [tmp_path / "r17"])
+    assert copies_mean(col, "c8k_dense_s1") == pytest.approx((1.00 + 1.40) / 2 + 0.125)  # copies averaged
+    assert copies_mean(col, "c8k_dense_to_msa_s1") == pytest.approx(0.85 + 0.125)  # the reported copy alone
+    assert groups(col)[("8k", "dense_to_msa")]["val_loss"]["mean"] == pytest.approx(0.975)
+    block = scale_block(col, "scale_cpu", "fidelity", preset=p)
+    rel = 100 * (0.975 / 0.965 - 1)
+    assert f"| 8k | dense -> MSA conversion | 1 | 0.9750 (n=1) | {rel:+.2f}% (n=1) vs dense continued |" in block
+    assert "| 8k | dense, continued (the conversion's reference) | 1 | 0.9650 (n=1) | - | - |" in block
+    assert "| `c8k_dense_to_msa_s1` | 0.9750 / 1.2450 |" in block  # both copies still tabled as copies
 
 
 def test_per_layer_index_statistics_over_the_last_tenth_and_held_out_recall(tmp_path):

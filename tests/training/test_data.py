@@ -47,6 +47,35 @@ def test_corpus_is_the_stdlib_in_order_and_cached(cache_dir):
     assert np.median(ds.sequence_lengths) > 16 * 64
 
 
+def test_corpus_shuffled_order_spreads_the_held_out_range_over_the_corpus(cache_dir):
+    """data.corpus.order=shuffled: the same documents in a fixed order by a hash of the path, so
+    Megatron's split (a contiguous range at the end of the document order) samples every part of
+    the tree, where path order gives it the last files alphabetically; its own cache entry."""
+    from msa_megatron.training.config import ConfigError
+
+    root = corpus.stdlib_root()
+    path_prefix, by_path = corpus.corpus_prefix(str(cache_dir), packages=("omegaconf",))
+    prefix, shuffled = corpus.corpus_prefix(str(cache_dir), packages=("omegaconf",), order="shuffled")
+    assert corpus.corpus_prefix(str(cache_dir), packages=("omegaconf",), order="shuffled") == (prefix, shuffled)
+    assert sorted(map(str, shuffled)) == sorted(map(str, by_path)) and shuffled != by_path
+    assert prefix != path_prefix and "-shuffled-" in prefix
+
+    n = len(by_path)
+    where = {f: i for i, f in enumerate(by_path)}
+    tail = [where[f] for f in shuffled[-max(1, n // 20):]]  # a 5% held-out range at the end, in path order
+    assert min(tail) < n // 4 and max(tail) >= 3 * n // 4  # from every part of the tree, where path order
+    assert abs(sum(tail) / len(tail) - n / 2) < n / 6       # gives the alphabetically last 5%
+    info = corpus.build_corpus(str(cache_dir), packages=("omegaconf",), order="shuffled")
+    assert corpus.read_meta(info.prefix)["order"] == "shuffled" and info.documents == len(shuffled)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(info.prefix)
+    for i in (0, len(shuffled) // 2, len(shuffled) - 1):  # stored in the shuffled order
+        assert bytes(ds[i][:-1].astype(np.uint8)) == shuffled[i].read_bytes()
+    with pytest.raises(ConfigError, match="data.corpus.order.*path, shuffled"):
+        corpus.build_corpus(str(cache_dir), order="random")
+
+
 def test_corpus_packages_append_installed_sources_after_the_stdlib(cache_dir):
     from msa_megatron.training.config import ConfigError
 

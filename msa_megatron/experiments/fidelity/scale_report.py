@@ -210,7 +210,13 @@ def copies_mean(col: Dict[str, Any], name: str, metric: str = "val_loss") -> Opt
     """``metric`` of run ``name`` (``val_loss`` or ``train_tail``) as the mean over its copies: the
     reported run and the earlier complete runs of the same name in the rerun directories. One
     copy's end point moves with GPU nondeterminism (run 16: one seed's dense run ended at 1.19,
-    1.23 and 1.40), so every copy measured counts."""
+    1.23 and 1.40), so every copy measured counts. A continuation (the conversion, dense
+    continued) is the reported copy alone: its copies start from different copies of the dense
+    run (run 19's conversion ended 0.8456, run 17's 1.1190), so only the reported copies of the
+    conversion and of its reference share a checkpoint."""
+    if parse_name(name)[1] in CONTINUATIONS:
+        v = col["runs"][name]["final"].get(metric)
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else None
     values = [col["runs"][name]["final"].get(metric)] + [o.get(metric) for o in col.get("reruns", {}).get(name, [])]
     values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     return sum(values) / len(values) if values else None
@@ -470,8 +476,13 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
               "recall acc. (all distances) | selection recall (held-out, end) |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
     for (ctx, v), s in sorted(g.items(), key=lambda kv: (ctx_tokens(kv[0][0]), list(LABELS).index(kv[0][1]))):
-        rel = "-" if v == "dense" else _ms(paired(col, ctx, v, "dense"), pct=True, signed=True)
-        tail = "-" if v == "dense" else _ms(paired(col, ctx, v, "dense", "train_tail"), pct=True, signed=True)
+        # the conversion against its reference (dense continued from the same checkpoint for the
+        # same steps); neither continuation against the dense run, which trained fewer tokens
+        base = "dense_continued" if v == "dense_to_msa" else None if v in ("dense", "dense_continued") else "dense"
+        rel = "-" if base is None else _ms(paired(col, ctx, v, base), pct=True, signed=True)
+        tail = "-" if base is None else _ms(paired(col, ctx, v, base, "train_tail"), pct=True, signed=True)
+        if base == "dense_continued" and rel != "-":
+            rel, tail = rel + " vs dense continued", tail + " vs dense continued"
         lines.append(f"| {ctx} | {LABELS[v]} | {s['seeds']} | {_ms(s['val_loss'])} | {rel} | {tail} | "
                      f"{_ms(s['assoc'], pct=True)} | {_ms(s['sel_recall_end'], pct=True)} |")
     if preset is None or preset.lm_claims:
@@ -479,6 +490,10 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
                   "which held-out samples are scored), so MSA and the window are compared with dense *of the same "
                   "seed*; the claims below use these paired ratios. A run done more than once (table below) counts "
                   "as the mean of its copies, here and in the table above."]
+        if any(parse_name(n)[1] == "dense_continued" for n in col["runs"]):
+            lines[-1] += (" The conversion and dense continued count as their reported copies, which start from the "
+                          "same dense checkpoint (earlier copies started from other copies of the dense run), and the "
+                          "conversion is compared with dense continued, not with the dense run.")
     noise = rerun_spread(col)
     if noise:
         lines += ["", "Runs done more than once (same name, seed and recipe; the reported one first):", "",
