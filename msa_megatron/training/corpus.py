@@ -40,8 +40,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-#: Bump when the token layout changes: old cache entries are then ignored.
-CORPUS_FORMAT = 1
+#: Bump when the token layout or the meta changes: old cache entries are then ignored
+#: (2: the meta lists each document's source file).
+CORPUS_FORMAT = 2
 BYTE_VOCAB = 257
 BYTE_EOD = 256
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -123,6 +124,15 @@ def _cache_key(groups: List[Tuple[str, Path, List[Path]]], include_tests: bool, 
     return h.hexdigest()[:16]
 
 
+def _label(f: Path, packages: Tuple[str, ...]) -> str:
+    """A document's source as "<group>/<relative path>" (group: stdlib or the package's name)."""
+    for name in packages:
+        root = package_root(name)
+        if f.is_relative_to(root):
+            return f"{name}/{f.relative_to(root).as_posix()}"
+    return f"stdlib/{f.relative_to(stdlib_root()).as_posix()}"
+
+
 def _shuffled(groups: List[Tuple[str, Path, List[Path]]]) -> List[Path]:
     """Every group's files in one order fixed by a hash of "<group>/<relative path>": the same
     on every machine with the same files, unrelated to where a file sits in the tree."""
@@ -183,6 +193,8 @@ def build_corpus(cache_dir: Optional[str] = None, include_tests: bool = False, m
             "format": CORPUS_FORMAT, "tokenizer": "byte", "vocab_size": BYTE_VOCAB, "eod_id": BYTE_EOD,
             "documents": len(files), "tokens": tokens, "python": sys.version, "stdlib": str(stdlib_root()),
             "packages": list(packages), "order": order,
+            # each document's source, in document order: lets a run name what its held-out split holds
+            "files": [_label(f, packages) for f in files],
         }
         Path(tmp_prefix + ".meta.json").write_text(json.dumps(meta, indent=1))
         try:

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from ..patches.mcore_019_index_grad_norm_group import INDEX_GRAD_NORM_GROUP
 from .checkpoint import CheckpointError, CheckpointManager, prepare_writer_queue, shutdown_writer_queue
 from .config import Config, ConfigError, UsageError, validate
-from .data import (build_datasets, ensure_dataset_helpers, make_loader, packed_micro_batch, packing_format,
-                   resolve_sources, samples_needed)
+from .data import (build_datasets, describe_held_out, ensure_dataset_helpers, held_out_composition, make_loader,
+                   packed_micro_batch, packing_format, resolve_sources, samples_needed)
 from .hooks import MSASchedule
 from .logging import RunLogger, format_summary, setup_python_logging, summarize
 from .metrics import Throughput, memory_gb, peak_flops_per_device
@@ -442,6 +442,14 @@ class Trainer:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def _document_names(self) -> Optional[List[str]]:
+        """Each document's source file (the embedded corpus records them), else None."""
+        if self.cfg.data.source != "corpus" or not self.sources.prefixes:
+            return None
+        from .corpus import read_meta
+
+        return (read_meta(self.sources.prefixes[0]) or {}).get("files")
+
     def _announce(self) -> None:
         cfg, lg = self.cfg, self.logger
         p = cfg.parallel
@@ -473,6 +481,9 @@ class Trainer:
         lg.info(f"parallel     world {self.world}: tp {p.tp} pp {p.pp} cp {p.cp} ep {p.ep} sp {p.sp} dp {self.dp_size}; "
                 f"{self.num_microbatches} x {cfg.train.micro_batch_size} sequences per step and rank")
         lg.info(f"data         {self.sources.description}; {cfg.tokens_per_step()} tokens/step; helpers {self.helpers or 'ok'}")
+        held = held_out_composition(self.valid_ds, self._document_names()) if self.valid_ds is not None else None
+        if held is not None:  # an event, so metrics.jsonl records what the held-out loss is measured on
+            lg.event(self.start_step, "held_out", describe_held_out(held))
         if self.peak == self.peak:
             lg.info(f"mfu peak     {self.peak / 1e12:.3f} TFLOP/s per device ({self.peak_source})")
         else:

@@ -553,7 +553,7 @@ def test_retrieval_long_is_the_retrieval_curriculum_with_twice_the_8k_steps(tmp_
 def test_scale_long_is_preset_scale_with_twice_the_steps_and_its_own_report(tmp_path):
     """Preset scale_long (after run 16's 15% same-seed noise): the 8K dense / MSA / window seed
     triples of preset scale, differing from them in steps and (after run 19) in the corpus's
-    document order alone (recipe 3), reported in their own block with the language-modelling
+    document order and held-out fraction alone (recipe 3), reported in their own block with the language-modelling
     claims."""
     from msa_megatron.experiments.fidelity.scale import steps_of, tokens_per_run
     from msa_megatron.experiments.fidelity.scale_report import collect_scale, markers, scale_block
@@ -566,10 +566,11 @@ def test_scale_long_is_preset_scale_with_twice_the_steps_and_its_own_report(tmp_
     for n in names:
         a, b = spec(long_, n, str(tmp_path)).overrides, spec(short, n, str(tmp_path)).overrides
         differ = {x.split("=")[0] for x in set(a) ^ set(b)}
-        assert differ == {"train.steps", "checkpoint.interval", "data.corpus.order"}, (n, differ)
+        assert differ == {"train.steps", "checkpoint.interval", "data.corpus.order", "data.split"}, (n, differ)
     composed = _compose(spec(long_, "c8k_msa_s2", str(tmp_path)).overrides)
-    assert composed.train.steps == 768 and composed.data.corpus.order == "shuffled"
-    assert _compose(spec(short, "c8k_msa_s2", str(tmp_path)).overrides).data.corpus.order == "path"
+    assert composed.train.steps == 768 and composed.data.corpus.order == "shuffled" and composed.data.split == "90,10,0"
+    plain = _compose(spec(short, "c8k_msa_s2", str(tmp_path)).overrides)
+    assert plain.data.corpus.order == "path" and plain.data.split == "98,2,0"
     # its report: its own markers, the paired language-modelling claims
     cpu = replace(SCALE_PRESETS["scale_cpu"], report_name="scale_long")
     for seed in (1, 2, 3):

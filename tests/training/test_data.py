@@ -76,6 +76,32 @@ def test_corpus_shuffled_order_spreads_the_held_out_range_over_the_corpus(cache_
         corpus.build_corpus(str(cache_dir), order="random")
 
 
+def test_held_out_composition_names_the_split_and_its_largest_document(cache_dir, tmp_path):
+    """Run 19: the held-out loss is measured on Megatron's last 2% of the documents, which a few
+    outsized files can dominate; a run states what its held-out split holds (an event in
+    metrics.jsonl), from the corpus meta's list of document sources."""
+    from msa_megatron.training.data import describe_held_out, held_out_composition
+
+    cfg = cfg_of(f"data.corpus.cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}", "train.steps=4",
+                 "train.seq_length=128", "train.eval_interval=2")
+    sources = resolve_sources(cfg)
+    _, valid = build_datasets(cfg, sources, *samples_needed(cfg))
+    _, files = corpus.corpus_prefix(str(cache_dir))
+    names = corpus.read_meta(sources.prefixes[0])["files"]
+    assert names == ["stdlib/" + f.relative_to(corpus.stdlib_root()).as_posix() for f in files]
+    n = len(files)
+    tail = files[int(round(0.98 * n)):]  # data.split "98,2,0": the last 2% of the documents
+    comp = held_out_composition(valid, names)
+    sizes = [f.stat().st_size + 1 for f in tail]  # bytes + EOD
+    assert comp["documents"] == len(tail) and comp["tokens"] == sum(sizes)
+    assert comp["largest_share"] == pytest.approx(max(sizes) / sum(sizes))
+    assert comp["largest_name"] == names[comp["largest_document"]] == "stdlib/" + tail[int(np.argmax(sizes))].relative_to(
+        corpus.stdlib_root()).as_posix()
+    text = describe_held_out(comp)
+    assert text.startswith(f"held-out split: {len(tail)} documents, ") and f"({comp['largest_name']})" in text
+    assert held_out_composition(None) is None and held_out_composition(object()) is None
+
+
 def test_corpus_packages_append_installed_sources_after_the_stdlib(cache_dir):
     from msa_megatron.training.config import ConfigError
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -113,6 +114,10 @@ def test_tp2_msa_run_switches_at_the_configured_step_and_logs_everything(server,
         assert ("recall" in rec) == sampled and all((f"recall/layer_{i}" in rec) == sampled for i in MSA_LAYERS)
         assert rec["mem_kind"] == "cpu_rss" and 0 < rec["mfu"] < 10
     assert "val_lm_loss" in steps[6] and "val/indexer_kl" in steps[6] and "val/recall" in steps[6]
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"event"' in x]
+    held = [e["message"] for e in events if e["event"] == "held_out"]  # what the held-out loss is measured on
+    assert len(held) == 1 and re.fullmatch(r"held-out split: \d+ documents, [\d.]+M tokens; the largest, document \d+ "
+                                           r"\(stdlib/\S+\.py\), is [\d.]+% of them", held[0]), held
     # the same scalars reached wandb (offline run files), under Megatron-LM's names and msa/...
     history = {row["_step"]: row for row in read_wandb_history(run)}
     for s in range(1, 7):
