@@ -124,26 +124,11 @@ def _cache_key(groups: List[Tuple[str, Path, List[Path]]], include_tests: bool, 
     return h.hexdigest()[:16]
 
 
-def _label(f: Path, packages: Tuple[str, ...]) -> str:
-    """A document's source as "<group>/<relative path>" (group: stdlib or the package's name)."""
-    for name in packages:
-        root = package_root(name)
-        if f.is_relative_to(root):
-            return f"{name}/{f.relative_to(root).as_posix()}"
-    return f"stdlib/{f.relative_to(stdlib_root()).as_posix()}"
-
-
-def _shuffled(groups: List[Tuple[str, Path, List[Path]]]) -> List[Path]:
-    """Every group's files in one order fixed by a hash of "<group>/<relative path>": the same
-    on every machine with the same files, unrelated to where a file sits in the tree."""
-    keyed = [(hashlib.sha256(f"{label}/{f.relative_to(root).as_posix()}".encode()).hexdigest(), f)
-             for label, root, files in groups for f in files]
-    return [f for _, f in sorted(keyed)]
-
-
-def corpus_prefix(cache_dir: Optional[str] = None, include_tests: bool = False, min_doc_bytes: int = 2048,
-                  packages: Tuple[str, ...] = (), order: str = "path") -> Tuple[str, List[Path]]:
-    """(dataset prefix in the cache, the documents in corpus order)."""
+def _documents(include_tests: bool, min_doc_bytes: int, packages: Tuple[str, ...],
+               order: str) -> Tuple[str, List[Tuple[str, Path]]]:
+    """(cache key, documents in corpus order as ("<group>/<relative path>", file)); group: stdlib
+    or the package's name. ``shuffled`` sorts by a hash of that label: the same order on every
+    machine with the same files, unrelated to where a file sits in the tree."""
     if order not in ORDERS:
         from .config import ConfigError
 
@@ -152,12 +137,24 @@ def corpus_prefix(cache_dir: Optional[str] = None, include_tests: bool = False, 
     groups = [("stdlib", root, corpus_files(include_tests, min_doc_bytes, root))]
     for name in packages:
         groups.append((name, *package_files(name, include_tests, min_doc_bytes)))
-    key = _cache_key(groups, include_tests, min_doc_bytes)
+    docs = [(f"{label}/{f.relative_to(r).as_posix()}", f) for label, r, files in groups for f in files]
+    if order == "shuffled":
+        docs.sort(key=lambda d: hashlib.sha256(d[0].encode()).hexdigest())
+    return _cache_key(groups, include_tests, min_doc_bytes), docs
+
+
+def _prefix(cache_dir: Optional[str], key: str, packages: Tuple[str, ...], order: str) -> str:
     base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    tag = "" if order == "path" else f"-{order}"  # path order keeps the cache entries built before the field
+    tag = "" if order == "path" else f"-{order}"  # path order: the name it had before the field
     name = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}{''.join('+' + p for p in packages)}{tag}-{key}"
-    files = [f for _, _, fs in groups for f in fs] if order == "path" else _shuffled(groups)
-    return str(base / "corpus" / name / "stdlib"), files
+    return str(base / "corpus" / name / "stdlib")
+
+
+def corpus_prefix(cache_dir: Optional[str] = None, include_tests: bool = False, min_doc_bytes: int = 2048,
+                  packages: Tuple[str, ...] = (), order: str = "path") -> Tuple[str, List[Path]]:
+    """(dataset prefix in the cache, the documents' files in corpus order)."""
+    key, docs = _documents(include_tests, min_doc_bytes, tuple(packages), order)
+    return _prefix(cache_dir, key, tuple(packages), order), [f for _, f in docs]
 
 
 def read_meta(prefix: str) -> Optional[dict]:
@@ -170,7 +167,8 @@ def read_meta(prefix: str) -> Optional[dict]:
 def build_corpus(cache_dir: Optional[str] = None, include_tests: bool = False, min_doc_bytes: int = 2048,
                  packages: Tuple[str, ...] = (), order: str = "path") -> CorpusInfo:
     """Return the cached corpus, building it first if needed (safe to call from every rank)."""
-    prefix, files = corpus_prefix(cache_dir, include_tests, min_doc_bytes, tuple(packages), order)
+    key, docs = _documents(include_tests, min_doc_bytes, tuple(packages), order)
+    prefix, files = _prefix(cache_dir, key, tuple(packages), order), [f for _, f in docs]
     meta = read_meta(prefix)
     if meta is not None and Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file():
         return CorpusInfo(prefix, meta["documents"], meta["tokens"])
@@ -194,7 +192,7 @@ def build_corpus(cache_dir: Optional[str] = None, include_tests: bool = False, m
             "documents": len(files), "tokens": tokens, "python": sys.version, "stdlib": str(stdlib_root()),
             "packages": list(packages), "order": order,
             # each document's source, in document order: lets a run name what its held-out split holds
-            "files": [_label(f, packages) for f in files],
+            "files": [label for label, _ in docs],
         }
         Path(tmp_prefix + ".meta.json").write_text(json.dumps(meta, indent=1))
         try:
