@@ -879,6 +879,25 @@ def test_a_continuation_is_its_reported_copy_and_the_conversion_row_is_against_d
     assert "| `c8k_dense_to_msa_s1` | 0.9750 / 1.2450 |" in block  # both copies still tabled as copies
 
 
+def test_the_report_states_what_the_held_out_loss_is_measured_on(tmp_path):
+    """Run 19: the held-out set was 28% one generated file. Runs log their held-out split as the
+    event ``held_out``; the report lists each distinct one with its runs (a resumed run logs it
+    once per segment, listed once), and says nothing where no run logged one."""
+    from msa_megatron.experiments.fidelity.scale_report import collect_scale, scale_block
+
+    p = SCALE_PRESETS["scale_cpu"]
+    _fake_run(tmp_path, "c8k_dense_s1", 1.0, {})
+    _fake_run(tmp_path, "c8k_msa_s1", 1.0, {}, recall=0.9)
+    assert "Held-out set" not in scale_block(collect_scale([tmp_path], p), "scale_cpu", "fidelity", preset=p)
+    msg = "held-out split: 43 documents, 0.73M tokens; the largest, document 2110 (torch/x.py), is 28.0% of them"
+    for name in ("c8k_dense_s1", "c8k_msa_s1"):
+        path = tmp_path / name / "metrics.jsonl"
+        event = json.dumps({"step": 0, "event": "held_out", "message": msg})
+        path.write_text(event + "\n" + path.read_text() + event.replace('"step": 0', '"step": 2') + "\n")
+    block = scale_block(collect_scale([tmp_path], p), "scale_cpu", "fidelity", preset=p)
+    assert f"Held-out set (each run's `held_out` event):\n\n* {msg}: `c8k_dense_s1`, `c8k_msa_s1`\n" in block
+
+
 def test_per_layer_index_statistics_over_the_last_tenth_and_held_out_recall(tmp_path):
     """Issue 19's per-layer KL, entropy and recall: training statistics averaged over the last 10%
     of the logged steps (steps 19-20 of 20 here), recall from the last held-out evaluation;

@@ -516,6 +516,7 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
                      f"{', '.join(info.get('devices', []))} | {', '.join(info.get('commits', []))} | "
                      f"{r['final']['val_loss'] if r['final']['val_loss'] is None else format(r['final']['val_loss'], '.4f')} |")
     lines += software_lines(col)
+    lines += held_out_lines(col)
     for _, bkey, label, chance in probes(preset):
         for ctx in contexts_of(preset, g):
             rows = [(v, st) for (c, v), st in g.items() if c == ctx and st[bkey]]
@@ -576,6 +577,18 @@ def scale_block(col: Dict[str, Any], preset_name: str, plot_rel: str, about: str
                   + ", ".join(f"`{n}` (recipe {r})" for n, r in col["other_recipe"].items()) + "."]
     lines += ["", end]
     return "\n".join(lines)
+
+
+def held_out_lines(col: Dict[str, Any]) -> List[str]:
+    """Markdown lines: what the runs' held-out loss is measured on, from their ``held_out`` events
+    (logged since run 19; runs grouped by message); nothing when no run logged one."""
+    sets: Dict[str, List[str]] = {}
+    for n, r in col["runs"].items():
+        for message in dict.fromkeys(e["message"] for e in r.get("events", []) if e.get("event") == "held_out"):
+            sets.setdefault(message, []).append(f"`{n}`")
+    if not sets:
+        return []
+    return ["", "Held-out set (each run's `held_out` event):", ""] + [f"* {m}: {', '.join(v)}" for m, v in sets.items()]
 
 
 def software_lines(col: Dict[str, Any]) -> List[str]:
