@@ -193,7 +193,9 @@ def test_resume_is_bit_exact_and_reshards_to_another_tp(server, tmp_path):
     _check(b)
     got = b.steps()
     assert sorted(got) == [1, 2, 3, 4, 5, 6]  # 4-6 of the copied log were replaced, not duplicated
-    assert len(b.records()) == 6
+    assert len([r for r in b.records() if "event" not in r]) == 6
+    # each segment states its held-out split once: the interrupted run's (step 0) and the resume's (step 3)
+    assert [r["step"] for r in b.records() if r.get("event") == "held_out"] == [0, 3]
     for s in (4, 5, 6):
         for key in ("lm_loss", "grad_norm", "indexer_kl", "lr"):
             assert got[s][key] == ref[s][key], (s, key, got[s][key], ref[s][key])  # bit-exact
