@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..config import ATTENTION_MODES, ConfigError, MSAConfig, MSAConfigError
+from .corpus import ORDERS as CORPUS_ORDERS
 
 
 class UsageError(ConfigError):
@@ -186,7 +187,7 @@ class CorpusConfig:
     #: Document order. path: sorted by path, so data.split's held-out range is the last files
     #: alphabetically (with torch: 43 files, 28% of their bytes one generated table); shuffled: a
     #: fixed order by a hash of the path, so the held-out range samples the whole corpus.
-    order: str = _f("path", *_one_of("path", "shuffled"))
+    order: str = _f("path", *_one_of(*CORPUS_ORDERS))
 
 
 @dataclass

@@ -38,6 +38,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from ..config import ConfigError
+
 log = logging.getLogger(__name__)
 
 #: Bump when the token layout or the meta changes: old cache entries are then ignored
@@ -100,8 +102,6 @@ def package_root(name: str) -> Path:
     spec = importlib.util.find_spec(name) if name.isidentifier() else None
     locs = list(spec.submodule_search_locations or []) if spec else []
     if not locs or not Path(locs[0]).is_dir():
-        from .config import ConfigError
-
         raise ConfigError("data.corpus.packages", name, "names of installed Python packages (directories with "
                           "sources, e.g. torch)")
     return Path(locs[0])
@@ -130,8 +130,6 @@ def _documents(include_tests: bool, min_doc_bytes: int, packages: Tuple[str, ...
     or the package's name. ``shuffled`` sorts by a hash of that label: the same order on every
     machine with the same files, unrelated to where a file sits in the tree."""
     if order not in ORDERS:
-        from .config import ConfigError
-
         raise ConfigError("data.corpus.order", order, ", ".join(ORDERS))
     root = stdlib_root()
     groups = [("stdlib", root, corpus_files(include_tests, min_doc_bytes, root))]
