@@ -30,7 +30,9 @@ from them (piece.py).
 
 Measured (run 12, one H100, the first three 8K runs): dense 460K tokens/s alone, MSA 135K
 (its index branch, KL teacher and sparse kernels at 8K, where they cannot pay off), the window
-~160K; hence per-kind estimates (``Context.est_tokens_per_s_by_kind``, ``cost_kind``).
+~160K; hence per-kind estimates (``Context.est_tokens_per_s_by_kind``, ``cost_kind``). At 32K
+(no scale run yet) the estimates are run 15's, preset retrieval's 32K arms on the same model: dense
+185K, MSA 65K, the window 78K tokens/s (~5.5 / ~13.9 / ~11.8 min per run).
 
 Sharing one GPU (``--parallel``): K runs together deliver 1 + (K - 1) e times the throughput of
 one alone (each at that / K), e = ``ScalePreset.share_efficiency``. Run 12 measured no gain
@@ -194,6 +196,9 @@ SCALE_PRESETS: Dict[str, ScalePreset] = {
                                 (("dense", 460e3), ("msa", 135e3), ("swa", 160e3)),
                                 passkey_buckets=(320, 1024, 2048, 3200, 4096, 6144, 7872)),
                   "32k": Context("32k", 32768, 4, 1, (32, 2048, 4096, 8192, 16384, 24576, 32736), 75e3, 36.0,
+                                 # run 15 (one H100, 96b3aff): preset retrieval's 32K arms, the same
+                                 # model with full RoPE, a run's tokens/s alone (evaluations included)
+                                 (("dense", 185e3), ("msa", 65e3), ("swa", 78e3)),
                                  passkey_buckets=(320, 2048, 4096, 8192, 16384, 24576, 32448))},
         entries=_ENTRIES,
         # run 12: two or three runs sharing the H100 gave no more tokens/s in all than one alone
