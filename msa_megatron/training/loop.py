@@ -20,6 +20,7 @@ import torch.distributed as dist
 from ..patches.mcore_019_index_grad_norm_group import INDEX_GRAD_NORM_GROUP
 from .checkpoint import CheckpointError, CheckpointManager, prepare_writer_queue, shutdown_writer_queue
 from .config import Config, ConfigError, UsageError, validate
+from .corpus import read_meta
 from .data import (build_datasets, describe_held_out, ensure_dataset_helpers, held_out_composition, make_loader,
                    packed_micro_batch, packing_format, resolve_sources, samples_needed)
 from .hooks import MSASchedule
@@ -446,8 +447,6 @@ class Trainer:
         """Each document's source file (the embedded corpus records them), else None."""
         if self.cfg.data.source != "corpus" or not self.sources.prefixes:
             return None
-        from .corpus import read_meta
-
         return (read_meta(self.sources.prefixes[0]) or {}).get("files")
 
     def _announce(self) -> None:
